@@ -1,0 +1,26 @@
+# Two commands set up a fresh machine: `make test` and `make demo`. Each creates .venv when missing.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+# torch first and pinned: on the CPU machines its wheel is already on disk; an unpinned torch pulls
+# several GB of CUDA packages.
+TORCH   ?= torch==2.13.0
+
+.PHONY: test demo install clean
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .[dev]
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m torch.distributed.run --nproc-per-node 2 tools/routing_report.py --preset qwen3_moe_tiny --ep 2
+
+clean:
+	rm -rf .venv build *.egg-info

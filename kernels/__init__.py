@@ -1,0 +1,1 @@
+"""Triton kernels and their PyTorch references, imported as `sara_megatron.kernels`."""

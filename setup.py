@@ -1,0 +1,38 @@
+"""sara-megatron: SARA routing alignment for MoE LLMs on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+# `kernels/` lives at the top level (the user's layout) but is imported as `sara_megatron.kernels`:
+# a top-level package named `kernels` would shadow Hugging Face's `kernels` package.
+packages = find_packages(include=["sara_megatron", "sara_megatron.*"])
+packages += ["sara_megatron.kernels"] + [
+    "sara_megatron.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="sara-megatron",
+    version="0.1.0",
+    description="Semantically Anchored Routing Alignment (SARA) for MoE LLMs on Megatron-Core",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"sara_megatron.kernels": "kernels"},
+    install_requires=[
+        # The newest megatron-core that installs on Python 3.11; its APIs are read from this version.
+        "megatron-core==0.16.1",
+        # torch is pinned by the Makefile before this install; a range here never pulls a CUDA build
+        # when a matching torch is already present.
+        "torch>=2.6",
+        "triton",
+        "transformers>=4.56",
+        "safetensors",
+        "numpy",
+        "pyyaml",
+        # megatron-core's checkpoint writer imports psutil; einops is used by its attention code.
+        "psutil",
+        "einops",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+)
