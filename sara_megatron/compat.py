@@ -1,0 +1,123 @@
+"""Run megatron-core 0.16.1 on machines without CUDA (CPU tensors, gloo).
+
+megatron-core assumes CUDA in a handful of places. Each patch below names the megatron-core
+function it works around. `apply_cpu_compat()` does nothing when CUDA is available, so none of this
+is ever active on a GPU machine; the training and test code call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):  # `torch.cuda.current_device()` returns an int on GPU machines
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Maps `device="cuda"` / `device=<int>` arguments of torch factory calls and `.to()` to CPU.
+
+    Works around literal CUDA allocations in megatron-core:
+    `transformer.utils.get_default_causal_mask`, `pipeline_parallel.schedules` (loss and
+    `num_tokens` buffers), `pipeline_parallel.p2p_communication._communicate` (receive buffers),
+    `transformer.moe.router.TopKRouter.__init__` (expert-bias and aux-loss buffers),
+    `RotaryEmbedding.get_emb` (`inv_freq.to(torch.cuda.current_device())`).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func in (torch.Tensor.to, torch.Tensor.cuda) and args:
+            # Tensor.to(<int>|"cuda"[, ...]) and Tensor.cuda(): keep the tensor on the CPU, but
+            # still honour a dtype given beside the device.
+            if func is torch.Tensor.cuda:
+                return args[0]
+            rest = [a for a in args[1:] if not _is_cuda_device(a)]
+            args = (args[0], *rest)
+            if len(args) == 1 and not kwargs:
+                return args[0]
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    class CpuRNGStatesTracker(CudaRNGStatesTracker):
+        """`tensor_parallel.random.CudaRNGStatesTracker` over the CPU generator.
+
+        Megatron forks the CUDA generator for model-parallel regions (dropout, TP weight init);
+        on CPU the default generator plays that role, with the same named, seeded states.
+        """
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
+    return CpuRNGStatesTracker
+
+
+def apply_cpu_compat() -> bool:
+    """Patch megatron-core for CPU execution when CUDA is unavailable. Returns True if applied."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+
+    import megatron.core.tensor_parallel.random as mcore_random
+    import megatron.core.transformer.moe.moe_utils as mcore_moe_utils
+
+    # torch.cuda.current_device() raises on a CPU build; megatron calls it in
+    # `Router.gating` (moves the router weight "to the GPU"), `RotaryEmbedding.get_emb` and
+    # `MegatronModule`/schedule helpers. The device it returns is mapped to CPU by the mode below.
+    torch.cuda.current_device = lambda: "cpu"
+    # `pipeline_parallel.schedules` and the checkpoint code synchronise the device around timers.
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    # `tensor_parallel.random.model_parallel_cuda_manual_seed` / `get_cuda_rng_tracker`: the
+    # tracker snapshots CUDA generator states.
+    mcore_random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # `moe_utils.router_gating_linear` tests `te_general_gemm is not None`, a name that is only
+    # bound when Transformer Engine imports (NameError otherwise).
+    if not hasattr(mcore_moe_utils, "te_general_gemm"):
+        mcore_moe_utils.te_general_gemm = None
+
+    _CudaDeviceToCpu().__enter__()  # stays on the mode stack for the life of the process
+    _APPLIED = True
+    log.info("megatron-core CPU compatibility layer applied")
+    return True
+

@@ -1,0 +1,193 @@
+"""Distributed start-up and teardown: torchrun / SLURM environment, backend, Megatron parallel state.
+
+One entry point, `initialize_distributed(ParallelConfig(...))`, serves a single process (world
+size 1, no launcher), `torchrun` and `srun`. NCCL when CUDA is there, gloo otherwise (then the CPU
+compatibility layer is applied first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sara_megatron.compat import apply_cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel layout. Data parallel is whatever the world size leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    # Megatron-Core refuses MoE + TP training without sequence parallel; on by default when tp > 1.
+    sequence_parallel: bool | None = None
+    # Virtual pipeline stages per rank (interleaved schedule); None = plain 1F1B.
+    vpp: int | None = None
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def validate_world(self, world_size: int) -> int:
+        """Check the layout against the world size; returns the data-parallel size."""
+        for name in ("tp", "pp", "ep", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}"
+            )
+        dp = world_size // model_parallel
+        # Expert tensor parallel defaults to TP in megatron-core, so the expert grid is
+        # etp*ep*pp ranks and EP must divide what attention uses for data and context parallel.
+        if (dp * self.cp) % self.ep:
+            raise ValueError(
+                f"expert parallel size {self.ep} must divide data_parallel*context_parallel = "
+                f"{dp}*{self.cp} (world {world_size}, tp {self.tp}, pp {self.pp})"
+            )
+        return dp
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    # "node[01-04,07]" -> "node01"; "a,b" -> "a". scontrol is the canonical expander; this avoids
+    # a subprocess for the common forms.
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def read_launcher_env() -> DistributedEnv:
+    """Rank and rendezvous from torchrun's variables, else SLURM's, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
+        return DistributedEnv(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env["WORLD_SIZE"]),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return DistributedEnv(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=int(env["SLURM_NTASKS"]),
+            master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(),
+            # A port derived from the job id keeps concurrent jobs on a node apart.
+            master_port=int(env.get("MASTER_PORT", 20000 + job_id % 10000)),
+        )
+    return DistributedEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch, and Megatron's model-parallel RNG tracker.
+
+    Megatron offsets the tracker seed by TP/EP rank for TP-sharded regions; the default generator
+    gets the same seed on every rank so replicated weights start identical.
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # model_parallel_cuda_manual_seed leaves the default generator at `seed` on GPU (CUDA) and
+    # on CPU through the compat tracker; set it again so both paths agree.
+    torch.manual_seed(seed)
+
+
+def initialize_distributed(
+    parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_minutes: int = 30
+) -> DistributedEnv:
+    """Start torch.distributed (if needed) and Megatron's parallel state for `parallel`."""
+    from megatron.core import parallel_state
+
+    denv = read_launcher_env()
+    parallel.validate_world(denv.world_size)
+    if parallel.cp > 1 and not torch.cuda.is_available():
+        raise ValueError(
+            "context parallel needs CUDA: megatron-core's ring attention runs on Transformer "
+            "Engine kernels (cp > 1 was requested on a machine without CUDA)"
+        )
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+    else:
+        apply_cpu_compat()
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", denv.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(denv.master_port))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **({"device_id": torch.device("cuda", torch.cuda.current_device())} if use_cuda else {}),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        # gloo groups beside NCCL ones are only needed by the distributed optimizer's CPU paths;
+        # on a gloo-only run they would duplicate every group.
+        create_gloo_process_groups=use_cuda,
+    )
+    set_seed(seed)
+    log.info(
+        "distributed: rank %d/%d backend=%s tp=%d pp=%d ep=%d cp=%d dp=%d",
+        denv.rank, denv.world_size, dist.get_backend(), parallel.tp, parallel.pp, parallel.ep,
+        parallel.cp, parallel_state.get_data_parallel_world_size(),
+    )
+    return denv
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel state and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,182 @@
+"""Build a Megatron-Core `GPTModel` for a `MoEArchitecture` on the current parallel state.
+
+Transformer Engine layer spec when TE and CUDA are there; the local spec otherwise (CPU tests),
+with our routers (dense-routing observers; Phi's sparsemixer) and sequence-parallel-aware norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sara_megatron.models.architecture import MoEArchitecture
+from sara_megatron.models.norms import SequenceParallelNorm
+from sara_megatron.models.router import ObservedTopKRouter
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """Run-time choices that are not part of the architecture."""
+
+    params_dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    use_te: Optional[bool] = None  # None: TE when available
+    # None: alltoall on GPU; allgather on CPU (megatron's alltoall dispatcher needs CUDA streams).
+    token_dispatcher: Optional[str] = None
+    moe_aux_loss_coeff: Optional[float] = None  # None: the architecture's default
+    recompute: bool = False
+    seq_length: Optional[int] = None
+
+
+def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptions()):
+    """The Megatron `TransformerConfig` for `arch` on the current parallel state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size()
+    cp = ps.get_context_parallel_world_size()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    arch.validate_parallel(tp=tp, ep=ep, pp=pp, vpp=vpp)
+    on_gpu = torch.cuda.is_available()
+    use_te = transformer_engine_available() if options.use_te is None else options.use_te
+    if use_te and not transformer_engine_available():
+        raise RuntimeError("use_te=True but Transformer Engine with CUDA is not available")
+    dispatcher = options.token_dispatcher or ("alltoall" if on_gpu else "allgather")
+    aux = arch.router_aux_loss_coef if options.moe_aux_loss_coeff is None else options.moe_aux_loss_coeff
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        ffn_hidden_size=arch.moe_ffn_hidden_size,
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        # HF softmax -> top-k -> renormalise (norm_topk_prob) is Megatron's top-k -> softmax.
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=aux,
+        # Router logits in fp32: SARA's dense softmax and the JS loss read them.
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=use_te,
+        moe_permute_fusion=False,
+        normalization=arch.norm,
+        layernorm_epsilon=arch.norm_epsilon,
+        qk_layernorm=arch.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        context_parallel_size=cp,
+        sequence_parallel=tp > 1,
+        params_dtype=options.params_dtype,
+        bf16=options.bf16,
+        pipeline_dtype=options.params_dtype,
+        use_cpu_initialization=not on_gpu,
+        # The fused kernels are CUDA-only; on GPU megatron picks them itself.
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=on_gpu and use_te,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        variable_seq_lengths=False,
+        recompute_granularity="selective" if options.recompute else None,
+    )
+    if arch.family == "phimoe":
+        from sara_megatron.models.phimoe import phimoe_config_kwargs
+
+        kwargs.update(phimoe_config_kwargs(arch))
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: MoEArchitecture, config, use_te: bool):
+    """The transformer layer spec: megatron's, with our routers and norms swapped in."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=arch.num_experts, moe_grouped_gemm=True, qk_layernorm=arch.qk_layernorm
+        )
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=arch.num_experts, qk_layernorm=arch.qk_layernorm, normalization=arch.norm
+        )
+        sub = spec.submodules
+        sub.input_layernorm = SequenceParallelNorm
+        sub.pre_mlp_layernorm = SequenceParallelNorm
+        attn = sub.self_attention.submodules
+        if arch.qk_layernorm:
+            attn.q_layernorm = SequenceParallelNorm
+            attn.k_layernorm = SequenceParallelNorm
+    spec.submodules.mlp.submodules.router = ObservedTopKRouter
+    if arch.family == "phimoe":
+        from sara_megatron.models.phimoe import customize_phimoe_layer_spec
+
+        spec = customize_phimoe_layer_spec(spec, arch, use_te)
+    return spec
+
+
+def build_model(
+    arch: MoEArchitecture,
+    options: ModelOptions = ModelOptions(),
+    *,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+):
+    """A `GPTModel` (this rank's pipeline stage, TP/EP shards) for `arch`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(arch, options)
+    use_te = transformer_engine_available() if options.use_te is None else options.use_te
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, config, use_te),
+        vocab_size=arch.padded_vocab_size(ps.get_tensor_model_parallel_world_size()),
+        max_sequence_length=options.seq_length or arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rotary_base,
+        rotary_percent=1.0,
+        vp_stage=vp_stage,
+    )
+    if arch.family == "phimoe":
+        from sara_megatron.models.phimoe import finish_phimoe_model
+
+        finish_phimoe_model(model, arch, config)
+    model.sara_architecture = arch
+    return model
+
+
+def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
+    """[1, 1, S, S] bool, True = masked out (Megatron's convention); explicit because megatron's
+    default causal mask is allocated on "cuda"."""
+    return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device).triu(1)

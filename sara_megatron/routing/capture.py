@@ -1,0 +1,178 @@
+"""Dense routing capture: router logits, the fp32 softmax over all experts and its masked
+sequence-mean (paper Eq. 5 and 6) for chosen layers, during an ordinary forward pass.
+
+    seg = segment_ids_from_padding_mask(pad)               # [B, S], -1 = padding
+    with capture_routing(layers=range(1, 3), segment_ids=seg) as cap:
+        logits = model(tokens, positions, attention_mask)
+    cap[1].seq_mean                                        # [B, N] fp32, global over SP/CP ranks
+
+Token order and sharding: Megatron's MoE layer sees the tokens of this rank in [S_local, B] order.
+With sequence parallel, rank r of the TP group holds sequence positions
+[r·S/tp, (r+1)·S/tp); the capture slices the segment ids the same way and sums the masked
+probabilities and token counts over the TP (and CP) group before dividing, so `seq_mean` is the
+whole-sequence mean on every rank. With pipeline parallel each stage reports the layers it owns,
+under their global 0-based indices. Under expert parallel routing is local to the rank's tokens.
+The model's output is unchanged: the capture only reads the logits, outside autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from sara_megatron.routing.observers import observe_routers
+
+
+@dataclasses.dataclass
+class LayerRouting:
+    layer: int  # global 0-based layer index (HF `model.layers.i`)
+    logits: torch.Tensor  # [T_local, N] router logits, this rank's tokens in [S, B] order
+    probs: Optional[torch.Tensor]  # [T_local, N] fp32 softmax over all experts (keep_probs)
+    segment_ids: torch.Tensor  # [T_local] sequence of each local token, -1 = padding
+    prob_sum: torch.Tensor  # [B, N] fp32 Σ_t m_t R(t), summed over the reduction group
+    token_count: torch.Tensor  # [B] fp32 Σ_t m_t, summed over the reduction group
+
+    @property
+    def seq_mean(self) -> torch.Tensor:
+        """[B, N] masked sequence-mean routing distribution; rows of empty sequences are 0."""
+        return self.prob_sum / self.token_count.clamp_min(1.0).unsqueeze(-1)
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """[B] True for sequences with no valid token (their `seq_mean` row is meaningless)."""
+        return self.token_count == 0
+
+
+def segment_ids_from_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool mask with True = padding (Megatron's convention) -> [B, S] ids, -1 = padding."""
+    if padding_mask.dim() != 2:
+        raise ValueError(f"padding mask must be [B, S], got shape {tuple(padding_mask.shape)}")
+    batch = torch.arange(padding_mask.shape[0], device=padding_mask.device).unsqueeze(1)
+    return torch.where(padding_mask.bool(), torch.full_like(batch, -1), batch).expand_as(
+        padding_mask
+    ).contiguous()
+
+
+def masked_segment_sums(
+    probs: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ over tokens of each segment: ([B, N] probability sums, [B] counts); -1 ignored."""
+    valid = segment_ids >= 0
+    index = segment_ids.clamp_min(0)
+    weights = valid.to(probs.dtype)
+    sums = torch.zeros(num_segments, probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    sums.index_add_(0, index, probs * weights.unsqueeze(-1))
+    counts = torch.zeros(num_segments, dtype=probs.dtype, device=probs.device)
+    counts.index_add_(0, index, weights)
+    return sums, counts
+
+
+def routing_reduction_group() -> Optional[dist.ProcessGroup]:
+    """The group over which one sequence's tokens are spread: TP (with sequence parallel) × CP."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    group = ps.get_tensor_and_context_parallel_group()
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def local_token_segment_ids(
+    segment_ids: torch.Tensor, sequence_parallel: bool, tp_rank: int, tp_size: int
+) -> torch.Tensor:
+    """[B, S] model-input segment ids -> [S_local·B] in the MoE layer's token order."""
+    seq_major = segment_ids.transpose(0, 1)  # [S, B], Megatron's layout
+    if sequence_parallel and tp_size > 1:
+        s = seq_major.shape[0]
+        if s % tp_size:
+            raise ValueError(f"sequence length {s} is not divisible by TP size {tp_size}")
+        chunk = s // tp_size
+        seq_major = seq_major[tp_rank * chunk : (tp_rank + 1) * chunk]
+    return seq_major.reshape(-1)
+
+
+class RoutingCapture:
+    """Router observer that records dense routing for chosen layers (see module docstring)."""
+
+    def __init__(
+        self,
+        segment_ids: torch.Tensor,
+        layers: Optional[Iterable[int]] = None,
+        *,
+        sequence_parallel: Optional[bool] = None,
+        keep_probs: bool = True,
+        num_segments: Optional[int] = None,
+    ):
+        if segment_ids.dim() != 2:
+            raise ValueError(
+                f"segment_ids must be [B, S] like the model input, got {tuple(segment_ids.shape)}"
+            )
+        self.segment_ids = segment_ids
+        self.layers = None if layers is None else frozenset(int(i) for i in layers)
+        self.sequence_parallel = sequence_parallel
+        self.keep_probs = keep_probs
+        self.num_segments = num_segments or segment_ids.shape[0]
+        self.records: dict[int, LayerRouting] = {}
+
+    def __getitem__(self, layer: int) -> LayerRouting:
+        if layer not in self.records:
+            raise KeyError(
+                f"layer {layer} was not captured on this rank (captured: {sorted(self.records)})"
+            )
+        return self.records[layer]
+
+    def _local_ids(self, num_tokens: int, device) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        sp = self.sequence_parallel
+        tp_size = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        tp_rank = ps.get_tensor_model_parallel_rank() if tp_size > 1 else 0
+        if sp is None:
+            sp = tp_size > 1  # our models always run MoE + TP with sequence parallel
+        ids = local_token_segment_ids(self.segment_ids, sp, tp_rank, tp_size).to(device)
+        if ids.numel() != num_tokens:
+            raise ValueError(
+                f"segment ids give {ids.numel()} local tokens but the router saw {num_tokens}; "
+                "pass the [B, S] ids of the model input (context-parallel-local if CP > 1)"
+            )
+        return ids
+
+    @torch.no_grad()
+    def __call__(self, layer, logits, padding_mask):
+        if self.layers is not None and layer not in self.layers:
+            return None
+        if layer in self.records:
+            raise RuntimeError(
+                f"layer {layer} routed twice in one capture; use one capture per forward pass"
+            )
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        ids = self._local_ids(flat.shape[0], flat.device)
+        probs = torch.softmax(flat.float(), dim=-1)
+        sums, counts = masked_segment_sums(probs, ids, self.num_segments)
+        group = routing_reduction_group()
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(counts, group=group)
+        self.records[layer] = LayerRouting(
+            layer=layer,
+            logits=flat,
+            probs=probs if self.keep_probs else None,
+            segment_ids=ids,
+            prob_sum=sums,
+            token_count=counts,
+        )
+        return None
+
+
+@contextlib.contextmanager
+def capture_routing(
+    segment_ids: torch.Tensor, layers: Optional[Iterable[int]] = None, **kwargs
+) -> Iterator[RoutingCapture]:
+    """Context manager form of `RoutingCapture`; see the module docstring."""
+    capture = RoutingCapture(segment_ids, layers, **kwargs)
+    with observe_routers(capture):
+        yield capture
