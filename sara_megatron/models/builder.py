@@ -107,6 +107,24 @@ def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptio
     return TransformerConfig(**kwargs)
 
 
+def block_spec(arch: MoEArchitecture, config, use_te: bool, vp_stage: Optional[int] = None):
+    """This stage's transformer block: megatron's layer spec with our routers and norms."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    spec = layer_spec(arch, config, use_te)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = SequenceParallelNorm  # megatron's default final norm refuses SP on CPU
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=final_norm,
+    )
+
+
 def layer_spec(arch: MoEArchitecture, config, use_te: bool):
     """The transformer layer spec: megatron's, with our routers and norms swapped in."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -157,7 +175,7 @@ def build_model(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, config, use_te),
+        transformer_layer_spec=block_spec(arch, config, use_te, vp_stage),
         vocab_size=arch.padded_vocab_size(ps.get_tensor_model_parallel_world_size()),
         max_sequence_length=options.seq_length or arch.max_position_embeddings,
         pre_process=pre_process,

@@ -1,0 +1,244 @@
+"""Kernel-vs-reference cases for `sequence_routing_js`, runnable on any device.
+
+    TRITON_INTERPRET=1 python tests/routing_js_cases.py --json results.json    # CPU, interpreter
+    python tests/routing_js_cases.py --device cuda                             # a GPU
+
+Triton picks its interpreter when it is first imported, so on CPU these cases run in a process of
+their own (tests/test_routing_js.py starts one); the tests assert on the JSON this writes. Run by hand
+it also prints a table and exits non-zero when a case is out of tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    name: str
+    layers: int
+    tokens: int
+    experts: int
+    sequences: int
+    dtype: str = "float32"
+    layout: str = "sb"  # sb | packed | shuffled | all_padding
+    logit_scale: float = 3.0
+    prior_zeros: bool = True  # zero out a third of every prior row
+    block_t: int | None = None
+    single_layer: bool = False
+    id_dtype: str = "int64"
+    token_major_logits: bool = False  # logits as a [T, L, N] buffer viewed as [L, T, N]
+    js_rtol: float = 1e-5
+    grad_rtol: float = 1e-5
+    # Absolute floor per element, for cases whose exact gradient is ~0 (saturated softmax).
+    grad_atol: float = 0.0
+
+
+# Tokens are never a multiple of the block sizes (powers of two); every layout has padding and at
+# least one sequence without a valid token.
+CASES = [
+    KernelCase("fp32_n16_sb", 2, 77, 16, 5),
+    KernelCase("fp32_n60_packed", 2, 93, 60, 6, layout="packed"),
+    KernelCase("fp32_n128_sb_block8", 3, 101, 128, 4, block_t=8),
+    KernelCase("fp32_n256_packed", 2, 45, 256, 3, layout="packed"),
+    # B = 40 in random order: tiles span more ids than MAX_SEGMENTS_PER_TILE -> per-token atomics.
+    KernelCase("fp32_n128_shuffled_wide", 2, 150, 128, 40, layout="shuffled", block_t=64),
+    KernelCase("fp32_n60_shuffled_narrow", 2, 61, 60, 3, layout="shuffled", block_t=16),
+    KernelCase("fp32_n16_int32_ids", 2, 50, 16, 4, id_dtype="int32"),
+    KernelCase("fp32_n60_single_layer", 1, 70, 60, 4, single_layer=True),
+    KernelCase("fp32_n128_token_major", 3, 39, 128, 3, token_major_logits=True),
+    KernelCase("fp32_all_padding", 2, 33, 60, 3, layout="all_padding"),
+    KernelCase("fp32_n128_extreme", 2, 67, 128, 4, logit_scale=1e4, grad_atol=1e-9),
+    KernelCase("fp32_n16_no_prior_zeros", 2, 40, 16, 2, prior_zeros=False),
+    KernelCase("bf16_n16_sb", 2, 77, 16, 5, dtype="bfloat16", js_rtol=2e-3, grad_rtol=2e-3),
+    KernelCase("bf16_n60_packed", 2, 93, 60, 6, dtype="bfloat16", layout="packed", js_rtol=2e-3,
+               grad_rtol=2e-3),
+    KernelCase("bf16_n128_sb", 3, 130, 128, 4, dtype="bfloat16", js_rtol=2e-3, grad_rtol=2e-3),
+    KernelCase("bf16_n256_shuffled", 2, 45, 256, 3, dtype="bfloat16", layout="shuffled",
+               js_rtol=2e-3, grad_rtol=2e-3),
+    KernelCase("bf16_n128_extreme", 2, 67, 128, 4, dtype="bfloat16", logit_scale=1e4,
+               js_rtol=2e-3, grad_rtol=2e-3, grad_atol=1e-9),
+    KernelCase("fp16_n60_sb", 2, 55, 60, 3, dtype="float16", js_rtol=2e-3, grad_rtol=2e-3),
+]
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+def make_segment_ids(case: KernelCase, generator: torch.Generator) -> torch.Tensor:
+    """Ids for `case.layout`; the last sequence never gets a token, the others have random lengths
+    (some padding always remains)."""
+    tokens, sequences = case.tokens, case.sequences
+    if case.layout == "all_padding":
+        return torch.full((tokens,), -1, dtype=torch.int64)
+    if case.layout == "sb":
+        # Megatron's [S, B] flattening: token s·B + b is position s of sequence b.
+        positions = torch.arange(tokens) // sequences
+        sequence_of_token = torch.arange(tokens) % sequences
+        max_positions = math.ceil(tokens / sequences)
+        lengths = torch.randint(1, max_positions, (sequences,), generator=generator)
+        lengths[-1] = 0
+        ids = torch.where(positions < lengths[sequence_of_token], sequence_of_token, -1)
+        return ids
+    # packed / shuffled: contiguous runs with padding runs between them.
+    ids = torch.full((tokens,), -1, dtype=torch.int64)
+    cuts = torch.sort(torch.randint(0, tokens, (2 * (sequences - 1),), generator=generator)).values
+    for sequence in range(sequences - 1):
+        start, stop = int(cuts[2 * sequence]), int(cuts[2 * sequence + 1])
+        ids[start : max(stop, start + 1)] = sequence
+    if case.layout == "shuffled":
+        ids = ids[torch.randperm(tokens, generator=generator)]
+    elif case.layout != "packed":
+        raise ValueError(f"unknown layout {case.layout!r}")
+    return ids
+
+
+def make_inputs(case: KernelCase, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    if case.token_major_logits:
+        logits = torch.randn(case.tokens, case.layers, case.experts, generator=generator)
+        logits = logits.transpose(0, 1)
+    else:
+        logits = torch.randn(case.layers, case.tokens, case.experts, generator=generator)
+    logits = (case.logit_scale * logits).to(device=device, dtype=dtype)
+    prior = torch.softmax(torch.randn(case.layers, case.sequences, case.experts, generator=generator), -1)
+    if case.prior_zeros:
+        zero_experts = torch.randperm(case.experts, generator=generator)[: case.experts // 3]
+        prior[..., zero_experts] = 0.0
+        prior = prior / prior.sum(-1, keepdim=True)
+    segment_ids = make_segment_ids(case, generator).to(device=device, dtype=getattr(torch, case.id_dtype))
+    upstream = torch.randn(case.layers, case.sequences, generator=generator).to(device)
+    if case.single_layer:
+        logits, prior, upstream = logits[0], prior[0], upstream[0]
+    return logits, segment_ids, prior.to(device), upstream
+
+
+def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖test − reference‖₂ / ‖reference‖₂ (0 when both are 0)."""
+    test, reference = test.double(), reference.double()
+    scale = float(reference.norm())
+    difference = float((test - reference).norm())
+    return difference / scale if scale > 0 else difference
+
+
+def run_case(case: KernelCase, device: torch.device) -> dict:
+    """Kernel and reference on the same inputs; js, token counts and ∂(Σ w·js)/∂logits."""
+    from sara_megatron.kernels import sequence_routing_js, sequence_routing_js_reference
+
+    logits, segment_ids, prior, upstream = make_inputs(case, device)
+    results = {}
+    for impl in ("triton", "reference"):
+        leaf = logits.detach().clone() if not case.token_major_logits else logits.detach()
+        leaf.requires_grad_(True)
+        if impl == "triton":
+            js, counts = sequence_routing_js(
+                leaf, segment_ids, prior, return_counts=True, impl="triton", block_t=case.block_t
+            )
+        else:
+            js, counts = sequence_routing_js_reference(leaf, segment_ids, prior, return_counts=True)
+        (grad,) = torch.autograd.grad((js * upstream).sum(), leaf)
+        results[impl] = (js.detach(), counts, grad)
+
+    (js, counts, grad), (ref_js, ref_counts, ref_grad) = results["triton"], results["reference"]
+    num_sequences = prior.shape[-2]
+    valid = (segment_ids >= 0).cpu()
+    ref_js_scale = float(ref_js.abs().max()) if ref_js.numel() else 0.0
+    js_error = float((js.double() - ref_js.double()).abs().max()) if js.numel() else 0.0
+    grad_error_norm = float((grad.double() - ref_grad.double()).norm())
+    grad_bound = case.grad_rtol * float(ref_grad.double().norm()) + case.grad_atol * math.sqrt(grad.numel())
+    empty = (ref_counts == 0).cpu()
+    return {
+        "name": case.name,
+        "js_dtype": str(js.dtype),
+        "grad_dtype": str(grad.dtype),
+        "js_shape": list(js.shape),
+        "js_rel_error": js_error / ref_js_scale if ref_js_scale > 0 else js_error,
+        "js_tolerance": case.js_rtol,
+        "grad_rel_error": relative_error(grad, ref_grad),
+        "grad_error_norm": grad_error_norm,
+        "grad_error_bound": grad_bound,
+        "grad_within_tolerance": grad_error_norm <= grad_bound,
+        "counts_match": torch.equal(counts.cpu(), ref_counts.cpu()),
+        "counts": counts.cpu().tolist(),
+        "expected_counts": torch.bincount(
+            segment_ids.cpu()[valid].long(), minlength=num_sequences
+        ).tolist(),
+        "all_finite": bool(torch.isfinite(js).all() and torch.isfinite(grad).all()),
+        "empty_sequences": int(empty.sum()),
+        "empty_js_all_zero": bool((js.cpu()[..., empty] == 0).all()),
+        "padding_grad_all_zero": bool((grad.cpu()[..., ~valid, :] == 0).all()),
+    }
+
+
+def case_passes(result: dict) -> bool:
+    return (
+        result["js_rel_error"] <= result["js_tolerance"]
+        and result["grad_within_tolerance"]
+        and result["counts_match"]
+        and result["counts"] == result["expected_counts"]
+        and result["all_finite"]
+        and result["empty_js_all_zero"]
+        and result["padding_grad_all_zero"]
+    )
+
+
+def saved_tensor_report(device: torch.device) -> dict:
+    """What each implementation keeps for backward, recorded by saved_tensors_hooks."""
+    from sara_megatron.kernels import sequence_routing_js, sequence_routing_js_reference
+
+    case = KernelCase("saved", 3, 97, 64, 4, dtype="bfloat16")
+    logits, segment_ids, prior, _ = make_inputs(case, device)
+    logits.requires_grad_(True)
+    report = {"logits_numel": logits.numel(), "layers_sequences_experts": 3 * 4 * 64,
+              "tokens": case.tokens}
+    for impl in ("triton", "reference"):
+        saved = []
+
+        def pack(tensor):
+            saved.append({
+                "shape": list(tensor.shape),
+                "numel": tensor.numel(),
+                "dtype": str(tensor.dtype),
+                "is_logits": tensor.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr(),
+            })
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            if impl == "triton":
+                js = sequence_routing_js(logits, segment_ids, prior, impl="triton")
+            else:
+                js = sequence_routing_js_reference(logits, segment_ids, prior)
+        torch.autograd.grad(js.sum(), logits)
+        report[impl] = saved
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="write {'cases': [...], 'saved_tensors': {...}} here")
+    parser.add_argument("--cases", nargs="*", default=list(CASES_BY_NAME), choices=list(CASES_BY_NAME))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    results = [run_case(CASES_BY_NAME[name], device) for name in args.cases]
+    payload = {"cases": results, "saved_tensors": saved_tensor_report(device)}
+    failed = 0
+    for result in results:
+        ok = case_passes(result)
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {result['name']:<28} js {result['js_rel_error']:.2e} "
+              f"grad {result['grad_rel_error']:.2e} (bound ok: {result['grad_within_tolerance']})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(payload, handle, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

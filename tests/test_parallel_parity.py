@@ -1,0 +1,33 @@
+"""EP=2, TP=2 with sequence parallel and PP=2 on gloo give the single-rank loss and routing."""
+
+import json
+
+import pytest
+
+LAYOUTS = {"ep2": ["--ep", "2"], "tp2_sp": ["--tp", "2"], "pp2": ["--pp", "2"]}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("preset", ["qwen3_moe_tiny", "phi35_moe_tiny"])
+def test_layout_matches_single_rank(torchrun, tmp_path, preset, layout):
+    out = tmp_path / "result.json"
+    torchrun(
+        "tests/workers/parallel_parity.py", "--preset", preset, *LAYOUTS[layout],
+        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out),
+    )
+    result = json.loads(out.read_text())
+    rel = abs(result["loss"] - result["ref_loss"]) / abs(result["ref_loss"])
+    assert rel <= 1e-5, (result["loss"], result["ref_loss"])
+
+    # Every layer reported exactly once per stage (PP: each stage its own global indices).
+    ref_layers = sorted(result["ref_routing"])
+    assert sorted(result["routing"]) == ref_layers
+    if layout == "pp2":
+        n = len(ref_layers)
+        assert result["layers_by_rank"] == [list(range(n // 2)), list(range(n // 2, n))]
+    for layer in ref_layers:
+        ref, got = result["ref_routing"][layer], result["routing"][layer]
+        assert len(got) == len(ref)
+        for ref_row, row in zip(ref, got):
+            assert max(abs(a - b) for a, b in zip(ref_row, row)) <= 1e-5
+            assert abs(sum(row) - 1.0) <= 1e-5

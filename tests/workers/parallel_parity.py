@@ -1,0 +1,139 @@
+"""torchrun worker: one layout's loss and dense routing vs the single-rank model on the same weights.
+
+Phase 1 builds the model at TP=EP=PP=1 (every rank identical) and records the reference: mean
+token loss over the whole batch and each layer's captured sequence-mean routing. It saves the
+weights with dist_checkpointing. Phase 2 re-initialises Megatron at the requested layout, loads the
+weights and runs the same batch through megatron's pipeline schedule with backward. Rank 0 writes
+both to --out as JSON. The batch has padding, so the masks are exercised.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from sara_megatron.checkpointing import load_model_weights, save_model_weights
+from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.models.architecture import get_preset
+from sara_megatron.models.builder import build_model, causal_attention_mask
+from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
+
+BATCH, SEQ = 4, 16
+
+
+def make_batch(vocab: int):
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    padding[1, 11:] = True  # right padding
+    padding[3, :3] = True  # left padding
+    labels = torch.roll(tokens, -1, dims=1)
+    return tokens, labels, padding
+
+
+def run_model(model, tokens, labels, padding, layers):
+    """Forward + backward through megatron's schedule; returns (loss_sum, token_count, capture)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    models = model if isinstance(model, list) else [model]
+    captures = []
+    sums = []
+
+    def loss_func(loss_mask, per_token_loss):
+        loss_sum = (per_token_loss.float() * loss_mask).sum()
+        sums.append(torch.stack([loss_sum.detach(), loss_mask.sum()]))
+        return loss_sum, {}
+
+    def forward_step(data_iterator, chunk):
+        tok, lab, pad = next(data_iterator)
+        positions = torch.arange(tok.shape[1]).expand_as(tok)
+        ctx = capture_routing(segment_ids_from_padding_mask(pad), layers=layers)
+        capture = ctx.__enter__()
+        try:
+            out = chunk(tok, positions, causal_attention_mask(tok.shape[1]), labels=lab)
+        finally:
+            ctx.__exit__(None, None, None)
+        captures.append(capture)
+        return out, lambda t: loss_func((~pad).float(), t)
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([(tokens, labels, padding)]),
+        model=models,
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=False,
+    )
+    routing = {}
+    for capture in captures:
+        for layer, rec in capture.records.items():
+            routing[layer] = rec.seq_mean
+    return (sums[0] if sums else None), routing
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="qwen3_moe_tiny")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    initialize_distributed(ParallelConfig())
+    arch = get_preset(args.preset)
+    layers = list(range(arch.num_layers))
+    tokens, labels, padding = make_batch(arch.vocab_size)
+    model = build_model(arch)
+    model.eval()  # deterministic routing (sparsemixer samples in training mode)
+    ref_sums, ref_routing = run_model(model, tokens, labels, padding, layers)
+    save_model_weights(model, args.ckpt)
+    del model
+
+    from megatron.core import parallel_state as ps
+
+    initialize_distributed(ParallelConfig(tp=args.tp, ep=args.ep, pp=args.pp))
+    model = build_model(arch)
+    load_model_weights(model, args.ckpt)
+    model.eval()
+    # Data parallel ranks (EP folds into them) take disjoint slices of the batch.
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+    sums, routing = run_model(model, tokens[rows], labels[rows], padding[rows], layers)
+
+    # Loss lives on the last stage (zeros elsewhere): sum over data parallel and pipeline.
+    total = sums if sums is not None else torch.zeros(2)
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    # Each layer's routing lives on its stage and DP rank's rows; gather to rank 0.
+    mine = {layer: (rows.start, mean.tolist()) for layer, mean in routing.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        merged = {}
+        for part in gathered:
+            for layer, (start, rows_mean) in part.items():
+                merged.setdefault(layer, {})[start] = rows_mean
+        layout_routing = {
+            layer: [row for start in sorted(parts) for row in parts[start]]
+            for layer, parts in merged.items()
+        }
+        # TP ranks report the same rows under the same start offset: the dict keeps one copy.
+        result = {
+            "ref_loss": (ref_sums[0] / ref_sums[1]).item(),
+            "loss": (total[0] / total[1]).item(),
+            "ref_routing": {str(k): v.tolist() for k, v in ref_routing.items()},
+            "routing": {str(k): v for k, v in layout_routing.items()},
+            "layers_by_rank": [sorted(part) for part in gathered],
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
