@@ -36,3 +36,21 @@ def torchrun(tmp_path):
             )
 
     return run
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """Megatron parallel state on a one-process gloo group (TP=EP=PP=1), CPU compat applied."""
+    from sara_megatron.distributed import ParallelConfig, initialize_distributed
+
+    initialize_distributed(ParallelConfig(), seed=1234)
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from sara_megatron.distributed import destroy_distributed
+
+    try:
+        destroy_distributed()
+    except Exception:  # noqa: BLE001 - a failed teardown must not mask the test result
+        pass

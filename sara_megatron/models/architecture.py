@@ -267,6 +267,9 @@ def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
     rope_params = cfg.get("rope_parameters") or {}  # transformers 5.x nests rope settings here
     rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     if family == "qwen3_moe":
+        # The hub's config.json says num_experts; transformers 5.x writes num_local_experts.
+        if "num_experts" not in cfg and "num_local_experts" in cfg:
+            cfg["num_experts"] = cfg["num_local_experts"]
         (n_experts, topk, moe_ffn) = _require(
             cfg, "num_experts", "num_experts_per_tok", "moe_intermediate_size"
         )
