@@ -9,7 +9,6 @@ TORCH   ?= torch==2.13.0
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e .[dev]
 	touch $(STAMP)
@@ -20,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m torch.distributed.run --nproc-per-node 2 tools/routing_report.py --preset qwen3_moe_tiny --ep 2
+	PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 tools/routing_report.py --preset qwen3_moe_tiny --ep 2
 
 clean:
 	rm -rf .venv build *.egg-info
