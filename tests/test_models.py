@@ -30,8 +30,13 @@ def test_tiny_forward_backward(single_rank, preset):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     router = model.decoder.layers[0].mlp.router.weight
-    assert router.grad.abs().sum() > 0
+    if arch.router == "topk":
+        assert router.grad.abs().sum() > 0
+    # Sparsemixer at random init: almost no token has a second candidate within 2·eps, so the
+    # chosen gate is exactly 1 and its derivative 0 (as in transformers); tests/test_phimoe.py
+    # checks its gradient on near-tied router rows.
 
 
 def test_qwen3_30b_a3b_preset_is_exact():

@@ -265,7 +265,9 @@ def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
         hf_config=cfg,
     )
     rope_params = cfg.get("rope_parameters") or {}  # transformers 5.x nests rope settings here
-    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    # Absent θ: transformers' per-family default (Qwen3MoeConfig 1e4, PhimoeConfig 1e6).
+    default_theta = 1_000_000.0 if family == "phimoe" else 10000.0
+    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", default_theta))
     if family == "qwen3_moe":
         # The hub's config.json says num_experts; transformers 5.x writes num_local_experts.
         if "num_experts" not in cfg and "num_local_experts" in cfg:
@@ -298,20 +300,27 @@ def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
     )
     if topk != 2:
         raise ValueError(f"PhiMoE sparsemixer routing is top-2 only; config has top-{topk}")
-    scaling = cfg.get("rope_scaling") or (rope_params if "short_factor" in rope_params else None)
+    # transformers 4.x: `rope_scaling` (null for plain RoPE); 5.x: `rope_parameters` always, with
+    # rope_type "default" for plain RoPE.
+    scaling = cfg.get("rope_scaling") or (
+        rope_params
+        if rope_params.get("rope_type", rope_params.get("type", "default")) != "default"
+        else None
+    )
     longrope = None
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type != "longrope":
+        if rope_type not in ("longrope", "su"):  # "su": the older name of longrope
             raise ValueError(f"PhiMoE rope scaling {rope_type!r} is not supported (longrope only)")
         longrope = LongRopeScaling(
             short_factor=tuple(float(x) for x in scaling["short_factor"]),
             long_factor=tuple(float(x) for x in scaling["long_factor"]),
             short_mscale=float(scaling.get("short_mscale", 1.0)),
             long_mscale=float(scaling.get("long_mscale", 1.0)),
+            # transformers gives the top-level field priority over the one in the rope dict.
             original_max_position_embeddings=int(
-                scaling.get("original_max_position_embeddings")
-                or cfg.get("original_max_position_embeddings")
+                cfg.get("original_max_position_embeddings")
+                or scaling.get("original_max_position_embeddings")
                 or common["max_position_embeddings"]
             ),
         )
