@@ -30,7 +30,8 @@ class KernelCase:
     layout: str = "sb"  # sb | packed | shuffled | all_padding
     logit_scale: float = 3.0
     prior_zeros: bool = True  # zero out a third of every prior row
-    block_t: int | None = None
+    # Kernel tiling override (block_t, tiles_per_program); None = the default for the size.
+    tiling: tuple[int, int] | None = None
     single_layer: bool = False
     id_dtype: str = "int64"
     token_major_logits: bool = False  # logits as a [T, L, N] buffer viewed as [L, T, N]
@@ -45,11 +46,19 @@ class KernelCase:
 CASES = [
     KernelCase("fp32_n16_sb", 2, 77, 16, 5),
     KernelCase("fp32_n60_packed", 2, 93, 60, 6, layout="packed"),
-    KernelCase("fp32_n128_sb_block8", 3, 101, 128, 4, block_t=8),
+    KernelCase("fp32_n128_sb_block16", 3, 101, 128, 4, tiling=(16, 1)),
+    # Several tiles per program, chunks straddling sequence boundaries.
+    KernelCase("fp32_n60_packed_multitile", 2, 300, 60, 7, layout="packed", tiling=(16, 4)),
+    # [S, B] with B = 4 dividing the tile: chunks repeat their first tile's ids (periodic path).
+    KernelCase("fp32_n128_sb_periodic_multitile", 2, 517, 128, 4, tiling=(16, 4)),
+    # B = 20 interleaved: chunks span more ids than one segment-sum window -> tile-wise windows.
+    KernelCase("fp32_n16_sb_wide_multitile", 2, 203, 16, 20, tiling=(32, 2)),
     KernelCase("fp32_n256_packed", 2, 45, 256, 3, layout="packed"),
     # B = 40 in random order: tiles span more ids than MAX_SEGMENTS_PER_TILE -> per-token atomics.
-    KernelCase("fp32_n128_shuffled_wide", 2, 150, 128, 40, layout="shuffled", block_t=64),
-    KernelCase("fp32_n60_shuffled_narrow", 2, 61, 60, 3, layout="shuffled", block_t=16),
+    KernelCase("fp32_n128_shuffled_wide", 2, 150, 128, 40, layout="shuffled", tiling=(64, 1)),
+    # B = 150 in random order: a tile's ids span more than MAX_SEGMENT_SPAN -> per-token atomics.
+    KernelCase("fp32_n60_shuffled_very_wide", 2, 230, 60, 150, layout="shuffled", tiling=(128, 1)),
+    KernelCase("fp32_n60_shuffled_narrow", 2, 61, 60, 3, layout="shuffled", tiling=(16, 2)),
     KernelCase("fp32_n16_int32_ids", 2, 50, 16, 4, id_dtype="int32"),
     KernelCase("fp32_n60_single_layer", 1, 70, 60, 4, single_layer=True),
     KernelCase("fp32_n128_token_major", 3, 39, 128, 3, token_major_logits=True),
@@ -60,6 +69,8 @@ CASES = [
     KernelCase("bf16_n60_packed", 2, 93, 60, 6, dtype="bfloat16", layout="packed", js_rtol=2e-3,
                grad_rtol=2e-3),
     KernelCase("bf16_n128_sb", 3, 130, 128, 4, dtype="bfloat16", js_rtol=2e-3, grad_rtol=2e-3),
+    KernelCase("bf16_n128_packed_multitile", 2, 250, 128, 3, dtype="bfloat16", layout="packed",
+               tiling=(32, 4), js_rtol=2e-3, grad_rtol=2e-3),
     KernelCase("bf16_n256_shuffled", 2, 45, 256, 3, dtype="bfloat16", layout="shuffled",
                js_rtol=2e-3, grad_rtol=2e-3),
     KernelCase("bf16_n128_extreme", 2, 67, 128, 4, dtype="bfloat16", logit_scale=1e4,
@@ -132,12 +143,17 @@ def run_case(case: KernelCase, device: torch.device) -> dict:
 
     logits, segment_ids, prior, upstream = make_inputs(case, device)
     results = {}
+    launch = None
+    if case.tiling is not None:
+        from sara_megatron.kernels.routing_js_triton import LaunchConfig
+
+        launch = LaunchConfig(*case.tiling, num_warps=4, num_stages=2)
     for impl in ("triton", "reference"):
         leaf = logits.detach().clone() if not case.token_major_logits else logits.detach()
         leaf.requires_grad_(True)
         if impl == "triton":
             js, counts = sequence_routing_js(
-                leaf, segment_ids, prior, return_counts=True, impl="triton", block_t=case.block_t
+                leaf, segment_ids, prior, return_counts=True, impl="triton", launch_config=launch
             )
         else:
             js, counts = sequence_routing_js_reference(leaf, segment_ids, prior, return_counts=True)
