@@ -1,8 +1,10 @@
 """Run megatron-core 0.16.1 on machines without CUDA (CPU tensors, gloo).
 
 megatron-core assumes CUDA in a handful of places. Each patch below names the megatron-core
-function it works around. `apply_cpu_compat()` does nothing when CUDA is available, so none of this
-is ever active on a GPU machine; the training and test code call it unconditionally.
+function it works around. `apply_cpu_compat()` does nothing when CUDA is available, so none of it
+is ever active on a GPU machine. `apply_no_transformer_engine_compat()` is separate: megatron-core
+0.16.1 also trips over a missing Transformer Engine on a GPU machine, so `initialize_distributed`
+applies it wherever TE is absent.
 """
 
 from __future__ import annotations
@@ -88,6 +90,22 @@ def _cpu_rng_tracker_class():
     return CpuRNGStatesTracker
 
 
+def apply_no_transformer_engine_compat() -> bool:
+    """Patch megatron-core for machines without Transformer Engine (CPU, or a bare GPU image).
+
+    Not a CPU patch: it is needed on GPU machines without TE as well. Returns True if applied.
+    """
+    import megatron.core.transformer.moe.moe_utils as mcore_moe_utils
+
+    if getattr(mcore_moe_utils, "HAVE_TE", False):
+        return False
+    # `moe_utils.router_gating_linear` tests `te_general_gemm is not None`, a name that is only
+    # bound when Transformer Engine imports (NameError otherwise).
+    if not hasattr(mcore_moe_utils, "te_general_gemm"):
+        mcore_moe_utils.te_general_gemm = None
+    return True
+
+
 def apply_cpu_compat() -> bool:
     """Patch megatron-core for CPU execution when CUDA is unavailable. Returns True if applied."""
     global _APPLIED
@@ -95,9 +113,9 @@ def apply_cpu_compat() -> bool:
         return False
     if _APPLIED:
         return True
+    apply_no_transformer_engine_compat()
 
     import megatron.core.tensor_parallel.random as mcore_random
-    import megatron.core.transformer.moe.moe_utils as mcore_moe_utils
 
     # torch.cuda.current_device() raises on a CPU build; megatron calls it in
     # `Router.gating` (moves the router weight "to the GPU"), `RotaryEmbedding.get_emb` and
@@ -110,11 +128,6 @@ def apply_cpu_compat() -> bool:
     # tracker snapshots CUDA generator states.
     mcore_random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-    # `moe_utils.router_gating_linear` tests `te_general_gemm is not None`, a name that is only
-    # bound when Transformer Engine imports (NameError otherwise).
-    if not hasattr(mcore_moe_utils, "te_general_gemm"):
-        mcore_moe_utils.te_general_gemm = None
 
     _CudaDeviceToCpu().__enter__()  # stays on the mode stack for the life of the process
     _APPLIED = True

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sara_megatron.compat import apply_cpu_compat
+from sara_megatron.compat import apply_cpu_compat, apply_no_transformer_engine_compat
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def initialize_distributed(
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+        apply_no_transformer_engine_compat()
     else:
         apply_cpu_compat()
 
@@ -155,7 +156,9 @@ def initialize_distributed(
         os.environ.setdefault("MASTER_ADDR", denv.master_addr)
         os.environ.setdefault("MASTER_PORT", str(denv.master_port))
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            # gloo beside NCCL on GPU: small CPU-side collectives (all_gather_object of reports,
+            # CPU scalars) then work on the default group too.
+            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
             rank=denv.rank,
             world_size=denv.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

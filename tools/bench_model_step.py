@@ -7,6 +7,7 @@ Each data-parallel rank runs its own micro-batch; rank 0 prints the median step 
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -24,6 +25,7 @@ def main():
     p.add_argument("--preset", default="qwen3_moe_tiny")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--num-layers", type=int, help="cut the preset to this many layers")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
@@ -33,12 +35,14 @@ def main():
     args = p.parse_args()
 
     arch = resolve_architecture(args.preset)
+    if args.num_layers:
+        arch = dataclasses.replace(arch, num_layers=args.num_layers)
     arch.validate_parallel(tp=args.tp, ep=args.ep)
     initialize_distributed(ParallelConfig(tp=args.tp, ep=args.ep))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = build_model(arch, ModelOptions(params_dtype=dtype, bf16=args.bf16))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device).train()
+    model.train()
     b, s = args.micro_batch, args.seq_length
     tokens = torch.randint(0, arch.vocab_size, (b, s), device=device)
     positions = torch.arange(s, device=device).expand(b, s)
@@ -57,11 +61,11 @@ def main():
         step()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    median = torch.tensor(statistics.median(times))
+    median = torch.tensor(statistics.median(times), device=device)
     dist.all_reduce(median, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-        result = dict(preset=args.preset, tp=args.tp, ep=args.ep, world=dist.get_world_size(),
+        result = dict(preset=args.preset, num_layers=arch.num_layers, tp=args.tp, ep=args.ep, world=dist.get_world_size(),
                       micro_batch=b, seq_length=s, dtype=str(dtype), device=where,
                       median_step_s=median.item())
         print(json.dumps(result))

@@ -42,16 +42,18 @@ def main():
 
     model = build_model(arch)
     model.eval()
+    device = next(model.parameters()).device
     dp_rank = ps.get_data_parallel_rank()
     b, s = args.sequences_per_rank, args.seq_length
     g = torch.Generator().manual_seed(args.seed + dp_rank)
-    tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g)
-    padding = torch.zeros(b, s, dtype=torch.bool)
+    tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device)
+    padding = torch.zeros(b, s, dtype=torch.bool, device=device)
     padding[-1, s - s // 4:] = True  # the last sequence of each rank is right-padded
+    positions = torch.arange(s, device=device).expand(b, s)
     with torch.no_grad(), capture_routing(
         segment_ids_from_padding_mask(padding), layers=args.layers
     ) as capture:
-        model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s))
+        model(tokens, positions, causal_attention_mask(s, device=device))
     rows = routing_rows(capture, sequence_offset=dp_rank * b)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rows if ps.get_tensor_model_parallel_rank() == 0 else [])

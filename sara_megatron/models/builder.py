@@ -95,7 +95,9 @@ def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptio
         # The fused kernels are CUDA-only; on GPU megatron picks them itself.
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=on_gpu and use_te,
-        masked_softmax_fusion=on_gpu,
+        # megatron's fused masked softmax is a separately built extension (apex / NGC container);
+        # asking for it without the extension fails at the first attention call.
+        masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         gradient_accumulation_fusion=False,
         variable_seq_lengths=False,
         recompute_granularity="selective" if options.recompute else None,

@@ -22,10 +22,14 @@ class SequenceParallelNorm(torch.nn.Module):
             raise ValueError(f"unsupported normalization {self.normalization!r}")
         self.hidden_size = hidden_size
         self.eps = eps
-        dtype = config.params_dtype
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        # Where megatron's own modules allocate: the CPU for CPU initialisation, else the GPU.
+        factory = dict(
+            dtype=config.params_dtype,
+            device="cpu" if config.use_cpu_initialization else torch.cuda.current_device(),
+        )
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, **factory))
         self.bias = (
-            torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+            torch.nn.Parameter(torch.zeros(hidden_size, **factory))
             if self.normalization == "LayerNorm"
             else None
         )
