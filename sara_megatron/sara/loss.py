@@ -1,0 +1,113 @@
+"""The SARA routing-alignment loss, computed inside each chosen MoE layer.
+
+For each selected layer l and sequence b of the micro-batch:
+    JS(P̄_anchor[l, b] ‖ Q̄_l[b]),  Q̄ = masked sequence-mean of the dense fp32 routing softmax,
+and L_JS = mean over selected layers and valid (non-empty) sequences. `SaraRoutingLoss` is a router
+observer (`sara_megatron.routing.observe_routers`): the router hands it each layer's logits, it
+returns λ_JS · (that layer's share of L_JS), and the router attaches that to its routing
+probabilities with megatron's `MoEAuxLossAutoScaler` — so pipeline stages handle their own layers,
+and the gradient is scaled like Megatron's load-balancing loss (loss scale, CP size,
+1/num_microbatches; or per token with `calculate_per_token_loss`).
+
+Under sequence / context parallel the masked sums are all-reduced over the TP×CP group inside
+`sequence_routing_js` before the divergence; each rank's tokens get the single-rank gradient.
+λ_JS = 0 runs the same code: the attached term is 0 and so is every gradient it adds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from sara_megatron.kernels import sequence_routing_js
+from sara_megatron.routing.capture import local_token_segment_ids, routing_reduction_group
+
+
+class SaraRoutingLoss:
+    """Router observer computing λ_JS·L_JS for the current micro-batch (see module docstring)."""
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        coeff: float,
+        *,
+        sequence_parallel: bool = False,
+        calculate_per_token_loss: bool = False,
+        impl: str = "auto",
+    ):
+        if not layers:
+            raise ValueError("SARA needs at least one alignment layer")
+        if coeff < 0:
+            raise ValueError(f"λ_JS must be >= 0, got {coeff}")
+        self.layers = sorted(int(i) for i in layers)
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.coeff = float(coeff)
+        self.sequence_parallel = sequence_parallel
+        self.calculate_per_token_loss = calculate_per_token_loss
+        self.impl = impl
+        self._priors: Optional[torch.Tensor] = None
+        self._segment_ids: Optional[torch.Tensor] = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Per-layer sums for logging: Σ JS over valid sequences, and their number. Kept as
+        tensors on the logits' device so the hot path never waits for the host."""
+        self.js_sum: dict[int, torch.Tensor] = {}
+        self.sequences: dict[int, torch.Tensor] = {}
+
+    def set_batch(self, priors: torch.Tensor, segment_ids: torch.Tensor) -> None:
+        """Priors [L_sel, B, N] (fp32) aligned with `self.layers`; segment ids [B, S], -1 = pad."""
+        if priors.dim() != 3 or priors.shape[0] != len(self.layers):
+            raise ValueError(
+                f"priors must be [L_sel={len(self.layers)}, B, N], got {tuple(priors.shape)}"
+            )
+        if segment_ids.dim() != 2 or segment_ids.shape[0] != priors.shape[1]:
+            raise ValueError(
+                f"segment ids must be [B={priors.shape[1]}, S], got {tuple(segment_ids.shape)}"
+            )
+        # Checked here, once per micro-batch, so the kernel need not synchronise per layer.
+        if segment_ids.numel() and not (
+            (segment_ids >= -1).all() and (segment_ids < priors.shape[1]).all()
+        ):
+            raise ValueError(f"segment ids must lie in [-1, {priors.shape[1]})")
+        self._priors = priors.float()
+        self._segment_ids = segment_ids
+
+    def layer_means(self) -> dict[int, float]:
+        """Mean JS per layer over the sequences seen since `reset_stats` (this rank's layers)."""
+        return {
+            layer: float(self.js_sum[layer] / self.sequences[layer].clamp_min(1))
+            for layer in self.js_sum
+        }
+
+    def __call__(self, layer: int, logits: torch.Tensor, padding_mask) -> Optional[torch.Tensor]:
+        if layer not in self.index:
+            return None
+        if self._priors is None:
+            raise RuntimeError("SaraRoutingLoss.set_batch was not called for this micro-batch")
+        from megatron.core import parallel_state as ps
+
+        tp_size = ps.get_tensor_model_parallel_world_size()
+        tp_rank = ps.get_tensor_model_parallel_rank() if tp_size > 1 else 0
+        ids = local_token_segment_ids(
+            self._segment_ids, self.sequence_parallel, tp_rank, tp_size
+        ).to(logits.device)
+        flat = logits.reshape(-1, logits.shape[-1])
+        prior = self._priors[self.index[layer]].to(logits.device)
+        js, counts = sequence_routing_js(
+            flat, ids, prior, process_group=routing_reduction_group(), return_counts=True,
+            validate=False, impl=self.impl,
+        )
+        valid = counts > 0
+        num_valid = valid.sum()
+        js_sum = (js * valid).sum()
+        layer_js = js_sum / num_valid.clamp_min(1)
+        self.js_sum[layer] = self.js_sum.get(layer, 0) + js_sum.detach()
+        self.sequences[layer] = self.sequences.get(layer, 0) + num_valid
+        loss = layer_js * (self.coeff / len(self.layers))
+        if self.calculate_per_token_loss:
+            # finalize_model_grads divides every gradient by the global token count; undo it for
+            # this per-sequence quantity the way megatron does for its aux losses.
+            loss = loss * (ids >= 0).sum()
+        return loss
