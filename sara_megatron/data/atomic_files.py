@@ -1,0 +1,82 @@
+"""Crash-safe file writes: write beside the target, fsync, rename over it.
+
+A reader (or a rerun after a kill) sees either the old file or the complete new one, never a torn
+write. `os.replace` is atomic within one file system, which is why the temporary file lives in the
+target's own directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from typing import IO, Iterator
+
+TMP_SUFFIX = ".partial"
+
+
+def temporary_path(path: str | os.PathLike) -> str:
+    """The name a file is written under before it is renamed into place."""
+    return os.fspath(path) + TMP_SUFFIX
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    # The rename itself lives in the directory entry; without this a power loss may undo it.
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp_path: str | os.PathLike, final_path: str | os.PathLike) -> None:
+    """fsync `tmp_path` and atomically rename it to `final_path`."""
+    fsync_file(tmp_path)
+    os.replace(tmp_path, final_path)
+    fsync_directory(os.path.dirname(os.path.abspath(final_path)))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open `path.partial` for writing; on a clean exit rename it to `path`."""
+    if "w" not in mode:
+        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
+    tmp = temporary_path(path)
+    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    commit_file(tmp, path)
+
+
+def canonical_json(obj) -> str:
+    """Deterministic JSON text (sorted keys, fixed separators): what digests and byte-identical
+    outputs are computed from."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(canonical_json(obj))
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

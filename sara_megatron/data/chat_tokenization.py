@@ -1,0 +1,94 @@
+"""Turn a parallel record into token ids with the model's own tokenizer and chat template.
+
+The prompt messages are rendered as the conversation so far with the generation prompt (the
+assistant header), the full conversation with the response as the assistant turn. The prompt
+length — where the loss mask starts — is the number of leading tokens both renderings share:
+normally the whole rendered prompt; when a tokenizer merges tokens across the boundary, the merged
+token counts as response, so no response text is ever masked out of the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from sara_megatron.data.corpus_format import ParallelRecord
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                   chat_template: Optional[str] = None):
+    """The model's HF tokenizer (`AutoTokenizer`); `chat_template` (Jinja text) replaces its
+    own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.fspath(name_or_path), trust_remote_code=trust_remote_code
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {name_or_path} has no chat template; pass one with --chat-template FILE"
+        )
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides the token ids: vocabulary/merges (or the whole fast-tokenizer
+    JSON), added tokens and the chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    h.update(json.dumps(sorted(tokenizer.get_added_vocab().items())).encode("utf-8"))
+    h.update((tokenizer.chat_template or "").encode("utf-8"))
+    return "sha256:" + h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSample:
+    token_ids: np.ndarray  # int64 [n], n <= seq_length
+    prompt_length: int  # tokens before the response (loss mask starts here), <= n
+    untruncated_length: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.untruncated_length > len(self.token_ids)
+
+    @property
+    def response_length(self) -> int:
+        return len(self.token_ids) - self.prompt_length
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # The chat template already wrote any BOS / special tokens into the text.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_conversation(tokenizer, record: ParallelRecord) -> tuple[str, str]:
+    """(prompt text ending in the assistant header, full conversation text)."""
+    prompt = tokenizer.apply_chat_template(
+        record.chat(record.prompt_messages), tokenize=False, add_generation_prompt=True
+    )
+    full = tokenizer.apply_chat_template(record.chat(), tokenize=False, add_generation_prompt=False)
+    return prompt, full
+
+
+def tokenize_record(tokenizer, record: ParallelRecord, seq_length: int) -> TokenizedSample:
+    prompt_text, full_text = render_conversation(tokenizer, record)
+    prompt_ids = _encode(tokenizer, prompt_text)
+    full_ids = _encode(tokenizer, full_text)
+    shared = 0
+    for a, b in zip(prompt_ids, full_ids):
+        if a != b:
+            break
+        shared += 1
+    ids = np.asarray(full_ids[:seq_length], dtype=np.int64)
+    return TokenizedSample(ids, min(shared, len(ids)), len(full_ids))

@@ -1,0 +1,255 @@
+"""Parallel corpus -> token shards: validate, tokenize with the chat template, write shards.
+
+Every language's valid records, in input order, are cut into shards of `shard_size` samples; a
+shard depends only on its own records, the tokenizer and the settings, so workers write shards
+independently and the output is byte-identical whatever the worker count. A rerun over the same
+inputs skips the shards whose completion marker exists and rewrites the others; a rerun with other
+inputs or settings into the same directory is refused (plan.json says what the shards came from).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from sara_megatron.data.atomic_files import (
+    atomic_open,
+    canonical_json,
+    sha256_text,
+    write_json_atomic,
+)
+from sara_megatron.data.chat_tokenization import (
+    load_tokenizer,
+    tokenize_record,
+    tokenizer_fingerprint,
+)
+from sara_megatron.data.corpus_validation import RecordRef, ValidatedCorpus, validate_corpus
+from sara_megatron.data.languages import known_languages
+from sara_megatron.data.token_shards import (
+    ISSUES_NAME,
+    MANIFEST_NAME,
+    PLAN_NAME,
+    SHARDS_FORMAT,
+    SampleMeta,
+    language_fingerprint,
+    read_complete_marker,
+    shard_prefix,
+    write_token_shard,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    corpus_paths: tuple[str, ...]
+    output_dir: str
+    tokenizer: str  # HF tokenizer name or directory (the model's)
+    anchor_language: str = "en"
+    seq_length: int = 4096
+    shard_size: int = 2048  # samples per shard
+    workers: int = 1
+    strict: bool = False
+    extra_languages: tuple[str, ...] = ()
+    chat_template_path: Optional[str] = None  # overrides the tokenizer's template
+    trust_remote_code: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    language: str
+    index: int
+    records: tuple[RecordRef, ...]
+
+    @property
+    def prefix(self) -> str:
+        return shard_prefix(self.language, self.index)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardProgress:
+    shards_done: int
+    shards_total: int
+    tokens_written: int  # by this run (resumed shards not counted)
+    samples_written: int
+    elapsed_s: float  # since the first shard of this run started
+    last_prefix: str
+    resumed: int  # shards found complete from an earlier run
+
+
+@dataclasses.dataclass
+class ShardingReport:
+    manifest: dict
+    corpus: ValidatedCorpus
+    shards_written: int
+    shards_resumed: int
+    tokens_written: int
+    elapsed_s: float  # the whole run
+    writing_s: float  # tokenizing and writing shards (what tokens/s is measured over)
+
+
+def plan_shards(corpus: ValidatedCorpus, shard_size: int) -> list[ShardTask]:
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    tasks = []
+    for language in corpus.languages:
+        refs = corpus.records[language]
+        for index, start in enumerate(range(0, len(refs), shard_size)):
+            tasks.append(ShardTask(language, index, tuple(refs[start:start + shard_size])))
+    return tasks
+
+
+def _plan(config: ShardingConfig, corpus: ValidatedCorpus, tokenizer, token_dtype) -> dict:
+    """Everything the shard bytes depend on; its digest names the output's provenance."""
+    return {
+        "format": SHARDS_FORMAT,
+        # Content, not paths: the corpus may move without invalidating finished shards.
+        "corpus_files": [{"name": os.path.basename(f.path), "sha256": f.sha256, "bytes": f.size}
+                         for f in corpus.files],
+        "anchor_language": config.anchor_language,
+        "known_languages": sorted(corpus.known_languages),
+        "seq_length": config.seq_length,
+        "shard_size": config.shard_size,
+        # What the tokens depend on, not where the tokenizer was loaded from.
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                      "vocab_size": len(tokenizer)},
+        "token_dtype": np.dtype(token_dtype).name,
+    }
+
+
+# The worker-process tokenizer, loaded once per process by `_init_worker`.
+_WORKER: dict = {}
+
+
+def _init_worker(config: ShardingConfig, known: frozenset[str]) -> None:
+    template = None
+    if config.chat_template_path:
+        with open(config.chat_template_path, encoding="utf-8") as f:
+            template = f.read()
+    _WORKER["tokenizer"] = load_tokenizer(config.tokenizer, config.trust_remote_code, template)
+    _WORKER["known"] = known
+    _WORKER["config"] = config
+
+
+def _write_shard(task: ShardTask, token_dtype: type, plan_digest: str) -> dict:
+    tokenizer, known, config = _WORKER["tokenizer"], _WORKER["known"], _WORKER["config"]
+    samples = []
+    for ref in task.records:
+        record = ref.read(known)
+        tokenized = tokenize_record(tokenizer, record, config.seq_length)
+        meta = SampleMeta(record.sample_id, record.language, tokenized.prompt_length,
+                          len(tokenized.token_ids), tokenized.truncated, record.source)
+        samples.append((meta, tokenized.token_ids))
+    return write_token_shard(config.output_dir, task.prefix, samples, token_dtype, plan_digest)
+
+
+def _check_output_dir(root: str, plan: dict, digest: str) -> None:
+    path = os.path.join(root, PLAN_NAME)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    if sha256_text(canonical_json(old)) != digest:
+        differs = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        raise ValueError(
+            f"{root} holds shards made from other inputs or settings (differs in: "
+            f"{', '.join(differs)}); write to a new output directory or delete this one"
+        )
+
+
+def shard_corpus(
+    config: ShardingConfig, progress: Optional[Callable[[ShardProgress], None]] = None
+) -> ShardingReport:
+    start = time.perf_counter()
+    known = known_languages(config.extra_languages)
+    corpus = validate_corpus(config.corpus_paths, config.anchor_language, known, config.strict)
+    if config.anchor_language not in corpus.records:
+        raise ValueError(f"the corpus has no valid records in the anchor language "
+                         f"{config.anchor_language!r}\n{corpus.format_summary()}")
+    _init_worker(config, known)
+    tokenizer = _WORKER["tokenizer"]
+    from megatron.core.datasets.indexed_dataset import DType
+
+    token_dtype = DType.optimal_dtype(len(tokenizer))
+    plan = _plan(config, corpus, tokenizer, token_dtype)
+    digest = sha256_text(canonical_json(plan))
+    root = config.output_dir
+    os.makedirs(root, exist_ok=True)
+    _check_output_dir(root, plan, digest)
+    write_json_atomic(os.path.join(root, PLAN_NAME), plan)
+    with atomic_open(os.path.join(root, ISSUES_NAME)) as f:
+        for issue in corpus.issues:
+            issue_json = json.dumps(dataclasses.asdict(issue), sort_keys=True, ensure_ascii=False)
+            f.write(issue_json + "\n")
+
+    tasks = plan_shards(corpus, config.shard_size)
+    markers = {t.prefix: read_complete_marker(root, t.prefix, digest) for t in tasks}
+    pending = [t for t in tasks if markers[t.prefix] is None]
+    resumed = len(tasks) - len(pending)
+    tokens = samples = 0
+    writing_start = time.perf_counter()  # rates exclude validation and start-up
+
+    def finished(task: ShardTask, marker: dict) -> None:
+        nonlocal tokens, samples
+        markers[task.prefix] = marker
+        tokens += marker["tokens"]
+        samples += marker["samples"]
+        if progress:
+            done = sum(m is not None for m in markers.values())
+            progress(ShardProgress(done, len(tasks), tokens, samples,
+                                   time.perf_counter() - writing_start, task.prefix, resumed))
+
+    if config.workers <= 1 or len(pending) <= 1:
+        for task in pending:
+            finished(task, _write_shard(task, token_dtype, digest))
+    else:
+        # fork: workers inherit the imported modules (megatron, transformers) instead of
+        # re-importing them; each still loads its own tokenizer in the initializer.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=config.workers, mp_context=context,
+            initializer=_init_worker, initargs=(config, known),
+        ) as pool:
+            futures = {pool.submit(_write_shard, t, token_dtype, digest): t for t in pending}
+            for future in concurrent.futures.as_completed(futures):
+                finished(futures[future], future.result())
+
+    manifest = _manifest(config, corpus, tasks, markers, plan, digest)
+    write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest)
+    end = time.perf_counter()
+    return ShardingReport(manifest, corpus, len(pending), resumed, tokens, end - start,
+                          end - writing_start)
+
+
+def _manifest(config: ShardingConfig, corpus: ValidatedCorpus, tasks: Sequence[ShardTask],
+              markers: dict, plan: dict, digest: str) -> dict:
+    languages = {}
+    for language in corpus.languages:
+        shards = [markers[t.prefix] for t in tasks if t.language == language]
+        languages[language] = {
+            "samples": sum(m["samples"] for m in shards),
+            "tokens": sum(m["tokens"] for m in shards),
+            "truncated": sum(m["truncated"] for m in shards),
+            "no_response_tokens": sum(m["no_response_tokens"] for m in shards),
+            "fingerprint": language_fingerprint(shards),
+            "shards": [{k: m[k] for k in ("prefix", "samples", "tokens", "sha256")}
+                       for m in shards],
+        }
+    corpus_fp = sha256_text(canonical_json({k: v["fingerprint"] for k, v in languages.items()}))
+    return {
+        "format": SHARDS_FORMAT,
+        "plan_digest": digest,
+        "anchor_language": plan["anchor_language"],
+        "seq_length": plan["seq_length"],
+        "token_dtype": plan["token_dtype"],
+        "tokenizer": dict(plan["tokenizer"], source=os.fspath(config.tokenizer)),
+        "corpus_fingerprint": "sha256:" + corpus_fp,
+        "validation": corpus.summary(),
+        "languages": languages,
+    }

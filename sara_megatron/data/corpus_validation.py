@@ -1,0 +1,217 @@
+"""Validate a parallel corpus (JSON Lines, `corpus_format`) and index its usable records.
+
+Problems are reported by file and line: invalid JSON or fields, an unknown language code, empty
+text, a duplicate (id, language), a target-language record with no valid anchor of the same id.
+By default a bad record is skipped and counted; `strict=True` raises on the first one. Every
+non-blank line ends up either kept or counted under exactly one rejection reason.
+
+Records are not kept in memory: the index holds each one's file, line and byte range, and the
+shard workers re-read the lines they tokenize.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import os
+from typing import Iterable, Optional, Sequence
+
+from sara_megatron.data.corpus_format import (
+    DUPLICATE,
+    INVALID_JSON,
+    MISSING_ANCHOR,
+    REJECTION_REASONS,
+    ParallelRecord,
+    RecordError,
+    parse_record,
+)
+from sara_megatron.data.languages import known_languages as default_known_languages
+
+
+class CorpusError(ValueError):
+    """Raised in strict mode for the first bad record (message starts with `file:line:`)."""
+
+    def __init__(self, issue: "CorpusIssue"):
+        super().__init__(str(issue))
+        self.issue = issue
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusIssue:
+    reason: str
+    path: str
+    line: int
+    message: str
+    sample_id: Optional[str] = None
+    language: Optional[str] = None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordRef:
+    """Where one valid record sits: enough to re-read it without scanning the file."""
+
+    sample_id: str
+    language: str
+    path: str
+    line: int
+    offset: int  # byte offset of the line in the file
+    length: int  # bytes of the line, newline included
+
+    def read(self, known: frozenset[str]) -> ParallelRecord:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            raw = f.read(self.length)
+        return parse_record(raw.decode("utf-8"), known)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusFile:
+    path: str
+    sha256: str
+    size: int
+    lines: int
+
+
+@dataclasses.dataclass
+class ValidatedCorpus:
+    anchor_language: str
+    known_languages: frozenset[str]
+    files: list[CorpusFile]
+    records: dict[str, list[RecordRef]]  # language -> records in input order
+    issues: list[CorpusIssue]
+    blank_lines: int
+
+    @property
+    def languages(self) -> list[str]:
+        """The anchor first, then the other languages in sorted order."""
+        others = sorted(lang for lang in self.records if lang != self.anchor_language)
+        return [self.anchor_language, *others] if self.anchor_language in self.records else others
+
+    def summary(self) -> dict:
+        rejected = collections.Counter(issue.reason for issue in self.issues)
+        kept = {lang: len(refs) for lang, refs in sorted(self.records.items())}
+        return {
+            "lines": sum(f.lines for f in self.files),
+            "blank_lines": self.blank_lines,
+            "records_read": sum(f.lines for f in self.files) - self.blank_lines,
+            "kept": kept,
+            "kept_total": sum(kept.values()),
+            "rejected": {reason: rejected.get(reason, 0) for reason in REJECTION_REASONS},
+            "rejected_total": len(self.issues),
+        }
+
+    def format_summary(self, examples_per_reason: int = 5) -> str:
+        s = self.summary()
+        lines = [
+            f"corpus: {len(self.files)} file(s), {s['records_read']} records "
+            f"({s['blank_lines']} blank lines ignored); kept {s['kept_total']}, "
+            f"rejected {s['rejected_total']}",
+            "  kept by language: " + ", ".join(f"{k}={v}" for k, v in s["kept"].items()),
+        ]
+        by_reason = collections.defaultdict(list)
+        for issue in self.issues:
+            by_reason[issue.reason].append(issue)
+        for reason in REJECTION_REASONS:
+            if by_reason[reason]:
+                lines.append(f"  rejected {reason}: {len(by_reason[reason])}")
+                lines += [f"    {issue}" for issue in by_reason[reason][:examples_per_reason]]
+        return "\n".join(lines)
+
+
+def expand_corpus_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Files as given; a directory stands for its *.jsonl files in sorted order."""
+    out = []
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            found = sorted(glob.glob(os.path.join(p, "*.jsonl")))
+            if not found:
+                raise FileNotFoundError(f"corpus directory {p} has no *.jsonl files")
+            out += found
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"corpus file {p} does not exist")
+    if len(set(map(os.path.realpath, out))) != len(out):
+        raise ValueError(f"a corpus file is listed twice: {out}")
+    return out
+
+
+def validate_corpus(
+    paths: Sequence[str | os.PathLike],
+    anchor_language: str,
+    known_languages: Optional[frozenset[str]] = None,
+    strict: bool = False,
+) -> ValidatedCorpus:
+    known = known_languages or default_known_languages()
+    if anchor_language not in known:
+        raise ValueError(f"anchor language {anchor_language!r} is not a known language code")
+    issues: list[CorpusIssue] = []
+
+    def reject(issue: CorpusIssue) -> None:
+        if strict:
+            raise CorpusError(issue)
+        issues.append(issue)
+
+    files, valid, blank = [], [], 0
+    first_seen: dict[tuple[str, str], RecordRef] = {}
+    rejected_anchor: dict[str, CorpusIssue] = {}
+    for path in expand_corpus_paths(paths):
+        digest, offset, line_no = hashlib.sha256(), 0, 0
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                digest.update(raw)
+                here = offset
+                offset += len(raw)
+                if not raw.strip():
+                    blank += 1
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    reject(CorpusIssue(INVALID_JSON, path, line_no, f"not UTF-8 ({e.reason})"))
+                    continue
+                try:
+                    record = parse_record(text, known)
+                except RecordError as e:
+                    issue = CorpusIssue(e.reason, path, line_no, str(e), e.sample_id, e.language)
+                    if e.language == anchor_language and e.sample_id is not None:
+                        rejected_anchor.setdefault(e.sample_id, issue)
+                    reject(issue)
+                    continue
+                ref = RecordRef(record.sample_id, record.language, path, line_no, here, len(raw))
+                key = (record.sample_id, record.language)
+                if key in first_seen:
+                    first = first_seen[key]
+                    reject(CorpusIssue(
+                        DUPLICATE, path, line_no,
+                        f"duplicate (id, lang) = {key}; first at {first.path}:{first.line}",
+                        *key,
+                    ))
+                    continue
+                first_seen[key] = ref
+                valid.append(ref)
+        files.append(CorpusFile(path, digest.hexdigest(), offset, line_no))
+
+    anchors = {ref.sample_id for ref in valid if ref.language == anchor_language}
+    records: dict[str, list[RecordRef]] = collections.defaultdict(list)
+    for ref in valid:
+        if ref.language != anchor_language and ref.sample_id not in anchors:
+            why = rejected_anchor.get(ref.sample_id)
+            detail = f" (its anchor record was rejected: {why})" if why else ""
+            reject(CorpusIssue(
+                MISSING_ANCHOR, ref.path, ref.line,
+                f"no valid {anchor_language!r} anchor record with id {ref.sample_id!r}{detail}",
+                ref.sample_id, ref.language,
+            ))
+            continue
+        records[ref.language].append(ref)
+    # Issues in file order, whichever pass found them.
+    order = {f.path: i for i, f in enumerate(files)}
+    issues.sort(key=lambda issue: (order[issue.path], issue.line))
+    return ValidatedCorpus(anchor_language, known, files, dict(records), issues, blank)

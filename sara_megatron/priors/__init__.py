@@ -1,0 +1,21 @@
+"""Anchor routing priors: extraction from a Megatron model and the sharded prior store."""
+
+from sara_megatron.priors.fingerprint import model_fingerprint
+from sara_megatron.priors.layer_selection import parse_layer_selection
+from sara_megatron.priors.store import PriorStore
+from sara_megatron.priors.store_format import (
+    MissingPriorError,
+    PriorStoreError,
+    PriorStoreMetadata,
+)
+from sara_megatron.priors.store_writer import PriorStoreWriter
+
+__all__ = [
+    "MissingPriorError",
+    "PriorStore",
+    "PriorStoreError",
+    "PriorStoreMetadata",
+    "PriorStoreWriter",
+    "model_fingerprint",
+    "parse_layer_selection",
+]

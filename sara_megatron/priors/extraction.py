@@ -1,0 +1,227 @@
+"""Anchor prior extraction: run the anchor sequences through the Megatron model and store, per
+sample and recorded layer, the masked sequence mean of the dense fp32 routing softmax (paper
+Eq. 5-6; every non-padding token — prompt and response — counts).
+
+Works at any TP/EP/PP/DP layout, through megatron's pipeline schedule (forward only):
+- Data-parallel replicas take disjoint samples (longest first, dealt round-robin so replicas stay
+  balanced). Every step all ranks agree on the padded length and run the same number of
+  micro-batches — expert parallel exchanges tokens across replicas, so shapes must match; a
+  replica out of samples runs all-padding rows, which are discarded.
+- The routing capture sums over the TP (sequence parallel) group itself; each pipeline stage
+  captures its own layers and the stages' priors are summed into one [rows, L, N] array (each layer
+  is owned by exactly one stage, which is checked).
+- Rank tp=0, pp=0 of each replica writes its samples to the store every `flush_every` samples;
+  a rerun after a kill skips the samples already on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sara_megatron.data.batch import pack_tokens
+from sara_megatron.data.token_shards import ShardedSample, TokenShards
+from sara_megatron.models.builder import causal_attention_mask
+from sara_megatron.priors.store_writer import PriorStoreWriter
+from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSettings:
+    layers: tuple[int, ...]  # global 0-based layers to record
+    micro_batch_size: int = 1
+    num_microbatches: int = 1  # per schedule call; > 1 keeps a pipeline's stages busy
+    flush_every: int = 256  # samples per store shard written by each replica
+    pad_multiple: int = 8  # padded lengths are multiples of this (and of TP, for SP)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionProgress:
+    samples_done: int  # this run, all replicas
+    samples_total: int  # this run's pending samples, all replicas
+    already_done: int  # found in the store from an earlier run
+    tokens_done: int
+    mean_nll: float  # next-token loss of this step's anchors: a loaded-the-right-weights check
+    elapsed_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _MicroBatch:
+    index: int
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    padding: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _device() -> torch.device:
+    """Where the model runs and collectives reduce: NCCL takes CUDA tensors, gloo CPU ones."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _world_max(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _world_sum(values: Sequence[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _deal(pending: list[ShardedSample], dp: int, dp_rank: int) -> list[ShardedSample]:
+    order = sorted(range(len(pending)), key=lambda i: (-pending[i].meta.token_count, i))
+    return [pending[i] for i in order[dp_rank::dp]]
+
+
+def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: Sequence[int]):
+    """Forward the micro-batches; returns this stage's {(mb, layer): ([B, N] sequence means,
+    [B] token counts)} and the (NLL sum, token count) of each micro-batch on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    records, nll = {}, []
+    device = _device()
+    mask = causal_attention_mask(seq_length, device=device)
+    positions = torch.arange(seq_length, device=device)
+
+    def loss_func(mb: _MicroBatch, per_token_loss):
+        lengths = mb.lengths.to(per_token_loss.device)
+        has_next = (positions < (lengths - 1).unsqueeze(1)).float()
+        total = (per_token_loss.float() * has_next).sum()
+        nll.append((total.item(), has_next.sum().item()))
+        return total, {}
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator)
+        tokens, labels = mb.tokens.to(device), mb.labels.to(device)
+        segments = segment_ids_from_padding_mask(mb.padding.to(device))
+        with capture_routing(segments, layers=layers, keep_probs=False) as capture:
+            out = chunk(tokens, positions.expand_as(tokens), mask, labels=labels)
+        # Keep the [B, N] means and counts only: the per-token logits would pile up over the
+        # step's micro-batches ([T, N] per layer each).
+        for layer, record in capture.records.items():
+            records[(mb.index, layer)] = (record.seq_mean, record.token_count)
+        return out, functools.partial(loss_func, mb)
+
+    iterators = [iter(microbatches) for _ in models]
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(models) > 1 else iterators[0],
+            model=models,
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=microbatches[0].tokens.shape[0],
+            forward_only=True,
+        )
+    return records, nll
+
+
+def extract_priors(
+    model,
+    shards: TokenShards,
+    writer: PriorStoreWriter,
+    settings: ExtractionSettings,
+    progress: Optional[Callable[[ExtractionProgress], None]] = None,
+) -> dict:
+    """Collective over the world: extract the anchor priors of `shards` into `writer`'s store."""
+    from megatron.core import parallel_state as ps
+
+    models = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in models:
+        chunk.eval()  # deterministic routing: no jitter, no sparsemixer sampling
+    layers = tuple(settings.layers)
+    position = {layer: i for i, layer in enumerate(layers)}
+    num_experts = writer.metadata.num_experts
+    anchors = shards.samples(shards.anchor_language)
+
+    if dist.get_rank() == 0:
+        writer.prepare()
+    dist.barrier()
+    done = writer.finished_sample_ids()
+    dist.barrier()  # everyone has read the finished set before anyone writes a new shard
+    pending = [s for s in anchors if s.meta.sample_id not in done]
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = _deal(pending, dp, dp_rank)
+    is_writer = (ps.get_tensor_model_parallel_rank() == 0
+                 and ps.get_pipeline_model_parallel_rank() == 0)
+    mbs, per_step = settings.micro_batch_size, settings.micro_batch_size * settings.num_microbatches
+    steps = _world_max(math.ceil(len(mine) / per_step))
+    multiple = math.lcm(settings.pad_multiple, ps.get_tensor_model_parallel_world_size())
+    pp_group = ps.get_pipeline_model_parallel_group()
+
+    start = time.perf_counter()
+    done_samples = done_tokens = 0
+    buffer_ids: list[str] = []
+    buffer_rows: list[np.ndarray] = []
+    for step in range(steps):
+        chunk = mine[step * per_step:(step + 1) * per_step]
+        sequences = [shards.tokens(s) for s in chunk]
+        sequences += [np.zeros(0, dtype=np.int64)] * (per_step - len(chunk))  # all padding
+        seq_length = _world_max(max(len(s) for s in sequences))
+        seq_length = -(-max(seq_length, 1) // multiple) * multiple
+        packed = pack_tokens(sequences, [0] * per_step, seq_length=seq_length)
+        microbatches = []
+        for m in range(settings.num_microbatches):
+            rows = slice(m * mbs, (m + 1) * mbs)
+            microbatches.append(_MicroBatch(m, packed.tokens[rows], packed.labels[rows],
+                                            packed.padding_mask[rows], packed.lengths[rows]))
+        records, nll = _run_step(models, microbatches, seq_length, layers)
+
+        priors = torch.zeros(per_step, len(layers), num_experts, device=_device())
+        coverage = torch.zeros(settings.num_microbatches, len(layers), device=_device())
+        for (m, layer), (seq_mean, token_count) in records.items():
+            rows = slice(m * mbs, (m + 1) * mbs)
+            expected = microbatches[m].lengths.to(token_count)
+            if not torch.equal(token_count, expected):
+                raise RuntimeError(
+                    f"layer {layer}: routing counted {token_count.tolist()} tokens, the "
+                    f"sequences have {expected.tolist()}: tokens were lost or double counted"
+                )
+            priors[rows, position[layer]] = seq_mean.float()
+            coverage[m, position[layer]] += 1
+        if dist.get_world_size(pp_group) > 1:
+            dist.all_reduce(priors, group=pp_group)
+            dist.all_reduce(coverage, group=pp_group)
+        if not torch.all(coverage == 1):
+            bad = sorted({layers[j] for j in torch.nonzero(coverage != 1)[:, 1].tolist()})
+            raise RuntimeError(f"layers {bad} were not captured exactly once across pipeline "
+                               "stages: are they MoE layers of this model?")
+
+        if is_writer and chunk:
+            buffer_ids += [s.meta.sample_id for s in chunk]
+            buffer_rows.append(priors[: len(chunk)].cpu().numpy())
+            if len(buffer_ids) >= settings.flush_every:
+                writer.write_shard(buffer_ids, np.concatenate(buffer_rows))
+                buffer_ids, buffer_rows = [], []
+        stats = _world_sum([
+            len(chunk) if is_writer else 0,
+            sum(len(s) for s in sequences) if is_writer else 0,
+            sum(a for a, _ in nll), sum(b for _, b in nll),
+        ])
+        done_samples += int(stats[0])
+        done_tokens += int(stats[1])
+        if progress and dist.get_rank() == 0:
+            progress(ExtractionProgress(done_samples, len(pending), len(done), done_tokens,
+                                        stats[2] / max(stats[3], 1.0),
+                                        time.perf_counter() - start))
+    if is_writer and buffer_ids:
+        writer.write_shard(buffer_ids, np.concatenate(buffer_rows))
+    dist.barrier()
+    store = None
+    if dist.get_rank() == 0:
+        store = writer.finalize(s.meta.sample_id for s in anchors)
+    dist.barrier()
+    return {"samples_extracted": done_samples, "samples_resumed": len(done),
+            "tokens": done_tokens, "elapsed_s": time.perf_counter() - start, "store": store}

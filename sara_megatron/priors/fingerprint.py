@@ -1,0 +1,60 @@
+"""Which model a prior store was extracted from: the model fingerprint.
+
+Priors are only meaningful for the weights they were computed with, so the store records a
+fingerprint and readers refuse a store from another model. When the checkpoint was imported from
+Hugging Face by tools/convert_hf.py, its `sara_conversion.json` holds the fingerprint of the source
+safetensors files (`source.fingerprint`, see sara_megatron/conversion/metadata.py) and that is the
+model's fingerprint; otherwise it is computed from the checkpoint files themselves. This module is
+the one place that decides it, so extraction and training always agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from sara_megatron.data.atomic_files import sha256_file
+
+# Written by the HF -> Megatron converter inside the checkpoint folder.
+CONVERSION_METADATA_FILE = "sara_conversion.json"
+# Not weights: left out of the computed fingerprint.
+_NOT_WEIGHTS = (CONVERSION_METADATA_FILE, "hf_assets")
+
+
+def _from_conversion_metadata(checkpoint_dir: str) -> str | None:
+    path = os.path.join(checkpoint_dir, CONVERSION_METADATA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    fingerprint = (record.get("source") or {}).get("fingerprint")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ValueError(f"{path} has no source.fingerprint")
+    return "hf-safetensors-sha256:" + fingerprint
+
+
+def checkpoint_files_fingerprint(checkpoint_dir: str) -> str:
+    """sha256 over every weight file of the checkpoint (relative path and content), in path
+    order."""
+    files = []
+    for dirpath, dirnames, names in os.walk(checkpoint_dir):
+        if dirpath == checkpoint_dir:
+            dirnames[:] = [d for d in dirnames if d not in _NOT_WEIGHTS]
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), checkpoint_dir)
+            if rel not in _NOT_WEIGHTS:
+                files.append(rel)
+    if not files:
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} is empty")
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{sha256_file(os.path.join(checkpoint_dir, rel))}\n".encode("utf-8"))
+    return "sha256-files:" + h.hexdigest()
+
+
+def model_fingerprint(checkpoint_dir: str | os.PathLike) -> str:
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    return _from_conversion_metadata(checkpoint_dir) or checkpoint_files_fingerprint(checkpoint_dir)

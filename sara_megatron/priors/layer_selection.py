@@ -1,0 +1,32 @@
+"""Layer selections as users write them: "7-34" (inclusive, as the paper's "7 to 34"),
+"0,3,8-11", "all". Indices are global and 0-based (HF `model.layers.i`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def parse_layer_selection(text: Optional[str], num_layers: int) -> tuple[int, ...]:
+    """Sorted unique layer indices; None, "" or "all" select every layer."""
+    if text is None or text.strip() in ("", "all"):
+        return tuple(range(num_layers))
+    layers = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                layers.update(range(lo, hi + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise ValueError(
+                f"bad layer selection {text!r}: use 'all', 'A-B' (inclusive) or a comma list"
+            ) from None
+    outside = sorted(i for i in layers if not 0 <= i < num_layers)
+    if outside:
+        raise ValueError(f"layers {outside} are outside the model's 0..{num_layers - 1}")
+    return tuple(sorted(layers))

@@ -1,0 +1,204 @@
+"""Reading a prior store: `store[sample_id] -> [L, N]`, `store.read(ids, layers) -> [L_sel, B, N]`.
+
+Shards are memory-mapped, so a read touches only the rows asked for; the id -> (shard, row) index
+is built once on open. Every shard file (priors and ids) is checked against the sha256 recorded in
+store.json — all of them on open by default, or each on its first use with `verify="lazy"` — so a
+flipped byte is an error, never a silently wrong prior. A store extracted from another model than
+the one expected is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from sara_megatron.data.atomic_files import sha256_file
+from sara_megatron.priors.store_format import (
+    SHARDS_DIR,
+    STORE_FORMAT,
+    STORE_JSON,
+    MissingPriorError,
+    PriorStoreError,
+    PriorStoreMetadata,
+    decode_priors,
+    stored_numpy_dtype,
+)
+from sara_megatron.priors.store_writer import IDS_SUFFIX
+
+
+class PriorStore:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        expected_model_fingerprint: Optional[str] = None,
+        expected_corpus_fingerprint: Optional[str] = None,
+        verify: str = "open",
+    ):
+        if verify not in ("open", "lazy"):
+            raise ValueError(f"verify must be 'open' or 'lazy', got {verify!r}")
+        self.path = os.fspath(path)
+        store_json = os.path.join(self.path, STORE_JSON)
+        if not os.path.exists(store_json):
+            raise FileNotFoundError(f"{self.path} is not a prior store (no {STORE_JSON})")
+        with open(store_json, encoding="utf-8") as f:
+            store = json.load(f)
+        if store.get("format") != STORE_FORMAT:
+            raise PriorStoreError(f"{store_json}: format {store.get('format')!r}, "
+                                  f"expected {STORE_FORMAT!r}")
+        if not store["complete"]:
+            raise PriorStoreError(f"prior store {self.path} is incomplete: the extraction did not "
+                                  "finish (rerun tools/extract_priors.py to resume it)")
+        self.metadata = PriorStoreMetadata.from_json(store["metadata"])
+        self._check_expected("model", self.metadata.model_fingerprint, expected_model_fingerprint)
+        self._check_expected("corpus", self.metadata.corpus_fingerprint,
+                             expected_corpus_fingerprint)
+        self._shards = store["shards"]
+        self._verified: set[int] = set()
+        self._arrays: dict[int, np.ndarray] = {}
+        self._index: dict[str, tuple[int, int]] = {}
+        self._sample_ids: list[str] = []
+        for shard_index, shard in enumerate(self._shards):
+            if verify == "open":
+                self._verify(shard_index)
+            with open(self._file(shard_index, IDS_SUFFIX), encoding="utf-8") as f:
+                ids = json.load(f)["sample_ids"]
+            for row, sid in enumerate(ids):
+                self._index[sid] = (shard_index, row)
+            self._sample_ids += ids
+        if len(self._index) != len(self._sample_ids):
+            raise PriorStoreError(f"prior store {self.path} lists a sample id twice")
+        self._position = {layer: i for i, layer in enumerate(self.metadata.layers)}
+
+    def _check_expected(self, what: str, actual: str, expected: Optional[str]) -> None:
+        if expected is not None and expected != actual:
+            raise PriorStoreError(
+                f"prior store {self.path} was extracted from a different {what}: its {what} "
+                f"fingerprint is {actual}, expected {expected}. Re-extract the priors for this "
+                f"{what} (tools/extract_priors.py)"
+            )
+
+    # --- files ------------------------------------------------------------------------------------
+
+    def _file(self, shard_index: int, suffix: str) -> str:
+        return os.path.join(self.path, SHARDS_DIR, self._shards[shard_index]["name"] + suffix)
+
+    def _verify(self, shard_index: int) -> None:
+        shard = self._shards[shard_index]
+        for suffix, key in ((".npy", "sha256"), (IDS_SUFFIX, "ids_sha256")):
+            path = self._file(shard_index, suffix)
+            if not os.path.exists(path):
+                raise PriorStoreError(f"prior store shard file {path} is missing")
+            if sha256_file(path) != shard[key]:
+                raise PriorStoreError(
+                    f"prior store shard file {path} is corrupt: its sha256 differs from the one "
+                    f"recorded in {os.path.join(self.path, STORE_JSON)}; re-extract the priors"
+                )
+        self._verified.add(shard_index)
+
+    def _array(self, shard_index: int) -> np.ndarray:
+        array = self._arrays.get(shard_index)
+        if array is None:
+            if shard_index not in self._verified:
+                self._verify(shard_index)
+            array = np.load(self._file(shard_index, ".npy"), mmap_mode="r", allow_pickle=False)
+            expected = (self._shards[shard_index]["rows"], len(self.metadata.layers),
+                        self.metadata.num_experts)
+            if array.shape != expected or array.dtype != stored_numpy_dtype(self.metadata.dtype):
+                raise PriorStoreError(
+                    f"{self._file(shard_index, '.npy')}: {array.dtype}{list(array.shape)}, "
+                    f"expected {stored_numpy_dtype(self.metadata.dtype)}{list(expected)}"
+                )
+            # A plain ndarray view of the memory map: indexing a np.memmap costs ~6x more.
+            array = array.view(np.ndarray)
+            self._arrays[shard_index] = array
+        return array
+
+    def __getstate__(self):
+        # Data-loader workers reopen the memory maps; verification already done is kept.
+        state = dict(self.__dict__)
+        state["_arrays"] = {}
+        return state
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.metadata.layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.metadata.num_experts
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return list(self._sample_ids)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._index
+
+    def _locate(self, sample_id: str) -> tuple[int, int]:
+        try:
+            return self._index[sample_id]
+        except KeyError:
+            raise MissingPriorError(
+                f"sample id {sample_id!r} has no prior in the prior store {self.path} "
+                f"({len(self)} samples, anchor language {self.metadata.anchor_language!r})"
+            ) from None
+
+    def missing(self, sample_ids: Iterable[str]) -> list[str]:
+        return [sid for sid in sample_ids if sid not in self._index]
+
+    def layer_positions(self, layers: Optional[Sequence[int]]) -> np.ndarray:
+        """Storage positions of global `layers` (None: all recorded layers)."""
+        if layers is None:
+            return np.arange(len(self.metadata.layers))
+        absent = [layer for layer in layers if layer not in self._position]
+        if absent:
+            raise PriorStoreError(f"layers {absent} were not recorded in prior store {self.path} "
+                                  f"(recorded: {list(self.metadata.layers)})")
+        return np.array([self._position[layer] for layer in layers], dtype=np.int64)
+
+    def layer_selection(self, layers: Optional[Sequence[int]]) -> Union[slice, np.ndarray]:
+        """What to index a stored row with for `layers`: a slice when they are stored
+        contiguously (a view into the memory map, no gather), else their positions."""
+        positions = self.layer_positions(layers)
+        if len(positions) and np.all(np.diff(positions) == 1):
+            return slice(int(positions[0]), int(positions[-1]) + 1)
+        return positions
+
+    def stored_row(self, sample_id: str, selection: Union[slice, np.ndarray]) -> np.ndarray:
+        """[L_sel, N] of one sample in the stored dtype (a view where possible): the cheap
+        per-sample half of a batch read, done beside the sample's tokens."""
+        shard_index, row = self._locate(sample_id)
+        return self._array(shard_index)[row, selection]
+
+    def stack(self, rows: Sequence[np.ndarray]) -> torch.Tensor:
+        """`stored_row`s of a batch -> [L_sel, B, N] float32 (one copy of each row)."""
+        num_layers, num_experts = rows[0].shape if rows else (0, self.metadata.num_experts)
+        bf16 = self.metadata.dtype == "bf16"
+        # bf16 bits widen to fp32 as the high half of a 32-bit word: copy into uint32, shift.
+        out = np.empty((num_layers, len(rows), num_experts), np.uint32 if bf16 else np.float32)
+        for i, row in enumerate(rows):
+            out[:, i] = row
+        if bf16:
+            out <<= 16
+            out = out.view(np.float32)
+        return torch.from_numpy(out)
+
+    def __getitem__(self, sample_id: str) -> torch.Tensor:
+        """[L, N] float32 prior of one sample (all recorded layers)."""
+        shard_index, row = self._locate(sample_id)
+        return torch.from_numpy(decode_priors(self._array(shard_index)[row]))
+
+    def read(self, sample_ids: Sequence[str], layers: Optional[Sequence[int]] = None
+             ) -> torch.Tensor:
+        """[L_sel, B, N] float32 priors of `sample_ids` (in that order) at global `layers`."""
+        selection = self.layer_selection(layers)
+        return self.stack([self.stored_row(sid, selection) for sid in sample_ids])

@@ -1,0 +1,87 @@
+"""The prior store on disk: sample id -> [L, N] anchor routing prior.
+
+    <store>/store.json                  format, metadata, shard list with sha256; "complete"
+    <store>/shards/prior-<h>.npy        [rows, L, N] float32, or uint16 holding bfloat16 bits
+    <store>/shards/prior-<h>.ids.json   the rows' sample ids, the .npy's sha256, metadata digest
+
+`<h>` is a hash of the shard's sample ids. A shard is written .npy first, then .ids.json (each
+under a temporary name, renamed into place); it exists for readers once its .ids.json does.
+store.json is rewritten with `"complete": true` and the shard list when extraction finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from sara_megatron.data.atomic_files import canonical_json, sha256_text
+
+STORE_FORMAT = "sara-prior-store/1"
+STORE_JSON = "store.json"
+SHARDS_DIR = "shards"
+DTYPES = ("fp32", "bf16")
+
+
+class PriorStoreError(ValueError):
+    """A prior store that cannot be used as asked (wrong model, corrupt, incomplete)."""
+
+
+class MissingPriorError(LookupError):
+    """A sample id with no prior in the store."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorStoreMetadata:
+    layers: tuple[int, ...]  # global 0-based layer indices recorded, in storage order
+    num_experts: int
+    dtype: str  # "fp32" | "bf16"
+    anchor_language: str
+    model_fingerprint: str  # sara_megatron.priors.fingerprint.model_fingerprint
+    corpus_fingerprint: str  # fingerprint of the anchor-language token shards
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"prior dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be sorted and unique, got {self.layers}")
+
+    def to_json(self) -> dict:
+        return dict(dataclasses.asdict(self), layers=list(self.layers))
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "PriorStoreMetadata":
+        return cls(**dict(obj, layers=tuple(obj["layers"])))
+
+    def digest(self) -> str:
+        return sha256_text(canonical_json(self.to_json()))
+
+    def differences(self, other: "PriorStoreMetadata") -> list[str]:
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def encode_priors(priors: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 [n, L, N] -> the stored array (fp32, or bf16 bits as uint16, rounded to nearest)."""
+    priors = np.ascontiguousarray(priors, dtype=np.float32)
+    if dtype == "fp32":
+        return priors
+    bits = torch.from_numpy(priors).to(torch.bfloat16).view(torch.int16).numpy()
+    return bits.view(np.uint16)
+
+
+def decode_priors(stored: np.ndarray) -> np.ndarray:
+    """The stored array -> fp32 (bf16 widens exactly)."""
+    if stored.dtype == np.float32:
+        return np.array(stored, dtype=np.float32)
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    raise PriorStoreError(f"unexpected stored prior dtype {stored.dtype}")
+
+
+def stored_numpy_dtype(dtype: str) -> np.dtype:
+    return np.dtype(np.float32 if dtype == "fp32" else np.uint16)

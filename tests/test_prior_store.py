@@ -1,0 +1,192 @@
+"""Prior store: round trip (fp32, bf16), batch reads of chosen layers, checksums, fingerprints,
+missing ids, resumable writes."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from sara_megatron.priors import (
+    MissingPriorError,
+    PriorStore,
+    PriorStoreError,
+    PriorStoreMetadata,
+    PriorStoreWriter,
+    parse_layer_selection,
+)
+
+LAYERS, EXPERTS = (7, 8, 9, 12), 16
+
+
+def metadata(dtype="fp32", model="model-a"):
+    return PriorStoreMetadata(layers=LAYERS, num_experts=EXPERTS, dtype=dtype,
+                              anchor_language="en", model_fingerprint=model,
+                              corpus_fingerprint="corpus-1")
+
+
+def priors_for(ids):
+    """Distinct distributions per sample: each id's prior is seeded by the id."""
+    out = []
+    for sid in ids:
+        g = torch.Generator().manual_seed(int(sid.split("-")[1]))
+        out.append(torch.softmax(torch.randn(len(LAYERS), EXPERTS, generator=g) * 3, -1))
+    return torch.stack(out).numpy()
+
+
+IDS = [f"s-{i}" for i in range(10)]
+
+
+def write_store(path, dtype="fp32", model="model-a", ids=IDS, split=4):
+    writer = PriorStoreWriter(path, metadata(dtype, model))
+    writer.prepare()
+    for start in range(0, len(ids), split):
+        chunk = ids[start:start + split]
+        writer.write_shard(chunk, priors_for(chunk))
+    writer.finalize(ids)
+    return path
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return write_store(tmp_path / "store")
+
+
+def test_round_trip_fp32(store_path):
+    store = PriorStore(store_path, expected_model_fingerprint="model-a")
+    assert len(store) == 10 and store.layers == LAYERS and store.num_experts == EXPERTS
+    expected = priors_for(IDS)
+    for i, sid in enumerate(IDS):
+        torch.testing.assert_close(store[sid], torch.from_numpy(expected[i]), rtol=0, atol=0)
+    batch = ["s-7", "s-0", "s-7", "s-5"]
+    got = store.read(batch, layers=[8, 12])  # [L_sel, B, N], non-contiguous layers
+    assert got.shape == (2, 4, EXPERTS) and got.dtype == torch.float32
+    for b, sid in enumerate(batch):
+        row = expected[IDS.index(sid)]
+        assert torch.equal(got[:, b], torch.from_numpy(row[[1, 3]]))
+    assert torch.equal(store.read(batch, layers=[7, 8, 9])[:, 1], torch.from_numpy(expected[0][:3]))
+    assert torch.equal(store.read(batch), torch.from_numpy(expected[[7, 0, 7, 5]]).transpose(0, 1))
+    with pytest.raises(PriorStoreError, match=r"layers \[10\] were not recorded"):
+        store.read(batch, layers=[9, 10])
+
+
+def test_round_trip_bf16(tmp_path):
+    store = PriorStore(write_store(tmp_path / "bf16", dtype="bf16"))
+    want = torch.from_numpy(priors_for(IDS)).to(torch.bfloat16).float()
+    assert torch.equal(store.read(IDS).transpose(0, 1), want)
+    shard = next((tmp_path / "bf16" / "shards").glob("*.npy"))
+    assert np.load(shard).dtype == np.uint16 and shard.stat().st_size < 10 * 4 * 16 * 2 + 200
+
+
+def test_flipped_byte_is_detected(store_path):
+    shard = sorted((store_path / "shards").glob("*.npy"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # one bit of one prior value
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PriorStoreError, match=rf"{shard.name} is corrupt"):
+        PriorStore(store_path)
+    lazy = PriorStore(store_path, verify="lazy")  # opens; fails on first use of that shard
+    bad_ids = [sid for sid in IDS if lazy._locate(sid)[0] == 1]
+    good_ids = [sid for sid in IDS if sid not in bad_ids]
+    lazy.read(good_ids)
+    with pytest.raises(PriorStoreError, match="corrupt"):
+        lazy[bad_ids[0]]
+
+
+def test_flipped_byte_in_ids_is_detected(store_path):
+    ids_file = sorted((store_path / "shards").glob("*.ids.json"))[0]
+    ids_file.write_text(ids_file.read_text().replace('"s-', '"t-', 1))
+    with pytest.raises(PriorStoreError, match="corrupt"):
+        PriorStore(store_path)
+
+
+def test_other_model_is_refused(store_path):
+    with pytest.raises(PriorStoreError, match="different model: its model fingerprint is "
+                                              "model-a, expected model-b"):
+        PriorStore(store_path, expected_model_fingerprint="model-b")
+    with pytest.raises(PriorStoreError, match="different corpus"):
+        PriorStore(store_path, expected_corpus_fingerprint="corpus-2")
+
+
+def test_missing_sample_id_is_named(store_path):
+    store = PriorStore(store_path)
+    with pytest.raises(MissingPriorError, match="sample id 'gsm8k-404' has no prior"):
+        store["gsm8k-404"]
+    with pytest.raises(MissingPriorError, match="'nope'"):
+        store.read(["s-1", "nope"])
+    assert "s-1" in store and "nope" not in store and store.missing(["s-1", "nope"]) == ["nope"]
+
+
+def test_interrupted_write_resumes(tmp_path):
+    path = tmp_path / "store"
+    writer = PriorStoreWriter(path, metadata())
+    writer.prepare()
+    writer.write_shard(IDS[:4], priors_for(IDS[:4]))
+    # A kill: a torn temporary file and a shard whose ids never made it to disk.
+    (path / "shards" / "prior-x.npy.partial").write_bytes(b"torn")
+    np.save(path / "shards" / "prior-orphan.npy", priors_for(IDS[4:6]))
+    with pytest.raises(PriorStoreError, match="incomplete"):
+        PriorStore(path)
+
+    again = PriorStoreWriter(path, metadata())
+    again.prepare()
+    assert sorted(p.name for p in (path / "shards").iterdir())[0].startswith("prior-")
+    assert not list((path / "shards").glob("*orphan*")) and not list(path.rglob("*.partial"))
+    assert again.finished_sample_ids() == set(IDS[:4])
+    with pytest.raises(PriorStoreError, match=r"6 sample\(s\) without a prior"):
+        again.finalize(IDS)
+    again.write_shard(IDS[4:], priors_for(IDS[4:]))
+    again.finalize(IDS)
+    want = torch.from_numpy(priors_for(IDS))
+    assert torch.equal(PriorStore(path).read(IDS).transpose(0, 1), want)
+
+    with pytest.raises(PriorStoreError, match="model_fingerprint: 'model-a' vs 'model-b'"):
+        PriorStoreWriter(path, metadata(model="model-b")).prepare()
+
+
+def test_writer_checks(tmp_path):
+    writer = PriorStoreWriter(tmp_path / "s", metadata())
+    writer.prepare()
+    with pytest.raises(ValueError, match="shape"):
+        writer.write_shard(["a-1"], np.zeros((1, 3, EXPERTS), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        writer.write_shard(["a-1"], np.full((1, len(LAYERS), EXPERTS), np.nan, np.float32))
+    writer.write_shard(["s-1"], priors_for(["s-1"]))
+    writer.write_shard(["s-2"], priors_for(["s-2"]))
+    with pytest.raises(PriorStoreError, match=r"1 not in the corpus \(e.g. \['s-2'\]\)"):
+        writer.finalize(["s-1"])
+
+
+def test_store_pickles_for_loader_workers(store_path):
+    store = PriorStore(store_path)
+    store.read(IDS)
+    clone = pickle.loads(pickle.dumps(store))
+    assert torch.equal(clone.read(IDS, layers=[9]), store.read(IDS, layers=[9]))
+
+
+def test_layer_selection():
+    assert parse_layer_selection("7-34", 48) == tuple(range(7, 35))
+    assert parse_layer_selection("0, 3,8-9", 10) == (0, 3, 8, 9)
+    assert parse_layer_selection("all", 4) == (0, 1, 2, 3) == parse_layer_selection(None, 4)
+    with pytest.raises(ValueError, match=r"outside the model's 0..47"):
+        parse_layer_selection("40-48", 48)
+    with pytest.raises(ValueError, match="bad layer selection"):
+        parse_layer_selection("9-7", 48)
+
+
+def test_model_fingerprint(tmp_path):
+    from sara_megatron.priors import model_fingerprint
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "common.pt").write_bytes(b"weights")
+    (ckpt / "sub" / "__0_0.distcp").write_bytes(b"more weights")
+    computed = model_fingerprint(ckpt)
+    assert computed.startswith("sha256-files:") and model_fingerprint(ckpt) == computed
+    (ckpt / "common.pt").write_bytes(b"weightz")
+    assert model_fingerprint(ckpt) != computed
+    # A converted checkpoint carries its HF source's fingerprint (tools/convert_hf.py).
+    (ckpt / "sara_conversion.json").write_text('{"source": {"fingerprint": "abc123"}}')
+    assert model_fingerprint(ckpt) == "hf-safetensors-sha256:abc123"
+    with pytest.raises(FileNotFoundError):
+        model_fingerprint(tmp_path / "nope")
