@@ -31,7 +31,8 @@ def _is_cuda_device(device) -> bool:
 class _CudaDeviceToCpu(TorchFunctionMode):
     """Maps `device="cuda"` / `device=<int>` arguments of torch factory calls and `.to()` to CPU.
 
-    Works around literal CUDA allocations in megatron-core:
+    Also reports CPU tensors' `.type()` under CUDA names (see below). Works around literal CUDA
+    allocations in megatron-core:
     `transformer.utils.get_default_causal_mask`, `pipeline_parallel.schedules` (loss and
     `num_tokens` buffers), `pipeline_parallel.p2p_communication._communicate` (receive buffers),
     `transformer.moe.router.TopKRouter.__init__` (expert-bias and aux-loss buffers),
@@ -40,6 +41,12 @@ class _CudaDeviceToCpu(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # `DistributedOptimizer._build_model_and_main_param_groups` and
+            # `Float16OptimizerWithFloat16Params.__init__` accept parameters only when
+            # `param.type()` names a CUDA tensor type ("torch.cuda.FloatTensor", ...).
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
         if func in (torch.Tensor.to, torch.Tensor.cuda) and args:

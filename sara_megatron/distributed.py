@@ -172,9 +172,9 @@ def initialize_distributed(
         virtual_pipeline_model_parallel_size=parallel.vpp,
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
-        # gloo groups beside NCCL ones are only needed by the distributed optimizer's CPU paths;
-        # on a gloo-only run they would duplicate every group.
-        create_gloo_process_groups=use_cuda,
+        # The distributed optimizer asks for megatron's gloo groups (its CPU-side collectives),
+        # on a gloo-only run too.
+        create_gloo_process_groups=True,
     )
     set_seed(seed)
     log.info(
