@@ -34,6 +34,9 @@ class ModelOptions:
     moe_aux_loss_coeff: Optional[float] = None  # None: the architecture's default
     recompute: bool = False
     seq_length: Optional[int] = None
+    # Training sums the loss over tokens and divides by the global token count once
+    # (megatron's per-token loss): the update is then the same however the batch is split.
+    calculate_per_token_loss: bool = False
 
 
 def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptions()):
@@ -101,6 +104,7 @@ def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptio
         gradient_accumulation_fusion=False,
         variable_seq_lengths=False,
         recompute_granularity="selective" if options.recompute else None,
+        calculate_per_token_loss=options.calculate_per_token_loss,
     )
     if arch.family == "phimoe":
         from sara_megatron.models.phimoe import phimoe_config_kwargs

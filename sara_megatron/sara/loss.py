@@ -7,7 +7,13 @@ observer (`sara_megatron.routing.observe_routers`): the router hands it each lay
 returns λ_JS · (that layer's share of L_JS), and the router attaches that to its routing
 probabilities with megatron's `MoEAuxLossAutoScaler` — so pipeline stages handle their own layers,
 and the gradient is scaled like Megatron's load-balancing loss (loss scale, CP size,
-1/num_microbatches; or per token with `calculate_per_token_loss`).
+1/num_microbatches).
+
+With megatron's per-token loss (`calculate_per_token_loss`, what the trainer uses) every gradient
+is divided once by the global batch's loss-token count T. The trainer then sets
+`sequence_weight = T / V` (V: valid sequences in the global batch) and the term becomes
+λ/L_sel · Σ_b JS_b · T / V per micro-batch, i.e. exactly λ·L_JS averaged over every sequence of the
+global batch after the division — the same update however the batch is cut into micro-batches.
 
 Under sequence / context parallel the masked sums are all-reduced over the TP×CP group inside
 `sequence_routing_js` before the divergence; each rank's tokens get the single-rank gradient.
@@ -33,7 +39,6 @@ class SaraRoutingLoss:
         coeff: float,
         *,
         sequence_parallel: bool = False,
-        calculate_per_token_loss: bool = False,
         impl: str = "auto",
     ):
         if not layers:
@@ -44,7 +49,8 @@ class SaraRoutingLoss:
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         self.coeff = float(coeff)
         self.sequence_parallel = sequence_parallel
-        self.calculate_per_token_loss = calculate_per_token_loss
+        # None: mean over the micro-batch's valid sequences; else Σ_b JS_b × weight (see above).
+        self.sequence_weight: Optional[float] = None
         self.impl = impl
         self._priors: Optional[torch.Tensor] = None
         self._segment_ids: Optional[torch.Tensor] = None
@@ -105,9 +111,24 @@ class SaraRoutingLoss:
         layer_js = js_sum / num_valid.clamp_min(1)
         self.js_sum[layer] = self.js_sum.get(layer, 0) + js_sum.detach()
         self.sequences[layer] = self.sequences.get(layer, 0) + num_valid
-        loss = layer_js * (self.coeff / len(self.layers))
-        if self.calculate_per_token_loss:
-            # finalize_model_grads divides every gradient by the global token count; undo it for
-            # this per-sequence quantity the way megatron does for its aux losses.
-            loss = loss * (ids >= 0).sum()
-        return loss
+        if self.sequence_weight is None:
+            return layer_js * (self.coeff / len(self.layers))
+        return js_sum * (self.coeff * self.sequence_weight / len(self.layers))
+
+    def reduced_layer_means(self, num_layers: int) -> dict[int, float]:
+        """Mean JS per aligned layer over every sequence since `reset_stats`, on every rank:
+        sums over data parallel and pipeline stages (each stage holds its own layers)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        device = next(iter(self.js_sum.values())).device if self.js_sum else "cpu"
+        if torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        table = torch.zeros(2, num_layers, dtype=torch.float64, device=device)
+        for layer, value in self.js_sum.items():
+            table[0, layer] = value.double()
+            table[1, layer] = self.sequences[layer].double()
+        if dist.is_initialized():
+            dist.all_reduce(table, group=ps.get_data_parallel_group())
+            dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
+        return {l: float(table[0, l] / table[1, l].clamp_min(1)) for l in self.layers}

@@ -1,0 +1,116 @@
+"""Training checkpoints: model, optimizer, LR schedule and data position, through dist_checkpointing.
+
+Layout under `save_dir`:
+    iter_0000040/            one torch_dist checkpoint per save
+    latest_checkpointed_iteration.txt
+
+A save writes `iter_N.tmp/`, renames it to `iter_N/` once every rank has finished, and only then
+points `latest...txt` at it (write beside, `os.replace`). A kill at any moment of a save leaves the
+previous checkpoint as the latest, loadable. RNG needs no saving: the trainer reseeds every step from
+(seed, step), so a resumed run draws what an uninterrupted one would, at any layout.
+The optimizer state is saved "fully_reshardable", so a run may resume at another TP/PP/EP layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+_OPTIMIZER_SHARDING = "fully_reshardable"
+
+
+def iteration_dir(save_dir: str, iteration: int) -> str:
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
+
+
+def latest_iteration(save_dir: Optional[str]) -> Optional[int]:
+    """The iteration `latest...txt` names, or None when there is no complete checkpoint."""
+    if not save_dir:
+        return None
+    path = os.path.join(save_dir, LATEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        iteration = int(f.read().strip())
+    if not os.path.isdir(iteration_dir(save_dir, iteration)):
+        raise RuntimeError(f"{path} names iteration {iteration}, whose folder is missing")
+    return iteration
+
+
+def _model_key(index: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+    state = {}
+    model_state = {}
+    for i, chunk in enumerate(chunks):
+        key = _model_key(i, len(chunks))
+        state[key] = chunk.module.sharded_state_dict(prefix="") if hasattr(chunk, "module") else (
+            chunk.sharded_state_dict(prefix="")
+        )
+        model_state.update(state[key])
+    state["optimizer"] = optimizer.sharded_state_dict(
+        model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": _OPTIMIZER_SHARDING}
+    )
+    return state
+
+
+def save_training_checkpoint(
+    save_dir: str, iteration: int, chunks, optimizer, scheduler, extra: dict
+) -> str:
+    """Collective. Returns the folder of the checkpoint written."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(save_dir, iteration)
+    staging = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        if os.path.exists(staging):  # left by a save that was killed
+            shutil.rmtree(staging)
+        os.makedirs(staging)
+    dist.barrier()
+    state = _sharded_state(chunks, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["trainer"] = dict(extra, iteration=iteration)
+    dist_checkpointing.save(state, staging)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        pointer = os.path.join(save_dir, LATEST_FILE)
+        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer + ".tmp", pointer)
+    dist.barrier()
+    return final
+
+
+@torch.no_grad()
+def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) -> dict:
+    """Collective. Restores model, optimizer and schedule; returns the trainer's extra state."""
+    from megatron.core import dist_checkpointing
+
+    # Common (non-sharded) entries saved beside the shards come back in the loaded dict.
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), checkpoint_dir)
+    for i, chunk in enumerate(chunks):
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        missing, _ = module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"checkpoint {checkpoint_dir} lacks tensors: {missing}")
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    log.info("resumed from %s", checkpoint_dir)
+    return loaded["trainer"]

@@ -1,0 +1,350 @@
+"""SARA fine-tuning on Megatron-Core: L = CE(response tokens) + λ_LB·LB + λ_JS·L_JS.
+
+Built from megatron-core parts: `get_forward_backward_func` (pipeline schedules),
+`DistributedDataParallel`, `get_megatron_optimizer` (Adam with decoupled weight decay, optionally
+the distributed optimizer), `OptimizerParamScheduler` (linear warmup, cosine decay), gradient
+clipping. Losses use megatron's per-token convention (`calculate_per_token_loss`): the CE is summed
+over response tokens and every gradient is divided once by the global batch's token count, so the
+update does not depend on how the global batch is cut into micro-batches. The SARA term is attached
+inside the aligned MoE layers (`SaraRoutingLoss`); λ_JS = 0 runs the very same code (FFT baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from sara_megatron.checkpointing import load_model_weights
+from sara_megatron.distributed import ParallelConfig, initialize_distributed, set_seed
+from sara_megatron.models.architecture import resolve_architecture
+from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
+from sara_megatron.routing import observe_routers, segment_ids_from_padding_mask
+from sara_megatron.sara import SaraRoutingLoss, select_alignment_layers
+from sara_megatron.training.checkpoint import (
+    iteration_dir,
+    latest_iteration,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from sara_megatron.training.config import TrainConfig
+from sara_megatron.training.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StepRecord:
+    step: int
+    ce: float
+    lb: float
+    js: float
+    js_per_layer: dict
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: list  # StepRecord of every step run in this call
+    final_iteration: int
+    alignment_layers: list
+
+
+class Trainer:
+    """Sets up model, optimizer, schedule and data for a `TrainConfig`; `run()` trains."""
+
+    def __init__(self, cfg: TrainConfig):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        p = cfg.parallel
+        initialize_distributed(ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, cp=p.cp, vpp=p.vpp), seed=cfg.seed)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
+        self.arch = resolve_architecture(cfg.model.preset)
+        bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
+        self.bf16 = bf16
+        options = ModelOptions(
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            bf16=bf16,
+            moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+            recompute=cfg.model.recompute,
+            seq_length=cfg.data.seq_length,
+            calculate_per_token_loss=True,
+        )
+        vpp = p.vpp or 1
+        chunks = [build_model(self.arch, options, vp_stage=(i if p.vpp else None)) for i in range(vpp)]
+        self.model_config = chunks[0].config
+
+        self.alignment_layers = select_alignment_layers(
+            self.arch.num_layers, cfg.sara.layers, family=self.arch.family,
+            first=cfg.sara.first_layer, last=cfg.sara.last_layer, seed=cfg.sara.layer_seed,
+        )
+        self.sara: Optional[SaraRoutingLoss] = None
+        if cfg.data.prior_store:
+            self.sara = SaraRoutingLoss(
+                self.alignment_layers, cfg.sara.lambda_js,
+                sequence_parallel=self.model_config.sequence_parallel, impl=cfg.sara.impl,
+            )
+        elif cfg.sara.lambda_js > 0:
+            raise ValueError("sara.lambda_js > 0 needs data.prior_store (the anchor priors)")
+
+        self._build_optimizer(chunks)
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        d = cfg.data
+        per_step = d.micro_batch_size * self.dp_size
+        if d.global_batch_size % per_step:
+            raise ValueError(
+                f"global batch {d.global_batch_size} is not a multiple of micro batch × data "
+                f"parallel = {d.micro_batch_size} × {self.dp_size}"
+            )
+        self.num_microbatches = d.global_batch_size // per_step
+
+        self.iteration = 0
+        self.consumed_samples = 0
+        resume = cfg.checkpoint.resume and latest_iteration(cfg.checkpoint.save_dir)
+        if resume:
+            extra = load_training_checkpoint(
+                iteration_dir(cfg.checkpoint.save_dir, resume), self.chunks, self.optimizer, self.scheduler
+            )
+            self.iteration = int(extra["iteration"])
+            self.consumed_samples = int(extra["consumed_samples"])
+        elif cfg.model.checkpoint:
+            load_model_weights([c.module for c in self.chunks], cfg.model.checkpoint)
+            # The distributed / fp16 optimizer holds its own fp32 copies of the parameters.
+            self.optimizer.reload_model_params()
+        self._build_data()
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def _build_optimizer(self, chunks) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.cfg.optim
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=o.distributed_optimizer,
+            # Per-token loss: gradients are summed over data parallel and divided by the global
+            # token count in finalize_model_grads, not averaged in the collective.
+            average_in_collective=False,
+        )
+        self.chunks = [
+            DistributedDataParallel(self.model_config, ddp_config, chunk, disable_bucketing=(i > 0))
+            for i, chunk in enumerate(chunks)
+        ]
+        cfg = self.model_config
+        cfg.no_sync_func = [c.no_sync for c in self.chunks]
+        if len(self.chunks) == 1:
+            cfg.no_sync_func = cfg.no_sync_func[0]
+        cfg.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad, bf16=self.bf16,
+                params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                use_distributed_optimizer=o.distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        # The schedule's length depends on the data; set in _build_data before the first step.
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=0,
+            lr_decay_steps=1, lr_decay_style="cosine", start_wd=o.weight_decay,
+            end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        )
+
+    def _build_data(self) -> None:
+        from sara_megatron.data.sara_dataset import SaraDataConfig, build_sara_data_loader
+
+        d = self.cfg.data
+        self.data_config = SaraDataConfig(
+            shards_dir=d.shards_dir,
+            prior_store=d.prior_store,
+            prior_layers=self.alignment_layers if d.prior_store else None,
+            languages=d.languages,
+            seq_length=d.seq_length,
+            micro_batch_size=d.micro_batch_size,
+            epochs=max(1, math.ceil(d.epochs)),
+            seed=self.cfg.seed,
+            shuffle=d.shuffle,
+            pad_id=d.pad_id,
+        )
+        self.loader = build_sara_data_loader(
+            self.data_config, self.dp_rank, self.dp_size, consumed_samples=self.consumed_samples,
+            num_workers=d.num_workers, pin_memory=self.device.type == "cuda",
+        )
+        samples_per_epoch = len(self.loader.dataset)
+        steps = self.cfg.optim.train_steps or int(d.epochs * samples_per_epoch // d.global_batch_size)
+        if steps < 1:
+            raise ValueError(
+                f"{d.epochs} epoch(s) of {samples_per_epoch} samples make no step of global "
+                f"batch {d.global_batch_size}"
+            )
+        self.train_steps = steps
+        self.scheduler.lr_warmup_steps = int(self.cfg.optim.warmup_fraction * steps)
+        self.scheduler.lr_decay_steps = steps
+        self.scheduler.wd_incr_steps = steps
+        self.scheduler.step(0)  # applies the lr of the current step to the optimizer
+        self.batches = iter(self.loader)
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _next_microbatches(self) -> list:
+        try:
+            return [next(self.batches).to(self.device) for _ in range(self.num_microbatches)]
+        except StopIteration:
+            raise RuntimeError(
+                f"data ran out at step {self.iteration} (consumed {self.consumed_samples} samples)"
+            ) from None
+
+    def _global_counts(self, microbatches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss tokens, valid sequences, non-padding tokens) of the whole global batch."""
+        from megatron.core import parallel_state as ps
+
+        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for mb in microbatches:
+            counts[0] += mb.loss_mask.sum()
+            counts[1] += (~mb.padding_mask).any(dim=1).sum()
+            counts[2] += (~mb.padding_mask).sum()
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        return counts[0], counts[1], counts[2]
+
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        b, s = mb.tokens.shape
+        if self.sara is not None:
+            self.sara.set_batch(mb.priors, segment_ids_from_padding_mask(mb.padding_mask))
+        positions = torch.arange(s, device=self.device).expand(b, s)
+        output = model(mb.tokens, positions, causal_attention_mask(s, self.device), labels=mb.labels)
+
+        def loss_func(per_token_loss):
+            loss_sum = (per_token_loss.float() * mb.loss_mask).sum()
+            tokens = mb.loss_mask.sum().to(torch.int)
+            return loss_sum, tokens, {"ce": torch.stack([loss_sum.detach(), mb.loss_mask.sum()])}
+
+        return output, loss_func
+
+    def train_step(self) -> StepRecord:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+
+        started = time.perf_counter()
+        # RNG from (seed, step): a resumed run draws what an uninterrupted one would.
+        set_seed(self.cfg.seed + self.iteration)
+        microbatches = self._next_microbatches()
+        loss_tokens, sequences, tokens = self._global_counts(microbatches)
+        if self.sara is not None:
+            self.sara.sequence_weight = float(loss_tokens / sequences.clamp_min(1))
+            self.sara.reset_stats()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        s = microbatches[0].tokens.shape[1]
+        iterators = [iter(microbatches) for _ in self.chunks]
+        with observe_routers(self.sara) if self.sara is not None else contextlib.nullcontext():
+            reduced = get_forward_backward_func()(
+                forward_step_func=self._forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=self.num_microbatches,
+                seq_length=s,
+                micro_batch_size=self.cfg.data.micro_batch_size,
+                forward_only=False,
+            )
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"optimizer step {self.iteration} failed (non-finite gradients?)")
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.data.global_batch_size
+
+        # CE lives on the last pipeline stage: sum there, then over data parallel and stages.
+        ce = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for item in reduced or []:
+            ce += item["ce"].double()
+        dist.all_reduce(ce, group=ps.get_data_parallel_group())
+        dist.all_reduce(ce, group=ps.get_pipeline_model_parallel_group())
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        lb = 0.0
+        if "load_balancing_loss" in tracker:
+            reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+            values = tracker["load_balancing_loss"]["values"]
+            lb = float(values.sum() / self.arch.num_layers / self.num_microbatches)
+        clear_aux_losses_tracker()
+
+        js_layers = self.sara.reduced_layer_means(self.arch.num_layers) if self.sara else {}
+        elapsed = time.perf_counter() - started
+        return StepRecord(
+            step=self.iteration,
+            ce=float(ce[0] / ce[1].clamp_min(1)),
+            lb=lb,
+            js=sum(js_layers.values()) / len(js_layers) if js_layers else 0.0,
+            js_per_layer=js_layers,
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            tokens_per_s=float(tokens) / elapsed,
+        )
+
+    # --- loop --------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        save_training_checkpoint(
+            self.cfg.checkpoint.save_dir, self.iteration, self.chunks, self.optimizer,
+            self.scheduler, dict(consumed_samples=self.consumed_samples, seed=self.cfg.seed),
+        )
+
+    def run(self, max_steps: Optional[int] = None) -> TrainResult:
+        """Train to the end of the schedule (or `max_steps` more steps); save as configured."""
+        c, lg = self.cfg.checkpoint, self.cfg.logging
+        writer = None
+        if dist.get_rank() == 0:
+            writer = MetricsWriter(self.train_steps, lg.tensorboard_dir, lg.wandb_project, lg.json_log,
+                                   self.cfg.to_dict())
+        records = []
+        end = self.train_steps if max_steps is None else min(self.train_steps, self.iteration + max_steps)
+        try:
+            while self.iteration < end:
+                record = self.train_step()
+                records.append(record)
+                if writer and (self.iteration % lg.log_interval == 0 or self.iteration == end):
+                    writer.write(record.step, dict(
+                        ce=record.ce, lb=record.lb, js=record.js, lr=record.lr,
+                        grad_norm=record.grad_norm, tokens_per_s=record.tokens_per_s,
+                    ), record.js_per_layer)
+                if c.save_dir and c.save_interval and self.iteration % c.save_interval == 0:
+                    self.save()
+            if c.save_dir and (not c.save_interval or self.iteration % c.save_interval):
+                self.save()
+        finally:
+            if writer:
+                writer.close()
+        return TrainResult(records, self.iteration, self.alignment_layers)
+
+
+def train(cfg: TrainConfig, max_steps: Optional[int] = None) -> TrainResult:
+    return Trainer(cfg).run(max_steps)
