@@ -30,9 +30,12 @@ setup(
         # megatron-core's checkpoint writer imports psutil; einops is used by its attention code.
         "psutil",
         "einops",
+        # Training metrics (torch.utils.tensorboard's SummaryWriter).
+        "tensorboard",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "dev": ["pytest", "pytest-timeout"],
+        "wandb": ["wandb"],
     },
 )

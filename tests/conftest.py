@@ -54,3 +54,50 @@ def pytest_sessionfinish(session, exitstatus):
         destroy_distributed()
     except Exception:  # noqa: BLE001 - a failed teardown must not mask the test result
         pass
+
+
+def _run_checked(cmd, cwd, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+_INIT_CHECKPOINT = """
+import sys
+from sara_megatron.checkpointing import save_model_weights
+from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.models.architecture import get_preset
+from sara_megatron.models.builder import build_model
+if __name__ == "__main__":
+    initialize_distributed(ParallelConfig(), seed=int(sys.argv[3]))
+    save_model_weights(build_model(get_preset(sys.argv[1])), sys.argv[2])
+    destroy_distributed()
+"""
+
+
+@pytest.fixture(scope="session")
+def sara_data(tmp_path_factory):
+    """A small SARA setup made the way users make one: a synthetic parallel corpus (en anchor,
+    hi and sw targets), a local tokenizer, token shards, a random tiny Qwen3-MoE checkpoint and
+    its anchor priors. Returns a dict of paths."""
+    from sara_megatron.data.local_tokenizer import build_local_tokenizer
+    from sara_megatron.data.synthetic_corpus import corpus_texts, write_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("sara_data")
+    paths = write_synthetic_corpus(root / "corpus", 64, languages=("en", "hi", "sw"), max_words=24)
+    build_local_tokenizer(corpus_texts(paths), root / "tokenizer", vocab_size=200)
+    py = sys.executable
+    _run_checked([py, str(REPO / "tools/shard_corpus.py"), "--corpus", str(root / "corpus"),
+                  "--tokenizer", str(root / "tokenizer"), "--output", str(root / "shards"),
+                  "--anchor-language", "en", "--seq-length", "64"], cwd=root)
+    (root / "init_checkpoint.py").write_text(_INIT_CHECKPOINT)
+    _run_checked([py, str(root / "init_checkpoint.py"), "qwen3_moe_tiny", str(root / "init"), "7"],
+                 cwd=root)
+    _run_checked([py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+                  str(_free_port()), str(REPO / "tools/extract_priors.py"), "--shards",
+                  str(root / "shards"), "--checkpoint", str(root / "init"), "--model",
+                  "qwen3_moe_tiny", "--output", str(root / "priors")], cwd=root)
+    return {"root": root, "shards": root / "shards", "checkpoint": root / "init",
+            "priors": root / "priors"}

@@ -187,10 +187,13 @@ class Trainer:
             shuffle=d.shuffle,
             pad_id=d.pad_id,
         )
-        self.loader = build_sara_data_loader(
-            self.data_config, self.dp_rank, self.dp_size, consumed_samples=self.consumed_samples,
-            num_workers=d.num_workers, pin_memory=self.device.type == "cuda",
-        )
+        def loader():
+            return build_sara_data_loader(
+                self.data_config, self.dp_rank, self.dp_size, consumed_samples=self.consumed_samples,
+                num_workers=d.num_workers, pin_memory=self.device.type == "cuda",
+            )
+
+        self.loader = loader()
         samples_per_epoch = len(self.loader.dataset)
         steps = self.cfg.optim.train_steps or int(d.epochs * samples_per_epoch // d.global_batch_size)
         if steps < 1:
@@ -198,6 +201,11 @@ class Trainer:
                 f"{d.epochs} epoch(s) of {samples_per_epoch} samples make no step of global "
                 f"batch {d.global_batch_size}"
             )
+        # An explicit step count may need more passes over the data than `epochs` says.
+        epochs_needed = math.ceil(steps * d.global_batch_size / samples_per_epoch)
+        if epochs_needed > self.data_config.epochs:
+            self.data_config = dataclasses.replace(self.data_config, epochs=epochs_needed)
+            self.loader = loader()
         self.train_steps = steps
         self.scheduler.lr_warmup_steps = int(self.cfg.optim.warmup_fraction * steps)
         self.scheduler.lr_decay_steps = steps
