@@ -1,0 +1,51 @@
+"""Per-layer routing divergence JS(anchor ‖ target) of a checkpoint on token shards.
+
+    python tools/routing_divergence.py --shards data/shards --checkpoint runs/sara/iter_0000040 \
+        --model qwen3_moe_tiny --json divergence.json
+
+Loads model weights from a converted or a training checkpoint (any layout it was saved at) and
+prints, per layer and target language, the mean over samples of the JS divergence between the
+target's and its anchor's sequence-mean dense routing under this model.
+"""
+
+import argparse
+import json
+
+from sara_megatron.analysis import format_divergence_table, routing_divergence
+from sara_megatron.checkpointing import load_model_weights
+from sara_megatron.data.token_shards import TokenShards
+from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.models.architecture import resolve_architecture
+from sara_megatron.models.builder import build_model
+from sara_megatron.priors import parse_layer_selection
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--checkpoint", required=True, help="Megatron checkpoint folder (torch_dist)")
+    p.add_argument("--model", required=True, help="preset name or HF config.json")
+    p.add_argument("--layers", default="all", help="'all', '7-34' or '0,3,8-11'")
+    p.add_argument("--languages", nargs="*", help="target languages (default: all targets)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", help="write {language: [JS per layer]} here")
+    args = p.parse_args()
+
+    arch = resolve_architecture(args.model)
+    layers = parse_layer_selection(args.layers, arch.num_layers)
+    initialize_distributed(ParallelConfig())
+    try:
+        model = build_model(arch)
+        load_model_weights(model, args.checkpoint)
+        result = routing_divergence(model, TokenShards(args.shards), layers, args.languages,
+                                    args.batch_size)
+        print(format_divergence_table(layers, {"JS": result}))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"layers": list(layers), "divergence": result}, f, indent=1)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
