@@ -10,10 +10,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
 from transformers import PhimoeConfig, PhimoeForCausalLM  # noqa: E402
 from transformers.models.phimoe import modeling_phimoe as hf_phimoe  # noqa: E402
 
+from sara_megatron.conversion.hf_import import load_hf_weights  # noqa: E402
 from sara_megatron.distributed import (  # noqa: E402
     ParallelConfig,
     destroy_distributed,
@@ -239,52 +239,6 @@ def test_longrope_cos_sin_equal_transformers(long_mscale):
 # --- A whole tiny PhiMoE against PhimoeForCausalLM --------------------------------------------
 
 
-def _hf_to_megatron(hub: dict, model, arch) -> dict:
-    """Test-local mapping from hub-format PhiMoE keys (what `save_pretrained` writes) to this
-    model's state dict: fused QKV per query group [q × heads/groups, k, v] (biases likewise),
-    fc1 = [w1 (gate); w3 (up)], fc2 = w2, vocab rows padded with zeros."""
-    heads, groups, d = arch.num_attention_heads, arch.num_query_groups, arch.kv_channels
-    per_group = heads // groups
-    state = {}
-
-    def pad_vocab(t):
-        out = torch.zeros((arch.padded_vocab_size(),) + t.shape[1:], dtype=t.dtype)
-        out[: t.shape[0]] = t
-        return out
-
-    def fuse_qkv(q, k, v):
-        q = q.reshape(groups, per_group * d, *q.shape[1:])
-        k = k.reshape(groups, d, *k.shape[1:])
-        v = v.reshape(groups, d, *v.shape[1:])
-        return torch.cat((q, k, v), dim=1).reshape(-1, *q.shape[2:])
-
-    state["embedding.word_embeddings.weight"] = pad_vocab(hub["model.embed_tokens.weight"])
-    state["output_layer.weight"] = pad_vocab(hub["lm_head.weight"])
-    state["output_layer.bias"] = pad_vocab(hub["lm_head.bias"])
-    state["decoder.final_layernorm.weight"] = hub["model.norm.weight"]
-    state["decoder.final_layernorm.bias"] = hub["model.norm.bias"]
-    for i in range(arch.num_layers):
-        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        attn = h + "self_attn."
-        for kind in ("weight", "bias"):
-            state[m + f"self_attention.linear_qkv.{kind}"] = fuse_qkv(
-                *(hub[attn + f"{p}_proj.{kind}"] for p in "qkv")
-            )
-            state[m + f"self_attention.linear_proj.{kind}"] = hub[attn + f"o_proj.{kind}"]
-            state[m + f"input_layernorm.{kind}"] = hub[h + f"input_layernorm.{kind}"]
-            state[m + f"pre_mlp_layernorm.{kind}"] = hub[h + f"post_attention_layernorm.{kind}"]
-        moe = h + "block_sparse_moe."
-        state[m + "mlp.router.weight"] = hub[moe + "gate.weight"]
-        for e in range(arch.num_experts):
-            w = lambda n: hub[moe + f"experts.{e}.{n}.weight"]  # noqa: E731
-            ex = m + f"mlp.experts.local_experts.{e}."
-            state[ex + "linear_fc1.weight"] = torch.cat((w("w1"), w("w3")), dim=0)
-            state[ex + "linear_fc2.weight"] = w("w2")
-    ours = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    assert set(state) == ours, (set(state) ^ ours)
-    return state
-
-
 @pytest.mark.parametrize("long_mscale", [None, 1.5], ids=["mscale_equal", "mscale_differ"])
 def test_tiny_phimoe_logits_equal_transformers(tmp_path, long_mscale):
     """Our `build_model(from_hf_config(config.json))` with the weights of a random
@@ -310,7 +264,7 @@ def test_tiny_phimoe_logits_equal_transformers(tmp_path, long_mscale):
     assert arch.longrope == lr and arch.add_lm_head_bias and arch.add_attn_output_bias
     assert arch.rotary_base == 10000.0 and arch.router_jitter_noise == JITTER
     model = build_model(arch).eval()
-    model.load_state_dict(_hf_to_megatron(load_file(tmp_path / "model.safetensors"), model, arch))
+    load_hf_weights(model, tmp_path)  # the converter's mapping (sara_megatron/conversion)
 
     for seq in (24, 48):  # below and above the switch at 32
         torch.manual_seed(seq)

@@ -1,0 +1,234 @@
+"""Megatron-Core torch_dist checkpoint → Hugging Face folder (safetensors, hub key layout).
+
+Streams: the output files' headers are planned from the checkpoint's metadata alone (every hub
+tensor's name, dtype and shape follow from the mapping), then the Megatron tensors are read in
+batches of at most `read_batch_bytes` — each one a region of a global checkpoint tensor (one
+layer's QKV, one expert's fc1, ...) that megatron's `dist_checkpointing.load` reads from the
+`.distcp` files — split into hub tensors and written out. Memory: one batch plus one tensor,
+never the model. No model is built; the layout the checkpoint was saved at does not matter.
+
+Works on a training checkpoint too (`iter_N/`: the weights' keys are the same; the optimizer
+state beside them is skipped); such a folder has no conversion metadata, so `hf_dir` names where
+config.json and the tokenizer come from.
+
+The folder gets `config.json` (the imported HF config, dtype updated), the other HF assets
+(tokenizer, generation config, ...) and `model.safetensors` or shards with
+`model.safetensors.index.json`; padded vocabulary rows are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from sara_megatron.conversion import metadata as meta
+from sara_megatron.conversion import progress
+from sara_megatron.conversion.errors import ConversionError
+from sara_megatron.conversion.hf_import import DTYPES, read_hf_config
+from sara_megatron.conversion.mapping import EMBEDDING, ModelMapping, TensorMapping, build_mapping
+from sara_megatron.conversion.safetensors_io import (
+    INDEX_FILE,
+    SafetensorsStreamWriter,
+    TensorSpec,
+    parse_size,
+    plan_shards,
+    shard_file_names,
+)
+
+_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+
+
+def ensure_process_group() -> None:
+    """A one-process gloo group when none exists (megatron's loader asks for ranks); export is
+    a single-process job."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    elif dist.get_world_size() != 1:
+        raise ConversionError("export runs in one process; start it without torchrun")
+
+
+def checkpoint_source(megatron_dir: str, hf_dir: str | None) -> tuple[dict, str | None, list[str]]:
+    """(HF config, assets folder, asset names) for a Megatron checkpoint: from its conversion
+    metadata, or from `hf_dir` (a checkpoint written by training carries no metadata)."""
+    record = meta.read_metadata(megatron_dir)
+    if hf_dir is not None:
+        hf_dir = os.path.abspath(hf_dir)
+        return read_hf_config(hf_dir), hf_dir, meta.hf_asset_files(hf_dir)
+    if record is None:
+        raise ConversionError(
+            f"{megatron_dir} has no {meta.METADATA_FILE} (not written by `convert_hf.py import`); "
+            f"pass --hf-dir with the model's config.json and tokenizer"
+        )
+    assets = os.path.join(megatron_dir, meta.ASSETS_DIR)
+    return record["hf_config"], assets, record.get("assets", [])
+
+
+def checkpoint_tensor_metadata(megatron_dir: str) -> dict:
+    """Checkpoint key → ShardedTensor (global shape, dtype) without reading tensor data."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.exists(os.path.join(megatron_dir, "metadata.json")):
+        raise ConversionError(f"{megatron_dir} is not a Megatron-Core distributed checkpoint "
+                              "(no metadata.json)")
+    return dist_checkpointing.load_tensors_metadata(megatron_dir)
+
+
+# A training checkpoint holds the optimizer state beside the weights, under these keys.
+_NON_WEIGHT_PREFIXES = ("optimizer.",)
+
+
+def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
+    """Raise naming missing / unexpected / wrongly shaped Megatron tensors (optimizer state is
+    not a weight and is skipped)."""
+    expected = mapping.checkpoint_shapes()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(
+        k for k in set(tensors) - set(expected) if not k.startswith(_NON_WEIGHT_PREFIXES)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    for key in sorted(set(expected) & set(tensors)):
+        got = tuple(tensors[key].global_shape)
+        if got != expected[key]:
+            problems.append(
+                f"shape mismatch for {key}: checkpoint has {got}, "
+                f"the config implies {expected[key]}"
+            )
+    if problems:
+        raise ConversionError(
+            f"{where} does not match its {mapping.arch.family} config: " + "; ".join(problems)
+        )
+
+
+def _batches(mappings: list[TensorMapping], tensors: dict, budget: int):
+    batch, size = [], 0
+    for m in mappings:
+        nbytes = tensors[m.key].dtype.itemsize * int(torch.Size(m.shape).numel())
+        if batch and size + nbytes > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(m)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def _load_batch(megatron_dir: str, batch: list[TensorMapping], tensors: dict) -> list[torch.Tensor]:
+    """The whole Megatron tensor of each mapping, read from the checkpoint in one load."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    request = {}
+    for j, m in enumerate(batch):
+        info = tensors[m.key]
+        local = (1,) * len(m.index) + m.shape
+        request[f"t{j}"] = ShardedTensor(
+            key=m.key,
+            data=torch.empty(local, dtype=info.dtype),
+            dtype=info.dtype,
+            local_shape=local,
+            global_shape=tuple(info.global_shape),
+            global_offset=tuple(m.index) + (0,) * len(m.shape),
+            axis_fragmentations=None,  # an arbitrary region: no regular grid
+        )
+    loaded = dist_checkpointing.load(request, megatron_dir, validate_access_integrity=False)
+    return [loaded[f"t{j}"].reshape(m.shape) for j, m in enumerate(batch)]
+
+
+def export_hf_checkpoint(
+    megatron_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    hf_dir: str | os.PathLike | None = None,
+    read_batch_bytes: int = 512 * 2**20,
+) -> dict:
+    """Write an HF folder `out` from the Megatron checkpoint `megatron_dir`; returns a summary."""
+    from sara_megatron.models.architecture import from_hf_config
+
+    started = time.perf_counter()
+    megatron_dir = os.path.abspath(os.fspath(megatron_dir))
+    output = meta.AtomicOutputDir(out, overwrite)
+    output.check()
+    hf_config, assets_dir, assets = checkpoint_source(megatron_dir, hf_dir and os.fspath(hf_dir))
+    arch = from_hf_config(hf_config)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out_dtype = DTYPES.get(dtype)
+
+    ensure_process_group()
+    tensors = checkpoint_tensor_metadata(megatron_dir)
+    padded = tuple(tensors[EMBEDDING].global_shape)[0] if EMBEDDING in tensors else None
+    mapping = build_mapping(arch, padded)
+    check_checkpoint(mapping, tensors, where=f"Megatron checkpoint {megatron_dir}")
+
+    specs: list[TensorSpec] = []
+    for m in mapping.mappings:
+        for name in m.hf_names():
+            written = out_dtype or tensors[m.key].dtype
+            specs.append(TensorSpec(name, written, mapping.hf_shapes[name]))
+    shards = plan_shards(specs, parse_size(max_shard_size))
+    files = shard_file_names(len(shards))
+    file_of = {s.name: files[i] for i, shard in enumerate(shards) for s in shard}
+
+    output.prepare()
+    writers: dict[str, SafetensorsStreamWriter] = {}
+    try:
+        remaining = {f: len(s) for f, s in zip(files, shards)}
+        shard_specs = dict(zip(files, shards))
+        for batch in _batches(mapping.mappings, tensors, read_batch_bytes):
+            for m, tensor in zip(batch, _load_batch(megatron_dir, batch, tensors)):
+                for name, value in m.split(tensor).items():
+                    file = file_of[name]
+                    if file not in writers:
+                        writers[file] = SafetensorsStreamWriter(
+                            os.path.join(output.partial, file), shard_specs[file]
+                        )
+                    writers[file].write(name, value.to(out_dtype) if out_dtype else value)
+                    remaining[file] -= 1
+                    if remaining[file] == 0:
+                        writers.pop(file).close()
+        if len(files) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "weight_map": {s.name: file_of[s.name] for s in specs},
+            }
+            with open(os.path.join(output.partial, INDEX_FILE), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+        dtypes = {s.dtype for s in specs}
+        config = dict(hf_config)
+        if len(dtypes) == 1 and dtypes <= set(_HF_DTYPE_NAMES):
+            name = _HF_DTYPE_NAMES[dtypes.pop()]
+            keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+            for k in keys:
+                config[k] = name
+        meta.copy_assets(assets_dir, [a for a in assets if a != "config.json"], output.partial)
+        with open(os.path.join(output.partial, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        output.commit()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        output.abort()
+        raise
+    summary = {
+        "out": output.out,
+        "files": files,
+        "tensors": len(specs),
+        "bytes": sum(s.nbytes for s in specs),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    progress("export", f"wrote {summary['tensors']} tensors in {len(files)} file(s) to "
+                       f"{output.out} in {summary['seconds']}s")
+    return summary

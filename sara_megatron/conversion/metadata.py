@@ -1,0 +1,159 @@
+"""What travels beside a converted checkpoint, and how outputs appear atomically.
+
+An imported Megatron checkpoint folder holds megatron's torch_dist files (`metadata.json`,
+`.metadata`, `*.distcp`, `common.pt` — `load_model_weights(model, folder)` reads them at any
+layout) plus:
+
+- `sara_conversion.json`: family, the HF config.json as read, the architecture we built, vocab
+  size and padding, dtype, the layout used, and the source fingerprint;
+- `hf_assets/`: every non-weight file of the HF folder (config.json, generation_config.json,
+  tokenizer files, chat template, license, ...), copied as they are, so export can write a
+  complete HF folder without the source.
+
+The fingerprint is the SHA-256 of each source safetensors file (header and data, i.e. the file's
+bytes: the same value as `sha256sum` and as the hub's Git LFS object id), plus one combined
+SHA-256 over the lines "<file name> <sha256>\n" in name order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+
+from sara_megatron.conversion.errors import ConversionError
+from sara_megatron.conversion.safetensors_io import INDEX_FILE
+
+METADATA_FILE = "sara_conversion.json"
+ASSETS_DIR = "hf_assets"
+FORMAT = "sara-megatron/hf-conversion"
+FORMAT_VERSION = 1
+
+# Weight files are converted, never copied; everything else at the top of an HF folder is an
+# asset (tokenizer, configs, chat template, license, README).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                    ".onnx", ".distcp")
+_WEIGHT_FILES = (INDEX_FILE, "pytorch_model.bin.index.json", "tf_model.h5.index.json")
+
+
+def hf_asset_files(hf_dir: str) -> list[str]:
+    """Top-level non-weight files of an HF folder."""
+    names = []
+    for name in sorted(os.listdir(hf_dir)):
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path) or name.startswith("."):
+            continue
+        if name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_FILES:
+            continue
+        names.append(name)
+    return names
+
+
+def copy_assets(src_dir: str, names: list[str], dst_dir: str) -> None:
+    os.makedirs(dst_dir, exist_ok=True)
+    for name in names:
+        shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def combined_fingerprint(file_hashes: dict[str, str]) -> str:
+    lines = "".join(f"{name} {file_hashes[name]}\n" for name in sorted(file_hashes))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def architecture_record(arch) -> dict:
+    record = dataclasses.asdict(arch)
+    record.pop("hf_config", None)
+    return record
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_metadata(folder: str, record: dict) -> None:
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **record}
+    with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_metadata(folder: str) -> dict | None:
+    path = os.path.join(folder, METADATA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    if record.get("format") != FORMAT:
+        raise ConversionError(f"{path} is not a {FORMAT} file (format={record.get('format')!r})")
+    if record.get("format_version", 0) > FORMAT_VERSION:
+        raise ConversionError(
+            f"{path} has format version {record['format_version']}; this code reads up to "
+            f"{FORMAT_VERSION}"
+        )
+    return record
+
+
+class AtomicOutputDir:
+    """An output folder that appears complete or not at all.
+
+    Work happens in a sibling `.<name>.partial`; `commit()` renames it into place. An existing
+    output is refused unless `overwrite`, and then replaced only at commit (moved aside first,
+    removed after the rename). A crash or kill leaves at most the `.partial` sibling, which the
+    next run removes.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+        self.out = os.path.abspath(os.fspath(out))
+        parent, name = os.path.split(self.out)
+        self.partial = os.path.join(parent, f".{name}.partial")
+        self._old = os.path.join(parent, f".{name}.old")
+        self.overwrite = overwrite
+
+    def check(self) -> None:
+        if os.path.lexists(self.out) and not self.overwrite:
+            raise ConversionError(
+                f"output {self.out} already exists; pass --overwrite to replace it"
+            )
+        parent = os.path.dirname(self.out)
+        if not os.path.isdir(parent):
+            raise ConversionError(f"parent folder of the output does not exist: {parent}")
+
+    def prepare(self) -> str:
+        self.check()
+        shutil.rmtree(self.partial, ignore_errors=True)
+        os.makedirs(self.partial)
+        return self.partial
+
+    def commit(self) -> None:
+        if os.path.lexists(self.out):
+            if not self.overwrite:  # appeared while we worked
+                raise ConversionError(f"output {self.out} appeared during conversion; left as "
+                                      f"{self.partial}")
+            shutil.rmtree(self._old, ignore_errors=True)
+            os.rename(self.out, self._old)
+            os.rename(self.partial, self.out)
+            if os.path.isdir(self._old):
+                shutil.rmtree(self._old)
+            else:
+                os.remove(self._old)
+        else:
+            os.rename(self.partial, self.out)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)

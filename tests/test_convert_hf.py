@@ -1,0 +1,438 @@
+"""tools/convert_hf.py: HF ⇄ Megatron-Core round trips at every layout, logits parity, bad input.
+
+Tiny random Qwen3-MoE (one safetensors file, vocab 300 padded to 384, head dim 32 ≠ hidden/heads;
+also with tied embeddings) and PhiMoE (sharded safetensors with an index, q/k/v/o and lm_head
+biases, LayerNorm, longrope, vocab 250 padded to 256), built from transformers configs and saved
+with `save_pretrained`, each with a small real tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sara_megatron.conversion.errors import ConversionError  # noqa: E402
+from sara_megatron.conversion.hf_export import export_hf_checkpoint  # noqa: E402
+from sara_megatron.conversion.hf_import import import_hf_checkpoint  # noqa: E402
+from sara_megatron.conversion.metadata import METADATA_FILE  # noqa: E402
+from sara_megatron.conversion.safetensors_io import INDEX_FILE  # noqa: E402
+from sara_megatron.conversion.verify import Thresholds, passes, verify_conversion  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ["qwen3_moe", "phimoe", "qwen3_moe_tied"]
+LAYOUTS = ["tp2", "ep2", "pp2"]
+
+
+# --- tiny HF models -----------------------------------------------------------------------------
+
+
+def _tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def _randomize(model) -> None:
+    """Every weight O(1)-relevant for the logits: norms around 1, biases and embeddings random."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            elif "embed_tokens" in name or ".gate." in name or "router" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(0.08 * noise)
+
+
+def _qwen3_moe(path: Path, tie_word_embeddings: bool = False) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    model = Qwen3MoeForCausalLM(cfg)
+    _randomize(model)
+    model.save_pretrained(path)
+    _tokenizer(cfg.vocab_size).save_pretrained(path)
+
+
+def _phimoe(path: Path) -> None:
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    g = torch.Generator().manual_seed(1)
+    short = (1.0 + torch.rand(8, generator=g)).tolist()
+    long = (1.0 + 20 * torch.rand(8, generator=g)).sort().values.tolist()
+    cfg = PhimoeConfig(
+        vocab_size=250, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256, attention_bias=True, lm_head_bias=True,
+        router_jitter_noise=0.01, input_jitter_noise=0.01, rms_norm_eps=1e-5,
+        rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, short_factor=short, long_factor=long,
+            short_mscale=1.2432, long_mscale=1.2432, original_max_position_embeddings=64,
+        ),
+    )
+    model = PhimoeForCausalLM(cfg)
+    _randomize(model)
+    model.save_pretrained(path, max_shard_size="60KB")  # several files + index
+    _tokenizer(cfg.vocab_size).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    paths = {}
+    makers = {"qwen3_moe": _qwen3_moe, "phimoe": _phimoe,
+              "qwen3_moe_tied": lambda path: _qwen3_moe(path, tie_word_embeddings=True)}
+    for family in FAMILIES:
+        paths[family] = root / family
+        makers[family](paths[family])
+    assert (paths["phimoe"] / INDEX_FILE).exists()
+    assert len(list(paths["phimoe"].glob("*.safetensors"))) > 2
+    return paths
+
+
+@pytest.fixture(scope="module")
+def imported(hf_models, tmp_path_factory):
+    """Single-process (TP=EP=PP=1) imports, shared by the tests below."""
+    root = tmp_path_factory.mktemp("mcore")
+    out = {}
+    for family in FAMILIES:
+        out[family] = root / family
+        import_hf_checkpoint(hf_models[family], out[family])
+    return out
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _hub_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder, read with the safetensors library (independent of ours)."""
+    index = folder / INDEX_FILE
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists() else ["model.safetensors"]
+    )
+    tensors = {}
+    for f in files:
+        part = load_file(folder / f)
+        assert not set(part) & set(tensors)
+        tensors.update(part)
+    return tensors
+
+
+def assert_bitwise_equal(expected_dir: Path, got_dir: Path, dtype=None) -> None:
+    expected, got = _hub_tensors(expected_dir), _hub_tensors(got_dir)
+    assert set(got) == set(expected), set(got) ^ set(expected)
+    for name, t in expected.items():
+        t = t.to(dtype) if dtype is not None else t
+        assert got[name].dtype == t.dtype, name
+        assert torch.equal(got[name], t), name
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _copy_hf(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --- round trips and parity ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_process_round_trip_metadata_and_verify(hf_models, imported, tmp_path, family):
+    """import → export at TP=EP=PP=1 gives the source's tensors bit for bit (same keys, dtype),
+    its config and tokenizer; the metadata fingerprints the source; transformers loads the export
+    as-is and `verify` passes against both the source and the export."""
+    src, mcore = hf_models[family], imported[family]
+    out = tmp_path / "hf_out"
+    export_hf_checkpoint(mcore, out)
+    assert_bitwise_equal(src, out)
+
+    record = json.loads((mcore / METADATA_FILE).read_text())
+    files = sorted(p.name for p in src.glob("*.safetensors"))
+    assert record["source"]["files"] == {f: _sha256(src / f) for f in files}
+    assert len(record["source"]["fingerprint"]) == 64
+    assert record["family"] == family.removesuffix("_tied") and record["dtype"] == "fp32"
+    assert record["padded_vocab_size"] == {"phimoe": 256}.get(family, 384)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (src / "config.json").read_text()
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("t3 t7").input_ids == [3, 7]
+
+    for hf_dir in (src, out):
+        result = verify_conversion(hf_dir, mcore, seq_len=32, batch=2)
+        assert result["max_abs_diff"] <= 1e-4, result
+        assert result["argmax_agreement"] == 1.0, result
+        assert passes(result, Thresholds())
+
+
+def test_bf16_import_and_sharded_export(hf_models, tmp_path):
+    """--dtype bf16 stores bf16 (export = the fp32 source rounded to bf16, config dtype
+    bfloat16); a small --max-shard-size writes several files and an index transformers loads."""
+    mcore, out = tmp_path / "mcore", tmp_path / "hf_out"
+    import_hf_checkpoint(hf_models["qwen3_moe"], mcore, dtype="bf16")
+    summary = export_hf_checkpoint(mcore, out, max_shard_size="40KB")
+    assert len(summary["files"]) > 2 and (out / INDEX_FILE).exists()
+    assert_bitwise_equal(hf_models["qwen3_moe"], out, dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in _hub_tensors(out).values()
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+def test_layouts_round_trip_and_load_across_layouts(torchrun, hf_models, imported, tmp_path):
+    """Under torchrun (2 ranks) import at TP=2, EP=2 and PP=2: each exports to the source bit for
+    bit; each checkpoint loaded at a different layout gives the TP=EP=PP=1 import's logits (bit
+    for bit, up to fp32 roundoff where TP splits reductions)."""
+    result_file = tmp_path / "result.json"
+    models = [f"--model={f}={hf_models[f]}={imported[f]}" for f in FAMILIES]
+    torchrun("tests/workers/convert_layouts.py", *models, "--out-root", str(tmp_path),
+             "--result", str(result_file), timeout=600)
+    for family in FAMILIES:
+        for layout in LAYOUTS:
+            out = tmp_path / f"{family}_{layout}_hf"
+            export_hf_checkpoint(tmp_path / f"{family}_{layout}", out)
+            assert_bitwise_equal(hf_models[family], out)
+            record = json.loads((tmp_path / f"{family}_{layout}" / METADATA_FILE).read_text())
+            assert record["layout"]["world_size"] == 2
+    result = json.loads(result_file.read_text())
+    for family in FAMILIES:
+        diffs = result[family]
+        ref = diffs.pop("reference_max_abs")
+        assert ref > 1.0  # the comparison is not vacuous
+        assert set(diffs) == {"tp2->ep2", "ep2->pp2", "pp2->tp2", "tp2->base"}
+        for pair, diff in diffs.items():
+            # Same weights, same arithmetic unless TP splits a reduction: exact, else roundoff.
+            tolerance = 1e-6 * ref if pair.endswith("tp2") else 0.0
+            assert diff <= tolerance, (family, pair, diff, ref)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    # A fresh process: drop the rendezvous variables this test process set for its own group.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools/convert_hf.py"), *args],
+        capture_output=True, text=True, timeout=300, env=dict(env, PYTHONWARNINGS="ignore"),
+    )
+
+
+def test_export_of_a_training_checkpoint(hf_models, imported, tmp_path):
+    """What training saves — the weights' keys plus optimizer state, no conversion metadata —
+    exports with --hf-dir to the original tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from sara_megatron.checkpointing import load_model_weights
+    from sara_megatron.distributed import ParallelConfig, initialize_distributed
+    from sara_megatron.models.architecture import from_hf_config
+    from sara_megatron.models.builder import build_model
+
+    src = hf_models["phimoe"]
+    initialize_distributed(ParallelConfig())
+    model = build_model(from_hf_config(src))
+    load_model_weights(model, imported["phimoe"])
+    exp_avg = ShardedTensor.from_rank_offsets(
+        "optimizer.state.exp_avg.decoder.final_layernorm.weight", torch.ones(64)
+    )
+    ckpt = tmp_path / "iter_0000010"
+    ckpt.mkdir()
+    dist_checkpointing.save({"model": model.sharded_state_dict(prefix=""),
+                             "optimizer": {"exp_avg": exp_avg}, "trainer": {"iteration": 10}},
+                            str(ckpt))
+    with pytest.raises(ConversionError, match="pass --hf-dir"):
+        export_hf_checkpoint(ckpt, tmp_path / "hf")
+    export_hf_checkpoint(ckpt, tmp_path / "hf", hf_dir=src)
+    assert_bitwise_equal(src, tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_command_line_verify_prints_one_json_line(hf_models, imported):
+    proc = _cli("verify", "--hf-dir", str(hf_models["qwen3_moe"]),
+                "--megatron-dir", str(imported["qwen3_moe"]), "--seq-len", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result) == {"max_abs_diff", "mean_abs_diff", "cosine", "argmax_agreement"}
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0
+
+
+def test_verify_thresholds():
+    good = {"max_abs_diff": 5e-5, "mean_abs_diff": 1e-6, "cosine": 0.99, "argmax_agreement": 1.0}
+    assert passes(good, Thresholds())
+    assert not passes(dict(good, max_abs_diff=2e-4), Thresholds())
+    assert not passes(dict(good, argmax_agreement=0.99), Thresholds())
+    assert passes(dict(good, argmax_agreement=0.99), Thresholds(min_argmax_agreement=0.95))
+    assert not passes(good, Thresholds(min_cosine=0.999))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_names_the_supported(hf_models, tmp_path):
+    src = _copy_hf(hf_models["qwen3_moe"], tmp_path / "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM.*PhiMoEForCausalLM"):
+        import_hf_checkpoint(src, tmp_path / "out")
+    proc = _cli("import", "--hf-dir", str(src), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "unsupported HF architecture" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _rewrite_single_file(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_named(hf_models, tmp_path):
+    gone = "model.layers.1.mlp.experts.3.up_proj.weight"
+    src = _copy_hf(hf_models["qwen3_moe"], tmp_path / "missing")
+    _rewrite_single_file(src, lambda t: t.pop(gone))
+    with pytest.raises(ConversionError, match=rf"missing tensors: {gone}"):
+        import_hf_checkpoint(src, tmp_path / "out")
+
+    src = _copy_hf(hf_models["qwen3_moe"], tmp_path / "unexpected")
+    _rewrite_single_file(src, lambda t: t.update({"model.layers.0.mlp.shared_expert.weight":
+                                                  torch.zeros(2)}))
+    with pytest.raises(ConversionError,
+                       match="unexpected tensors: model.layers.0.mlp.shared_expert"):
+        import_hf_checkpoint(src, tmp_path / "out")
+
+    name = "model.layers.0.self_attn.k_proj.weight"
+    src = _copy_hf(hf_models["qwen3_moe"], tmp_path / "shape")
+    _rewrite_single_file(src, lambda t: t.update({name: torch.zeros(32, 64)}))
+    with pytest.raises(ConversionError,
+                       match=rf"shape mismatch for {name}: checkpoint has \(32, 64\), the config "
+                             rf"implies \(64, 64\)"):
+        import_hf_checkpoint(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ambiguous_or_unindexed_safetensors_are_refused(hf_models, tmp_path):
+    src = _copy_hf(hf_models["phimoe"], tmp_path / "both")
+    shutil.copy(hf_models["qwen3_moe"] / "model.safetensors", src / "model.safetensors")
+    with pytest.raises(ConversionError, match="both model.safetensors and"):
+        import_hf_checkpoint(src, tmp_path / "out")
+    (src / "model.safetensors").unlink()
+    (src / INDEX_FILE).unlink()
+    with pytest.raises(ConversionError, match="no model.safetensors.index.json"):
+        import_hf_checkpoint(src, tmp_path / "out")
+
+
+def test_existing_output_refused_unless_overwrite(hf_models, imported, tmp_path):
+    out = tmp_path / "mcore"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ConversionError, match="already exists; pass --overwrite"):
+        import_hf_checkpoint(hf_models["qwen3_moe"], out)
+    assert (out / "keep.txt").exists()
+    hf_out = tmp_path / "hf"
+    hf_out.mkdir()
+    with pytest.raises(ConversionError, match="already exists"):
+        export_hf_checkpoint(imported["qwen3_moe"], hf_out)
+    export_hf_checkpoint(imported["qwen3_moe"], hf_out, overwrite=True)
+    assert_bitwise_equal(hf_models["qwen3_moe"], hf_out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mcore"]  # no leftovers
+
+
+def test_layout_without_enough_processes_says_how_to_start(hf_models, tmp_path):
+    with pytest.raises(ConversionError, match="torchrun --nproc-per-node 4"):
+        import_hf_checkpoint(hf_models["qwen3_moe"], tmp_path / "out", tp=2, ep=2)
+    with pytest.raises(ValueError, match="EP=3 must divide num_experts=4"):
+        import_hf_checkpoint(hf_models["qwen3_moe"], tmp_path / "out", ep=3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_crash_mid_conversion_leaves_no_output(hf_models, imported, tmp_path, monkeypatch):
+    from sara_megatron.conversion import hf_export
+    from sara_megatron.conversion.safetensors_io import SafetensorsCheckpoint
+
+    calls = {"n": 0}
+    real_read = SafetensorsCheckpoint.read
+
+    def failing_read(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise RuntimeError("disk on fire")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read", failing_read)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        import_hf_checkpoint(hf_models["qwen3_moe"], tmp_path / "mcore")
+    monkeypatch.undo()
+
+    real_load = hf_export._load_batch
+    batches = {"n": 0}
+
+    def failing_load(*args):
+        batches["n"] += 1
+        if batches["n"] == 2:
+            raise RuntimeError("killed")
+        return real_load(*args)
+
+    monkeypatch.setattr(hf_export, "_load_batch", failing_load)
+    with pytest.raises(RuntimeError, match="killed"):
+        export_hf_checkpoint(imported["qwen3_moe"], tmp_path / "hf", read_batch_bytes=20_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_names_checkpoint_config_mismatches(imported, tmp_path):
+    """A checkpoint whose recorded config disagrees with its tensors: shapes and extra tensors
+    are named, nothing is written."""
+    mcore = tmp_path / "mcore"
+    shutil.copytree(imported["phimoe"], mcore)
+    record = json.loads((mcore / METADATA_FILE).read_text())
+
+    record["hf_config"]["intermediate_size"] = 48
+    (mcore / METADATA_FILE).write_text(json.dumps(record))
+    with pytest.raises(ConversionError,
+                       match=r"shape mismatch for decoder.layers.mlp.experts.experts.linear_fc1"
+                             r".weight: checkpoint has \(2, 4, 64, 64\), the config implies "
+                             r"\(2, 4, 96, 64\)"):
+        export_hf_checkpoint(mcore, tmp_path / "hf")
+
+    record["hf_config"]["intermediate_size"] = 32
+    record["hf_config"]["attention_bias"] = False
+    (mcore / METADATA_FILE).write_text(json.dumps(record))
+    with pytest.raises(ConversionError, match=r"unexpected tensors: .*linear_proj.bias.*"
+                                              r"linear_qkv.bias"):
+        export_hf_checkpoint(mcore, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+    with pytest.raises(ConversionError, match="not a Megatron-Core distributed checkpoint"):
+        export_hf_checkpoint(tmp_path, tmp_path / "hf", hf_dir=mcore / "hf_assets")

@@ -1,0 +1,98 @@
+"""Hugging Face ⇄ Megatron-Core checkpoints for Qwen3-MoE and PhiMoE.
+
+    python tools/convert_hf.py import --hf-dir HF --out MCORE [--tp N --ep N --pp N] [--dtype bf16|fp32]
+    python tools/convert_hf.py export --megatron-dir MCORE --out HF2
+    python tools/convert_hf.py verify --hf-dir HF --megatron-dir MCORE [--seq-len N --batch N]
+
+`import` runs in one process or under torchrun (each rank converts and holds only its shard; the
+world size must fit the layout). `export` and `verify` run in one process. `verify` prints one
+JSON line and exits 1 when past its thresholds. Bad input exits 2 with the reason.
+The logic lives in `sara_megatron.conversion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="HF safetensors folder -> Megatron-Core checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="HF folder: config.json + safetensors")
+    imp.add_argument("--out", required=True, help="Megatron checkpoint folder to create")
+    imp.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
+    imp.add_argument("--ep", type=int, default=1, help="expert parallel size (default 1)")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
+    imp.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                     help="parameter dtype (default: the source's when all bf16 or all fp32, else fp32)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    exp = sub.add_parser("export", help="Megatron-Core checkpoint -> HF safetensors folder")
+    exp.add_argument("--megatron-dir", required=True)
+    exp.add_argument("--out", required=True, help="HF folder to create")
+    exp.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                     help="output dtype (default: the checkpoint's)")
+    exp.add_argument("--max-shard-size", default="5GB",
+                     help="largest safetensors file before sharding with an index (default 5GB)")
+    exp.add_argument("--hf-dir", default=None,
+                     help="config.json + tokenizer source, for checkpoints without conversion "
+                          "metadata (e.g. written by training)")
+    exp.add_argument("--read-batch-mb", type=int, default=512,
+                     help="Megatron tensors read per batch, in MiB (bounds export memory)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    ver = sub.add_parser("verify", help="logits of transformers' model vs ours on the same tokens")
+    ver.add_argument("--hf-dir", required=True)
+    ver.add_argument("--megatron-dir", required=True)
+    ver.add_argument("--seq-len", type=int, default=64,
+                     help="tokens per sequence (default 64; keep PhiMoE below its longrope "
+                          "switch, see sara_megatron/conversion/verify.py)")
+    ver.add_argument("--batch", type=int, default=2)
+    ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--max-abs-diff", type=float, default=1e-4,
+                     help="fail above this max |logits difference| (default 1e-4)")
+    ver.add_argument("--min-argmax-agreement", type=float, default=1.0,
+                     help="fail below this fraction of agreeing argmax tokens (default 1.0)")
+    ver.add_argument("--min-cosine", type=float, default=None,
+                     help="fail below this smallest per-position cosine (default: not checked)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+
+    try:
+        if args.command == "import":
+            from sara_megatron.conversion.hf_import import import_hf_checkpoint
+            from sara_megatron.distributed import destroy_distributed
+
+            import_hf_checkpoint(args.hf_dir, args.out, tp=args.tp, ep=args.ep, pp=args.pp,
+                                 dtype=args.dtype, overwrite=args.overwrite)
+            destroy_distributed()
+            return 0
+        if args.command == "export":
+            from sara_megatron.conversion.hf_export import export_hf_checkpoint
+
+            export_hf_checkpoint(args.megatron_dir, args.out, overwrite=args.overwrite,
+                                 dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                 hf_dir=args.hf_dir, read_batch_bytes=args.read_batch_mb * 2**20)
+            return 0
+        from sara_megatron.conversion.verify import Thresholds, passes, verify_conversion
+
+        result = verify_conversion(args.hf_dir, args.megatron_dir, seq_len=args.seq_len,
+                                   batch=args.batch, seed=args.seed)
+        print(json.dumps(result), flush=True)
+        ok = passes(result, Thresholds(args.max_abs_diff, args.min_argmax_agreement,
+                                       args.min_cosine))
+        return 0 if ok else 1
+    except ValueError as e:  # bad input (ConversionError, architecture and layout errors)
+        print(f"convert_hf.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # the guard matters: megatron's checkpoint writer spawns a helper
+    sys.exit(main())
