@@ -153,9 +153,12 @@ def initialize_distributed(
         apply_cpu_compat()
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", denv.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(denv.master_port))
+        # torchrun exports MASTER_* (and may serve the store itself): use them. Otherwise an
+        # explicit address rather than writing MASTER_* into os.environ, which child processes
+        # (tools this process launches) would inherit along with a port already taken.
+        launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
         dist.init_process_group(
+            init_method="env://" if launched else f"tcp://{denv.master_addr}:{denv.master_port}",
             # gloo beside NCCL on GPU: small CPU-side collectives (all_gather_object of reports,
             # CPU scalars) then work on the default group too.
             backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",

@@ -37,6 +37,9 @@ class ModelOptions:
     # Training sums the loss over tokens and divides by the global token count once
     # (megatron's per-token loss): the update is then the same however the batch is split.
     calculate_per_token_loss: bool = False
+    # False when every weight is about to be overwritten (checkpoint import, verify): megatron's
+    # CPU initialisation builds each whole weight in fp32 before keeping this rank's part.
+    perform_initialization: bool = True
 
 
 def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptions()):
@@ -105,6 +108,7 @@ def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptio
         variable_seq_lengths=False,
         recompute_granularity="selective" if options.recompute else None,
         calculate_per_token_loss=options.calculate_per_token_loss,
+        perform_initialization=options.perform_initialization,
     )
     if arch.family == "phimoe":
         from sara_megatron.models.phimoe import phimoe_config_kwargs
@@ -196,8 +200,38 @@ def build_model(
         from sara_megatron.models.phimoe import finish_phimoe_model
 
         finish_phimoe_model(model, arch, config)
+    if post_process:
+        mask_padded_vocab(model, arch)
     model.sara_architecture = arch
     return model
+
+
+# A logit this low has probability exactly 0 after softmax in fp32 and bf16.
+PADDED_VOCAB_LOGIT = -1.0e4
+
+
+def mask_padded_vocab(model, arch: MoEArchitecture) -> None:
+    """Keep the vocabulary padding out of the softmax: its logits are pushed to -1e4.
+
+    Megatron pads the vocabulary for its vocab-parallel layers (Phi: 32064 -> 32128); without this
+    the padded columns (logit 0 with zero rows) would take probability mass in the cross-entropy,
+    so the loss would not be the HF model's. Applied to this rank's slice of the output layer.
+    """
+    from megatron.core import parallel_state as ps
+
+    padded = model.output_layer.output_size_per_partition * ps.get_tensor_model_parallel_world_size()
+    if padded <= arch.vocab_size:
+        return
+    start = ps.get_tensor_model_parallel_rank() * model.output_layer.output_size_per_partition
+    columns = torch.arange(start, start + model.output_layer.output_size_per_partition)
+    offset = torch.where(columns >= arch.vocab_size, PADDED_VOCAB_LOGIT, 0.0)
+    model.output_layer.register_buffer("padded_vocab_offset", offset, persistent=False)
+
+    def add_offset(module, args, output):
+        logits, bias = output
+        return logits + module.padded_vocab_offset.to(device=logits.device, dtype=logits.dtype), bias
+
+    model.output_layer.register_forward_hook(add_offset)
 
 
 def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
