@@ -111,3 +111,23 @@ def test_world_size_that_does_not_fit():
     with pytest.raises(ValueError, match="expert parallel size 4 must divide"):
         ParallelConfig(tp=2, ep=4).validate_world(4)
     assert ParallelConfig(tp=2, ep=2).validate_world(4) == 2
+
+
+def test_padded_vocabulary_takes_no_probability(single_rank):
+    torch.manual_seed(0)
+    arch = get_preset("phi35_moe_tiny")  # vocab 250, padded to 256 for Megatron
+    assert arch.padded_vocab_size() == 256 > arch.vocab_size
+    model = build_model(arch).eval()
+    s = 12
+    tokens = torch.randint(0, arch.vocab_size, (2, s))
+    positions = torch.arange(s).expand(2, s)
+    with torch.no_grad():
+        logits = model(tokens, positions, causal_attention_mask(s))
+        per_token = model(tokens, positions, causal_attention_mask(s), labels=tokens)
+    probs = torch.softmax(logits.float(), dim=-1)
+    assert torch.all(probs[..., arch.vocab_size:] == 0)
+    # The model's cross-entropy is the one over the real vocabulary only.
+    real = torch.nn.functional.cross_entropy(
+        logits[..., : arch.vocab_size].float().reshape(-1, arch.vocab_size), tokens.reshape(-1),
+        reduction="none").reshape(2, s)
+    torch.testing.assert_close(per_token.float(), real, rtol=1e-5, atol=1e-5)
