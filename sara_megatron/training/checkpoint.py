@@ -65,9 +65,15 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
 
 
 def save_training_checkpoint(
-    save_dir: str, iteration: int, chunks, optimizer, scheduler, extra: dict
+    save_dir: str, iteration: int, chunks, optimizer, scheduler, extra: dict,
+    conversion_source: Optional[str] = None,
 ) -> str:
-    """Collective. Returns the folder of the checkpoint written."""
+    """Collective. Returns the folder of the checkpoint written.
+
+    conversion_source: the converted checkpoint training started from; its conversion metadata
+    and HF assets (config, tokenizer) are carried into every save, so `convert_hf.py export`
+    works on a training checkpoint as it is.
+    """
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(save_dir, iteration)
@@ -84,6 +90,7 @@ def save_training_checkpoint(
     dist_checkpointing.save(state, staging)
     dist.barrier()
     if dist.get_rank() == 0:
+        _carry_conversion_metadata(conversion_source, staging)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -95,6 +102,16 @@ def save_training_checkpoint(
         os.replace(pointer + ".tmp", pointer)
     dist.barrier()
     return final
+
+
+def _carry_conversion_metadata(source: Optional[str], folder: str) -> None:
+    from sara_megatron.conversion.metadata import ASSETS_DIR, METADATA_FILE
+
+    if not source or not os.path.exists(os.path.join(source, METADATA_FILE)):
+        return
+    shutil.copy2(os.path.join(source, METADATA_FILE), os.path.join(folder, METADATA_FILE))
+    if os.path.isdir(os.path.join(source, ASSETS_DIR)):
+        shutil.copytree(os.path.join(source, ASSETS_DIR), os.path.join(folder, ASSETS_DIR))
 
 
 @torch.no_grad()

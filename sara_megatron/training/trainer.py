@@ -324,6 +324,7 @@ class Trainer:
         save_training_checkpoint(
             self.cfg.checkpoint.save_dir, self.iteration, self.chunks, self.optimizer,
             self.scheduler, dict(consumed_samples=self.consumed_samples, seed=self.cfg.seed),
+            conversion_source=self.cfg.model.checkpoint,
         )
 
     def run(self, max_steps: Optional[int] = None) -> TrainResult:
