@@ -28,6 +28,8 @@ def _from_conversion_metadata(checkpoint_dir: str) -> str | None:
         return None
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
+    if "training" in record:  # a training checkpoint: its weights moved on from the source's
+        return None
     fingerprint = (record.get("source") or {}).get("fingerprint")
     if not isinstance(fingerprint, str) or not fingerprint:
         raise ValueError(f"{path} has no source.fingerprint")

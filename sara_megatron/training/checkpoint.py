@@ -13,6 +13,7 @@ The optimizer state is saved "fully_reshardable", so a run may resume at another
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -109,7 +110,13 @@ def _carry_conversion_metadata(source: Optional[str], folder: str) -> None:
 
     if not source or not os.path.exists(os.path.join(source, METADATA_FILE)):
         return
-    shutil.copy2(os.path.join(source, METADATA_FILE), os.path.join(folder, METADATA_FILE))
+    with open(os.path.join(source, METADATA_FILE), encoding="utf-8") as f:
+        record = json.load(f)
+    # The weights are no longer the converted ones: say so, so that the source fingerprint is not
+    # taken for these weights' fingerprint (sara_megatron.priors.fingerprint).
+    record["training"] = {"base_checkpoint": os.path.abspath(source)}
+    with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
     if os.path.isdir(os.path.join(source, ASSETS_DIR)):
         shutil.copytree(os.path.join(source, ASSETS_DIR), os.path.join(folder, ASSETS_DIR))
 
