@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 tools/routing_report.py --preset qwen3_moe_tiny --ep 2
+	PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 $(PY) tools/demo.py
 
 clean:
 	rm -rf .venv build *.egg-info

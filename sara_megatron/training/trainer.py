@@ -175,6 +175,12 @@ class Trainer:
         from sara_megatron.data.sara_dataset import SaraDataConfig, build_sara_data_loader
 
         d = self.cfg.data
+        expected_fingerprint = None
+        if d.prior_store and self.cfg.model.checkpoint:
+            from sara_megatron.priors import model_fingerprint
+
+            # Priors must come from the weights training starts from (the base checkpoint).
+            expected_fingerprint = model_fingerprint(self.cfg.model.checkpoint)
         self.data_config = SaraDataConfig(
             shards_dir=d.shards_dir,
             prior_store=d.prior_store,
@@ -186,6 +192,7 @@ class Trainer:
             seed=self.cfg.seed,
             shuffle=d.shuffle,
             pad_id=d.pad_id,
+            expected_model_fingerprint=expected_fingerprint,
         )
         def loader():
             return build_sara_data_loader(
