@@ -1,6 +1,7 @@
-"""The SARA training data loader: every batch's priors are its own samples' anchor priors; token
-packing and masks; deterministic, disjoint across data-parallel ranks, resumable; language choice;
-refusals (missing prior, other model, other corpus)."""
+"""The SARA training data loader: every batch's priors are its own samples' anchor priors (through
+the loader's PriorTable, and through the per-batch store read); token packing and masks;
+deterministic, disjoint across data-parallel ranks, resumable; language choice; refusals (missing
+prior, other model, other corpus, another loader's prior table)."""
 
 import hashlib
 
@@ -65,13 +66,27 @@ def config(data, **overrides):
 
 
 def batches(cfg, dp_rank=0, dp_size=1, consumed=0, **kwargs):
-    return list(build_sara_data_loader(cfg, dp_rank, dp_size, consumed, **kwargs))
+    """The loader's batches with their priors in place, as the training loop gets them."""
+    loader = build_sara_data_loader(cfg, dp_rank, dp_size, consumed, **kwargs)
+    return [batch.with_priors(loader.prior_table) for batch in loader]
 
 
-def test_every_batch_priors_belong_to_its_samples(data):
+@pytest.mark.parametrize("prior_table", [True, False], ids=["table", "store-per-batch"])
+def test_every_batch_priors_belong_to_its_samples(data, prior_table):
     seen = []
     for rank in range(2):
-        for batch in batches(config(data, languages="all", epochs=2), rank, 2):
+        cfg = config(data, languages="all", epochs=2, prior_table=prior_table)
+        loader = build_sara_data_loader(cfg, rank, 2)
+        table = loader.prior_table
+        for batch in loader:
+            if prior_table:
+                # The loader hands out table rows, not priors; the rows name the batch's samples.
+                assert batch.priors is None and batch.prior_rows.dtype == torch.int64
+                assert table.sample_ids_at(batch.prior_rows) == batch.sample_ids
+                assert batch.prior_table_digest == table.digest
+            else:
+                assert table is None and batch.prior_rows is None
+            batch = batch.with_priors(table)
             assert batch.priors.shape == (2, 3, EXPERTS) and batch.prior_layers == (1, 3)
             for b, sid in enumerate(batch.sample_ids):
                 want = torch.from_numpy(prior_of(sid)[[1, 3]])
@@ -79,6 +94,37 @@ def test_every_batch_priors_belong_to_its_samples(data):
             seen += list(zip(batch.sample_ids, batch.languages))
     # The anchors train too with languages="all"; two epochs of 30 samples, 6 per step.
     assert len(seen) == 60 and {lang for _, lang in seen} == {"en", "hi", "sw"}
+
+
+def test_prior_table(data):
+    loader = build_sara_data_loader(config(data))
+    table = loader.prior_table
+    # One row per distinct anchor id, the selected layers only: 10 x 2 x 8 fp32.
+    assert len(table) == N and table.layers == (1, 3) and table.device == torch.device("cpu")
+    assert table.priors.shape == (2, N, EXPERTS) and table.nbytes == N * 2 * EXPERTS * 4
+    batch = next(iter(loader))
+    # `to` moves the rows too; priors come out beside the tokens, wherever the table is.
+    moved = batch.to("cpu").with_priors(table.to("cpu"))
+    assert torch.equal(moved.priors, table.gather(batch.prior_rows))
+    assert batch.with_priors(table).priors.is_contiguous()
+    with pytest.raises(ValueError, match="pass the loader's prior_table"):
+        batch.with_priors(None)
+    # Rows index one loader's table: another table (other layers) is refused, not misread.
+    other = build_sara_data_loader(config(data, prior_layers=(0, 1))).prior_table
+    with pytest.raises(ValueError, match="use the prior_table of the loader the batch came"):
+        batch.with_priors(other)
+    assert build_sara_data_loader(config(data, prior_table=False)).prior_table is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_prior_table_on_gpu(data):
+    cfg = config(data, languages="all")
+    loader = build_sara_data_loader(cfg, prior_device="cuda", pin_memory=True)
+    assert loader.prior_table.device.type == "cuda"
+    for host, batch in zip(batches(cfg), loader):
+        batch = batch.to("cuda", non_blocking=True).with_priors(loader.prior_table)
+        assert batch.priors.device.type == "cuda" and batch.prior_rows.device.type == "cuda"
+        assert torch.equal(batch.priors.cpu(), host.priors)
 
 
 def test_tokens_labels_and_masks(data):
@@ -139,27 +185,32 @@ def test_language_choice(data):
 
 
 def test_without_priors(data):
-    batch = batches(config(data, prior_store=None, prior_layers=None))[0]
-    assert batch.priors is None and batch.prior_layers == ()
+    loader = build_sara_data_loader(config(data, prior_store=None, prior_layers=None))
+    batch = next(iter(loader))
+    assert loader.prior_table is None and batch.with_priors(loader.prior_table) is batch
+    assert batch.priors is None and batch.prior_rows is None and batch.prior_layers == ()
 
 
 def test_refusals(data, tmp_path):
     root, shards, _ = data
     ids = [s.meta.sample_id for s in shards.samples("en")]
     partial = write_priors(tmp_path / "partial", shards, ids[:-1])
-    with pytest.raises(MissingPriorError, match=rf"1 training sample id\(s\).*'{ids[-1]}'"):
-        batches(config(data, prior_store=partial))
+    for prior_table in (True, False):  # at open, before any table is built
+        with pytest.raises(MissingPriorError, match=rf"1 training sample id\(s\).*'{ids[-1]}'"):
+            batches(config(data, prior_store=partial, prior_table=prior_table))
     with pytest.raises(PriorStoreError, match="different model"):
         batches(config(data, expected_model_fingerprint="model-b"))
     stale = write_priors(tmp_path / "stale", shards, ids, corpus="sha256:other")
     with pytest.raises(PriorStoreError, match="different corpus"):
         batches(config(data, prior_store=stale))
-    with pytest.raises(PriorStoreError, match=r"layers \[5\] were not recorded"):
-        batches(config(data, prior_layers=(1, 5)))
+    for prior_table in (True, False):
+        with pytest.raises(PriorStoreError, match=r"layers \[5\] were not recorded"):
+            batches(config(data, prior_layers=(1, 5), prior_table=prior_table))
 
 
-def test_loader_workers(data):
-    cfg = config(data, languages="all")
+@pytest.mark.parametrize("prior_table", [True, False], ids=["table", "store-per-batch"])
+def test_loader_workers(data, prior_table):
+    cfg = config(data, languages="all", prior_table=prior_table)
     plain = batches(cfg, 0, 2)
     threaded = batches(cfg, 0, 2, num_workers=1)
     assert [b.sample_ids for b in threaded] == [b.sample_ids for b in plain]

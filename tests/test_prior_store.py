@@ -1,5 +1,6 @@
 """Prior store: round trip (fp32, bf16), batch reads of chosen layers, checksums, fingerprints,
-missing ids, resumable writes."""
+missing ids, resumable writes; bulk reads by global row and the in-memory PriorTable built from
+them."""
 
 import pickle
 
@@ -13,6 +14,7 @@ from sara_megatron.priors import (
     PriorStoreError,
     PriorStoreMetadata,
     PriorStoreWriter,
+    PriorTable,
     parse_layer_selection,
 )
 
@@ -162,6 +164,65 @@ def test_store_pickles_for_loader_workers(store_path):
     store.read(IDS)
     clone = pickle.loads(pickle.dumps(store))
     assert torch.equal(clone.read(IDS, layers=[9]), store.read(IDS, layers=[9]))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_read_rows_by_global_row(tmp_path, dtype):
+    store = PriorStore(write_store(tmp_path / dtype, dtype=dtype, split=3))  # 4 shards
+    # Global rows number the shards in store.json's order (by name, not by write order).
+    order = store.sample_ids
+    assert sorted(order) == sorted(IDS)
+    assert store.global_rows(["s-9", "s-0", "s-4"]).tolist() == [order.index(s)
+                                                                 for s in ("s-9", "s-0", "s-4")]
+    with pytest.raises(MissingPriorError, match=r"1 sample id\(s\).*'nope'"):
+        store.global_rows(["s-1", "nope"])
+    rows = [9, 0, 4, 4, 7, 2]  # any order, repeats, across shards
+    for layers in (None, [8, 9], [12, 7]):  # all, contiguous, scattered and reordered
+        got = store.read_rows(rows, layers, chunk_rows=2)
+        want = store.read([order[r] for r in rows], layers).transpose(0, 1)
+        assert got.dtype == np.float32 and torch.equal(torch.from_numpy(got), want)
+    assert store.read_rows([], [8]).shape == (0, 1, EXPERTS)
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        store.read_rows([3, 10])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_prior_table_gathers_the_stored_priors(tmp_path, dtype):
+    store = PriorStore(write_store(tmp_path / dtype, dtype=dtype, split=3))
+    wanted = ["s-8", "s-1", "s-8", "s-5", "s-2", "s-1"]  # repeats: one row per distinct id
+    table = PriorTable.from_store(store, wanted, layers=[12, 8], chunk_rows=2)
+    in_store_order = tuple(sid for sid in store.sample_ids if sid in wanted)
+    assert table.sample_ids == in_store_order and len(in_store_order) == 4
+    assert len(table) == 4 and table.layers == (12, 8) and table.num_experts == EXPERTS
+    assert table.priors.shape == (2, 4, EXPERTS) and table.priors.is_contiguous()
+    assert table.nbytes == PriorTable.nbytes_for(4, 2, EXPERTS) == 4 * 2 * EXPERTS * 4
+    rows = table.rows(wanted)
+    assert rows.dtype == np.int64 and table.sample_ids_at(rows) == wanted
+    gathered = table.gather(torch.from_numpy(rows))
+    assert gathered.shape == (2, len(wanted), EXPERTS) and gathered.is_contiguous()
+    assert torch.equal(gathered, store.read(wanted, layers=[12, 8]))
+    assert torch.equal(table["s-5"], store.read(["s-5"], layers=[12, 8])[:, 0])
+    assert torch.equal(table.gather(rows.tolist()), gathered)  # plain ints too
+    with pytest.raises(MissingPriorError, match="'s-0'"):
+        table.rows(["s-1", "s-0"])
+    with pytest.raises(RuntimeError, match="out of"):  # index_select's bounds check on CPU
+        table.gather([0, 4])
+    with pytest.raises(IndexError, match=r"rows \[4\] are outside"):
+        table.sample_ids_at([4])
+
+
+def test_prior_table_refusals_and_identity(store_path):
+    store = PriorStore(store_path)
+    with pytest.raises(MissingPriorError, match=r"1 sample id\(s\).*'gsm8k-404'"):
+        PriorTable.from_store(store, ["s-1", "gsm8k-404"])
+    with pytest.raises(PriorStoreError, match=r"layers \[10\] were not recorded"):
+        PriorTable.from_store(store, ["s-1"], layers=[9, 10])
+    full = PriorTable.from_store(store, IDS)
+    assert full.layers == LAYERS and torch.equal(full.gather(full.rows(IDS)), store.read(IDS))
+    # The digest names the ids and layers a row index refers to, and survives a move.
+    assert full.to("cpu").digest == full.digest == PriorTable.from_store(store, IDS[::-1]).digest
+    assert PriorTable.from_store(store, IDS, layers=[7, 8]).digest != full.digest
+    assert PriorTable.from_store(store, IDS[1:]).digest != full.digest
 
 
 def test_layer_selection():

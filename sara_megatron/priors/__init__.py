@@ -1,4 +1,5 @@
-"""Anchor routing priors: extraction from a Megatron model and the sharded prior store."""
+"""Anchor routing priors: extraction from a Megatron model, the sharded prior store, and the
+in-memory prior table the training loop gathers batches from."""
 
 from sara_megatron.priors.fingerprint import model_fingerprint
 from sara_megatron.priors.layer_selection import parse_layer_selection
@@ -9,6 +10,7 @@ from sara_megatron.priors.store_format import (
     PriorStoreMetadata,
 )
 from sara_megatron.priors.store_writer import PriorStoreWriter
+from sara_megatron.priors.table import PriorTable
 
 __all__ = [
     "MissingPriorError",
@@ -16,6 +18,7 @@ __all__ = [
     "PriorStoreError",
     "PriorStoreMetadata",
     "PriorStoreWriter",
+    "PriorTable",
     "model_fingerprint",
     "parse_layer_selection",
 ]

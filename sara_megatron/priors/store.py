@@ -61,11 +61,16 @@ class PriorStore:
         self._arrays: dict[int, np.ndarray] = {}
         self._index: dict[str, tuple[int, int]] = {}
         self._sample_ids: list[str] = []
+        # Global row g of the store = row g - _shard_starts[s] of shard s (shards in listed order).
+        self._shard_starts = np.cumsum([0] + [shard["rows"] for shard in self._shards])
         for shard_index, shard in enumerate(self._shards):
             if verify == "open":
                 self._verify(shard_index)
             with open(self._file(shard_index, IDS_SUFFIX), encoding="utf-8") as f:
                 ids = json.load(f)["sample_ids"]
+            if len(ids) != shard["rows"]:  # the global row numbering relies on it
+                raise PriorStoreError(f"{self._file(shard_index, IDS_SUFFIX)} lists {len(ids)} "
+                                      f"sample ids, store.json says {shard['rows']} rows")
             for row, sid in enumerate(ids):
                 self._index[sid] = (shard_index, row)
             self._sample_ids += ids
@@ -202,3 +207,49 @@ class PriorStore:
         """[L_sel, B, N] float32 priors of `sample_ids` (in that order) at global `layers`."""
         selection = self.layer_selection(layers)
         return self.stack([self.stored_row(sid, selection) for sid in sample_ids])
+
+    # --- bulk reads by global row (what a PriorTable is built from) ------------------------------
+
+    def global_rows(self, sample_ids: Iterable[str]) -> np.ndarray:
+        """[n] int64: each id's row in the store's global numbering (shards in listed order,
+        `sample_ids[g]` is row g). Fails naming the ids the store lacks."""
+        sample_ids = list(sample_ids)
+        missing = self.missing(sample_ids)
+        if missing:
+            raise MissingPriorError(
+                f"{len(missing)} sample id(s) have no prior in the prior store {self.path}, e.g. "
+                f"{missing[:5]}"
+            )
+        starts, index = self._shard_starts, self._index
+        return np.fromiter((starts[index[sid][0]] + index[sid][1] for sid in sample_ids),
+                           dtype=np.int64, count=len(sample_ids))
+
+    def read_rows(self, global_rows: Sequence[int], layers: Optional[Sequence[int]] = None,
+                  chunk_rows: int = 4096) -> np.ndarray:
+        """[R, L_sel, N] float32 of the store's global rows `global_rows` (in that order) at
+        global `layers`: read shard by shard, `chunk_rows` at a time so the only temporary is one
+        chunk of the selected layers."""
+        rows = np.asarray(global_rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"global rows must lie in [0, {len(self)}) for prior store "
+                             f"{self.path}, got [{rows.min()}, {rows.max()}]")
+        selection = self.layer_selection(layers)
+        num_layers = len(self.layer_positions(layers))
+        out = np.empty((len(rows), num_layers, self.metadata.num_experts), np.float32)
+        # Visit each shard once, in row order within it (sequential pages of the memory map).
+        order = np.argsort(rows, kind="stable")
+        bounds = np.searchsorted(rows[order], self._shard_starts)
+        for shard_index in range(len(self._shards)):
+            lo, hi = int(bounds[shard_index]), int(bounds[shard_index + 1])
+            if lo == hi:
+                continue
+            array = self._array(shard_index)
+            for start in range(lo, hi, chunk_rows):
+                where = order[start:min(hi, start + chunk_rows)]
+                local = rows[where] - self._shard_starts[shard_index]
+                if isinstance(selection, slice):
+                    stored = array[local, selection]
+                else:  # [r, 1] x [1, L_sel] -> [r, L_sel, N] in one gather
+                    stored = array[local[:, None], selection[None, :]]
+                out[where] = decode_priors(stored)
+        return out

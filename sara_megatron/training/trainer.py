@@ -198,6 +198,7 @@ class Trainer:
             return build_sara_data_loader(
                 self.data_config, self.dp_rank, self.dp_size, consumed_samples=self.consumed_samples,
                 num_workers=d.num_workers, pin_memory=self.device.type == "cuda",
+                prior_device=self.device,
             )
 
         self.loader = loader()
@@ -224,7 +225,10 @@ class Trainer:
 
     def _next_microbatches(self) -> list:
         try:
-            return [next(self.batches).to(self.device) for _ in range(self.num_microbatches)]
+            return [
+                next(self.batches).to(self.device).with_priors(self.loader.prior_table)
+                for _ in range(self.num_microbatches)
+            ]
         except StopIteration:
             raise RuntimeError(
                 f"data ran out at step {self.iteration} (consumed {self.consumed_samples} samples)"
