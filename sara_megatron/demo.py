@@ -71,6 +71,7 @@ def write_tiny_hf_model(out_dir: Path, tokenizer_dir: Path, seed: int = 1234) ->
         max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=False,
         router_aux_loss_coef=arch.router_aux_loss_coef,
     )
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = transformers.Qwen3MoeForCausalLM(config)
     # Wider router weights than the 0.02 default: routing starts far from uniform, so there is
@@ -166,6 +167,6 @@ def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
     for name in ("sara", "fft"):
         lines = (work / f"{name}.jsonl").read_text().splitlines()
         first, last = json.loads(lines[0]), json.loads(lines[-1])
-        print(f"{name}: CE {first['ce']:.3f} -> {last['ce']:.3f}, training-batch JS "
-              f"{first['js']:.3e} -> {last['js']:.3e} over {len(lines)} steps")
+        print(f"{name}: step {first['step']} -> {last['step']}: CE {first['ce']:.3f} -> "
+              f"{last['ce']:.3f}, training-batch JS {first['js']:.3e} -> {last['js']:.3e}")
     return {"before": before, **runs}
