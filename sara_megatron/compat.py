@@ -110,7 +110,46 @@ def apply_no_transformer_engine_compat() -> bool:
     # bound when Transformer Engine imports (NameError otherwise).
     if not hasattr(mcore_moe_utils, "te_general_gemm"):
         mcore_moe_utils.te_general_gemm = None
+    _patch_optimizer_step_state()
     return True
+
+
+def _patch_optimizer_step_state() -> None:
+    """Resuming megatron's distributed optimizer when it wraps torch's Adam (no apex / TE).
+
+    `DistributedOptimizer._set_main_param_and_optimizer_states` copies every per-parameter
+    state entry from the loaded checkpoint, but without apex/TE the optimizer is torch's Adam,
+    whose per-parameter "step" the "fully_reshardable" format does not store (megatron restores
+    it from the param groups in `load_state_dict`): loading raised KeyError('step')."""
+    from megatron.core.optimizer import distrib_optimizer as mdo
+
+    if getattr(mdo, "HAVE_APEX_OR_TE", True) or getattr(mdo, "_sara_step_patch", False):
+        return
+    original = mdo.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            tensors = dict(tensors, step=state["step"])  # already restored by load_state_dict
+        return original(self, model_param, tensors)
+
+    mdo.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+    # `DistributedOptimizer.load_state_dict` gives every parameter's state the same "step" tensor;
+    # torch's Adam increments it in place once per parameter, so after a resume the bias
+    # correction ran ahead by the group's parameter count every step. One tensor per parameter.
+    original_load = mdo.DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    mdo.DistributedOptimizer.load_state_dict = load_state_dict
+    mdo._sara_step_patch = True
 
 
 def apply_cpu_compat() -> bool:

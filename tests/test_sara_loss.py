@@ -47,7 +47,7 @@ def _grads(model):
 def _run(model, tokens, observer):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # the shape megatron's schedules use
     model.zero_grad(set_to_none=True)
     with observe_routers(observer):
         out = model(tokens, torch.arange(S).expand(B, S), causal_attention_mask(S))

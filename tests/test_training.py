@@ -81,13 +81,18 @@ def test_sara_pp2_js_falls(torchrun, sara_data, tmp_path):
 
 
 def test_two_microbatches_of_one_equal_one_of_two(single_rank, sara_data):
-    """Same global batch cut two ways: gradients (not only Adam's sign-like first update) agree."""
+    """Same global batch cut two ways: gradients (not only Adam's sign-like first update) agree.
+
+    CE and the SARA term are exact under any split. Megatron's load-balancing loss is a statistic
+    of each micro-batch's tokens (a product of per-expert fractions), so it legitimately differs
+    between splits; it is switched off here to test the rest exactly.
+    """
     from sara_megatron.training import Trainer, load_train_config
 
     def one_step(micro_batch):
         overrides = [a for a in _base_overrides(sara_data, **{
             "data.micro_batch_size": micro_batch, "data.global_batch_size": 2,
-            "optim.train_steps": 1, "sara.lambda_js": 1.5,
+            "optim.train_steps": 1, "sara.lambda_js": 1.5, "model.moe_aux_loss_coeff": 0.0,
         }) if a != "--set"]
         trainer = Trainer(load_train_config(None, overrides))
         record = trainer.train_step()
@@ -126,7 +131,13 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, sara_data, tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    # kill -9 every process of the run: torchrun starts its workers in sessions of their own.
+    import psutil
+
+    victims = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
     proc.wait()
     killed = _read_log(log)
     assert 5 <= len(killed) < steps

@@ -32,6 +32,7 @@ from sara_megatron.conversion import progress
 from sara_megatron.conversion.errors import ConversionError
 from sara_megatron.conversion.mapping import ModelMapping, build_mapping
 from sara_megatron.conversion.safetensors_io import SafetensorsCheckpoint
+from sara_megatron.data.atomic_files import sha256_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -137,7 +138,7 @@ def _check_world_size(tp: int, ep: int, pp: int) -> None:
 
 def _fingerprint(reader: SafetensorsCheckpoint, rank: int, world: int) -> dict[str, str]:
     """SHA-256 of every source file; ranks split the files and share the results."""
-    mine = {f: meta.file_sha256(os.path.join(reader.dir, f)) for f in reader.files[rank::world]}
+    mine = {f: sha256_file(os.path.join(reader.dir, f)) for f in reader.files[rank::world]}
     if world == 1:
         return mine
     parts = [None] * world

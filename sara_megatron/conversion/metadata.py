@@ -59,11 +59,6 @@ def copy_assets(src_dir: str, names: list[str], dst_dir: str) -> None:
         shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
 
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def combined_fingerprint(file_hashes: dict[str, str]) -> str:
     lines = "".join(f"{name} {file_hashes[name]}\n" for name in sorted(file_hashes))
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()

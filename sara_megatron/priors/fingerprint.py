@@ -11,28 +11,24 @@ the one place that decides it, so extraction and training always agree.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
+from sara_megatron.conversion.metadata import ASSETS_DIR, METADATA_FILE, read_metadata
 from sara_megatron.data.atomic_files import sha256_file
 
-# Written by the HF -> Megatron converter inside the checkpoint folder.
-CONVERSION_METADATA_FILE = "sara_conversion.json"
 # Not weights: left out of the computed fingerprint.
-_NOT_WEIGHTS = (CONVERSION_METADATA_FILE, "hf_assets")
+_NOT_WEIGHTS = (METADATA_FILE, ASSETS_DIR)
 
 
 def _from_conversion_metadata(checkpoint_dir: str) -> str | None:
-    path = os.path.join(checkpoint_dir, CONVERSION_METADATA_FILE)
-    if not os.path.exists(path):
+    record = read_metadata(checkpoint_dir)
+    if record is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
     if "training" in record:  # a training checkpoint: its weights moved on from the source's
         return None
     fingerprint = (record.get("source") or {}).get("fingerprint")
     if not isinstance(fingerprint, str) or not fingerprint:
-        raise ValueError(f"{path} has no source.fingerprint")
+        raise ValueError(f"{os.path.join(checkpoint_dir, METADATA_FILE)} has no source.fingerprint")
     return "hf-safetensors-sha256:" + fingerprint
 
 

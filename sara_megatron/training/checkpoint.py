@@ -13,7 +13,6 @@ The optimizer state is saved "fully_reshardable", so a run may resume at another
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -106,25 +105,41 @@ def save_training_checkpoint(
 
 
 def _carry_conversion_metadata(source: Optional[str], folder: str) -> None:
-    from sara_megatron.conversion.metadata import ASSETS_DIR, METADATA_FILE
+    from sara_megatron.conversion.metadata import ASSETS_DIR, read_metadata, write_metadata
 
-    if not source or not os.path.exists(os.path.join(source, METADATA_FILE)):
+    record = read_metadata(source) if source else None
+    if record is None:
         return
-    with open(os.path.join(source, METADATA_FILE), encoding="utf-8") as f:
-        record = json.load(f)
     # The weights are no longer the converted ones: say so, so that the source fingerprint is not
     # taken for these weights' fingerprint (sara_megatron.priors.fingerprint).
     record["training"] = {"base_checkpoint": os.path.abspath(source)}
-    with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    write_metadata(folder, record)
     if os.path.isdir(os.path.join(source, ASSETS_DIR)):
         shutil.copytree(os.path.join(source, ASSETS_DIR), os.path.join(folder, ASSETS_DIR))
+
+
+def _initialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer the state entries a loaded one has (Adam moments and step).
+
+    torch's Adam creates them at its first step; megatron's `DistributedOptimizer.state_dict`
+    (which its sharded_state_dict calls, also for loading) reads them.
+    """
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    for part in parts:
+        inner = part.optimizer
+        if getattr(part, "init_state_fn", None) is not None:
+            part.init_state_fn(inner, part.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 @torch.no_grad()
 def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) -> dict:
     """Collective. Restores model, optimizer and schedule; returns the trainer's extra state."""
     from megatron.core import dist_checkpointing
+
+    _initialize_optimizer_state(optimizer)
 
     # Common (non-sharded) entries saved beside the shards come back in the loaded dict.
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), checkpoint_dir)

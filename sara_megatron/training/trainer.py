@@ -49,6 +49,7 @@ class StepRecord:
     lr: float
     grad_norm: float
     tokens_per_s: float
+    step_time_s: float
 
 
 @dataclasses.dataclass
@@ -327,6 +328,7 @@ class Trainer:
             lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             tokens_per_s=float(tokens) / elapsed,
+            step_time_s=elapsed,
         )
 
     # --- loop --------------------------------------------------------------------------------
@@ -355,6 +357,7 @@ class Trainer:
                     writer.write(record.step, dict(
                         ce=record.ce, lb=record.lb, js=record.js, lr=record.lr,
                         grad_norm=record.grad_norm, tokens_per_s=record.tokens_per_s,
+                        step_time_s=record.step_time_s,
                     ), record.js_per_layer)
                 if c.save_dir and c.save_interval and self.iteration % c.save_interval == 0:
                     self.save()
