@@ -41,10 +41,15 @@ def torchrun(tmp_path):
 @pytest.fixture(scope="module")
 def single_rank():
     """Megatron parallel state on a one-process gloo group (TP=EP=PP=1), CPU compat applied."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     from sara_megatron.distributed import ParallelConfig, initialize_distributed
 
     initialize_distributed(ParallelConfig(), seed=1234)
     yield
+    # A plain backward through a router leaves megatron's aux-loss scale as a 0-d tensor, which
+    # megatron's schedules then fail to copy their [1]-shaped scale into: no state across modules.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 def pytest_sessionfinish(session, exitstatus):

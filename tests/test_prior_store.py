@@ -247,7 +247,14 @@ def test_model_fingerprint(tmp_path):
     (ckpt / "common.pt").write_bytes(b"weightz")
     assert model_fingerprint(ckpt) != computed
     # A converted checkpoint carries its HF source's fingerprint (tools/convert_hf.py).
-    (ckpt / "sara_conversion.json").write_text('{"source": {"fingerprint": "abc123"}}')
+    from sara_megatron.conversion.metadata import read_metadata, write_metadata
+
+    write_metadata(str(ckpt), {"source": {"fingerprint": "abc123"}})
     assert model_fingerprint(ckpt) == "hf-safetensors-sha256:abc123"
+    # A training checkpoint carries that record forward, marked: its weights are its own.
+    record = read_metadata(str(ckpt))
+    record["training"] = {"base_checkpoint": "elsewhere"}
+    write_metadata(str(ckpt), record)
+    assert model_fingerprint(ckpt).startswith("sha256-files:")
     with pytest.raises(FileNotFoundError):
         model_fingerprint(tmp_path / "nope")
