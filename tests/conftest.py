@@ -41,14 +41,21 @@ def torchrun(tmp_path):
 @pytest.fixture(scope="module")
 def single_rank():
     """Megatron parallel state on a one-process gloo group (TP=EP=PP=1), CPU compat applied."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
     from sara_megatron.distributed import ParallelConfig, initialize_distributed
 
     initialize_distributed(ParallelConfig(), seed=1234)
     yield
-    # A plain backward through a router leaves megatron's aux-loss scale as a 0-d tensor, which
-    # megatron's schedules then fail to copy their [1]-shaped scale into: no state across modules.
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_aux_loss_scale():
+    """A plain backward through a router leaves megatron's aux-loss scale as a 0-d tensor, which
+    megatron's schedules then fail to copy their [1]-shaped scale into: each test module starts
+    without that process-wide state."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    yield
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
