@@ -86,7 +86,7 @@ def save_training_checkpoint(
     dist.barrier()
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict()
-    state["trainer"] = dict(extra, iteration=iteration)
+    state["trainer"] = dict(extra, iteration=iteration, optimizer_parts=_optimizer_parts(optimizer))
     dist_checkpointing.save(state, staging)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -118,6 +118,12 @@ def _carry_conversion_metadata(source: Optional[str], folder: str) -> None:
         shutil.copytree(os.path.join(source, ASSETS_DIR), os.path.join(folder, ASSETS_DIR))
 
 
+def _optimizer_parts(optimizer) -> int:
+    """How many optimizers megatron chains: dense and expert parameters get one each when
+    expert parallel splits them into groups of their own."""
+    return len(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
 def _initialize_optimizer_state(optimizer) -> None:
     """Give a fresh optimizer the state entries a loaded one has (Adam moments and step).
 
@@ -139,6 +145,14 @@ def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) 
     """Collective. Restores model, optimizer and schedule; returns the trainer's extra state."""
     from megatron.core import dist_checkpointing
 
+    saved = dist_checkpointing.load_common_state_dict(checkpoint_dir).get("trainer", {})
+    if saved.get("optimizer_parts", _optimizer_parts(optimizer)) != _optimizer_parts(optimizer):
+        raise RuntimeError(
+            f"{checkpoint_dir} holds the state of {saved['optimizer_parts']} chained optimizer(s) "
+            f"but this layout builds {_optimizer_parts(optimizer)} (expert parallel switched on or "
+            "off): megatron-core cannot reshard the optimizer across that change; resume at a "
+            "layout with expert parallel as it was saved"
+        )
     _initialize_optimizer_state(optimizer)
 
     # Common (non-sharded) entries saved beside the shards come back in the loaded dict.
