@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sara_megatron.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR, LEXICON_SWAP, REORDERED = "en", "hi", "sw"
@@ -84,18 +85,12 @@ def write_tiny_hf_model(out_dir: Path, tokenizer_dir: Path, seed: int = 1234) ->
         shutil.copy2(tokenizer_dir / name, out_dir / name)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(step: str, args: list[str], cwd: Path, nproc: int = 0) -> None:
     """Run a tool; with nproc, under torchrun. Its output goes to <work>/logs/<step>.log."""
     cmd = [sys.executable]
     if nproc:
         cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(_free_port())]
+                "--master-port", str(free_port())]
     cmd += args
     log = cwd / "logs" / f"{step}.log"
     log.parent.mkdir(exist_ok=True)

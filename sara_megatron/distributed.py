@@ -71,7 +71,8 @@ class DistributedEnv:
     master_port: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous or a launcher's --master-port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -111,7 +112,7 @@ def read_launcher_env() -> DistributedEnv:
             # A port derived from the job id keeps concurrent jobs on a node apart.
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 10000)),
         )
-    return DistributedEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
+    return DistributedEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port())
 
 
 def set_seed(seed: int) -> None:

@@ -1,18 +1,13 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sara_megatron.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -22,7 +17,7 @@ def torchrun(tmp_path):
     def run(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> None:
         cmd = [
             sys.executable, "-m", "torch.distributed.run",
-            "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
+            "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
             str(REPO / script), *args,
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -108,7 +103,7 @@ def sara_data(tmp_path_factory):
     _run_checked([py, str(root / "init_checkpoint.py"), "qwen3_moe_tiny", str(root / "init"), "7"],
                  cwd=root)
     _run_checked([py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
-                  str(_free_port()), str(REPO / "tools/extract_priors.py"), "--shards",
+                  str(free_port()), str(REPO / "tools/extract_priors.py"), "--shards",
                   str(root / "shards"), "--checkpoint", str(root / "init"), "--model",
                   "qwen3_moe_tiny", "--output", str(root / "priors")], cwd=root)
     return {"root": root, "shards": root / "shards", "checkpoint": root / "init",

@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, _free_port
+from conftest import REPO
+
+from sara_megatron.distributed import free_port
 
 STEPS = 24
 
@@ -121,7 +123,7 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, sara_data, tmp_path):
         "checkpoint.save_dir": save_dir, "checkpoint.save_interval": 2,
     })
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()), str(REPO / "tools/train.py"), *args]
+           "--master-port", str(free_port()), str(REPO / "tools/train.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

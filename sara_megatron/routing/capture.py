@@ -95,6 +95,26 @@ def local_token_segment_ids(
     return seq_major.reshape(-1)
 
 
+def router_segment_ids(
+    segment_ids: torch.Tensor, num_tokens: int, device, sequence_parallel: Optional[bool] = None
+) -> torch.Tensor:
+    """The segment id of each token a router on this rank sees ([S_local·B]), from the model
+    input's [B, S] ids and megatron's parallel state. sequence_parallel None: on when TP > 1
+    (our models always run MoE + TP with sequence parallel)."""
+    from megatron.core import parallel_state as ps
+
+    tp_size = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    tp_rank = ps.get_tensor_model_parallel_rank() if tp_size > 1 else 0
+    sp = tp_size > 1 if sequence_parallel is None else sequence_parallel
+    ids = local_token_segment_ids(segment_ids, sp, tp_rank, tp_size).to(device)
+    if ids.numel() != num_tokens:
+        raise ValueError(
+            f"segment ids give {ids.numel()} local tokens but the router saw {num_tokens}; "
+            "pass the [B, S] ids of the model input (context-parallel-local if CP > 1)"
+        )
+    return ids
+
+
 class RoutingCapture:
     """Router observer that records dense routing for chosen layers (see module docstring)."""
 
@@ -125,22 +145,6 @@ class RoutingCapture:
             )
         return self.records[layer]
 
-    def _local_ids(self, num_tokens: int, device) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
-        sp = self.sequence_parallel
-        tp_size = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-        tp_rank = ps.get_tensor_model_parallel_rank() if tp_size > 1 else 0
-        if sp is None:
-            sp = tp_size > 1  # our models always run MoE + TP with sequence parallel
-        ids = local_token_segment_ids(self.segment_ids, sp, tp_rank, tp_size).to(device)
-        if ids.numel() != num_tokens:
-            raise ValueError(
-                f"segment ids give {ids.numel()} local tokens but the router saw {num_tokens}; "
-                "pass the [B, S] ids of the model input (context-parallel-local if CP > 1)"
-            )
-        return ids
-
     @torch.no_grad()
     def __call__(self, layer, logits, padding_mask):
         if self.layers is not None and layer not in self.layers:
@@ -150,7 +154,7 @@ class RoutingCapture:
                 f"layer {layer} routed twice in one capture; use one capture per forward pass"
             )
         flat = logits.detach().reshape(-1, logits.shape[-1])
-        ids = self._local_ids(flat.shape[0], flat.device)
+        ids = router_segment_ids(self.segment_ids, flat.shape[0], flat.device, self.sequence_parallel)
         probs = torch.softmax(flat.float(), dim=-1)
         sums, counts = masked_segment_sums(probs, ids, self.num_segments)
         group = routing_reduction_group()

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from sara_megatron.kernels import sequence_routing_js
-from sara_megatron.routing.capture import local_token_segment_ids, routing_reduction_group
+from sara_megatron.routing.capture import router_segment_ids, routing_reduction_group
 
 
 class SaraRoutingLoss:
@@ -92,14 +92,8 @@ class SaraRoutingLoss:
             return None
         if self._priors is None:
             raise RuntimeError("SaraRoutingLoss.set_batch was not called for this micro-batch")
-        from megatron.core import parallel_state as ps
-
-        tp_size = ps.get_tensor_model_parallel_world_size()
-        tp_rank = ps.get_tensor_model_parallel_rank() if tp_size > 1 else 0
-        ids = local_token_segment_ids(
-            self._segment_ids, self.sequence_parallel, tp_rank, tp_size
-        ).to(logits.device)
         flat = logits.reshape(-1, logits.shape[-1])
+        ids = router_segment_ids(self._segment_ids, flat.shape[0], logits.device, self.sequence_parallel)
         prior = self._priors[self.index[layer]].to(logits.device)
         js, counts = sequence_routing_js(
             flat, ids, prior, process_group=routing_reduction_group(), return_counts=True,
@@ -121,9 +115,8 @@ class SaraRoutingLoss:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        device = next(iter(self.js_sum.values())).device if self.js_sum else "cpu"
-        if torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
+        # NCCL groups take CUDA tensors; a stage with no aligned layer has no stats to copy from.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         table = torch.zeros(2, num_layers, dtype=torch.float64, device=device)
         for layer, value in self.js_sum.items():
             table[0, layer] = value.double()
