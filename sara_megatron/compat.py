@@ -36,7 +36,9 @@ class _CudaDeviceToCpu(TorchFunctionMode):
     `transformer.utils.get_default_causal_mask`, `pipeline_parallel.schedules` (loss and
     `num_tokens` buffers), `pipeline_parallel.p2p_communication._communicate` (receive buffers),
     `transformer.moe.router.TopKRouter.__init__` (expert-bias and aux-loss buffers),
-    `RotaryEmbedding.get_emb` (`inv_freq.to(torch.cuda.current_device())`).
+    `RotaryEmbedding.get_emb` (`inv_freq.to(torch.cuda.current_device())`). Drops
+    `pin_memory=True` (no pinned allocator without CUDA):
+    `models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank` (context parallel).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -49,6 +51,8 @@ class _CudaDeviceToCpu(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory") and func is not torch.Tensor.pin_memory:
+            kwargs = dict(kwargs, pin_memory=False)
         if func in (torch.Tensor.to, torch.Tensor.cuda) and args:
             # Tensor.to(<int>|"cuda"[, ...]) and Tensor.cuda(): keep the tensor on the CPU, but
             # still honour a dtype given beside the device.

@@ -140,12 +140,6 @@ def initialize_distributed(
 
     denv = read_launcher_env()
     parallel.validate_world(denv.world_size)
-    if parallel.cp > 1 and not torch.cuda.is_available():
-        raise ValueError(
-            "context parallel needs CUDA: megatron-core's ring attention runs on Transformer "
-            "Engine kernels (cp > 1 was requested on a machine without CUDA)"
-        )
-
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())

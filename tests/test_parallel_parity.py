@@ -1,10 +1,19 @@
-"""EP=2, TP=2 with sequence parallel and PP=2 on gloo give the single-rank loss and routing."""
+"""EP=2, TP=2 with sequence parallel, PP=2 and context parallel (alone, with EP, with TP) on gloo
+give the single-rank loss and routing."""
 
 import json
 
 import pytest
 
-LAYOUTS = {"ep2": ["--ep", "2"], "tp2_sp": ["--tp", "2"], "pp2": ["--pp", "2"]}
+LAYOUTS = {
+    "ep2": ["--ep", "2"],
+    "tp2_sp": ["--tp", "2"],
+    "pp2": ["--pp", "2"],
+    "cp2": ["--cp", "2"],
+    "cp2_ep2": ["--cp", "2", "--ep", "2"],
+    "tp2_sp_cp2": ["--tp", "2", "--cp", "2"],
+}
+NPROC = {"tp2_sp_cp2": 4}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -13,7 +22,7 @@ def test_layout_matches_single_rank(torchrun, tmp_path, preset, layout):
     out = tmp_path / "result.json"
     torchrun(
         "tests/workers/parallel_parity.py", "--preset", preset, *LAYOUTS[layout],
-        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out),
+        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out), nproc=NPROC.get(layout, 2),
     )
     result = json.loads(out.read_text())
     rel = abs(result["loss"] - result["ref_loss"]) / abs(result["ref_loss"])

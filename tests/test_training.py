@@ -172,5 +172,22 @@ def test_resume_at_another_layout(torchrun, sara_data, tmp_path):
     for r in moved:
         # TP changes the order of floating-point sums, nothing else; JS (~4e-4 here) is a
         # difference of near-equal distributions and amplifies those roundings the most.
-        for key, rel in (("ce", 1e-3), ("grad_norm", 1e-3), ("lr", 1e-9), ("js", 1e-2)):
+        for key, rel in (("ce", 1e-5), ("grad_norm", 1e-5), ("lr", 1e-9), ("js", 1e-4)):
             assert r[key] == pytest.approx(by_step[r["step"]][key], rel=rel), (r["step"], key)
+
+
+def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, sara_data, tmp_path):
+    """TP=2 with sequence parallel and CP=2 (each rank holds two of four chunks of every sequence)
+    train like one rank: CE, load balancing, the SARA term and the gradients are each counted once
+    over the ranks that split a micro-batch's tokens. (megatron-core 0.16.1 alone scales the
+    load-balancing gradient by 1/(TP·CP) here; see ObservedTopKRouter.)"""
+    steps = 4
+    single = _train(torchrun, sara_data, tmp_path, "single", nproc=1, **{"optim.train_steps": steps})
+    for layout in ("parallel.tp", "parallel.cp"):
+        split = _train(torchrun, sara_data, tmp_path, layout, **{layout: 2, "optim.train_steps": steps})
+        assert [r["step"] for r in split] == list(range(1, steps + 1))
+        for a, b in zip(single, split):
+            # JS (~5e-4 here) is a difference of near-equal distributions: it amplifies the
+            # rounding of the split sums the most.
+            for key, rel in (("ce", 1e-5), ("lb", 1e-5), ("grad_norm", 1e-5), ("js", 1e-4)):
+                assert b[key] == pytest.approx(a[key], rel=rel), (layout, a["step"], key)

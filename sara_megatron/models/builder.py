@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sara_megatron.models.architecture import MoEArchitecture
+from sara_megatron.models.context_parallel import ContextParallelDotProductAttention
 from sara_megatron.models.norms import SequenceParallelNorm
 from sara_megatron.models.router import ObservedTopKRouter
 
@@ -154,6 +155,8 @@ def layer_spec(arch: MoEArchitecture, config, use_te: bool):
         sub.input_layernorm = SequenceParallelNorm
         sub.pre_mlp_layernorm = SequenceParallelNorm
         attn = sub.self_attention.submodules
+        # megatron's local attention refuses context parallel; this one all-gathers K/V.
+        attn.core_attention = ContextParallelDotProductAttention
         if arch.qk_layernorm:
             attn.q_layernorm = SequenceParallelNorm
             attn.k_layernorm = SequenceParallelNorm

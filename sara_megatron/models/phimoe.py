@@ -25,11 +25,11 @@ from megatron.core.tensor_parallel.layers import (
     RowParallelLinear,
     set_tensor_model_parallel_attributes,
 )
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
 
 from sara_megatron.models.architecture import LongRopeScaling, MoEArchitecture
+from sara_megatron.models.context_parallel import ContextParallelDotProductAttention
 from sara_megatron.models.router import ObservedTopKRouter
 
 # --- Sparsemixer top-2 routing --------------------------------------------------------------------
@@ -378,7 +378,7 @@ class _LongRopeMscaleMixin:
         return super().forward(query, key, value, attention_mask, *args, **kwargs)
 
 
-class LongRopeMscaleAttention(_LongRopeMscaleMixin, DotProductAttention):
+class LongRopeMscaleAttention(_LongRopeMscaleMixin, ContextParallelDotProductAttention):
     def __init__(self, *args, longrope: LongRopeScaling, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_longrope(longrope)

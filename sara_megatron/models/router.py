@@ -30,6 +30,29 @@ class ObservedTopKRouter(TopKRouter):
             probs = MoEAuxLossAutoScaler.apply(probs, loss)
         return probs
 
+    def attach_and_log_load_balancing_loss(
+        self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+        reduce_group_has_dp=False, valid_token_count=None,
+    ):
+        """Megatron's, with the per-token-loss scale made independent of TP and CP.
+
+        With `calculate_per_token_loss` megatron-core 0.16.1 multiplies each rank's share of the
+        load-balancing loss by the rank's own token count, while every gradient is later divided
+        by the global token count: under sequence parallel or context parallel, where the
+        TP×CP ranks split one micro-batch's tokens, the load-balancing gradient comes out
+        1/(TP·CP) of the single-rank one (measured: TP=2 or CP=2 at λ_LB ≡ one rank at λ_LB/2).
+        The micro-batch's token count over the reduction group is the right factor (the fix
+        Megatron-LM merged upstream as PR 5047). Only the TP×CP-reduced losses ("aux_loss",
+        "seq_aux_loss") are corrected; megatron's z-loss, not used by these models, keeps the bug.
+        """
+        if self.calculate_per_token_loss and not reduce_group_has_dp:
+            local = activation.shape[0] if valid_token_count is None else valid_token_count
+            valid_token_count = local * reduce_group.size()
+        return super().attach_and_log_load_balancing_loss(
+            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count,
+        )
+
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         return self.observe_and_attach(logits, padding_mask, probs), routing_map

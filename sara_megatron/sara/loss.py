@@ -6,8 +6,8 @@ and L_JS = mean over selected layers and valid (non-empty) sequences. `SaraRouti
 observer (`sara_megatron.routing.observe_routers`): the router hands it each layer's logits, it
 returns λ_JS · (that layer's share of L_JS), and the router attaches that to its routing
 probabilities with megatron's `MoEAuxLossAutoScaler` — so pipeline stages handle their own layers,
-and the gradient is scaled like Megatron's load-balancing loss (loss scale, CP size,
-1/num_microbatches).
+and the gradient is scaled as megatron scales its aux losses (the loss scale; without per-token
+loss also CP size / num_microbatches).
 
 With megatron's per-token loss (`calculate_per_token_loss`, what the trainer uses) every gradient
 is divided once by the global batch's loss-token count T. The trainer then sets
@@ -16,7 +16,9 @@ is divided once by the global batch's loss-token count T. The trainer then sets
 global batch after the division — the same update however the batch is cut into micro-batches.
 
 Under sequence / context parallel the masked sums are all-reduced over the TP×CP group inside
-`sequence_routing_js` before the divergence; each rank's tokens get the single-rank gradient.
+`sequence_routing_js` before the divergence; each rank's tokens get the single-rank gradient, and
+every rank of the group attaches the same value, so the gradients summed over the group count the
+term once.
 λ_JS = 0 runs the same code: the attached term is 0 and so is every gradient it adds.
 """
 

@@ -25,6 +25,7 @@ from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.distributed import ParallelConfig, initialize_distributed, set_seed
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
+from sara_megatron.models.context_parallel import context_parallel_slice
 from sara_megatron.routing import observe_routers, segment_ids_from_padding_mask
 from sara_megatron.sara import SaraRoutingLoss, select_alignment_layers
 from sara_megatron.training.checkpoint import (
@@ -203,6 +204,7 @@ class Trainer:
             )
 
         self.loader = loader()
+        self._check_sequence_split(self.loader.collate_fn.seq_length)
         samples_per_epoch = len(self.loader.dataset)
         steps = self.cfg.optim.train_steps or int(d.epochs * samples_per_epoch // d.global_batch_size)
         if steps < 1:
@@ -222,6 +224,21 @@ class Trainer:
         self.scheduler.step(0)  # applies the lr of the current step to the optimizer
         self.batches = iter(self.loader)
 
+    def _check_sequence_split(self, seq_length: int) -> None:
+        """Every batch is padded to `seq_length`: CP cuts it in 2·cp chunks, then sequence
+        parallel cuts a CP rank's part in TP pieces. Refuse at start what would fail mid-step."""
+        from megatron.core import parallel_state as ps
+
+        cp = ps.get_context_parallel_world_size()
+        tp = ps.get_tensor_model_parallel_world_size() if self.model_config.sequence_parallel else 1
+        cp_chunks = 2 * cp if cp > 1 else 1
+        if seq_length % cp_chunks or (seq_length // cp) % tp:
+            raise ValueError(
+                f"sequence length {seq_length} does not split over context parallel {cp} "
+                f"({cp_chunks} equal chunks) and then sequence parallel {tp} (a CP rank's "
+                f"{seq_length // cp} tokens in equal parts): change data.seq_length"
+            )
+
     # --- one step ----------------------------------------------------------------------------
 
     def _next_microbatches(self) -> list:
@@ -236,7 +253,8 @@ class Trainer:
             ) from None
 
     def _global_counts(self, microbatches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss tokens, valid sequences, non-padding tokens) of the whole global batch."""
+        """(loss tokens, valid sequences, non-padding tokens) of the whole global batch, from
+        the whole micro-batches (before any CP split: CP ranks share their samples)."""
         from megatron.core import parallel_state as ps
 
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -248,17 +266,30 @@ class Trainer:
         return counts[0], counts[1], counts[2]
 
     def _forward_step(self, data_iterator, model):
+        from megatron.core import parallel_state as ps
+
         mb = next(data_iterator)
         b, s = mb.tokens.shape
-        if self.sara is not None:
-            self.sara.set_batch(mb.priors, segment_ids_from_padding_mask(mb.padding_mask))
         positions = torch.arange(s, device=self.device).expand(b, s)
-        output = model(mb.tokens, positions, causal_attention_mask(s, self.device), labels=mb.labels)
+        tokens, labels, loss_mask, padding_mask = mb.tokens, mb.labels, mb.loss_mask, mb.padding_mask
+        cp_size = ps.get_context_parallel_world_size()
+        if cp_size > 1:
+            # Each CP rank feeds its two chunks of every sequence; the routing sums, the CE and
+            # the token counts are then summed over the CP group (capture, loss, finalize_grads).
+            cp_rank = ps.get_context_parallel_rank()
+            tokens, labels, loss_mask, padding_mask, positions = (
+                context_parallel_slice(t, cp_rank, cp_size)
+                for t in (tokens, labels, loss_mask, padding_mask, positions)
+            )
+        if self.sara is not None:
+            self.sara.set_batch(mb.priors, segment_ids_from_padding_mask(padding_mask))
+        local_s = tokens.shape[1]
+        output = model(tokens, positions, causal_attention_mask(local_s, self.device), labels=labels)
 
         def loss_func(per_token_loss):
-            loss_sum = (per_token_loss.float() * mb.loss_mask).sum()
-            tokens = mb.loss_mask.sum().to(torch.int)
-            return loss_sum, tokens, {"ce": torch.stack([loss_sum.detach(), mb.loss_mask.sum()])}
+            loss_sum = (per_token_loss.float() * loss_mask).sum()
+            num_tokens = loss_mask.sum().to(torch.int)
+            return loss_sum, num_tokens, {"ce": torch.stack([loss_sum.detach(), loss_mask.sum()])}
 
         return output, loss_func
 
@@ -302,11 +333,12 @@ class Trainer:
         self.iteration += 1
         self.consumed_samples += self.cfg.data.global_batch_size
 
-        # CE lives on the last pipeline stage: sum there, then over data parallel and stages.
+        # CE lives on the last pipeline stage: sum there, then over data × context parallel
+        # (CP ranks hold parts of the same sequences) and stages.
         ce = torch.zeros(2, dtype=torch.float64, device=self.device)
         for item in reduced or []:
             ce += item["ce"].double()
-        dist.all_reduce(ce, group=ps.get_data_parallel_group())
+        dist.all_reduce(ce, group=ps.get_data_parallel_group(with_context_parallel=True))
         dist.all_reduce(ce, group=ps.get_pipeline_model_parallel_group())
 
         tracker = get_moe_layer_wise_logging_tracker()

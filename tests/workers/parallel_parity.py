@@ -18,6 +18,7 @@ from sara_megatron.checkpointing import load_model_weights, save_model_weights
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import build_model, causal_attention_mask
+from sara_megatron.models.context_parallel import context_parallel_slice
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 
 BATCH, SEQ = 4, 16
@@ -34,8 +35,17 @@ def make_batch(vocab: int):
 
 
 def run_model(model, tokens, labels, padding, layers):
-    """Forward + backward through megatron's schedule; returns (loss_sum, token_count, capture)."""
+    """Forward + backward through megatron's schedule; returns (loss_sum, token_count, capture).
+    Under context parallel each rank feeds its part of every sequence."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    seq_length = tokens.shape[1]
+    positions = torch.arange(seq_length).expand_as(tokens)
+    tokens, labels, padding, positions = (
+        context_parallel_slice(t, cp_rank, cp) for t in (tokens, labels, padding, positions)
+    )
 
     models = model if isinstance(model, list) else [model]
     captures = []
@@ -48,7 +58,6 @@ def run_model(model, tokens, labels, padding, layers):
 
     def forward_step(data_iterator, chunk):
         tok, lab, pad = next(data_iterator)
-        positions = torch.arange(tok.shape[1]).expand_as(tok)
         ctx = capture_routing(segment_ids_from_padding_mask(pad), layers=layers)
         capture = ctx.__enter__()
         try:
@@ -63,7 +72,7 @@ def run_model(model, tokens, labels, padding, layers):
         data_iterator=iter([(tokens, labels, padding)]),
         model=models,
         num_microbatches=1,
-        seq_length=tokens.shape[1],
+        seq_length=seq_length,
         micro_batch_size=tokens.shape[0],
         forward_only=False,
     )
@@ -80,6 +89,7 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -96,7 +106,7 @@ def main():
 
     from megatron.core import parallel_state as ps
 
-    initialize_distributed(ParallelConfig(tp=args.tp, ep=args.ep, pp=args.pp))
+    initialize_distributed(ParallelConfig(tp=args.tp, ep=args.ep, pp=args.pp, cp=args.cp))
     model = build_model(arch)
     load_model_weights(model, args.ckpt)
     model.eval()
@@ -105,9 +115,10 @@ def main():
     rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
     sums, routing = run_model(model, tokens[rows], labels[rows], padding[rows], layers)
 
-    # Loss lives on the last stage (zeros elsewhere): sum over data parallel and pipeline.
+    # Loss lives on the last stage (zeros elsewhere): sum over data (and context) parallel and
+    # pipeline.
     total = sums if sums is not None else torch.zeros(2)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     # Each layer's routing lives on its stage and DP rank's rows; gather to rank 0.
     mine = {layer: (rows.start, mean.tolist()) for layer, mean in routing.items()}
@@ -122,7 +133,7 @@ def main():
             layer: [row for start in sorted(parts) for row in parts[start]]
             for layer, parts in merged.items()
         }
-        # TP ranks report the same rows under the same start offset: the dict keeps one copy.
+        # TP and CP ranks report the same rows under the same start offset: the dict keeps one.
         result = {
             "ref_loss": (ref_sums[0] / ref_sums[1]).item(),
             "loss": (total[0] / total[1]).item(),
