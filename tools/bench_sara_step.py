@@ -1,12 +1,20 @@
-"""Step time of SARA vs the same run without it (benchmark, not a test).
+"""Step time of SARA vs the FFT baseline (benchmark, not a test).
+
+The tiny CPU config, on the demo's data:
 
     make demo    # once: leaves shards, a converted base checkpoint and priors in out/demo
     torchrun --nproc-per-node 2 tools/bench_sara_step.py --work out/demo
 
-Runs the tiny CPU config (examples/tiny_cpu_sara.yaml, EP=2) three ways in one process group:
-SARA (λ_JS 1.5), λ_JS = 0 with priors (the FFT baseline: same code path), and plain fine-tuning
-with no prior store (no routing-JS work at all), and prints the median step time of each after
-warm-up and the ratios to plain. Rank 0 prints; the device is named.
+A real model cut to a few layers, on mock batches (random full-length rows, random priors), e.g.
+Qwen3-30B-A3B on one H100:
+
+    torchrun --nproc-per-node 1 tools/bench_sara_step.py --mock --preset qwen3_moe \
+        --num-layers 4 --seq-length 4096 --micro-batch 1 --global-batch 8
+
+Runs in one process group, each a fresh Trainer: plain fine-tuning with no priors (no routing-JS
+work at all; not with --mock, whose batches always carry priors), λ_JS = 0 with priors (the FFT
+baseline: the SARA code path), and SARA (λ_JS 1.5). Rank 0 prints the median step time of each after warm-up, the
+ratios, tokens/s and model TFLOP/s per GPU (`sara_megatron.models.flops`), and the device.
 """
 
 import argparse
@@ -23,34 +31,67 @@ from sara_megatron.training import Trainer, load_train_config
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_cpu_sara.yaml")
 
 
-def median_step(work: str, overrides: list[str], steps: int, warmup: int) -> float:
-    base = [f"model.preset={work}/hf", f"model.checkpoint={work}/base",
-            f"data.shards_dir={work}/shards", f"data.prior_store={work}/priors",
-            f"optim.train_steps={steps + warmup}", "logging.log_interval=1000000"]
-    trainer = Trainer(load_train_config(CONFIG, base + overrides))
-    times = [trainer.train_step().step_time_s for _ in range(steps + warmup)][warmup:]
-    t = torch.tensor(statistics.median(times), dtype=torch.float64)
+def median_step(base: list[str], overrides: list[str], steps: int, warmup: int) -> dict:
+    trainer = Trainer(load_train_config(CONFIG, base + [f"optim.train_steps={steps + warmup}"]
+                                        + overrides))
+    records = [trainer.train_step() for _ in range(steps + warmup)][warmup:]
+    middle = sorted(records, key=lambda r: r.step_time_s)[len(records) // 2]
+    # The slowest rank sets the pace.
+    t = torch.tensor(statistics.median(r.step_time_s for r in records), dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    scale = middle.step_time_s / float(t)
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return dict(step_s=float(t), tokens_per_s=middle.tokens_per_s * scale,
+                tflops_per_gpu=middle.tflops_per_gpu * scale)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work", default="out/demo")
+    p.add_argument("--work", default="out/demo", help="the demo's output (without --mock)")
+    p.add_argument("--mock", action="store_true", help="mock batches instead of the demo's data")
+    p.add_argument("--preset", help="model preset or HF config (default: the tiny config's)")
+    p.add_argument("--num-layers", type=int, help="cut the preset to its first N layers")
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--global-batch", type=int)
+    p.add_argument("--ep", type=int, help="expert parallel size (default: the tiny config's 2)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any further config override")
     p.add_argument("--json")
     args = p.parse_args()
-    work = os.path.abspath(args.work)
+
+    if args.mock:
+        base = ["data.mock=true", "model.checkpoint=null", "data.shards_dir=null",
+                "data.prior_store=null", "sara.layers=all"]
+    else:
+        work = os.path.abspath(args.work)
+        base = [f"model.preset={work}/hf", f"model.checkpoint={work}/base",
+                f"data.shards_dir={work}/shards", f"data.prior_store={work}/priors"]
+    for key, value in (("model.preset", args.preset), ("model.num_layers", args.num_layers),
+                       ("data.seq_length", args.seq_length),
+                       ("data.micro_batch_size", args.micro_batch),
+                       ("data.global_batch_size", args.global_batch), ("parallel.ep", args.ep)):
+        if value is not None:
+            base.append(f"{key}={value}")
+    base += ["logging.log_interval=1000000", "checkpoint.save_dir=null", *args.set]
+    priors = "data.mock=true" if args.mock else f"data.prior_store={os.path.abspath(args.work)}/priors"
     try:
-        plain = median_step(work, ["sara.lambda_js=0", "data.prior_store=null"], args.steps, args.warmup)
-        fft = median_step(work, ["sara.lambda_js=0"], args.steps, args.warmup)
-        sara = median_step(work, ["sara.lambda_js=1.5"], args.steps, args.warmup)
+        plain = None
+        if not args.mock:  # mock batches always carry priors
+            plain = median_step(base, ["sara.lambda_js=0", "data.prior_store=null"], args.steps,
+                                args.warmup)
+        fft = median_step(base, ["sara.lambda_js=0", priors], args.steps, args.warmup)
+        sara = median_step(base, ["sara.lambda_js=1.5", priors], args.steps, args.warmup)
         if dist.get_rank() == 0:
             device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-            result = dict(device=device, world=dist.get_world_size(), plain_s=plain,
-                          fft_lambda0_s=fft, sara_s=sara, sara_over_plain=sara / plain,
-                          sara_over_fft=sara / fft)
+            result = dict(device=device, world=dist.get_world_size(), config=base,
+                          fft_lambda0=fft, sara=sara, sara_over_fft=sara["step_s"] / fft["step_s"])
+            if plain is not None:
+                result.update(plain=plain, sara_over_plain=sara["step_s"] / plain["step_s"])
             print(json.dumps(result))
             if args.json:
                 with open(args.json, "w") as f:

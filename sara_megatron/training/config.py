@@ -20,6 +20,7 @@ class ModelSection:
     bf16: Optional[bool] = None  # None: bf16 on GPU, fp32 on CPU
     moe_aux_loss_coeff: Optional[float] = None  # λ_LB; None: the model's default
     recompute: bool = False
+    num_layers: Optional[int] = None  # cut the preset to its first N layers (benchmarks)
 
 
 @dataclasses.dataclass
@@ -43,6 +44,9 @@ class DataSection:
     shuffle: bool = True
     pad_id: int = 0
     num_workers: int = 0
+    # Random full-length token rows and flat-Dirichlet priors instead of shards and a prior store
+    # (step-time benchmarks; needs optim.train_steps). See sara_megatron.data.mock_batches.
+    mock: bool = False
 
 
 @dataclasses.dataclass

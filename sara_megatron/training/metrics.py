@@ -42,7 +42,7 @@ class MetricsWriter:
         done = max(step, 1)
         eta = elapsed / done * (self.total_steps - step) if step else float("nan")
         parts = [f"step {step}/{self.total_steps}"]
-        for key in ("ce", "lb", "js", "lr", "grad_norm", "tokens_per_s"):
+        for key in ("ce", "lb", "js", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
             if key in scalars:
                 parts.append(f"{key} {scalars[key]:.4g}")
         parts.append(f"eta {eta:.0f}s")

@@ -26,6 +26,7 @@ from sara_megatron.distributed import ParallelConfig, initialize_distributed, se
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
 from sara_megatron.models.context_parallel import context_parallel_slice
+from sara_megatron.models.flops import training_flops_per_token
 from sara_megatron.routing import observe_routers, segment_ids_from_padding_mask
 from sara_megatron.sara import SaraRoutingLoss, select_alignment_layers
 from sara_megatron.training.checkpoint import (
@@ -49,8 +50,11 @@ class StepRecord:
     js_per_layer: dict
     lr: float
     grad_norm: float
-    tokens_per_s: float
+    tokens_per_s: float  # non-padding tokens of the global batch per second
     step_time_s: float
+    # Model matmul FLOPs of the step (every position, padding too: it is computed) per second
+    # and GPU (rank); see sara_megatron.models.flops.
+    tflops_per_gpu: float = float("nan")
 
 
 @dataclasses.dataclass
@@ -73,6 +77,11 @@ class Trainer:
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         self.arch = resolve_architecture(cfg.model.preset)
+        if cfg.model.num_layers is not None:
+            if not 1 <= cfg.model.num_layers <= self.arch.num_layers:
+                raise ValueError(f"model.num_layers must be in 1..{self.arch.num_layers}, got "
+                                 f"{cfg.model.num_layers}")
+            self.arch = dataclasses.replace(self.arch, num_layers=cfg.model.num_layers)
         bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
         self.bf16 = bf16
         options = ModelOptions(
@@ -92,13 +101,14 @@ class Trainer:
             first=cfg.sara.first_layer, last=cfg.sara.last_layer, seed=cfg.sara.layer_seed,
         )
         self.sara: Optional[SaraRoutingLoss] = None
-        if cfg.data.prior_store:
+        if cfg.data.prior_store or cfg.data.mock:
             self.sara = SaraRoutingLoss(
                 self.alignment_layers, cfg.sara.lambda_js,
                 sequence_parallel=self.model_config.sequence_parallel, impl=cfg.sara.impl,
             )
         elif cfg.sara.lambda_js > 0:
-            raise ValueError("sara.lambda_js > 0 needs data.prior_store (the anchor priors)")
+            raise ValueError("sara.lambda_js > 0 needs data.prior_store (the anchor priors), or "
+                             "data.mock")
 
         self._build_optimizer(chunks)
         self.dp_size = ps.get_data_parallel_world_size()
@@ -173,10 +183,35 @@ class Trainer:
             end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
         )
 
+    def _build_mock_data(self) -> None:
+        from sara_megatron.data.mock_batches import MockSaraLoader
+
+        d = self.cfg.data
+        if not self.cfg.optim.train_steps or not d.seq_length:
+            raise ValueError("data.mock needs optim.train_steps and data.seq_length")
+        self.loader = MockSaraLoader(
+            vocab_size=self.arch.vocab_size, num_experts=self.arch.num_experts,
+            prior_layers=self.alignment_layers if self.sara is not None else (),
+            seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, consumed_samples=self.consumed_samples, seed=self.cfg.seed,
+        )
+        self._check_sequence_split(d.seq_length)
+        self._set_schedule_length(self.cfg.optim.train_steps)
+
+    def _set_schedule_length(self, steps: int) -> None:
+        self.train_steps = steps
+        self.scheduler.lr_warmup_steps = int(self.cfg.optim.warmup_fraction * steps)
+        self.scheduler.lr_decay_steps = steps
+        self.scheduler.wd_incr_steps = steps
+        self.scheduler.step(0)  # applies the lr of the current step to the optimizer
+        self.batches = iter(self.loader)
+
     def _build_data(self) -> None:
         from sara_megatron.data.sara_dataset import SaraDataConfig, build_sara_data_loader
 
         d = self.cfg.data
+        if d.mock:
+            return self._build_mock_data()
         expected_fingerprint = None
         if d.prior_store and self.cfg.model.checkpoint:
             from sara_megatron.priors import model_fingerprint
@@ -217,12 +252,7 @@ class Trainer:
         if epochs_needed > self.data_config.epochs:
             self.data_config = dataclasses.replace(self.data_config, epochs=epochs_needed)
             self.loader = loader()
-        self.train_steps = steps
-        self.scheduler.lr_warmup_steps = int(self.cfg.optim.warmup_fraction * steps)
-        self.scheduler.lr_decay_steps = steps
-        self.scheduler.wd_incr_steps = steps
-        self.scheduler.step(0)  # applies the lr of the current step to the optimizer
-        self.batches = iter(self.loader)
+        self._set_schedule_length(steps)
 
     def _check_sequence_split(self, seq_length: int) -> None:
         """Every batch is padded to `seq_length`: CP cuts it in 2·cp chunks, then sequence
@@ -361,6 +391,8 @@ class Trainer:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             tokens_per_s=float(tokens) / elapsed,
             step_time_s=elapsed,
+            tflops_per_gpu=training_flops_per_token(self.arch, s) * self.cfg.data.global_batch_size
+            * s / elapsed / dist.get_world_size() / 1e12,
         )
 
     # --- loop --------------------------------------------------------------------------------
@@ -389,7 +421,7 @@ class Trainer:
                     writer.write(record.step, dict(
                         ce=record.ce, lb=record.lb, js=record.js, lr=record.lr,
                         grad_norm=record.grad_norm, tokens_per_s=record.tokens_per_s,
-                        step_time_s=record.step_time_s,
+                        step_time_s=record.step_time_s, tflops_per_gpu=record.tflops_per_gpu,
                     ), record.js_per_layer)
                 if c.save_dir and c.save_interval and self.iteration % c.save_interval == 0:
                     self.save()
