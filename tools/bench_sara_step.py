@@ -20,7 +20,6 @@ ratios, tokens/s and model TFLOP/s per GPU (`sara_megatron.models.flops`), and t
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -35,9 +34,9 @@ def median_step(base: list[str], overrides: list[str], steps: int, warmup: int) 
     trainer = Trainer(load_train_config(CONFIG, base + [f"optim.train_steps={steps + warmup}"]
                                         + overrides))
     records = [trainer.train_step() for _ in range(steps + warmup)][warmup:]
-    middle = sorted(records, key=lambda r: r.step_time_s)[len(records) // 2]
+    middle = sorted(records, key=lambda r: r.step_time_s)[len(records) // 2]  # the median step
     # The slowest rank sets the pace.
-    t = torch.tensor(statistics.median(r.step_time_s for r in records), dtype=torch.float64)
+    t = torch.tensor(middle.step_time_s, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     scale = middle.step_time_s / float(t)
     del trainer

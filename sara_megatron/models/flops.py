@@ -3,8 +3,8 @@
 Matmul FLOPs only (2 per multiply-add), the way MFU is usually counted: attention projections,
 the causal attention core (each query attends to (S + 1) / 2 keys on average), the router, the
 top-k routed experts (gated MLP: three matrices), and the output layer over the padded
-vocabulary. A training step is three
-forwards' worth (forward, and a backward of twice the forward), with no activation recompute.
+vocabulary. A training step is three forwards' worth (forward, and a backward of twice the
+forward), with no activation recompute.
 Norms, softmaxes, the routing-JS loss and the all-to-alls are left out.
 """
 
