@@ -32,6 +32,7 @@ import, so wrapping only these kernels in an `InterpretedFunction` later does no
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
@@ -402,6 +403,70 @@ def launch_config(
     return LaunchConfig(block_t, tiles_per_program, num_warps=4, num_stages=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch, described before it runs: what `run` launches is what
+    `routing_js_benchmarking.compile_for_target` compiles, so static reports see the real specialisation."""
+
+    kernel: object  # a triton JITFunction (or the interpreter's stand-in)
+    grid: tuple[int, ...]
+    args: tuple  # runtime arguments, in the kernel's order, up to the first constexpr
+    constexprs: dict  # constexpr name -> value
+    num_warps: int
+
+    @property
+    def num_programs(self) -> int:
+        return math.prod(self.grid)
+
+    def run(self) -> None:
+        device = next(arg.device for arg in self.args if isinstance(arg, torch.Tensor))
+        _for_device(self.kernel, device)[self.grid](
+            *self.args, **self.constexprs, num_warps=self.num_warps
+        )
+
+
+def accumulate_launch(logits, segment_ids, sums, counts, num_sequences: int, config: LaunchConfig):
+    """The forward's accumulate launch: [L, T, N] logits into zeroed [L, B, N] sums and [B] counts."""
+    num_layers, num_tokens, num_experts = logits.shape
+    return KernelLaunch(
+        _accumulate_kernel,
+        grid=(triton.cdiv(num_tokens, config.block_t * config.tiles_per_program), num_layers),
+        args=(
+            logits, segment_ids, sums, counts, num_tokens, num_experts, num_sequences,
+            logits.stride(0), logits.stride(1),
+        ),
+        constexprs=dict(
+            BLOCK_T=config.block_t, BLOCK_N=expert_block(num_experts),
+            TILES_PER_PROGRAM=config.tiles_per_program,
+            SEGMENT_SLOTS=SEGMENT_SLOTS, MAX_SEGMENT_SPAN=MAX_SEGMENT_SPAN,
+            NUM_STAGES=config.num_stages,
+        ),
+        num_warps=config.num_warps,
+    )
+
+
+def backward_launch(logits, segment_ids, grad_factor, grad_js, grad_logits, config: LaunchConfig):
+    """The backward launch: ∂L/∂logits into `grad_logits` from the [L, B, N] factor and [L, B] ∂L/∂js."""
+    num_layers, num_tokens, num_experts = logits.shape
+    return KernelLaunch(
+        _backward_kernel,
+        grid=(triton.cdiv(num_tokens, config.block_t * config.tiles_per_program), num_layers),
+        args=(
+            logits, segment_ids, grad_factor, grad_js, grad_logits,
+            num_tokens, num_experts, grad_factor.shape[1],
+            logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
+        ),
+        constexprs=dict(
+            BLOCK_T=config.block_t, BLOCK_N=expert_block(num_experts),
+            TILES_PER_PROGRAM=config.tiles_per_program, NUM_STAGES=config.num_stages,
+            ROUND_BF16_BY_HAND=(
+                logits.dtype == torch.bfloat16 and not isinstance(_backward_kernel, JITFunction)
+            ),
+        ),
+        num_warps=config.num_warps,
+    )
+
+
 def _logits_3d(logits: torch.Tensor) -> torch.Tensor:
     # The kernels index the expert dim with unit stride; any layout of layers and tokens works.
     return logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -432,16 +497,7 @@ def routing_js_forward(
     stats = torch.zeros(num_sums + num_sequences, device=device, dtype=torch.float32)
     sums, counts = stats[:num_sums], stats[num_sums:]
     if num_tokens > 0 and num_layers > 0 and num_sequences > 0:
-        grid = (triton.cdiv(num_tokens, config.block_t * config.tiles_per_program), num_layers)
-        _for_device(_accumulate_kernel, device)[grid](
-            logits, segment_ids, sums, counts,
-            num_tokens, num_experts, num_sequences,
-            logits.stride(0), logits.stride(1),
-            BLOCK_T=config.block_t, BLOCK_N=block_n,
-            TILES_PER_PROGRAM=config.tiles_per_program,
-            SEGMENT_SLOTS=SEGMENT_SLOTS, MAX_SEGMENT_SPAN=MAX_SEGMENT_SPAN,
-            NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-        )
+        accumulate_launch(logits, segment_ids, sums, counts, num_sequences, config).run()
     if process_group is not None:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=process_group)
 
@@ -471,22 +527,9 @@ def routing_js_backward(
     """∂L/∂logits [L, T, N] in the dtype of `logits`, from the saved [L, B, N] gradient factor."""
     logits = _logits_3d(logits)
     num_layers, num_tokens, num_experts = logits.shape
-    num_sequences = grad_factor.shape[1]
     config = config or launch_config(num_layers, num_tokens, num_experts, "backward")
-    block_n = expert_block(num_experts)
     grad_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
     grad_js = grad_js.to(torch.float32).contiguous()
     if grad_logits.numel() > 0:
-        grid = (triton.cdiv(num_tokens, config.block_t * config.tiles_per_program), num_layers)
-        _for_device(_backward_kernel, logits.device)[grid](
-            logits, segment_ids, grad_factor, grad_js, grad_logits,
-            num_tokens, num_experts, num_sequences,
-            logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
-            BLOCK_T=config.block_t, BLOCK_N=block_n,
-            TILES_PER_PROGRAM=config.tiles_per_program, NUM_STAGES=config.num_stages,
-            ROUND_BF16_BY_HAND=(
-                logits.dtype == torch.bfloat16 and not isinstance(_backward_kernel, JITFunction)
-            ),
-            num_warps=config.num_warps,
-        )
+        backward_launch(logits, segment_ids, grad_factor, grad_js, grad_logits, config).run()
     return grad_logits

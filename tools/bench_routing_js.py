@@ -36,38 +36,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sara_megatron.kernels import sequence_routing_js, sequence_routing_js_reference  # noqa: E402
+from sara_megatron.kernels.routing_js_benchmarking import (  # noqa: E402
+    BENCHMARK_SHAPES,
+    NOMINAL_PEAK_BANDWIDTH,
+    benchmark_inputs,
+    kernel_time_ms,
+    relative_error,
+)
 
-# Nominal HBM bandwidth by device name (bytes/s).
-NOMINAL_PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "B200": 8.0e12}
-
+# (layers, sequences, tokens per sequence, experts, dtype)
 NAMED_SHAPES = {
-    # (layers, sequences, tokens per sequence, experts, dtype)
-    "qwen3_sft": (28, 4, 4096, 128, torch.bfloat16),
-    "phi_sft": (14, 4, 4096, 16, torch.bfloat16),
+    name: (*dims, getattr(torch, dtype)) for name, (*dims, dtype) in BENCHMARK_SHAPES.items()
 }
 CPU_INTERPRETER_SHAPE = (2, 4, 64, 128, torch.bfloat16)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def make_segment_ids(num_sequences: int, tokens_per_sequence: int, layout: str, device) -> torch.Tensor:
-    """Segment ids for `layout`: "sb" is Megatron's [S, B] flattening (token s·B + b belongs to
-    sequence b), "packed" puts each sequence's tokens contiguously."""
-    sequences = torch.arange(num_sequences, device=device, dtype=torch.int64)
-    if layout == "sb":
-        return sequences.repeat(tokens_per_sequence)
-    if layout == "packed":
-        return sequences.repeat_interleave(tokens_per_sequence)
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def make_inputs(layers, sequences, tokens_per_sequence, experts, dtype, layout, device, seed=0):
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    num_tokens = sequences * tokens_per_sequence
-    logits = (2.0 * torch.randn(layers, num_tokens, experts, generator=generator)).to(device, dtype)
-    prior = torch.softmax(torch.randn(layers, sequences, experts, generator=generator), -1).to(device)
-    segment_ids = make_segment_ids(sequences, tokens_per_sequence, layout, device)
-    return logits.requires_grad_(), segment_ids, prior
 
 
 def implementations(segment_ids, prior, include_fused: bool):
@@ -112,32 +95,6 @@ def launch_bound_ms(run, device, reps: int) -> float:
     return statistics.median(samples)
 
 
-def kernel_ms(run, reps: int) -> tuple[float, dict[str, float]]:
-    """GPU kernel time of one call of `run` (sum of its kernels' durations from the profiler, so
-    no CPU launch overhead or idle gaps), and the same split by kernel name. The L2 cache is
-    flushed before every call."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    # Flushed with bitwise_not_, an op none of the measured implementations launches, so that its
-    # kernel can be told apart by name.
-    flush = torch.zeros(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            flush.bitwise_not_()
-            run()
-        torch.cuda.synchronize()
-    per_kernel = {}
-    for event in prof.key_averages():
-        if event.device_type != DeviceType.CUDA or "bitwise_not" in event.key.lower():
-            continue
-        per_kernel[event.key] = per_kernel.get(event.key, 0.0) + event.self_device_time_total / 1e3 / reps
-    return sum(per_kernel.values()), per_kernel
-
-
 def peak_memory_mb(run, device) -> float | None:
     """Peak allocated memory above what was allocated before `run` (inputs excluded)."""
     if device.type != "cuda":
@@ -179,16 +136,12 @@ def measured_copy_bandwidth(device) -> float | None:
     return 2 * source.numel() * 4 / (ms * 1e-3)
 
 
-def max_relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
-    test, reference = test.double(), reference.double()
-    return float((test - reference).norm() / reference.norm().clamp_min(1e-30))
-
-
 def bench_shape(name, shape, layout, device, reps, nominal_bw, copy_bw, include_fused):
     layers, sequences, tokens_per_sequence, experts, dtype = shape
-    logits, segment_ids, prior = make_inputs(
+    logits, segment_ids, prior = benchmark_inputs(
         layers, sequences, tokens_per_sequence, experts, dtype, layout, device
     )
+    logits.requires_grad_()
     num_tokens = sequences * tokens_per_sequence
     essential_bytes = 3 * logits.numel() * logits.element_size()
     rows = []
@@ -203,8 +156,8 @@ def bench_shape(name, shape, layout, device, reps, nominal_bw, copy_bw, include_
             (reference_grad,) = torch.autograd.grad(reference_js.mean(), logits)
         kernels = None
         if device.type == "cuda":
-            forward_ms, _ = kernel_ms(_forward(fn, logits), reps)
-            forward_backward_ms, kernels = kernel_ms(_forward_backward(fn, logits), reps)
+            forward_ms, _ = kernel_time_ms(_forward(fn, logits), reps)
+            forward_backward_ms, kernels = kernel_time_ms(_forward_backward(fn, logits), reps)
         else:
             forward_ms = launch_bound_ms(_forward(fn, logits), device, reps)
             forward_backward_ms = launch_bound_ms(_forward_backward(fn, logits), device, reps)
@@ -227,8 +180,8 @@ def bench_shape(name, shape, layout, device, reps, nominal_bw, copy_bw, include_
             "peak_MB": peak_memory_mb(_forward_backward(fn, logits), device),
             "saved_MB": saved_for_backward_mb(fn, logits),
             "GBps": essential_bytes / (forward_backward_ms * 1e-3) / 1e9,
-            "js_rel_err": max_relative_error(js.detach(), reference_js.detach()),
-            "grad_rel_err": max_relative_error(grad, reference_grad),
+            "js_rel_err": relative_error(js.detach(), reference_js.detach()),
+            "grad_rel_err": relative_error(grad, reference_grad),
             "fwd_bwd_kernels_ms": kernels,
         }
         if nominal_bw:

@@ -1,0 +1,132 @@
+"""Compiled facts, occupancy and candidate configs of the routing-JS kernels (no GPU needed).
+
+The kernels are compiled for sm_90 through Triton's bundled ptxas, so these tests run with the
+real compiler, not the interpreter: they live in a process without TRITON_INTERPRET=1 and are
+skipped when the whole run sets it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sara_megatron.kernels.routing_js_benchmarking import (
+    BENCHMARK_SHAPES,
+    H100_SXM,
+    CompiledFacts,
+    SMResources,
+    benchmark_inputs,
+    candidate_configs,
+    compile_for_target,
+    launch_for,
+    occupancy,
+)
+from sara_megatron.kernels.routing_js_triton import LaunchConfig, launch_config
+
+ROOT = Path(__file__).resolve().parents[1]
+compiled_only = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    reason="compile_for_target needs the compiler, not Triton's interpreter",
+)
+
+
+def _facts(registers, shared_bytes, num_warps):
+    return CompiledFacts("k", registers=registers, spill_bytes=0, shared_bytes=shared_bytes,
+                         num_warps=num_warps)
+
+
+def test_occupancy_matches_the_cuda_occupancy_rules():
+    # 128 registers × 128 threads: 16384 of an SM's 65536 registers -> 4 programs.
+    fit = occupancy(_facts(128, 0, 4), num_programs=896)
+    assert (fit.programs_per_sm, fit.warps_per_sm, fit.limited_by) == (4, 16, "registers")
+    assert fit.waves == pytest.approx(896 / (4 * 132))
+    # Registers go per warp in units of 256: 40 per thread = 1280 per warp -> 12 programs of 4 warps.
+    assert occupancy(_facts(40, 0, 4), 1).programs_per_sm == 12
+    # 41 per thread rounds to 1536 per warp -> 10 programs.
+    assert occupancy(_facts(41, 0, 4), 1).programs_per_sm == 10
+    # Shared memory: 100 KiB + 1 KiB reserved per program -> 2 programs in 228 KiB.
+    fit = occupancy(_facts(32, 100 * 1024, 4), 1)
+    assert (fit.programs_per_sm, fit.limited_by) == (2, "shared")
+    # Few registers, no shared memory: 64 warps per SM -> 16 programs of 4 warps.
+    fit = occupancy(_facts(16, 0, 4), 1)
+    assert (fit.programs_per_sm, fit.limited_by) == (16, "warps")
+    # One warp per program: at most 32 resident programs.
+    assert occupancy(_facts(16, 0, 1), 1).limited_by == "programs"
+    small = SMResources("small", num_sms=2, registers=8192)
+    with pytest.raises(ValueError, match="does not fit"):
+        occupancy(_facts(255, 0, 8), 1, small)
+
+
+@pytest.mark.parametrize("shape_name", list(BENCHMARK_SHAPES))
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_candidates_are_valid_and_distinct(shape_name, direction):
+    layers, sequences, tokens_per_sequence, experts, _ = BENCHMARK_SHAPES[shape_name]
+    candidates = candidate_configs(direction, experts)
+    assert len(candidates) == len(set(candidates)) >= 20
+    assert all(isinstance(config, LaunchConfig) for config in candidates)
+    # The tuned default is among the candidates, so a sweep compares against it.
+    assert launch_config(layers, sequences * tokens_per_sequence, experts, direction) in candidates
+    with pytest.raises(ValueError, match="direction"):
+        candidate_configs("sideways", experts)
+
+
+def test_benchmark_inputs_layouts():
+    logits, ids, prior = benchmark_inputs(2, 3, 5, 16, torch.bfloat16, "sb", "cpu")
+    assert logits.shape == (2, 15, 16) and logits.dtype == torch.bfloat16
+    assert ids.tolist() == [0, 1, 2] * 5
+    torch.testing.assert_close(prior.sum(-1), torch.ones(2, 3))
+    _, packed, _ = benchmark_inputs(2, 3, 5, 16, torch.bfloat16, "packed", "cpu")
+    assert packed.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    with pytest.raises(ValueError, match="layout"):
+        benchmark_inputs(2, 3, 5, 16, torch.bfloat16, "diagonal", "cpu")
+
+
+@compiled_only
+def test_compile_for_target_reports_the_launch_as_specialised():
+    logits, ids, _ = benchmark_inputs(2, 4, 256, 128, torch.bfloat16, "sb", "cpu")
+    config = LaunchConfig(block_t=32, tiles_per_program=4, num_warps=4, num_stages=1)
+    forward = launch_for("forward", logits, ids, 4, config)
+    assert forward.num_programs == (1024 // (32 * 4)) * 2
+    facts = compile_for_target(forward)
+    assert facts.kernel == "_accumulate_kernel" and facts.num_warps == 4
+    assert 32 <= facts.registers <= 255 and facts.spill_bytes == 0
+    # The segment sums go through tensor cores, whose operands are staged in shared memory.
+    assert facts.shared_bytes > 0
+
+    backward = compile_for_target(launch_for("backward", logits, ids, 4, config))
+    assert backward.kernel == "_backward_kernel" and backward.shared_bytes == 0
+    wide = compile_for_target(
+        launch_for("backward", logits, ids, 4, LaunchConfig(32, 1, num_warps=8, num_stages=1))
+    )
+    # Twice the threads for the same tile: fewer registers each.
+    assert wide.num_warps == 8 and wide.registers < backward.registers
+
+
+@compiled_only
+def test_tune_tool_reports_compiled_facts_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the tool also times every candidate")
+    out = tmp_path / "tune.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "tune_routing_js.py"), "--shapes", "phi_sft",
+         "--directions", "backward", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "nothing timed" in completed.stdout
+    rows = json.loads(out.read_text())["rows"]
+    defaults = [row for row in rows if row["default"]]
+    assert len(defaults) == 1 and defaults[0]["direction"] == "backward"
+    for row in rows:
+        assert row["programs_per_sm"] >= 1 and row["registers"] > 0
+        assert row["waves"] == pytest.approx(
+            row["programs"] / (row["programs_per_sm"] * H100_SXM.num_sms)
+        )
+        assert "ms" not in row
