@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO
 
@@ -60,10 +61,18 @@ def _js_falls(records):
 
 
 def test_sara_ep2_js_falls_and_lambda_zero_is_the_plain_run(torchrun, sara_data, tmp_path):
-    sara = _train(torchrun, sara_data, tmp_path, "sara", **{"parallel.ep": 2})
+    sara = _train(torchrun, sara_data, tmp_path, "sara",
+                  **{"parallel.ep": 2, "logging.tensorboard_dir": tmp_path / "tb"})
     assert [r["step"] for r in sara] == list(range(1, STEPS + 1))
     _js_falls(sara)
     assert sorted(k for k in sara[0] if k.startswith("js_layer/")) == [f"js_layer/{i}" for i in range(4)]
+    # TensorBoard holds the same per-step scalars as the JSON log (read back with its own reader).
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    for key in ("ce", "lb", "js", "lr", "grad_norm", "tokens_per_s", "js_layer/0", "js_layer/3"):
+        scalars = events.Scalars(key)
+        assert [e.step for e in scalars] == [r["step"] for r in sara], key
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in sara], rel=1e-6), key
 
     fft = _train(torchrun, sara_data, tmp_path, "fft", **{"parallel.ep": 2, "sara.lambda_js": 0})
     plain = _train(torchrun, sara_data, tmp_path, "plain",

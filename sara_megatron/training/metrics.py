@@ -45,6 +45,9 @@ class MetricsWriter:
         for key in ("ce", "lb", "js", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
             if key in scalars:
                 parts.append(f"{key} {scalars[key]:.4g}")
+        if js_per_layer:
+            parts.append("js_layers " + ",".join(f"{layer}:{value:.3g}"
+                                                 for layer, value in sorted(js_per_layer.items())))
         parts.append(f"eta {eta:.0f}s")
         print(" | ".join(parts), flush=True)
         flat = dict(scalars)
