@@ -200,3 +200,35 @@ def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, sara
             # rounding of the split sums the most.
             for key, rel in (("ce", 1e-5), ("lb", 1e-5), ("grad_norm", 1e-5), ("js", 1e-4)):
                 assert b[key] == pytest.approx(a[key], rel=rel), (layout, a["step"], key)
+
+
+def test_warmup_cosine_schedule_and_gradient_clipping(single_rank, sara_data):
+    """The lr each step uses follows linear warmup then cosine decay to min_lr (Megatron's
+    convention: step k uses the rate after k − 1 scheduler steps), and the gradients the optimizer
+    applies are clipped to optim.clip_grad when their norm is above it."""
+    import math
+
+    from sara_megatron.training import Trainer, load_train_config
+
+    steps, warmup, peak, floor, clip = 8, 2, 1e-3, 1e-4, 0.05
+    overrides = [a for a in _base_overrides(sara_data, **{
+        "data.micro_batch_size": 2, "data.global_batch_size": 2, "optim.train_steps": steps,
+        "optim.lr": peak, "optim.min_lr": floor, "optim.warmup_fraction": warmup / steps,
+        "optim.clip_grad": clip,
+    }) if a != "--set"]
+    trainer = Trainer(load_train_config(None, overrides))
+
+    def expected_lr(done):
+        if done <= warmup:
+            return peak * done / warmup
+        progress = (done - warmup) / (steps - warmup)
+        return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
+
+    for step in range(1, steps + 1):
+        record = trainer.train_step()
+        assert record.lr == pytest.approx(expected_lr(step - 1), rel=1e-9, abs=1e-15), step
+        applied = torch.sqrt(sum(
+            (p.main_grad.double() ** 2).sum() for p in trainer.chunks[0].module.parameters()
+        ))
+        assert record.grad_norm > clip  # this tiny model's gradients are far above the limit
+        assert float(applied) == pytest.approx(clip, rel=1e-4), step
