@@ -12,8 +12,8 @@ COPY tools ./tools
 COPY examples ./examples
 
 # The container's torch, Transformer Engine and apex stay as they are: install our package and the
-# pure-Python dependencies only (megatron-core pinned as in setup.py).
-RUN pip install --no-cache-dir "megatron-core==0.16.1" transformers safetensors pyyaml psutil \
+# pure-Python dependencies only (with the specifiers of setup.py; tests/test_packaging.py keeps the two in step).
+RUN pip install --no-cache-dir "megatron-core==0.16.1" "transformers>=4.56" safetensors pyyaml psutil \
         einops tensorboard \
     && pip install --no-cache-dir --no-deps -e . \
     && python -c "import sara_megatron.kernels, megatron.core, transformer_engine"
