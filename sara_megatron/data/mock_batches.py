@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sara_megatron.data.batch import pack_tokens
+from sara_megatron.data.sample_order import check_rank_position
 from sara_megatron.data.sara_dataset import SaraMicroBatch
 
 
@@ -40,10 +41,7 @@ class MockSaraLoader:
     ):
         if seq_length < 2:
             raise ValueError(f"mock batches need seq_length >= 2, got {seq_length}")
-        per_step = micro_batch_size * dp_size
-        if consumed_samples % per_step:
-            raise ValueError(f"consumed samples {consumed_samples} is not a multiple of micro "
-                             f"batch × data parallel = {per_step}")
+        per_step = check_rank_position(micro_batch_size, dp_rank, dp_size, consumed_samples)
         self.vocab_size = vocab_size
         self.num_experts = num_experts
         self.prior_layers = tuple(int(layer) for layer in prior_layers)

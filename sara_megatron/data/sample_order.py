@@ -38,17 +38,25 @@ class GlobalSampleOrder:
         return int(self.epoch_order(epoch)[offset])
 
 
+def check_rank_position(micro_batch_size: int, dp_rank: int, dp_size: int,
+                        consumed_samples: int) -> int:
+    """Refuse a data-parallel rank outside its group, or a resume point that is not a whole number
+    of steps; returns the samples one step consumes over data parallel."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
+    step = micro_batch_size * dp_size
+    if consumed_samples % step:
+        raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of micro batch × "
+                         f"data parallel (micro_batch_size × dp_size) = {step}")
+    return step
+
+
 class RankMicroBatchSampler:
     """Batch sampler (for torch's DataLoader) of one data-parallel rank's micro-batches."""
 
     def __init__(self, order: GlobalSampleOrder, total_samples: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int = 0):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
-        step = micro_batch_size * dp_size
-        if consumed_samples % step:
-            raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of "
-                             f"micro_batch_size × dp_size = {step}")
+        check_rank_position(micro_batch_size, dp_rank, dp_size, consumed_samples)
         self.order = order
         self.total_samples = total_samples
         self.micro_batch_size = micro_batch_size
