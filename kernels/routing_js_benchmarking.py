@@ -8,7 +8,7 @@ specialisation the JIT would give it at launch (argument dtypes, 16-byte alignme
 of pointers and integers) and reads the registers, spills and shared memory of the cubin.
 `occupancy` turns those into resident programs per SM and the grid into waves.
 
-On a GPU, `tools/bench_routing_js.py --tune` times `candidate_configs` with these facts beside each.
+On a GPU, `tools/tune_routing_js.py` times `candidate_configs` with these facts beside each.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton
 from .routing_js_triton import (
     KernelLaunch,
     LaunchConfig,
-    accumulate_launch,
+    accumulate_launches,
     backward_launch,
     expert_block,
 )
@@ -194,39 +194,45 @@ def occupancy(facts: CompiledFacts, num_programs: int, resources: SMResources = 
 def candidate_configs(direction: str, num_experts: int) -> list[LaunchConfig]:
     """Launch configs worth timing for one direction: tiles of 2048 to 8192 elements (16 to 256
     tokens), up to 16 tiles per program in forward (its atomics amortise over them), up to 4 in
-    backward, 4 or 8 warps, 1 to 3 pipeline stages where there is a loop."""
+    backward, 4 or 8 warps, 1 to 3 pipeline stages where there is a loop; in forward each with
+    the chunk paths in one launch and split in two."""
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     block_n = expert_block(num_experts)
     block_ts = sorted({max(16, min(256, elements // block_n)) for elements in (2048, 4096, 8192)})
     tiles = (1, 2, 4, 8, 16) if direction == "forward" else (1, 2, 4)
+    splits = (False, True) if direction == "forward" else (False,)
     return [
-        LaunchConfig(block_t, tiles_per_program, num_warps, num_stages)
+        LaunchConfig(block_t, tiles_per_program, num_warps, num_stages, split)
         for block_t in block_ts
         for tiles_per_program in tiles
         for num_warps in (4, 8)
         # One tile per program has no loop to pipeline.
         for num_stages in ((1, 2, 3) if tiles_per_program > 1 else (1,))
+        for split in splits
     ]
 
 
-def launch_for(direction: str, logits, segment_ids, num_sequences: int, config: LaunchConfig):
-    """The `KernelLaunch` one direction makes for these inputs (fresh output buffers)."""
+def launches_for(
+    direction: str, logits, segment_ids, num_sequences: int, config: LaunchConfig
+) -> list[KernelLaunch]:
+    """The `KernelLaunch`es over the logits one direction makes for these inputs (fresh output
+    buffers), the one that does most of the work first."""
     import torch
 
     num_layers, _, num_experts = logits.shape
     if direction == "forward":
         num_sums = num_layers * num_sequences * num_experts
         stats = torch.zeros(num_sums + num_sequences, device=logits.device, dtype=torch.float32)
-        return accumulate_launch(
+        return accumulate_launches(
             logits, segment_ids, stats[:num_sums], stats[num_sums:], num_sequences, config
         )
     if direction == "backward":
         grad_factor = torch.zeros(num_layers, num_sequences, num_experts, device=logits.device)
         grad_js = torch.zeros(num_layers, num_sequences, device=logits.device)
-        return backward_launch(
+        return [backward_launch(
             logits, segment_ids, grad_factor, grad_js, torch.empty_like(logits), config
-        )
+        )]
     raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
 
 

@@ -14,6 +14,8 @@ forward  `_accumulate_kernel`  one program per (chunk of TILES_PER_PROGRAM × BL
              when a tile's ids spread over more than MAX_SEGMENT_SPAN values.
          A segment reduction is a one-hot [slots, tokens] × [tokens, N] matmul on tensor cores in
          "tf32x3" (fp32-accurate: the one-hot is exact, the probabilities are split in two).
+         Optionally (`LaunchConfig.split_chunk_paths`) two launches of it, the first compiled
+         with the periodic path only (fewer registers), the second with the others.
          `_finalize_kernel`  one program per (layer, sequence): mean = sum / count, JS(prior ‖ mean)
          and the gradient factor ½·log(mean / midpoint) / count (O(L·B·N) work; the log ratios
          are formed with log1p so that near-equal distributions keep their digits in fp32).
@@ -108,6 +110,8 @@ def _accumulate_kernel(
     SEGMENT_SLOTS: tl.constexpr,
     MAX_SEGMENT_SPAN: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PERIODIC_CHUNKS: tl.constexpr,  # this launch sums the chunks with periodic ids
+    OTHER_CHUNKS: tl.constexpr,  # this launch sums all other chunks
 ):
     chunk = tl.program_id(0)
     layer = tl.program_id(1)
@@ -134,12 +138,12 @@ def _accumulate_kernel(
         segment_ids_ptr + chunk_start + tile_rows, mask=chunk_start + tile_rows < num_tokens, other=-1
     ).to(tl.int32)
     first_valid = (first_ids >= 0) & (first_ids < num_sequences)
-    periodic = tl.min((chunk_ids == first_ids[None, :]).to(tl.int32)) == 1
+    periodic = tl.min((chunk_ids == first_ids[None, :]).to(tl.int32))  # 1 or 0
     chunk_valid = (chunk_ids >= 0) & (chunk_ids < num_sequences)
     lowest = tl.min(tl.min(tl.where(chunk_valid, chunk_ids, num_sequences), axis=1), axis=0)
     highest = tl.max(tl.max(tl.where(chunk_valid, chunk_ids, -1), axis=1), axis=0)
-    if periodic:
-        if highest >= 0:
+    if PERIODIC_CHUNKS:
+        if (periodic == 1) & (highest >= 0):
             row_sums = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
             for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
                 tokens = chunk_start + tile * BLOCK_T + tile_rows
@@ -162,69 +166,70 @@ def _accumulate_kernel(
                 if layer == 0:
                     tl.atomic_add(counts_ptr + base + slots, partial_rows * TILES_PER_PROGRAM,
                                   mask=has_tokens, sem="relaxed")
-    elif highest >= 0:
-        if highest - lowest < SEGMENT_SLOTS:
-            sums = tl.zeros([SEGMENT_SLOTS, BLOCK_N], dtype=tl.float32)
-            counts = tl.zeros([SEGMENT_SLOTS], dtype=tl.float32)
-            for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
-                tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-                probs, segment, valid = _softmax_tile(
-                    logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
-                    num_sequences, stride_logits_layer, stride_logits_token,
+    if OTHER_CHUNKS:
+        if (periodic == 0) & (highest >= 0):
+            if highest - lowest < SEGMENT_SLOTS:
+                sums = tl.zeros([SEGMENT_SLOTS, BLOCK_N], dtype=tl.float32)
+                counts = tl.zeros([SEGMENT_SLOTS], dtype=tl.float32)
+                for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
+                    tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+                    probs, segment, valid = _softmax_tile(
+                        logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
+                        num_sequences, stride_logits_layer, stride_logits_token,
+                    )
+                    partial, partial_counts = _segment_sum(
+                        probs, tl.where(valid, segment - lowest, -1), SEGMENT_SLOTS
+                    )
+                    sums += partial
+                    counts += partial_counts
+                has_tokens = counts > 0
+                tl.atomic_add(
+                    sums_layer_ptr + (lowest + slots)[:, None] * num_experts + experts[None, :],
+                    sums,
+                    mask=has_tokens[:, None] & expert_in_range[None, :],
+                    sem="relaxed",
                 )
-                partial, partial_counts = _segment_sum(
-                    probs, tl.where(valid, segment - lowest, -1), SEGMENT_SLOTS
-                )
-                sums += partial
-                counts += partial_counts
-            has_tokens = counts > 0
-            tl.atomic_add(
-                sums_layer_ptr + (lowest + slots)[:, None] * num_experts + experts[None, :],
-                sums,
-                mask=has_tokens[:, None] & expert_in_range[None, :],
-                sem="relaxed",
-            )
-            if layer == 0:
-                tl.atomic_add(counts_ptr + lowest + slots, counts, mask=has_tokens, sem="relaxed")
-        else:
-            # Many sequences interleaved: reduce tile by tile, SEGMENT_SLOTS ids at a time, or with
-            # one atomic per token and expert when a tile's ids are spread too wide for that.
-            for tile in range(0, TILES_PER_PROGRAM):
-                tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-                probs, segment, valid = _softmax_tile(
-                    logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
-                    num_sequences, stride_logits_layer, stride_logits_token,
-                )
-                tile_lowest = tl.min(tl.where(valid, segment, num_sequences), axis=0)
-                tile_highest = tl.max(tl.where(valid, segment, -1), axis=0)
-                if tile_highest >= 0:
-                    if tile_highest - tile_lowest < MAX_SEGMENT_SPAN:
-                        for base in range(tile_lowest, tile_highest + 1, SEGMENT_SLOTS):
-                            partial, partial_counts = _segment_sum(
-                                probs, tl.where(valid, segment - base, -1), SEGMENT_SLOTS
-                            )
-                            has_tokens = partial_counts > 0
+                if layer == 0:
+                    tl.atomic_add(counts_ptr + lowest + slots, counts, mask=has_tokens, sem="relaxed")
+            else:
+                # Many sequences interleaved: reduce tile by tile, SEGMENT_SLOTS ids at a time, or with
+                # one atomic per token and expert when a tile's ids are spread too wide for that.
+                for tile in range(0, TILES_PER_PROGRAM):
+                    tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+                    probs, segment, valid = _softmax_tile(
+                        logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
+                        num_sequences, stride_logits_layer, stride_logits_token,
+                    )
+                    tile_lowest = tl.min(tl.where(valid, segment, num_sequences), axis=0)
+                    tile_highest = tl.max(tl.where(valid, segment, -1), axis=0)
+                    if tile_highest >= 0:
+                        if tile_highest - tile_lowest < MAX_SEGMENT_SPAN:
+                            for base in range(tile_lowest, tile_highest + 1, SEGMENT_SLOTS):
+                                partial, partial_counts = _segment_sum(
+                                    probs, tl.where(valid, segment - base, -1), SEGMENT_SLOTS
+                                )
+                                has_tokens = partial_counts > 0
+                                tl.atomic_add(
+                                    sums_layer_ptr
+                                    + (base + slots)[:, None] * num_experts
+                                    + experts[None, :],
+                                    partial,
+                                    mask=has_tokens[:, None] & expert_in_range[None, :],
+                                    sem="relaxed",
+                                )
+                                if layer == 0:
+                                    tl.atomic_add(counts_ptr + base + slots, partial_counts,
+                                                  mask=has_tokens, sem="relaxed")
+                        else:
                             tl.atomic_add(
-                                sums_layer_ptr
-                                + (base + slots)[:, None] * num_experts
-                                + experts[None, :],
-                                partial,
-                                mask=has_tokens[:, None] & expert_in_range[None, :],
+                                sums_layer_ptr + segment[:, None] * num_experts + experts[None, :],
+                                probs,
+                                mask=valid[:, None] & expert_in_range[None, :],
                                 sem="relaxed",
                             )
                             if layer == 0:
-                                tl.atomic_add(counts_ptr + base + slots, partial_counts,
-                                              mask=has_tokens, sem="relaxed")
-                    else:
-                        tl.atomic_add(
-                            sums_layer_ptr + segment[:, None] * num_experts + experts[None, :],
-                            probs,
-                            mask=valid[:, None] & expert_in_range[None, :],
-                            sem="relaxed",
-                        )
-                        if layer == 0:
-                            tl.atomic_add(counts_ptr + segment, tl.full([BLOCK_T], 1.0, tl.float32),
-                                          mask=valid, sem="relaxed")
+                                tl.atomic_add(counts_ptr + segment, tl.full([BLOCK_T], 1.0, tl.float32),
+                                              mask=valid, sem="relaxed")
 
 
 @triton.jit
@@ -364,6 +369,12 @@ class LaunchConfig:
     tiles_per_program: int  # consecutive tiles one program walks, loads pipelined across them
     num_warps: int
     num_stages: int
+    # Forward only (the backward has one path): sum chunks with periodic ids in one launch and all other chunks in a second.
+    # A kernel's registers are those of its heaviest path, and the periodic path (the usual one:
+    # [S, B] flattening, or chunks inside one packed sequence) needs fewer on its own (sm_90,
+    # 32x128 tiles: 95 instead of 128, i.e. 5 programs per SM instead of 4); the price is a second
+    # launch whose programs mostly only read their chunk's ids and exit.
+    split_chunk_paths: bool = False
 
     def __post_init__(self):
         if self.block_t < 16 or self.block_t & (self.block_t - 1):
@@ -425,24 +436,32 @@ class KernelLaunch:
         )
 
 
-def accumulate_launch(logits, segment_ids, sums, counts, num_sequences: int, config: LaunchConfig):
-    """The forward's accumulate launch: [L, T, N] logits into zeroed [L, B, N] sums and [B] counts."""
+def accumulate_launches(
+    logits, segment_ids, sums, counts, num_sequences: int, config: LaunchConfig
+) -> list[KernelLaunch]:
+    """The forward's accumulate launches, [L, T, N] logits into zeroed [L, B, N] sums and [B]
+    counts: one, or with `config.split_chunk_paths` the periodic chunks' launch then the others'."""
     num_layers, num_tokens, num_experts = logits.shape
-    return KernelLaunch(
-        _accumulate_kernel,
-        grid=(triton.cdiv(num_tokens, config.block_t * config.tiles_per_program), num_layers),
-        args=(
-            logits, segment_ids, sums, counts, num_tokens, num_experts, num_sequences,
-            logits.stride(0), logits.stride(1),
-        ),
-        constexprs=dict(
-            BLOCK_T=config.block_t, BLOCK_N=expert_block(num_experts),
-            TILES_PER_PROGRAM=config.tiles_per_program,
-            SEGMENT_SLOTS=SEGMENT_SLOTS, MAX_SEGMENT_SPAN=MAX_SEGMENT_SPAN,
-            NUM_STAGES=config.num_stages,
-        ),
-        num_warps=config.num_warps,
-    )
+    chunk_paths = [(True, False), (False, True)] if config.split_chunk_paths else [(True, True)]
+    return [
+        KernelLaunch(
+            _accumulate_kernel,
+            grid=(triton.cdiv(num_tokens, config.block_t * config.tiles_per_program), num_layers),
+            args=(
+                logits, segment_ids, sums, counts, num_tokens, num_experts, num_sequences,
+                logits.stride(0), logits.stride(1),
+            ),
+            constexprs=dict(
+                BLOCK_T=config.block_t, BLOCK_N=expert_block(num_experts),
+                TILES_PER_PROGRAM=config.tiles_per_program,
+                SEGMENT_SLOTS=SEGMENT_SLOTS, MAX_SEGMENT_SPAN=MAX_SEGMENT_SPAN,
+                NUM_STAGES=config.num_stages,
+                PERIODIC_CHUNKS=periodic_chunks, OTHER_CHUNKS=other_chunks,
+            ),
+            num_warps=config.num_warps,
+        )
+        for periodic_chunks, other_chunks in chunk_paths
+    ]
 
 
 def backward_launch(logits, segment_ids, grad_factor, grad_js, grad_logits, config: LaunchConfig):
@@ -497,7 +516,8 @@ def routing_js_forward(
     stats = torch.zeros(num_sums + num_sequences, device=device, dtype=torch.float32)
     sums, counts = stats[:num_sums], stats[num_sums:]
     if num_tokens > 0 and num_layers > 0 and num_sequences > 0:
-        accumulate_launch(logits, segment_ids, sums, counts, num_sequences, config).run()
+        for launch in accumulate_launches(logits, segment_ids, sums, counts, num_sequences, config):
+            launch.run()
     if process_group is not None:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=process_group)
 

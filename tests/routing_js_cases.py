@@ -32,6 +32,7 @@ class KernelCase:
     prior_zeros: bool = True  # zero out a third of every prior row
     # Kernel tiling override (block_t, tiles_per_program); None = the default for the size.
     tiling: tuple[int, int] | None = None
+    split_chunk_paths: bool = False  # with a tiling: LaunchConfig.split_chunk_paths
     single_layer: bool = False
     id_dtype: str = "int64"
     token_major_logits: bool = False  # logits as a [T, L, N] buffer viewed as [L, T, N]
@@ -53,12 +54,20 @@ CASES = [
     KernelCase("fp32_n128_sb_periodic_multitile", 2, 517, 128, 4, tiling=(16, 4)),
     # B = 20 interleaved: chunks span more ids than one segment-sum window -> tile-wise windows.
     KernelCase("fp32_n16_sb_wide_multitile", 2, 203, 16, 20, tiling=(32, 2)),
+    # Periodic and other chunks summed by separate launches: long packed sequences give both
+    # (chunks inside a sequence, chunks straddling a boundary), [S, B] only periodic ones.
+    KernelCase("fp32_n60_packed_long_multitile_split", 2, 700, 60, 4, layout="packed",
+               tiling=(16, 4), split_chunk_paths=True),
+    KernelCase("fp32_n128_sb_periodic_multitile_split", 2, 517, 128, 4, tiling=(16, 4),
+               split_chunk_paths=True),
     KernelCase("fp32_n256_packed", 2, 45, 256, 3, layout="packed"),
     # B = 40 in random order: tiles span more ids than MAX_SEGMENTS_PER_TILE -> per-token atomics.
     KernelCase("fp32_n128_shuffled_wide", 2, 150, 128, 40, layout="shuffled", tiling=(64, 1)),
     # B = 150 in random order: a tile's ids span more than MAX_SEGMENT_SPAN -> per-token atomics.
     KernelCase("fp32_n60_shuffled_very_wide", 2, 230, 60, 150, layout="shuffled", tiling=(128, 1)),
     KernelCase("fp32_n60_shuffled_narrow", 2, 61, 60, 3, layout="shuffled", tiling=(16, 2)),
+    KernelCase("fp32_n60_shuffled_narrow_split", 2, 61, 60, 3, layout="shuffled", tiling=(16, 2),
+               split_chunk_paths=True),
     KernelCase("fp32_n16_int32_ids", 2, 50, 16, 4, id_dtype="int32"),
     KernelCase("fp32_n60_single_layer", 1, 70, 60, 4, single_layer=True),
     KernelCase("fp32_n128_token_major", 3, 39, 128, 3, token_major_logits=True),
@@ -71,6 +80,9 @@ CASES = [
     KernelCase("bf16_n128_sb", 3, 130, 128, 4, dtype="bfloat16", js_rtol=2e-3, grad_rtol=2e-3),
     KernelCase("bf16_n128_packed_multitile", 2, 250, 128, 3, dtype="bfloat16", layout="packed",
                tiling=(32, 4), js_rtol=2e-3, grad_rtol=2e-3),
+    KernelCase("bf16_n128_packed_multitile_split", 2, 250, 128, 3, dtype="bfloat16",
+               layout="packed", tiling=(32, 4), split_chunk_paths=True, js_rtol=2e-3,
+               grad_rtol=2e-3),
     KernelCase("bf16_n256_shuffled", 2, 45, 256, 3, dtype="bfloat16", layout="shuffled",
                js_rtol=2e-3, grad_rtol=2e-3),
     KernelCase("bf16_n128_extreme", 2, 67, 128, 4, dtype="bfloat16", logit_scale=1e4,
@@ -147,7 +159,9 @@ def run_case(case: KernelCase, device: torch.device) -> dict:
     if case.tiling is not None:
         from sara_megatron.kernels.routing_js_triton import LaunchConfig
 
-        launch = LaunchConfig(*case.tiling, num_warps=4, num_stages=2)
+        launch = LaunchConfig(
+            *case.tiling, num_warps=4, num_stages=2, split_chunk_paths=case.split_chunk_paths
+        )
     for impl in ("triton", "reference"):
         leaf = logits.detach().clone() if not case.token_major_logits else logits.detach()
         leaf.requires_grad_(True)
@@ -234,16 +248,53 @@ def saved_tensor_report(device: torch.device) -> dict:
     return report
 
 
+def split_chunk_paths_report(device: torch.device) -> dict:
+    """Sums and counts of each launch of a split forward, alone and together, beside the one
+    launch's: on packed ids some chunks are periodic (inside a sequence) and some not."""
+    from sara_megatron.kernels.routing_js_triton import LaunchConfig, accumulate_launches
+
+    case = CASES_BY_NAME["fp32_n60_packed_long_multitile_split"]
+    logits, segment_ids, prior, _ = make_inputs(case, device)
+    num_sums = prior.numel()
+
+    def accumulate(split: bool, keep: slice) -> torch.Tensor:
+        stats = torch.zeros(num_sums + case.sequences, device=device)
+        config = LaunchConfig(*case.tiling, num_warps=4, num_stages=2, split_chunk_paths=split)
+        launches = accumulate_launches(
+            logits, segment_ids, stats[:num_sums], stats[num_sums:], case.sequences, config
+        )
+        for launch in launches[keep]:
+            launch.run()
+        return stats
+
+    one_launch = accumulate(False, slice(None))
+    periodic, other = accumulate(True, slice(0, 1)), accumulate(True, slice(1, 2))
+    both = accumulate(True, slice(None))
+    return {
+        "launches": [len(accumulate_launches(logits, segment_ids, one_launch[:num_sums],
+                                             one_launch[num_sums:], case.sequences, config))
+                     for config in (LaunchConfig(*case.tiling, 4, 2, split) for split in (False, True))],
+        "periodic_counts": periodic[num_sums:].tolist(),
+        "other_counts": other[num_sums:].tolist(),
+        "one_launch_counts": one_launch[num_sums:].tolist(),
+        "split_vs_one_launch": relative_error(both, one_launch),
+        "parts_vs_split": relative_error(periodic + other, both),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", help="write {'cases': [...], 'saved_tensors': {...}} here")
+    parser.add_argument(
+        "--json", help="write {'cases': [...], 'saved_tensors': {...}, 'split_chunk_paths': {...}} here"
+    )
     parser.add_argument("--cases", nargs="*", default=list(CASES_BY_NAME), choices=list(CASES_BY_NAME))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
     results = [run_case(CASES_BY_NAME[name], device) for name in args.cases]
-    payload = {"cases": results, "saved_tensors": saved_tensor_report(device)}
+    payload = {"cases": results, "saved_tensors": saved_tensor_report(device),
+               "split_chunk_paths": split_chunk_paths_report(device)}
     failed = 0
     for result in results:
         ok = case_passes(result)

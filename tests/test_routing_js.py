@@ -235,6 +235,17 @@ def test_kernel_matches_reference(interpreter_results, case):
         assert result["empty_sequences"] >= 1  # every layout leaves one sequence without tokens
 
 
+def test_split_chunk_paths_share_the_chunks_between_two_launches(interpreter_results):
+    report = interpreter_results["split_chunk_paths"]
+    assert report["launches"] == [1, 2]
+    periodic, other = report["periodic_counts"], report["other_counts"]
+    # Each launch sums some of the tokens, and together exactly those of the single launch.
+    assert sum(periodic) > 0 and sum(other) > 0
+    assert [p + o for p, o in zip(periodic, other)] == report["one_launch_counts"]
+    assert report["parts_vs_split"] <= 1e-6
+    assert report["split_vs_one_launch"] <= 1e-6
+
+
 def test_kernel_keeps_only_logits_and_small_statistics_for_backward(interpreter_results):
     report = interpreter_results["saved_tensors"]
     small = report["layers_sequences_experts"]

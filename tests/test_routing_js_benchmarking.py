@@ -7,6 +7,7 @@ skipped when the whole run sets it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from sara_megatron.kernels.routing_js_benchmarking import (
     benchmark_inputs,
     candidate_configs,
     compile_for_target,
-    launch_for,
+    launches_for,
     occupancy,
 )
 from sara_megatron.kernels.routing_js_triton import LaunchConfig, launch_config
@@ -72,6 +73,9 @@ def test_candidates_are_valid_and_distinct(shape_name, direction):
     assert all(isinstance(config, LaunchConfig) for config in candidates)
     # The tuned default is among the candidates, so a sweep compares against it.
     assert launch_config(layers, sequences * tokens_per_sequence, experts, direction) in candidates
+    # Only the forward has chunk paths to split; it is timed both ways.
+    splits = {config.split_chunk_paths for config in candidates}
+    assert splits == ({False, True} if direction == "forward" else {False})
     with pytest.raises(ValueError, match="direction"):
         candidate_configs("sideways", experts)
 
@@ -91,18 +95,25 @@ def test_benchmark_inputs_layouts():
 def test_compile_for_target_reports_the_launch_as_specialised():
     logits, ids, _ = benchmark_inputs(2, 4, 256, 128, torch.bfloat16, "sb", "cpu")
     config = LaunchConfig(block_t=32, tiles_per_program=4, num_warps=4, num_stages=1)
-    forward = launch_for("forward", logits, ids, 4, config)
+    (forward,) = launches_for("forward", logits, ids, 4, config)
     assert forward.num_programs == (1024 // (32 * 4)) * 2
     facts = compile_for_target(forward)
     assert facts.kernel == "_accumulate_kernel" and facts.num_warps == 4
     assert 32 <= facts.registers <= 255 and facts.spill_bytes == 0
     # The segment sums go through tensor cores, whose operands are staged in shared memory.
     assert facts.shared_bytes > 0
+    # Compiled alone, the periodic chunks' path needs fewer registers than all paths together.
+    periodic, other = launches_for(
+        "forward", logits, ids, 4, dataclasses.replace(config, split_chunk_paths=True)
+    )
+    assert compile_for_target(periodic).registers < facts.registers
+    assert other.grid == periodic.grid == forward.grid
 
-    backward = compile_for_target(launch_for("backward", logits, ids, 4, config))
+    (backward,) = launches_for("backward", logits, ids, 4, config)
+    backward = compile_for_target(backward)
     assert backward.kernel == "_backward_kernel" and backward.shared_bytes == 0
     wide = compile_for_target(
-        launch_for("backward", logits, ids, 4, LaunchConfig(32, 1, num_warps=8, num_stages=1))
+        launches_for("backward", logits, ids, 4, LaunchConfig(32, 1, num_warps=8, num_stages=1))[0]
     )
     # Twice the threads for the same tile: fewer registers each.
     assert wide.num_warps == 8 and wide.registers < backward.registers

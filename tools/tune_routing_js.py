@@ -3,9 +3,9 @@
     python tools/tune_routing_js.py --shapes qwen3_sft --json tune.json
 
 For each benchmark shape, direction (forward = memset + accumulate + finalize, backward) and
-candidate `LaunchConfig` it prints what the compiler made of the launch — registers and spills per
-thread, shared memory per program, resident programs per SM and what limits them, waves of the
-grid — and, on a GPU, the kernel time (profiler, L2 flushed), the achieved bandwidth (forward reads
+candidate `LaunchConfig` it prints what the compiler made of the launch over the logits (with split
+chunk paths: the periodic chunks' launch) — registers and spills per thread, shared memory per
+program, resident programs per SM and what limits them, waves of the grid — and, on a GPU, the kernel time (profiler, L2 flushed), the achieved bandwidth (forward reads
 the logits once, backward reads them and writes the gradient) and the largest difference from the
 default config's output. Without a GPU the kernels are compiled for an H100 (sm_90) through
 Triton's bundled ptxas and nothing is timed. The default config is marked with `*`.
@@ -29,7 +29,7 @@ from sara_megatron.kernels.routing_js_benchmarking import (
     compile_for_target,
     device_resources,
     kernel_time_ms,
-    launch_for,
+    launches_for,
     occupancy,
     relative_error,
 )
@@ -65,13 +65,15 @@ def tune_shape(name, shape, directions, device, reps, arch, resources, peak_band
         configs = ([default] if default not in configs else []) + configs
         for index, config in enumerate(configs):
             print(f"{name} {direction} {index + 1}/{len(configs)}: {config}", file=sys.stderr, flush=True)
-            launch = launch_for(direction, logits, segment_ids, sequences, config)
+            # With split chunk paths, the facts are the periodic chunks' launch's.
+            launch = launches_for(direction, logits, segment_ids, sequences, config)[0]
             facts = compile_for_target(launch, arch)
             fit = occupancy(facts, launch.num_programs, resources)
             row = {
                 "shape": name, "direction": direction, "default": config == default,
                 "block_t": config.block_t, "tiles_per_program": config.tiles_per_program,
                 "num_warps": config.num_warps, "num_stages": config.num_stages,
+                "split_chunk_paths": config.split_chunk_paths,
                 "registers": facts.registers, "spill_bytes": facts.spill_bytes,
                 "shared_KiB": facts.shared_bytes / 1024, "programs": launch.num_programs,
                 "programs_per_sm": fit.programs_per_sm, "warps_per_sm": fit.warps_per_sm,
@@ -93,12 +95,14 @@ def format_table(rows) -> str:
     columns = [
         ("shape", "{:<10}"), ("direction", "{:<9}"), ("block_t", "{:>7}"),
         ("tiles_per_program", "{:>5}"), ("num_warps", "{:>5}"), ("num_stages", "{:>6}"),
+        ("split_chunk_paths", "{!s:>5}"),
         ("registers", "{:>4}"), ("spill_bytes", "{:>5}"), ("shared_KiB", "{:>6.1f}"),
         ("programs", "{:>8}"), ("programs_per_sm", "{:>7}"), ("warps_per_sm", "{:>8}"),
         ("limited_by", "{:<9}"), ("waves", "{:>6.2f}"), ("ms", "{:>7.4f}"), ("GBps", "{:>6.0f}"),
         ("pct_peak", "{:>5.1f}"), ("rel_diff_vs_default", "{:>8.1e}"),
     ]
     headers = {"tiles_per_program": "tiles", "num_warps": "warps", "num_stages": "stages",
+               "split_chunk_paths": "split",
                "registers": "regs", "spill_bytes": "spill", "shared_KiB": "smem_K",
                "programs_per_sm": "prog/SM", "warps_per_sm": "warps/SM", "limited_by": "limit",
                "pct_peak": "%peak", "rel_diff_vs_default": "vs_dflt"}
