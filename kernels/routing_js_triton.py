@@ -94,6 +94,106 @@ def _segment_sum(probs, slot_of_token, SEGMENT_SLOTS: tl.constexpr):
 
 
 @triton.jit
+def _add_window(sums_layer_ptr, counts_ptr, layer, first, window_sums, window_counts, experts,
+                num_experts, SEGMENT_SLOTS: tl.constexpr):
+    """Add the [SEGMENT_SLOTS, N] sums and token counts of sequences first, first + 1, ... to the
+    accumulators, one atomic row per sequence with tokens (counts from layer 0's programs only)."""
+    slots = tl.arange(0, SEGMENT_SLOTS)
+    has_tokens = window_counts > 0
+    tl.atomic_add(
+        sums_layer_ptr + (first + slots)[:, None] * num_experts + experts[None, :],
+        window_sums,
+        mask=has_tokens[:, None] & (experts < num_experts)[None, :],
+        sem="relaxed",
+    )
+    if layer == 0:
+        tl.atomic_add(counts_ptr + first + slots, window_counts, mask=has_tokens, sem="relaxed")
+
+
+@triton.jit
+def _sum_periodic_chunk(
+    logits_ptr, segment_ids_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start, first_ids,
+    lowest, highest, num_tokens, num_experts, num_sequences, stride_logits_layer,
+    stride_logits_token, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr, SEGMENT_SLOTS: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """A chunk whose tiles all repeat the first tile's ids: the tiles' probabilities are added
+    elementwise (no cross-thread work per tile), then segment-reduced once."""
+    experts = tl.arange(0, BLOCK_N)
+    row_sums = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
+        tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        probs, segment, valid = _softmax_tile(
+            logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
+            num_sequences, stride_logits_layer, stride_logits_token,
+        )
+        row_sums += probs
+    first_valid = (first_ids >= 0) & (first_ids < num_sequences)
+    for base in range(lowest, highest + 1, SEGMENT_SLOTS):
+        partial, partial_rows = _segment_sum(
+            row_sums, tl.where(first_valid, first_ids - base, -1), SEGMENT_SLOTS
+        )
+        _add_window(sums_layer_ptr, counts_ptr, layer, base, partial,
+                    partial_rows * TILES_PER_PROGRAM, experts, num_experts, SEGMENT_SLOTS)
+
+
+@triton.jit
+def _sum_other_chunk(
+    logits_ptr, segment_ids_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start, lowest,
+    highest, num_tokens, num_experts, num_sequences, stride_logits_layer, stride_logits_token,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
+    SEGMENT_SLOTS: tl.constexpr, MAX_SEGMENT_SPAN: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """A chunk with changing ids: segment-reduced tile by tile, into register sums when all its
+    ids fit one window of SEGMENT_SLOTS sequences, else straight into the accumulators, window by
+    window, or with one atomic per token and expert when a tile's ids spread too wide for that."""
+    experts = tl.arange(0, BLOCK_N)
+    if highest - lowest < SEGMENT_SLOTS:
+        sums = tl.zeros([SEGMENT_SLOTS, BLOCK_N], dtype=tl.float32)
+        counts = tl.zeros([SEGMENT_SLOTS], dtype=tl.float32)
+        for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
+            tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+            probs, segment, valid = _softmax_tile(
+                logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
+                num_sequences, stride_logits_layer, stride_logits_token,
+            )
+            partial, partial_counts = _segment_sum(
+                probs, tl.where(valid, segment - lowest, -1), SEGMENT_SLOTS
+            )
+            sums += partial
+            counts += partial_counts
+        _add_window(sums_layer_ptr, counts_ptr, layer, lowest, sums, counts, experts, num_experts,
+                    SEGMENT_SLOTS)
+    else:
+        for tile in range(0, TILES_PER_PROGRAM):
+            tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+            probs, segment, valid = _softmax_tile(
+                logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
+                num_sequences, stride_logits_layer, stride_logits_token,
+            )
+            tile_lowest = tl.min(tl.where(valid, segment, num_sequences), axis=0)
+            tile_highest = tl.max(tl.where(valid, segment, -1), axis=0)
+            if tile_highest >= 0:
+                if tile_highest - tile_lowest < MAX_SEGMENT_SPAN:
+                    for base in range(tile_lowest, tile_highest + 1, SEGMENT_SLOTS):
+                        partial, partial_counts = _segment_sum(
+                            probs, tl.where(valid, segment - base, -1), SEGMENT_SLOTS
+                        )
+                        _add_window(sums_layer_ptr, counts_ptr, layer, base, partial,
+                                    partial_counts, experts, num_experts, SEGMENT_SLOTS)
+                else:
+                    tl.atomic_add(
+                        sums_layer_ptr + segment[:, None] * num_experts + experts[None, :],
+                        probs,
+                        mask=valid[:, None] & (experts < num_experts)[None, :],
+                        sem="relaxed",
+                    )
+                    if layer == 0:
+                        tl.atomic_add(counts_ptr + segment, tl.full([BLOCK_T], 1.0, tl.float32),
+                                      mask=valid, sem="relaxed")
+
+
+@triton.jit
 def _accumulate_kernel(
     logits_ptr,
     segment_ids_ptr,
@@ -115,121 +215,40 @@ def _accumulate_kernel(
 ):
     chunk = tl.program_id(0)
     layer = tl.program_id(1)
-    experts = tl.arange(0, BLOCK_N)
-    expert_in_range = experts < num_experts
-    slots = tl.arange(0, SEGMENT_SLOTS)
     chunk_start = chunk * (BLOCK_T * TILES_PER_PROGRAM)
     sums_layer_ptr = sums_ptr + layer.to(tl.int64) * num_sequences * num_experts
 
     # The ids of the whole chunk decide the path. Periodic ids (every tile of the chunk repeats the
-    # first tile's ids: a packed sequence, or [S, B] flattening with B dividing BLOCK_T) let the
-    # tiles be summed elementwise in registers, with no cross-thread work per tile, and segment-
-    # reduced once at the end. Otherwise, when the ids span at most SEGMENT_SLOTS consecutive values
-    # (a chunk straddling sequences), each tile is segment-reduced into register sums.
+    # first tile's ids: a packed sequence, or [S, B] flattening with B dividing BLOCK_T) are the
+    # usual case and the cheapest; compiled apart from the other paths they also need fewer
+    # registers, hence PERIODIC_CHUNKS / OTHER_CHUNKS.
     tile_rows = tl.arange(0, BLOCK_T)
-    chunk_ids = tl.load(
-        segment_ids_ptr + chunk_start + tl.arange(0, TILES_PER_PROGRAM)[:, None] * BLOCK_T
-        + tile_rows[None, :],
-        mask=(chunk_start + tl.arange(0, TILES_PER_PROGRAM)[:, None] * BLOCK_T + tile_rows[None, :])
-        < num_tokens,
-        other=-1,
-    ).to(tl.int32)
+    chunk_tokens = chunk_start + tl.arange(0, TILES_PER_PROGRAM)[:, None] * BLOCK_T + tile_rows[None, :]
+    chunk_ids = tl.load(segment_ids_ptr + chunk_tokens, mask=chunk_tokens < num_tokens, other=-1)
+    chunk_ids = chunk_ids.to(tl.int32)
     first_ids = tl.load(
         segment_ids_ptr + chunk_start + tile_rows, mask=chunk_start + tile_rows < num_tokens, other=-1
     ).to(tl.int32)
-    first_valid = (first_ids >= 0) & (first_ids < num_sequences)
     periodic = tl.min((chunk_ids == first_ids[None, :]).to(tl.int32))  # 1 or 0
     chunk_valid = (chunk_ids >= 0) & (chunk_ids < num_sequences)
     lowest = tl.min(tl.min(tl.where(chunk_valid, chunk_ids, num_sequences), axis=1), axis=0)
     highest = tl.max(tl.max(tl.where(chunk_valid, chunk_ids, -1), axis=1), axis=0)
     if PERIODIC_CHUNKS:
         if (periodic == 1) & (highest >= 0):
-            row_sums = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-            for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
-                tokens = chunk_start + tile * BLOCK_T + tile_rows
-                probs, segment, valid = _softmax_tile(
-                    logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
-                    num_sequences, stride_logits_layer, stride_logits_token,
-                )
-                row_sums += probs
-            for base in range(lowest, highest + 1, SEGMENT_SLOTS):
-                partial, partial_rows = _segment_sum(
-                    row_sums, tl.where(first_valid, first_ids - base, -1), SEGMENT_SLOTS
-                )
-                has_tokens = partial_rows > 0
-                tl.atomic_add(
-                    sums_layer_ptr + (base + slots)[:, None] * num_experts + experts[None, :],
-                    partial,
-                    mask=has_tokens[:, None] & expert_in_range[None, :],
-                    sem="relaxed",
-                )
-                if layer == 0:
-                    tl.atomic_add(counts_ptr + base + slots, partial_rows * TILES_PER_PROGRAM,
-                                  mask=has_tokens, sem="relaxed")
+            _sum_periodic_chunk(
+                logits_ptr, segment_ids_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start,
+                first_ids, lowest, highest, num_tokens, num_experts, num_sequences,
+                stride_logits_layer, stride_logits_token, BLOCK_T, BLOCK_N, TILES_PER_PROGRAM,
+                SEGMENT_SLOTS, NUM_STAGES,
+            )
     if OTHER_CHUNKS:
         if (periodic == 0) & (highest >= 0):
-            if highest - lowest < SEGMENT_SLOTS:
-                sums = tl.zeros([SEGMENT_SLOTS, BLOCK_N], dtype=tl.float32)
-                counts = tl.zeros([SEGMENT_SLOTS], dtype=tl.float32)
-                for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
-                    tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-                    probs, segment, valid = _softmax_tile(
-                        logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
-                        num_sequences, stride_logits_layer, stride_logits_token,
-                    )
-                    partial, partial_counts = _segment_sum(
-                        probs, tl.where(valid, segment - lowest, -1), SEGMENT_SLOTS
-                    )
-                    sums += partial
-                    counts += partial_counts
-                has_tokens = counts > 0
-                tl.atomic_add(
-                    sums_layer_ptr + (lowest + slots)[:, None] * num_experts + experts[None, :],
-                    sums,
-                    mask=has_tokens[:, None] & expert_in_range[None, :],
-                    sem="relaxed",
-                )
-                if layer == 0:
-                    tl.atomic_add(counts_ptr + lowest + slots, counts, mask=has_tokens, sem="relaxed")
-            else:
-                # Many sequences interleaved: reduce tile by tile, SEGMENT_SLOTS ids at a time, or with
-                # one atomic per token and expert when a tile's ids are spread too wide for that.
-                for tile in range(0, TILES_PER_PROGRAM):
-                    tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-                    probs, segment, valid = _softmax_tile(
-                        logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
-                        num_sequences, stride_logits_layer, stride_logits_token,
-                    )
-                    tile_lowest = tl.min(tl.where(valid, segment, num_sequences), axis=0)
-                    tile_highest = tl.max(tl.where(valid, segment, -1), axis=0)
-                    if tile_highest >= 0:
-                        if tile_highest - tile_lowest < MAX_SEGMENT_SPAN:
-                            for base in range(tile_lowest, tile_highest + 1, SEGMENT_SLOTS):
-                                partial, partial_counts = _segment_sum(
-                                    probs, tl.where(valid, segment - base, -1), SEGMENT_SLOTS
-                                )
-                                has_tokens = partial_counts > 0
-                                tl.atomic_add(
-                                    sums_layer_ptr
-                                    + (base + slots)[:, None] * num_experts
-                                    + experts[None, :],
-                                    partial,
-                                    mask=has_tokens[:, None] & expert_in_range[None, :],
-                                    sem="relaxed",
-                                )
-                                if layer == 0:
-                                    tl.atomic_add(counts_ptr + base + slots, partial_counts,
-                                                  mask=has_tokens, sem="relaxed")
-                        else:
-                            tl.atomic_add(
-                                sums_layer_ptr + segment[:, None] * num_experts + experts[None, :],
-                                probs,
-                                mask=valid[:, None] & expert_in_range[None, :],
-                                sem="relaxed",
-                            )
-                            if layer == 0:
-                                tl.atomic_add(counts_ptr + segment, tl.full([BLOCK_T], 1.0, tl.float32),
-                                              mask=valid, sem="relaxed")
+            _sum_other_chunk(
+                logits_ptr, segment_ids_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start,
+                lowest, highest, num_tokens, num_experts, num_sequences, stride_logits_layer,
+                stride_logits_token, BLOCK_T, BLOCK_N, TILES_PER_PROGRAM, SEGMENT_SLOTS,
+                MAX_SEGMENT_SPAN, NUM_STAGES,
+            )
 
 
 @triton.jit
@@ -369,11 +388,11 @@ class LaunchConfig:
     tiles_per_program: int  # consecutive tiles one program walks, loads pipelined across them
     num_warps: int
     num_stages: int
-    # Forward only (the backward has one path): sum chunks with periodic ids in one launch and all other chunks in a second.
-    # A kernel's registers are those of its heaviest path, and the periodic path (the usual one:
-    # [S, B] flattening, or chunks inside one packed sequence) needs fewer on its own (sm_90,
-    # 32x128 tiles: 95 instead of 128, i.e. 5 programs per SM instead of 4); the price is a second
-    # launch whose programs mostly only read their chunk's ids and exit.
+    # Forward only (the backward has one path): sum the chunks with periodic ids in one launch and
+    # all other chunks in a second. A kernel's registers are those of its heaviest path, and the
+    # periodic path (the usual one: [S, B] flattening, or chunks inside one packed sequence) needs
+    # fewer on its own (sm_90, 32x128 tiles: 95 instead of 128, i.e. 5 programs per SM instead of
+    # 4); the price is a second launch whose programs mostly only read their chunk's ids and exit.
     split_chunk_paths: bool = False
 
     def __post_init__(self):

@@ -5,10 +5,11 @@
 For each benchmark shape, direction (forward = memset + accumulate + finalize, backward) and
 candidate `LaunchConfig` it prints what the compiler made of the launch over the logits (with split
 chunk paths: the periodic chunks' launch) — registers and spills per thread, shared memory per
-program, resident programs per SM and what limits them, waves of the grid — and, on a GPU, the kernel time (profiler, L2 flushed), the achieved bandwidth (forward reads
-the logits once, backward reads them and writes the gradient) and the largest difference from the
-default config's output. Without a GPU the kernels are compiled for an H100 (sm_90) through
-Triton's bundled ptxas and nothing is timed. The default config is marked with `*`.
+program, resident programs per SM and what limits them, waves of the grid — and, on a GPU, the
+kernel time (profiler, L2 flushed), the achieved bandwidth (forward reads the logits once, backward
+reads them and writes the gradient) and the largest difference from the default config's output.
+Without a GPU the kernels are compiled for an H100 (sm_90) through Triton's bundled ptxas and
+nothing is timed. The default config is marked with `*`.
 """
 
 from __future__ import annotations
