@@ -207,6 +207,7 @@ def _accumulate_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TILES_PER_PROGRAM: tl.constexpr,
+    TILES_POW2: tl.constexpr,  # TILES_PER_PROGRAM rounded up to a power of two (tl.arange's)
     SEGMENT_SLOTS: tl.constexpr,
     MAX_SEGMENT_SPAN: tl.constexpr,
     NUM_STAGES: tl.constexpr,
@@ -223,13 +224,19 @@ def _accumulate_kernel(
     # usual case and the cheapest; compiled apart from the other paths they also need fewer
     # registers, hence PERIODIC_CHUNKS / OTHER_CHUNKS.
     tile_rows = tl.arange(0, BLOCK_T)
-    chunk_tokens = chunk_start + tl.arange(0, TILES_PER_PROGRAM)[:, None] * BLOCK_T + tile_rows[None, :]
-    chunk_ids = tl.load(segment_ids_ptr + chunk_tokens, mask=chunk_tokens < num_tokens, other=-1)
-    chunk_ids = chunk_ids.to(tl.int32)
+    tiles = tl.arange(0, TILES_POW2)
+    tile_in_chunk = tiles < TILES_PER_PROGRAM
+    chunk_tokens = chunk_start + tiles[:, None] * BLOCK_T + tile_rows[None, :]
+    chunk_ids = tl.load(
+        segment_ids_ptr + chunk_tokens,
+        mask=tile_in_chunk[:, None] & (chunk_tokens < num_tokens),
+        other=-1,
+    ).to(tl.int32)
     first_ids = tl.load(
         segment_ids_ptr + chunk_start + tile_rows, mask=chunk_start + tile_rows < num_tokens, other=-1
     ).to(tl.int32)
-    periodic = tl.min((chunk_ids == first_ids[None, :]).to(tl.int32))  # 1 or 0
+    repeats_first = (chunk_ids == first_ids[None, :]) | ~tile_in_chunk[:, None]
+    periodic = tl.min(repeats_first.to(tl.int32))  # 1 or 0
     chunk_valid = (chunk_ids >= 0) & (chunk_ids < num_sequences)
     lowest = tl.min(tl.min(tl.where(chunk_valid, chunk_ids, num_sequences), axis=1), axis=0)
     highest = tl.max(tl.max(tl.where(chunk_valid, chunk_ids, -1), axis=1), axis=0)
@@ -473,6 +480,7 @@ def accumulate_launches(
             constexprs=dict(
                 BLOCK_T=config.block_t, BLOCK_N=expert_block(num_experts),
                 TILES_PER_PROGRAM=config.tiles_per_program,
+                TILES_POW2=triton.next_power_of_2(config.tiles_per_program),
                 SEGMENT_SLOTS=SEGMENT_SLOTS, MAX_SEGMENT_SPAN=MAX_SEGMENT_SPAN,
                 NUM_STAGES=config.num_stages,
                 PERIODIC_CHUNKS=periodic_chunks, OTHER_CHUNKS=other_chunks,

@@ -60,6 +60,9 @@ CASES = [
                tiling=(16, 4), split_chunk_paths=True),
     KernelCase("fp32_n128_sb_periodic_multitile_split", 2, 517, 128, 4, tiling=(16, 4),
                split_chunk_paths=True),
+    # Tiles per program not a power of two: periodic and other chunks, one launch and split.
+    KernelCase("fp32_n60_packed_long_tiles3", 2, 700, 60, 4, layout="packed", tiling=(16, 3)),
+    KernelCase("fp32_n128_sb_tiles3_split", 2, 517, 128, 4, tiling=(16, 3), split_chunk_paths=True),
     KernelCase("fp32_n256_packed", 2, 45, 256, 3, layout="packed"),
     # B = 40 in random order: tiles span more ids than MAX_SEGMENTS_PER_TILE -> per-token atomics.
     KernelCase("fp32_n128_shuffled_wide", 2, 150, 128, 40, layout="shuffled", tiling=(64, 1)),
