@@ -27,6 +27,8 @@ from sara_megatron.kernels.routing_js_benchmarking import (
     compile_for_target,
     launches_for,
     occupancy,
+    wave_fitted,
+    whole_wave_tiles,
 )
 from sara_megatron.kernels.routing_js_triton import LaunchConfig, launch_config
 
@@ -62,6 +64,39 @@ def test_occupancy_matches_the_cuda_occupancy_rules():
     small = SMResources("small", num_sms=2, registers=8192)
     with pytest.raises(ValueError, match="does not fit"):
         occupancy(_facts(255, 0, 8), 1, small)
+
+
+def _idle_share(tiles_per_layer, num_layers, slots, tiles):
+    programs = -(-tiles_per_layer // tiles) * num_layers
+    capacity = -(-programs // slots) * slots
+    return (capacity - programs) / capacity
+
+
+def test_whole_wave_tiles_fill_the_last_wave():
+    # Qwen3 SFT forward: 512 tiles of 32 tokens per layer, 28 layers, on 132 SMs.
+    for programs_per_sm in (3, 4, 5, 7):
+        slots = 132 * programs_per_sm
+        tiles = whole_wave_tiles(512, 28, slots)
+        assert _idle_share(512, 28, slots, tiles) <= 0.05
+        # The most tiles per program that does so.
+        assert all(_idle_share(512, 28, slots, more) > 0.05 for more in range(tiles + 1, 33))
+    # 4 programs/SM: 16 tiles per program leave 15% of the second wave's slots idle; 30 tiles fill
+    # one wave but for 24 of 528 slots.
+    assert _idle_share(512, 28, 528, 16) == pytest.approx(0.15, abs=0.01)
+    assert whole_wave_tiles(512, 28, 528) == 30
+    # Nothing fits within the bound: the fewest idle slots, never more tiles than a layer has.
+    assert whole_wave_tiles(3, 1, 1000) == 1
+    assert whole_wave_tiles(3, 1, 1000, max_idle_share=1.0) == 3
+    with pytest.raises(ValueError, match=">= 1"):
+        whole_wave_tiles(0, 28, 528)
+
+
+def test_wave_fitted_keeps_the_config_but_its_tiles():
+    config = LaunchConfig(32, 16, num_warps=4, num_stages=2, split_chunk_paths=True)
+    fit = occupancy(_facts(112, 32 * 1024, 4), num_programs=896)
+    assert fit.programs_per_sm == 4
+    fitted = wave_fitted(config, fit, num_layers=28, num_tokens=16384)
+    assert fitted == dataclasses.replace(config, tiles_per_program=30)
 
 
 @pytest.mark.parametrize("shape_name", list(BENCHMARK_SHAPES))

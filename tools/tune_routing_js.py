@@ -8,8 +8,10 @@ chunk paths: the periodic chunks' launch) — registers and spills per thread, s
 program, resident programs per SM and what limits them, waves of the grid — and, on a GPU, the
 kernel time (profiler, L2 flushed), the achieved bandwidth (forward reads the logits once, backward
 reads them and writes the gradient) and the largest difference from the default config's output.
-Without a GPU the kernels are compiled for an H100 (sm_90) through Triton's bundled ptxas and
-nothing is timed. The default config is marked with `*`.
+Each forward config also brings its wave-fitted sibling (column `wfit`): the same config with the
+tiles per program that fill whole waves at its occupancy (`whole_wave_tiles`), since the forward's
+grid is only a few waves. Without a GPU the kernels are compiled for an H100 (sm_90) through
+Triton's bundled ptxas and nothing is timed. The default config is marked with `*`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sara_megatron.kernels.routing_js_benchmarking import (
     launches_for,
     occupancy,
     relative_error,
+    wave_fitted,
 )
 from sara_megatron.kernels.routing_js_triton import (
     launch_config,
@@ -64,8 +67,11 @@ def tune_shape(name, shape, directions, device, reps, arch, resources, peak_band
             reference = run(default)
         configs = candidate_configs(direction, experts)
         configs = ([default] if default not in configs else []) + configs
+        wave_fits = set()
+        # The list grows as it is walked: forward configs bring their wave-fitted siblings.
         for index, config in enumerate(configs):
-            print(f"{name} {direction} {index + 1}/{len(configs)}: {config}", file=sys.stderr, flush=True)
+            print(f"{name} {direction} {index + 1}/{len(configs)}: {config}", file=sys.stderr,
+                  flush=True)
             # With split chunk paths, the facts are the periodic chunks' launch's.
             launch = launches_for(direction, logits, segment_ids, sequences, config)[0]
             facts = compile_for_target(launch, arch)
@@ -79,7 +85,15 @@ def tune_shape(name, shape, directions, device, reps, arch, resources, peak_band
                 "shared_KiB": facts.shared_bytes / 1024, "programs": launch.num_programs,
                 "programs_per_sm": fit.programs_per_sm, "warps_per_sm": fit.warps_per_sm,
                 "limited_by": fit.limited_by, "waves": fit.waves,
+                "wave_fitted": config in wave_fits,
             }
+            # The forward's grid is a few waves: also time the tiles per program that fill whole
+            # waves at this occupancy (the backward's grid is tens of waves).
+            if direction == "forward":
+                sibling = wave_fitted(config, fit, layers, num_tokens, resources)
+                if sibling not in configs:
+                    wave_fits.add(sibling)
+                    configs.append(sibling)
             if timed:
                 milliseconds, _ = kernel_time_ms(lambda config=config: run(config), reps)
                 moved = logits_bytes * (1 if direction == "forward" else 2)
@@ -96,14 +110,14 @@ def format_table(rows) -> str:
     columns = [
         ("shape", "{:<10}"), ("direction", "{:<9}"), ("block_t", "{:>7}"),
         ("tiles_per_program", "{:>5}"), ("num_warps", "{:>5}"), ("num_stages", "{:>6}"),
-        ("split_chunk_paths", "{!s:>5}"),
+        ("split_chunk_paths", "{!s:>5}"), ("wave_fitted", "{!s:>5}"),
         ("registers", "{:>4}"), ("spill_bytes", "{:>5}"), ("shared_KiB", "{:>6.1f}"),
         ("programs", "{:>8}"), ("programs_per_sm", "{:>7}"), ("warps_per_sm", "{:>8}"),
         ("limited_by", "{:<9}"), ("waves", "{:>6.2f}"), ("ms", "{:>7.4f}"), ("GBps", "{:>6.0f}"),
         ("pct_peak", "{:>5.1f}"), ("rel_diff_vs_default", "{:>8.1e}"),
     ]
     headers = {"tiles_per_program": "tiles", "num_warps": "warps", "num_stages": "stages",
-               "split_chunk_paths": "split",
+               "split_chunk_paths": "split", "wave_fitted": "wfit",
                "registers": "regs", "spill_bytes": "spill", "shared_KiB": "smem_K",
                "programs_per_sm": "prog/SM", "warps_per_sm": "warps/SM", "limited_by": "limit",
                "pct_peak": "%peak", "rel_diff_vs_default": "vs_dflt"}
