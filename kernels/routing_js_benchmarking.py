@@ -1,12 +1,13 @@
 """What the compiler makes of a routing-JS launch, on any machine, and the configs worth timing.
 
-The kernels are memory-bound: their speed is set by how many bytes each SM keeps in flight, which
-is set by how many programs fit on an SM at once (registers and shared memory per program) and by
-how evenly the grid fills the SMs (waves). Both can be known without a GPU: Triton ships ptxas, so
-`compile_for_target` compiles a `KernelLaunch` for a GPU architecture with exactly the
-specialisation the JIT would give it at launch (argument dtypes, 16-byte alignment and divisibility
-of pointers and integers) and reads the registers, spills and shared memory of the cubin.
-`occupancy` turns those into resident programs per SM and the grid into waves.
+A memory-bound kernel's speed is set by how many bytes each SM keeps in flight, which is set by
+how many programs fit on an SM at once (registers and shared memory per program) and by how evenly
+the grid fills the SMs (waves); and, when its arithmetic is dense, by the instructions it issues
+per byte. All of it can be known without a GPU: Triton ships ptxas, so `compile_launch` /
+`compile_for_target` compile a `KernelLaunch` for a GPU architecture with exactly the
+specialisation the JIT would give it at launch (argument dtypes, 16-byte alignment and
+divisibility of pointers and integers) and read the registers, spills and shared memory of the
+cubin. `occupancy` turns those into resident programs per SM and the grid into waves.
 
 On a GPU, `tools/tune_routing_js.py` times `candidate_configs` with these facts beside each.
 """
@@ -104,8 +105,9 @@ class CompiledFacts:
     num_warps: int
 
 
-def compile_for_target(launch: KernelLaunch, arch: int = 90) -> CompiledFacts:
-    """Compile `launch` for sm_`arch` as the JIT would specialise it, without launching it.
+def compile_launch(launch: KernelLaunch, arch: int = 90):
+    """Triton's compiled kernel (`.asm` holds its ttgir, ptx and cubin) for `launch` on sm_`arch`,
+    specialised as the JIT would specialise it, without launching it.
 
     Uses Triton's own argument binder and specialisation (private to triton; checked against
     triton 3.9), so a pointer or integer divisible by 16 gets the same alignment hints, hence the
@@ -129,12 +131,17 @@ def compile_for_target(launch: KernelLaunch, arch: int = 90) -> CompiledFacts:
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, options, bound_args, specialization, options
     )
-    compiled = triton.compile(
+    return triton.compile(
         ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
     )
-    registers, spill_bytes = _cubin_resource_usage(compiled.asm["cubin"], kernel.__name__)
+
+
+def compile_for_target(launch: KernelLaunch, arch: int = 90) -> CompiledFacts:
+    """Registers, spills and shared memory of `launch` compiled for sm_`arch` (`compile_launch`)."""
+    compiled = compile_launch(launch, arch)
+    registers, spill_bytes = _cubin_resource_usage(compiled.asm["cubin"], launch.kernel.__name__)
     return CompiledFacts(
-        kernel=kernel.__name__,
+        kernel=launch.kernel.__name__,
         registers=registers,
         spill_bytes=spill_bytes,
         shared_bytes=compiled.metadata.shared,
@@ -195,7 +202,8 @@ def candidate_configs(direction: str, num_experts: int) -> list[LaunchConfig]:
     """Launch configs worth timing for one direction: tiles of 2048 to 8192 elements (16 to 256
     tokens), up to 16 tiles per program in forward (its atomics amortise over them), up to 4 in
     backward, 4 or 8 warps, 1 to 3 pipeline stages where there is a loop; in forward each with
-    the chunk paths in one launch and split in two."""
+    the chunk paths in one launch and split in two (split, 3 stages is left out: its periodic
+    launch, the one that does the work, compiles as with 2)."""
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     block_n = expert_block(num_experts)
@@ -210,6 +218,7 @@ def candidate_configs(direction: str, num_experts: int) -> list[LaunchConfig]:
         # One tile per program has no loop to pipeline.
         for num_stages in ((1, 2, 3) if tiles_per_program > 1 else (1,))
         for split in splits
+        if not (split and num_stages == 3)
     ]
 
 

@@ -8,7 +8,8 @@ forward  `_accumulate_kernel`  one program per (chunk of TILES_PER_PROGRAM × BL
          from layer 0's programs). Tokens may come in any order; the chunk's ids pick the path:
            periodic ids (every tile repeats the first tile's ids: inside a packed sequence, or
              [S, B] flattening with B dividing BLOCK_T): tiles are added elementwise — no
-             cross-thread work per tile — and segment-reduced once per chunk;
+             cross-thread work per tile, no id loads, and with NUM_STAGES > 1 each tile's load
+             issued before the previous tile's softmax — and segment-reduced once per chunk;
            ids spanning at most SEGMENT_SLOTS values: each tile is segment-reduced into registers;
            otherwise tile by tile, SEGMENT_SLOTS ids at a time, or one atomic per token and expert
              when a tile's ids spread over more than MAX_SEGMENT_SPAN values.
@@ -21,6 +22,14 @@ forward  `_accumulate_kernel`  one program per (chunk of TILES_PER_PROGRAM × BL
          are formed with log1p so that near-equal distributions keep their digits in fp32).
 backward `_backward_kernel`  recomputes the softmax of each tile from the logits and writes
          ∂L/∂logits_t = R(t) ⊙ (g − ⟨g, R(t)⟩) · ∂L/∂js[l, b] with g the saved gradient factor.
+
+Both directions do a few operations per element loaded, and their instruction issue competes with
+HBM: an H100 delivers an 8 KiB tile to each of its 132 SMs in ~320 ns (~600 cycles), while an SM
+issues at most 4 warp instructions per cycle. So exponentials are one FMA and one `ex2.approx.ftz`
+(see `_exp2`), and the softmax's 1 / row sum is folded into the next multiply. sm_90, bf16, 128
+experts, 4 warps: the forward's periodic loop (split launch, 1 stage) issues 359 SASS instructions
+per warp and 32×128 tile, i.e. ~359 SM cycles per tile (511 with `tl.exp` and per-tile id loads);
+the backward 359 per 16×128 tile, read and written (447).
 
 Nothing of size [L, T, N] is kept between forward and backward. With a process group the
 accumulator is all-reduced between the two forward kernels.
@@ -40,6 +49,7 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.runtime.jit import JITFunction
 
 # Sequences one program sums at once (one-hot rows of the segment-sum matmul).
@@ -53,6 +63,58 @@ _MIN_PROGRAMS = 512
 # Elements of one [BLOCK_T, BLOCK_N] tile (32 resp. 16 fp32 values per thread at 4 warps).
 _FORWARD_TILE_ELEMENTS = 32 * 128
 _BACKWARD_TILE_ELEMENTS = 16 * 128
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp2(x):
+    """2**x. Compiled: libdevice's exp2f, which with Triton's default `enable_reflect_ftz` is one
+    `ex2.approx.ftz` instruction; plain `tl.exp2` is `ex2.approx` without ftz, which ptxas wraps in
+    a range test and two multiplies to keep denormal results (sm_90: 4 instructions instead of 1,
+    a quarter of the forward's per-element work). Results below 2**-126 become 0: next to a row
+    sum of at least 1 they are below fp32's resolution anyway. The interpreter runs no libdevice."""
+    if _COMPILED:
+        return libdevice.exp2(x)
+    else:
+        return tl.exp2(x)
+
+
+# Whether triton.jit compiles these kernels (False under TRITON_INTERPRET=1), read by jit code.
+_COMPILED = tl.constexpr(isinstance(_exp2, JITFunction))
+
+
+@triton.jit
+def _load_rows(
+    logits_ptr, layer, tokens, experts, valid, num_experts, stride_logits_layer,
+    stride_logits_token,
+):
+    """The rows `valid` of a [tokens, experts] tile of the logits, in their dtype; -inf elsewhere."""
+    offsets = (
+        layer.to(tl.int64) * stride_logits_layer
+        + tokens.to(tl.int64)[:, None] * stride_logits_token
+        + experts[None, :]
+    )
+    return tl.load(
+        logits_ptr + offsets,
+        mask=valid[:, None] & (experts < num_experts)[None, :],
+        other=-float("inf"),
+    )
+
+
+@triton.jit
+def _softmax_parts(logits, valid):
+    """exp(x − row max) in fp32 of the rows `valid` of loaded logits (-inf where not loaded), and
+    1 / each row's sum (0 on the other rows): the softmax is their product, which callers fold
+    into their next multiply."""
+    logits = logits.to(tl.float32)
+    row_max = tl.where(valid, tl.max(logits, axis=1), 0.0)
+    # exp(x − max) as 2^(x·log2e − max·log2e): one FMA per element. The FMA's product is exact, so
+    # the only rounding not shared by the whole row is the FMA's own, as for x − max; the rounding
+    # of max·log2e is common to the row and cancels in the normalisation.
+    exps = _exp2(tl.fma(logits, _LOG2E, -(row_max * _LOG2E)[:, None]))
+    denominator = tl.sum(exps, axis=1)
+    # A masked row has exps all 0 and denominator 0; its scale is 0, never 0/0.
+    return exps, tl.where(valid, 1.0 / tl.where(valid, denominator, 1.0), 0.0)
 
 
 @triton.jit
@@ -60,24 +122,16 @@ def _softmax_tile(
     logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts, num_sequences,
     stride_logits_layer, stride_logits_token,
 ):
-    """fp32 softmax of a [tokens, experts] tile; padding rows (never read) come out all zero."""
-    token_in_range = tokens < num_tokens
-    expert_in_range = experts < num_experts
-    segment = tl.load(segment_ids_ptr + tokens, mask=token_in_range, other=-1).to(tl.int32)
+    """`_softmax_parts` of a [tokens, experts] tile, the tokens' segment ids, and which are valid
+    (padding rows come out all zero)."""
+    segment = tl.load(segment_ids_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int32)
     valid = (segment >= 0) & (segment < num_sequences)
-    load_mask = valid[:, None] & expert_in_range[None, :]
-    offsets = (
-        layer.to(tl.int64) * stride_logits_layer
-        + tokens.to(tl.int64)[:, None] * stride_logits_token
-        + experts[None, :]
+    logits = _load_rows(
+        logits_ptr, layer, tokens, experts, valid, num_experts, stride_logits_layer,
+        stride_logits_token,
     )
-    logits = tl.load(logits_ptr + offsets, mask=load_mask, other=-float("inf")).to(tl.float32)
-    row_max = tl.where(valid, tl.max(logits, axis=1), 0.0)
-    exps = tl.exp(logits - row_max[:, None])
-    denominator = tl.sum(exps, axis=1)
-    # A masked row has exps all 0 and denominator 0; its scale is 0, never 0/0.
-    scale = tl.where(valid, 1.0 / tl.where(valid, denominator, 1.0), 0.0)
-    return exps * scale[:, None], segment, valid
+    exps, inverse_sum = _softmax_parts(logits, valid)
+    return exps, inverse_sum, segment, valid
 
 
 @triton.jit
@@ -120,15 +174,38 @@ def _sum_periodic_chunk(
     """A chunk whose tiles all repeat the first tile's ids: the tiles' probabilities are added
     elementwise (no cross-thread work per tile), then segment-reduced once."""
     experts = tl.arange(0, BLOCK_N)
-    row_sums = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
-        tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        probs, segment, valid = _softmax_tile(
-            logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
-            num_sequences, stride_logits_layer, stride_logits_token,
-        )
-        row_sums += probs
+    # Every tile's ids are the first tile's, so the valid rows are known without loading them:
+    # each tile's logits load waits on nothing (and out-of-range tokens, whose id reads as -1,
+    # can only sit in rows whose first id is invalid too).
     first_valid = (first_ids >= 0) & (first_ids < num_sequences)
+    row_sums = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    tokens = chunk_start + tl.arange(0, BLOCK_T)
+    if NUM_STAGES == 1:
+        for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=1):
+            logits = _load_rows(
+                logits_ptr, layer, tokens + tile * BLOCK_T, experts, first_valid, num_experts,
+                stride_logits_layer, stride_logits_token,
+            )
+            exps, inverse_sum = _softmax_parts(logits, first_valid)
+            row_sums += exps * inverse_sum[:, None]
+    else:
+        # Each tile's load is issued before the previous tile's softmax: a double buffer in
+        # registers, without the shared-memory round trip, selects and barriers of Triton's
+        # pipeliner (sm_90: 396 instructions per tile against its 427). The pipeliner leaves
+        # this loop as it is, so 3 stages compile as 2.
+        next_logits = _load_rows(
+            logits_ptr, layer, tokens, experts, first_valid, num_experts, stride_logits_layer,
+            stride_logits_token,
+        )
+        for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=1):
+            logits = next_logits
+            next_logits = _load_rows(
+                logits_ptr, layer, tokens + (tile + 1) * BLOCK_T, experts,
+                first_valid & (tile + 1 < TILES_PER_PROGRAM), num_experts, stride_logits_layer,
+                stride_logits_token,
+            )
+            exps, inverse_sum = _softmax_parts(logits, first_valid)
+            row_sums += exps * inverse_sum[:, None]
     for base in range(lowest, highest + 1, SEGMENT_SLOTS):
         partial, partial_rows = _segment_sum(
             row_sums, tl.where(first_valid, first_ids - base, -1), SEGMENT_SLOTS
@@ -153,10 +230,11 @@ def _sum_other_chunk(
         counts = tl.zeros([SEGMENT_SLOTS], dtype=tl.float32)
         for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
             tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-            probs, segment, valid = _softmax_tile(
+            exps, inverse_sum, segment, valid = _softmax_tile(
                 logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
                 num_sequences, stride_logits_layer, stride_logits_token,
             )
+            probs = exps * inverse_sum[:, None]
             partial, partial_counts = _segment_sum(
                 probs, tl.where(valid, segment - lowest, -1), SEGMENT_SLOTS
             )
@@ -167,10 +245,11 @@ def _sum_other_chunk(
     else:
         for tile in range(0, TILES_PER_PROGRAM):
             tokens = chunk_start + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-            probs, segment, valid = _softmax_tile(
+            exps, inverse_sum, segment, valid = _softmax_tile(
                 logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
                 num_sequences, stride_logits_layer, stride_logits_token,
             )
+            probs = exps * inverse_sum[:, None]
             tile_lowest = tl.min(tl.where(valid, segment, num_sequences), axis=0)
             tile_highest = tl.max(tl.where(valid, segment, -1), axis=0)
             if tile_highest >= 0:
@@ -346,7 +425,7 @@ def _backward_kernel(
     layer_row = layer.to(tl.int64) * num_sequences
     for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
         tokens = (chunk * TILES_PER_PROGRAM + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
-        probs, segment, valid = _softmax_tile(
+        exps, inverse_sum, segment, valid = _softmax_tile(
             logits_ptr, segment_ids_ptr, layer, tokens, experts, num_tokens, num_experts,
             num_sequences, stride_logits_layer, stride_logits_token,
         )
@@ -358,8 +437,13 @@ def _backward_kernel(
             mask=valid[:, None] & expert_in_range[None, :],
             other=0.0,
         )
-        projection = tl.sum(grad_factor * probs, axis=1)
-        grad_logits = probs * (grad_factor - projection[:, None]) * grad_js[:, None]
+        # With R = e·c (c = 1 / Σe) and s = ∂L/∂js: R ⊙ (g − ⟨g, R⟩)·s = e ⊙ (g·cs − ⟨g, e⟩·c·cs),
+        # an FMA and a multiply per element beside the projection's multiply-add.
+        row_scale = inverse_sum * grad_js
+        projection = tl.sum(grad_factor * exps, axis=1) * inverse_sum
+        grad_logits = exps * tl.fma(
+            grad_factor, row_scale[:, None], -(projection * row_scale)[:, None]
+        )
         if ROUND_BF16_BY_HAND:
             # Triton's interpreter (3.9) truncates fp32 -> bf16 where compiled code rounds to
             # nearest even; round here so that interpreter runs match the GPU.
@@ -394,12 +478,16 @@ class LaunchConfig:
     block_t: int  # tokens per tile, a power of two >= 16 (tl.dot's minimum)
     tiles_per_program: int  # consecutive tiles one program walks, loads pipelined across them
     num_warps: int
+    # Tiles whose loads a program keeps in flight: Triton's software pipeliner, except in the
+    # forward's periodic chunks, where any number above 1 is a prefetch of the next tile into
+    # registers.
     num_stages: int
     # Forward only (the backward has one path): sum the chunks with periodic ids in one launch and
     # all other chunks in a second. A kernel's registers are those of its heaviest path, and the
     # periodic path (the usual one: [S, B] flattening, or chunks inside one packed sequence) needs
-    # fewer on its own (sm_90, 32x128 tiles: 95 instead of 128, i.e. 5 programs per SM instead of
-    # 4); the price is a second launch whose programs mostly only read their chunk's ids and exit.
+    # fewer on its own (sm_90, 32x128 tiles, 1 stage: 104 instead of 128 at 16 tiles per program,
+    # 86 at 8, which fits 5 programs per SM); the price is a second launch whose programs mostly
+    # only read their chunk's ids and exit.
     split_chunk_paths: bool = False
 
     def __post_init__(self):
@@ -505,9 +593,7 @@ def backward_launch(logits, segment_ids, grad_factor, grad_js, grad_logits, conf
         constexprs=dict(
             BLOCK_T=config.block_t, BLOCK_N=expert_block(num_experts),
             TILES_PER_PROGRAM=config.tiles_per_program, NUM_STAGES=config.num_stages,
-            ROUND_BF16_BY_HAND=(
-                logits.dtype == torch.bfloat16 and not isinstance(_backward_kernel, JITFunction)
-            ),
+            ROUND_BF16_BY_HAND=logits.dtype == torch.bfloat16 and not _COMPILED,
         ),
         num_warps=config.num_warps,
     )

@@ -33,6 +33,7 @@ class KernelCase:
     # Kernel tiling override (block_t, tiles_per_program); None = the default for the size.
     tiling: tuple[int, int] | None = None
     split_chunk_paths: bool = False  # with a tiling: LaunchConfig.split_chunk_paths
+    num_stages: int = 2  # with a tiling: LaunchConfig.num_stages (periodic chunks: 2 = prefetch)
     single_layer: bool = False
     id_dtype: str = "int64"
     token_major_logits: bool = False  # logits as a [T, L, N] buffer viewed as [L, T, N]
@@ -60,6 +61,9 @@ CASES = [
                tiling=(16, 4), split_chunk_paths=True),
     KernelCase("fp32_n128_sb_periodic_multitile_split", 2, 517, 128, 4, tiling=(16, 4),
                split_chunk_paths=True),
+    # One stage: periodic chunks load each tile when they reach it, without the prefetch.
+    KernelCase("fp32_n128_sb_periodic_multitile_stages1", 2, 517, 128, 4, tiling=(16, 4),
+               num_stages=1),
     # Tiles per program not a power of two: periodic and other chunks, one launch and split.
     KernelCase("fp32_n60_packed_long_tiles3", 2, 700, 60, 4, layout="packed", tiling=(16, 3)),
     KernelCase("fp32_n128_sb_tiles3_split", 2, 517, 128, 4, tiling=(16, 3), split_chunk_paths=True),
@@ -86,6 +90,8 @@ CASES = [
     KernelCase("bf16_n128_packed_multitile_split", 2, 250, 128, 3, dtype="bfloat16",
                layout="packed", tiling=(32, 4), split_chunk_paths=True, js_rtol=2e-3,
                grad_rtol=2e-3),
+    KernelCase("bf16_n128_sb_periodic_multitile_split", 2, 517, 128, 4, dtype="bfloat16",
+               tiling=(32, 4), split_chunk_paths=True, js_rtol=2e-3, grad_rtol=2e-3),
     KernelCase("bf16_n256_shuffled", 2, 45, 256, 3, dtype="bfloat16", layout="shuffled",
                js_rtol=2e-3, grad_rtol=2e-3),
     KernelCase("bf16_n128_extreme", 2, 67, 128, 4, dtype="bfloat16", logit_scale=1e4,
@@ -163,7 +169,8 @@ def run_case(case: KernelCase, device: torch.device) -> dict:
         from sara_megatron.kernels.routing_js_triton import LaunchConfig
 
         launch = LaunchConfig(
-            *case.tiling, num_warps=4, num_stages=2, split_chunk_paths=case.split_chunk_paths
+            *case.tiling, num_warps=4, num_stages=case.num_stages,
+            split_chunk_paths=case.split_chunk_paths,
         )
     for impl in ("triton", "reference"):
         leaf = logits.detach().clone() if not case.token_major_logits else logits.detach()

@@ -25,6 +25,7 @@ from sara_megatron.kernels.routing_js_benchmarking import (
     benchmark_inputs,
     candidate_configs,
     compile_for_target,
+    compile_launch,
     launches_for,
     occupancy,
     wave_fitted,
@@ -152,6 +153,19 @@ def test_compile_for_target_reports_the_launch_as_specialised():
     )
     # Twice the threads for the same tile: fewer registers each.
     assert wide.num_warps == 8 and wide.registers < backward.registers
+
+
+@compiled_only
+def test_compiled_kernels_take_exponentials_with_one_ftz_instruction():
+    # ex2.approx without .ftz becomes a range test, two multiplies and the MUFU.EX2 on sm_90;
+    # with .ftz, the MUFU.EX2 alone.
+    logits, ids, _ = benchmark_inputs(2, 4, 256, 128, torch.bfloat16, "sb", "cpu")
+    for direction in ("forward", "backward"):
+        config = LaunchConfig(block_t=32, tiles_per_program=2, num_warps=4, num_stages=2)
+        for launch in launches_for(direction, logits, ids, 4, config):
+            ptx = compile_launch(launch).asm["ptx"]
+            assert "ex2.approx.ftz.f32" in ptx, direction
+            assert "ex2.approx.f32" not in ptx, direction
 
 
 @compiled_only
