@@ -100,7 +100,7 @@ def device_resources(device) -> SMResources:
 class CompiledFacts:
     kernel: str
     registers: int  # per thread
-    spill_bytes: int  # local memory per thread (0 = no spills)
+    spill_bytes: int  # stack and local memory per thread (0 = no spills)
     shared_bytes: int  # per program
     num_warps: int
 
@@ -126,7 +126,7 @@ def compile_launch(launch: KernelLaunch, arch: int = 90):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(
-        *launch.args, **launch.constexprs, num_warps=launch.num_warps
+        *launch.args, **launch.constexprs, **launch.compile_options
     )
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, options, bound_args, specialization, options
@@ -150,7 +150,9 @@ def compile_for_target(launch: KernelLaunch, arch: int = 90) -> CompiledFacts:
 
 
 def _cubin_resource_usage(cubin: bytes, kernel_name: str) -> tuple[int, int]:
-    """(registers per thread, local bytes per thread) of `kernel_name`, read with cuobjdump."""
+    """(registers per thread, stack and local bytes per thread) of `kernel_name`, read with
+    cuobjdump. ptxas puts register spills on the stack (STACK), not in LOCAL, which counts only
+    local arrays: a kernel capped at too few registers reports e.g. STACK:24 LOCAL:0."""
     cuobjdump = triton.knobs.nvidia.cuobjdump.path
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
@@ -160,11 +162,12 @@ def _cubin_resource_usage(cubin: bytes, kernel_name: str) -> tuple[int, int]:
             check=True, capture_output=True, text=True,
         ).stdout
     match = re.search(
-        rf"Function {re.escape(kernel_name)}:\s*REG:(\d+)\s+STACK:\d+\s+SHARED:\d+\s+LOCAL:(\d+)", report
+        rf"Function {re.escape(kernel_name)}:\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)",
+        report,
     )
     if match is None:
         raise RuntimeError(f"no resource usage for {kernel_name} in cuobjdump's report:\n{report}")
-    return int(match.group(1)), int(match.group(2))
+    return int(match.group(1)), int(match.group(2)) + int(match.group(3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +257,28 @@ def wave_fitted(config: LaunchConfig, fit: Occupancy, num_layers: int, num_token
         math.ceil(num_tokens / config.block_t), num_layers, fit.programs_per_sm * resources.num_sms
     )
     return dataclasses.replace(config, tiles_per_program=tiles)
+
+
+def registers_for(programs_per_sm: int, num_warps: int, resources: SMResources = H100_SXM) -> int:
+    """The most registers per thread with which `programs_per_sm` programs of `num_warps` warps
+    share an SM's register file (allocated per warp in units of 256), at most 255."""
+    per_warp = resources.registers // (programs_per_sm * num_warps)
+    allocatable = per_warp // _REGISTER_ALLOCATION_UNIT * _REGISTER_ALLOCATION_UNIT
+    return min(255, allocatable // 32)
+
+
+def register_capped(config: LaunchConfig, facts: CompiledFacts, fit: Occupancy,
+                    resources: SMResources = H100_SXM) -> LaunchConfig | None:
+    """`config` with `max_registers` at the most that fit one more program per SM than `fit`, or
+    None when registers are not what holds the occupancy back (or the cap would be below 16).
+    Whether ptxas meets the cap without spilling shows when it is compiled."""
+    cap = registers_for(fit.programs_per_sm + 1, facts.num_warps, resources)
+    if cap < 16 or cap >= facts.registers:
+        return None
+    raised = occupancy(dataclasses.replace(facts, registers=cap), 1, resources)
+    if raised.programs_per_sm <= fit.programs_per_sm:
+        return None
+    return dataclasses.replace(config, max_registers=cap)
 
 
 def launches_for(

@@ -34,6 +34,7 @@ class KernelCase:
     tiling: tuple[int, int] | None = None
     split_chunk_paths: bool = False  # with a tiling: LaunchConfig.split_chunk_paths
     num_stages: int = 2  # with a tiling: LaunchConfig.num_stages (periodic chunks: 2 = prefetch)
+    max_registers: int | None = None  # with a tiling: LaunchConfig.max_registers (compiled only)
     single_layer: bool = False
     id_dtype: str = "int64"
     token_major_logits: bool = False  # logits as a [T, L, N] buffer viewed as [L, T, N]
@@ -61,6 +62,9 @@ CASES = [
                tiling=(16, 4), split_chunk_paths=True),
     KernelCase("fp32_n128_sb_periodic_multitile_split", 2, 517, 128, 4, tiling=(16, 4),
                split_chunk_paths=True),
+    # Registers capped for ptxas (ignored by the interpreter; on a GPU, the capped build).
+    KernelCase("fp32_n128_sb_periodic_multitile_split_capped", 2, 517, 128, 4, tiling=(16, 4),
+               split_chunk_paths=True, max_registers=64),
     # One stage: periodic chunks load each tile when they reach it, without the prefetch.
     KernelCase("fp32_n128_sb_periodic_multitile_stages1", 2, 517, 128, 4, tiling=(16, 4),
                num_stages=1),
@@ -170,7 +174,7 @@ def run_case(case: KernelCase, device: torch.device) -> dict:
 
         launch = LaunchConfig(
             *case.tiling, num_warps=4, num_stages=case.num_stages,
-            split_chunk_paths=case.split_chunk_paths,
+            split_chunk_paths=case.split_chunk_paths, max_registers=case.max_registers,
         )
     for impl in ("triton", "reference"):
         leaf = logits.detach().clone() if not case.token_major_logits else logits.detach()

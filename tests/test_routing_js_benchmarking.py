@@ -28,6 +28,8 @@ from sara_megatron.kernels.routing_js_benchmarking import (
     compile_launch,
     launches_for,
     occupancy,
+    register_capped,
+    registers_for,
     wave_fitted,
     whole_wave_tiles,
 )
@@ -100,6 +102,23 @@ def test_wave_fitted_keeps_the_config_but_its_tiles():
     assert fitted == dataclasses.replace(config, tiles_per_program=30)
 
 
+def test_register_cap_fits_one_more_program():
+    # 4 warps: 5 programs need 65536 / 20 = 3276 registers per warp, 3072 in units of 256 -> 96.
+    assert registers_for(5, 4) == 96
+    assert registers_for(1, 1) == 255  # a thread never gets more than 255
+    config = LaunchConfig(32, 16, num_warps=4, num_stages=1, split_chunk_paths=True)
+    facts = _facts(104, 40 * 1024, 4)
+    fit = occupancy(facts, 896)
+    capped = register_capped(config, facts, fit)
+    assert capped == dataclasses.replace(config, max_registers=96)
+    assert occupancy(_facts(96, 40 * 1024, 4), 896).programs_per_sm == fit.programs_per_sm + 1
+    # Shared memory holds it back (100 KiB per program: 2 per SM whatever the registers): no cap.
+    facts = _facts(96, 100 * 1024, 4)
+    assert register_capped(config, facts, occupancy(facts, 896)) is None
+    with pytest.raises(ValueError, match="max_registers"):
+        dataclasses.replace(config, max_registers=8)
+
+
 @pytest.mark.parametrize("shape_name", list(BENCHMARK_SHAPES))
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_candidates_are_valid_and_distinct(shape_name, direction):
@@ -156,6 +175,19 @@ def test_compile_for_target_reports_the_launch_as_specialised():
 
 
 @compiled_only
+def test_register_cap_reaches_ptxas_and_spills_show():
+    logits, ids, _ = benchmark_inputs(2, 4, 256, 128, torch.bfloat16, "sb", "cpu")
+    config = LaunchConfig(32, 4, num_warps=4, num_stages=1, split_chunk_paths=True)
+    (periodic, _) = launches_for("forward", logits, ids, 4, config)
+    free = compile_for_target(periodic)
+    assert free.registers > 64 and free.spill_bytes == 0
+    # ptxas puts what does not fit the cap on the stack, which the facts count as spills.
+    (tight, _) = launches_for("forward", logits, ids, 4, dataclasses.replace(config, max_registers=32))
+    tight = compile_for_target(tight)
+    assert tight.registers <= 32 and tight.spill_bytes > 0
+
+
+@compiled_only
 def test_compiled_kernels_take_exponentials_with_one_ftz_instruction():
     # ex2.approx without .ftz becomes a range test, two multiplies and the MUFU.EX2 on sm_90;
     # with .ftz, the MUFU.EX2 alone.
@@ -190,3 +222,21 @@ def test_tune_tool_reports_compiled_facts_without_a_gpu(tmp_path):
             row["programs"] / (row["programs_per_sm"] * H100_SXM.num_sms)
         )
         assert "ms" not in row
+    # Register-capped siblings come with their candidates, capped below what ptxas chose alone.
+    capped = [row for row in rows if row["max_registers"] is not None]
+    assert capped and all(row["registers"] <= row["max_registers"] for row in capped)
+    for row in capped:
+        uncapped = [other for other in rows if other["max_registers"] is None and all(
+            other[key] == row[key] for key in ("block_t", "tiles_per_program", "num_warps",
+                                               "num_stages", "split_chunk_paths"))]
+        assert len(uncapped) == 1 and uncapped[0]["registers"] > row["max_registers"]
+
+    # A second run with --resume keeps every row instead of compiling it again.
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "tune_routing_js.py"), "--shapes", "phi_sft",
+         "--directions", "backward", "--json", str(out), "--resume"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert f"resuming: {len(rows)} rows kept" in completed.stdout
+    assert json.loads(out.read_text())["rows"] == rows
