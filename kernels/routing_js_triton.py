@@ -166,10 +166,10 @@ def _add_window(sums_layer_ptr, counts_ptr, layer, first, window_sums, window_co
 
 @triton.jit
 def _sum_periodic_chunk(
-    logits_ptr, segment_ids_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start, first_ids,
-    lowest, highest, num_tokens, num_experts, num_sequences, stride_logits_layer,
-    stride_logits_token, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    TILES_PER_PROGRAM: tl.constexpr, SEGMENT_SLOTS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    logits_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start, first_ids, lowest, highest,
+    num_experts, num_sequences, stride_logits_layer, stride_logits_token, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, SEGMENT_SLOTS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """A chunk whose tiles all repeat the first tile's ids: the tiles' probabilities are added
     elementwise (no cross-thread work per tile), then segment-reduced once."""
@@ -322,10 +322,9 @@ def _accumulate_kernel(
     if PERIODIC_CHUNKS:
         if (periodic == 1) & (highest >= 0):
             _sum_periodic_chunk(
-                logits_ptr, segment_ids_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start,
-                first_ids, lowest, highest, num_tokens, num_experts, num_sequences,
-                stride_logits_layer, stride_logits_token, BLOCK_T, BLOCK_N, TILES_PER_PROGRAM,
-                SEGMENT_SLOTS, NUM_STAGES,
+                logits_ptr, sums_layer_ptr, counts_ptr, layer, chunk_start, first_ids, lowest,
+                highest, num_experts, num_sequences, stride_logits_layer, stride_logits_token,
+                BLOCK_T, BLOCK_N, TILES_PER_PROGRAM, SEGMENT_SLOTS, NUM_STAGES,
             )
     if OTHER_CHUNKS:
         if (periodic == 0) & (highest >= 0):
