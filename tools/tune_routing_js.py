@@ -63,9 +63,9 @@ def row_key(row) -> tuple:
 
 
 def tune_shape(name, shape, directions, device, reps, arch, resources, peak_bandwidth,
-               done=None, on_row=None):
-    """The rows of one benchmark shape; `done` maps `row_key`s to rows kept from an earlier run,
-    `on_row` is called with every row as it is made."""
+               done=None):
+    """Yields the rows of one benchmark shape as they are made; `done` maps `row_key`s to rows
+    kept from an earlier run."""
     done = done or {}
     layers, sequences, tokens_per_sequence, experts, dtype = shape
     logits, segment_ids, prior = benchmark_inputs(
@@ -74,7 +74,6 @@ def tune_shape(name, shape, directions, device, reps, arch, resources, peak_band
     num_tokens = sequences * tokens_per_sequence
     logits_bytes = logits.numel() * logits.element_size()
     timed = device.type == "cuda"
-    rows = []
     for direction in directions:
         default = launch_config(layers, num_tokens, experts, direction)
         if timed:
@@ -136,10 +135,7 @@ def tune_shape(name, shape, directions, device, reps, arch, resources, peak_band
                 if peak_bandwidth:
                     row["pct_peak"] = 100 * row["GBps"] * 1e9 / peak_bandwidth
                 row["rel_diff_vs_default"] = relative_error(run(config), reference)
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-    return rows
+            yield row
 
 
 def format_table(rows) -> str:
@@ -222,8 +218,9 @@ def main(argv=None) -> int:
                           handle, indent=1)
 
     for shape_name in args.shapes:
-        tune_shape(shape_name, BENCHMARK_SHAPES[shape_name], args.directions, device, args.reps,
-                   arch, resources, peak, done=done, on_row=save)
+        for row in tune_shape(shape_name, BENCHMARK_SHAPES[shape_name], args.directions, device,
+                              args.reps, arch, resources, peak, done=done):
+            save(row)
     if device.type == "cuda":
         rows.sort(key=lambda row: (row["shape"], row["direction"], row["ms"]))
     print(format_table(rows))
