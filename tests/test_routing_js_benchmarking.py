@@ -188,9 +188,14 @@ def test_register_cap_reaches_ptxas_and_spills_show():
 
 
 @compiled_only
-def test_compiled_kernels_take_exponentials_with_one_ftz_instruction():
+def test_compiled_kernels_take_exponentials_with_one_ftz_instruction_and_fuse_multiply_adds(
+    monkeypatch,
+):
     # ex2.approx without .ftz becomes a range test, two multiplies and the MUFU.EX2 on sm_90;
     # with .ftz, the MUFU.EX2 alone.
+    # Multiply-add contraction is pinned on, even where Triton's default turns it off (the env
+    # variable below; the default in Triton 3.10): uncontracted PTX spells mul.rn / add.rn.
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
     logits, ids, _ = benchmark_inputs(2, 4, 256, 128, torch.bfloat16, "sb", "cpu")
     for direction in ("forward", "backward"):
         config = LaunchConfig(block_t=32, tiles_per_program=2, num_warps=4, num_stages=2)
@@ -198,6 +203,7 @@ def test_compiled_kernels_take_exponentials_with_one_ftz_instruction():
             ptx = compile_launch(launch).asm["ptx"]
             assert "ex2.approx.ftz.f32" in ptx, direction
             assert "ex2.approx.f32" not in ptx, direction
+            assert "mul.rn.f32" not in ptx and "add.rn.f32" not in ptx, direction
 
 
 @compiled_only
