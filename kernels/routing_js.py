@@ -58,6 +58,14 @@ class SequenceRoutingJSFunction(torch.autograd.Function):
     def backward(ctx, grad_js, grad_token_counts):
         from .routing_js_triton import routing_js_backward
 
+        # Grad mode is on in backward only under create_graph=True. The kernel's gradient carries
+        # no graph, so a higher-order gradient would silently lose the JS term.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "sequence_routing_js: the Triton backward is not twice differentiable "
+                "(create_graph=True); use impl='reference' for higher-order gradients"
+            )
+
         logits, segment_ids, grad_factor = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0]:

@@ -18,8 +18,9 @@ forward  `_accumulate_kernel`  one program per (chunk of TILES_PER_PROGRAM × BL
          Optionally (`LaunchConfig.split_chunk_paths`) two launches of it, the first compiled
          with the periodic path only (fewer registers), the second with the others.
          `_finalize_kernel`  one program per (layer, sequence): mean = sum / count, JS(prior ‖ mean)
-         and the gradient factor ½·log(mean / midpoint) / count (O(L·B·N) work; the log ratios
-         are formed with log1p so that near-equal distributions keep their digits in fp32).
+         and the gradient factor ½·log(mean / midpoint) / count (O(L·B·N) work; the divergence is
+         summed in a form without first-order cancellation, so near-equal distributions keep
+         their digits in fp32, and no log of a rounded 1 − 1 makes it −inf).
 backward `_backward_kernel`  recomputes the softmax of each tile from the logits and writes
          ∂L/∂logits_t = R(t) ⊙ (g − ⟨g, R(t)⟩) · ∂L/∂js[l, b] with g the saved gradient factor.
 
@@ -27,9 +28,10 @@ Both directions do a few operations per element loaded, and their instruction is
 HBM: an H100 delivers an 8 KiB tile to each of its 132 SMs in ~320 ns (~600 cycles), while an SM
 issues at most 4 warp instructions per cycle. So exponentials are one FMA and one `ex2.approx.ftz`
 (see `_exp2`), and the softmax's 1 / row sum is folded into the next multiply. sm_90, bf16, 128
-experts, 4 warps: the forward's periodic loop (split launch, 1 stage) issues 359 SASS instructions
-per warp and 32×128 tile, i.e. ~359 SM cycles per tile (511 with `tl.exp` and per-tile id loads);
-the backward 359 per 16×128 tile, read and written (447).
+experts, 4 warps: the forward's periodic loop (split launch, 1 stage) issues 374 SASS instructions
+per warp and 32×128 tile, i.e. ~374 SM cycles per tile (511 with `tl.exp` and per-tile id loads;
+about 13 of them keep rows with |max| ≥ 2^29 finite, see `_softmax_parts`); the backward 372 per
+16×128 tile, read and written (456).
 
 Nothing of size [L, T, N] is kept between forward and backward. With a process group the
 accumulator is all-reduced between the two forward kernels.
@@ -64,6 +66,8 @@ _MIN_PROGRAMS = 512
 _FORWARD_TILE_ELEMENTS = 32 * 128
 _BACKWARD_TILE_ELEMENTS = 16 * 128
 _LOG2E = tl.constexpr(1.4426950408889634)
+_SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)
+_LARGEST_LOG2E_MAX = tl.constexpr(2.0**29)  # see _softmax_parts
 
 
 @triton.jit
@@ -102,6 +106,14 @@ def _load_rows(
 
 
 @triton.jit
+def _load_segment_ids(pointers, mask, num_sequences):
+    """Segment ids as int32, -1 for padding and for any id outside [0, num_sequences) — decided
+    before narrowing, so an unvalidated int64 id such as 2^32 is not read as sequence 0."""
+    ids = tl.load(pointers, mask=mask, other=-1)
+    return tl.where((ids >= 0) & (ids < num_sequences), ids.to(tl.int32), -1)
+
+
+@triton.jit
 def _softmax_parts(logits, valid):
     """exp(x − row max) in fp32 of the rows `valid` of loaded logits (-inf where not loaded), and
     1 / each row's sum (0 on the other rows): the softmax is their product, which callers fold
@@ -110,8 +122,13 @@ def _softmax_parts(logits, valid):
     row_max = tl.where(valid, tl.max(logits, axis=1), 0.0)
     # exp(x − max) as 2^(x·log2e − max·log2e): one FMA per element. The FMA's product is exact, so
     # the only rounding not shared by the whole row is the FMA's own, as for x − max; the rounding
-    # of max·log2e is common to the row and cancels in the normalisation.
-    exps = _exp2(tl.fma(logits, _LOG2E, -(row_max * _LOG2E)[:, None]))
+    # of max·log2e is common to the row and cancels in the normalisation — while it stays small:
+    # it shifts the largest term to 2^(±½ ulp(max·log2e)), which leaves exp2's range once
+    # |max| ≳ 3e9. Rows with |max| ≥ 2^29 take 2^(x − max) instead (scale 1: exact product, the
+    # largest term exactly 1): there distinct fp32 values lie ≥ 32 apart, so every other term is
+    # below 2^-32 ≈ 2e-10 of the largest with either base, under fp32's resolution of the sum.
+    scale = tl.where(tl.abs(row_max) < _LARGEST_LOG2E_MAX, _LOG2E, 1.0)
+    exps = _exp2(tl.fma(logits, scale[:, None], -(row_max * scale)[:, None]))
     denominator = tl.sum(exps, axis=1)
     # A masked row has exps all 0 and denominator 0; its scale is 0, never 0/0.
     return exps, tl.where(valid, 1.0 / tl.where(valid, denominator, 1.0), 0.0)
@@ -124,8 +141,8 @@ def _softmax_tile(
 ):
     """`_softmax_parts` of a [tokens, experts] tile, the tokens' segment ids, and which are valid
     (padding rows come out all zero)."""
-    segment = tl.load(segment_ids_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int32)
-    valid = (segment >= 0) & (segment < num_sequences)
+    segment = _load_segment_ids(segment_ids_ptr + tokens, tokens < num_tokens, num_sequences)
+    valid = segment >= 0
     logits = _load_rows(
         logits_ptr, layer, tokens, experts, valid, num_experts, stride_logits_layer,
         stride_logits_token,
@@ -306,17 +323,18 @@ def _accumulate_kernel(
     tiles = tl.arange(0, TILES_POW2)
     tile_in_chunk = tiles < TILES_PER_PROGRAM
     chunk_tokens = chunk_start + tiles[:, None] * BLOCK_T + tile_rows[None, :]
-    chunk_ids = tl.load(
+    chunk_ids = _load_segment_ids(
         segment_ids_ptr + chunk_tokens,
-        mask=tile_in_chunk[:, None] & (chunk_tokens < num_tokens),
-        other=-1,
-    ).to(tl.int32)
-    first_ids = tl.load(
-        segment_ids_ptr + chunk_start + tile_rows, mask=chunk_start + tile_rows < num_tokens, other=-1
-    ).to(tl.int32)
+        tile_in_chunk[:, None] & (chunk_tokens < num_tokens),
+        num_sequences,
+    )
+    first_ids = _load_segment_ids(
+        segment_ids_ptr + chunk_start + tile_rows, chunk_start + tile_rows < num_tokens,
+        num_sequences,
+    )
     repeats_first = (chunk_ids == first_ids[None, :]) | ~tile_in_chunk[:, None]
     periodic = tl.min(repeats_first.to(tl.int32))  # 1 or 0
-    chunk_valid = (chunk_ids >= 0) & (chunk_ids < num_sequences)
+    chunk_valid = chunk_ids >= 0
     lowest = tl.min(tl.min(tl.where(chunk_valid, chunk_ids, num_sequences), axis=1), axis=0)
     highest = tl.max(tl.max(tl.where(chunk_valid, chunk_ids, -1), axis=1), axis=0)
     if PERIODIC_CHUNKS:
@@ -376,24 +394,37 @@ def _finalize_kernel(
         other=0.0,
     ).to(tl.float32)
 
-    # log(P / M) = log1p((P − Q) / (P + Q)) and log(Q / M) = log1p((Q − P) / (P + Q)): near-equal
-    # distributions give small, exactly formed arguments, so the logs keep their relative accuracy
-    # in fp32 (a plain log(P) − log(M) would lose it). 0·log0 = 0 by masking.
+    # With S = P + Q and d = (P − Q) / S, P = M(1 + d) and Q = M(1 − d), so expert n adds
+    # ½[P·log(P/M) + Q·log(Q/M)] = S/4 · f(d), f(d) = (1 + d)·log(1 + d) + (1 − d)·log(1 − d).
+    # Near d = 0, f ≈ d² while its two halves are ≈ ±d: summed as they stand they would leave
+    # fp32 only eps/|d| relative accuracy, just where SARA converges. There f is formed as
+    # d·(log(1 + d) − log(1 − d)) + log(1 − d²), parts ≈ 2d² and −d² that do not cancel, with
+    # log1p of exactly formed arguments. Far from 0 the logs are taken of 1 ± d = 2P/S and 2Q/S
+    # formed directly: d rounds to ±1 once one side is 2^25 times the other, and log(1 − 1) would
+    # be −inf where the true log is finite. Shares below the smallest normal float count as 0
+    # (the log would flush them to 0 and give −inf); their terms are below fp32 resolution.
     total = prior + mean
-    relative_difference = (prior - mean) / tl.where(total > 0, total, 1.0)
-    prior_positive = prior > 0
-    mean_positive = mean > 0
-    log_prior_ratio = _log1p(tl.where(prior_positive, relative_difference, 0.0))
-    log_mean_ratio = _log1p(tl.where(mean_positive, -relative_difference, 0.0))
-    kl_prior = tl.sum(tl.where(prior_positive, prior * log_prior_ratio, 0.0), axis=0)
-    kl_mean = tl.sum(tl.where(mean_positive, mean * log_mean_ratio, 0.0), axis=0)
-    js = tl.where(has_tokens, 0.5 * kl_prior + 0.5 * kl_mean, 0.0)
-    tl.store(js_ptr + row, js)
+    safe_total = tl.where(total > 0, total, 1.0)
+    difference = (prior - mean) / safe_total
+    near = tl.abs(difference) < 0.5
+    near_difference = tl.where(near, difference, 0.0)
+    log_prior_near = _log1p(near_difference)
+    log_mean_near = _log1p(-near_difference)
+    f_near = (near_difference * (log_prior_near - log_mean_near)
+              + _log1p(-near_difference * near_difference))
+    prior_share = 2.0 * prior / safe_total
+    mean_share = 2.0 * mean / safe_total
+    log_prior_far = tl.log(tl.where(prior_share >= _SMALLEST_NORMAL, prior_share, 1.0))
+    log_mean_far = tl.log(tl.where(mean_share >= _SMALLEST_NORMAL, mean_share, 1.0))
+    f_far = prior_share * log_prior_far + mean_share * log_mean_far
+    js = 0.25 * tl.sum(total * tl.where(near, f_near, f_far), axis=0)
+    tl.store(js_ptr + row, tl.where(has_tokens, js, 0.0))
 
     # ∂JS/∂mean = ½·log(mean / midpoint); where mean_n = 0 every token's R_n is 0 too, so any
     # finite value is exact after the softmax backward — 0 avoids 0·(−inf). An empty sequence has
     # mean 0 everywhere, hence a zero factor.
-    grad_factor = tl.where(mean_positive, 0.5 * log_mean_ratio / safe_count, 0.0)
+    log_mean_ratio = tl.where(near, log_mean_near, log_mean_far)
+    grad_factor = tl.where(mean > 0, 0.5 * log_mean_ratio / safe_count, 0.0)
     tl.store(grad_factor_ptr + row_offset + experts, grad_factor, mask=expert_in_range)
 
 
@@ -460,8 +491,8 @@ def _backward_kernel(
 
 
 # Multiply-add contraction stays on whatever Triton's default becomes (3.9 warns that 3.10 turns it
-# off): without it the forward's periodic loop issues 391 instead of 359 SASS instructions per warp
-# and 32x128 tile (sm_90), and the tuned configs assume the fused form.
+# off): without it the forward's periodic loop issues 32 more SASS instructions per warp and 32x128
+# tile (391 instead of 359 when measured, sm_90), and the tuned configs assume the fused form.
 _COMPILER_OPTIONS = {"enable_fp_fusion": True}
 
 
@@ -640,11 +671,11 @@ def routing_js_forward(
     `process_group` when one is given.
     """
     logits = _logits_3d(logits)
+    segment_ids = segment_ids.contiguous()  # the kernels index ids by token
     num_layers, num_tokens, num_experts = logits.shape
     num_sequences = prior.shape[1]
     device = logits.device
     config = config or launch_config(num_layers, num_tokens, num_experts, "forward")
-    block_n = expert_block(num_experts)
 
     # One buffer for sums and counts: one memset, and one all-reduce with a process group.
     num_sums = num_layers * num_sequences * num_experts
@@ -653,9 +684,23 @@ def routing_js_forward(
     if num_tokens > 0 and num_layers > 0 and num_sequences > 0:
         for launch in accumulate_launches(logits, segment_ids, sums, counts, num_sequences, config):
             launch.run()
+    elif num_layers == 0 and num_tokens > 0 and num_sequences > 0:
+        # Layer 0's programs count the tokens; without layers the counts still say which
+        # sequences have tokens.
+        valid = (segment_ids >= 0) & (segment_ids < num_sequences)
+        counts.index_add_(0, torch.where(valid, segment_ids, 0).long(), valid.to(torch.float32))
     if process_group is not None:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=process_group)
 
+    js, grad_factor = divergence_from_sums(sums, counts, prior)
+    return js, counts, grad_factor
+
+
+def divergence_from_sums(sums: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor):
+    """The finalize step: js [L, B] and the gradient factor ½·log(mean / midpoint) / count
+    [L, B, N] from the fp32 softmax sums (flat, L·B·N), the token counts [B] and the prior."""
+    num_layers, num_sequences, num_experts = prior.shape
+    device = prior.device
     prior = prior.to(torch.float32)
     if prior.stride(-1) != 1:
         prior = prior.contiguous()
@@ -663,12 +708,13 @@ def routing_js_forward(
     grad_factor = torch.empty(num_layers, num_sequences, num_experts, device=device,
                               dtype=torch.float32)
     if num_layers * num_sequences > 0:
+        block_n = expert_block(num_experts)
         _for_device(_finalize_kernel, device)[(num_layers * num_sequences,)](
             sums, counts, prior, js, grad_factor,
             num_experts, num_sequences, prior.stride(0), prior.stride(1),
             BLOCK_N=block_n, num_warps=1 if block_n <= 256 else 4, **_COMPILER_OPTIONS,
         )
-    return js, counts, grad_factor
+    return js, grad_factor
 
 
 def routing_js_backward(
@@ -681,6 +727,7 @@ def routing_js_backward(
 ) -> torch.Tensor:
     """∂L/∂logits [L, T, N] in the dtype of `logits`, from the saved [L, B, N] gradient factor."""
     logits = _logits_3d(logits)
+    segment_ids = segment_ids.contiguous()
     num_layers, num_tokens, num_experts = logits.shape
     config = config or launch_config(num_layers, num_tokens, num_experts, "backward")
     grad_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)

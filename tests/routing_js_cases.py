@@ -29,7 +29,12 @@ class KernelCase:
     dtype: str = "float32"
     layout: str = "sb"  # sb | packed | shuffled | all_padding
     logit_scale: float = 3.0
-    prior_zeros: bool = True  # zero out a third of every prior row
+    prior_zeros: bool = True  # zero out a third of every prior row (random priors)
+    # random | uniform | near_mean: the sequence's own mean routing, perturbed by 3% (JS ~1e-4,
+    # the converged regime; `finalize_report` checks the finalize alone closer still)
+    prior_kind: str = "random"
+    dead_expert_offset: float = 0.0  # subtracted from expert 0's logits (a router's dead expert)
+    strided_ids: bool = False  # segment ids as a stride-2 view
     # Kernel tiling override (block_t, tiles_per_program); None = the default for the size.
     tiling: tuple[int, int] | None = None
     split_chunk_paths: bool = False  # with a tiling: LaunchConfig.split_chunk_paths
@@ -85,6 +90,15 @@ CASES = [
     KernelCase("fp32_all_padding", 2, 33, 60, 3, layout="all_padding"),
     KernelCase("fp32_n128_extreme", 2, 67, 128, 4, logit_scale=1e4, grad_atol=1e-9),
     KernelCase("fp32_n16_no_prior_zeros", 2, 40, 16, 2, prior_zeros=False),
+    # A mean 2^25 times below the prior (or above it) once rounded d = (P − Q)/(P + Q) to ±1.
+    KernelCase("fp32_n64_dead_expert_uniform_prior", 2, 128, 64, 3, dead_expert_offset=25.0,
+               prior_kind="uniform"),
+    KernelCase("fp32_n128_near_mean_prior", 2, 150, 128, 3, prior_kind="near_mean"),
+    # Row maxima on both sides of 2^29, where the softmax switches from base e to base 2.
+    KernelCase("fp32_n128_huge_logits", 2, 67, 128, 4, logit_scale=3e8, grad_atol=1e-9),
+    KernelCase("bf16_n60_huge_logits", 2, 67, 60, 4, dtype="bfloat16", logit_scale=1e10,
+               js_rtol=2e-3, grad_rtol=2e-3, grad_atol=1e-9),
+    KernelCase("fp32_n60_strided_ids", 2, 83, 60, 4, layout="packed", strided_ids=True),
     KernelCase("bf16_n16_sb", 2, 77, 16, 5, dtype="bfloat16", js_rtol=2e-3, grad_rtol=2e-3),
     KernelCase("bf16_n60_packed", 2, 93, 60, 6, dtype="bfloat16", layout="packed", js_rtol=2e-3,
                grad_rtol=2e-3),
@@ -141,17 +155,42 @@ def make_inputs(case: KernelCase, device: torch.device, seed: int = 0):
         logits = logits.transpose(0, 1)
     else:
         logits = torch.randn(case.layers, case.tokens, case.experts, generator=generator)
-    logits = (case.logit_scale * logits).to(device=device, dtype=dtype)
+    logits = case.logit_scale * logits
+    logits[..., 0] -= case.dead_expert_offset
+    logits = logits.to(device=device, dtype=dtype)
     prior = torch.softmax(torch.randn(case.layers, case.sequences, case.experts, generator=generator), -1)
-    if case.prior_zeros:
+    if case.prior_zeros and case.prior_kind == "random":
         zero_experts = torch.randperm(case.experts, generator=generator)[: case.experts // 3]
         prior[..., zero_experts] = 0.0
         prior = prior / prior.sum(-1, keepdim=True)
-    segment_ids = make_segment_ids(case, generator).to(device=device, dtype=getattr(torch, case.id_dtype))
+    segment_ids = make_segment_ids(case, generator)
+    if case.prior_kind == "uniform":
+        prior = torch.full_like(prior, 1.0 / case.experts)
+    elif case.prior_kind == "near_mean":
+        prior = _perturbed_sequence_means(logits.cpu(), segment_ids, prior, generator)
+    elif case.prior_kind != "random":
+        raise ValueError(f"unknown prior_kind {case.prior_kind!r}")
+    segment_ids = segment_ids.to(device=device, dtype=getattr(torch, case.id_dtype))
+    if case.strided_ids:
+        segment_ids = torch.stack([segment_ids, torch.full_like(segment_ids, -7)], -1)[:, 0]
     upstream = torch.randn(case.layers, case.sequences, generator=generator).to(device)
     if case.single_layer:
         logits, prior, upstream = logits[0], prior[0], upstream[0]
     return logits, segment_ids, prior.to(device), upstream
+
+
+def _perturbed_sequence_means(logits, segment_ids, fallback_prior, generator):
+    """Each sequence's float64 mean routing softmax times (1 + 3% noise), renormalised; sequences
+    without tokens keep their fallback prior."""
+    probs = torch.softmax(logits.double(), -1)  # [L, T, N]
+    prior = fallback_prior.double().clone()
+    for sequence in range(prior.shape[1]):
+        tokens = segment_ids == sequence
+        if tokens.any():
+            prior[:, sequence] = probs[:, tokens].mean(1)
+    prior = prior * (1 + 0.03 * torch.randn(prior.shape, generator=generator, dtype=torch.float64))
+    prior = prior.clamp_min(0)
+    return (prior / prior.sum(-1, keepdim=True)).float()
 
 
 def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
@@ -295,11 +334,85 @@ def split_chunk_paths_report(device: torch.device) -> dict:
     }
 
 
+def finalize_report(device: torch.device) -> dict:
+    """The finalize alone against float64, on exact fp32 means: relative JS error for priors
+    within 0.1%, 1% and 10% of the mean (summing KL(P‖M) and KL(Q‖M) apart would leave
+    ~eps/|P − Q| of it), and whether a mean or prior 1e-12 or 1e-39 (subnormal) of the other side
+    keeps js and the gradient factor finite."""
+    from sara_megatron.kernels.routing_js_reference import js_divergence_from_mean
+    from sara_megatron.kernels.routing_js_triton import divergence_from_sums
+
+    generator = torch.Generator().manual_seed(0)
+    rows, experts = 64, 128
+    report = {}
+    for spread in (1e-3, 1e-2, 1e-1):
+        mean = torch.softmax(2 * torch.randn(rows, experts, generator=generator), -1)
+        noise = torch.randn(rows, experts, generator=generator)
+        prior = (mean * (1 + spread * noise)).clamp_min(0)
+        prior = prior / prior.sum(-1, keepdim=True)
+        js, grad_factor = divergence_from_sums(
+            mean.reshape(-1).to(device), torch.ones(rows, device=device), prior[None].to(device)
+        )
+        exact = js_divergence_from_mean(prior.double(), mean.double(), torch.ones(rows))
+        midpoint = 0.5 * (prior.double() + mean.double())
+        exact_factor = 0.5 * torch.log(mean.double() / midpoint)
+        report[f"js_rel_error_{spread:g}"] = float(((js[0].cpu().double() - exact) / exact).abs().max())
+        report[f"grad_factor_rel_error_{spread:g}"] = relative_error(grad_factor[0].cpu(), exact_factor)
+    mean = torch.softmax(torch.randn(rows, experts, generator=generator), -1)
+    prior = torch.full((rows, experts), 1.0 / experts)
+    mean[:, 0], mean[:, 1], prior[:, 2], prior[:, 3] = 1e-12, 1e-39, 1e-12, 1e-39
+    js, grad_factor = divergence_from_sums(
+        mean.reshape(-1).to(device), torch.ones(rows, device=device), prior[None].to(device)
+    )
+    exact = js_divergence_from_mean(prior.double(), mean.double(), torch.ones(rows))
+    report["lopsided_finite"] = bool(torch.isfinite(js).all() and torch.isfinite(grad_factor).all())
+    report["lopsided_js_rel_error"] = float(((js[0].cpu().double() - exact) / exact).abs().max())
+    return report
+
+
+def contract_report(device: torch.device) -> dict:
+    """Kernel behaviour at the contract's edges: unvalidated int64 ids beyond int32, no layers,
+    and a double backward (which must refuse rather than drop the JS term)."""
+    from sara_megatron.kernels import sequence_routing_js, sequence_routing_js_reference
+
+    logits, segment_ids, prior, _ = make_inputs(CASES_BY_NAME["fp32_n16_sb"], device)
+    wild = segment_ids.clone()
+    wild[:4] = torch.tensor([2**32, 2**32 + 1, -5, 2**40])
+    js, counts = sequence_routing_js(
+        logits, wild, prior, validate=False, impl="triton", return_counts=True
+    )
+    ref_js, ref_counts = sequence_routing_js_reference(
+        logits, wild, prior, validate=False, return_counts=True
+    )
+    no_layers = sequence_routing_js(
+        logits[:0], segment_ids, prior[:0], impl="triton", return_counts=True
+    )
+    leaf = logits.detach().clone().requires_grad_(True)
+    js_of_leaf = sequence_routing_js(leaf, segment_ids, prior, impl="triton").sum()
+    try:
+        torch.autograd.grad(js_of_leaf, leaf, create_graph=True)
+        double_backward = "ran"
+    except RuntimeError as error:
+        double_backward = str(error)
+    return {
+        "wide_ids_js_rel_error": relative_error(js, ref_js),
+        "wide_ids_counts": counts.cpu().tolist(),
+        "wide_ids_expected_counts": ref_counts.cpu().tolist(),
+        "no_layers_js_shape": list(no_layers.js.shape),
+        "no_layers_counts": no_layers.token_counts.cpu().tolist(),
+        "expected_counts": torch.bincount(
+            segment_ids.cpu()[segment_ids.cpu() >= 0].long(), minlength=prior.shape[1]
+        ).tolist(),
+        "double_backward": double_backward,
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--json", help="write {'cases': [...], 'saved_tensors': {...}, 'split_chunk_paths': {...}} here"
+        "--json", help="write {'cases': [...], 'saved_tensors': {...}, 'split_chunk_paths': {...}, "
+        "'finalize': {...}, 'contract': {...}} here"
     )
     parser.add_argument("--cases", nargs="*", default=list(CASES_BY_NAME), choices=list(CASES_BY_NAME))
     args = parser.parse_args(argv)
@@ -307,7 +420,8 @@ def main(argv=None) -> int:
 
     results = [run_case(CASES_BY_NAME[name], device) for name in args.cases]
     payload = {"cases": results, "saved_tensors": saved_tensor_report(device),
-               "split_chunk_paths": split_chunk_paths_report(device)}
+               "split_chunk_paths": split_chunk_paths_report(device),
+               "finalize": finalize_report(device), "contract": contract_report(device)}
     failed = 0
     for result in results:
         ok = case_passes(result)

@@ -246,6 +246,28 @@ def test_split_chunk_paths_share_the_chunks_between_two_launches(interpreter_res
     assert report["split_vs_one_launch"] <= 1e-6
 
 
+def test_finalize_keeps_its_digits_near_the_mean_and_stays_finite_when_lopsided(
+    interpreter_results,
+):
+    report = interpreter_results["finalize"]
+    for spread in ("0.001", "0.01", "0.1"):
+        assert report[f"js_rel_error_{spread}"] <= 1e-6, report
+        assert report[f"grad_factor_rel_error_{spread}"] <= 1e-6, report
+    assert report["lopsided_finite"]
+    assert report["lopsided_js_rel_error"] <= 1e-6, report
+
+
+def test_kernel_contract_edges(interpreter_results):
+    report = interpreter_results["contract"]
+    # Unvalidated ids beyond int32 are ignored like any other out-of-range id, not wrapped.
+    assert report["wide_ids_js_rel_error"] <= 1e-5
+    assert report["wide_ids_counts"] == report["wide_ids_expected_counts"]
+    # Without layers the counts still say which sequences have tokens.
+    assert report["no_layers_js_shape"] == [0, 5]
+    assert report["no_layers_counts"] == report["expected_counts"]
+    assert "not twice differentiable" in report["double_backward"]
+
+
 def test_kernel_keeps_only_logits_and_small_statistics_for_backward(interpreter_results):
     report = interpreter_results["saved_tensors"]
     small = report["layers_sequences_experts"]
