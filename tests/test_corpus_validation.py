@@ -1,5 +1,6 @@
 """Parallel corpus validation: every kind of bad record, reported by file and line, and counted."""
 
+import dataclasses
 import json
 
 import pytest
@@ -118,3 +119,36 @@ def test_directory_input_and_anchor_choice(corpus, tmp_path):
     # The paper's -q-sw-s ablation anchors on Swahili: only s2 has a sw anchor.
     sw = validate_corpus(corpus, "sw")
     assert [r.sample_id for r in sw.records["sw"]] == ["s2"] and "hi" not in sw.records
+
+
+def escaped(line):
+    """The record with its non-ASCII text as JSON \\u escapes: the way a lone surrogate (valid
+    JSON, not valid text) gets into a UTF-8 file."""
+    return json.dumps(json.loads(line))
+
+
+# "\ud83d" is the first half of an emoji's surrogate pair, as a truncated translation leaves it.
+LONE_SURROGATE_LINES = [
+    (escaped(rec("s1", "hi", prompt="\ud83d cut")), "messages[0].content"),
+    (escaped(rec("s2", "hi", response="ok \ud83d")), "messages[1].content"),
+    (escaped(rec("s1", "sw", answer="4\udc00")), "'answer'"),
+    (escaped(rec("s\ud800", "sw")), "'id'"),
+]
+
+
+def test_lone_surrogate_text_is_an_invalid_record(corpus, tmp_path):
+    path = tmp_path / "surrogates.jsonl"
+    path.write_text("".join(text + "\n" for text, _ in LONE_SURROGATE_LINES), encoding="utf-8")
+    result = validate_corpus([corpus[0], str(path)], "en")
+    issues = [i for i in result.issues if i.path == str(path)]
+    assert [(i.line, i.reason) for i in issues] == [(1, INVALID_RECORD), (2, INVALID_RECORD),
+                                                    (3, INVALID_RECORD), (4, INVALID_RECORD)]
+    for issue, (_, field) in zip(issues, LONE_SURROGATE_LINES):
+        assert f"{field} holds a lone UTF-16 surrogate" in issue.message
+        # As shard_corpus writes it to corpus_issues.jsonl: the report itself is valid text.
+        json.dumps(dataclasses.asdict(issue), ensure_ascii=False).encode("utf-8")
+    assert issues[-1].sample_id is None  # the id with the surrogate is not carried along
+    assert result.summary()["rejected"][INVALID_RECORD] == 2 + 4
+    assert "sw" not in result.records and "hi" not in result.records
+    with pytest.raises(CorpusError, match=rf"^{path}:1: invalid_record: messages\[0\]\.content"):
+        validate_corpus([str(path)], "hi", strict=True)

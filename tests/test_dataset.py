@@ -180,8 +180,11 @@ def test_language_choice(data):
     assert languages() == {"hi", "sw"}  # targets only by default
     assert languages(languages="all") == {"en", "hi", "sw"}
     assert languages(languages=["sw"]) == {"sw"}
+    assert languages(languages="hi") == {"hi"}  # one code as a string, not its letters
     with pytest.raises(ValueError, match=r"languages \['te'\] are not in"):
         batches(config(data, languages=["te"]))
+    with pytest.raises(ValueError, match=r"languages \['te'\] are not in"):
+        batches(config(data, languages="te"))
 
 
 def test_without_priors(data):

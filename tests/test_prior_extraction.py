@@ -55,15 +55,18 @@ def extract(model, shards, path, meta, progress=None, mbs=3):
 
 
 @torch.no_grad()
-def recompute_alone(model, tokens, layers):
+def recompute_alone(model, tokens, layers, padded_length=None):
     """Each layer's mean over all tokens of softmax(h · W_gᵀ), from the router's own input,
-    in float64, for one sequence run on its own (no padding, no batching)."""
+    in float64, for one sequence run on its own (no batching), unpadded or padded at the end to
+    `padded_length` as training pads it (which decides Phi's longrope factors)."""
     inputs = {}
     hooks = [model.decoder.layers[i].mlp.register_forward_pre_hook(
         lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach())) for i in layers]
     try:
-        s = len(tokens)
-        t = torch.as_tensor(tokens, dtype=torch.long)[None]
+        n = len(tokens)
+        s = padded_length or n
+        t = torch.zeros(1, s, dtype=torch.long)
+        t[0, :n] = torch.as_tensor(tokens, dtype=torch.long)
         model(t, torch.arange(s)[None], causal_attention_mask(s))
     finally:
         for h in hooks:
@@ -71,8 +74,8 @@ def recompute_alone(model, tokens, layers):
     out = []
     for i in layers:
         weight = model.decoder.layers[i].mlp.router.weight.double()
-        probs = torch.softmax(inputs[i].double().reshape(-1, weight.shape[1]) @ weight.T, dim=-1)
-        out.append(probs.mean(0))
+        hidden = inputs[i].double().reshape(s, -1)[:n]  # [S, 1, H] (Megatron's layout): B = 1
+        out.append(torch.softmax(hidden @ weight.T, dim=-1).mean(0))
     return torch.stack(out)
 
 
@@ -154,3 +157,30 @@ def test_layouts_equal_single_rank(torchrun, shards_dir, qwen, tmp_path):
     resume = json.loads((tmp_path / "resume.json").read_text())
     assert resume["samples_resumed"] > 0 and resume["samples_extracted"] > 0
     assert resume["samples_resumed"] + resume["samples_extracted"] == NUM_SAMPLES
+
+
+def test_longrope_prior_does_not_depend_on_its_batch(single_rank, tmp_path):
+    # The tiny Phi switches to the long rope factors past 64 padded positions; shards of
+    # seq_length 128 are trained past the switch, so every prior must be extracted past it too —
+    # a short anchor padded only to its own length (alone in its step) would use the short ones.
+    paths = write_synthetic_corpus(tmp_path / "corpus", 6, languages=("en",), max_words=80)
+    build_local_tokenizer(corpus_texts(paths), tmp_path / "tokenizer")
+    shard_corpus(ShardingConfig((str(tmp_path / "corpus"),), str(tmp_path / "shards"),
+                                str(tmp_path / "tokenizer"), seq_length=128, shard_size=6))
+    shards = TokenShards(tmp_path / "shards")
+    switch = get_preset("phi35_moe_tiny").longrope.original_max_position_embeddings
+    short = min(shards.samples("en"), key=lambda s: s.meta.token_count)
+    assert short.meta.token_count <= switch < max(s.meta.token_count for s in shards.samples("en"))
+    model, layers = make_model("phi35_moe_tiny", tmp_path / "ckpt"), (1, 3)
+    meta = metadata("phi35_moe_tiny", tmp_path / "ckpt", shards, layers)
+    extract(model, shards, tmp_path / "alone", meta, mbs=1)  # each sample a step of its own
+    extract(model, shards, tmp_path / "together", meta, mbs=6)  # all in one step
+    sid, tokens = short.meta.sample_id, shards.tokens(short)
+    alone, together = PriorStore(tmp_path / "alone")[sid], PriorStore(tmp_path / "together")[sid]
+    torch.testing.assert_close(alone, together, rtol=0, atol=1e-7)
+    as_trained = recompute_alone(model, tokens, layers, padded_length=shards.seq_length)
+    torch.testing.assert_close(together.double(), as_trained, rtol=1e-5, atol=1e-7)
+    # The short factors would give another prior (what extraction stored before padding past
+    # the switch): the check above can tell the two apart.
+    short_rope = recompute_alone(model, tokens, layers)
+    assert (together.double() - short_rope).abs().max() > 1e-6

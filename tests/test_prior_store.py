@@ -2,12 +2,14 @@
 missing ids, resumable writes; bulk reads by global row and the in-memory PriorTable built from
 them."""
 
+import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from sara_megatron.data.atomic_files import canonical_json, sha256_text
 from sara_megatron.priors import (
     MissingPriorError,
     PriorStore,
@@ -21,10 +23,10 @@ from sara_megatron.priors import (
 LAYERS, EXPERTS = (7, 8, 9, 12), 16
 
 
-def metadata(dtype="fp32", model="model-a"):
+def metadata(dtype="fp32", model="model-a", compute_dtype="fp32"):
     return PriorStoreMetadata(layers=LAYERS, num_experts=EXPERTS, dtype=dtype,
                               anchor_language="en", model_fingerprint=model,
-                              corpus_fingerprint="corpus-1")
+                              corpus_fingerprint="corpus-1", compute_dtype=compute_dtype)
 
 
 def priors_for(ids):
@@ -144,6 +146,44 @@ def test_interrupted_write_resumes(tmp_path):
 
     with pytest.raises(PriorStoreError, match="model_fingerprint: 'model-a' vs 'model-b'"):
         PriorStoreWriter(path, metadata(model="model-b")).prepare()
+
+
+def test_compute_precision_is_recorded_and_never_mixed(tmp_path):
+    path = tmp_path / "store"
+    writer = PriorStoreWriter(path, metadata(compute_dtype="bf16"))  # extract_priors.py --bf16
+    writer.prepare()
+    writer.write_shard(IDS[:4], priors_for(IDS[:4]))
+    assert json.loads((path / "store.json").read_text())["metadata"]["compute_dtype"] == "bf16"
+    # A rerun without --bf16 would add fp32 priors to the bf16 ones.
+    with pytest.raises(PriorStoreError, match="compute_dtype: 'bf16' vs 'fp32'"):
+        PriorStoreWriter(path, metadata()).prepare()
+    resumed = PriorStoreWriter(path, metadata(compute_dtype="bf16"))
+    resumed.prepare()
+    resumed.write_shard(IDS[4:], priors_for(IDS[4:]))
+    resumed.finalize(IDS)
+    assert PriorStore(path).metadata.compute_dtype == "bf16"
+    with pytest.raises(ValueError, match="compute dtype must be one of"):
+        metadata(compute_dtype="fp16")
+
+
+def test_store_from_before_compute_precision_was_recorded(store_path):
+    # Such a store's metadata has no compute_dtype: its priors may be fp32 or bf16 computed.
+    store_json = store_path / "store.json"
+    store = json.loads(store_json.read_text())
+    del store["metadata"]["compute_dtype"]
+    store_json.write_text(json.dumps(store))
+    old = PriorStore(store_path, expected_model_fingerprint="model-a")  # still readable
+    assert old.metadata.compute_dtype is None
+    assert torch.equal(old.read(IDS).transpose(0, 1), torch.from_numpy(priors_for(IDS)))
+    # ... and its metadata digest is still the one its shard files were written with.
+    assert old.metadata.to_json() == store["metadata"]
+    assert old.metadata.digest() == sha256_text(canonical_json(store["metadata"]))
+    # Resuming it could mix precisions without anyone knowing: refused, whichever is asked for.
+    for compute_dtype in ("fp32", "bf16"):
+        with pytest.raises(PriorStoreError, match="before stores recorded the compute precision"):
+            PriorStoreWriter(store_path, metadata(compute_dtype=compute_dtype)).prepare()
+    with pytest.raises(ValueError, match="records its compute precision"):
+        PriorStoreWriter(store_path, old.metadata)
 
 
 def test_writer_checks(tmp_path):

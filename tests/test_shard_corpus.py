@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sara_megatron.data.chat_tokenization import load_tokenizer
+from sara_megatron.data.chat_tokenization import load_tokenizer, tokenize_record
+from sara_megatron.data.corpus_format import ChatMessage, ParallelRecord
 from sara_megatron.data.corpus_sharding import ShardingConfig, shard_corpus
 from sara_megatron.data.local_tokenizer import build_local_tokenizer
 from sara_megatron.data.synthetic_corpus import corpus_texts, write_synthetic_corpus
@@ -156,11 +157,16 @@ def test_strict_run_stops_at_the_bad_record(inputs, tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
-def test_command_line_tool(inputs, reference, tmp_path, capsys):
+def load_tool():
     spec = importlib.util.spec_from_file_location("shard_corpus_tool",
                                                   REPO / "tools" / "shard_corpus.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_command_line_tool(inputs, reference, tmp_path, capsys):
+    tool = load_tool()
     out = tmp_path / "cli"
     rc = tool.main(["--corpus", str(inputs / "corpus"), "--tokenizer", str(inputs / "tokenizer"),
                     "--output", str(out), "--seq-length", str(SEQ), "--shard-size", "5"])
@@ -172,3 +178,23 @@ def test_command_line_tool(inputs, reference, tmp_path, capsys):
                     "--output", str(out), "--strict"])
     assert rc == 1 and "bad record (--strict)" in capsys.readouterr().err
     assert os.path.exists(out / "manifest.json")
+
+
+@pytest.mark.parametrize("seq_length", [0, -3])
+def test_non_positive_seq_length_is_refused(inputs, tmp_path, capsys, seq_length):
+    # Refused before anything is written: -3 would otherwise cut three tokens off every sample.
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=rf"seq_length must be a positive number of tokens, "
+                                         rf"got {seq_length}"):
+        shard_corpus(config(inputs, out, seq_length=seq_length))
+    assert not out.exists()
+    record = ParallelRecord("a", "en", (ChatMessage("user", "q"), ChatMessage("assistant", "a")),
+                            "x")
+    with pytest.raises(ValueError, match="seq_length must be a positive"):
+        tokenize_record(load_tokenizer(inputs / "tokenizer"), record, seq_length)
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main(["--corpus", str(inputs / "corpus"), "--tokenizer",
+                          str(inputs / "tokenizer"), "--output", str(out),
+                          "--seq-length", str(seq_length)])
+    assert exit_info.value.code == 2 and not out.exists()
+    assert "--seq-length: seq_length must be a positive" in capsys.readouterr().err

@@ -52,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--flush-every", type=int, default=256,
                    help="samples per store shard and replica (what a kill can cost)")
     p.add_argument("--bf16", action="store_true",
-                   help="bf16 weights and activations (router logits and softmax stay fp32)")
+                   help="bf16 weights and activations (router logits and softmax stay fp32); "
+                        "recorded in the store: resuming it without --bf16 is refused, and "
+                        "the other way round")
     return p.parse_args(argv)
 
 
@@ -115,6 +117,7 @@ def run(args) -> dict:
         anchor_language=shards.anchor_language,
         model_fingerprint=shared_model_fingerprint(args.checkpoint),
         corpus_fingerprint=shards.language_fingerprint(shards.anchor_language),
+        compute_dtype="bf16" if args.bf16 else "fp32",  # a rerun with the other is refused
     )
     settings = ExtractionSettings(
         layers=layers,
@@ -128,7 +131,8 @@ def run(args) -> dict:
         print(f"extract_priors: {result['store']['num_samples']} samples in {args.output} "
               f"({result['samples_extracted']} extracted now, {result['samples_resumed']} "
               f"resumed; layers {layers[0]}..{layers[-1]} ({len(layers)}), "
-              f"{arch.num_experts} experts, {args.dtype}) in {result['elapsed_s']:.1f}s")
+              f"{arch.num_experts} experts, {args.dtype}, computed in {metadata.compute_dtype}) "
+              f"in {result['elapsed_s']:.1f}s")
     return result
 
 

@@ -11,6 +11,7 @@ Bad records are skipped and counted (by file and line, in <output>/corpus_issues
 import argparse
 import sys
 
+from sara_megatron.data.chat_tokenization import check_seq_length
 from sara_megatron.data.corpus_sharding import ShardingConfig, ShardProgress, shard_corpus
 from sara_megatron.data.corpus_validation import CorpusError
 
@@ -31,7 +32,12 @@ def parse_args(argv=None):
                    help="language codes beyond en zh hi ne bn te sw")
     p.add_argument("--chat-template", help="a Jinja chat template file replacing the tokenizer's")
     p.add_argument("--trust-remote-code", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        check_seq_length(args.seq_length)
+    except ValueError as e:
+        p.error(f"--seq-length: {e}")  # exits 2, like any other bad argument
+    return args
 
 
 def print_progress(p: ShardProgress) -> None:

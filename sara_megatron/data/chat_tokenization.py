@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 from typing import Optional
 
@@ -81,7 +82,16 @@ def render_conversation(tokenizer, record: ParallelRecord) -> tuple[str, str]:
     return prompt, full
 
 
+def check_seq_length(seq_length: int) -> None:
+    """A sample keeps at most `seq_length` tokens: below 1 nothing would be left to train on (and
+    a negative one would silently cut tokens from the end instead)."""
+    is_count = isinstance(seq_length, numbers.Integral) and not isinstance(seq_length, bool)
+    if not is_count or seq_length < 1:
+        raise ValueError(f"seq_length must be a positive number of tokens, got {seq_length!r}")
+
+
 def tokenize_record(tokenizer, record: ParallelRecord, seq_length: int) -> TokenizedSample:
+    check_seq_length(seq_length)
     prompt_text, full_text = render_conversation(tokenizer, record)
     prompt_ids = _encode(tokenizer, prompt_text)
     full_ids = _encode(tokenizer, full_text)

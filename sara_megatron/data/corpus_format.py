@@ -12,7 +12,9 @@ A JSON Lines file holds one record per line:
   the response is the last (assistant) message: the training loss covers only its tokens.
 - `source`: where the sample comes from (e.g. "gsm8k", "mmlu-prox"), a non-empty string.
 - `answer` (optional): the gold answer (string or number), null or absent where there is none.
-Other fields are ignored.
+Other fields are ignored. The text of these fields must be encodable as UTF-8: JSON can spell a
+lone UTF-16 surrogate (`"\\ud83d"`, half an emoji cut off by a truncated translation), which no
+tokenizer accepts, so such a record is rejected here rather than crashing the sharding later.
 """
 
 from __future__ import annotations
@@ -83,6 +85,21 @@ def _check_roles(roles: list[str]) -> Optional[str]:
     return None
 
 
+def _check_encodable(text: str, field: str, sample_id: Optional[str] = None,
+                     language: Optional[str] = None) -> None:
+    """Raise INVALID_RECORD when `text` holds a lone surrogate (valid JSON, not valid text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # repr() escapes the surrogate, so the message itself stays writable as UTF-8.
+        raise RecordError(
+            INVALID_RECORD,
+            f"{field} holds a lone UTF-16 surrogate {text[e.start]!r} at character {e.start} "
+            "(half of a surrogate pair, e.g. a cut-off emoji): not encodable text",
+            sample_id, language,
+        ) from None
+
+
 def parse_record(line: str, known_languages: frozenset[str]) -> ParallelRecord:
     """Parse and check one JSONL line; raises RecordError naming the first problem."""
     try:
@@ -96,11 +113,15 @@ def parse_record(line: str, known_languages: frozenset[str]) -> ParallelRecord:
     language = obj.get("lang")
     if not isinstance(sample_id, str) or not sample_id.strip():
         raise RecordError(INVALID_RECORD, f"'id' must be a non-empty string, got {sample_id!r}")
+    # Checked before the id or language is attached to an error: an issue carrying a lone
+    # surrogate could not be written to corpus_issues.jsonl.
+    _check_encodable(sample_id, "'id'")
     if sample_id != sample_id.strip():
         raise RecordError(INVALID_RECORD, f"'id' has leading/trailing whitespace: {sample_id!r}",
                           sample_id)
     if not isinstance(language, str):
         raise RecordError(INVALID_RECORD, f"'lang' must be a string, got {language!r}", sample_id)
+    _check_encodable(language, "'lang'", sample_id)
     if language not in known_languages:
         raise RecordError(
             UNKNOWN_LANGUAGE,
@@ -112,10 +133,13 @@ def parse_record(line: str, known_languages: frozenset[str]) -> ParallelRecord:
     if not isinstance(source, str) or not source.strip():
         raise RecordError(INVALID_RECORD, f"'source' must be a non-empty string, got {source!r}",
                           sample_id, language)
+    _check_encodable(source, "'source'", sample_id, language)
     answer = obj.get("answer")
     if answer is not None and not isinstance(answer, (str, int, float)):
         raise RecordError(INVALID_RECORD, f"'answer' must be a string or number, got {answer!r}",
                           sample_id, language)
+    if isinstance(answer, str):
+        _check_encodable(answer, "'answer'", sample_id, language)
 
     raw_messages = obj.get("messages")
     if not isinstance(raw_messages, list):
@@ -128,6 +152,8 @@ def parse_record(line: str, known_languages: frozenset[str]) -> ParallelRecord:
             raise RecordError(INVALID_RECORD,
                               f"messages[{i}] must be an object with string 'role' and 'content'",
                               sample_id, language)
+        _check_encodable(m["role"], f"messages[{i}].role", sample_id, language)
+        _check_encodable(m["content"], f"messages[{i}].content", sample_id, language)
         messages.append(ChatMessage(m["role"], m["content"]))
     problem = _check_roles([m.role for m in messages])
     if problem:

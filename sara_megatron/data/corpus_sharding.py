@@ -26,6 +26,7 @@ from sara_megatron.data.atomic_files import (
     write_json_atomic,
 )
 from sara_megatron.data.chat_tokenization import (
+    check_seq_length,
     load_tokenizer,
     tokenize_record,
     tokenizer_fingerprint,
@@ -166,6 +167,7 @@ def shard_corpus(
     config: ShardingConfig, progress: Optional[Callable[[ShardProgress], None]] = None
 ) -> ShardingReport:
     start = time.perf_counter()
+    check_seq_length(config.seq_length)  # before anything is validated, loaded or written
     known = known_languages(config.extra_languages)
     corpus = validate_corpus(config.corpus_paths, config.anchor_language, known, config.strict)
     if config.anchor_language not in corpus.records:

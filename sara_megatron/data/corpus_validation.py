@@ -1,7 +1,9 @@
 """Validate a parallel corpus (JSON Lines, `corpus_format`) and index its usable records.
 
-Problems are reported by file and line: invalid JSON or fields, an unknown language code, empty
-text, a duplicate (id, language), a target-language record with no valid anchor of the same id.
+Problems are reported by file and line: invalid JSON or fields (text that is not encodable, such
+as a lone surrogate escape, is an invalid field: caught here, not by the tokenizer mid-sharding),
+an unknown language code, empty text, a duplicate (id, language), a target-language record with no
+valid anchor of the same id.
 By default a bad record is skipped and counted; `strict=True` raises on the first one. Every
 non-blank line ends up either kept or counted under exactly one rejection reason.
 

@@ -48,7 +48,8 @@ class SaraDataConfig:
     shards_dir: str
     prior_store: Optional[str] = None  # None: no priors (plain fine-tuning)
     prior_layers: Optional[Sequence[int]] = None  # global layers for the JS loss; None: all stored
-    # "targets": every non-anchor language of the shards; "all": anchors too; or explicit codes.
+    # "targets": every non-anchor language of the shards; "all": anchors too; or explicit codes
+    # (a list, or one code as a string: "hi").
     languages: Union[str, Sequence[str]] = "targets"
     seq_length: Optional[int] = None  # None: the shards' (longer samples are cut)
     micro_batch_size: int = 1
@@ -118,7 +119,8 @@ def resolve_languages(shards: TokenShards, languages: Union[str, Sequence[str]])
     elif languages == "all":
         chosen = shards.languages
     else:
-        chosen = list(languages)
+        # One code given as a string ("hi") is one language, not the letters "h" and "i".
+        chosen = [languages] if isinstance(languages, str) else list(languages)
         unknown = [lang for lang in chosen if lang not in shards.languages]
         if unknown:
             raise ValueError(f"languages {unknown} are not in {shards.root} "

@@ -12,6 +12,7 @@ store.json is rewritten with `"complete": true` and the shard list when extracti
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
@@ -40,19 +41,33 @@ class PriorStoreMetadata:
     anchor_language: str
     model_fingerprint: str  # sara_megatron.priors.fingerprint.model_fingerprint
     corpus_fingerprint: str  # fingerprint of the anchor-language token shards
+    # Precision of the model's weights and activations during extraction ("bf16": --bf16; the
+    # router softmax is fp32 either way, but its input is not): priors computed in bf16 and in
+    # fp32 differ, so one store must not mix them. None: a store written before this was
+    # recorded (readable; not resumable, as its precision is unknown).
+    compute_dtype: Optional[str] = "fp32"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"prior dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute dtype must be one of {DTYPES}, got {self.compute_dtype!r}")
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be sorted and unique, got {self.layers}")
 
     def to_json(self) -> dict:
-        return dict(dataclasses.asdict(self), layers=list(self.layers))
+        obj = dict(dataclasses.asdict(self), layers=list(self.layers))
+        if self.compute_dtype is None:
+            # An older store's metadata round-trips unchanged, digest included (its shards'
+            # .ids.json files hold that digest).
+            del obj["compute_dtype"]
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict) -> "PriorStoreMetadata":
-        return cls(**dict(obj, layers=tuple(obj["layers"])))
+        # No "compute_dtype" key: written before it was recorded, so unknown — not the default.
+        return cls(**dict(obj, layers=tuple(obj["layers"]),
+                          compute_dtype=obj.get("compute_dtype")))
 
     def digest(self) -> str:
         return sha256_text(canonical_json(self.to_json()))

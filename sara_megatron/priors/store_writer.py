@@ -39,6 +39,9 @@ IDS_SUFFIX = ".ids.json"
 
 class PriorStoreWriter:
     def __init__(self, path: str | os.PathLike, metadata: PriorStoreMetadata):
+        if metadata.compute_dtype is None:
+            raise ValueError("a prior store being written records its compute precision: "
+                             "compute_dtype None only describes stores written before that")
         self.path = os.fspath(path)
         self.metadata = metadata
         self.shards_dir = os.path.join(self.path, SHARDS_DIR)
@@ -46,13 +49,19 @@ class PriorStoreWriter:
     # --- one rank, before anyone writes --------------------------------------------------------
 
     def prepare(self) -> None:
-        """Create the store, or check that the one on disk is for the same model, layers, dtype
-        and corpus; remove leftovers of interrupted shard writes."""
+        """Create the store, or check that the one on disk is for the same model, layers, dtype,
+        compute precision and corpus; remove leftovers of interrupted shard writes."""
         store_json = os.path.join(self.path, STORE_JSON)
         if os.path.exists(store_json):
             with open(store_json, encoding="utf-8") as f:
                 existing = json.load(f)
             old = PriorStoreMetadata.from_json(existing["metadata"])
+            if old.compute_dtype is None:
+                raise PriorStoreError(
+                    f"prior store {self.path} was written before stores recorded the compute "
+                    f"precision (--bf16): resuming it in {self.metadata.compute_dtype} could mix "
+                    "bf16 and fp32 priors. Write to a new --output or delete it"
+                )
             if old != self.metadata:
                 raise PriorStoreError(
                     f"prior store {self.path} was extracted with other settings ("
