@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import random
+import re
 import socket
 
 import numpy as np
@@ -78,36 +79,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list, without a subprocess (`scontrol show hostnames` is the
+    canonical expander): "rack1-node[01-02]-ib,gpu7" -> "rack1-node01-ib", "a[1-2]b[3-4]" ->
+    "a1b3", "node[01-03,07]" -> "node01". Commas inside brackets separate ranges, not hosts."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    # Each bracket stands for its first range's first value, zero padding kept.
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split("[,-]", m.group(1))[0], nodelist[:end])
+
+
 def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
-    if not nodelist:
-        return "127.0.0.1"
-    # "node[01-04,07]" -> "node01"; "a,b" -> "a". scontrol is the canonical expander; this avoids
-    # a subprocess for the common forms.
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-    return head
+    # Rank 0 runs on the first node of the step (srun -N can use part of the allocation).
+    nodelist = (
+        os.environ.get("SLURM_STEP_NODELIST")
+        or os.environ.get("SLURM_JOB_NODELIST")
+        or os.environ.get("SLURM_NODELIST", "")
+    )
+    return _first_host(nodelist) if nodelist else "127.0.0.1"
+
+
+def _started_by_srun(env) -> bool:
+    """True only in a task srun started. A batch script itself (sbatch's batch step) also has
+    SLURM_PROCID=0 and SLURM_NTASKS=N, but it is one process: treating it as rank 0 of N would
+    wait forever for the others. srun sets the step variables (SLURM_STEP_ID,
+    SLURM_STEP_NUM_TASKS, ...) in each task; the batch step has none of them (Slurm's
+    src/common/env.c: env_array_for_step sets them, env_array_for_batch_job does not)."""
+    return "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
+
+
+def launcher_world_size() -> int:
+    """How many processes the launcher started (torchrun's WORLD_SIZE, srun's step task count),
+    1 without one; reads only the environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if _started_by_srun(env):
+        return int(env["SLURM_STEP_NUM_TASKS"])
+    return 1
 
 
 def read_launcher_env() -> DistributedEnv:
-    """Rank and rendezvous from torchrun's variables, else SLURM's, else a single process."""
+    """Rank and rendezvous from torchrun's variables, else srun's, else a single process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
         return DistributedEnv(
             rank=int(env["RANK"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
-            world_size=int(env["WORLD_SIZE"]),
+            world_size=launcher_world_size(),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
+    if _started_by_srun(env):  # srun, one task per GPU
         job_id = int(env.get("SLURM_JOB_ID", "0"))
         return DistributedEnv(
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            world_size=int(env["SLURM_NTASKS"]),
+            # The step's task count: SLURM_NTASKS is the job's unless srun overwrote it.
+            world_size=launcher_world_size(),
             master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(),
             # A port derived from the job id keeps concurrent jobs on a node apart.
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 10000)),

@@ -238,12 +238,12 @@ def test_layouts_round_trip_and_load_across_layouts(torchrun, hf_models, importe
             assert diff <= tolerance, (family, pair, diff, ref)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, **launcher_env: str) -> subprocess.CompletedProcess:
     # A fresh process: drop the rendezvous variables this test process set for its own group.
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run(
-        [sys.executable, str(REPO / "tools/convert_hf.py"), *args],
-        capture_output=True, text=True, timeout=300, env=dict(env, PYTHONWARNINGS="ignore"),
+        [sys.executable, str(REPO / "tools/convert_hf.py"), *args], capture_output=True,
+        text=True, timeout=300, env=dict(env, PYTHONWARNINGS="ignore", **launcher_env),
     )
 
 
@@ -368,6 +368,51 @@ def test_existing_output_refused_unless_overwrite(hf_models, imported, tmp_path)
     export_hf_checkpoint(imported["qwen3_moe"], hf_out, overwrite=True)
     assert_bitwise_equal(hf_models["qwen3_moe"], hf_out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mcore"]  # no leftovers
+
+
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
+                       "SLURM_STEP_NUM_TASKS")
+
+
+@pytest.mark.parametrize("launcher", [
+    {"RANK": "1", "WORLD_SIZE": "2"},  # torchrun --nproc-per-node 2
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"},
+])
+def test_export_refuses_several_launched_processes(tmp_path, monkeypatch, launcher):
+    """Each rank would export alone to the same folder; with --overwrite one rank's output would
+    delete another's. Refused before anything is read or written: the old output stays."""
+    for name in _LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    with pytest.raises(ConversionError, match="export runs in one process, but this is one of "
+                                              r"\d started by torchrun or srun"):
+        export_hf_checkpoint(tmp_path / "mcore", out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (out / "keep.txt").read_text() == "previous export"
+
+
+def test_export_runs_from_a_batch_script(monkeypatch):
+    """sbatch's batch step (SLURM_PROCID=0, SLURM_NTASKS=4, no srun step) is one process."""
+    from sara_megatron.conversion.hf_export import refuse_multi_process_launch
+
+    for name in _LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    refuse_multi_process_launch()
+
+
+def test_command_line_export_under_torchrun_exits_2(tmp_path):
+    out = tmp_path / "hf"
+    proc = _cli("export", "--megatron-dir", str(tmp_path / "mcore"), "--out", str(out),
+                "--overwrite", RANK="0", WORLD_SIZE="2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "export: error: export runs in one process" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_layout_without_enough_processes_says_how_to_start(hf_models, tmp_path):

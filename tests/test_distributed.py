@@ -6,14 +6,23 @@ import sys
 
 import pytest
 
-from sara_megatron.distributed import read_launcher_env
+from sara_megatron.distributed import ParallelConfig, _first_host, read_launcher_env
 
 
 def _clear(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
               "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
-              "SLURM_JOB_ID"):
+              "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(k, raising=False)
+
+
+def _sbatch_batch_step(monkeypatch, ntasks: str = "16") -> None:
+    """What a batch script itself sees (sbatch, outside srun): job variables, no step ones."""
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", ntasks)
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[017-018]")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
 
 
 def test_torchrun_env(monkeypatch):
@@ -29,16 +38,56 @@ def test_torchrun_env(monkeypatch):
 
 
 def test_slurm_env(monkeypatch):
+    """A task srun started: rank from SLURM_PROCID, world size from the step."""
     _clear(monkeypatch)
+    _sbatch_batch_step(monkeypatch)
     monkeypatch.setenv("SLURM_PROCID", "9")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[017-018]")
-    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
     env = read_launcher_env()
     assert (env.rank, env.local_rank, env.world_size) == (9, 1, 16)
     assert env.master_addr == "gpu017"
     assert env.master_port == 20000 + 123456 % 10000
+
+
+def test_slurm_step_smaller_than_the_job(monkeypatch):
+    """`srun -n 4 -N 1 -w gpu018` inside a 16-task job (srun --preserve-env keeps the job's
+    SLURM_NTASKS): 4 processes, rendezvous on the step's first node."""
+    _clear(monkeypatch)
+    _sbatch_batch_step(monkeypatch)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_STEP_ID", "2")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu018")
+    env = read_launcher_env()
+    assert (env.rank, env.world_size, env.master_addr) == (3, 4, "gpu018")
+
+
+def test_sbatch_batch_script_is_a_single_process(monkeypatch):
+    """A tool run straight from a batch script (no srun) sees SLURM_PROCID=0 and SLURM_NTASKS=16;
+    taking that for rank 0 of 16 would wait forever for 15 ranks that never start."""
+    _clear(monkeypatch)
+    _sbatch_batch_step(monkeypatch)
+    env = read_launcher_env()
+    assert (env.rank, env.world_size) == (0, 1)
+    ParallelConfig().validate_world(env.world_size)
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [
+        ("gpu[017-018]", "gpu017"),
+        ("rack1-node[01-02]-ib", "rack1-node01-ib"),
+        ("a[1-2]b[3-4]", "a1b3"),
+        ("node[01-03,07]", "node01"),
+        ("n1,n2", "n1"),
+        ("node[07,01-03],login1", "node07"),
+        ("single", "single"),
+    ],
+)
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert _first_host(nodelist) == first
 
 
 def test_single_process_env(monkeypatch):

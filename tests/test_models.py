@@ -1,5 +1,7 @@
 """Tiny presets: forward and backward; presets and HF configs; parallel-size errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,17 @@ from sara_megatron.models.architecture import (
     resolve_architecture,
 )
 from sara_megatron.models.builder import build_model, causal_attention_mask
+
+# The released Qwen3-30B-A3B config.json, as the hub has it (transformers 4.x key names).
+QWEN3_30B_A3B_CONFIG_JSON = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+    "decoder_sparse_step": 1, "head_dim": 128, "hidden_size": 2048, "intermediate_size": 6144,
+    "max_position_embeddings": 40960, "mlp_only_layers": [], "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "vocab_size": 151936,
+}
 
 
 @pytest.mark.parametrize("preset", ["qwen3_moe_tiny", "phi35_moe_tiny"])
@@ -78,6 +91,94 @@ def test_from_hf_config_qwen3(tmp_path):
     assert resolve_architecture(str(tmp_path)).num_layers == 48
 
 
+# Fields a config.json may leave out, each with a default that differs from ours in some way.
+_QWEN3_OPTIONAL = ("norm_topk_prob", "router_aux_loss_coef", "max_position_embeddings",
+                   "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_parameters",
+                   "rope_scaling", "tie_word_embeddings", "head_dim")
+_PHIMOE_OPTIONAL = ("router_jitter_noise", "input_jitter_noise", "router_aux_loss_coef",
+                    "max_position_embeddings", "num_key_value_heads", "rms_norm_eps",
+                    "rope_theta", "rope_parameters", "rope_scaling", "attention_bias",
+                    "lm_head_bias", "tie_word_embeddings")
+
+
+def _config_json_without(tmp_path, config, optional) -> tuple:
+    """Save `config`, drop the optional fields from its config.json; (our reading, theirs)."""
+    transformers = pytest.importorskip("transformers")
+    config.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in optional:
+        cfg.pop(key, None)
+    path.write_text(json.dumps(cfg))
+    return from_hf_config(tmp_path), transformers.AutoConfig.from_pretrained(tmp_path)
+
+
+def test_missing_qwen3_fields_take_transformers_defaults(tmp_path):
+    from transformers import Qwen3MoeConfig
+
+    ours, theirs = _config_json_without(tmp_path, Qwen3MoeConfig(
+        vocab_size=300, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.0,
+        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ), _QWEN3_OPTIONAL)
+    assert theirs.norm_topk_prob is False and theirs.max_position_embeddings == 32768
+    assert ours.norm_topk_prob == theirs.norm_topk_prob
+    assert ours.router_aux_loss_coef == theirs.router_aux_loss_coef == 0.001
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.num_query_groups == theirs.num_key_value_heads
+    assert ours.kv_channels == 64 // 8  # no head_dim: hidden / heads, as transformers' attention
+    assert ours.norm_epsilon == theirs.rms_norm_eps
+    assert ours.rotary_base == theirs.rope_parameters["rope_theta"]
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+
+
+def test_missing_phimoe_fields_take_transformers_defaults(tmp_path):
+    from transformers import PhimoeConfig
+
+    ours, theirs = _config_json_without(tmp_path, PhimoeConfig(
+        vocab_size=250, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        router_jitter_noise=0.0, input_jitter_noise=0.01, router_aux_loss_coef=0.0,
+        max_position_embeddings=512, rms_norm_eps=1e-6, attention_bias=True, lm_head_bias=True,
+    ), _PHIMOE_OPTIONAL)
+    assert theirs.router_jitter_noise == 0.01 and theirs.max_position_embeddings == 131072
+    assert ours.router_jitter_noise == theirs.router_jitter_noise
+    assert ours.input_jitter_noise == theirs.input_jitter_noise
+    assert ours.router_aux_loss_coef == theirs.router_aux_loss_coef == 0.001
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.num_query_groups == theirs.num_key_value_heads  # the class default, 8
+    assert ours.norm_epsilon == theirs.rms_norm_eps
+    assert ours.rotary_base == theirs.rope_parameters["rope_theta"] == 1e6
+    assert ours.longrope is None
+    assert ours.add_qkv_bias == ours.add_lm_head_bias == theirs.lm_head_bias is False
+
+
+def test_shape_fields_are_required():
+    # transformers would fill them with another model's sizes; we refuse rather than guess.
+    cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 64,
+           "num_attention_heads": 4, "vocab_size": 300, "num_experts_per_tok": 2}
+    with pytest.raises(ValueError, match="missing required fields: num_experts or "
+                                         "num_local_experts, moe_intermediate_size"):
+        from_hf_config(cfg)
+    assert from_hf_config(dict(cfg, num_local_experts=4, moe_intermediate_size=32)).num_experts == 4
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_qwen3_rope_scaling_is_refused(key):
+    cfg = dict(QWEN3_30B_A3B_CONFIG_JSON, **{
+        key: {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
+    with pytest.raises(ValueError, match=r"Qwen3-MoE rope scaling 'yarn' is not supported; "
+                                         r"supported rope_type values: 'default' \(plain RoPE\)"):
+        from_hf_config(cfg)
+    # 4.x spelling ("type"), and scaling that transformers itself would reject for a missing field.
+    with pytest.raises(ValueError, match="rope scaling 'dynamic' is not supported"):
+        from_hf_config(dict(QWEN3_30B_A3B_CONFIG_JSON, rope_scaling={"type": "dynamic"}))
+    plain = dict(QWEN3_30B_A3B_CONFIG_JSON, **{key: {"rope_type": "default", "rope_theta": 1e6}})
+    assert from_hf_config(plain).rotary_base == 1e6
+
+
 def test_unknown_preset_lists_supported():
     with pytest.raises(ValueError) as err:
         get_preset("mixtral")
@@ -103,6 +204,22 @@ def test_parallel_sizes_that_do_not_divide(layout, message):
     # Checked from the architecture alone, before any process group or tensor exists.
     with pytest.raises(ValueError, match=message):
         get_preset("qwen3_moe_tiny").validate_parallel(**layout)
+
+
+@pytest.mark.parametrize("layout, named", [
+    (dict(tp=0), "TP=0"), (dict(ep=0), "EP=0"), (dict(pp=0), "PP=0"), (dict(vpp=0), "VPP=0"),
+    (dict(tp=-2, pp=0), "TP=-2, PP=0"),
+])
+def test_parallel_sizes_below_one_are_value_errors(layout, named):
+    # A ValueError (the command lines exit 2 with it), not a ZeroDivisionError.
+    with pytest.raises(ValueError, match=f"parallel sizes must be >= 1 .*got {named}$"):
+        get_preset("qwen3_moe_tiny").validate_parallel(**layout)
+
+
+@pytest.mark.parametrize("size", ["tp", "pp", "ep", "cp"])
+def test_process_layout_sizes_below_one_are_value_errors(size):
+    with pytest.raises(ValueError, match=f"{size} must be >= 1, got 0"):
+        ParallelConfig(**{size: 0}).validate_world(8)
 
 
 def test_world_size_that_does_not_fit():

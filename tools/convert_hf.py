@@ -5,8 +5,10 @@
     python tools/convert_hf.py verify --hf-dir HF --megatron-dir MCORE [--seq-len N --batch N]
 
 `import` runs in one process or under torchrun (each rank converts and holds only its shard; the
-world size must fit the layout). `export` and `verify` run in one process. `verify` prints one
-JSON line and exits 1 when past its thresholds. Bad input exits 2 with the reason.
+world size must fit the layout). `export` and `verify` run in one process; `export` refuses to
+start as one of several torchrun / srun processes (they would all write the same output).
+`verify` prints one JSON line and exits 1 when past its thresholds. Bad input exits 2 with the
+reason.
 The logic lives in `sara_megatron.conversion`.
 """
 

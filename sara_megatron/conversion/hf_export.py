@@ -42,9 +42,25 @@ from sara_megatron.conversion.safetensors_io import (
 _HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
+def refuse_multi_process_launch() -> None:
+    """Export is one process writing one folder. Started by torchrun or srun, every rank would
+    make its own one-process group and all would write the same output (with --overwrite, one
+    deleting what another wrote): refuse before anything is read or written."""
+    from sara_megatron.distributed import launcher_world_size
+
+    world = launcher_world_size()
+    if world > 1:
+        raise ConversionError(
+            f"export runs in one process, but this is one of {world} started by torchrun or srun "
+            "(WORLD_SIZE / SLURM_STEP_NUM_TASKS), each of which would write the same output; run "
+            "`python tools/convert_hf.py export ...` without a launcher (or with srun -n 1)"
+        )
+
+
 def ensure_process_group() -> None:
     """A one-process gloo group when none exists (megatron's loader asks for ranks); export is
     a single-process job."""
+    refuse_multi_process_launch()
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     elif dist.get_world_size() != 1:
@@ -156,6 +172,7 @@ def export_hf_checkpoint(
     from sara_megatron.models.architecture import from_hf_config
 
     started = time.perf_counter()
+    refuse_multi_process_launch()
     megatron_dir = os.path.abspath(os.fspath(megatron_dir))
     output = meta.AtomicOutputDir(out, overwrite)
     output.check()

@@ -124,9 +124,9 @@ def load_hf_weights(model, hf_dir: str | os.PathLike) -> None:
 
 def _check_world_size(tp: int, ep: int, pp: int) -> None:
     """A layout needs tp·pp·ep processes (or a multiple): say how to start them."""
-    from sara_megatron.distributed import read_launcher_env
+    from sara_megatron.distributed import launcher_world_size
 
-    world = read_launcher_env().world_size
+    world = launcher_world_size()
     step = tp * pp * ep  # EP must divide the data-parallel size world / (tp·pp)
     if world % (tp * pp) or (world // (tp * pp)) % ep:
         raise ConversionError(

@@ -6,11 +6,11 @@ training code read. It is filled either from a named preset or from a Hugging Fa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
-from typing import Any
 
 SUPPORTED_FAMILIES = ("qwen3_moe", "phimoe")
 # HF `architectures[0]` / `model_type` values we accept for each family.
@@ -75,6 +75,7 @@ class MoEArchitecture:
 
     def validate_parallel(self, tp: int = 1, ep: int = 1, pp: int = 1, vpp: int | None = None):
         """Raise before anything is allocated when a parallel size does not divide the model."""
+        _require_positive_sizes(TP=tp, EP=ep, PP=pp, VPP=vpp)
         problems = []
         if self.num_attention_heads % tp:
             problems.append(
@@ -94,6 +95,17 @@ class MoEArchitecture:
             raise ValueError(
                 f"parallel layout does not fit {self.family} model: " + "; ".join(problems)
             )
+
+
+def _require_positive_sizes(**sizes: int | None) -> None:
+    """Parallel sizes are process counts: 0 or less is a mistake, not "no parallelism" (that is 1);
+    refuse it here rather than fail later with a division by zero. None means "not used"."""
+    bad = [f"{name}={size}" for name, size in sizes.items() if size is not None and size < 1]
+    if bad:
+        raise ValueError(
+            "parallel sizes must be >= 1 (1 means no parallelism of that kind), got "
+            + ", ".join(bad)
+        )
 
 
 # --- Presets -----------------------------------------------------------------------------------
@@ -230,118 +242,195 @@ def _family_of(cfg: dict) -> str:
     )
 
 
-def _require(cfg: dict, *keys: str) -> list[Any]:
-    missing = [k for k in keys if k not in cfg]
+# transformers' config class of each family: it supplies every default a config.json leaves out.
+_HF_CONFIG_CLASSES = {"qwen3_moe": "Qwen3MoeConfig", "phimoe": "PhimoeConfig"}
+_FAMILY_NAMES = {"qwen3_moe": "Qwen3-MoE", "phimoe": "PhiMoE"}
+
+# Fields that fix the tensors' shapes (a tuple: names any one of which will do). transformers
+# would fill a missing one with its class default (Qwen3MoeConfig: 24 layers, 128 experts), which
+# describes some other model, so a config.json without one is refused rather than guessed.
+_SHAPE_FIELDS = {
+    "qwen3_moe": (
+        ("num_hidden_layers",), ("hidden_size",), ("num_attention_heads",), ("vocab_size",),
+        # The hub's config.json says num_experts; transformers 5.x writes num_local_experts.
+        ("num_experts", "num_local_experts"), ("num_experts_per_tok",), ("moe_intermediate_size",),
+    ),
+    "phimoe": (
+        ("num_hidden_layers",), ("hidden_size",), ("num_attention_heads",), ("vocab_size",),
+        ("num_local_experts",), ("num_experts_per_tok",), ("intermediate_size",),
+    ),
+}
+
+# RoPE variants each family's model implements, with what they are (for the error message).
+_SUPPORTED_ROPE_TYPES = {
+    "qwen3_moe": {"default": "plain RoPE"},
+    "phimoe": {"default": "plain RoPE", "longrope": "Phi-3 longrope", "su": "longrope's old name"},
+}
+_LONGROPE_FIELDS = ("short_factor", "long_factor", "short_mscale", "long_mscale")
+
+
+def _check_shape_fields(cfg: dict, family: str) -> None:
+    missing = [
+        " or ".join(names) for names in _SHAPE_FIELDS[family] if not any(n in cfg for n in names)
+    ]
     if missing:
         raise ValueError(f"HF config is missing required fields: {', '.join(missing)}")
-    return [cfg[k] for k in keys]
+
+
+def _rope_type(cfg: dict) -> str:
+    """The RoPE variant a config.json asks for, read as transformers reads it: a 4.x
+    `rope_scaling` (null for plain RoPE) before 5.x `rope_parameters`; `type` is the old key."""
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def _check_rope_type(cfg: dict, family: str) -> None:
+    # Checked on the file itself, before transformers' own validation, which for some types
+    # fails on a missing field first (PhimoeConfig: mscales) and would hide the real reason.
+    rope_type = _rope_type(cfg)
+    supported = _SUPPORTED_ROPE_TYPES[family]
+    if rope_type not in supported:
+        raise ValueError(
+            f"{_FAMILY_NAMES[family]} rope scaling {rope_type!r} is not supported; supported "
+            "rope_type values: " + ", ".join(f"{t!r} ({what})" for t, what in supported.items())
+        )
+
+
+def _transformers_config(cfg: dict, family: str):
+    """transformers' own config object for `cfg` (built from the dict: no hub, no remote code).
+
+    Every field the file leaves out then takes exactly transformers' class default, and the rope
+    settings are normalised as transformers does it (4.x `rope_scaling` / `rope_theta` folded
+    into `rope_parameters`, the family's default θ) — nothing here can drift from what
+    `from_pretrained` reads.
+    """
+    import transformers
+
+    config_class = getattr(transformers, _HF_CONFIG_CLASSES[family])
+    try:
+        # A deep copy: transformers fills in the nested rope dict in place.
+        return config_class.from_dict(copy.deepcopy(cfg))
+    except Exception as e:  # noqa: BLE001 - its validators raise ValueError, TypeError, KeyError
+        # and huggingface_hub's StrictDataclassError: whatever it refuses is bad input to us.
+        raise ValueError(f"HF config is not a valid {config_class.__name__}: {e}") from e
+
+
+def _rope_settings(hf) -> dict:
+    """A transformers config's RoPE settings as one dict (rope_type, rope_theta, scaling fields):
+    5.x keeps them in `rope_parameters`; 4.x has `rope_theta` beside `rope_scaling`."""
+    params = getattr(hf, "rope_parameters", None)
+    if params:
+        return dict(params)
+    scaling = dict(getattr(hf, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.get("type", "default"))
+    return {**scaling, "rope_theta": hf.rope_theta}
+
+
+def _phimoe_longrope(cfg: dict, hf, rope: dict) -> LongRopeScaling | None:
+    if rope["rope_type"] == "default":
+        return None
+    missing = [k for k in _LONGROPE_FIELDS if k not in rope]
+    if missing:
+        raise ValueError(f"PhiMoE {rope['rope_type']} rope settings lack {', '.join(missing)}")
+    return LongRopeScaling(
+        short_factor=tuple(float(x) for x in rope["short_factor"]),
+        long_factor=tuple(float(x) for x in rope["long_factor"]),
+        short_mscale=float(rope["short_mscale"]),
+        long_mscale=float(rope["long_mscale"]),
+        # The file's top-level field first, as transformers' rope code intends for Phi-3 configs
+        # (5.23's PhimoeConfig takes the rope dict's, or max_position_embeddings when the dict
+        # has none: the same wherever the file's two fields agree).
+        original_max_position_embeddings=int(
+            cfg.get("original_max_position_embeddings")
+            or rope.get("original_max_position_embeddings")
+            or hf.max_position_embeddings
+        ),
+    )
+
+
+def _read_config(config: dict | str | os.PathLike) -> dict:
+    if isinstance(config, dict):
+        return dict(config)
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
-    """Architecture from an HF `config.json` (a path to the file or its folder, or a dict)."""
-    if not isinstance(config, dict):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    cfg = dict(config)
+    """Architecture from an HF `config.json` (a path to the file or its folder, or a dict).
+
+    Read through transformers' own config class, so a field the file leaves out means what it
+    means to transformers (e.g. Qwen3MoeConfig's norm_topk_prob=False, PhimoeConfig's
+    router_jitter_noise=0.01); shape fields must be present, unsupported variants are refused.
+    """
+    cfg = _read_config(config)
     family = _family_of(cfg)
-    layers, hidden, heads, vocab = _require(
-        cfg, "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"
-    )
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
+    _check_shape_fields(cfg, family)
+    _check_rope_type(cfg, family)
+    hf = _transformers_config(cfg, family)
+    rope = _rope_settings(hf)
     common = dict(
-        num_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=kv_heads,
-        kv_channels=head_dim,
-        vocab_size=vocab,
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0)),
+        family=family,
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads,
+        # transformers' attention: head_dim when the config has one, else hidden / heads.
+        kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        vocab_size=hf.vocab_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        router_aux_loss_coef=float(hf.router_aux_loss_coef),
+        rotary_base=float(rope["rope_theta"]),
         hf_config=cfg,
     )
-    rope_params = cfg.get("rope_parameters") or {}  # transformers 5.x nests rope settings here
-    # Absent θ: transformers' per-family default (Qwen3MoeConfig 1e4, PhimoeConfig 1e6).
-    default_theta = 1_000_000.0 if family == "phimoe" else 10000.0
-    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", default_theta))
     if family == "qwen3_moe":
-        # The hub's config.json says num_experts; transformers 5.x writes num_local_experts.
-        if "num_experts" not in cfg and "num_local_experts" in cfg:
-            cfg["num_experts"] = cfg["num_local_experts"]
-        (n_experts, topk, moe_ffn) = _require(
-            cfg, "num_experts", "num_experts_per_tok", "moe_intermediate_size"
+        return _qwen3_moe_architecture(hf, common)
+    return _phimoe_architecture(cfg, hf, rope, common)
+
+
+def _qwen3_moe_architecture(hf, common: dict) -> MoEArchitecture:
+    if hf.mlp_only_layers or hf.decoder_sparse_step != 1:
+        raise ValueError(
+            "Qwen3-MoE configs with dense layers (mlp_only_layers / decoder_sparse_step != 1) "
+            "are not supported: every layer must be an MoE layer"
         )
-        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
-            raise ValueError(
-                "Qwen3-MoE configs with dense layers (mlp_only_layers / decoder_sparse_step != 1) "
-                "are not supported: every layer must be an MoE layer"
-            )
-        if cfg.get("attention_bias"):
-            raise ValueError("Qwen3-MoE with attention_bias=True is not supported")
-        return MoEArchitecture(
-            family=family,
-            num_experts=n_experts,
-            moe_router_topk=topk,
-            moe_ffn_hidden_size=moe_ffn,
-            norm="RMSNorm",
-            norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
-            qk_layernorm=True,
-            rotary_base=float(rope_theta),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-            **common,
-        )
-    # phimoe
-    (n_experts, topk, ffn) = _require(
-        cfg, "num_local_experts", "num_experts_per_tok", "intermediate_size"
+    if hf.attention_bias:
+        raise ValueError("Qwen3-MoE with attention_bias=True is not supported")
+    return MoEArchitecture(
+        num_experts=hf.num_experts,
+        moe_router_topk=hf.num_experts_per_tok,
+        moe_ffn_hidden_size=hf.moe_intermediate_size,
+        norm="RMSNorm",
+        norm_epsilon=hf.rms_norm_eps,
+        qk_layernorm=True,
+        norm_topk_prob=bool(hf.norm_topk_prob),
+        **common,
     )
+
+
+def _phimoe_architecture(cfg: dict, hf, rope: dict, common: dict) -> MoEArchitecture:
+    topk = hf.num_experts_per_tok
     if topk != 2:
         raise ValueError(f"PhiMoE sparsemixer routing is top-2 only; config has top-{topk}")
-    # transformers 4.x: `rope_scaling` (null for plain RoPE); 5.x: `rope_parameters` always, with
-    # rope_type "default" for plain RoPE.
-    scaling = cfg.get("rope_scaling") or (
-        rope_params
-        if rope_params.get("rope_type", rope_params.get("type", "default")) != "default"
-        else None
-    )
-    longrope = None
-    if scaling:
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type not in ("longrope", "su"):  # "su": the older name of longrope
-            raise ValueError(f"PhiMoE rope scaling {rope_type!r} is not supported (longrope only)")
-        longrope = LongRopeScaling(
-            short_factor=tuple(float(x) for x in scaling["short_factor"]),
-            long_factor=tuple(float(x) for x in scaling["long_factor"]),
-            short_mscale=float(scaling.get("short_mscale", 1.0)),
-            long_mscale=float(scaling.get("long_mscale", 1.0)),
-            # transformers gives the top-level field priority over the one in the rope dict.
-            original_max_position_embeddings=int(
-                cfg.get("original_max_position_embeddings")
-                or scaling.get("original_max_position_embeddings")
-                or common["max_position_embeddings"]
-            ),
-        )
-    attention_bias = bool(cfg.get("attention_bias", False))
+    attention_bias = bool(hf.attention_bias)
     return MoEArchitecture(
-        family=family,
-        num_experts=n_experts,
+        num_experts=hf.num_local_experts,
         moe_router_topk=topk,
-        moe_ffn_hidden_size=ffn,
+        moe_ffn_hidden_size=hf.intermediate_size,
         norm="LayerNorm",
-        norm_epsilon=cfg.get("rms_norm_eps", 1e-5),  # PhiMoE names its LayerNorm eps so
+        norm_epsilon=hf.rms_norm_eps,  # PhiMoE names its LayerNorm eps so
         qk_layernorm=False,
-        rotary_base=float(rope_theta),
         add_qkv_bias=attention_bias,
         add_attn_output_bias=attention_bias,
-        add_lm_head_bias=bool(cfg.get("lm_head_bias", False)),
+        add_lm_head_bias=bool(hf.lm_head_bias),
         norm_topk_prob=False,
         router="sparsemixer",
-        router_jitter_noise=float(cfg.get("router_jitter_noise", 0.0)),
-        input_jitter_noise=float(cfg.get("input_jitter_noise", 0.0)),
-        longrope=longrope,
+        router_jitter_noise=float(hf.router_jitter_noise),
+        input_jitter_noise=float(hf.input_jitter_noise),
+        longrope=_phimoe_longrope(cfg, hf, rope),
         **common,
     )
 
