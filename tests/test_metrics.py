@@ -98,3 +98,148 @@ def test_wandb_refuses_clearly(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     with pytest.raises(RuntimeError, match="WANDB_API_KEY"):
         MetricsWriter(10, wandb_project="sara")
+
+
+class _Clock:
+    """Stands in for time.time() in the metrics module."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def time(self):
+        return self.now
+
+
+def _eta(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1].rsplit("| ", 1)[-1]
+
+
+def test_eta_counts_only_the_steps_this_process_ran(monkeypatch, capsys):
+    """Resumed at step 900 of 1000 with 2 s steps: 99 steps left take 198 s, not the 0.2 s that
+    the global step (901 steps in 2 s) would give."""
+    clock = _Clock()
+    monkeypatch.setattr("sara_megatron.training.metrics.time", clock)
+    writer = MetricsWriter(1000, start_step=900)
+    clock.now += 2.0
+    writer.write(901, dict(ce=1.0), {})
+    assert _eta(capsys) == "eta 198s"
+    clock.now += 18.0
+    writer.write(910, dict(ce=1.0), {})
+    assert _eta(capsys) == "eta 180s"  # 10 steps in 20 s, 90 left
+
+
+def test_eta_without_a_start_step_measures_from_the_first_write(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr("sara_megatron.training.metrics.time", clock)
+    writer = MetricsWriter(1000)
+    clock.now += 300.0  # model build, resume: not training steps
+    writer.write(905, dict(ce=1.0, step_time_s=2.5), {})
+    assert _eta(capsys) == "eta 238s"  # its own step time stands in: 95 × 2.5 s
+    clock.now += 10.0
+    writer.write(910, dict(ce=1.0, step_time_s=1.0), {})
+    assert _eta(capsys) == "eta 180s"  # 5 steps in 10 s since the first write, 90 left
+    fresh = MetricsWriter(10)
+    fresh.write(1, dict(ce=1.0), {})  # no step time and nothing measured yet
+    assert _eta(capsys) == "eta ?"
+
+
+@pytest.mark.parametrize("make_path, message", [
+    (lambda tmp: tmp / "missing" / "log.jsonl",
+     "logging.json_log .*its folder .*missing does not exist"),
+    (lambda tmp: tmp, "logging.json_log .* is a folder"),
+])
+def test_a_bad_json_log_is_refused_before_anything_is_opened(tmp_path, make_path, message):
+    from sara_megatron.training.metrics import check_metrics_setup
+
+    path = str(make_path(tmp_path))
+    with pytest.raises(RuntimeError, match=message):
+        check_metrics_setup(json_log=path)
+    with pytest.raises(RuntimeError, match=message):
+        MetricsWriter(10, json_log=path)
+    check_metrics_setup(json_log=str(tmp_path / "log.jsonl"))  # a new file in an existing folder
+
+
+def test_setup_check_names_missing_packages_and_keys(monkeypatch):
+    from sara_megatron.training.metrics import check_metrics_setup
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(RuntimeError, match="tensorboard package is not installed"):
+        check_metrics_setup(tensorboard_dir="tb")
+    monkeypatch.setitem(sys.modules, "wandb", _RecordingWandb())
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(RuntimeError, match="WANDB_API_KEY"):
+        check_metrics_setup(wandb_project="sara")
+
+
+# --- tools/train.py: a rank that fails ends the job; rank 0 shows the library's INFO lines ------
+# A failing rank must print its error and exit at once, not wait in the shutdown barrier for a rank
+# that waits for it (which hung the job).
+
+_RANK0_WRITER_BREAKS = """
+import runpy, sys
+import sara_megatron.training.trainer as trainer
+import torch.distributed as dist
+
+class BrokenOnRank0(trainer.MetricsWriter):
+    def __init__(self, *args, **kwargs):
+        raise OSError("metrics writer broke on rank %d" % dist.get_rank())
+
+trainer.MetricsWriter = BrokenOnRank0  # the trainer builds it on rank 0 only, in run()
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+_MOCK_RUN = [arg for value in ("model.num_layers=2", "data.mock=true", "data.seq_length=32",
+                                "data.micro_batch_size=2", "data.global_batch_size=4",
+                                "optim.train_steps=3", "sara.layers=all")
+             for arg in ("--set", value)]
+
+
+def _torchrun_output(tmp_path, *args, nproc=2, timeout=90):
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    from sara_megatron.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), *[str(a).replace("{repo}", str(REPO)) for a in args]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # A hang shows as subprocess.TimeoutExpired.
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_a_bad_json_log_fails_a_two_rank_run_at_once(tmp_path):
+    code, output = _torchrun_output(tmp_path, "{repo}/tools/train.py", *_MOCK_RUN,
+                                    "--set", f"logging.json_log={tmp_path}/missing/log.jsonl")
+    assert code != 0
+    assert "logging.json_log" in output and "does not exist" in output, output[-3000:]
+    assert "rank 0 failed" in output
+
+
+def test_an_error_on_one_rank_mid_run_ends_the_job(tmp_path):
+    (tmp_path / "breaks.py").write_text(_RANK0_WRITER_BREAKS)
+    code, output = _torchrun_output(tmp_path, tmp_path / "breaks.py", "{repo}/tools/train.py",
+                                    *_MOCK_RUN)
+    assert code != 0
+    assert "metrics writer broke on rank 0" in output, output[-3000:]
+    assert "rank 0 failed" in output
+
+
+def test_relaunching_a_finished_run_logs_its_resume_and_resave(tmp_path):
+    """Rank 0 shows the library's INFO lines (they were filtered out at WARNING). A finished run
+    launched again resumes at its last step, trains nothing and saves that iteration again, in
+    place of the old copy."""
+    save = ["--set", f"checkpoint.save_dir={tmp_path}/ckpt", "--set", "logging.log_interval=100"]
+    for launch in ("first", "again"):
+        code, output = _torchrun_output(tmp_path, "{repo}/tools/train.py", *_MOCK_RUN, *save,
+                                        nproc=1)
+        assert code == 0, output[-3000:]
+        assert "saved " in output and "iter_0000003" in output, (launch, output[-3000:])
+    assert "resumed from" in output
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "iter_0000003", "latest_checkpointed_iteration.txt"]

@@ -57,3 +57,22 @@ def test_mock_sara_run_steps_and_reports_throughput(single_rank):
         assert r.tflops_per_gpu > 0 and r.tokens_per_s > 0
     with pytest.raises(ValueError, match="model.num_layers"):
         Trainer(load_train_config(None, ["model.num_layers=9", "data.mock=true"]))
+
+
+def test_bench_tool_default_ep_fits_the_world():
+    """tools/bench_sara_step.py keeps the tiny config's EP 2 where it fits and drops to what does
+    (its one-GPU example used to fail with EP 2 on a world of 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    from sara_megatron.training.config import ParallelSection
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_sara_step.py"
+    spec = importlib.util.spec_from_file_location("bench_sara_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.fitting_ep(ParallelSection(ep=2), world_size=1) == 1
+    assert bench.fitting_ep(ParallelSection(ep=2), world_size=2) == 2
+    assert bench.fitting_ep(ParallelSection(ep=2), world_size=8) == 2
+    assert bench.fitting_ep(ParallelSection(ep=4), world_size=6) == 2
+    assert bench.fitting_ep(ParallelSection(ep=2, tp=2), world_size=2) == 1  # dp 1

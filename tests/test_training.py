@@ -1,6 +1,7 @@
 """SARA training on gloo: JS falls, λ_JS = 0 is the plain run, micro-batch invariance, kill/resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -189,11 +190,16 @@ def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, sara
     """TP=2 with sequence parallel and CP=2 (each rank holds two of four chunks of every sequence)
     train like one rank: CE, load balancing, the SARA term and the gradients are each counted once
     over the ranks that split a micro-batch's tokens. (megatron-core 0.16.1 alone scales the
-    load-balancing gradient by 1/(TP·CP) here; see ObservedTopKRouter.)"""
+    load-balancing gradient by 1/(TP·CP) here; see ObservedTopKRouter.) TP=2 with PP=2: the
+    second stage gets its sequence-parallel piece of the padding mask (GPTModel cuts it only on
+    the first)."""
     steps = 4
     single = _train(torchrun, sara_data, tmp_path, "single", nproc=1, **{"optim.train_steps": steps})
-    for layout in ("parallel.tp", "parallel.cp"):
-        split = _train(torchrun, sara_data, tmp_path, layout, **{layout: 2, "optim.train_steps": steps})
+    layouts = {"tp2": {"parallel.tp": 2}, "cp2": {"parallel.cp": 2},
+               "tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2}}
+    for layout, sizes in layouts.items():
+        split = _train(torchrun, sara_data, tmp_path, layout, nproc=math.prod(sizes.values()),
+                       **{**sizes, "optim.train_steps": steps})
         assert [r["step"] for r in split] == list(range(1, steps + 1))
         for a, b in zip(single, split):
             # JS (~5e-4 here) is a difference of near-equal distributions: it amplifies the
@@ -232,3 +238,125 @@ def test_warmup_cosine_schedule_and_gradient_clipping(single_rank, sara_data):
         ))
         assert record.grad_norm > clip  # this tiny model's gradients are far above the limit
         assert float(applied) == pytest.approx(clip, rel=1e-4), step
+
+
+def _mock_trainer(**overrides):
+    """A one-process Trainer on the tiny model (random init from the seed), fed by the test."""
+    from sara_megatron.training import Trainer, load_train_config
+
+    values = {"model.preset": "qwen3_moe_tiny", "data.mock": True, "sara.layers": "all",
+              "optim.train_steps": 1, "data.micro_batch_size": 4, "data.global_batch_size": 8,
+              **overrides}
+    return Trainer(load_train_config(None, [f"{k}={v}" for k, v in values.items()]))
+
+
+def _padded_microbatches(seq_length, num_layers, num_experts):
+    """Two micro-batches of the same real rows (of unequal lengths), right-padded to seq_length."""
+    import numpy as np
+
+    from sara_megatron.data.batch import pack_tokens
+    from sara_megatron.data.sara_dataset import SaraMicroBatch
+
+    batches = []
+    for index in range(2):
+        rng = np.random.default_rng([11, index])
+        rows = [rng.integers(1, 200, size=n, dtype=np.int64) for n in (32, 19, 27, 8)]
+        packed = pack_tokens(rows, [6, 4, 10, 3], seq_length=seq_length)
+        draws = rng.exponential(size=(num_layers, 4, num_experts))
+        priors = torch.from_numpy((draws / draws.sum(-1, keepdims=True)).astype(np.float32))
+        batches.append(SaraMicroBatch(
+            packed.tokens, packed.labels, packed.loss_mask, packed.padding_mask,
+            [f"{index}-{row}" for row in range(4)], ["hi"] * 4, priors, tuple(range(num_layers)),
+        ))
+    return batches
+
+
+def test_padding_is_left_out_of_load_balancing(single_rank):
+    """The same real tokens padded to 32 or to 96 positions: megatron's load-balancing loss and
+    the gradient it gives the routers are the same (padding is neither in its expert statistics
+    nor in its token count), and so is every other gradient (CE and the SARA term)."""
+
+    def step(seq_length, lb_coeff):
+        trainer = _mock_trainer(**{"data.seq_length": seq_length, "sara.lambda_js": 1.5,
+                                   "model.moe_aux_loss_coeff": lb_coeff, "optim.clip_grad": 0.0})
+        arch = trainer.arch
+        trainer.batches = iter(_padded_microbatches(seq_length, arch.num_layers, arch.num_experts))
+        record = trainer.train_step()
+        grads = {n: p.main_grad.detach().clone()
+                 for n, p in trainer.chunks[0].module.named_parameters()}
+        return record, grads
+
+    runs = {(s, c): step(s, c) for s in (32, 96) for c in (0.0, 0.01)}
+    short, long = runs[32, 0.01][0], runs[96, 0.01][0]
+    assert short.lb == pytest.approx(long.lb, rel=1e-6) and short.lb > 0
+    assert short.ce == pytest.approx(long.ce, rel=1e-6)
+    assert short.js == pytest.approx(long.js, rel=1e-5)
+    routers = [n for n in runs[32, 0.0][1] if "router.weight" in n]
+    assert routers
+    for name in routers:
+        lb_short = runs[32, 0.01][1][name] - runs[32, 0.0][1][name]
+        lb_long = runs[96, 0.01][1][name] - runs[96, 0.0][1][name]
+        assert lb_short.abs().max() > 0
+        torch.testing.assert_close(lb_long, lb_short, rtol=1e-4, atol=1e-4 * float(lb_short.abs().max()),
+                                   msg=name)
+    for name, grad in runs[32, 0.0][1].items():
+        torch.testing.assert_close(runs[96, 0.0][1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _config_args(data, **extra):
+    return [a for a in _base_overrides(data, **extra) if a != "--set"]
+
+
+def test_resume_refuses_a_changed_schedule_or_data_stream(single_rank, sara_data, tmp_path):
+    """A resumed run follows the checkpoint's LR schedule and sample order or says why it
+    cannot: a changed lr / schedule length / Adam setting is refused unless
+    optim.override_scheduler is set (then the config's schedule runs from the saved step); a
+    changed seed, shuffle, language set or global batch (consumed_samples would index another
+    sample order) is refused."""
+    from sara_megatron.training import Trainer, load_train_config
+
+    common = {"data.micro_batch_size": 2, "data.global_batch_size": 2, "optim.train_steps": 4,
+              "optim.warmup_fraction": 0.0, "checkpoint.save_dir": tmp_path / "ckpt",
+              "checkpoint.save_interval": 1}
+
+    def trainer(**changes):
+        return Trainer(load_train_config(None, _config_args(sara_data, **{**common, **changes})))
+
+    assert trainer().run(max_steps=1).final_iteration == 1
+
+    with pytest.raises(ValueError, match=r"optim\.lr: checkpoint 0\.001, config 0\.0001.*"
+                                         r"optim\.override_scheduler=true"):
+        trainer(**{"optim.lr": 1e-4})
+    with pytest.raises(ValueError, match=r"schedule length in steps.*checkpoint 4, config 8.*"
+                                         r"adam_beta2.*checkpoint \(0\.9, 0\.999, 1e-08\), "
+                                         r"config \(0\.9, 0\.95, 1e-08\)"):
+        trainer(**{"optim.train_steps": 8, "optim.adam_beta2": 0.95})
+    with pytest.raises(ValueError, match=r"data stream differs.*seed: checkpoint 1234, config 99.*"
+                                         r"global_batch_size: checkpoint 2, config 4.*"
+                                         r"shuffle: checkpoint True, config False.*"
+                                         r"languages \(resolved\): checkpoint \['hi', 'sw'\], "
+                                         r"config \['hi'\].*consumed_samples \(2\)"):
+        trainer(**{"seed": 99, "data.global_batch_size": 4, "data.shuffle": False,
+                   "data.languages": "[hi]"})
+
+    resumed = trainer(**{"optim.lr": 1e-4, "optim.override_scheduler": True})
+    assert resumed.iteration == 1
+    record = resumed.train_step()  # step 2 uses the rate after one scheduler step, of 4
+    assert record.lr == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)) * 1e-4, rel=1e-9)
+    assert {g["max_lr"] for g in resumed.optimizer.param_groups} == {1e-4}
+
+
+def test_seq_length_that_cuts_samples_is_refused_with_priors(single_rank, sara_data, caplog):
+    """data.seq_length below the samples' lengths cuts them while the anchor priors came from
+    whole sequences: refused when the SARA term reads the priors, a warning otherwise."""
+    import logging
+
+    from sara_megatron.training import Trainer, load_train_config
+
+    short = {"data.seq_length": 16, "data.micro_batch_size": 2, "data.global_batch_size": 2}
+    with pytest.raises(ValueError, match=r"data\.seq_length=16 cuts \d+ of \d+ training samples.*"
+                                         r"extracted on whole sequences"):
+        Trainer(load_train_config(None, _config_args(sara_data, **short)))
+    with caplog.at_level(logging.WARNING, logger="sara_megatron.training.trainer"):
+        Trainer(load_train_config(None, _config_args(sara_data, **short, **{"sara.lambda_js": 0})))
+    assert "data.seq_length=16 cuts" in caplog.text

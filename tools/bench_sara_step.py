@@ -19,12 +19,13 @@ ratios, tokens/s and model TFLOP/s per GPU (`sara_megatron.models.flops`), and t
 
 import argparse
 import json
+import math
 import os
 
 import torch
 import torch.distributed as dist
 
-from sara_megatron.distributed import destroy_distributed
+from sara_megatron.distributed import destroy_distributed, read_launcher_env
 from sara_megatron.training import Trainer, load_train_config
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_cpu_sara.yaml")
@@ -46,6 +47,13 @@ def median_step(base: list[str], overrides: list[str], steps: int, warmup: int) 
                 tflops_per_gpu=middle.tflops_per_gpu * scale)
 
 
+def fitting_ep(parallel, world_size: int) -> int:
+    """The largest divisor of the config's EP that the world's data × context parallel ranks can
+    hold: the tiny config's EP 2 on two ranks, 1 on one (where EP 2 would be refused)."""
+    dp = world_size // (parallel.tp * parallel.pp * parallel.cp)
+    return math.gcd(parallel.ep, dp * parallel.cp) or 1
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default="out/demo", help="the demo's output (without --mock)")
@@ -55,7 +63,8 @@ def main():
     p.add_argument("--seq-length", type=int)
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--global-batch", type=int)
-    p.add_argument("--ep", type=int, help="expert parallel size (default: the tiny config's 2)")
+    p.add_argument("--ep", type=int, help="expert parallel size (default: the tiny config's 2, "
+                   "or what of it fits the world: 1 on one rank)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -77,6 +86,9 @@ def main():
         if value is not None:
             base.append(f"{key}={value}")
     base += ["logging.log_interval=1000000", "checkpoint.save_dir=null", *args.set]
+    if args.ep is None and not any(item.startswith("parallel.ep=") for item in args.set):
+        ep = fitting_ep(load_train_config(CONFIG, base).parallel, read_launcher_env().world_size)
+        base.append(f"parallel.ep={ep}")
     priors = "data.mock=true" if args.mock else f"data.prior_store={os.path.abspath(args.work)}/priors"
     try:
         plain = None

@@ -4,13 +4,19 @@
         --set data.shards_dir=data/shards --set data.prior_store=data/priors
 
 λ_JS = 0 (`--set sara.lambda_js=0`) is the full fine-tuning baseline on the same code path.
+A rank that fails prints its traceback and exits at once (torchrun then stops the others).
 """
 
 import argparse
-import logging
 
 from sara_megatron.distributed import destroy_distributed
 from sara_megatron.training import load_train_config, train
+from sara_megatron.training.launch import (
+    check_before_start,
+    configure_logging,
+    exit_at_once_on_error,
+    launcher_rank,
+)
 
 
 def main():
@@ -21,12 +27,13 @@ def main():
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule keeps "
                    "its full length, so a later run resumes the same trajectory)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    cfg = load_train_config(args.config, args.overrides)
-    try:
+    rank = launcher_rank()
+    configure_logging(rank)
+    with exit_at_once_on_error(rank):
+        cfg = load_train_config(args.config, args.overrides)
+        check_before_start(cfg, rank)
         train(cfg, max_steps=args.max_steps)
-    finally:
-        destroy_distributed()
+    destroy_distributed()  # only after success: its barrier needs every rank
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = 
     )
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
-        own = {k: v for k, v in loaded.items() if k in chunk.state_dict(keep_vars=True)}
+        # The key set once: state_dict() walks the whole module (quadratic inside the loop).
+        keys = set(chunk.state_dict(keep_vars=True))
+        own = {k: v for k, v in loaded.items() if k in keys}
         missing, unexpected = chunk.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if strict and missing:

@@ -44,10 +44,11 @@ class ObservedTopKRouter(TopKRouter):
         The micro-batch's token count over the reduction group is the right factor (the fix
         Megatron-LM merged upstream as PR 5047). Only the TP×CP-reduced losses ("aux_loss",
         "seq_aux_loss") are corrected; megatron's z-loss, not used by these models, keeps the bug.
+        With a padding mask (the trainer passes one) megatron's count is already the group's
+        non-padding total and is kept (see `_group_token_count`).
         """
         if self.calculate_per_token_loss and not reduce_group_has_dp:
-            local = activation.shape[0] if valid_token_count is None else valid_token_count
-            valid_token_count = local * reduce_group.size()
+            valid_token_count = _group_token_count(activation, valid_token_count, reduce_group)
         return super().attach_and_log_load_balancing_loss(
             activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
             reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count,
@@ -56,3 +57,19 @@ class ObservedTopKRouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         return self.observe_and_attach(logits, padding_mask, probs), routing_map
+
+
+def _group_token_count(activation, valid_token_count, reduce_group):
+    """The micro-batch's token count over `reduce_group` (the TP×CP ranks that split it).
+
+    Without a padding mask megatron passes this rank's count (a Python int, or None for
+    activation.shape[0]); every rank of the group holds as many tokens, so the total is that
+    times the group size. With a padding mask it passes a 0-d tensor that is already the group's
+    non-padding total: `get_tokens_per_expert_and_token_count` derives it from the per-expert
+    counts after all-reducing those in place over the group (megatron-core 0.16.1). The
+    TP / CP runs in tests/test_training.py follow the single-rank one and catch a change.
+    """
+    if isinstance(valid_token_count, torch.Tensor):
+        return valid_token_count
+    local = activation.shape[0] if valid_token_count is None else valid_token_count
+    return local * reduce_group.size()

@@ -6,7 +6,9 @@ Layout under `save_dir`:
 
 A save writes `iter_N.tmp/`, renames it to `iter_N/` once every rank has finished, and only then
 points `latest...txt` at it (write beside, `os.replace`). A kill at any moment of a save leaves the
-previous checkpoint as the latest, loadable. RNG needs no saving: the trainer reseeds every step from
+previous checkpoint as the latest, loadable. Re-saving an iteration that exists (a finished run
+re-launched) moves its old copy aside to `iter_N.old/` until the new one is in place; loading puts
+it back if a kill came in between. RNG needs no saving: the trainer reseeds every step from
 (seed, step), so a resumed run draws what an uninterrupted one would, at any layout.
 The optimizer state is saved "fully_reshardable", so a run may resume at another TP/PP/EP layout.
 """
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 _OPTIMIZER_SHARDING = "fully_reshardable"
+_ASIDE = ".old"  # an iteration's previous copy while a re-save of that iteration replaces it
 
 
 def iteration_dir(save_dir: str, iteration: int) -> str:
@@ -40,9 +43,23 @@ def latest_iteration(save_dir: Optional[str]) -> Optional[int]:
         return None
     with open(path, encoding="utf-8") as f:
         iteration = int(f.read().strip())
-    if not os.path.isdir(iteration_dir(save_dir, iteration)):
+    folder = iteration_dir(save_dir, iteration)
+    if not os.path.isdir(folder):
+        _restore_set_aside(folder)
+    if not os.path.isdir(folder):
         raise RuntimeError(f"{path} names iteration {iteration}, whose folder is missing")
     return iteration
+
+
+def _restore_set_aside(folder: str) -> None:
+    """A re-save of `folder`'s iteration killed between moving the old copy aside and putting the
+    new one in its place: the old copy, complete, goes back. Every rank may try; one rename wins."""
+    try:
+        os.rename(folder + _ASIDE, folder)
+    except OSError:
+        pass  # no copy aside, or another rank put it back first
+    else:
+        log.warning("%s: restored the copy set aside by a re-save that was killed", folder)
 
 
 def _model_key(index: int, num_chunks: int) -> str:
@@ -91,17 +108,34 @@ def save_training_checkpoint(
     dist.barrier()
     if dist.get_rank() == 0:
         _carry_conversion_metadata(conversion_source, staging)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        pointer = os.path.join(save_dir, LATEST_FILE)
-        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer + ".tmp", pointer)
+        _commit(save_dir, staging, final, iteration)
+        log.info("saved %s", final)
     dist.barrier()
     return final
+
+
+def _commit(save_dir: str, staging: str, final: str, iteration: int) -> None:
+    """Put the finished `staging` in place as `final` and point `latest...txt` at it.
+
+    `final` may already exist (a finished run re-launched resumes at its last iteration, trains
+    nothing and saves it again) and may be the only checkpoint, named by `latest...txt`. Deleting
+    it before the rename would leave, if killed in between, a pointer to a missing folder; it is
+    moved aside instead, and `latest_iteration` puts it back if the new copy never arrived.
+    """
+    aside = final + _ASIDE
+    if os.path.isdir(final):
+        if os.path.exists(aside):  # left by an earlier re-save, killed after its swap
+            shutil.rmtree(aside)
+        os.rename(final, aside)
+    os.rename(staging, final)
+    pointer = os.path.join(save_dir, LATEST_FILE)
+    with open(pointer + ".tmp", "w", encoding="utf-8") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer + ".tmp", pointer)
+    if os.path.exists(aside):
+        shutil.rmtree(aside)
 
 
 def _carry_conversion_metadata(source: Optional[str], folder: str) -> None:
@@ -140,6 +174,40 @@ def _initialize_optimizer_state(optimizer) -> None:
                 inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
+# Optimizer hyperparameters megatron keeps in each param group (besides lr and weight_decay,
+# which the scheduler sets every step): loading an optimizer state would bring back the saved ones.
+PARAM_GROUP_SETTINGS = ("max_lr", "min_lr", "betas", "eps")
+
+
+def read_training_state(checkpoint_dir: str) -> dict:
+    """The checkpoint's small non-sharded entries, read without loading a tensor: "trainer"
+    (iteration, data position, data-stream settings), "scheduler" (the LR schedule's settings
+    and step count) and "param_groups" (`PARAM_GROUP_SETTINGS` of each optimizer param group), so
+    that a resume can be checked before the model is loaded."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(checkpoint_dir)
+    return {"trainer": common.get("trainer", {}), "scheduler": common.get("scheduler", {}),
+            "param_groups": _saved_param_groups(common.get("optimizer", {}))}
+
+
+def _saved_param_groups(node) -> list[dict]:
+    """`PARAM_GROUP_SETTINGS` of every param group in a saved optimizer state (a chained
+    optimizer nests one state per part)."""
+    if isinstance(node, (list, tuple)):
+        return [group for item in node for group in _saved_param_groups(item)]
+    if not isinstance(node, dict):
+        return []
+    groups = []
+    for key, value in node.items():
+        if key == "param_groups" and isinstance(value, list):
+            groups += [{k: g[k] for k in PARAM_GROUP_SETTINGS if k in g}
+                       for g in value if isinstance(g, dict)]
+        else:
+            groups += _saved_param_groups(value)
+    return groups
+
+
 @torch.no_grad()
 def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) -> dict:
     """Collective. Restores model, optimizer and schedule; returns the trainer's extra state."""
@@ -154,6 +222,8 @@ def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) 
             "layout with expert parallel as it was saved"
         )
     _initialize_optimizer_state(optimizer)
+    # The config's hyperparameters, as the optimizer was built (see the load below).
+    settings = [{k: g[k] for k in PARAM_GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
 
     # Common (non-sharded) entries saved beside the shards come back in the loaded dict.
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), checkpoint_dir)
@@ -164,6 +234,13 @@ def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) 
         if missing:
             raise RuntimeError(f"checkpoint {checkpoint_dir} lacks tensors: {missing}")
     optimizer.load_state_dict(loaded["optimizer"])
+    # megatron's optimizer load replaces whole param groups, hyperparameters included (the
+    # scheduler reads each group's max_lr / min_lr): put the config's back. The trainer has
+    # refused a resume whose settings differ unless optim.override_scheduler says the config wins.
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    # Restores the step count only: the trainer builds the scheduler with megatron's
+    # override_opt_param_scheduler, so its settings stay the config's.
     scheduler.load_state_dict(loaded["scheduler"])
     log.info("resumed from %s", checkpoint_dir)
     return loaded["trainer"]

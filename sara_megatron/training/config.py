@@ -71,6 +71,9 @@ class OptimSection:
     warmup_fraction: float = 0.03
     distributed_optimizer: bool = True
     train_steps: Optional[int] = None  # None: from epochs and the data size
+    # On resume, a schedule (lr, min_lr, weight decay, warmup, length) that differs from the
+    # checkpoint's is refused; true: the config's schedule takes over from the resumed step.
+    override_scheduler: bool = False
 
 
 @dataclasses.dataclass
@@ -124,7 +127,7 @@ def _build(cls, values: dict, where: str):
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, f"{where}.{key}" if where else key)
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, hint, f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
 
@@ -154,16 +157,121 @@ def load_train_config(path: Optional[str] = None, overrides: Optional[list[str]]
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
     raw = apply_overrides(raw, overrides or [])
-    # YAML reads "1e-5" as a string; coerce floats where the dataclass says float.
-    config = _build(TrainConfig, raw, "")
-    _coerce_numbers(config)
+    config = _build(TrainConfig, raw, "")  # every value coerced to its field's type
+    _validate(config)
     return config
 
 
-def _coerce_numbers(section) -> None:
-    for name, hint in _section_types(type(section)).items():
-        value = getattr(section, name)
-        if dataclasses.is_dataclass(hint):
-            _coerce_numbers(value)
-        elif isinstance(value, str) and hint in (float, Optional[float]):
-            setattr(section, name, float(value))
+# --- coercion and validation ------------------------------------------------------------------
+# YAML leaves "1e3" and "1.0e3" as strings (PyYAML's floats need a dot and a signed exponent), and
+# a `--set` value is whatever YAML makes of its text; each value is brought to its field's type
+# here so that a wrong one fails at load time, naming its key, not as a TypeError mid-run.
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if key == "data.languages":
+        return _coerce_languages(value)
+    coerce = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}.get(hint)
+    if coerce is None:  # Any, or a type this table does not know: taken as given
+        return value
+    if value is None:
+        if hint is str:
+            return None  # paths left unset (`shards_dir: null`) read as "not given"
+        raise ValueError(f"{key} needs a value ({_KIND[hint]}), got null")
+    try:
+        return coerce(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key} must be {_KIND[hint]}, got {value!r}") from None
+
+
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return float(value)
+
+
+def _to_int(value: Any) -> int:
+    # An exact integer however it is written (1000, 1e3, 1.0e3); 2.5 is refused, not truncated.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = _to_float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def _to_str(value: Any) -> str:
+    # A path or name YAML read as a number (`--set data.shards_dir=2024`) is still that text.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(value)
+
+
+def _coerce_languages(value: Any) -> Any:
+    """"targets", "all", a list of codes, or codes as text: "hi" or "hi,ne" (a bare string would
+    otherwise be iterated letter by letter)."""
+    if value in ("targets", "all"):
+        return value
+    codes = [c.strip() for c in value.split(",")] if isinstance(value, str) else value
+    if (not isinstance(codes, list) or not codes
+            or not all(isinstance(c, str) and c.strip() for c in codes)):
+        raise ValueError(f"data.languages must be targets, all or language codes (a list or "
+                         f"comma-separated), got {value!r}")
+    return codes
+
+
+# (key, accepts, what the error says): None (an unset optional field) always passes.
+_RANGES = [
+    ("model.num_layers", lambda v: v >= 1, ">= 1"),
+    ("model.moe_aux_loss_coeff", lambda v: v >= 0, ">= 0"),
+    *((f"parallel.{k}", lambda v: v >= 1, ">= 1") for k in ("tp", "pp", "ep", "cp", "vpp")),
+    ("data.seq_length", lambda v: v >= 1, ">= 1"),
+    ("data.micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.global_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.epochs", lambda v: v > 0, "> 0"),
+    ("data.pad_id", lambda v: v >= 0, ">= 0"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("sara.lambda_js", lambda v: v >= 0, ">= 0"),
+    ("sara.first_layer", lambda v: v >= 0, ">= 0"),
+    ("sara.last_layer", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: v >= 0, ">= 0"),
+    ("optim.min_lr", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_eps", lambda v: v > 0, "> 0"),
+    ("optim.clip_grad", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("optim.warmup_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.train_steps", lambda v: v >= 1, ">= 1"),
+    ("checkpoint.save_interval", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("logging.log_interval", lambda v: v >= 1, ">= 1"),
+]
+
+
+def _validate(config: TrainConfig) -> None:
+    for key, accepts, expected in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        # not (v >= 0) also refuses nan, which every comparison answers False.
+        if value is not None and not accepts(value):
+            raise ValueError(f"{key} must be {expected}, got {value!r}")

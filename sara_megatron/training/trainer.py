@@ -33,6 +33,7 @@ from sara_megatron.training.checkpoint import (
     iteration_dir,
     latest_iteration,
     load_training_checkpoint,
+    read_training_state,
     save_training_checkpoint,
 )
 from sara_megatron.training.config import TrainConfig
@@ -125,17 +126,22 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         resume = cfg.checkpoint.resume and latest_iteration(cfg.checkpoint.save_dir)
+        saved = None
         if resume:
-            extra = load_training_checkpoint(
-                iteration_dir(cfg.checkpoint.save_dir, resume), self.chunks, self.optimizer, self.scheduler
-            )
-            self.iteration = int(extra["iteration"])
-            self.consumed_samples = int(extra["consumed_samples"])
+            # The data position first (a small read), so that the data and the schedule are set
+            # up and checked against the checkpoint before its tensors are loaded.
+            resume_dir = iteration_dir(cfg.checkpoint.save_dir, resume)
+            saved = read_training_state(resume_dir)
+            self.iteration = int(saved["trainer"]["iteration"])
+            self.consumed_samples = int(saved["trainer"]["consumed_samples"])
         elif cfg.model.checkpoint:
             load_model_weights([c.module for c in self.chunks], cfg.model.checkpoint)
             # The distributed / fp16 optimizer holds its own fp32 copies of the parameters.
             self.optimizer.reload_model_params()
         self._build_data()
+        if resume:
+            self._check_resume(resume_dir, saved)
+            load_training_checkpoint(resume_dir, self.chunks, self.optimizer, self.scheduler)
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -177,10 +183,16 @@ class Trainer:
             self.chunks,
         )
         # The schedule's length depends on the data; set in _build_data before the first step.
+        # Its settings always come from the config: a resumed run whose settings differ from the
+        # checkpoint's is refused before loading, unless optim.override_scheduler says the config
+        # wins (`_check_resume`), so loading restores only the step count. (megatron's default,
+        # use_checkpoint_opt_param_scheduler, would silently keep the checkpoint's lr, min_lr
+        # and weight decay.)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=0,
             lr_decay_steps=1, lr_decay_style="cosine", start_wd=o.weight_decay,
             end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
 
     def _build_mock_data(self) -> None:
@@ -239,6 +251,7 @@ class Trainer:
             )
 
         self.loader = loader()
+        self._check_truncation()
         self._check_sequence_split(self.loader.collate_fn.seq_length)
         samples_per_epoch = len(self.loader.dataset)
         steps = self.cfg.optim.train_steps or int(d.epochs * samples_per_epoch // d.global_batch_size)
@@ -253,6 +266,110 @@ class Trainer:
             self.data_config = dataclasses.replace(self.data_config, epochs=epochs_needed)
             self.loader = loader()
         self._set_schedule_length(steps)
+
+    def _check_truncation(self) -> None:
+        """Refuse a data.seq_length that cuts training samples when SARA reads anchor priors.
+
+        The batches cut every sample at data.seq_length, while the priors were extracted on
+        whole anchor sequences: JS would compare the routing profile of a sample's first
+        data.seq_length tokens with that of its whole anchor. Without that term a cut only
+        shortens what the loss sees, which may be meant: a warning then."""
+        d = self.cfg.data
+        if not d.seq_length:
+            return  # the shards' own length: nothing is cut
+        dataset = self.loader.dataset
+        lengths = [sample.meta.token_count for sample in dataset.samples]
+        cut = sum(n > d.seq_length for n in lengths)
+        if not cut:
+            return
+        what = (f"data.seq_length={d.seq_length} cuts {cut} of {len(lengths)} training samples "
+                f"(the longest has {max(lengths)} tokens; the shards were written for "
+                f"{dataset.shards.seq_length})")
+        if d.prior_store and self.cfg.sara.lambda_js > 0:
+            raise ValueError(
+                f"{what}, but the anchor priors in {d.prior_store} were extracted on whole "
+                f"sequences: SARA would align the routing of cut samples with that of whole "
+                f"anchors. Set data.seq_length to {max(lengths)} or more (or leave it unset: the "
+                f"shards' length), or run without SARA (sara.lambda_js=0)"
+            )
+        log.warning("%s: those samples are trained on their first %d tokens only", what, d.seq_length)
+
+    def _data_stream(self) -> dict:
+        """The settings that decide which sample sits at each position of the global sample
+        order, which consumed_samples counts: saved with every checkpoint, checked on resume."""
+        d = self.cfg.data
+        stream = {"seed": self.cfg.seed, "global_batch_size": d.global_batch_size,
+                  "mock": bool(d.mock)}
+        if not d.mock:
+            stream.update(shuffle=bool(d.shuffle), languages=list(self.loader.dataset.languages),
+                          samples=len(self.loader.dataset))
+        return stream
+
+    # Config setting behind each saved value, for the messages of `_check_resume`.
+    _DATA_STREAM_SETTINGS = {
+        "seed": "seed", "global_batch_size": "data.global_batch_size", "mock": "data.mock",
+        "shuffle": "data.shuffle", "languages": "data.languages (resolved)",
+        "samples": "training samples (data.shards_dir, data.languages)",
+    }
+    _SCHEDULE_SETTINGS = {
+        "max_lr": "optim.lr", "min_lr": "optim.min_lr",
+        "lr_warmup_steps": "warmup steps (optim.warmup_fraction × schedule length)",
+        "lr_decay_steps": "schedule length in steps (optim.train_steps, or data.epochs × "
+                          "samples / data.global_batch_size)",
+        "lr_decay_style": "lr decay style", "wd_incr_style": "weight decay style",
+        "start_wd": "optim.weight_decay",
+        # Set from the same settings as the entries above; named once in a message.
+        "wd_incr_steps": None, "end_wd": None,
+    }
+
+    def _check_resume(self, checkpoint_dir: str, saved: dict) -> None:
+        """Refuse to resume where the checkpoint's data stream or LR schedule differ from the
+        config (before any tensor is loaded).
+
+        consumed_samples is a position in a seeded permutation of the training samples: with
+        another seed, shuffle, language set, sample count or global batch it would point into a
+        different order, repeating some samples and skipping others. A changed schedule would
+        silently take effect mid-run; optim.override_scheduler=true makes the config's win."""
+        position = saved.get("trainer", {})
+        stream = self._data_stream()
+        unrecorded = sorted(k for k in stream if k not in position)
+        if unrecorded:
+            log.warning("%s does not record %s (an older checkpoint): not checked on resume",
+                        checkpoint_dir, ", ".join(unrecorded))
+        changed = [f"{self._DATA_STREAM_SETTINGS[k]}: checkpoint {position[k]!r}, config {v!r}"
+                   for k, v in stream.items() if k in position and position[k] != v]
+        if changed:
+            raise ValueError(
+                f"cannot resume from {checkpoint_dir}: the data stream differs from the "
+                f"checkpoint's ({'; '.join(changed)}). Its consumed_samples "
+                f"({position['consumed_samples']}) counts positions in the sample order those "
+                "settings define; another order would repeat some samples and skip others. "
+                "Restore the checkpoint's values, or train into another checkpoint.save_dir"
+            )
+
+        saved_schedule = saved.get("scheduler", {})
+        changed = [f"{self._SCHEDULE_SETTINGS.get(k, k)}: checkpoint {saved_schedule[k]!r}, "
+                   f"config {v!r}" for k, v in self.scheduler.state_dict().items()
+                   if k != "num_steps" and k in saved_schedule and saved_schedule[k] != v
+                   and self._SCHEDULE_SETTINGS.get(k, k) is not None]
+        # Adam's settings ride in the saved optimizer param groups, beside the schedule's.
+        saved_adam = _adam_settings(saved.get("param_groups", []))
+        own_adam = _adam_settings(self.optimizer.param_groups)
+        if saved_adam and saved_adam != own_adam:
+            changed.append(f"optim.adam_beta1, adam_beta2, adam_eps: checkpoint "
+                           f"{', '.join(map(str, saved_adam))}, config {', '.join(map(str, own_adam))}")
+        if not changed:
+            return
+        if not self.cfg.optim.override_scheduler:
+            raise ValueError(
+                f"cannot resume from {checkpoint_dir}: the learning-rate schedule or Adam "
+                f"settings differ from the checkpoint's ({'; '.join(changed)}). Restore the "
+                "checkpoint's values, or "
+                "set optim.override_scheduler=true to continue from step "
+                f"{self.iteration} on the config's schedule"
+            )
+        log.warning("resuming from %s on the config's schedule (optim.override_scheduler): %s",
+                    checkpoint_dir, "; ".join(changed))
 
     def _check_sequence_split(self, seq_length: int) -> None:
         """Every batch is padded to `seq_length`: CP cuts it in 2·cp chunks, then sequence
@@ -314,7 +431,10 @@ class Trainer:
         if self.sara is not None:
             self.sara.set_batch(mb.priors, segment_ids_from_padding_mask(padding_mask))
         local_s = tokens.shape[1]
-        output = model(tokens, positions, causal_attention_mask(local_s, self.device), labels=labels)
+        # The padding mask keeps padding out of megatron's load-balancing statistics and its
+        # token count (and out of z-loss and expert-bias counts); nothing else reads it.
+        output = model(tokens, positions, causal_attention_mask(local_s, self.device), labels=labels,
+                       padding_mask=self._stage_padding_mask(model, padding_mask))
 
         def loss_func(per_token_loss):
             loss_sum = (per_token_loss.float() * loss_mask).sum()
@@ -322,6 +442,23 @@ class Trainer:
             return loss_sum, num_tokens, {"ce": torch.stack([loss_sum.detach(), loss_mask.sum()])}
 
         return output, loss_func
+
+    def _stage_padding_mask(self, model, padding_mask: torch.Tensor) -> torch.Tensor:
+        """The [B, S] padding mask (True = padding) for this pipeline stage's model chunk.
+
+        megatron's GPTModel cuts the mask for sequence parallel together with the embedding
+        output, i.e. only on the stage that embeds (pre_process); a later stage receives hidden
+        states already cut to its TP rank's S/TP positions and must be given that piece of the
+        mask (the same contiguous piece `scatter_to_sequence_parallel_region` keeps)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.utils import get_attr_wrapped_model
+
+        if not self.model_config.sequence_parallel or get_attr_wrapped_model(model, "pre_process"):
+            return padding_mask
+        tp = ps.get_tensor_model_parallel_world_size()
+        piece = padding_mask.shape[1] // tp
+        start = ps.get_tensor_model_parallel_rank() * piece
+        return padding_mask[:, start:start + piece].contiguous()
 
     def train_step(self) -> StepRecord:
         from megatron.core import parallel_state as ps
@@ -400,7 +537,7 @@ class Trainer:
     def save(self) -> None:
         save_training_checkpoint(
             self.cfg.checkpoint.save_dir, self.iteration, self.chunks, self.optimizer,
-            self.scheduler, dict(consumed_samples=self.consumed_samples, seed=self.cfg.seed),
+            self.scheduler, dict(consumed_samples=self.consumed_samples, **self._data_stream()),
             conversion_source=self.cfg.model.checkpoint,
         )
 
@@ -410,7 +547,7 @@ class Trainer:
         writer = None
         if dist.get_rank() == 0:
             writer = MetricsWriter(self.train_steps, lg.tensorboard_dir, lg.wandb_project, lg.json_log,
-                                   self.cfg.to_dict())
+                                   self.cfg.to_dict(), start_step=self.iteration)
         records = []
         end = self.train_steps if max_steps is None else min(self.train_steps, self.iteration + max_steps)
         try:
@@ -431,6 +568,11 @@ class Trainer:
             if writer:
                 writer.close()
         return TrainResult(records, self.iteration, self.alignment_layers)
+
+
+def _adam_settings(param_groups) -> list[tuple]:
+    """The distinct (beta1, beta2, eps) of optimizer param groups (live or as saved)."""
+    return sorted({(*g["betas"], g["eps"]) for g in param_groups if "betas" in g and "eps" in g})
 
 
 def train(cfg: TrainConfig, max_steps: Optional[int] = None) -> TrainResult:
