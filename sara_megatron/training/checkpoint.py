@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from sara_megatron.data.atomic_files import atomic_open
+
 log = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -128,12 +130,8 @@ def _commit(save_dir: str, staging: str, final: str, iteration: int) -> None:
             shutil.rmtree(aside)
         os.rename(final, aside)
     os.rename(staging, final)
-    pointer = os.path.join(save_dir, LATEST_FILE)
-    with open(pointer + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(save_dir, LATEST_FILE)) as f:
         f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer + ".tmp", pointer)
     if os.path.exists(aside):
         shutil.rmtree(aside)
 
