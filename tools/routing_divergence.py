@@ -30,6 +30,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", help="write {language: [JS per layer]} here")
     args = p.parse_args()
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
     arch = resolve_architecture(args.model)
     layers = parse_layer_selection(args.layers, arch.num_layers)

@@ -6,7 +6,9 @@ through the same model; each gives its masked sequence-mean dense routing distri
 paper's alignment measure: SARA should lower it in the aligned layers, full fine-tuning need not.
 
 Runs on the current parallel state without pipeline parallel (every rank feeds the same batch; TP
-and EP ranks agree on the result).
+and EP ranks agree on the result). Batches are padded as prior extraction pads them
+(`models.longrope_padding`): with Phi-3 longrope, a sample is measured under the rope factors
+training uses for it, whichever samples share its batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from sara_megatron.data.batch import pack_tokens
 from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.kernels.routing_js_reference import js_divergence_from_mean
 from sara_megatron.models.builder import causal_attention_mask
+from sara_megatron.models.longrope_padding import (
+    check_rope_regime,
+    longrope_switch,
+    regime_padded_length,
+)
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 
 
@@ -26,10 +33,15 @@ from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 def _sequence_means(model, shards: TokenShards, samples, layers, batch_size: int) -> dict:
     """sample id -> [L, N] fp32 sequence-mean routing."""
     device = next(model.parameters()).device
+    switch = longrope_switch([model])
     means = {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        packed = pack_tokens([shards.tokens(s) for s in chunk], [s.meta.prompt_length for s in chunk])
+        sequences = [shards.tokens(s) for s in chunk]
+        length = regime_padded_length(max(len(seq) for seq in sequences), 1, shards.seq_length,
+                                      switch)
+        check_rope_regime(length, shards.seq_length, switch, 1)
+        packed = pack_tokens(sequences, [s.meta.prompt_length for s in chunk], seq_length=length)
         tokens = packed.tokens.to(device)
         b, s = tokens.shape
         with capture_routing(segment_ids_from_padding_mask(packed.padding_mask), layers=layers) as cap:
@@ -47,9 +59,19 @@ def routing_divergence(
     languages: Optional[Sequence[str]] = None,
     batch_size: int = 8,
 ) -> dict[str, list[float]]:
-    """{target language: [mean JS(anchor ‖ target) per layer in `layers`]} under `model`."""
+    """{target language: [mean JS(anchor ‖ target) per layer in `layers`]} under `model`, in eval
+    mode (the model's mode is restored afterwards)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
     model.eval()
-    layers = list(layers)
+    try:
+        return _divergence_by_language(model, shards, list(layers), languages, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _divergence_by_language(model, shards, layers, languages, batch_size):
     anchor = _sequence_means(model, shards, shards.samples(shards.anchor_language), layers, batch_size)
     result = {}
     for language in languages or shards.target_languages:

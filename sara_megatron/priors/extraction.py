@@ -35,7 +35,11 @@ import torch.distributed as dist
 from sara_megatron.data.batch import pack_tokens
 from sara_megatron.data.token_shards import ShardedSample, TokenShards
 from sara_megatron.models.builder import causal_attention_mask
-from sara_megatron.models.phimoe import LongRopeRotaryEmbedding
+from sara_megatron.models.longrope_padding import (
+    check_rope_regime,
+    longrope_switch,
+    regime_padded_length,
+)
 from sara_megatron.priors.store_writer import PriorStoreWriter
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 
@@ -90,43 +94,6 @@ def _world_sum(values: Sequence[float]) -> list[float]:
 def _deal(pending: list[ShardedSample], dp: int, dp_rank: int) -> list[ShardedSample]:
     order = sorted(range(len(pending)), key=lambda i: (-pending[i].meta.token_count, i))
     return [pending[i] for i in order[dp_rank::dp]]
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _longrope_switch(models) -> Optional[int]:
-    """The padded length past which the model's rope uses the long factors for every position
-    (`LongRopeRotaryEmbedding.uses_long_factors`), or None when its rope does not depend on the
-    padded length."""
-    for chunk in models:
-        for module in chunk.modules():
-            if isinstance(module, LongRopeRotaryEmbedding):
-                return module.longrope.original_max_position_embeddings
-    return None
-
-
-def _padded_length(longest: int, multiple: int, train_length: int, switch: Optional[int]) -> int:
-    """A step's padded length: its longest sequence rounded up to `multiple`, and, when training
-    (padding to `train_length`) runs past the longrope switch, at least the first multiple past
-    it — the regime of training, at the least padding that reaches it. Non-decreasing in
-    `longest`, so the ranks' maximum is the step's length."""
-    length = _round_up(max(longest, 1), multiple)
-    if switch is not None and train_length > switch:
-        length = max(length, _round_up(switch + 1, multiple))
-    return length
-
-
-def _check_rope_regime(length: int, train_length: int, switch: Optional[int],
-                       multiple: int) -> None:
-    if switch is not None and (length > switch) != (train_length > switch):
-        raise ValueError(
-            f"padding to a multiple of {multiple} makes {length} positions, past the longrope "
-            f"switch at {switch}, while training pads to the shards' {train_length}: the priors "
-            "would use other rope factors than training. Shard with a seq_length past the switch, "
-            "or use a pad multiple (and TP size) that divides it"
-        )
 
 
 def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: Sequence[int]):
@@ -203,7 +170,7 @@ def extract_priors(
     mbs, per_step = settings.micro_batch_size, settings.micro_batch_size * settings.num_microbatches
     steps = _world_max(math.ceil(len(mine) / per_step))
     multiple = math.lcm(settings.pad_multiple, ps.get_tensor_model_parallel_world_size())
-    switch = _longrope_switch(models)
+    switch = longrope_switch(models)
     pp_group = ps.get_pipeline_model_parallel_group()
 
     start = time.perf_counter()
@@ -215,8 +182,8 @@ def extract_priors(
         sequences = [shards.tokens(s) for s in chunk]
         sequences += [np.zeros(0, dtype=np.int64)] * (per_step - len(chunk))  # all padding
         longest = max(len(s) for s in sequences)
-        seq_length = _world_max(_padded_length(longest, multiple, shards.seq_length, switch))
-        _check_rope_regime(seq_length, shards.seq_length, switch, multiple)
+        seq_length = _world_max(regime_padded_length(longest, multiple, shards.seq_length, switch))
+        check_rope_regime(seq_length, shards.seq_length, switch, multiple)
         packed = pack_tokens(sequences, [0] * per_step, seq_length=seq_length)
         microbatches = []
         for m in range(settings.num_microbatches):
