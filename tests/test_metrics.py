@@ -47,6 +47,30 @@ def test_progress_tensorboard_and_json_lines(tmp_path, capsys):
     assert records[1]["js_layer/8"] == 0.02 and records[0]["ce"] == 2.5
 
 
+def test_resume_replaces_the_steps_it_replays(tmp_path, capsys):
+    # An earlier process logged steps 1 and 2 and died mid-line in step 3; the checkpoint is at
+    # step 1, so steps 2 and 3 are run again and must appear once, with the new values.
+    log, tb_dir = tmp_path / "log.jsonl", tmp_path / "tb"
+    writer = MetricsWriter(10, tensorboard_dir=str(tb_dir), json_log=str(log), start_step=0)
+    for step, scalars, per_layer in STEPS:
+        writer.write(step, scalars, per_layer)
+    writer.close()
+    with open(log, "a") as handle:
+        handle.write('{"step": 3, "ce": 2.')
+    writer = MetricsWriter(10, tensorboard_dir=str(tb_dir), json_log=str(log), start_step=1)
+    assert "dropped 2 lines logged after step 1" in capsys.readouterr().out
+    writer.write(2, dict(ce=9.0), {})
+    writer.write(3, dict(ce=8.0, grad_norm=float("nan")), {})
+    writer.close()
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r["ce"]) for r in records] == [(1, 2.5), (2, 9.0), (3, 8.0)]
+    assert records[2]["grad_norm"] is None  # strict JSON: no bare NaN
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("ce")] == [(1, 2.5), (2, 9.0), (3, 8.0)]
+
+
 def test_json_log_appends_across_restarts(tmp_path):
     log = tmp_path / "log.jsonl"
     writer = MetricsWriter(10, json_log=str(log))
@@ -169,6 +193,26 @@ def test_setup_check_names_missing_packages_and_keys(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     with pytest.raises(RuntimeError, match="WANDB_API_KEY"):
+        check_metrics_setup(wandb_project="sara")
+
+
+def test_a_key_saved_by_wandb_login_is_enough(monkeypatch, tmp_path):
+    from sara_megatron.training.metrics import check_metrics_setup
+
+    monkeypatch.setitem(sys.modules, "wandb", _RecordingWandb())
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine example.org login user password other\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    with pytest.raises(RuntimeError, match="wandb login"):
+        check_metrics_setup(wandb_project="sara")  # a netrc without wandb's host
+    netrc_file.write_text("machine api.wandb.ai login user password not-a-real-key\n")
+    check_metrics_setup(wandb_project="sara")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a self-hosted server
+    with pytest.raises(RuntimeError, match="wandb login"):
         check_metrics_setup(wandb_project="sara")
 
 

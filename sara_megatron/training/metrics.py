@@ -1,12 +1,21 @@
-"""Per-step metrics: a progress line on stdout, TensorBoard scalars, wandb (when asked), JSON lines."""
+"""Per-step metrics: a progress line on stdout, TensorBoard scalars, wandb (when asked), JSON lines.
+
+A resumed run replays the steps after its checkpoint, so what an earlier process logged past that
+step is dropped from the JSON log (rewritten atomically) and hidden in TensorBoard (`purge_step`):
+each step then appears once, with the values of the run that carried on.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
 import time
 from typing import Optional
+from urllib.parse import urlparse
+
+from sara_megatron.data.atomic_files import atomic_open
 
 
 class MetricsWriter:
@@ -21,8 +30,10 @@ class MetricsWriter:
         run_config: Optional[dict] = None,
         start_step: Optional[int] = None,
     ):
-        """start_step: the step this process starts at (a resumed run's checkpoint iteration);
-        None: the rate is measured from the first step written on (see `_seconds_per_step`)."""
+        """start_step: the step this process starts at (a resumed run's checkpoint iteration, 0
+        for a fresh run): steps after it that earlier processes logged are replaced. None: the
+        logs are only appended to, and the rate is measured from the first step written on (see
+        `_seconds_per_step`)."""
         check_metrics_setup(tensorboard_dir, wandb_project, json_log)
         self.total_steps = total_steps
         self.started = time.time()
@@ -32,12 +43,16 @@ class MetricsWriter:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(tensorboard_dir)
+            # Events an earlier process wrote from start_step + 1 on are hidden from readers.
+            purge_step = start_step + 1 if start_step is not None else None
+            self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=purge_step)
         self.wandb = None
         if wandb_project:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, config=run_config or {})
+        if json_log and start_step is not None:
+            _drop_logged_steps_after(json_log, start_step)
         self.json_log = open(json_log, "a", encoding="utf-8") if json_log else None
 
     def _seconds_per_step(self, step: int, scalars: dict[str, float]) -> float:
@@ -72,7 +87,10 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log(flat, step=step)
         if self.json_log is not None:
-            self.json_log.write(json.dumps(dict(step=step, **flat)) + "\n")
+            # Strict JSON: a non-finite value (a NaN grad norm without clipping) is null.
+            record = {key: value if not isinstance(value, float) or math.isfinite(value) else None
+                      for key, value in dict(step=step, **flat).items()}
+            self.json_log.write(json.dumps(record, allow_nan=False) + "\n")
             self.json_log.flush()
 
     def close(self) -> None:
@@ -103,8 +121,11 @@ def check_metrics_setup(
             import wandb  # noqa: F401
         except ImportError as err:
             raise RuntimeError("logging.wandb_project is set but wandb is not installed") from err
-        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-            raise RuntimeError("wandb needs WANDB_API_KEY (or WANDB_MODE=offline) in the env")
+        if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+                or _wandb_login_saved()):
+            # Without a key wandb.init would wait for one at a prompt no batch job answers.
+            raise RuntimeError("wandb needs WANDB_API_KEY (or WANDB_MODE=offline) in the env, "
+                               "or a key saved by `wandb login`")
     if json_log:
         _check_writable_file(json_log, "logging.json_log")
 
@@ -118,3 +139,35 @@ def _check_writable_file(path: str, key: str) -> None:
     target = path if os.path.exists(path) else folder
     if not os.access(target, os.W_OK):
         raise RuntimeError(f"{key} {path}: {target} is not writable")
+
+
+def _wandb_login_saved() -> bool:
+    """Whether `wandb login` saved a key: it keeps it in the netrc file (NETRC, else ~/.netrc)
+    under the host of WANDB_BASE_URL. Only the entry's presence is read, never its key."""
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _drop_logged_steps_after(json_log: str, step: int) -> None:
+    """Rewrite the JSON log without the records of steps after `step`, which the resumed run
+    replays. Lines that are not step records (a torn last line after a kill) go too."""
+    if not os.path.exists(json_log):
+        return
+    with open(json_log, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        print(f"{json_log}: dropped {len(lines) - len(kept)} lines logged after step {step}, "
+              "which this run replays", flush=True)
+        with atomic_open(json_log) as handle:
+            handle.writelines(line + "\n" for line in kept)
