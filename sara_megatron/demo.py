@@ -111,14 +111,30 @@ def _latest(save_dir: Path) -> Path:
     return Path(iteration_dir(str(save_dir), latest_iteration(str(save_dir))))
 
 
+# A demo's work folder carries this file; only such a folder (or an empty one) is replaced.
+DEMO_MARKER = ".sara_demo"
+
+
+def _fresh_work_folder(work: Path) -> None:
+    """Empty `work` for a new run, refusing a folder the demo did not make: `--work` pointed at
+    real data by mistake must not be deleted."""
+    if work.exists():
+        if not work.is_dir():
+            raise SystemExit(f"[demo] {work} is a file, not a folder")
+        if any(work.iterdir()) and not (work / DEMO_MARKER).is_file():
+            raise SystemExit(f"[demo] {work} holds files the demo did not make (no {DEMO_MARKER} "
+                             "marker); give an empty or new folder")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / DEMO_MARKER).write_text("made by sara_megatron.demo; replaced by the next run\n")
+
+
 def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
     from sara_megatron.analysis import format_divergence_table
     from sara_megatron.data.local_tokenizer import build_local_tokenizer
     from sara_megatron.data.synthetic_corpus import corpus_texts
 
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    _fresh_work_folder(work)
     tools = REPO / "tools"
     print(f"[demo] corpus: {num_samples} samples in {ANCHOR} (anchor), {LEXICON_SWAP} (lexicon "
           f"swap), {REORDERED} (lexicon swap + word order)", flush=True)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from sara_megatron.distributed import ParallelConfig, _first_host, read_launcher_env
 
@@ -110,17 +111,30 @@ def test_cpu_compat_never_applies_with_cuda():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("layout", [["--ep", "2"], ["--tp", "2"]])
+@pytest.mark.parametrize("layout", [["--ep", "2"], ["--tp", "2", "--layers", "1,3"]])
 def test_routing_report_tool(torchrun, tmp_path, layout):
     out = tmp_path / "rows.json"
     torchrun("tools/routing_report.py", "--preset", "qwen3_moe_tiny", *layout,
              "--seq-length", "16", "--json", str(out))
     rows = json.loads(out.read_text())
-    # 4 layers × 2 ranks × 2 sequences when EP=2 (DP=2); TP=2 has one data-parallel rank.
+    # 4 layers (or the 2 asked for) × 2 ranks × 2 sequences when EP=2 (DP=2); TP=2 has one
+    # data-parallel rank.
     sequences = 4 if layout[0] == "--ep" else 2
-    assert len(rows) == 4 * sequences
-    assert {r["layer"] for r in rows} == {0, 1, 2, 3}
+    layers = {0, 1, 2, 3} if "--layers" not in layout else {1, 3}
+    assert len(rows) == len(layers) * sequences
+    assert {r["layer"] for r in rows} == layers
     # The last sequence of each rank is right-padded by a quarter: 12 valid tokens of 16.
     assert sorted({r["tokens"] for r in rows}) == [12, 16]
     for r in rows:
         assert 0 < r["entropy"] <= __import__("math").log(8) + 1e-6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "99"], "outside the model's 0..3"),
+    (["--layers", "1-"], "bad layer selection"),
+    (["--seq-length", "0"], "--seq-length must be >= 1"),
+])
+def test_routing_report_refuses_bad_arguments(args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "tools/routing_report.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

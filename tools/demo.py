@@ -15,7 +15,7 @@ from sara_megatron.demo import run_demo
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work", default="out/demo", help="working folder (replaced on each run)")
+    p.add_argument("--work", default="out/demo", help="working folder: new, empty, or an earlier demo's (replaced)")
     p.add_argument("--samples", type=int, default=96, help="parallel samples per language")
     p.add_argument("--steps", type=int, default=40, help="training steps of each run")
     args = p.parse_args()

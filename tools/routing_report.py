@@ -15,6 +15,7 @@ import torch.distributed as dist
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
 from sara_megatron.models.architecture import PRESET_NAMES, resolve_architecture
 from sara_megatron.models.builder import build_model, causal_attention_mask
+from sara_megatron.priors import parse_layer_selection
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 from sara_megatron.routing.report import format_routing_report, routing_rows
 
@@ -27,15 +28,25 @@ def parse_args():
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--sequences-per-rank", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=32)
-    p.add_argument("--layers", type=int, nargs="*", help="global 0-based layers (default: all)")
+    p.add_argument("--layers", default="all",
+                   help="global 0-based layers: 'all', '7-34' or '0,3,8-11' (default: all)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", help="also write the rows as JSON here (rank 0)")
-    return p.parse_args()
+    args = p.parse_args()
+    for name in ("sequences_per_rank", "seq_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.arch = resolve_architecture(args.preset)
+    try:
+        args.layers = list(parse_layer_selection(args.layers, args.arch.num_layers))
+    except ValueError as err:
+        p.error(f"--layers: {err}")
+    return args
 
 
 def main():
     args = parse_args()
-    arch = resolve_architecture(args.preset)
+    arch = args.arch
     arch.validate_parallel(tp=args.tp, ep=args.ep)
     initialize_distributed(ParallelConfig(tp=args.tp, ep=args.ep), seed=args.seed)
     from megatron.core import parallel_state as ps
