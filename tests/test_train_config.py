@@ -88,10 +88,19 @@ def test_overrides_are_coerced_to_their_field_types(override, section, key, expe
     ("optim.distributed_optimizer=2", "optim.distributed_optimizer must be true or false"),
     ("data.languages=[]", "data.languages must be targets, all or language codes"),
     ("data.languages=[hi, 3]", "data.languages must be targets, all or language codes"),
+    ("sara.layers=rnage", "sara.layers must be one of range, all, random, got 'rnage'"),
+    ("sara.impl=trtion", "sara.impl must be one of auto, triton, reference, got 'trtion'"),
 ])
 def test_bad_values_are_refused_naming_key_and_value(override, message):
     with pytest.raises(ValueError, match=message):
         load_train_config(None, [override])
+
+
+def test_alignment_range_must_run_forwards():
+    with pytest.raises(ValueError, match=r"sara.first_layer \(20\) is after sara.last_layer \(10\)"):
+        load_train_config(None, ["sara.first_layer=20", "sara.last_layer=10"])
+    cfg = load_train_config(None, ["sara.first_layer=10", "sara.last_layer=10"])
+    assert (cfg.sara.first_layer, cfg.sara.last_layer) == (10, 10)
 
 
 def test_yaml_values_are_checked_like_overrides(tmp_path):

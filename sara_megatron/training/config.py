@@ -268,6 +268,14 @@ _RANGES = [
 ]
 
 
+def _choices() -> list[tuple[str, tuple[str, ...]]]:
+    """(key, the values it accepts) for the fields that name a mode."""
+    from sara_megatron.kernels.routing_js import IMPLEMENTATIONS
+    from sara_megatron.sara.layers import MODES
+
+    return [("sara.layers", MODES), ("sara.impl", IMPLEMENTATIONS)]
+
+
 def _validate(config: TrainConfig) -> None:
     for key, accepts, expected in _RANGES:
         section, name = key.split(".")
@@ -275,3 +283,13 @@ def _validate(config: TrainConfig) -> None:
         # not (v >= 0) also refuses nan, which every comparison answers False.
         if value is not None and not accepts(value):
             raise ValueError(f"{key} must be {expected}, got {value!r}")
+    for key, choices in _choices():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    sara = config.sara
+    if sara.first_layer is not None and sara.last_layer is not None:
+        if sara.first_layer > sara.last_layer:
+            raise ValueError(f"sara.first_layer ({sara.first_layer}) is after sara.last_layer "
+                             f"({sara.last_layer})")
