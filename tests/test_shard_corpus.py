@@ -4,6 +4,7 @@ worker count, resume after an interrupted run, Megatron indexed datasets readabl
 import importlib.util
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,48 @@ def test_non_positive_seq_length_is_refused(inputs, tmp_path, capsys, seq_length
                           "--seq-length", str(seq_length)])
     assert exit_info.value.code == 2 and not out.exists()
     assert "--seq-length: seq_length must be a positive" in capsys.readouterr().err
+
+
+def _no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no_such_tokenizer", "no hub copy of that name in the local HF cache"),
+    ("some-org/some-model", "no hub copy of that name in the local HF cache"),
+    ("./models/missing", "no such folder"),
+    ("/models/missing", "no such folder"),
+])
+def test_a_missing_tokenizer_is_named_without_a_download(inputs, tmp_path, capsys, monkeypatch,
+                                                         name, message):
+    # A mistyped local path used to become a hub download (49 s, then a connection error).
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty HF cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    _no_network(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=message):
+        load_tokenizer(name)
+    out = tmp_path / "out"
+    rc = load_tool().main(["--corpus", str(inputs / "corpus"), "--tokenizer", name,
+                           "--output", str(out)])
+    assert rc == 2 and message in capsys.readouterr().err
+    load_tokenizer(inputs / "tokenizer")  # a folder still loads with the network refused
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--corpus", "missing.jsonl"], "--corpus: no such file or folder: missing.jsonl"),
+])
+def test_bad_arguments_are_refused_before_any_work(inputs, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    base = {"--corpus": str(inputs / "corpus"), "--tokenizer": str(inputs / "tokenizer"),
+            "--output": str(out)}
+    base.update(dict(zip(args[::2], args[1::2])))
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main([item for pair in base.items() for item in pair])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()

@@ -9,6 +9,7 @@ Bad records are skipped and counted (by file and line, in <output>/corpus_issues
 """
 
 import argparse
+import os
 import sys
 
 from sara_megatron.data.chat_tokenization import check_seq_length
@@ -20,7 +21,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--corpus", nargs="+", required=True,
                    help="JSONL files, or directories of *.jsonl files")
-    p.add_argument("--tokenizer", required=True, help="the model's HF tokenizer (dir or hub name)")
+    p.add_argument("--tokenizer", required=True,
+                   help="the model's HF tokenizer: a folder, or a hub id in the local HF cache")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a --tokenizer hub id missing from the local HF cache")
     p.add_argument("--output", required=True, help="output directory for the shards")
     p.add_argument("--anchor-language", default="en")
     p.add_argument("--seq-length", type=int, default=4096,
@@ -37,6 +41,12 @@ def parse_args(argv=None):
         check_seq_length(args.seq_length)
     except ValueError as e:
         p.error(f"--seq-length: {e}")  # exits 2, like any other bad argument
+    for flag in ("shard_size", "workers"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    missing = [path for path in args.corpus if not os.path.exists(path)]
+    if missing:
+        p.error(f"--corpus: no such file or folder: {', '.join(missing)}")
     return args
 
 
@@ -64,12 +74,16 @@ def main(argv=None) -> int:
         extra_languages=tuple(args.extra_languages),
         chat_template_path=args.chat_template,
         trust_remote_code=args.trust_remote_code,
+        allow_download=args.allow_download,
     )
     try:
         report = shard_corpus(config, progress=print_progress)
     except CorpusError as e:
         print(f"shard_corpus: bad record (--strict): {e}", file=sys.stderr)
         return 1
+    except FileNotFoundError as e:
+        print(f"shard_corpus: {e}", file=sys.stderr)
+        return 2
     print(report.corpus.format_summary())
     for lang, info in report.manifest["languages"].items():
         print(f"  {lang}: {info['samples']} samples, {info['tokens']} tokens, "

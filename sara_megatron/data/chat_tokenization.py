@@ -22,14 +22,30 @@ from sara_megatron.data.corpus_format import ParallelRecord
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
-                   chat_template: Optional[str] = None):
+                   chat_template: Optional[str] = None, allow_download: bool = False):
     """The model's HF tokenizer (`AutoTokenizer`); `chat_template` (Jinja text) replaces its
-    own."""
+    own. A folder is read as it is; any other name is a hub id, read from the local HF cache
+    unless `allow_download` — a mistyped path must not turn into a network fetch (which stalls,
+    then blames the connection, on an offline cluster)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        os.fspath(name_or_path), trust_remote_code=trust_remote_code
-    )
+    source = os.fspath(name_or_path)
+    local = os.path.isdir(source)
+    if not local and (os.path.exists(source) or os.path.isabs(source)
+                      or source.startswith(("./", "../", "~"))):
+        raise FileNotFoundError(f"tokenizer {source}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code,
+            local_files_only=local or not allow_download,
+        )
+    except OSError as err:
+        if local or allow_download:
+            raise
+        raise FileNotFoundError(
+            f"tokenizer {source}: no such folder, and no hub copy of that name in the local HF "
+            "cache; give the model's folder, or allow the download (--allow-download)"
+        ) from err
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if not getattr(tokenizer, "chat_template", None):

@@ -59,6 +59,7 @@ class ShardingConfig:
     extra_languages: tuple[str, ...] = ()
     chat_template_path: Optional[str] = None  # overrides the tokenizer's template
     trust_remote_code: bool = False
+    allow_download: bool = False  # a hub id not in the local HF cache may be fetched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,8 @@ def _init_worker(config: ShardingConfig, known: frozenset[str]) -> None:
     if config.chat_template_path:
         with open(config.chat_template_path, encoding="utf-8") as f:
             template = f.read()
-    _WORKER["tokenizer"] = load_tokenizer(config.tokenizer, config.trust_remote_code, template)
+    _WORKER["tokenizer"] = load_tokenizer(config.tokenizer, config.trust_remote_code, template,
+                                          config.allow_download)
     _WORKER["known"] = known
     _WORKER["config"] = config
 
