@@ -34,7 +34,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]"],
+        # The range megatron-core 0.16.1 declares for Transformer Engine (its `dev` extra).
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "dev": ["pytest", "pytest-timeout"],
         "wandb": ["wandb"],
     },
