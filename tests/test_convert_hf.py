@@ -247,34 +247,94 @@ def _cli(*args: str, **launcher_env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_export_of_a_training_checkpoint(hf_models, imported, tmp_path):
-    """What training saves — the weights' keys plus optimizer state, no conversion metadata —
-    exports with --hf-dir to the original tensors."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
+def _model_weights(hf_dir: Path, megatron_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of our model (TP=EP=PP=1, this process) loaded from a Megatron checkpoint."""
     from sara_megatron.checkpointing import load_model_weights
     from sara_megatron.distributed import ParallelConfig, initialize_distributed
     from sara_megatron.models.architecture import from_hf_config
     from sara_megatron.models.builder import build_model
 
-    src = hf_models["phimoe"]
     initialize_distributed(ParallelConfig())
-    model = build_model(from_hf_config(src))
-    load_model_weights(model, imported["phimoe"])
-    exp_avg = ShardedTensor.from_rank_offsets(
-        "optimizer.state.exp_avg.decoder.final_layernorm.weight", torch.ones(64)
+    model = build_model(from_hf_config(hf_dir))
+    load_model_weights(model, megatron_dir)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def test_export_of_an_ep2_training_checkpoint(torchrun, hf_models, imported, tmp_path):
+    """A real training checkpoint: one step from the import on 2 gloo ranks with EP=2, so megatron
+    chains two optimizers (dense and expert parameters) and saves their state beside the weights
+    under `chained_<N>.optimizer.`. The command line exports it as it is (training carried the
+    import's conversion metadata and HF assets), and the export holds the trained weights:
+    imported back they are the checkpoint's bit for bit, and transformers' model on it gives our
+    logits on the checkpoint. Without the metadata (a run from a preset's random weights) it
+    needs --hf-dir, and then writes the same tensors."""
+    from megatron.core import dist_checkpointing
+
+    src = hf_models["qwen3_moe"]
+    settings = {
+        "model.preset": src, "model.checkpoint": imported["qwen3_moe"], "parallel.ep": 2,
+        "data.mock": "true", "data.seq_length": 16, "data.micro_batch_size": 1,
+        "data.global_batch_size": 2, "sara.layers": "all", "optim.lr": 1e-2,
+        "optim.train_steps": 1, "checkpoint.save_dir": tmp_path / "run",
+    }
+    torchrun("tools/train.py", *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")])
+    ckpt = tmp_path / "run" / "iter_0000001"
+    assert (ckpt / METADATA_FILE).exists()
+
+    out = tmp_path / "hf"
+    proc = _cli("export", "--megatron-dir", str(ckpt), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (src / "config.json").read_text()
     )
-    ckpt = tmp_path / "iter_0000010"
-    ckpt.mkdir()
-    dist_checkpointing.save({"model": model.sharded_state_dict(prefix=""),
-                             "optimizer": {"exp_avg": exp_avg}, "trainer": {"iteration": 10}},
-                            str(ckpt))
+
+    trained = _model_weights(src, ckpt)
+    keys = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    for part in (0, 1):  # the key shape this test is about
+        assert any(k.startswith(f"chained_{part}.optimizer.state.exp_avg.") for k in keys), part
+    import_hf_checkpoint(out, tmp_path / "reimported")
+    exported = _model_weights(src, tmp_path / "reimported")
+    base = _model_weights(src, imported["qwen3_moe"])
+    assert set(exported) == set(trained)
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    for name, t in trained.items():
+        got = exported[name]
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            t, got = t[:vocab], got[:vocab]  # padded rows: ours alone, dropped by export
+        assert torch.equal(got, t), name
+    # Training moved dense and expert weights alike: the comparison is with the trained ones.
+    moved = [k for k in trained if not torch.equal(trained[k], base[k])]
+    assert any(".experts." in k for k in moved) and any("self_attention" in k for k in moved)
+
+    result = verify_conversion(out, ckpt, seq_len=16, batch=2)
+    assert passes(result, Thresholds()), result
+
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns(METADATA_FILE, "hf_assets"))
     with pytest.raises(ConversionError, match="pass --hf-dir"):
-        export_hf_checkpoint(ckpt, tmp_path / "hf")
-    export_hf_checkpoint(ckpt, tmp_path / "hf", hf_dir=src)
-    assert_bitwise_equal(src, tmp_path / "hf")
-    assert (tmp_path / "hf" / "tokenizer.json").exists()
+        export_hf_checkpoint(bare, tmp_path / "hf_bare")
+    export_hf_checkpoint(bare, tmp_path / "hf_bare", hf_dir=src)
+    assert_bitwise_equal(out, tmp_path / "hf_bare")
+
+
+def test_only_optimizer_state_is_skipped():
+    """Megatron's optimizer namespace, plain or chained, is not a weight; anything else the
+    config does not imply is reported."""
+    from sara_megatron.conversion.hf_export import is_optimizer_state
+
+    for key in ("optimizer.state.exp_avg.decoder.final_layernorm.weight",
+                "chained_0.optimizer.state.exp_avg_sq.embedding.word_embeddings.weight",
+                "chained_1.optimizer.state.param.decoder.layers.mlp.experts.experts.linear_fc2"
+                ".weight",
+                "chained_12.optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_x.bucket_idx_0"):
+        assert is_optimizer_state(key), key
+    for key in ("decoder.layers.mlp.router.weight", "chained_0.decoder.final_layernorm.weight",
+                "chained_x.optimizer.state.exp_avg.output_layer.weight",
+                "decoder.optimizer.state.exp_avg", "optimizer_state.exp_avg"):
+        assert not is_optimizer_state(key), key
 
 
 def test_command_line_verify_prints_one_json_line(hf_models, imported):

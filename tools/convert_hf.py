@@ -41,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", default="5GB",
                      help="largest safetensors file before sharding with an index (default 5GB)")
     exp.add_argument("--hf-dir", default=None,
-                     help="config.json + tokenizer source, for checkpoints without conversion "
-                          "metadata (e.g. written by training)")
+                     help="config.json + tokenizer source, for a checkpoint without conversion "
+                          "metadata (sara_conversion.json): e.g. one trained from a preset's "
+                          "random weights. Imported checkpoints, and those of a run started "
+                          "from one (model.checkpoint), carry theirs")
     exp.add_argument("--read-batch-mb", type=int, default=512,
                      help="Megatron tensors read per batch, in MiB (bounds export memory)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -8,8 +8,10 @@ layer's QKV, one expert's fc1, ...) that megatron's `dist_checkpointing.load` re
 never the model. No model is built; the layout the checkpoint was saved at does not matter.
 
 Works on a training checkpoint too (`iter_N/`: the weights' keys are the same; the optimizer
-state beside them is skipped); such a folder has no conversion metadata, so `hf_dir` names where
-config.json and the tokenizer come from.
+state beside them is skipped, see `is_optimizer_state`). A run started from a converted checkpoint
+(`model.checkpoint`) carries that checkpoint's conversion metadata and HF assets into every save, so
+its folders export as they are; one started from a preset's random weights has none, and `hf_dir`
+names where config.json and the tokenizer come from.
 
 The folder gets `config.json` (the imported HF config, dtype updated), the other HF assets
 (tokenizer, generation config, ...) and `model.safetensors` or shards with
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import torch
@@ -68,16 +71,18 @@ def ensure_process_group() -> None:
 
 
 def checkpoint_source(megatron_dir: str, hf_dir: str | None) -> tuple[dict, str | None, list[str]]:
-    """(HF config, assets folder, asset names) for a Megatron checkpoint: from its conversion
-    metadata, or from `hf_dir` (a checkpoint written by training carries no metadata)."""
+    """(HF config, assets folder, asset names) for a Megatron checkpoint: from `hf_dir` when
+    given, else from its conversion metadata (written by import, carried into the checkpoints of a
+    training run started from an imported checkpoint)."""
     record = meta.read_metadata(megatron_dir)
     if hf_dir is not None:
         hf_dir = os.path.abspath(hf_dir)
         return read_hf_config(hf_dir), hf_dir, meta.hf_asset_files(hf_dir)
     if record is None:
         raise ConversionError(
-            f"{megatron_dir} has no {meta.METADATA_FILE} (not written by `convert_hf.py import`); "
-            f"pass --hf-dir with the model's config.json and tokenizer"
+            f"{megatron_dir} has no {meta.METADATA_FILE} (neither written by `convert_hf.py "
+            f"import` nor trained from such a checkpoint); pass --hf-dir with the model's "
+            f"config.json and tokenizer"
         )
     assets = os.path.join(megatron_dir, meta.ASSETS_DIR)
     return record["hf_config"], assets, record.get("assets", [])
@@ -93,8 +98,18 @@ def checkpoint_tensor_metadata(megatron_dir: str) -> dict:
     return dist_checkpointing.load_tensors_metadata(megatron_dir)
 
 
-# A training checkpoint holds the optimizer state beside the weights, under these keys.
-_NON_WEIGHT_PREFIXES = ("optimizer.",)
+# A training checkpoint's only tensors besides the weights are megatron's optimizer state, all of
+# it under "optimizer." (Adam moments and main params "optimizer.state.*", the distributed
+# optimizer's per-group buffers "optimizer.distributed.*"); a ChainedOptimizer (EP > 1 gives dense
+# and expert parameters an optimizer each) puts "chained_<N>." in front of each part's keys. The
+# scheduler, the trainer's position and the param groups are not tensors (common.pt); RNG state
+# is not saved.
+_OPTIMIZER_STATE = re.compile(r"(chained_\d+\.)*optimizer\.")
+
+
+def is_optimizer_state(key: str) -> bool:
+    """Whether a checkpoint tensor key is optimizer state (not a weight)."""
+    return _OPTIMIZER_STATE.match(key) is not None
 
 
 def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
@@ -103,7 +118,7 @@ def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
     expected = mapping.checkpoint_shapes()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(
-        k for k in set(tensors) - set(expected) if not k.startswith(_NON_WEIGHT_PREFIXES)
+        k for k in set(tensors) - set(expected) if not is_optimizer_state(k)
     )
     problems = []
     if missing:
