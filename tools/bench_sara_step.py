@@ -15,6 +15,7 @@ Runs in one process group, each a fresh Trainer: plain fine-tuning with no prior
 work at all; not with --mock, whose batches always carry priors), λ_JS = 0 with priors (the FFT
 baseline: the SARA code path), and SARA (λ_JS 1.5). Rank 0 prints the median step time of each after warm-up, the
 ratios, tokens/s and model TFLOP/s per GPU (`sara_megatron.models.flops`), and the device.
+A rank that fails prints its traceback and exits at once (torchrun then stops the others).
 """
 
 import argparse
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 from sara_megatron.distributed import destroy_distributed, read_launcher_env
 from sara_megatron.training import Trainer, load_train_config
+from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_cpu_sara.yaml")
 
@@ -71,7 +73,26 @@ def main():
                    help="any further config override")
     p.add_argument("--json")
     args = p.parse_args()
+    for flag in ("num_layers", "seq_length", "micro_batch", "global_batch", "ep", "steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if not args.mock and not os.path.isdir(args.work):
+        p.error(f"--work {args.work}: no such directory (run `make demo` first, or use --mock)")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist")
 
+    rank = launcher_rank()
+    configure_logging(rank)
+    with exit_at_once_on_error(rank):
+        run(args)
+    destroy_distributed()  # only after success: its barrier needs every rank
+
+
+def run(args) -> None:
+    """Collective: the three step-time measurements; rank 0 prints (and writes) the result."""
     if args.mock:
         base = ["data.mock=true", "model.checkpoint=null", "data.shards_dir=null",
                 "data.prior_store=null", "sara.layers=all"]
@@ -90,25 +111,22 @@ def main():
         ep = fitting_ep(load_train_config(CONFIG, base).parallel, read_launcher_env().world_size)
         base.append(f"parallel.ep={ep}")
     priors = "data.mock=true" if args.mock else f"data.prior_store={os.path.abspath(args.work)}/priors"
-    try:
-        plain = None
-        if not args.mock:  # mock batches always carry priors
-            plain = median_step(base, ["sara.lambda_js=0", "data.prior_store=null"], args.steps,
-                                args.warmup)
-        fft = median_step(base, ["sara.lambda_js=0", priors], args.steps, args.warmup)
-        sara = median_step(base, ["sara.lambda_js=1.5", priors], args.steps, args.warmup)
-        if dist.get_rank() == 0:
-            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-            result = dict(device=device, world=dist.get_world_size(), config=base,
-                          fft_lambda0=fft, sara=sara, sara_over_fft=sara["step_s"] / fft["step_s"])
-            if plain is not None:
-                result.update(plain=plain, sara_over_plain=sara["step_s"] / plain["step_s"])
-            print(json.dumps(result))
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f)
-    finally:
-        destroy_distributed()
+    plain = None
+    if not args.mock:  # mock batches always carry priors
+        plain = median_step(base, ["sara.lambda_js=0", "data.prior_store=null"], args.steps,
+                            args.warmup)
+    fft = median_step(base, ["sara.lambda_js=0", priors], args.steps, args.warmup)
+    sara = median_step(base, ["sara.lambda_js=1.5", priors], args.steps, args.warmup)
+    if dist.get_rank() == 0:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        result = dict(device=device, world=dist.get_world_size(), config=base,
+                      fft_lambda0=fft, sara=sara, sara_over_fft=sara["step_s"] / fft["step_s"])
+        if plain is not None:
+            result.update(plain=plain, sara_over_plain=sara["step_s"] / plain["step_s"])
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f)
 
 
 if __name__ == "__main__":

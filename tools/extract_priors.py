@@ -9,6 +9,7 @@ before fine-tuning and stores, per sample and layer, the masked sequence mean of
 routing softmax over all experts. Every non-padding token counts (prompt and response). A rerun
 after a kill skips the samples already stored. The store records the model's fingerprint (see
 sara_megatron/priors/fingerprint.py) and the anchor shards' fingerprint.
+A rank that fails prints its traceback and exits at once (torchrun then stops the others).
 """
 
 import argparse
@@ -30,6 +31,7 @@ from sara_megatron.priors import (
     parse_layer_selection,
 )
 from sara_megatron.priors.extraction import ExtractionProgress, ExtractionSettings, extract_priors
+from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
 
 
 def parse_args(argv=None):
@@ -55,7 +57,17 @@ def parse_args(argv=None):
                    help="bf16 weights and activations (router logits and softmax stay fp32); "
                         "recorded in the store: resuming it without --bf16 is refused, and "
                         "the other way round")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Checked here, not after the model is built and loaded (and a store.json written).
+    for flag in ("tp", "ep", "pp", "micro_batch_size", "num_microbatches", "flush_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not os.path.isdir(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint}: no such directory")
+    if not os.path.isdir(args.shards):
+        p.error(f"--shards {args.shards}: no such directory")
+    return args
 
 
 class ProgressPrinter:
@@ -122,7 +134,7 @@ def run(args) -> dict:
     settings = ExtractionSettings(
         layers=layers,
         micro_batch_size=args.micro_batch_size,
-        num_microbatches=args.num_microbatches or args.pp,
+        num_microbatches=args.pp if args.num_microbatches is None else args.num_microbatches,
         flush_every=args.flush_every,
     )
     result = extract_priors(model, shards, PriorStoreWriter(args.output, metadata), settings,
@@ -138,10 +150,11 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    rank = launcher_rank()
+    configure_logging(rank)
+    with exit_at_once_on_error(rank):
         run(args)
-    finally:
-        destroy_distributed()
+    destroy_distributed()  # only after success: its barrier needs every rank
     return 0
 
 

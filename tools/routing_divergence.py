@@ -5,11 +5,13 @@
 
 Loads model weights from a converted or a training checkpoint (any layout it was saved at) and
 prints, per layer and target language, the mean over samples of the JS divergence between the
-target's and its anchor's sequence-mean dense routing under this model.
+target's and its anchor's sequence-mean dense routing under this model. Under torchrun, a rank
+that fails prints its traceback and exits at once (torchrun then stops the others).
 """
 
 import argparse
 import json
+import os
 
 from sara_megatron.analysis import format_divergence_table, routing_divergence
 from sara_megatron.checkpointing import load_model_weights
@@ -18,6 +20,7 @@ from sara_megatron.distributed import ParallelConfig, destroy_distributed, initi
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import build_model
 from sara_megatron.priors import parse_layer_selection
+from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
 
 
 def main():
@@ -32,11 +35,23 @@ def main():
     args = p.parse_args()
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not os.path.isdir(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint}: no such directory")
+    if not os.path.isdir(args.shards):
+        p.error(f"--shards {args.shards}: no such directory")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist")
 
-    arch = resolve_architecture(args.model)
-    layers = parse_layer_selection(args.layers, arch.num_layers)
-    initialize_distributed(ParallelConfig())
     try:
+        arch = resolve_architecture(args.model)
+        layers = parse_layer_selection(args.layers, arch.num_layers)
+    except (ValueError, OSError) as err:
+        p.error(f"--model / --layers: {err}")
+
+    rank = launcher_rank()
+    configure_logging(rank)
+    with exit_at_once_on_error(rank):
+        initialize_distributed(ParallelConfig())
         model = build_model(arch)
         load_model_weights(model, args.checkpoint)
         result = routing_divergence(model, TokenShards(args.shards), layers, args.languages,
@@ -45,8 +60,7 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"layers": list(layers), "divergence": result}, f, indent=1)
-    finally:
-        destroy_distributed()
+    destroy_distributed()  # only after success: its barrier needs every rank
 
 
 if __name__ == "__main__":
