@@ -9,6 +9,8 @@
 4. Anchor priors extracted on 2 gloo ranks with EP=2 (tools/extract_priors.py).
 5. SARA fine-tuning and the FFT baseline (λ_JS = 0), each on 2 gloo ranks with EP=2 (tools/train.py).
 6. Per-layer routing divergence JS(anchor ‖ target) before, after SARA and after FFT.
+7. The SARA checkpoint exported to an HF folder and verified against transformers' model on it
+   (tools/convert_hf.py export, verify).
 Every step runs the user-facing tool in a subprocess, as a user would.
 """
 
@@ -166,6 +168,13 @@ def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
             "--set", f"checkpoint.save_dir={name}", "--set", f"logging.json_log={name}.jsonl",
         ], work, nproc=2)
         runs[name] = divergence(f"divergence_{name}", str(_latest(work / name)))
+    # The pipeline's last step: the SARA checkpoint back to an HF folder, checked against
+    # transformers' own model on it.
+    sara_checkpoint = str(_latest(work / "sara"))
+    _run("export_sara", [str(tools / "convert_hf.py"), "export", "--megatron-dir",
+                         sara_checkpoint, "--out", "sara_hf"], work)
+    _run("verify_sara", [str(tools / "convert_hf.py"), "verify", "--hf-dir", "sara_hf",
+                         "--megatron-dir", sara_checkpoint], work)
 
     layers = before["layers"]
     table = format_divergence_table(layers, {
