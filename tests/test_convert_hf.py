@@ -541,3 +541,30 @@ def test_export_names_checkpoint_config_mismatches(imported, tmp_path):
 
     with pytest.raises(ConversionError, match="not a Megatron-Core distributed checkpoint"):
         export_hf_checkpoint(tmp_path, tmp_path / "hf", hf_dir=mcore / "hf_assets")
+
+
+def test_a_model_of_another_configuration_is_refused(hf_models, imported, tmp_path):
+    """Same tensor shapes are not the same model: a checkpoint's recorded architecture is checked
+    before its weights load (a changed norm epsilon loaded silently, and another model's smaller
+    vocabulary loaded the first rows of the embedding)."""
+    from sara_megatron.checkpointing import load_model_weights
+    from sara_megatron.distributed import ParallelConfig, initialize_distributed
+    from sara_megatron.models.architecture import from_hf_config, get_preset
+    from sara_megatron.models.builder import build_model
+
+    initialize_distributed(ParallelConfig())
+    config = json.loads((hf_models["qwen3_moe"] / "config.json").read_text())
+    other = dict(config, rms_norm_eps=1e-2)
+    with pytest.raises(ValueError, match=r"another model configuration \(norm_epsilon: "
+                                         r"checkpoint 1e-06, model 0\.01\)"):
+        load_model_weights(build_model(from_hf_config(other)), imported["qwen3_moe"])
+    with pytest.raises(ValueError, match="vocab_size: checkpoint"):
+        load_model_weights(build_model(get_preset("qwen3_moe_tiny")), imported["phimoe"])
+    fewer = from_hf_config(dict(config, num_hidden_layers=config["num_hidden_layers"] - 1))
+    with pytest.raises(ValueError, match="num_layers: checkpoint"):
+        load_model_weights(build_model(fewer), imported["qwen3_moe"])
+    load_model_weights(build_model(from_hf_config(config)), imported["qwen3_moe"])
+    # A checkpoint without a record (trained from a preset's random weights) is not checked.
+    bare = tmp_path / "bare"
+    shutil.copytree(imported["qwen3_moe"], bare, ignore=shutil.ignore_patterns(METADATA_FILE))
+    load_model_weights(build_model(from_hf_config(config)), bare)

@@ -360,3 +360,69 @@ def test_seq_length_that_cuts_samples_is_refused_with_priors(single_rank, sara_d
     with caplog.at_level(logging.WARNING, logger="sara_megatron.training.trainer"):
         Trainer(load_train_config(None, _config_args(sara_data, **short, **{"sara.lambda_js": 0})))
     assert "data.seq_length=16 cuts" in caplog.text
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(single_rank, sara_data, tmp_path):
+    """model.preset must be the configuration model.checkpoint records (its conversion record):
+    a changed norm epsilon loads into the same shapes and trained on silently."""
+    import dataclasses
+    import shutil
+
+    from sara_megatron.conversion.metadata import architecture_record, write_metadata
+    from sara_megatron.models.architecture import get_preset
+    from sara_megatron.training import Trainer, load_train_config
+
+    checkpoint = tmp_path / "recorded"
+    shutil.copytree(sara_data["checkpoint"], checkpoint)
+    made_for = dataclasses.replace(get_preset("qwen3_moe_tiny"), norm_epsilon=1e-2)
+    write_metadata(str(checkpoint), {"architecture": architecture_record(made_for)})
+    with pytest.raises(ValueError, match=r"another model configuration \(norm_epsilon: "
+                                         r"checkpoint 0\.01, model 1e-06\)"):
+        Trainer(load_train_config(None, _config_args(sara_data, **{"model.checkpoint": checkpoint})))
+
+
+def test_seq_length_across_the_longrope_switch_is_refused_with_priors(single_rank, tmp_path):
+    """Shards below the tiny Phi's longrope switch (64 positions) give priors under the short
+    factors; data.seq_length past the switch would train every batch under the long ones."""
+    from sara_megatron.checkpointing import save_model_weights
+    from sara_megatron.data.corpus_sharding import ShardingConfig, shard_corpus
+    from sara_megatron.data.local_tokenizer import build_local_tokenizer
+    from sara_megatron.data.synthetic_corpus import corpus_texts, write_synthetic_corpus
+    from sara_megatron.data.token_shards import TokenShards
+    from sara_megatron.models.architecture import get_preset
+    from sara_megatron.models.builder import build_model
+    from sara_megatron.priors import PriorStoreMetadata, PriorStoreWriter, model_fingerprint
+    from sara_megatron.priors.extraction import ExtractionSettings, extract_priors
+    from sara_megatron.training import Trainer, load_train_config
+
+    paths = write_synthetic_corpus(tmp_path / "corpus", 8, languages=("en", "hi"), max_words=12)
+    build_local_tokenizer(corpus_texts(paths), tmp_path / "tokenizer")
+    shard_corpus(ShardingConfig((str(tmp_path / "corpus"),), str(tmp_path / "shards"),
+                                str(tmp_path / "tokenizer"), seq_length=48, shard_size=8))
+    shards = TokenShards(tmp_path / "shards")
+    assert max(s.meta.token_count for s in shards.samples("en")) <= 48
+    arch = get_preset("phi35_moe_tiny")
+    assert arch.longrope.original_max_position_embeddings == 64
+    torch.manual_seed(0)
+    model = build_model(arch)
+    save_model_weights(model, tmp_path / "ckpt")
+    meta = PriorStoreMetadata(layers=(0, 1, 2, 3), num_experts=arch.num_experts, dtype="fp32",
+                              anchor_language="en",
+                              model_fingerprint=model_fingerprint(tmp_path / "ckpt"),
+                              corpus_fingerprint=shards.language_fingerprint("en"))
+    extract_priors(model.eval(), shards, PriorStoreWriter(tmp_path / "priors", meta),
+                   ExtractionSettings(layers=meta.layers, micro_batch_size=4))
+
+    def trainer(seq_length, lambda_js=1.5):
+        values = {"model.preset": "phi35_moe_tiny", "model.checkpoint": tmp_path / "ckpt",
+                  "data.shards_dir": tmp_path / "shards", "data.prior_store": tmp_path / "priors",
+                  "data.seq_length": seq_length, "data.micro_batch_size": 2,
+                  "data.global_batch_size": 2, "sara.layers": "all", "sara.lambda_js": lambda_js,
+                  "optim.train_steps": 1}
+        return Trainer(load_train_config(None, [f"{k}={v}" for k, v in values.items()]))
+
+    with pytest.raises(ValueError, match=r"data\.seq_length=100 and the shards' seq_length 48 lie "
+                                         r"on either side of the longrope switch at 64"):
+        trainer(100)
+    trainer(60)  # the same side: the priors' rope factors
+    trainer(100, lambda_js=0)  # no priors read

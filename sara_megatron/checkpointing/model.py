@@ -6,6 +6,7 @@ names every tensor by its global key and offset (experts by global id, layers by
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -28,12 +29,54 @@ def save_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
     dist_checkpointing.save(_sharded_state_dict(model), os.fspath(checkpoint_dir))
 
 
+def check_recorded_architecture(arch, checkpoint_dir: str | os.PathLike) -> None:
+    """Refuse a model whose architecture differs from the one the checkpoint records (its
+    `sara_conversion.json`, written by import and carried into training saves). Tensor shapes do
+    not catch it all: a norm epsilon, a rope scaling or a router setting load into the same
+    shapes, and megatron loads a larger vocabulary's embedding into a smaller one's rows.
+    Checkpoints without a record (trained from a preset's random weights) are not checked."""
+    from sara_megatron.conversion.metadata import architecture_record, read_metadata
+
+    record = read_metadata(os.fspath(checkpoint_dir))
+    recorded = (record or {}).get("architecture")
+    if not recorded:
+        return
+    given = json.loads(json.dumps(architecture_record(arch)))  # tuples as the JSON lists
+    differences = [
+        f"{key}: checkpoint {recorded.get(key)!r}, model {value!r}"
+        for key, value in given.items()
+        if key in recorded and value != recorded[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"checkpoint {os.fspath(checkpoint_dir)} was made for another model configuration ("
+            + "; ".join(differences)
+            + "): build the model from the checkpoint's own config (its hf_assets/config.json)"
+        )
+
+
+def _built_architecture(chunk):
+    """The architecture `models.builder.build_model` recorded on the model, under any wrappers
+    (DDP, Float16Module) that keep it as `.module`."""
+    while chunk is not None:
+        arch = getattr(chunk, "sara_architecture", None)
+        if arch is not None:
+            return arch
+        chunk = getattr(chunk, "module", None)
+    return None
+
+
 @torch.no_grad()
 def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = True) -> None:
-    """Collective: load this rank's shards of every tensor into `model` (any layout)."""
+    """Collective: load this rank's shards of every tensor into `model` (any layout), after
+    `check_recorded_architecture` on the architecture the model was built from."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    arch = _built_architecture(chunks[0])
+    if arch is not None:
+        check_recorded_architecture(arch, checkpoint_dir)
     sharded = _sharded_state_dict(model)
     # Tensors the checkpoint holds beyond the model's (a training checkpoint's optimizer state)
     # are fine; requested tensors it lacks raise.
@@ -42,7 +85,6 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = 
         os.fspath(checkpoint_dir),
         strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.ASSUME_OK_UNEXPECTED,
     )
-    chunks = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
         # The key set once: state_dict() walks the whole module (quadratic inside the loop).
         keys = set(chunk.state_dict(keep_vars=True))

@@ -41,9 +41,14 @@ def regime_padded_length(longest: int, multiple: int, train_length: int,
     return length
 
 
+def same_rope_regime(length: int, other_length: int, switch: Optional[int]) -> bool:
+    """Whether batches padded to the two lengths use the same rope factors."""
+    return switch is None or (length > switch) == (other_length > switch)
+
+
 def check_rope_regime(length: int, train_length: int, switch: Optional[int], multiple: int) -> None:
     """Refuse a padded length on the other side of the switch from training's."""
-    if switch is not None and (length > switch) != (train_length > switch):
+    if not same_rope_regime(length, train_length, switch):
         raise ValueError(
             f"padding to a multiple of {multiple} makes {length} positions, past the longrope "
             f"switch at {switch}, while training pads to the shards' {train_length}: routing "

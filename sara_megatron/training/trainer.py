@@ -21,12 +21,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from sara_megatron.checkpointing import load_model_weights
+from sara_megatron.checkpointing import check_recorded_architecture, load_model_weights
 from sara_megatron.distributed import ParallelConfig, initialize_distributed, set_seed
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
 from sara_megatron.models.context_parallel import context_parallel_slice
 from sara_megatron.models.flops import training_flops_per_token
+from sara_megatron.models.longrope_padding import same_rope_regime
 from sara_megatron.routing import observe_routers, segment_ids_from_padding_mask
 from sara_megatron.sara import SaraRoutingLoss, select_alignment_layers
 from sara_megatron.training.checkpoint import (
@@ -83,6 +84,9 @@ class Trainer:
                 raise ValueError(f"model.num_layers must be in 1..{self.arch.num_layers}, got "
                                  f"{cfg.model.num_layers}")
             self.arch = dataclasses.replace(self.arch, num_layers=cfg.model.num_layers)
+        if cfg.model.checkpoint:
+            # Before anything is built; a resume checks its own checkpoint's record below.
+            check_recorded_architecture(self.arch, cfg.model.checkpoint)
         bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
         self.bf16 = bf16
         options = ModelOptions(
@@ -131,6 +135,7 @@ class Trainer:
             # The data position first (a small read), so that the data and the schedule are set
             # up and checked against the checkpoint before its tensors are loaded.
             resume_dir = iteration_dir(cfg.checkpoint.save_dir, resume)
+            check_recorded_architecture(self.arch, resume_dir)
             saved = read_training_state(resume_dir)
             self.iteration = int(saved["trainer"]["iteration"])
             self.consumed_samples = int(saved["trainer"]["consumed_samples"])
@@ -252,6 +257,7 @@ class Trainer:
 
         self.loader = loader()
         self._check_truncation()
+        self._check_rope_regime()
         self._check_sequence_split(self.loader.collate_fn.seq_length)
         samples_per_epoch = len(self.loader.dataset)
         steps = self.cfg.optim.train_steps or int(d.epochs * samples_per_epoch // d.global_batch_size)
@@ -293,6 +299,25 @@ class Trainer:
                 f"shards' length), or run without SARA (sara.lambda_js=0)"
             )
         log.warning("%s: those samples are trained on their first %d tokens only", what, d.seq_length)
+
+    def _check_rope_regime(self) -> None:
+        """Refuse a data.seq_length on the other side of the longrope switch from the shards'
+        when SARA reads anchor priors: batches are padded to data.seq_length, so every position
+        would get the other rope factors than the priors were extracted with (extraction pads
+        by the shards' length, see models.longrope_padding)."""
+        d = self.cfg.data
+        if not (d.seq_length and d.prior_store and self.cfg.sara.lambda_js > 0):
+            return
+        switch = self.arch.longrope.original_max_position_embeddings if self.arch.longrope else None
+        shards_length = self.loader.dataset.shards.seq_length
+        if not same_rope_regime(d.seq_length, shards_length, switch):
+            raise ValueError(
+                f"data.seq_length={d.seq_length} and the shards' seq_length {shards_length} lie on "
+                f"either side of the longrope switch at {switch} positions: training would use "
+                f"other rope factors than the anchor priors in {d.prior_store} were extracted "
+                f"with. Leave data.seq_length unset (the shards' length), or shard with a "
+                f"seq_length on the same side of the switch"
+            )
 
     def _data_stream(self) -> dict:
         """The settings that decide which sample sits at each position of the global sample
