@@ -12,13 +12,16 @@ import os
 import torch
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def _sharded_state_dict(model) -> dict:
-    # Every model chunk of a virtual-pipeline rank contributes its own layers.
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    state = {}
-    for chunk in chunks:
-        state.update(chunk.sharded_state_dict(prefix=""))
-    return state
+    """The model's sharded tensors, nested per chunk. The chunks of a virtual-pipeline rank name
+    their layers locally (decoder.layers.0. ... in every chunk, each at other global offsets), so
+    a flat dict would keep only the last chunk's; the checkpoint keys are global either way, so
+    a checkpoint written with any number of chunks loads into any other."""
+    return {f"chunk{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(_chunks(model))}
 
 
 def save_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
@@ -73,7 +76,7 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    chunks = model if isinstance(model, (list, tuple)) else [model]
+    chunks = _chunks(model)
     arch = _built_architecture(chunks[0])
     if arch is not None:
         check_recorded_architecture(arch, checkpoint_dir)
@@ -85,10 +88,10 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = 
         os.fspath(checkpoint_dir),
         strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.ASSUME_OK_UNEXPECTED,
     )
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         # The key set once: state_dict() walks the whole module (quadratic inside the loop).
         keys = set(chunk.state_dict(keep_vars=True))
-        own = {k: v for k, v in loaded.items() if k in keys}
+        own = {k: v for k, v in loaded[f"chunk{i}"].items() if k in keys}
         missing, unexpected = chunk.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if strict and missing:

@@ -70,13 +70,15 @@ def _model_key(index: int, num_chunks: int) -> str:
 
 def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
     state = {}
-    model_state = {}
     for i, chunk in enumerate(chunks):
         key = _model_key(i, len(chunks))
         state[key] = chunk.module.sharded_state_dict(prefix="") if hasattr(chunk, "module") else (
             chunk.sharded_state_dict(prefix="")
         )
-        model_state.update(state[key])
+    # Every chunk's sharded tensors, nested per chunk: the chunks of a virtual-pipeline rank use
+    # the same local names (decoder.layers.0. ...) for other global layers, so one flat dict would
+    # keep only the last chunk's, and the optimizer would find no tensor for the others' params.
+    model_state = dict(state)
     state["optimizer"] = optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": _OPTIMIZER_SHARDING}
     )
