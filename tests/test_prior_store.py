@@ -298,3 +298,32 @@ def test_model_fingerprint(tmp_path):
     assert model_fingerprint(ckpt).startswith("sha256-files:")
     with pytest.raises(FileNotFoundError):
         model_fingerprint(tmp_path / "nope")
+
+
+def test_priors_of_the_model_a_run_started_from_fit_its_checkpoints(tmp_path):
+    """A run started from a fine-tuned checkpoint (e.g. at an expert-parallel layout its
+    optimizer state cannot resume at) keeps the anchors of the converted model the first run
+    started from, or takes priors of the fine-tuned weights themselves; nothing else."""
+    from sara_megatron.conversion.metadata import write_metadata
+    from sara_megatron.priors import model_fingerprint, prior_anchor_fingerprints
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "common.pt").write_bytes(b"weights")
+    assert prior_anchor_fingerprints(ckpt) == (model_fingerprint(ckpt),)
+    write_metadata(str(ckpt), {"source": {"fingerprint": "abc123"}})
+    assert prior_anchor_fingerprints(ckpt) == ("hf-safetensors-sha256:abc123",)  # converted
+    write_metadata(str(ckpt), {"source": {"fingerprint": "abc123"},
+                               "training": {"base_checkpoint": "elsewhere"}})
+    own = model_fingerprint(ckpt)
+    assert own.startswith("sha256-files:")
+    assert prior_anchor_fingerprints(ckpt) == (own, "hf-safetensors-sha256:abc123")
+
+    accepted = prior_anchor_fingerprints(ckpt)
+    for model in accepted:
+        PriorStore(write_store(tmp_path / model.split(":")[0], model=model),
+                   expected_model_fingerprint=accepted)
+    with pytest.raises(PriorStoreError, match=r"expected sha256-files:\w+ or "
+                                              r"hf-safetensors-sha256:abc123"):
+        PriorStore(write_store(tmp_path / "other", model="model-b"),
+                   expected_model_fingerprint=accepted)

@@ -329,12 +329,16 @@ def _config_args(data, **extra):
     return [a for a in _base_overrides(data, **extra) if a != "--set"]
 
 
-def test_resume_refuses_a_changed_schedule_or_data_stream(single_rank, sara_data, tmp_path):
+def test_resume_refuses_a_changed_schedule_or_data_stream(single_rank, sara_data, tmp_path,
+                                                          caplog):
     """A resumed run follows the checkpoint's LR schedule and sample order or says why it
     cannot: a changed lr / schedule length / Adam setting is refused unless
     optim.override_scheduler is set (then the config's schedule runs from the saved step); a
-    changed seed, shuffle, language set or global batch (consumed_samples would index another
-    sample order) is refused."""
+    changed seed, shuffle or language set (consumed_samples would index another sample order) is
+    refused, as is another kind of optimizer and a run folder given as model.checkpoint; another
+    global batch resumes; another SARA term is a warning."""
+    import logging
+
     from sara_megatron.training import Trainer, load_train_config
 
     common = {"data.micro_batch_size": 2, "data.global_batch_size": 2, "optim.train_steps": 4,
@@ -354,12 +358,24 @@ def test_resume_refuses_a_changed_schedule_or_data_stream(single_rank, sara_data
                                          r"config \(0\.9, 0\.95, 1e-08\)"):
         trainer(**{"optim.train_steps": 8, "optim.adam_beta2": 0.95})
     with pytest.raises(ValueError, match=r"data stream differs.*seed: checkpoint 1234, config 99.*"
-                                         r"global_batch_size: checkpoint 2, config 4.*"
                                          r"shuffle: checkpoint True, config False.*"
                                          r"languages \(resolved\): checkpoint \['hi', 'sw'\], "
                                          r"config \['hi'\].*consumed_samples \(2\)"):
-        trainer(**{"seed": 99, "data.global_batch_size": 4, "data.shuffle": False,
-                   "data.languages": "[hi]"})
+        trainer(**{"seed": 99, "data.shuffle": False, "data.languages": "[hi]"})
+    with pytest.raises(RuntimeError, match=r"holds the state of DistributedOptimizer.*builds "
+                                           r"FP32Optimizer.*optim.distributed_optimizer"):
+        trainer(**{"optim.distributed_optimizer": False})
+    with pytest.raises(ValueError, match=r"is a training run's folder: name one of its iteration "
+                                         r"folders .*iter_0000001"):
+        trainer(**{"checkpoint.save_dir": tmp_path / "other", "model.checkpoint": tmp_path / "ckpt"})
+    # The global batch sets how many positions of the sample order a step takes, not which
+    # sample sits at each: the run goes on from the same position.
+    wider = trainer(**{"data.global_batch_size": 4})
+    assert (wider.iteration, wider.consumed_samples) == (1, 2)
+    with caplog.at_level(logging.WARNING, logger="sara_megatron.training.trainer"):
+        trainer(**{"sara.lambda_js": 0.5})
+    assert "with another SARA term: checkpoint λ_JS 1.5 on layers [0, 1, 2, 3], config λ_JS 0.5" \
+        in caplog.text
 
     resumed = trainer(**{"optim.lr": 1e-4, "optim.override_scheduler": True})
     assert resumed.iteration == 1

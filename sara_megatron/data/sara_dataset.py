@@ -57,7 +57,7 @@ class SaraDataConfig:
     seed: int = 1234
     shuffle: bool = True
     pad_id: int = 0
-    expected_model_fingerprint: Optional[str] = None
+    expected_model_fingerprint: Optional[str | tuple[str, ...]] = None  # any one will do
     verify_prior_store: str = "open"  # "open" | "lazy"
     # True: hold the priors in a PriorTable, batches carry row indices (see the module doc);
     # False: read each batch's priors from the store in the loader (stores too large to hold).

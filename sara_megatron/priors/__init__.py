@@ -1,7 +1,7 @@
 """Anchor routing priors: extraction from a Megatron model, the sharded prior store, and the
 in-memory prior table the training loop gathers batches from."""
 
-from sara_megatron.priors.fingerprint import model_fingerprint
+from sara_megatron.priors.fingerprint import model_fingerprint, prior_anchor_fingerprints
 from sara_megatron.priors.layer_selection import parse_layer_selection
 from sara_megatron.priors.store import PriorStore
 from sara_megatron.priors.store_format import (
@@ -20,5 +20,6 @@ __all__ = [
     "PriorStoreWriter",
     "PriorTable",
     "model_fingerprint",
+    "prior_anchor_fingerprints",
     "parse_layer_selection",
 ]

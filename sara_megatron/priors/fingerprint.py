@@ -56,3 +56,17 @@ def model_fingerprint(checkpoint_dir: str | os.PathLike) -> str:
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
     return _from_conversion_metadata(checkpoint_dir) or checkpoint_files_fingerprint(checkpoint_dir)
+
+
+def prior_anchor_fingerprints(checkpoint_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The model fingerprints whose priors fit a run that starts from `checkpoint_dir`: its own,
+    and, for a checkpoint trained from a converted one, that converted model's. SARA's anchors
+    come from the model before fine-tuning, so a run continued from a fine-tuned checkpoint (at
+    a layout its optimizer state cannot be resumed at, say) keeps the priors of the first run."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    own = model_fingerprint(checkpoint_dir)
+    record = read_metadata(checkpoint_dir)
+    source = ((record or {}).get("source") or {}).get("fingerprint")
+    if record is not None and "training" in record and isinstance(source, str) and source:
+        return (own, "hf-safetensors-sha256:" + source)
+    return (own,)

@@ -34,7 +34,7 @@ class PriorStore:
     def __init__(
         self,
         path: str | os.PathLike,
-        expected_model_fingerprint: Optional[str] = None,
+        expected_model_fingerprint: Optional[str | tuple[str, ...]] = None,  # any one will do
         expected_corpus_fingerprint: Optional[str] = None,
         verify: str = "open",
     ):
@@ -78,12 +78,17 @@ class PriorStore:
             raise PriorStoreError(f"prior store {self.path} lists a sample id twice")
         self._position = {layer: i for i, layer in enumerate(self.metadata.layers)}
 
-    def _check_expected(self, what: str, actual: str, expected: Optional[str]) -> None:
-        if expected is not None and expected != actual:
+    def _check_expected(self, what: str, actual: str,
+                        expected: Optional[str | tuple[str, ...]]) -> None:
+        """`expected`: the fingerprint, or the fingerprints any one of which will do."""
+        if expected is None:
+            return
+        accepted = (expected,) if isinstance(expected, str) else tuple(expected)
+        if actual not in accepted:
             raise PriorStoreError(
                 f"prior store {self.path} was extracted from a different {what}: its {what} "
-                f"fingerprint is {actual}, expected {expected}. Re-extract the priors for this "
-                f"{what} (tools/extract_priors.py)"
+                f"fingerprint is {actual}, expected {' or '.join(accepted)}. Re-extract the "
+                f"priors for this {what} (tools/extract_priors.py)"
             )
 
     # --- files ------------------------------------------------------------------------------------

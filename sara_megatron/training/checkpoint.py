@@ -107,7 +107,8 @@ def save_training_checkpoint(
     dist.barrier()
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict()
-    state["trainer"] = dict(extra, iteration=iteration, optimizer_parts=_optimizer_parts(optimizer))
+    state["trainer"] = dict(extra, iteration=iteration, optimizer_parts=_optimizer_parts(optimizer),
+                            optimizer_kinds=_optimizer_kinds(optimizer))
     dist_checkpointing.save(state, staging)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -156,6 +157,35 @@ def _optimizer_parts(optimizer) -> int:
     """How many optimizers megatron chains: dense and expert parameters get one each when
     expert parallel splits them into groups of their own."""
     return len(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def check_optimizer_layout(checkpoint_dir: str, saved_trainer: dict, optimizer) -> None:
+    """Refuse to load optimizer state saved by another kind of optimizer (megatron-core can
+    reshard one optimizer's state over TP/PP/DP, not turn one kind into another), with the
+    setting that changed. `saved_trainer`: the checkpoint's trainer entry."""
+    parts = saved_trainer.get("optimizer_parts", _optimizer_parts(optimizer))
+    if parts != _optimizer_parts(optimizer):
+        raise RuntimeError(
+            f"{checkpoint_dir} holds the state of {parts} chained optimizer(s) but this layout "
+            f"builds {_optimizer_parts(optimizer)} (expert parallel switched on or off): "
+            "megatron-core cannot reshard the optimizer across that change; resume at a layout "
+            "with expert parallel as it was saved, or start a new run from this checkpoint's "
+            "weights (model.checkpoint=its iteration folder, another checkpoint.save_dir)"
+        )
+    kinds = saved_trainer.get("optimizer_kinds")
+    if kinds is not None and kinds != _optimizer_kinds(optimizer):
+        raise RuntimeError(
+            f"{checkpoint_dir} holds the state of {', '.join(kinds)} but this run builds "
+            f"{', '.join(_optimizer_kinds(optimizer))} (optim.distributed_optimizer or the "
+            "precision changed): their states are laid out differently; resume with the "
+            "checkpoint's settings"
+        )
+
+
+def _optimizer_kinds(optimizer) -> list[str]:
+    """The class of each chained optimizer (DistributedOptimizer, FP32Optimizer, ...): their
+    saved states have different layouts."""
+    return [type(part).__name__ for part in getattr(optimizer, "chained_optimizers", None) or [optimizer]]
 
 
 def _initialize_optimizer_state(optimizer) -> None:
@@ -214,13 +244,7 @@ def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) 
     from megatron.core import dist_checkpointing
 
     saved = dist_checkpointing.load_common_state_dict(checkpoint_dir).get("trainer", {})
-    if saved.get("optimizer_parts", _optimizer_parts(optimizer)) != _optimizer_parts(optimizer):
-        raise RuntimeError(
-            f"{checkpoint_dir} holds the state of {saved['optimizer_parts']} chained optimizer(s) "
-            f"but this layout builds {_optimizer_parts(optimizer)} (expert parallel switched on or "
-            "off): megatron-core cannot reshard the optimizer across that change; resume at a "
-            "layout with expert parallel as it was saved"
-        )
+    check_optimizer_layout(checkpoint_dir, saved, optimizer)
     _initialize_optimizer_state(optimizer)
     # The config's hyperparameters, as the optimizer was built (see the load below).
     settings = [{k: g[k] for k in PARAM_GROUP_SETTINGS if k in g} for g in optimizer.param_groups]

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Optional
 
@@ -31,6 +32,8 @@ from sara_megatron.models.longrope_padding import same_rope_regime
 from sara_megatron.routing import observe_routers, segment_ids_from_padding_mask
 from sara_megatron.sara import SaraRoutingLoss, select_alignment_layers
 from sara_megatron.training.checkpoint import (
+    LATEST_FILE,
+    check_optimizer_layout,
     iteration_dir,
     latest_iteration,
     load_training_checkpoint,
@@ -85,6 +88,13 @@ class Trainer:
                                  f"{cfg.model.num_layers}")
             self.arch = dataclasses.replace(self.arch, num_layers=cfg.model.num_layers)
         if cfg.model.checkpoint:
+            if os.path.exists(os.path.join(cfg.model.checkpoint, LATEST_FILE)):
+                raise ValueError(
+                    f"model.checkpoint {cfg.model.checkpoint} is a training run's folder: name "
+                    f"one of its iteration folders (e.g. "
+                    f"{iteration_dir(cfg.model.checkpoint, latest_iteration(cfg.model.checkpoint))})"
+                    ", or make it the run's checkpoint.save_dir to resume that run"
+                )
             # Before anything is built; a resume checks its own checkpoint's record below.
             check_recorded_architecture(self.arch, cfg.model.checkpoint)
         bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
@@ -231,10 +241,12 @@ class Trainer:
             return self._build_mock_data()
         expected_fingerprint = None
         if d.prior_store and self.cfg.model.checkpoint:
-            from sara_megatron.priors import model_fingerprint
+            from sara_megatron.priors import prior_anchor_fingerprints
 
-            # Priors must come from the weights training starts from (the base checkpoint).
-            expected_fingerprint = model_fingerprint(self.cfg.model.checkpoint)
+            # Priors must come from the weights training starts from, or, when those were
+            # themselves trained from a converted checkpoint, from that model (see
+            # prior_anchor_fingerprints).
+            expected_fingerprint = prior_anchor_fingerprints(self.cfg.model.checkpoint)
         self.data_config = SaraDataConfig(
             shards_dir=d.shards_dir,
             prior_store=d.prior_store,
@@ -323,16 +335,22 @@ class Trainer:
         """The settings that decide which sample sits at each position of the global sample
         order, which consumed_samples counts: saved with every checkpoint, checked on resume."""
         d = self.cfg.data
-        stream = {"seed": self.cfg.seed, "global_batch_size": d.global_batch_size,
-                  "mock": bool(d.mock)}
+        # Not the global batch: it sets how many positions a step takes, not which sample sits
+        # at each (sample_order.GlobalSampleOrder), so a resume may change it.
+        stream = {"seed": self.cfg.seed, "mock": bool(d.mock)}
         if not d.mock:
             stream.update(shuffle=bool(d.shuffle), languages=list(self.loader.dataset.languages),
                           samples=len(self.loader.dataset))
         return stream
 
+    def _sara_settings(self) -> dict:
+        """What the SARA term is: saved with every checkpoint; a resume that changes it warns."""
+        return {"lambda_js": self.cfg.sara.lambda_js if self.sara is not None else 0.0,
+                "alignment_layers": list(self.alignment_layers) if self.sara is not None else []}
+
     # Config setting behind each saved value, for the messages of `_check_resume`.
     _DATA_STREAM_SETTINGS = {
-        "seed": "seed", "global_batch_size": "data.global_batch_size", "mock": "data.mock",
+        "seed": "seed", "mock": "data.mock",
         "shuffle": "data.shuffle", "languages": "data.languages (resolved)",
         "samples": "training samples (data.shards_dir, data.languages)",
     }
@@ -352,10 +370,12 @@ class Trainer:
         config (before any tensor is loaded).
 
         consumed_samples is a position in a seeded permutation of the training samples: with
-        another seed, shuffle, language set, sample count or global batch it would point into a
-        different order, repeating some samples and skipping others. A changed schedule would
+        another seed, shuffle, language set or sample count it would point into a different
+        order, repeating some samples and skipping others (another global batch only takes more
+        or fewer positions per step). A changed schedule would
         silently take effect mid-run; optim.override_scheduler=true makes the config's win."""
         position = saved.get("trainer", {})
+        check_optimizer_layout(checkpoint_dir, position, self.optimizer)
         stream = self._data_stream()
         unrecorded = sorted(k for k in stream if k not in position)
         if unrecorded:
@@ -371,6 +391,14 @@ class Trainer:
                 "settings define; another order would repeat some samples and skip others. "
                 "Restore the checkpoint's values, or train into another checkpoint.save_dir"
             )
+
+        saved_sara, own_sara = position.get("sara"), self._sara_settings()
+        if saved_sara is not None and saved_sara != own_sara:
+            # A deliberate change (a λ_JS schedule, FFT after SARA) is allowed, never silent.
+            log.warning("resuming from %s with another SARA term: checkpoint λ_JS %s on layers %s, "
+                        "config λ_JS %s on layers %s", checkpoint_dir, saved_sara["lambda_js"],
+                        saved_sara["alignment_layers"], own_sara["lambda_js"],
+                        own_sara["alignment_layers"])
 
         saved_schedule = saved.get("scheduler", {})
         changed = [f"{self._SCHEDULE_SETTINGS.get(k, k)}: checkpoint {saved_schedule[k]!r}, "
@@ -562,7 +590,8 @@ class Trainer:
     def save(self) -> None:
         save_training_checkpoint(
             self.cfg.checkpoint.save_dir, self.iteration, self.chunks, self.optimizer,
-            self.scheduler, dict(consumed_samples=self.consumed_samples, **self._data_stream()),
+            self.scheduler, dict(consumed_samples=self.consumed_samples, **self._data_stream(),
+                                 sara=self._sara_settings()),
             conversion_source=self.cfg.model.checkpoint,
         )
 
