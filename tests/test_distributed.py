@@ -129,6 +129,25 @@ def test_routing_report_tool(torchrun, tmp_path, layout):
         assert 0 < r["entropy"] <= __import__("math").log(8) + 1e-6
 
 
+def test_routing_report_of_a_checkpoint_does_not_depend_on_the_layout(torchrun, tmp_path,
+                                                                         sara_data):
+    rows = {}
+    for name, layout, nproc in (("one", [], 1), ("ep2", ["--ep", "2"], 2)):
+        out = tmp_path / f"{name}.json"
+        torchrun("tools/routing_report.py", "--preset", "qwen3_moe_tiny", "--checkpoint",
+                 str(sara_data["checkpoint"]), *layout, "--seq-length", "16", "--json", str(out),
+                 nproc=nproc)
+        rows[name] = {(r["layer"], r["sequence"]): r for r in json.loads(out.read_text())}
+    # One rank routes data-parallel rank 0's sequences; EP=2 (DP=2) routes those and rank 1's.
+    assert set(rows["one"]) < set(rows["ep2"])
+    for key, row in rows["one"].items():
+        other = rows["ep2"][key]
+        assert row["tokens"] == other["tokens"]
+        assert [e for e, _ in row["top"]] == [e for e, _ in other["top"]], key
+        assert [v for _, v in row["top"]] == pytest.approx([v for _, v in other["top"]], abs=1e-6)
+        assert row["entropy"] == pytest.approx(other["entropy"], abs=1e-6), key
+
+
 @pytest.mark.parametrize("args, message", [
     (["--layers", "99"], "outside the model's 0..3"),
     (["--layers", "1-"], "bad layer selection"),

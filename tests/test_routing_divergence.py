@@ -1,6 +1,6 @@
 """The per-layer routing divergence analysis: a sample's result does not depend on which samples
 share its batch (Phi-3 longrope switches factors with the padded length), the model's mode is
-restored, and a batch size below 1 is refused."""
+restored, and a batch size below 1 or the anchor named as a target is refused."""
 
 import pytest
 import torch
@@ -53,3 +53,6 @@ def test_mode_restored_and_batch_size_checked(single_rank, phi_shards):
     assert model.training  # eval would switch off the sparsemixer's sampling and megatron's LB
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         routing_divergence(model, phi_shards, [1], batch_size=0)
+    with pytest.raises(ValueError, match="'en' is the anchor language.*name target languages "
+                                         r"\(hi\)"):
+        routing_divergence(model, phi_shards, [1], languages=["en"])

@@ -75,6 +75,9 @@ def _divergence_by_language(model, shards, layers, languages, batch_size):
     anchor = _sequence_means(model, shards, shards.samples(shards.anchor_language), layers, batch_size)
     result = {}
     for language in languages or shards.target_languages:
+        if language == shards.anchor_language:
+            raise ValueError(f"{language!r} is the anchor language: its divergence from itself "
+                             f"is 0; name target languages ({', '.join(shards.target_languages)})")
         target = _sequence_means(model, shards, shards.samples(language), layers, batch_size)
         common = sorted(set(anchor) & set(target))
         if not common:
