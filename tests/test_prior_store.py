@@ -300,12 +300,16 @@ def test_model_fingerprint(tmp_path):
         model_fingerprint(tmp_path / "nope")
 
 
-def test_priors_of_the_model_a_run_started_from_fit_its_checkpoints(tmp_path):
+def test_priors_of_the_model_a_run_started_from_fit_its_checkpoints(tmp_path, monkeypatch):
     """A run started from a fine-tuned checkpoint (e.g. at an expert-parallel layout its
     optimizer state cannot resume at) keeps the anchors of the converted model the first run
     started from, or takes priors of the fine-tuned weights themselves; nothing else."""
     from sara_megatron.conversion.metadata import write_metadata
-    from sara_megatron.priors import model_fingerprint, prior_anchor_fingerprints
+    from sara_megatron.priors import (
+        model_fingerprint,
+        prior_anchor_fingerprints,
+        read_prior_store_metadata,
+    )
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -318,11 +322,23 @@ def test_priors_of_the_model_a_run_started_from_fit_its_checkpoints(tmp_path):
     own = model_fingerprint(ckpt)
     assert own.startswith("sha256-files:")
     assert prior_anchor_fingerprints(ckpt) == (own, "hf-safetensors-sha256:abc123")
+    assert prior_anchor_fingerprints(ckpt, "model-b") == (own, "hf-safetensors-sha256:abc123")
+    # Priors of the converted model: the checkpoint's files (optimizer state too) are not hashed.
+    import sara_megatron.priors.fingerprint as fingerprint
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path}")
+
+    monkeypatch.setattr(fingerprint, "checkpoint_files_fingerprint", no_hashing)
+    assert prior_anchor_fingerprints(ckpt, "hf-safetensors-sha256:abc123") == (
+        "hf-safetensors-sha256:abc123",)
+    monkeypatch.undo()
 
     accepted = prior_anchor_fingerprints(ckpt)
     for model in accepted:
-        PriorStore(write_store(tmp_path / model.split(":")[0], model=model),
-                   expected_model_fingerprint=accepted)
+        path = write_store(tmp_path / model.split(":")[0], model=model)
+        assert read_prior_store_metadata(path).model_fingerprint == model
+        PriorStore(path, expected_model_fingerprint=accepted)
     with pytest.raises(PriorStoreError, match=r"expected sha256-files:\w+ or "
                                               r"hf-safetensors-sha256:abc123"):
         PriorStore(write_store(tmp_path / "other", model="model-b"),

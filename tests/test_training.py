@@ -165,6 +165,17 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, sara_data, tmp_path):
             assert r[key] == by_step[r["step"]][key], (r["step"], key)
 
 
+def _assert_follows(records, reference, steps):
+    """Steps 1..steps, each as the reference run's up to the roundings another layout changes:
+    the order of floating-point sums; JS (~4e-4 here) is a difference of near-equal
+    distributions and amplifies those roundings the most."""
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    by_step = {r["step"]: r for r in reference}
+    for r in records:
+        for key, rel in (("ce", 1e-5), ("grad_norm", 1e-5), ("lr", 1e-9), ("js", 1e-4)):
+            assert r[key] == pytest.approx(by_step[r["step"]][key], rel=rel), (r["step"], key)
+
+
 def test_resume_at_another_layout(torchrun, sara_data, tmp_path):
     """Saved at PP=2, resumed at TP=2 with sequence parallel: the run goes on where it was."""
     steps = 6
@@ -176,14 +187,7 @@ def test_resume_at_another_layout(torchrun, sara_data, tmp_path):
     torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.pp": 2, **common}),
              "--max-steps", "4")
     torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.tp": 2, **common}))
-    moved = _read_log(log)
-    assert [r["step"] for r in moved] == list(range(1, steps + 1))
-    by_step = {r["step"]: r for r in full}
-    for r in moved:
-        # TP changes the order of floating-point sums, nothing else; JS (~4e-4 here) is a
-        # difference of near-equal distributions and amplifies those roundings the most.
-        for key, rel in (("ce", 1e-5), ("grad_norm", 1e-5), ("lr", 1e-9), ("js", 1e-4)):
-            assert r[key] == pytest.approx(by_step[r["step"]][key], rel=rel), (r["step"], key)
+    _assert_follows(_read_log(log), full, steps)
 
 
 def test_virtual_pipeline_trains_saves_and_resumes(torchrun, sara_data, tmp_path):
@@ -200,12 +204,7 @@ def test_virtual_pipeline_trains_saves_and_resumes(torchrun, sara_data, tmp_path
     torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.pp": 2, "parallel.vpp": 2,
                                                              **common}), "--max-steps", "2")
     torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.pp": 2, **common}))
-    records = _read_log(log)
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
-    by_step = {r["step"]: r for r in full}
-    for r in records:
-        for key, rel in (("ce", 1e-5), ("grad_norm", 1e-5), ("lr", 1e-9), ("js", 1e-4)):
-            assert r[key] == pytest.approx(by_step[r["step"]][key], rel=rel), (r["step"], key)
+    _assert_follows(_read_log(log), full, steps)
 
 
 def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, sara_data, tmp_path):

@@ -3,7 +3,7 @@ in-memory prior table the training loop gathers batches from."""
 
 from sara_megatron.priors.fingerprint import model_fingerprint, prior_anchor_fingerprints
 from sara_megatron.priors.layer_selection import parse_layer_selection
-from sara_megatron.priors.store import PriorStore
+from sara_megatron.priors.store import PriorStore, read_prior_store_metadata
 from sara_megatron.priors.store_format import (
     MissingPriorError,
     PriorStoreError,
@@ -21,5 +21,6 @@ __all__ = [
     "PriorTable",
     "model_fingerprint",
     "prior_anchor_fingerprints",
+    "read_prior_store_metadata",
     "parse_layer_selection",
 ]

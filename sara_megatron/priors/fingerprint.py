@@ -58,15 +58,26 @@ def model_fingerprint(checkpoint_dir: str | os.PathLike) -> str:
     return _from_conversion_metadata(checkpoint_dir) or checkpoint_files_fingerprint(checkpoint_dir)
 
 
-def prior_anchor_fingerprints(checkpoint_dir: str | os.PathLike) -> tuple[str, ...]:
+def prior_anchor_fingerprints(checkpoint_dir: str | os.PathLike,
+                              store_fingerprint: str | None = None) -> tuple[str, ...]:
     """The model fingerprints whose priors fit a run that starts from `checkpoint_dir`: its own,
     and, for a checkpoint trained from a converted one, that converted model's. SARA's anchors
     come from the model before fine-tuning, so a run continued from a fine-tuned checkpoint (at
-    a layout its optimizer state cannot be resumed at, say) keeps the priors of the first run."""
+    a layout its optimizer state cannot be resumed at, say) keeps the priors of the first run.
+
+    store_fingerprint: the prior store's; when it is the converted model's, the checkpoint's own
+    files are not hashed (a training checkpoint holds the optimizer state too: hundreds of GB at
+    30B parameters)."""
     checkpoint_dir = os.fspath(checkpoint_dir)
-    own = model_fingerprint(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
     record = read_metadata(checkpoint_dir)
+    converted = _from_conversion_metadata(checkpoint_dir)
+    if converted is not None:
+        return (converted,)
     source = ((record or {}).get("source") or {}).get("fingerprint")
-    if record is not None and "training" in record and isinstance(source, str) and source:
-        return (own, "hf-safetensors-sha256:" + source)
-    return (own,)
+    started_from = (("hf-safetensors-sha256:" + source,)
+                    if record is not None and isinstance(source, str) and source else ())
+    if store_fingerprint is not None and store_fingerprint in started_from:
+        return started_from
+    return (checkpoint_files_fingerprint(checkpoint_dir),) + started_from

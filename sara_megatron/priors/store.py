@@ -30,6 +30,27 @@ from sara_megatron.priors.store_format import (
 from sara_megatron.priors.store_writer import IDS_SUFFIX
 
 
+def _read_store_json(path: str) -> dict:
+    """The store's store.json, refused unless it is a complete store of this format."""
+    store_json = os.path.join(path, STORE_JSON)
+    if not os.path.exists(store_json):
+        raise FileNotFoundError(f"{path} is not a prior store (no {STORE_JSON})")
+    with open(store_json, encoding="utf-8") as f:
+        store = json.load(f)
+    if store.get("format") != STORE_FORMAT:
+        raise PriorStoreError(f"{store_json}: format {store.get('format')!r}, "
+                              f"expected {STORE_FORMAT!r}")
+    if not store["complete"]:
+        raise PriorStoreError(f"prior store {path} is incomplete: the extraction did not "
+                              "finish (rerun tools/extract_priors.py to resume it)")
+    return store
+
+
+def read_prior_store_metadata(path: str | os.PathLike) -> PriorStoreMetadata:
+    """A complete store's metadata alone (one small file read)."""
+    return PriorStoreMetadata.from_json(_read_store_json(os.fspath(path))["metadata"])
+
+
 class PriorStore:
     def __init__(
         self,
@@ -41,17 +62,7 @@ class PriorStore:
         if verify not in ("open", "lazy"):
             raise ValueError(f"verify must be 'open' or 'lazy', got {verify!r}")
         self.path = os.fspath(path)
-        store_json = os.path.join(self.path, STORE_JSON)
-        if not os.path.exists(store_json):
-            raise FileNotFoundError(f"{self.path} is not a prior store (no {STORE_JSON})")
-        with open(store_json, encoding="utf-8") as f:
-            store = json.load(f)
-        if store.get("format") != STORE_FORMAT:
-            raise PriorStoreError(f"{store_json}: format {store.get('format')!r}, "
-                                  f"expected {STORE_FORMAT!r}")
-        if not store["complete"]:
-            raise PriorStoreError(f"prior store {self.path} is incomplete: the extraction did not "
-                                  "finish (rerun tools/extract_priors.py to resume it)")
+        store = _read_store_json(self.path)
         self.metadata = PriorStoreMetadata.from_json(store["metadata"])
         self._check_expected("model", self.metadata.model_fingerprint, expected_model_fingerprint)
         self._check_expected("corpus", self.metadata.corpus_fingerprint,

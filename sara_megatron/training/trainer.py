@@ -241,12 +241,15 @@ class Trainer:
             return self._build_mock_data()
         expected_fingerprint = None
         if d.prior_store and self.cfg.model.checkpoint:
-            from sara_megatron.priors import prior_anchor_fingerprints
+            from sara_megatron.priors import prior_anchor_fingerprints, read_prior_store_metadata
 
             # Priors must come from the weights training starts from, or, when those were
             # themselves trained from a converted checkpoint, from that model (see
             # prior_anchor_fingerprints).
-            expected_fingerprint = prior_anchor_fingerprints(self.cfg.model.checkpoint)
+            expected_fingerprint = prior_anchor_fingerprints(
+                self.cfg.model.checkpoint,
+                read_prior_store_metadata(d.prior_store).model_fingerprint,
+            )
         self.data_config = SaraDataConfig(
             shards_dir=d.shards_dir,
             prior_store=d.prior_store,
