@@ -168,10 +168,20 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, sara_data, tmp_path):
             assert r[key] == by_step[r["step"]][key], (r["step"], key)
 
 
-def _assert_follows(records, reference, steps):
-    """Steps 1..steps, each as the reference run's up to the roundings another layout changes:
-    the order of floating-point sums; JS (~4e-4 here) is a difference of near-equal
+def _assert_resumed_run_follows(torchrun, data, tmp_path, steps, stop_at, saved_at, resumed_at):
+    """A run stopped after `stop_at` steps at layout `saved_at` and resumed at `resumed_at` logs
+    steps 1..steps, each as an uninterrupted PP=2 run's up to the roundings another layout
+    changes: the order of floating-point sums; JS (~4e-4 here) is a difference of near-equal
     distributions and amplifies those roundings the most."""
+    reference = _train(torchrun, data, tmp_path, "pp_full", **{"parallel.pp": 2,
+                                                             "optim.train_steps": steps})
+    log = tmp_path / "moved.jsonl"
+    common = {"optim.train_steps": steps, "logging.json_log": log,
+              "checkpoint.save_dir": tmp_path / "ckpt", "checkpoint.save_interval": 2}
+    torchrun("tools/train.py", *_base_overrides(data, **{**saved_at, **common}),
+             "--max-steps", str(stop_at))
+    torchrun("tools/train.py", *_base_overrides(data, **{**resumed_at, **common}))
+    records = _read_log(log)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     by_step = {r["step"]: r for r in reference}
     for r in records:
@@ -181,16 +191,8 @@ def _assert_follows(records, reference, steps):
 
 def test_resume_at_another_layout(torchrun, sara_data, tmp_path):
     """Saved at PP=2, resumed at TP=2 with sequence parallel: the run goes on where it was."""
-    steps = 6
-    full = _train(torchrun, sara_data, tmp_path, "pp_full", **{"parallel.pp": 2,
-                                                              "optim.train_steps": steps})
-    log = tmp_path / "moved.jsonl"
-    common = {"optim.train_steps": steps, "logging.json_log": log,
-              "checkpoint.save_dir": tmp_path / "ckpt", "checkpoint.save_interval": 2}
-    torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.pp": 2, **common}),
-             "--max-steps", "4")
-    torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.tp": 2, **common}))
-    _assert_follows(_read_log(log), full, steps)
+    _assert_resumed_run_follows(torchrun, sara_data, tmp_path, steps=6, stop_at=4,
+                                saved_at={"parallel.pp": 2}, resumed_at={"parallel.tp": 2})
 
 
 def test_virtual_pipeline_trains_saves_and_resumes(torchrun, sara_data, tmp_path):
@@ -198,16 +200,9 @@ def test_virtual_pipeline_trains_saves_and_resumes(torchrun, sara_data, tmp_path
     resumes without virtual pipeline, following the plain PP=2 run. The chunks of a rank name
     their layers alike (decoder.layers.0. ...): merged into one dict, the save lost a chunk's
     tensors and crashed, and a load could not start."""
-    steps = 4
-    full = _train(torchrun, sara_data, tmp_path, "pp_full", **{"parallel.pp": 2,
-                                                              "optim.train_steps": steps})
-    log = tmp_path / "vpp.jsonl"
-    common = {"optim.train_steps": steps, "logging.json_log": log,
-              "checkpoint.save_dir": tmp_path / "ckpt", "checkpoint.save_interval": 2}
-    torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.pp": 2, "parallel.vpp": 2,
-                                                             **common}), "--max-steps", "2")
-    torchrun("tools/train.py", *_base_overrides(sara_data, **{"parallel.pp": 2, **common}))
-    _assert_follows(_read_log(log), full, steps)
+    _assert_resumed_run_follows(torchrun, sara_data, tmp_path, steps=4, stop_at=2,
+                                saved_at={"parallel.pp": 2, "parallel.vpp": 2},
+                                resumed_at={"parallel.pp": 2})
 
 
 def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, sara_data, tmp_path):
