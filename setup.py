@@ -32,11 +32,24 @@ setup(
         "einops",
         # Training metrics (torch.utils.tensorboard's SummaryWriter).
         "tensorboard",
+        # Corpus construction and evaluation: sources and benchmarks through `datasets`, models over
+        # the OpenAI wire format (OpenAI or vLLM), the local OpenAI-compatible server (aiohttp),
+        # language identification of translations, statistics and figures.
+        "datasets",
+        "openai>=1.40",
+        "aiohttp",
+        "tqdm",
+        "lingua-language-detector",
+        "scipy",
+        "matplotlib",
     ],
     extras_require={
         # The range megatron-core 0.16.1 declares for Transformer Engine (its `dev` extra).
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
-        "dev": ["pytest", "pytest-timeout"],
+        # lm-evaluation-harness: our benchmark tasks ship as lm-eval task definitions; the tests
+        # check that lm-eval and our runner score the same replies alike.
+        "lmeval": ["lm-eval==0.4.13"],
+        "dev": ["pytest", "pytest-timeout", "lm-eval==0.4.13"],
         "wandb": ["wandb"],
     },
 )
