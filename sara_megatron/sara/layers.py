@@ -2,15 +2,51 @@
 
 The paper's ablations: `-s` (the chosen middle range: Qwen3-30B-A3B 7..34, Phi-3.5-MoE 13..26,
 inclusive, 0-based like HF's `model.layers.i`), `-a` (all layers), `-r` (random layers, as many as
-the range holds).
+the range holds). A fourth way: the name of a divergence JSON file (tools/routing_divergence.py
+--json) whose `suggested_range` gives `first_layer` and `last_layer`, the range read off the
+model's own U-curve.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 DEFAULT_RANGES = {"qwen3_moe": (7, 34), "phimoe": (13, 26)}
 MODES = ("range", "all", "random")
+
+
+def is_layer_range_file(mode: str) -> bool:
+    return mode not in MODES and isinstance(mode, str) and os.path.isfile(mode)
+
+
+def read_layer_range_file(path: str) -> tuple[int, int]:
+    """(first, last) of the `suggested_range` a divergence JSON file holds."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            suggested = json.load(f)["suggested_range"]
+        first, last = suggested["first_layer"], suggested["last_layer"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"sara.layers {path}: not a divergence JSON file with a suggested_range "
+                         f"(first_layer, last_layer): {err!r}") from None
+    if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last):
+        raise ValueError(f"sara.layers {path}: suggested_range {first}..{last} is not a forward "
+                         "range of layer indices")
+    return first, last
+
+
+def check_layer_setting(mode: str, first: int | None, last: int | None) -> None:
+    """What the config accepts as sara.layers: a mode, or a range file without first/last."""
+    if mode in MODES:
+        return
+    if not is_layer_range_file(mode):
+        raise ValueError(f"sara.layers must be one of {', '.join(MODES)}, got {mode!r} (or the "
+                         "name of an existing divergence JSON file with a suggested_range)")
+    read_layer_range_file(mode)
+    if first is not None or last is not None:
+        raise ValueError(f"sara.layers names the range file {mode}; leave sara.first_layer and "
+                         "sara.last_layer unset (or use sara.layers: range with them)")
 
 
 def select_alignment_layers(
@@ -26,7 +62,11 @@ def select_alignment_layers(
 
     range: `first..last` inclusive, defaulting to the family's paper range.
     all: every layer.  random: a seeded subset of the size the range would have.
+    A divergence JSON file: the range its `suggested_range` names.
     """
+    if is_layer_range_file(mode):
+        check_layer_setting(mode, first, last)
+        mode, (first, last) = "range", read_layer_range_file(mode)
     if mode not in MODES:
         raise ValueError(f"layer selection mode must be one of {MODES}, got {mode!r}")
     if mode == "all":

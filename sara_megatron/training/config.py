@@ -52,7 +52,7 @@ class DataSection:
 @dataclasses.dataclass
 class SaraSection:
     lambda_js: float = 1.5  # 0 = the FFT baseline, same code path
-    layers: str = "range"  # "range" | "all" | "random" (the paper's -s / -a / -r)
+    layers: str = "range"  # "range" | "all" | "random" (the paper's -s / -a / -r), or a divergence JSON file
     first_layer: Optional[int] = None  # None: the family's paper range
     last_layer: Optional[int] = None
     layer_seed: int = 0
@@ -271,9 +271,8 @@ _RANGES = [
 def _choices() -> list[tuple[str, tuple[str, ...]]]:
     """(key, the values it accepts) for the fields that name a mode."""
     from sara_megatron.kernels.routing_js import IMPLEMENTATIONS
-    from sara_megatron.sara.layers import MODES
 
-    return [("sara.layers", MODES), ("sara.impl", IMPLEMENTATIONS)]
+    return [("sara.impl", IMPLEMENTATIONS)]
 
 
 def _validate(config: TrainConfig) -> None:
@@ -289,6 +288,9 @@ def _validate(config: TrainConfig) -> None:
         if value not in choices:
             raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     sara = config.sara
+    from sara_megatron.sara.layers import check_layer_setting
+
+    check_layer_setting(sara.layers, sara.first_layer, sara.last_layer)  # a mode or a range file
     if sara.first_layer is not None and sara.last_layer is not None:
         if sara.first_layer > sara.last_layer:
             raise ValueError(f"sara.first_layer ({sara.first_layer}) is after sara.last_layer "
