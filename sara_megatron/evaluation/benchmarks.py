@@ -1,0 +1,177 @@
+"""The paper's three evaluation benchmarks, from the hub or from local files in the hub's columns.
+
+    global_mmlu  CohereForAI/Global-MMLU  config = language code       split test   (~14k each)
+    belebele     facebook/belebele        config = FLORES code          split test   (900 each)
+    mgsm         juletxara/mgsm           config = language code        split test   (250 each)
+
+`data_dir` reads `<data_dir>/<benchmark>/<lang>.jsonl` (one hub row per line, the same columns)
+instead of the hub: tests and clusters without network use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from sara_megatron.prompts import OPTION_LETTERS
+
+
+@dataclass(frozen=True)
+class BenchmarkItem:
+    benchmark: str
+    language: str
+    # The same question has the same item_id in every language (Global-MMLU: sample_id;
+    # BELEBELE: link + question_number; MGSM: row index).
+    item_id: str
+    question: str
+    options: tuple[str, ...]  # () for MGSM
+    passage: str | None  # BELEBELE's flores_passage
+    gold: str  # "A".."D" for multiple choice, the number as a string for MGSM
+
+
+BENCHMARK_LANGUAGES: dict[str, tuple[str, ...]] = {
+    "global_mmlu": ("en", "zh", "hi", "ne", "bn", "te", "sw"),
+    "belebele": ("en", "zh", "hi", "ne", "bn", "te", "sw"),
+    "mgsm": ("en", "zh", "bn", "te", "sw"),  # MGSM has no Hindi and no Nepali
+}
+
+HUB_DATASETS = {
+    "global_mmlu": "CohereForAI/Global-MMLU",
+    "belebele": "facebook/belebele",
+    "mgsm": "juletxara/mgsm",
+}
+BELEBELE_CONFIGS = {
+    "en": "eng_Latn", "zh": "zho_Hans", "hi": "hin_Deva", "ne": "npi_Deva", "bn": "ben_Beng",
+    "te": "tel_Telu", "sw": "swh_Latn",
+}
+HUB_SPLIT = "test"
+
+# The columns each benchmark's rows must have (the hub's names).
+REQUIRED_COLUMNS = {
+    "global_mmlu": ("sample_id", "question", "option_a", "option_b", "option_c", "option_d",
+                    "answer"),
+    "belebele": ("link", "question_number", "flores_passage", "question", "mc_answer1",
+                 "mc_answer2", "mc_answer3", "mc_answer4", "correct_answer_num"),
+    "mgsm": ("question", "answer_number"),
+}
+
+
+class BenchmarkDataError(ValueError):
+    """A benchmark row or file that cannot be read (names the file and line)."""
+
+
+def check_benchmark_language(name: str, language: str) -> None:
+    if name not in BENCHMARK_LANGUAGES:
+        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_LANGUAGES)})")
+    if language not in BENCHMARK_LANGUAGES[name]:
+        raise ValueError(f"{name} has no language {language!r} "
+                         f"(it has: {' '.join(BENCHMARK_LANGUAGES[name])})")
+
+
+def hub_config(name: str, language: str) -> str:
+    return BELEBELE_CONFIGS[language] if name == "belebele" else language
+
+
+def benchmark_file(data_dir: str | os.PathLike, name: str, language: str) -> str:
+    return os.path.join(os.fspath(data_dir), name, f"{language}.jsonl")
+
+
+def _number_text(value) -> str:
+    """MGSM's answer_number as text: 12.0 -> "12", "1,000" stays for normalize_number to read."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    text = str(value).strip()
+    if not text:
+        raise ValueError("empty answer_number")
+    return text
+
+
+def item_from_row(name: str, language: str, row: dict, index: int) -> BenchmarkItem:
+    """One hub row -> a BenchmarkItem; raises ValueError on a missing column or a bad answer."""
+    missing = [c for c in REQUIRED_COLUMNS[name] if row.get(c) is None]
+    if missing:
+        raise ValueError(f"missing column(s): {', '.join(missing)}")
+    if name == "global_mmlu":
+        gold = str(row["answer"]).strip().upper()
+        if gold not in OPTION_LETTERS[:4]:
+            raise ValueError(f"answer must be a letter A-D, got {row['answer']!r}")
+        return BenchmarkItem(
+            benchmark=name, language=language, item_id=str(row["sample_id"]),
+            question=str(row["question"]),
+            options=tuple(str(row[f"option_{c}"]) for c in "abcd"), passage=None, gold=gold)
+    if name == "belebele":
+        try:
+            number = int(str(row["correct_answer_num"]).strip())
+        except ValueError:
+            number = 0
+        if not 1 <= number <= 4:
+            raise ValueError(f"correct_answer_num must be 1-4, got {row['correct_answer_num']!r}")
+        return BenchmarkItem(
+            benchmark=name, language=language,
+            item_id=f"{row['link']}#{row['question_number']}",
+            question=str(row["question"]),
+            options=tuple(str(row[f"mc_answer{i}"]) for i in range(1, 5)),
+            passage=str(row["flores_passage"]), gold=OPTION_LETTERS[number - 1])
+    return BenchmarkItem(
+        benchmark=name, language=language, item_id=str(index), question=str(row["question"]),
+        options=(), passage=None, gold=_number_text(row["answer_number"]))
+
+
+def _read_jsonl_rows(path: str, limit: int | None):
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if limit is not None and line_number > limit:
+                return
+            if not line.strip():
+                raise BenchmarkDataError(f"{path}:{line_number}: empty line")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BenchmarkDataError(f"{path}:{line_number}: not JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise BenchmarkDataError(f"{path}:{line_number}: a row must be a JSON object")
+            yield line_number, row
+
+
+def _hub_rows(name: str, language: str, limit: int | None):
+    import datasets
+
+    split = HUB_SPLIT if limit is None else f"{HUB_SPLIT}[:{limit}]"
+    dataset = datasets.load_dataset(HUB_DATASETS[name], hub_config(name, language), split=split)
+    for index, row in enumerate(dataset):
+        yield index + 1, row
+
+
+def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None = None,
+                   limit: int | None = None) -> list[BenchmarkItem]:
+    """The items of one benchmark in one language, in the source's order (first `limit` rows)."""
+    check_benchmark_language(name, language)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if data_dir is not None:
+        source = benchmark_file(data_dir, name, language)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"no benchmark file {source} (expected "
+                                    f"<data-dir>/{name}/{language}.jsonl in the hub's columns)")
+        rows = _read_jsonl_rows(source, limit)
+    else:
+        source = f"{HUB_DATASETS[name]} ({hub_config(name, language)})"
+        rows = _hub_rows(name, language, limit)
+    items, seen = [], set()
+    for line_number, row in rows:
+        try:
+            item = item_from_row(name, language, row, index=line_number - 1)
+        except ValueError as e:
+            raise BenchmarkDataError(f"{source}:{line_number}: {e}") from None
+        if item.item_id in seen:
+            raise BenchmarkDataError(f"{source}:{line_number}: duplicate item id {item.item_id!r}")
+        seen.add(item.item_id)
+        items.append(item)
+    if not items:
+        raise BenchmarkDataError(f"{source}: no items")
+    return items

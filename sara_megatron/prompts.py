@@ -1,0 +1,192 @@
+"""The paper's prompt templates (Appendix A.7, Tables 8, 9 and 10), word for word in English.
+
+Evaluation uses them, and so does corpus construction when it asks a model to answer. A template
+is plain text with named slots; only the slots below are filled, so the braces of `\\boxed{}` (and
+any braces in a question) are left alone:
+
+    {question} {options} {passage}           the item's text; {options} is the "A) ..." block
+    {option_count} {option_letters}          "four", "A, B, C, D" for the paper's four options
+
+With four options the English multiple-choice template renders exactly the paper's Table 8 (and
+Table 9 for BELEBELE). MMLU-ProX has up to ten options (A-J): the count and letters follow.
+
+The paper translated the instructions into each target language with GPT-5 mini; those
+translations are not published. `load_templates(path)` reads translated templates from a JSON file
+(see `docs/evaluation.md`), which `--template-language native` then uses. The project ships English.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+from typing import Mapping, Sequence
+
+# Bump whenever a template's text changes: caches of model replies key on it.
+PROMPT_VERSION = "paper-a7-v1"
+
+TEMPLATE_KINDS = ("multiple_choice", "passage", "math")
+OPTION_LETTERS = string.ascii_uppercase[:10]  # A-J (MMLU-ProX has ten options)
+
+MULTIPLE_CHOICE_TEMPLATE = (
+    "Below is a single-choice question with {option_count} options ({option_letters}). "
+    "Only one option is correct.\n"
+    "\n"
+    "Question:\n"
+    "{question}\n"
+    "\n"
+    "Options:\n"
+    "{options}\n"
+    "\n"
+    "Analyze the question carefully and answer it. At the end of your response, clearly indicate "
+    "your final answer by enclosing the correct choice in \\boxed{}."
+)
+
+PASSAGE_TEMPLATE = (
+    "Below is a passage followed by a single-choice question with {option_count} options "
+    "({option_letters}). Only one option is correct based on the passage.\n"
+    "\n"
+    "Passage:\n"
+    "{passage}\n"
+    "\n"
+    "Question:\n"
+    "{question}\n"
+    "\n"
+    "Options:\n"
+    "{options}\n"
+    "\n"
+    "Analyze the passage and question carefully and answer. At the end of your response, clearly "
+    "indicate your final answer by enclosing the correct choice in \\boxed{}."
+)
+
+MATH_TEMPLATE = (
+    "Below is a question.\n"
+    "\n"
+    "Question:\n"
+    "{question}\n"
+    "\n"
+    "Please analyze the question and solve it. At the end of your response, clearly indicate your "
+    "final answer by enclosing it in \\boxed{}."
+)
+
+ENGLISH_TEMPLATES: dict[str, str] = {
+    "multiple_choice": MULTIPLE_CHOICE_TEMPLATE,
+    "passage": PASSAGE_TEMPLATE,
+    "math": MATH_TEMPLATE,
+}
+
+# Slots each kind must contain (a translation that drops one would silently lose the question).
+REQUIRED_SLOTS = {
+    "multiple_choice": ("question", "options"),
+    "passage": ("passage", "question", "options"),
+    "math": ("question",),
+}
+_SLOT = re.compile(r"\{(question|options|passage|option_count|option_letters)\}")
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+                 9: "nine", 10: "ten"}
+
+
+def format_options(options: Sequence[str]) -> str:
+    """The options as the paper writes them: one per line, "A) text"."""
+    if not 2 <= len(options) <= len(OPTION_LETTERS):
+        raise ValueError(f"a question needs 2 to {len(OPTION_LETTERS)} options, got {len(options)}")
+    return "\n".join(f"{letter}) {text}" for letter, text in zip(OPTION_LETTERS, options))
+
+
+def _fill(template: str, slots: Mapping[str, str]) -> str:
+    # One pass over the template: a value that itself contains "{question}" is not filled again.
+    return _SLOT.sub(lambda m: slots.get(m.group(1), m.group(0)), template)
+
+
+def _template(kind: str, template_language: str, templates: Mapping | None) -> str:
+    if template_language == "en" and templates is None:
+        return ENGLISH_TEMPLATES[kind]
+    if templates is None:
+        raise ValueError(
+            f"no {template_language!r} templates loaded: pass templates=load_templates(path) "
+            "(the project ships English only)")
+    try:
+        return templates[template_language][kind]
+    except KeyError:
+        if template_language == "en":
+            return ENGLISH_TEMPLATES[kind]
+        raise ValueError(
+            f"the templates file has no {kind!r} template for language {template_language!r}"
+        ) from None
+
+
+def _option_slots(options: Sequence[str], template_language: str) -> dict[str, str]:
+    options_block = format_options(options)
+    count = len(options)
+    # English spells the count as the paper does ("four"); other languages get digits unless their
+    # template writes the count itself.
+    count_text = _NUMBER_WORDS[count] if template_language == "en" else str(count)
+    return {
+        "options": options_block,
+        "option_count": count_text,
+        "option_letters": ", ".join(OPTION_LETTERS[:count]),
+    }
+
+
+def multiple_choice_prompt(question: str, options: Sequence[str], template_language: str = "en",
+                           templates: Mapping | None = None) -> str:
+    """Table 8 (Global-MMLU; MMLU-ProX with up to ten options)."""
+    slots = {"question": question, **_option_slots(options, template_language)}
+    return _fill(_template("multiple_choice", template_language, templates), slots)
+
+
+def passage_prompt(passage: str, question: str, options: Sequence[str],
+                   template_language: str = "en", templates: Mapping | None = None) -> str:
+    """Table 9 (BELEBELE: a FLORES passage, then the question)."""
+    slots = {"passage": passage, "question": question, **_option_slots(options, template_language)}
+    return _fill(_template("passage", template_language, templates), slots)
+
+
+def math_prompt(question: str, template_language: str = "en",
+                templates: Mapping | None = None) -> str:
+    """Table 10 (MGSM, GSM8K)."""
+    return _fill(_template("math", template_language, templates), {"question": question})
+
+
+def validate_templates(templates: Mapping) -> None:
+    """Raise ValueError unless `templates` maps language -> {kind: text with the kind's slots}."""
+    if not isinstance(templates, Mapping) or not templates:
+        raise ValueError("templates must be a non-empty object: language -> {kind: template}")
+    for language, kinds in templates.items():
+        if not isinstance(kinds, Mapping):
+            raise ValueError(f"templates[{language!r}] must be an object of {TEMPLATE_KINDS}")
+        for kind, text in kinds.items():
+            if kind not in TEMPLATE_KINDS:
+                raise ValueError(f"templates[{language!r}]: unknown kind {kind!r} "
+                                 f"(known: {', '.join(TEMPLATE_KINDS)})")
+            if not isinstance(text, str):
+                raise ValueError(f"templates[{language!r}][{kind!r}] must be a string")
+            present = set(_SLOT.findall(text))
+            missing = [slot for slot in REQUIRED_SLOTS[kind] if slot not in present]
+            if missing:
+                raise ValueError(f"templates[{language!r}][{kind!r}] lacks the slot(s) "
+                                 + ", ".join("{" + s + "}" for s in missing))
+            if "\\boxed{}" not in text:
+                raise ValueError(f"templates[{language!r}][{kind!r}] must ask for \\boxed{{}}")
+
+
+def load_templates(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Read translated templates: {"templates": {"hi": {"multiple_choice": ..., ...}, ...}}.
+
+    A bare {"hi": {...}} object is accepted too. English is added when the file lacks it.
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(path)}: not JSON: {e}") from None
+    templates = data.get("templates", data) if isinstance(data, dict) else data
+    try:
+        validate_templates(templates)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
+    merged = {"en": dict(ENGLISH_TEMPLATES)}
+    for language, kinds in templates.items():
+        merged.setdefault(language, {}).update(kinds)
+    return merged
