@@ -1,0 +1,145 @@
+"""The files an evaluation writes into its output folder, and how they are read back.
+
+    results.json   {"settings": {...}, "benchmarks": {bench: {lang: {"runs": [...], "mean", "std",
+                   "n"}}}}; accuracies in percent, std the sample standard deviation (ddof 1)
+    items.jsonl    one line per (benchmark, language, run, item_id): output, extracted, gold, correct
+    table.md       the paper's Table 1 shape: languages as columns, "mean ± std", Avg.
+
+items.jsonl is appended and flushed item by item, so a killed run loses at most the line it was
+writing; reading ignores (and the writer cuts off) such a torn last line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Mapping, Sequence
+
+from sara_megatron.data.atomic_files import write_json_atomic
+from sara_megatron.data.languages import PAPER_ANCHOR_LANGUAGES, PAPER_TARGET_LANGUAGES
+
+RESULTS_FILE = "results.json"
+ITEMS_FILE = "items.jsonl"
+TABLE_FILE = "table.md"
+ITEM_KEYS = ("benchmark", "language", "run", "item_id", "output", "extracted", "gold", "correct")
+
+
+def record_key(record: Mapping) -> tuple[str, str, int, str]:
+    return (record["benchmark"], record["language"], int(record["run"]), str(record["item_id"]))
+
+
+def _complete_length(data: bytes) -> int:
+    """Bytes up to and including the last newline: what survives of a file cut mid-line."""
+    return data.rfind(b"\n") + 1
+
+
+def read_item_records(path: str | os.PathLike) -> list[dict]:
+    """The records of an items.jsonl; a torn last line (no newline) is ignored."""
+    with open(path, "rb") as f:
+        data = f.read()
+    records = []
+    for line_number, line in enumerate(data[: _complete_length(data)].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(path)}:{line_number}: not JSON: {e}") from None
+        missing = [k for k in ITEM_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"{os.fspath(path)}:{line_number}: missing {', '.join(missing)}")
+        records.append(record)
+    return records
+
+
+class ItemRecordWriter:
+    """Appends item records to items.jsonl, one flushed line each."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                keep = _complete_length(f.read())
+            if keep != os.path.getsize(self.path):
+                with open(self.path, "r+b") as f:  # drop the line a kill cut short
+                    f.truncate(keep)
+        self._file = open(self.path, "a", encoding="utf-8", newline="\n")
+
+    def write(self, record: Mapping) -> None:
+        self._file.write(json.dumps({k: record[k] for k in ITEM_KEYS}, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def accuracy_summary(run_accuracies: Sequence[float], n: int) -> dict:
+    """Mean and sample standard deviation (ddof 1; None for a single run) of per-run accuracies."""
+    runs = [float(a) for a in run_accuracies]
+    mean = sum(runs) / len(runs)
+    std = (math.sqrt(sum((a - mean) ** 2 for a in runs) / (len(runs) - 1))
+           if len(runs) > 1 else None)
+    return {"runs": runs, "mean": mean, "std": std, "n": n}
+
+
+def read_results(path: str | os.PathLike) -> dict:
+    """A results.json (or the folder holding one)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, RESULTS_FILE)
+    with open(path, encoding="utf-8") as f:
+        try:
+            results = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), dict):
+        raise ValueError(f"{path}: not an evaluation results file (no \"benchmarks\" object)")
+    return results
+
+
+def write_results(folder: str | os.PathLike, settings: Mapping, benchmarks: Mapping) -> None:
+    write_json_atomic(os.path.join(os.fspath(folder), RESULTS_FILE),
+                      {"settings": dict(settings), "benchmarks": benchmarks})
+
+
+BENCHMARK_TITLES = {"global_mmlu": "Global-MMLU", "belebele": "BELEBELE", "mgsm": "MGSM"}
+
+
+def render_table(benchmarks: Mapping, languages: Sequence[str], label: str) -> str:
+    """Markdown table like the paper's Table 1: one row per benchmark, languages as columns."""
+    header = ["Benchmark", "Model", *languages, "Avg."]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, per_language in benchmarks.items():
+        cells, means = [], []
+        for language in languages:
+            entry = per_language.get(language)
+            if entry is None:
+                cells.append("–")
+                continue
+            means.append(entry["mean"])
+            std = entry.get("std")
+            cells.append(f"{entry['mean']:.2f}" + ("" if std is None else f" ± {std:.2f}"))
+        average = f"{sum(means) / len(means):.2f}" if means else "–"
+        lines.append("| " + " | ".join([BENCHMARK_TITLES.get(name, name), label, *cells, average])
+                     + " |")
+    lines += ["", "Accuracy in percent: mean ± sample standard deviation (ddof 1) over runs; "
+                  "Avg. is the mean over the languages shown; – means the benchmark has no such "
+                  "language (or it was not run)."]
+    return "\n".join(lines) + "\n"
+
+
+# The paper's column order (Table 1): the targets, then the anchors.
+LANGUAGE_ORDER = (*PAPER_TARGET_LANGUAGES, *PAPER_ANCHOR_LANGUAGES)
+
+
+def ordered_languages(languages: Iterable[str]) -> list[str]:
+    """Languages in the paper's column order; others after them, sorted."""
+    unique = set(languages)
+    return [l for l in LANGUAGE_ORDER if l in unique] + sorted(unique - set(LANGUAGE_ORDER))

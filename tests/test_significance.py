@@ -1,0 +1,143 @@
+"""The paper's significance test (Appendix A.4) and the item-level tests beside it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from sara_megatron.evaluation.records import ItemRecordWriter, accuracy_summary, write_results
+from sara_megatron.evaluation.significance import (
+    mcnemar_exact, paired_bootstrap_ci, paired_t_test,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# SARA and FFT (English anchor) rows of the paper's Table 1 (Qwen3-30B-A3B) and Table 7
+# (Phi-3.5-MoE-instruct): hi ne bn te sw en for Global-MMLU and BELEBELE, bn te sw en for MGSM.
+PAPER_ROWS = {
+    ("global_mmlu", "qwen3"): ([74.66, 72.60, 72.70, 65.76, 61.00, 82.45],
+                               [73.97, 71.91, 71.72, 65.60, 59.39, 81.80]),
+    ("global_mmlu", "phi35"): ([44.14, 38.25, 28.70, 19.09, 45.66, 80.98],
+                               [42.14, 37.39, 27.99, 15.96, 45.42, 80.86]),
+    ("belebele", "qwen3"): ([83.44, 80.89, 83.67, 77.44, 77.89, 95.22],
+                            [82.22, 82.00, 84.11, 76.56, 77.78, 95.00]),
+    ("belebele", "phi35"): ([71.22, 65.00, 61.56, 0.11, 61.67, 93.44],
+                            [68.89, 64.56, 55.56, 0.00, 58.22, 93.78]),
+    ("mgsm", "qwen3"): ([88.00, 80.80, 83.20, 97.60], [88.40, 84.00, 80.40, 96.00]),
+    ("mgsm", "phi35"): ([58.00, 46.00, 54.00, 69.20], [54.80, 44.00, 55.60, 66.40]),
+}
+# Table 6 as printed: t, and the p-value it prints (which is the two-tailed one).
+TABLE_6 = {
+    ("global_mmlu", "qwen3"): (4.0784, 0.0096), ("global_mmlu", "phi35"): (2.4705, 0.0565),
+    ("belebele", "qwen3"): (0.4222, 0.6904), ("belebele", "phi35"): (2.0086, 0.1008),
+    ("mgsm", "qwen3"): (0.1525, 0.8885), ("mgsm", "phi35"): (1.4606, 0.2403),
+}
+
+
+@pytest.mark.parametrize("key", sorted(PAPER_ROWS))
+def test_paper_rows_give_table_6(key):
+    sara, fft = PAPER_ROWS[key]
+    t, printed_p = TABLE_6[key]
+    result = paired_t_test(sara, fft)
+    assert result["n"] == len(sara) and result["df"] == len(sara) - 1
+    assert round(result["t"], 4) == t
+    assert round(result["p_two_tailed"], 4) == printed_p  # the paper's "one-tailed" column
+    # The one-tailed p of H1 "SARA > FFT" is half of it when t > 0, and matches scipy.
+    reference = stats.ttest_rel(sara, fft, alternative="greater")
+    assert result["p_one_tailed"] == pytest.approx(reference.pvalue, rel=1e-9)
+    assert result["p_one_tailed"] == pytest.approx(printed_p / 2, abs=6e-5)
+    swapped = paired_t_test(fft, sara)
+    assert swapped["p_one_tailed"] > 0.5
+    assert swapped["p_one_tailed"] == pytest.approx(1 - result["p_one_tailed"])
+
+
+def test_qwen3_global_mmlu_one_tailed_p_is_half_the_printed():
+    result = paired_t_test(*PAPER_ROWS[("global_mmlu", "qwen3")])
+    assert round(result["p_one_tailed"], 4) == 0.0048
+
+
+def test_paired_t_test_refuses_bad_input_and_handles_equal_differences():
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_t_test([1, 2], [1])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_t_test([1], [0])
+    constant = paired_t_test([2, 3, 4], [1, 2, 3])
+    assert constant["t"] == float("inf") and constant["p_one_tailed"] == 0.0
+
+
+def test_mcnemar_exact_against_the_binomial():
+    # 9 items only the treatment got right, 2 only the baseline, 5 both, 4 neither.
+    treatment = [1] * 9 + [0] * 2 + [1] * 5 + [0] * 4
+    baseline = [0] * 9 + [1] * 2 + [1] * 5 + [0] * 4
+    result = mcnemar_exact(treatment, baseline)
+    assert (result["treatment_only"], result["baseline_only"], result["n"]) == (9, 2, 20)
+    assert result["p_one_tailed"] == pytest.approx(stats.binomtest(9, 11, 0.5, "greater").pvalue)
+    assert result["p_two_tailed"] == pytest.approx(stats.binomtest(9, 11, 0.5).pvalue)
+    assert mcnemar_exact([1, 0], [1, 0])["p_two_tailed"] == 1.0
+
+
+def test_paired_bootstrap_interval_covers_the_difference():
+    treatment = [1.0] * 70 + [0.0] * 30
+    baseline = [1.0] * 60 + [0.0] * 40
+    ci = paired_bootstrap_ci(treatment, baseline, resamples=2000, seed=1)
+    assert ci["difference"] == pytest.approx(10.0)
+    assert ci["low"] < 10.0 < ci["high"] and ci["low"] > 0.0 and ci["high"] < 20.0
+    assert ci == paired_bootstrap_ci(treatment, baseline, resamples=2000, seed=1)
+
+
+def _write_evaluation(folder, scores_by_language, correct_by_language):
+    folder.mkdir()
+    benchmarks = {"belebele": {lang: accuracy_summary(runs, 10)
+                               for lang, runs in scores_by_language.items()}}
+    write_results(folder, {"model": folder.name}, benchmarks)
+    with ItemRecordWriter(folder / "items.jsonl") as writer:
+        for lang, flags in correct_by_language.items():
+            for run in (1, 2):
+                for i, correct in enumerate(flags):
+                    writer.write(dict(benchmark="belebele", language=lang, run=run,
+                                      item_id=f"q{i}", output="", extracted=None, gold="A",
+                                      correct=bool(correct)))
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "significance.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_tool_from_results_folders_with_items(tmp_path):
+    sara, fft = PAPER_ROWS[("belebele", "qwen3")]
+    languages = ["hi", "ne", "bn", "te", "sw", "en"]
+    _write_evaluation(tmp_path / "sara", {l: [s, s] for l, s in zip(languages, sara)},
+                      {l: [1] * 8 + [0] * 2 for l in languages})
+    _write_evaluation(tmp_path / "fft", {l: [s, s] for l, s in zip(languages, fft)},
+                      {l: [1] * 6 + [0] * 4 for l in languages})
+    proc = run_tool("--treatment", str(tmp_path / "sara" / "results.json"),
+                    "--baseline", str(tmp_path / "fft"), "--benchmark", "belebele", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert round(result["t"], 4) == 0.4222 and result["languages"] == languages
+    item_level = result["item_level"]
+    assert item_level["items"] == 60
+    assert item_level["mcnemar"]["treatment_only"] == 12
+    assert item_level["mcnemar"]["baseline_only"] == 0
+    assert item_level["bootstrap"]["difference"] == pytest.approx(20.0)
+
+    proc = run_tool("--treatment", str(tmp_path / "sara"), "--baseline", str(tmp_path / "fft"),
+                    "--benchmark", "belebele", "--languages", "hi,ne,bn")
+    assert proc.returncode == 0, proc.stderr
+    assert "p one-tailed" in proc.stdout and "item level, 30 items" in proc.stdout
+
+
+def test_tool_scores_and_errors():
+    proc = run_tool("--treatment-scores", "74.66,72.60,72.70,65.76,61.00,82.45",
+                    "--baseline-scores", "73.97,71.91,71.72,65.60,59.39,81.80", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert round(result["t"], 4) == 4.0784 and round(result["p_one_tailed"], 4) == 0.0048
+    assert set(result) == {"t", "df", "n", "mean_difference", "p_one_tailed", "p_two_tailed"}
+    bad = run_tool("--treatment-scores", "1,2,3", "--baseline-scores", "1,2")
+    assert bad.returncode == 2 and "significance.py: error: 3 treatment scores" in bad.stderr
+    assert run_tool("--treatment-scores", "1,2").returncode == 2
