@@ -1,0 +1,116 @@
+"""A SQLite reply cache (WAL): a request answered once is never paid for again.
+
+Each reply is committed the moment it arrives, so after a crash or a kill -9 a rerun finds every
+reply that had come back and requests only the rest. The key is a SHA-256 of everything that
+decides the reply: model, prompt version, target language, the content sent (instructions and
+source text) and the request settings; callers add what else matters (e.g. the attempt number of
+a retry with a stricter instruction). The cache holds replies and batch ids, never a credential.
+
+The same database records the Batch API batches a run submitted, so a killed `--batch` run
+resumes by polling them instead of submitting (and paying for) the same requests again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sqlite3
+import time
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS replies (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    language TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    content TEXT NOT NULL,
+    finish_reason TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    input_file_id TEXT NOT NULL,
+    request_keys TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+def request_key(*, model: str, prompt_version: str, language: str, content, settings: dict,
+                **extra) -> str:
+    """The cache key: SHA-256 of the canonical JSON of every part (sorted keys)."""
+    parts = {"model": model, "prompt_version": prompt_version, "language": language,
+             "content": content, "settings": settings, **extra}
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedReply:
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ReplyCache:
+    def __init__(self, path: str | os.PathLike):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        self.path = os.fspath(path)
+        self._db = sqlite3.connect(self.path, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL under WAL: a committed transaction survives the process being killed (it is in
+        # the WAL file); only an OS crash or power loss may lose the last few.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "ReplyCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+    def get(self, key: str) -> CachedReply | None:
+        row = self._db.execute(
+            "SELECT content, finish_reason, prompt_tokens, completion_tokens FROM replies WHERE key = ?",
+            (key,)).fetchone()
+        return None if row is None else CachedReply(*row)
+
+    def put(self, key: str, reply, *, model: str, language: str, attempt: int) -> None:
+        """Store and commit one reply (any object with content, finish_reason and token counts)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, model, language, attempt, reply.content, reply.finish_reason,
+             int(reply.prompt_tokens), int(reply.completion_tokens), time.time()))
+        self._db.commit()
+
+    # -- Batch API bookkeeping ----------------------------------------------------------------------
+
+    def record_batch(self, batch_id: str, input_file_id: str, keys: list[str]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?)",
+                         (batch_id, input_file_id, json.dumps(keys), "submitted", time.time()))
+        self._db.commit()
+
+    def pending_batches(self) -> list[tuple[str, list[str]]]:
+        """(batch id, request keys) of every submitted batch whose results are not stored yet."""
+        rows = self._db.execute(
+            "SELECT batch_id, request_keys FROM batches WHERE status = 'submitted' ORDER BY created"
+        ).fetchall()
+        return [(batch_id, json.loads(keys)) for batch_id, keys in rows]
+
+    def finish_batch(self, batch_id: str, status: str) -> None:
+        self._db.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (status, batch_id))
+        self._db.commit()

@@ -1,0 +1,334 @@
+"""A chat-completions client for any OpenAI-compatible endpoint, built to run unattended for hours.
+
+`openai.AsyncOpenAI` does the HTTP; its own retries are switched off (`max_retries=0`) so that
+attempts do not multiply with ours. Ours retry what a later attempt can fix:
+
+- 429 rate limits, waiting what `Retry-After` / `retry-after-ms` asks (and holding back every
+  other request of this client for that long: the limit is shared);
+- 5xx, 408 and 409, timeouts and dropped connections;
+- a 200 whose body does not parse, has no choices, or whose message content is null;
+
+with exponential backoff and jitter. 429 `insufficient_quota` and other 4xx are not retried.
+At most `concurrency` requests are in flight at once. The API key is read from the environment
+only and never printed, logged or stored: it travels in the Authorization header and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections import Counter
+from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+# Sent to a self-hosted server (vLLM, the local test server) when the environment holds no key:
+# the client library insists on some key, and these servers do not check it.
+PLACEHOLDER_API_KEY = "no-key-for-a-self-hosted-server"
+
+# OpenAI's reasoning models (GPT-5 family, o-series) accept only the default temperature/top_p
+# and take `max_completion_tokens` and `reasoning_effort`.
+_REASONING_MODEL = re.compile(r"^(?:[\w.-]+/)?(?:gpt-5|o1|o3|o4)(?:$|[-.:])")
+
+
+def is_reasoning_model(model: str) -> bool:
+    return bool(_REASONING_MODEL.match(model))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSettings:
+    """The request settings of a chat completion (besides the messages)."""
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    reasoning_effort: str | None = None
+    extra_body: dict | None = None
+
+    def __post_init__(self):
+        if is_reasoning_model(self.model) and (self.temperature is not None or self.top_p is not None):
+            raise ValueError(f"{self.model} is a reasoning model (GPT-5 family / o-series): it accepts "
+                             "only the default temperature and top_p; set reasoning_effort instead")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    def request_kwargs(self) -> dict:
+        """What goes to `client.chat.completions.create` besides `messages`."""
+        kwargs: dict[str, Any] = {"model": self.model}
+        if is_reasoning_model(self.model):
+            if self.max_tokens is not None:
+                kwargs["max_completion_tokens"] = self.max_tokens
+        else:
+            for name in ("temperature", "top_p", "max_tokens"):
+                if getattr(self, name) is not None:
+                    kwargs[name] = getattr(self, name)
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if self.extra_body:
+            kwargs["extra_body"] = dict(self.extra_body)
+        return kwargs
+
+    def as_dict(self) -> dict:
+        """Every field, for cache keys and run records."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatReply:
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: int
+
+
+class ChatRequestFailed(RuntimeError):
+    """Retries exhausted, or an error no retry can fix. `reason` names the last failure
+    (`rate_limit`, `server_error`, `timeout`, `connection`, `unparsable_body`, `no_choices`,
+    `null_content`, `http_<status>`, `insufficient_quota`); `attempts` counts the requests sent."""
+
+    def __init__(self, reason: str, attempts: int, detail: str = ""):
+        super().__init__(f"request failed after {attempts} attempt(s): {reason}"
+                         + (f" ({detail})" if detail else ""))
+        self.reason = reason
+        self.attempts = attempts
+
+
+@dataclasses.dataclass
+class ChatStats:
+    """Live counters of one client. `requests` counts HTTP attempts, `retries` the attempts after a
+    first (by reason in `retry_reasons`), `failures` the calls that raised ChatRequestFailed."""
+
+    requests: int = 0
+    succeeded: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retry_reasons: Counter = dataclasses.field(default_factory=Counter)
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after_s: float | None = None, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.detail = detail
+
+
+class _Fatal(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _is_openai_host(base_url: str | None) -> bool:
+    host = urlparse(base_url or OPENAI_BASE_URL).hostname or ""
+    return host == "openai.com" or host.endswith(".openai.com")
+
+
+def parse_retry_after(headers) -> float | None:
+    """Seconds a 429/503 asks to wait: `retry-after-ms`, else `retry-after` (seconds or an HTTP
+    date); None when absent or unreadable."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _classify(exc: BaseException) -> Exception:
+    """Map what the openai library raised to _Retryable / _Fatal; anything else propagates."""
+    import openai
+    import pydantic
+
+    if isinstance(exc, openai.RateLimitError):
+        code = getattr(exc, "code", None)
+        if code == "insufficient_quota":  # a 429 that no waiting fixes
+            return _Fatal("insufficient_quota", str(exc))
+        return _Retryable("rate_limit", parse_retry_after(exc.response.headers))
+    if isinstance(exc, openai.APITimeoutError):  # a subclass of APIConnectionError: first
+        return _Retryable("timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        return _Retryable("connection", detail=type(exc.__cause__ or exc).__name__)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status >= 500 or status in (408, 409):
+            return _Retryable("server_error", parse_retry_after(exc.response.headers), f"HTTP {status}")
+        return _Fatal(f"http_{status}", exc.message)
+    if isinstance(exc, (json.JSONDecodeError, pydantic.ValidationError,
+                        openai.APIResponseValidationError, UnicodeDecodeError)):
+        return _Retryable("unparsable_body", detail=type(exc).__name__)
+    return exc
+
+
+class ChatClient:
+    """Bounded, retrying chat completions (see the module docstring). Use within one event loop;
+    `await client.aclose()` at the end."""
+
+    def __init__(self, base_url: str | None, *, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 16, max_retries: int = 6, timeout_s: float = 600.0,
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 60.0):
+        import openai
+
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        api_key = os.environ.get(api_key_env) or None
+        if api_key is None:
+            if base_url is None or _is_openai_host(base_url):
+                raise ValueError(f"no API key: set {api_key_env} in the environment "
+                                 "(or give the base URL of a self-hosted server)")
+            api_key = PLACEHOLDER_API_KEY
+        self.base_url = base_url or OPENAI_BASE_URL
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.stats = ChatStats()
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=self.base_url,
+                                          max_retries=0, timeout=timeout_s)
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._paused_until = 0.0  # monotonic time before which no request starts (Retry-After)
+
+    def __repr__(self) -> str:  # never the key
+        return f"ChatClient(base_url={self.base_url!r}, concurrency={self.concurrency})"
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> "ChatClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # -- chat completions -------------------------------------------------------------------------
+
+    async def complete(self, messages: list[dict], settings: ChatSettings) -> ChatReply:
+        kwargs = settings.request_kwargs()
+
+        async def send():
+            from openai.types.chat import ChatCompletion
+
+            completion = await self._client.chat.completions.create(messages=messages, **kwargs)
+            if not isinstance(completion, ChatCompletion):  # a non-JSON content type: text back
+                raise _Retryable("unparsable_body", detail="not a JSON body")
+            choices = getattr(completion, "choices", None)
+            if not choices:
+                raise _Retryable("no_choices")
+            choice = choices[0]
+            message = getattr(choice, "message", None)
+            content = getattr(message, "content", None)
+            if not isinstance(content, str):
+                raise _Retryable("null_content")
+            usage = getattr(completion, "usage", None)
+            return (content, getattr(choice, "finish_reason", None) or "stop",
+                    int(getattr(usage, "prompt_tokens", 0) or 0),
+                    int(getattr(usage, "completion_tokens", 0) or 0))
+
+        (content, finish_reason, prompt_tokens, completion_tokens), attempts = \
+            await self._with_retries(send)
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        return ChatReply(content, finish_reason, prompt_tokens, completion_tokens, attempts)
+
+    # -- Batch API (files + batches), for --batch runs ----------------------------------------------
+
+    async def upload_batch_file(self, data: bytes, filename: str = "requests.jsonl") -> str:
+        async def send():
+            return (await self._client.files.create(file=(filename, data), purpose="batch")).id
+        return (await self._with_retries(send))[0]
+
+    async def create_batch(self, input_file_id: str, metadata: dict | None = None) -> str:
+        async def send():
+            batch = await self._client.batches.create(
+                input_file_id=input_file_id, endpoint="/v1/chat/completions",
+                completion_window="24h", metadata=metadata)
+            return batch.id
+        return (await self._with_retries(send))[0]
+
+    async def retrieve_batch(self, batch_id: str):
+        async def send():
+            return await self._client.batches.retrieve(batch_id)
+        return (await self._with_retries(send))[0]
+
+    async def file_text(self, file_id: str) -> str:
+        async def send():
+            return (await self._client.files.content(file_id)).text
+        return (await self._with_retries(send))[0]
+
+    # -- the retry loop -----------------------------------------------------------------------------
+
+    async def _with_retries(self, send: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+        attempt = 0
+        while True:
+            attempt += 1
+            async with self._semaphore:
+                await self._wait_for_pause()
+                self.stats.requests += 1
+                try:
+                    result = await send()
+                except (_Retryable, _Fatal) as e:
+                    outcome = e
+                except Exception as e:  # noqa: BLE001 — classified, or re-raised as it is
+                    outcome = _classify(e)
+                    if outcome is e:
+                        raise
+                else:
+                    self.stats.succeeded += 1
+                    return result, attempt
+                if isinstance(outcome, _Retryable) and outcome.retry_after_s is not None:
+                    # The limit is shared: every request of this client waits that long, set
+                    # before this slot is released so that no waiting request slips through.
+                    self._paused_until = max(self._paused_until,
+                                             time.monotonic() + outcome.retry_after_s)
+            if isinstance(outcome, _Fatal) or attempt > self.max_retries:
+                self.stats.failures += 1
+                raise ChatRequestFailed(outcome.reason, attempt, outcome.detail)
+            self.stats.retries += 1
+            self.stats.retry_reasons[outcome.reason] += 1
+            delay = self._delay(attempt, outcome.retry_after_s)
+            log.info("retrying after %s (attempt %d, waiting %.2fs)", outcome.reason, attempt, delay)
+            await asyncio.sleep(delay)
+
+    def _delay(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            # The server said how long; a little jitter on top so the held-back requests do not
+            # all return in the same instant.
+            return retry_after_s + random.uniform(0.0, min(0.1 * retry_after_s, 1.0))
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # "equal jitter"
+
+    async def _wait_for_pause(self) -> None:
+        while (wait := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
