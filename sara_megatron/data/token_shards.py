@@ -10,6 +10,9 @@
 
 A shard's files are written under temporary names and renamed into place; its marker is written
 last, so a shard is complete exactly when its marker exists (and names the current plan).
+A reader checks each shard where it is first used (`shard_verification`): its structure and
+token ids always, the manifest's sha256 unless opened with `verify=False`; a stamp beside the
+shard (`<lang>-00000.verified.json`) remembers the result for unchanged files.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sara_megatron.data.atomic_files import (
     temporary_path,
     write_json_atomic,
 )
+from sara_megatron.data.shard_verification import check_shard, shard_content_hashes
 
 SHARDS_FORMAT = "sara-token-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -140,9 +144,13 @@ class ShardedSample:
 
 
 class TokenShards:
-    """Reader of a finished shard directory (the manifest must exist)."""
+    """Reader of a finished shard directory (the manifest must exist).
 
-    def __init__(self, root: str | os.PathLike, verify: bool = False):
+    Each language's shards are checked when first used (`samples`): structure and token ids
+    always; with `verify` (the default) also every file's sha256 against the manifest, remembered
+    for unchanged files by a stamp beside each shard. A damaged shard raises ShardDamagedError."""
+
+    def __init__(self, root: str | os.PathLike, verify: bool = True):
         self.root = os.fspath(root)
         path = os.path.join(self.root, MANIFEST_NAME)
         if not os.path.exists(path):
@@ -157,8 +165,8 @@ class TokenShards:
                              f"expected {SHARDS_FORMAT!r}")
         self._datasets: dict[tuple[str, int], object] = {}
         self._samples: dict[str, list[ShardedSample]] = {}
-        if verify:
-            self.verify()
+        self.verify_hashes = verify
+        self._checked: dict[str, list] = {}  # language -> per shard: verified hashes or None
 
     @property
     def anchor_language(self) -> str:
@@ -176,8 +184,19 @@ class TokenShards:
     def target_languages(self) -> list[str]:
         return [lang for lang in self.languages if lang != self.anchor_language]
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
     def language_fingerprint(self, language: str) -> str:
-        return self._language(language)["fingerprint"]
+        """The fingerprint of a language's shards, derived from the sha256 of their files as
+        they are on disk (verified against the manifest unless verification is off), never
+        copied from the manifest: a store of priors records what it was computed from."""
+        self.check_language(language)
+        hashes = [h if h is not None else shard_content_hashes(self.root, shard)
+                  for h, shard in zip(self._checked[language],
+                                      self._language(language)["shards"])]
+        return language_fingerprint([{"sha256": h} for h in hashes])
 
     def _language(self, language: str) -> dict:
         if language not in self.manifest["languages"]:
@@ -185,18 +204,29 @@ class TokenShards:
                            f"(languages: {', '.join(self.languages)})")
         return self.manifest["languages"][language]
 
+    def check_language(self, language: str) -> None:
+        """Check the language's shards once (see the class doc); raises ShardDamagedError."""
+        if language in self._checked and (not self.verify_hashes
+                                          or None not in self._checked[language]):
+            return
+        self._checked[language] = [
+            check_shard(self.root, shard, self.vocab_size, check_hash=self.verify_hashes)
+            for shard in self._language(language)["shards"]
+        ]
+
     def verify(self) -> None:
-        """Check every shard file against the sha256 recorded when it was written."""
-        for language in self.languages:
-            for shard in self._language(language)["shards"]:
-                for key, path in _paths(self.root, shard["prefix"]).items():
-                    if sha256_file(path) != shard["sha256"][key]:
-                        raise ValueError(f"token shard file {path} is corrupt: sha256 differs "
-                                         "from the manifest")
+        """Check every shard of every language, sha256 included."""
+        verify_hashes, self.verify_hashes = self.verify_hashes, True
+        try:
+            for language in self.languages:
+                self.check_language(language)
+        finally:
+            self.verify_hashes = verify_hashes
 
     def samples(self, language: str) -> list[ShardedSample]:
         """Every sample of `language` in shard order, with its metadata."""
         if language not in self._samples:
+            self.check_language(language)
             out = []
             for shard_index, shard in enumerate(self._language(language)["shards"]):
                 path = _paths(self.root, shard["prefix"])["samples"]

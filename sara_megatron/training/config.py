@@ -7,10 +7,17 @@ Paper defaults (SARA §4): lr 2e-5 with cosine decay, global batch 256, 2 epochs
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Optional
 
 import yaml
+
+from sara_megatron.tool_errors import UserFacingError
+
+
+class ConfigError(UserFacingError, ValueError):
+    """A config file or value that cannot be used: the tools print it as one line."""
 
 
 @dataclasses.dataclass
@@ -47,6 +54,9 @@ class DataSection:
     # Random full-length token rows and flat-Dirichlet priors instead of shards and a prior store
     # (step-time benchmarks; needs optim.train_steps). See sara_megatron.data.mock_batches.
     mock: bool = False
+    # sha256 of the token shards against their manifest on first open (remembered by a stamp
+    # beside each shard); structure and token ids are checked either way. docs/integrity.md
+    verify_shards: bool = True
 
 
 @dataclasses.dataclass
@@ -81,6 +91,9 @@ class CheckpointSection:
     save_dir: Optional[str] = None
     save_interval: int = 0  # steps; 0 = only at the end
     resume: bool = True  # resume from save_dir's latest checkpoint when there is one
+    # A damaged latest checkpoint: false resumes from the newest intact one with a warning,
+    # true refuses to start. docs/integrity.md
+    strict_resume: bool = False
 
 
 @dataclasses.dataclass
@@ -152,13 +165,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_train_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    raw: dict = {}
-    if path:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    raw = apply_overrides(raw, overrides or [])
-    config = _build(TrainConfig, raw, "")  # every value coerced to its field's type
-    _validate(config)
+    """The run config; a file or value that cannot be used raises ConfigError naming it."""
+    try:
+        raw: dict = {}
+        if path:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        raw = apply_overrides(raw, overrides or [])
+        config = _build(TrainConfig, raw, "")  # every value coerced to its field's type
+        _validate(config)
+    except ConfigError:
+        raise
+    except OSError as err:
+        raise ConfigError(f"--config {path}: {err.strerror or err}") from None
+    except (ValueError, yaml.YAMLError) as err:
+        raise ConfigError(str(err)) from None
     return config
 
 
@@ -275,6 +296,19 @@ def _choices() -> list[tuple[str, tuple[str, ...]]]:
     return [("sara.impl", IMPLEMENTATIONS)]
 
 
+def _check_finite(config: TrainConfig) -> None:
+    """Every number of the config is finite: inf passes the ">= 0" range checks (optim.lr=inf
+    trained on NaN from the first step, and saved it)."""
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        items = ([(f"{section.name}.{f.name}", getattr(value, f.name))
+                  for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value)
+                 else [(section.name, value)])
+        for key, item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{key} must be a finite number, got {item!r}")
+
+
 def _validate(config: TrainConfig) -> None:
     for key, accepts, expected in _RANGES:
         section, name = key.split(".")
@@ -282,6 +316,7 @@ def _validate(config: TrainConfig) -> None:
         # not (v >= 0) also refuses nan, which every comparison answers False.
         if value is not None and not accepts(value):
             raise ValueError(f"{key} must be {expected}, got {value!r}")
+    _check_finite(config)
     for key, choices in _choices():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

@@ -1,0 +1,111 @@
+"""Errors a user can fix, and the checks on outputs every tool makes before any compute.
+
+A `UserFacingError` is printed by the tools as one line, `<tool>: error: <message>`, with exit
+status 2 (see `training.launch.exit_at_once_on_error`), not as a traceback: a damaged shard or
+checkpoint, a run that went non-finite, an output folder that cannot be written, a full disk.
+
+`check_writable_output` is the one check of an output path, made before the model is built:
+the folder that will hold it (or its nearest existing parent) must take a new file, and its file
+system must have free space. A full disk met later is reported by `disk_full_error` in plain
+words (errno 28, ENOSPC), whatever layer (numpy, torch's zip writer, megatron) hit it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from typing import Optional
+
+
+class UserFacingError(Exception):
+    """Mixed into errors whose message says what to fix: printed as one line, exit 2."""
+
+
+class OutputNotWritableError(UserFacingError, OSError):
+    pass
+
+
+class DiskFullError(UserFacingError, OSError):
+    pass
+
+
+def _existing_folder(path: str) -> str:
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return folder
+
+
+def disk_full_message(path: str) -> str:
+    return (f"no space left on the device holding {path} (errno 28, ENOSPC): free some space "
+            "there or write to another folder")
+
+
+def check_writable_output(path: str | os.PathLike, what: str, is_file: bool = False) -> None:
+    """Refuse an output that cannot be written, naming `what` (e.g. "--json" or
+    "checkpoint.save_dir"). `is_file`: `path` names a file (its folder is checked), else a
+    folder (it or the nearest existing parent)."""
+    path = os.fspath(path)
+    target = os.path.dirname(os.path.abspath(path)) if is_file else path
+    folder = _existing_folder(target)
+    if is_file and os.path.isdir(path):
+        raise OutputNotWritableError(f"{what} {path} is a folder, not a file")
+    if not is_file and os.path.exists(path) and not os.path.isdir(path):
+        raise OutputNotWritableError(f"{what} {path} is a file, not a folder")
+    try:
+        # A real write, not os.access: root passes access checks on a read-only mount.
+        fd, probe = tempfile.mkstemp(prefix=".sara-write-probe-", dir=folder)
+        try:
+            os.write(fd, b"\0")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(errno.ENOSPC, f"{what}: {disk_full_message(folder)}") from None
+        raise OutputNotWritableError(
+            err.errno, f"{what} {path}: cannot write in {folder} ({err.strerror or err})"
+        ) from None
+    stats = os.statvfs(folder)
+    if stats.f_bavail == 0:
+        raise DiskFullError(errno.ENOSPC, f"{what}: {disk_full_message(folder)}")
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def is_disk_full(err: BaseException, path: Optional[str] = None) -> bool:
+    """Whether `err` (or what caused it) is a full disk: errno 28 anywhere in its chain, or, for
+    errors that lose the errno (torch's zip writer says "file write failed"), a write error while
+    the file system holding `path` has no space left."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+    if path is not None and any("write" in str(e).lower() for e in _chain(err)):
+        try:
+            stats = os.statvfs(_existing_folder(path))
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize < (1 << 20)
+    return False
+
+
+def disk_full_error(err: BaseException, path: str) -> Optional[DiskFullError]:
+    """A DiskFullError for `err` when it is a full disk (see `is_disk_full`), else None."""
+    if isinstance(err, DiskFullError):
+        return err
+    if is_disk_full(err, path):
+        return DiskFullError(errno.ENOSPC, disk_full_message(path))
+    return None
