@@ -9,7 +9,8 @@ before fine-tuning and stores, per sample and layer, the masked sequence mean of
 routing softmax over all experts. Every non-padding token counts (prompt and response). A rerun
 after a kill skips the samples already stored. The store records the model's fingerprint (see
 sara_megatron/priors/fingerprint.py) and the anchor shards' fingerprint.
-A rank that fails prints its traceback and exits at once (torchrun then stops the others).
+A rank that fails prints its traceback and exits at once (torchrun then stops the others); a
+damaged shard or checkpoint, an unwritable --output or a full disk prints one line and exits 2.
 """
 
 import argparse
@@ -31,7 +32,13 @@ from sara_megatron.priors import (
     parse_layer_selection,
 )
 from sara_megatron.priors.extraction import ExtractionProgress, ExtractionSettings, extract_priors
-from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
+from sara_megatron.tool_errors import check_writable_output
+from sara_megatron.training.launch import (
+    configure_logging,
+    exit_at_once_on_error,
+    exit_with_parent,
+    launcher_rank,
+)
 
 
 def parse_args(argv=None):
@@ -57,6 +64,10 @@ def parse_args(argv=None):
                    help="bf16 weights and activations (router logits and softmax stay fp32); "
                         "recorded in the store: resuming it without --bf16 is refused, and "
                         "the other way round")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the token shards against their manifest on "
+                        "first open (structure and token ids are checked; the corpus "
+                        "fingerprint is computed from the files either way)")
     args = p.parse_args(argv)
     # Checked here, not after the model is built and loaded (and a store.json written).
     for flag in ("tp", "ep", "pp", "micro_batch_size", "num_microbatches", "flush_every"):
@@ -67,6 +78,10 @@ def parse_args(argv=None):
         p.error(f"--checkpoint {args.checkpoint}: no such directory")
     if not os.path.isdir(args.shards):
         p.error(f"--shards {args.shards}: no such directory")
+    try:
+        check_writable_output(args.output, "--output")
+    except OSError as err:
+        p.error(str(err.strerror or err))
     return args
 
 
@@ -112,8 +127,8 @@ def run(args) -> dict:
     arch = model_architecture(args)
     arch.validate_parallel(tp=args.tp, ep=args.ep, pp=args.pp)
     layers = parse_layer_selection(args.layers, arch.num_layers)
-    shards = TokenShards(args.shards)
-    vocab = shards.manifest["tokenizer"]["vocab_size"]
+    shards = TokenShards(args.shards, verify=not args.no_verify)
+    vocab = shards.vocab_size
     if vocab > arch.vocab_size:
         raise SystemExit(f"the shards' tokenizer has {vocab} ids, the model embeds "
                          f"{arch.vocab_size}: sharded with another model's tokenizer?")
@@ -128,6 +143,7 @@ def run(args) -> dict:
         dtype=args.dtype,
         anchor_language=shards.anchor_language,
         model_fingerprint=shared_model_fingerprint(args.checkpoint),
+        # From the anchor shards' files as they are (verified), not copied from the manifest.
         corpus_fingerprint=shards.language_fingerprint(shards.anchor_language),
         compute_dtype="bf16" if args.bf16 else "fp32",  # a rerun with the other is refused
     )
@@ -150,9 +166,10 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank):
+    with exit_at_once_on_error(rank, "extract_priors.py", output=args.output):
         run(args)
     destroy_distributed()  # only after success: its barrier needs every rank
     return 0

@@ -20,7 +20,13 @@ from sara_megatron.distributed import ParallelConfig, destroy_distributed, initi
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import build_model
 from sara_megatron.priors import parse_layer_selection
-from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
+from sara_megatron.tool_errors import check_writable_output
+from sara_megatron.training.launch import (
+    configure_logging,
+    exit_at_once_on_error,
+    exit_with_parent,
+    launcher_rank,
+)
 
 
 def main():
@@ -32,6 +38,9 @@ def main():
     p.add_argument("--languages", nargs="*", help="target languages (default: all targets)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", help="write {language: [JS per layer]} here")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the token shards on first open (structure "
+                        "and token ids are checked)")
     args = p.parse_args()
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -41,6 +50,11 @@ def main():
         p.error(f"--shards {args.shards}: no such directory")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist")
+    if args.json:
+        try:  # before the compute, not after the table
+            check_writable_output(args.json, "--json", is_file=True)
+        except OSError as err:
+            p.error(str(err.strerror or err))
 
     try:
         arch = resolve_architecture(args.model)
@@ -48,14 +62,15 @@ def main():
     except (ValueError, OSError) as err:
         p.error(f"--model / --layers: {err}")
 
+    exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank):
+    with exit_at_once_on_error(rank, "routing_divergence.py", output=args.json):
         initialize_distributed(ParallelConfig())
         model = build_model(arch)
         load_model_weights(model, args.checkpoint)
-        result = routing_divergence(model, TokenShards(args.shards), layers, args.languages,
-                                    args.batch_size)
+        shards = TokenShards(args.shards, verify=not args.no_verify)
+        result = routing_divergence(model, shards, layers, args.languages, args.batch_size)
         print(format_divergence_table(layers, {"JS": result}))
         if args.json:
             with open(args.json, "w") as f:

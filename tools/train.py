@@ -4,7 +4,9 @@
         --set data.shards_dir=data/shards --set data.prior_store=data/priors
 
 λ_JS = 0 (`--set sara.lambda_js=0`) is the full fine-tuning baseline on the same code path.
-A rank that fails prints its traceback and exits at once (torchrun then stops the others).
+A rank that fails prints its traceback and exits at once (torchrun then stops the others); an
+error the user can fix (a bad setting, a damaged shard or checkpoint, a non-finite loss, an
+unwritable output, a full disk) prints one line, `train.py: error: ...`, and exits 2.
 """
 
 import argparse
@@ -15,6 +17,7 @@ from sara_megatron.training.launch import (
     check_before_start,
     configure_logging,
     exit_at_once_on_error,
+    exit_with_parent,
     launcher_rank,
 )
 
@@ -26,10 +29,19 @@ def main():
                    help="override a config value, e.g. --set optim.lr=1e-5 (repeatable)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule keeps "
                    "its full length, so a later run resumes the same trajectory)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the token shards on their first open (same as "
+                        "--set data.verify_shards=false; structure and token ids are checked)")
     args = p.parse_args()
+    if not args.config and not args.overrides:
+        p.error("a config is required: --config FILE (see examples/), and/or --set KEY=VALUE "
+                "for each setting that differs from the defaults")
+    if args.no_verify:
+        args.overrides.append("data.verify_shards=false")
+    exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank):
+    with exit_at_once_on_error(rank, p.prog):
         cfg = load_train_config(args.config, args.overrides)
         check_before_start(cfg, rank)
         train(cfg, max_steps=args.max_steps)

@@ -2,6 +2,8 @@
 
 A checkpoint written at one TP/EP/PP layout loads at any other: megatron's sharded state dict
 names every tensor by its global key and offset (experts by global id, layers by global index).
+Every save writes the folder's manifest of file hashes and every load checks it first
+(`checkpointing.manifest`): a damaged file is named before any tensor is read.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import os
 
 import torch
+
+from sara_megatron.checkpointing.manifest import verify_checkpoint, write_checkpoint_manifest
 
 
 def _chunks(model) -> list:
@@ -30,6 +34,7 @@ def save_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
 
     os.makedirs(checkpoint_dir, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(model), os.fspath(checkpoint_dir))
+    write_checkpoint_manifest(os.fspath(checkpoint_dir))
 
 
 def check_recorded_architecture(arch, checkpoint_dir: str | os.PathLike) -> None:
@@ -77,6 +82,7 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = 
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     chunks = _chunks(model)
+    verify_checkpoint(checkpoint_dir)  # collective: each rank hashes a share of the files
     arch = _built_architecture(chunks[0])
     if arch is not None:
         check_recorded_architecture(arch, checkpoint_dir)

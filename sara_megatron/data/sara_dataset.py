@@ -59,6 +59,9 @@ class SaraDataConfig:
     pad_id: int = 0
     expected_model_fingerprint: Optional[str | tuple[str, ...]] = None  # any one will do
     verify_prior_store: str = "open"  # "open" | "lazy"
+    # sha256 of the token shards against their manifest on first open (a stamp beside each shard
+    # remembers it); structure and token ids are checked either way (shard_verification).
+    verify_shards: bool = True
     # True: hold the priors in a PriorTable, batches carry row indices (see the module doc);
     # False: read each batch's priors from the store in the loader (stores too large to hold).
     prior_table: bool = True
@@ -233,7 +236,7 @@ def build_sara_data_loader(config: SaraDataConfig, dp_rank: int = 0, dp_size: in
     """This data-parallel rank's micro-batches, from `consumed_samples` on (global count).
     With priors and `config.prior_table`, `loader.prior_table` holds them on `prior_device`
     (None: CPU); fill a batch's priors with `batch.with_priors(loader.prior_table)`."""
-    shards = TokenShards(config.shards_dir)
+    shards = TokenShards(config.shards_dir, verify=config.verify_shards)
     dataset = SaraTrainingSamples(shards, resolve_languages(shards, config.languages))
     store, prior_layers, table = None, (), None
     if config.prior_store is not None:

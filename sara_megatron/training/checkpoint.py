@@ -11,19 +11,32 @@ re-launched) moves its old copy aside to `iter_N.old/` until the new one is in p
 it back if a kill came in between. RNG needs no saving: the trainer reseeds every step from
 (seed, step), so a resumed run draws what an uninterrupted one would, at any layout.
 The optimizer state is saved "fully_reshardable", so a run may resume at another TP/PP/EP layout.
+
+Integrity (docs/integrity.md): each save writes the manifest of its files' sha256 inside
+`iter_N.tmp/`, before the rename; a resume checks it (`resume_iteration`) and, when the latest
+checkpoint is damaged, names the file and resumes from the newest intact one with a warning (or
+refuses, `checkpoint.strict_resume`). An unreadable `latest...txt` falls back to the `iter_*`
+folders. A save that fails removes its `iter_N.tmp/` (a full disk is reported as such).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from sara_megatron.checkpointing.manifest import (
+    CheckpointDamagedError,
+    verify_checkpoint,
+    write_checkpoint_manifest,
+)
 from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.tool_errors import disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +50,70 @@ def iteration_dir(save_dir: str, iteration: int) -> str:
 
 
 def latest_iteration(save_dir: Optional[str]) -> Optional[int]:
-    """The iteration `latest...txt` names, or None when there is no complete checkpoint."""
+    """The iteration `latest...txt` names, or None when there is no complete checkpoint. A
+    pointer that cannot be read (garbage, empty) falls back to the newest `iter_*` folder."""
     if not save_dir:
         return None
     path = os.path.join(save_dir, LATEST_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        iteration = int(f.read().strip())
+    try:
+        with open(path, encoding="utf-8") as f:
+            iteration = int(f.read().strip())
+        if iteration < 0:
+            raise ValueError(iteration)
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        found = saved_iterations(save_dir)
+        log.warning("%s cannot be read (%s): using the newest iteration folder instead (%s)",
+                    path, err, iteration_dir(save_dir, found[-1]) if found else "none found")
+        return found[-1] if found else None
     folder = iteration_dir(save_dir, iteration)
     if not os.path.isdir(folder):
         _restore_set_aside(folder)
     if not os.path.isdir(folder):
         raise RuntimeError(f"{path} names iteration {iteration}, whose folder is missing")
     return iteration
+
+
+_ITERATION_DIR = re.compile(r"iter_(\d{7})")
+
+
+def saved_iterations(save_dir: str) -> list[int]:
+    """The iterations with a published folder in `save_dir` (not `.tmp` / `.old`), ascending."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for name in names
+                  if (m := _ITERATION_DIR.fullmatch(name))
+                  and os.path.isdir(os.path.join(save_dir, name)))
+
+
+def resume_iteration(save_dir: Optional[str], strict: bool = False) -> Optional[int]:
+    """Collective. The iteration to resume from: the latest, when its files match its manifest;
+    else (a damaged latest) the newest intact older one, with a warning naming the damage, or,
+    with `strict`, CheckpointDamagedError."""
+    latest = latest_iteration(save_dir)
+    if latest is None:
+        return None
+    candidates = [latest] + [i for i in reversed(saved_iterations(save_dir)) if i < latest]
+    damage = []
+    for iteration in candidates:
+        try:
+            verify_checkpoint(iteration_dir(save_dir, iteration))
+        except CheckpointDamagedError as err:
+            if strict:
+                raise CheckpointDamagedError(err.folder, f"{err} (checkpoint.strict_resume: "
+                                             "set it false to resume from the newest intact "
+                                             "checkpoint instead)") from None
+            damage.append(str(err))
+            continue
+        if damage:
+            log.warning("%s; resuming from the newest intact checkpoint, %s",
+                        "; ".join(damage), iteration_dir(save_dir, iteration))
+        return iteration
+    raise CheckpointDamagedError(save_dir, f"no intact checkpoint in {save_dir}: "
+                                 + "; ".join(damage))
 
 
 def _restore_set_aside(folder: str) -> None:
@@ -109,10 +172,20 @@ def save_training_checkpoint(
     state["scheduler"] = scheduler.state_dict()
     state["trainer"] = dict(extra, iteration=iteration, optimizer_parts=_optimizer_parts(optimizer),
                             optimizer_kinds=_optimizer_kinds(optimizer))
-    dist_checkpointing.save(state, staging)
-    dist.barrier()
+    try:
+        dist_checkpointing.save(state, staging)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _carry_conversion_metadata(conversion_source, staging)
+        write_checkpoint_manifest(staging)  # collective; inside the folder the rename publishes
+    except BaseException as err:
+        # The partial save would hold the last free bytes (a full disk) until the next save.
+        shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full_error(err, staging)
+        if full is not None:
+            raise full from err
+        raise
     if dist.get_rank() == 0:
-        _carry_conversion_metadata(conversion_source, staging)
         _commit(save_dir, staging, final, iteration)
         log.info("saved %s", final)
     dist.barrier()

@@ -5,18 +5,28 @@ A rank that raises must not go on to a clean shutdown: `destroy_distributed()` w
 for ranks that are themselves waiting for it (in a collective it will never join), so the job
 hangs and the traceback, printed only after the `finally`, never shows. Instead the failing rank
 prints its traceback and exits non-zero at once; torchrun (or srun) then ends the other ranks.
+An error the user can fix (`tool_errors.UserFacingError`: a damaged shard or checkpoint, a
+non-finite run, an unwritable output, a full disk) is one line, `<tool>: error: <message>`,
+exit status 2.
+
+No orphans: a process started by torchrun / srun dies with its launcher, and every process
+forked from a tool (megatron's checkpoint writer helpers, data-loader workers) dies with the
+process that forked it (Linux's parent-death signal, `exit_with_parent`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import sys
 import traceback
-from typing import Iterator
+from typing import Iterator, Optional
 
 from sara_megatron.distributed import read_launcher_env
+from sara_megatron.tool_errors import UserFacingError, check_writable_output, disk_full_error
 from sara_megatron.training.config import TrainConfig
 from sara_megatron.training.metrics import check_metrics_setup
 
@@ -39,23 +49,73 @@ def check_before_start(cfg: TrainConfig, rank: int) -> None:
     rank 0 only: its json_log folder need not exist on other nodes."""
     if rank == 0:
         lg = cfg.logging
+        # Every output, before the model is built: not after the compute.
+        if cfg.checkpoint.save_dir:
+            check_writable_output(cfg.checkpoint.save_dir, "checkpoint.save_dir")
+        if lg.json_log:
+            check_writable_output(lg.json_log, "logging.json_log", is_file=True)
+        if lg.tensorboard_dir:
+            check_writable_output(lg.tensorboard_dir, "logging.tensorboard_dir")
         check_metrics_setup(lg.tensorboard_dir, lg.wandb_project, lg.json_log)
 
 
+def user_error_message(err: BaseException, output: Optional[str] = None) -> Optional[str]:
+    """The one-line message of an error the user can fix, else None. `output`: the folder the
+    tool writes to (a write error there with no space left is a full disk)."""
+    full = disk_full_error(err, output or os.getcwd())
+    if full is not None:
+        return str(full.strerror or full)
+    if isinstance(err, UserFacingError):
+        return str(err.strerror) if isinstance(err, OSError) and err.strerror else str(err)
+    return None
+
+
 @contextlib.contextmanager
-def exit_at_once_on_error(rank: int) -> Iterator[None]:
+def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
+                          output: Optional[str] = None) -> Iterator[None]:
     """Around a rank's work: on an exception, print it and end the process with status 1 (or
-    the SystemExit's status), running no clean-up that could wait for other ranks."""
+    the SystemExit's status), running no clean-up that could wait for other ranks. An error the
+    user can fix prints as `<tool>: error: <message>` and exits 2."""
     try:
         yield
     except BaseException as err:  # KeyboardInterrupt too: the barrier would hang it the same
         if isinstance(err, SystemExit) and err.code in (None, 0):
             raise
+        message = user_error_message(err, output)
+        if message is not None:
+            print(f"{tool or os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+            _exit_now(2)
         print(f"rank {rank} failed; exiting without waiting for the other ranks:",
               file=sys.stderr)
         traceback.print_exc()
         code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1
         _exit_now(code)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not available: the launcher's own clean-up is all there is
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def exit_with_parent() -> None:
+    """Linux: every process this one forks from now on (megatron's checkpoint writer helpers,
+    data-loader workers) is killed when this process dies, and so is this process when its
+    launcher (torchrun, srun) dies; a tool started from a shell keeps running without it
+    (nohup). Elsewhere nothing changes."""
+    if not sys.platform.startswith("linux") or getattr(exit_with_parent, "armed", False):
+        return
+    exit_with_parent.armed = True
+    launched = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "SLURM_STEP_ID"))
+    if launched:
+        _die_with_parent()
+    os.register_at_fork(after_in_child=_die_with_parent)
 
 
 def _exit_now(code: int) -> None:

@@ -38,12 +38,25 @@ from sara_megatron.training.checkpoint import (
     latest_iteration,
     load_training_checkpoint,
     read_training_state,
+    resume_iteration,
     save_training_checkpoint,
 )
+from sara_megatron.tool_errors import UserFacingError
 from sara_megatron.training.config import TrainConfig
 from sara_megatron.training.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(UserFacingError, RuntimeError):
+    """A loss term or the gradient norm went non-finite (or JS negative): the run stops before
+    it saves, so the last checkpoint stays the last good one."""
+
+
+# JS is >= 0; the reference sums of p·log(p/m) may land a few ulps below zero. Values above
+# -JS_ROUNDOFF are logged as 0; anything lower means its inputs were not finite (the reference
+# masks NaN probabilities to 0, which can leave a negative sum instead of a NaN).
+JS_ROUNDOFF = 1e-5
 
 
 @dataclasses.dataclass
@@ -139,7 +152,12 @@ class Trainer:
 
         self.iteration = 0
         self.consumed_samples = 0
-        resume = cfg.checkpoint.resume and latest_iteration(cfg.checkpoint.save_dir)
+        if not cfg.checkpoint.save_dir and dist.get_rank() == 0:
+            log.warning("checkpoint.save_dir is not set: nothing of this run will be saved "
+                        "(the trained weights are lost when it ends)")
+        # Collective: the latest checkpoint whose files match its manifest (see resume_iteration).
+        resume = cfg.checkpoint.resume and resume_iteration(cfg.checkpoint.save_dir,
+                                                            cfg.checkpoint.strict_resume)
         saved = None
         if resume:
             # The data position first (a small read), so that the data and the schedule are set
@@ -262,6 +280,7 @@ class Trainer:
             shuffle=d.shuffle,
             pad_id=d.pad_id,
             expected_model_fingerprint=expected_fingerprint,
+            verify_shards=d.verify_shards,
         )
         def loader():
             return build_sara_data_loader(
@@ -573,6 +592,7 @@ class Trainer:
         clear_aux_losses_tracker()
 
         js_layers = self.sara.reduced_layer_means(self.arch.num_layers) if self.sara else {}
+        js_layers = {layer: 0.0 if -JS_ROUNDOFF < v < 0 else v for layer, v in js_layers.items()}
         elapsed = time.perf_counter() - started
         return StepRecord(
             step=self.iteration,
@@ -586,6 +606,31 @@ class Trainer:
             step_time_s=elapsed,
             tflops_per_gpu=training_flops_per_token(self.arch, s) * self.cfg.data.global_batch_size
             * s / elapsed / dist.get_world_size() / 1e12,
+        )
+
+    def check_finite(self, record: StepRecord) -> None:
+        """Stop on a non-finite loss term or gradient norm, or a negative JS (see JS_ROUNDOFF),
+        before the step's weights can be saved. Every rank sees the same reduced values."""
+        terms = {"ce": record.ce, "lb": record.lb, "js": record.js,
+                 **{f"js of layer {layer}": v for layer, v in record.js_per_layer.items()}}
+        if record.grad_norm is not None and not (self.cfg.optim.clip_grad == 0
+                                                  and math.isnan(record.grad_norm)):
+            terms["grad_norm"] = record.grad_norm
+        bad = [f"{name}={value}" for name, value in terms.items()
+               if not math.isfinite(value) or (name.startswith("js") and value < 0)]
+        if not bad:
+            return
+        saved = latest_iteration(self.cfg.checkpoint.save_dir) if self.cfg.checkpoint.save_dir else None
+        kept = (f"the last checkpoint, {iteration_dir(self.cfg.checkpoint.save_dir, saved)}, is "
+                "untouched" if saved is not None else "nothing was saved")
+        negative_js = any(name.startswith("js") and math.isfinite(value) and value < 0
+                          for name, value in terms.items())
+        raise NonFiniteError(
+            f"step {record.step}: non-finite {', '.join(bad)}"
+            + (" (a JS divergence is never negative: its inputs were not finite)"
+               if negative_js else "")
+            + f"; training stopped before saving, {kept}. Lower optim.lr or check the data and "
+            "the starting weights"
         )
 
     # --- loop --------------------------------------------------------------------------------
@@ -617,6 +662,7 @@ class Trainer:
                         grad_norm=record.grad_norm, tokens_per_s=record.tokens_per_s,
                         step_time_s=record.step_time_s, tflops_per_gpu=record.tflops_per_gpu,
                     ), record.js_per_layer)
+                self.check_finite(record)
                 if c.save_dir and c.save_interval and self.iteration % c.save_interval == 0:
                     self.save()
             if c.save_dir and (not c.save_interval or self.iteration % c.save_interval):
