@@ -104,15 +104,19 @@ def read_results(path: str | os.PathLike) -> dict:
     return results
 
 
-def write_results(folder: str | os.PathLike, settings: Mapping, benchmarks: Mapping) -> None:
+def write_results(folder: str | os.PathLike, settings: Mapping, benchmarks: Mapping,
+                  complete: bool = True) -> None:
+    """`complete` is False while some requested (benchmark, language) is not fully answered: those
+    are absent from `benchmarks` until a rerun finishes them."""
     write_json_atomic(os.path.join(os.fspath(folder), RESULTS_FILE),
-                      {"settings": dict(settings), "benchmarks": benchmarks})
+                      {"settings": dict(settings), "benchmarks": benchmarks, "complete": complete})
 
 
 BENCHMARK_TITLES = {"global_mmlu": "Global-MMLU", "belebele": "BELEBELE", "mgsm": "MGSM"}
 
 
-def render_table(benchmarks: Mapping, languages: Sequence[str], label: str) -> str:
+def render_table(benchmarks: Mapping, languages: Sequence[str], label: str,
+                 runs: int | None = None) -> str:
     """Markdown table like the paper's Table 1: one row per benchmark, languages as columns."""
     header = ["Benchmark", "Model", *languages, "Avg."]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -129,9 +133,10 @@ def render_table(benchmarks: Mapping, languages: Sequence[str], label: str) -> s
         average = f"{sum(means) / len(means):.2f}" if means else "–"
         lines.append("| " + " | ".join([BENCHMARK_TITLES.get(name, name), label, *cells, average])
                      + " |")
-    lines += ["", "Accuracy in percent: mean ± sample standard deviation (ddof 1) over runs; "
+    over = f"over {runs} runs" if runs else "over runs"
+    lines += ["", f"Accuracy in percent: mean ± sample standard deviation (ddof 1) {over}; "
                   "Avg. is the mean over the languages shown; – means the benchmark has no such "
-                  "language (or it was not run)."]
+                  "language (or it is not fully answered yet)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,173 @@
+"""Where the model's replies come from: an OpenAI-compatible server, or transformers in-process.
+
+Both take the chat (one user turn) and a seed per (run, item), and return the reply text. The chat
+template is the model's: the server applies it (vLLM: `vllm serve <export dir>`), or the in-process
+backend does with the tokenizer's `apply_chat_template`; `chat_template_kwargs` (e.g. Qwen3's
+`{"enable_thinking": false}`) reach it either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from typing import Protocol, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """The paper's protocol: temperature 0.1, top-p 1. top_k None leaves the model's default
+    (vLLM and transformers both read it from the model's generation_config.json)."""
+
+    temperature: float = 0.1
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_new_tokens: int = 2048
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+class GenerationBackend(Protocol):
+    model: str
+    concurrency: int
+
+    async def generate(self, messages: list[dict], seed: int) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OpenAIBackend:
+    """Chat completions from an OpenAI-compatible server through `sara_megatron.chat.ChatClient`
+    (bounded concurrency; retries on 429 with Retry-After, 5xx, dropped connections, bad bodies).
+    A request that still fails raises `ChatRequestFailed`: it is never scored."""
+
+    def __init__(self, base_url: str, model: str, sampling: SamplingSettings, *,
+                 concurrency: int = 32, chat_template_kwargs: dict | None = None,
+                 max_retries: int = 6, timeout_s: float = 600.0,
+                 api_key_env: str = "OPENAI_API_KEY", backoff_base_s: float = 0.5):
+        from sara_megatron.chat.client import ChatClient
+
+        self.model = model
+        self.concurrency = concurrency
+        self.sampling = sampling
+        extra_body = {}
+        if chat_template_kwargs:
+            extra_body["chat_template_kwargs"] = dict(chat_template_kwargs)
+        if sampling.top_k is not None:
+            extra_body["top_k"] = sampling.top_k
+        self.extra_body = extra_body or None
+        self.client = ChatClient(base_url, api_key_env=api_key_env, concurrency=concurrency,
+                                 max_retries=max_retries, timeout_s=timeout_s,
+                                 backoff_base_s=backoff_base_s)
+
+    def settings(self, seed: int):
+        from sara_megatron.chat.client import ChatSettings
+
+        return ChatSettings(model=self.model, temperature=self.sampling.temperature,
+                            top_p=self.sampling.top_p, max_tokens=self.sampling.max_new_tokens,
+                            seed=seed, extra_body=self.extra_body)
+
+    async def generate(self, messages: list[dict], seed: int) -> str:
+        reply = await self.client.complete(messages, self.settings(seed))
+        return reply.content
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+class HFBackend:
+    """transformers in-process, for small models and tests. One item at a time, each sampled after
+    seeding with its own (run, item) seed: a reply does not depend on which items run beside it or
+    in which order."""
+
+    concurrency = 1
+
+    def __init__(self, model_dir: str | os.PathLike, sampling: SamplingSettings, *,
+                 chat_template_kwargs: dict | None = None, dtype: str = "auto",
+                 device: str | None = None, trust_remote_code: bool = False):
+        import torch
+        import transformers
+
+        self.model_dir = os.fspath(model_dir)
+        self.model = os.path.basename(os.path.normpath(self.model_dir))
+        self.sampling = sampling
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            self.model_dir, trust_remote_code=trust_remote_code)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
+        self.lm = transformers.AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        self.lm.to(self.device).eval()
+        self._lock = threading.Lock()  # one forward at a time: the global RNG is seeded per item
+
+    def chat_text(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True,
+                                                  **self.chat_template_kwargs)
+
+    def _encode(self, text: str):
+        import torch
+
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor([ids], device=self.device)
+
+    def generate_sync(self, messages: list[dict], seed: int) -> str:
+        import torch
+
+        input_ids = self._encode(self.chat_text(messages))
+        s = self.sampling
+        kwargs = dict(do_sample=s.temperature > 0, max_new_tokens=s.max_new_tokens,
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if s.temperature > 0:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p)
+            if s.top_k is not None:
+                kwargs["top_k"] = s.top_k
+        with self._lock, torch.no_grad():
+            torch.manual_seed(seed)
+            out = self.lm.generate(input_ids=input_ids,
+                                   attention_mask=torch.ones_like(input_ids), **kwargs)
+        return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+    async def generate(self, messages: list[dict], seed: int) -> str:
+        return await asyncio.to_thread(self.generate_sync, messages, seed)
+
+    def continuation_logprobs(self, messages: list[dict],
+                              continuations: Sequence[str]) -> list[float]:
+        """Sum of the log-probabilities of each continuation's tokens right after the chat's
+        generation prompt (context and continuation tokenized apart, as lm-eval does)."""
+        import torch
+
+        context = self._encode(self.chat_text(messages))
+        scores = []
+        with self._lock, torch.no_grad():
+            for continuation in continuations:
+                target = self._encode(continuation)
+                ids = torch.cat([context, target], dim=1)
+                logits = self.lm(input_ids=ids).logits[0, context.shape[1] - 1:-1].float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                scores.append(float(logprobs.gather(1, target[0].unsqueeze(1)).sum()))
+        return scores
+
+    async def aclose(self) -> None:
+        return None

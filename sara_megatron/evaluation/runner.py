@@ -1,0 +1,268 @@
+"""Our evaluation runner: the paper's protocol over any backend, resumable, nothing scored by accident.
+
+For each benchmark, language, run and item it asks the backend once, scores the reply, and appends
+the record to `items.jsonl` (flushed per item). A rerun into the same folder reads those records and
+asks only what is missing. A request that fails after the client's retries is not scored: the
+runner stops sending, lets the requests in flight finish, writes what is complete and raises
+`EvaluationIncomplete` (the tool exits non-zero; run it again to resume).
+
+Each run has its own seed (`seed + run - 1`), and each item its own seed derived from the run's,
+the benchmark, the language and the item id: the same request gets the same seed on a rerun, and
+an in-process sample does not depend on the items beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from typing import Callable, Mapping, Sequence
+
+from sara_megatron.evaluation.backends import GenerationBackend, HFBackend
+from sara_megatron.evaluation.benchmarks import BENCHMARK_LANGUAGES, BenchmarkItem, load_benchmark
+from sara_megatron.evaluation.records import (
+    ITEMS_FILE, RESULTS_FILE, TABLE_FILE, ItemRecordWriter, accuracy_summary, ordered_languages,
+    read_item_records, read_results, record_key, render_table, write_results,
+)
+from sara_megatron.evaluation.tasks import MULTIPLE_CHOICE_BENCHMARKS, item_messages, score_output
+from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.prompts import OPTION_LETTERS
+
+PROTOCOLS = ("generate", "loglikelihood")
+# Settings that change what a model answers: a resume under other values would mix two evaluations.
+ANSWER_SETTINGS = ("model", "protocol", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                   "template_language", "templates_sha256", "prompt_version",
+                   "chat_template_kwargs")
+
+
+class EvaluationIncomplete(RuntimeError):
+    """Some requests failed after their retries; nothing of theirs was scored."""
+
+    def __init__(self, failures: Sequence[tuple[tuple, BaseException]]):
+        first_key, first_error = failures[0]
+        super().__init__(
+            f"{len(failures)} request(s) failed after retries and were not scored (first: "
+            f"{'/'.join(map(str, first_key))}: {first_error}); the answered items are saved — "
+            "run the same command again to resume")
+        self.failures = list(failures)
+
+
+class SettingsMismatch(ValueError):
+    """The output folder holds an evaluation made with other answer-changing settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationPlan:
+    benchmarks: tuple[str, ...]
+    languages: tuple[str, ...]
+    runs: int = 3
+    seed: int = 0
+    limit: int | None = None
+    data_dir: str | None = None
+    template_language: str = "en"  # "en", or "native": each language's own translated template
+    templates: Mapping | None = None
+    protocol: str = "generate"
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.runs < 1:
+            raise ValueError(f"runs must be >= 1, got {self.runs}")
+        if self.template_language not in ("en", "native"):
+            raise ValueError("template_language must be 'en' or 'native'")
+        if self.template_language == "native":
+            missing = [lang for lang in self.languages
+                       if lang != "en" and lang not in (self.templates or {})]
+            if missing:
+                raise ValueError("--template-language native: the templates file has no "
+                                 f"templates for {', '.join(missing)}")
+
+    def item_template_language(self, language: str) -> str:
+        return language if self.template_language == "native" else "en"
+
+
+def run_seed(base_seed: int, run: int) -> int:
+    return base_seed + run - 1
+
+
+def item_seed(base_seed: int, run: int, item: BenchmarkItem) -> int:
+    """A 31-bit seed for one (run, item): stable across reruns, processes and machines."""
+    text = f"{run_seed(base_seed, run)}/{item.benchmark}/{item.language}/{item.item_id}"
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") >> 1
+
+
+def _say(message: str) -> None:
+    print(f"evaluate: {message}", file=sys.stderr, flush=True)
+
+
+def check_resumable(output_dir: str, settings: Mapping) -> None:
+    """Refuse an output folder evaluated under other answer-changing settings."""
+    path = os.path.join(output_dir, RESULTS_FILE)
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(output_dir, ITEMS_FILE)):
+            raise SettingsMismatch(f"{output_dir} has {ITEMS_FILE} but no {RESULTS_FILE}: cannot "
+                                   "tell which settings produced it; use a new --output")
+        return
+    previous = read_results(path).get("settings", {})
+    changed = [k for k in ANSWER_SETTINGS if previous.get(k) != settings.get(k)]
+    if changed:
+        detail = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise SettingsMismatch(f"{output_dir} was evaluated with other settings ({detail}); "
+                               "use a new --output, or the same settings to resume")
+
+
+class EvaluationRunner:
+    def __init__(self, backend: GenerationBackend, plan: EvaluationPlan, output_dir: str,
+                 settings: Mapping, *, progress: bool = True,
+                 say: Callable[[str], None] = _say):
+        self.backend, self.plan, self.output_dir = backend, plan, os.fspath(output_dir)
+        self.settings = dict(settings)
+        self.progress, self.say = progress, say
+        if plan.protocol == "loglikelihood":
+            if not isinstance(backend, HFBackend):
+                raise NotImplementedError(
+                    "--protocol loglikelihood over a server (a completions endpoint with echo and "
+                    "logprobs) is not built; use --backend hf")
+
+    # -- planning -----------------------------------------------------------------------------------
+
+    def benchmark_languages(self, name: str) -> list[str]:
+        available = BENCHMARK_LANGUAGES[name]
+        skipped = [lang for lang in self.plan.languages if lang not in available]
+        if skipped:
+            self.say(f"{name}: no {', '.join(skipped)} in this benchmark; skipped")
+        return [lang for lang in self.plan.languages if lang in available]
+
+    def load_items(self) -> dict[str, dict[str, list[BenchmarkItem]]]:
+        items = {}
+        for name in self.plan.benchmarks:
+            if self.plan.protocol == "loglikelihood" and name not in MULTIPLE_CHOICE_BENCHMARKS:
+                self.say(f"{name}: not multiple choice, no log-likelihood protocol; skipped")
+                continue
+            items[name] = {lang: load_benchmark(name, lang, self.plan.data_dir, self.plan.limit)
+                           for lang in self.benchmark_languages(name)}
+        return items
+
+    # -- answering ----------------------------------------------------------------------------------
+
+    async def answer(self, item: BenchmarkItem, run: int) -> tuple[str, str | None, bool]:
+        messages = item_messages(item, self.plan.item_template_language(item.language),
+                                 self.plan.templates)
+        if self.plan.protocol == "loglikelihood":
+            letters = OPTION_LETTERS[:len(item.options)]
+            scores = await asyncio.to_thread(self.backend.continuation_logprobs, messages,
+                                             list(letters))
+            best = letters[max(range(len(scores)), key=scores.__getitem__)]
+            output = json.dumps(dict(zip(letters, scores)))
+            return output, best, best == item.gold
+        output = await self.backend.generate(messages, item_seed(self.plan.seed, run, item))
+        extracted, correct = score_output(item, output)
+        return output, extracted, correct
+
+    async def _answer_jobs(self, jobs, writer: ItemRecordWriter, done: dict, bar) -> list:
+        from sara_megatron.chat.client import ChatRequestFailed
+
+        pending = iter(jobs)
+        failures: list[tuple[tuple, BaseException]] = []
+
+        async def worker():
+            while not failures:
+                job = next(pending, None)
+                if job is None:
+                    return
+                item, run = job
+                key = (item.benchmark, item.language, run, item.item_id)
+                try:
+                    output, extracted, correct = await self.answer(item, run)
+                except ChatRequestFailed as e:
+                    failures.append((key, e))  # the other workers stop taking new items
+                    return
+                record = dict(benchmark=item.benchmark, language=item.language, run=run,
+                              item_id=item.item_id, output=output, extracted=extracted,
+                              gold=item.gold, correct=bool(correct))
+                writer.write(record)
+                done[key] = record
+                if bar is not None:
+                    bar.update(1)
+
+        workers = max(1, min(self.backend.concurrency, len(jobs)))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return failures
+
+    # -- results ------------------------------------------------------------------------------------
+
+    def summarize(self, items, done: Mapping) -> tuple[dict, bool]:
+        """Per benchmark and language: run accuracies (percent), mean, std (ddof 1), n; only
+        languages whose every run is fully answered. Returns (benchmarks, everything complete)."""
+        benchmarks, complete = {}, True
+        for name, per_language in items.items():
+            for lang, lang_items in per_language.items():
+                accuracies = []
+                for run in range(1, self.plan.runs + 1):
+                    records = [done.get((name, lang, run, i.item_id)) for i in lang_items]
+                    if any(r is None for r in records):
+                        break
+                    accuracies.append(100.0 * sum(r["correct"] for r in records) / len(records))
+                if len(accuracies) == self.plan.runs:
+                    benchmarks.setdefault(name, {})[lang] = accuracy_summary(accuracies,
+                                                                             len(lang_items))
+                else:
+                    complete = False
+        return benchmarks, complete
+
+    def write_outputs(self, items, done) -> tuple[dict, bool]:
+        benchmarks, complete = self.summarize(items, done)
+        write_results(self.output_dir, self.settings, benchmarks, complete=complete)
+        languages = ordered_languages(lang for per in items.values() for lang in per)
+        with atomic_open(os.path.join(self.output_dir, TABLE_FILE)) as f:
+            f.write(render_table(benchmarks, languages, self.settings.get("model", "model"),
+                                 runs=self.plan.runs))
+        return benchmarks, complete
+
+    async def run(self) -> dict:
+        os.makedirs(self.output_dir, exist_ok=True)
+        check_resumable(self.output_dir, self.settings)
+        items = self.load_items()
+        items_path = os.path.join(self.output_dir, ITEMS_FILE)
+        done = {}
+        if os.path.exists(items_path):
+            for record in read_item_records(items_path):
+                done.setdefault(record_key(record), record)
+            if done:
+                self.say(f"resuming: {len(done)} answered items in {items_path}")
+        self.write_outputs(items, done)  # the settings are on disk before the first request
+        failures = []
+        try:
+            failures = await self._answer_all(items, done, items_path)
+        finally:
+            await self.backend.aclose()
+        benchmarks, complete = self.write_outputs(items, done)
+        if failures:
+            raise EvaluationIncomplete(failures)
+        return {"settings": self.settings, "benchmarks": benchmarks, "complete": complete}
+
+    async def _answer_all(self, items, done, items_path) -> list:
+        failures = []
+        with ItemRecordWriter(items_path) as writer:
+            for name, per_language in items.items():
+                jobs = [(item, run) for lang, lang_items in per_language.items()
+                        for run in range(1, self.plan.runs + 1) for item in lang_items
+                        if (name, lang, run, item.item_id) not in done]
+                total = sum(len(v) for v in per_language.values()) * self.plan.runs
+                bar = None
+                if self.progress:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=total, initial=total - len(jobs), desc=name, unit="item",
+                               file=sys.stderr, dynamic_ncols=True)
+                try:
+                    failures = await self._answer_jobs(jobs, writer, done, bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                if failures:
+                    break
+        return failures
