@@ -1,0 +1,220 @@
+"""Ask a model to answer the anchor samples over the OpenAI-compatible chat API.
+
+Each sample gets the paper's prompt (Appendix A.7: Table 10 for GSM8K, Table 8 with up to ten
+options for MMLU-ProX: analyse, then the final answer in `\\boxed{}`) as one user message. Each
+reply is appended to the answers file as soon as it arrives, one JSON object per line:
+
+    {"id", "source", "language", "question", "options", "gold",
+     "messages": [the prompt messages], "output": the raw reply, "finish_reason",
+     "model", "settings": {ChatSettings fields}, "prompt_version", "attempts",
+     "prompt_tokens", "completion_tokens"}
+
+A killed run resumes: a rerun skips the ids already in the file (a torn last line is cut off
+first) and refuses a file written with other settings or prompts. A sample whose request failed
+for good is not written (so a rerun asks again) and is listed in the failures file instead. When
+every sample has its answer the file is rewritten in source order, so a complete file does not
+depend on arrival order, concurrency or kills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from typing import Callable, Mapping, Optional, Sequence
+
+from sara_megatron.construction.sources import AnchorSample
+from sara_megatron.data.atomic_files import atomic_open
+
+
+class AnswersFileError(ValueError):
+    """An existing answers file that this run cannot continue (names the file and line)."""
+
+
+def prompt_messages(sample: AnchorSample, template_language: str = "en",
+                    templates: Optional[Mapping] = None) -> list[dict]:
+    """The paper's prompt for `sample`, as chat messages (one user turn)."""
+    from sara_megatron.prompts import math_prompt, multiple_choice_prompt
+
+    if sample.options:
+        text = multiple_choice_prompt(sample.question, sample.options, template_language, templates)
+    else:
+        text = math_prompt(sample.question, template_language, templates)
+    return [{"role": "user", "content": text}]
+
+
+def answer_record(sample: AnchorSample, messages: list[dict], reply, settings,
+                  prompt_version: str) -> dict:
+    return {
+        "id": sample.id, "source": sample.source, "language": sample.language,
+        "question": sample.question, "options": list(sample.options), "gold": sample.gold,
+        "messages": messages, "output": reply.content, "finish_reason": reply.finish_reason,
+        "model": settings.model, "settings": settings.as_dict(), "prompt_version": prompt_version,
+        "attempts": reply.attempts, "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+    }
+
+
+def failures_path_for(output: str | os.PathLike) -> str:
+    output = os.fspath(output)
+    stem = output[:-len(".jsonl")] if output.endswith(".jsonl") else output
+    return stem + ".failures.jsonl"
+
+
+def read_existing_answers(path: str | os.PathLike, settings_dict: dict,
+                          prompt_version: str) -> list[dict]:
+    """The complete records already in `path` (none when it does not exist).
+
+    A last line without its newline is what a kill mid-write leaves: it is cut off (the file is
+    truncated to the last complete line). Any other unreadable line, or a record made with other
+    settings or another prompt version, raises AnswersFileError.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+            f.flush()
+            os.fsync(f.fileno())
+    records = []
+    for line_no, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AnswersFileError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise AnswersFileError(f"{path}:{line_no}: not an answer record")
+        if record.get("settings") != settings_dict or record.get("prompt_version") != prompt_version:
+            raise AnswersFileError(
+                f"{path}:{line_no}: answered with other settings or prompts "
+                f"({record.get('settings')}, prompt version {record.get('prompt_version')}); "
+                "write to another --output, or rerun with the settings it was made with")
+        records.append(record)
+    return records
+
+
+@dataclasses.dataclass
+class AnswerProgress:
+    total: int
+    done: int = 0
+    skipped: int = 0  # already in the file before this run
+    failed: int = 0
+    retries: int = 0
+
+
+@dataclasses.dataclass
+class AnswerRunReport:
+    samples: int
+    already_done: int
+    answered: int
+    failed: int
+    retries: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reasons: dict
+    failures: list[dict]
+    complete: bool  # every sample has its answer in the file
+    elapsed_s: float
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("failures")
+        return out
+
+
+def _write_in_source_order(path: str, records: list[dict], order: Sequence[str]) -> None:
+    rank = {sample_id: i for i, sample_id in enumerate(order)}
+    indexed = sorted(enumerate(records), key=lambda p: (rank.get(p[1]["id"], len(rank)), p[0]))
+    with atomic_open(path) as f:
+        for _, record in indexed:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+async def answer_samples(samples: Sequence[AnchorSample], client, settings,
+                         output: str | os.PathLike, *, template_language: str = "en",
+                         templates: Optional[Mapping] = None,
+                         failures_path: Optional[str] = None,
+                         on_progress: Optional[Callable[[AnswerProgress], None]] = None,
+                         workers: Optional[int] = None) -> AnswerRunReport:
+    """Answer every sample not yet in `output`; append each reply as it arrives.
+
+    `client` is a `sara_megatron.chat.ChatClient` (it bounds the requests in flight and retries);
+    `workers` (default: the client's concurrency) is how many samples are handed to it at once.
+    """
+    from sara_megatron.chat import ChatRequestFailed
+    from sara_megatron.prompts import PROMPT_VERSION
+
+    started = time.monotonic()
+    output = os.fspath(output)
+    failures_path = failures_path or failures_path_for(output)
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("sample ids are not unique")
+    settings_dict = settings.as_dict()
+    existing = read_existing_answers(output, settings_dict, PROMPT_VERSION)
+    done_ids = {r["id"] for r in existing}
+    pending = [s for s in samples if s.id not in done_ids]
+    progress = AnswerProgress(total=len(samples), skipped=len(samples) - len(pending))
+    progress.done = progress.skipped
+    finish_reasons: Counter = Counter()
+    failures: list[dict] = []
+    retries_before = client.stats.retries
+    tokens_before = (client.stats.prompt_tokens, client.stats.completion_tokens)
+    queue: asyncio.Queue = asyncio.Queue()
+    for sample in pending:
+        queue.put_nowait(sample)
+
+    with open(output, "a", encoding="utf-8", newline="\n") as out:
+        async def worker():
+            while True:
+                try:
+                    sample = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                messages = prompt_messages(sample, template_language, templates)
+                try:
+                    reply = await client.complete(messages, settings)
+                except ChatRequestFailed as e:
+                    failures.append({"id": sample.id, "source": sample.source, "reason": e.reason,
+                                     "attempts": e.attempts})
+                    progress.failed += 1
+                else:
+                    record = answer_record(sample, messages, reply, settings, PROMPT_VERSION)
+                    # One write of one whole line, flushed and synced before the next: a kill
+                    # loses at most the replies still in flight.
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                    finish_reasons[reply.finish_reason] += 1
+                    progress.done += 1
+                progress.retries = client.stats.retries - retries_before
+                if on_progress is not None:
+                    on_progress(progress)
+
+        count = min(workers or client.concurrency, max(len(pending), 1))
+        await asyncio.gather(*(worker() for _ in range(count)))
+
+    complete = not failures
+    if complete and pending:
+        _write_in_source_order(output, read_existing_answers(output, settings_dict, PROMPT_VERSION), ids)
+    with atomic_open(failures_path) as f:
+        for failure in failures:
+            f.write(json.dumps(failure, ensure_ascii=False) + "\n")
+    return AnswerRunReport(
+        samples=len(samples), already_done=progress.skipped,
+        answered=len(pending) - len(failures), failed=len(failures),
+        retries=client.stats.retries - retries_before,
+        prompt_tokens=client.stats.prompt_tokens - tokens_before[0],
+        completion_tokens=client.stats.completion_tokens - tokens_before[1],
+        finish_reasons=dict(finish_reasons), failures=failures, complete=complete,
+        elapsed_s=time.monotonic() - started,
+    )

@@ -1,0 +1,166 @@
+"""Ask a model to answer the anchor samples (GSM8K, MMLU-ProX) over the OpenAI-compatible chat API.
+
+    vllm serve exported-model --served-model-name qwen3-30b-a3b     # the model's own answers (-q)
+    python tools/answer_anchors.py --base-url http://127.0.0.1:8000/v1 --model qwen3-30b-a3b \
+        --language en --sources gsm8k,mmlu_prox --temperature 0 --max-tokens 4096 \
+        --output answers_en.jsonl
+
+    OPENAI_API_KEY=... python tools/answer_anchors.py --model gpt-5-mini \
+        --reasoning-effort low --max-tokens 8192 --output answers_en.jsonl   # an external model (-g)
+
+Each sample gets the paper's prompt (Tables 8 and 10: analyse, then the answer in \\boxed{}); each
+reply is appended to --output as it arrives (one JSON line: id, source, language, prompt messages,
+raw output, gold, finish_reason, model, settings). A rerun of the same command after a kill asks
+only for the samples not yet in the file. Samples whose request failed for good are listed in
+<output>.failures.jsonl (and asked again by a rerun). Then: tools/filter_correct.py.
+
+The API key is read from OPENAI_API_KEY only (none is needed for a local --base-url). The last line
+on stdout is one JSON object with the counts.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from sara_megatron.construction.answering import AnswersFileError, answer_samples, failures_path_for
+from sara_megatron.construction.sources import (
+    MMLU_PROX_DEFAULT_SPLIT,
+    SourceDataError,
+    load_anchor_samples,
+    parse_sources,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--output", required=True, help="answers JSONL file (appended to; resumed)")
+    p.add_argument("--model", required=True, help="model name the server knows")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+                                      "(vLLM); default: OpenAI")
+    p.add_argument("--language", default="en", help="anchor language: en or zh (default en)")
+    p.add_argument("--sources", default="gsm8k,mmlu_prox", help="comma-separated: gsm8k, mmlu_prox")
+    p.add_argument("--data-dir", help="read sources from local JSONL files in the hub's columns "
+                                      "(DIR/gsm8k/train.jsonl, DIR/mmlu_prox/<lang>.jsonl)")
+    p.add_argument("--mmlu-prox-split", default=MMLU_PROX_DEFAULT_SPLIT,
+                   help="MMLU-ProX split on the hub (default: test, its 11,829 questions)")
+    p.add_argument("--limit", type=int, help="the first N samples of each source")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-tokens", type=int, help="completion token limit (max_completion_tokens "
+                                                  "for GPT-5-family models)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--reasoning-effort", choices=("minimal", "low", "medium", "high"),
+                   help="for reasoning models (GPT-5 family, o-series)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    p.add_argument("--max-retries", type=int, default=6)
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    p.add_argument("--template-language", default="en",
+                   help="language of the prompt template (default en; others need --templates)")
+    p.add_argument("--templates", help="JSON file of translated templates (sara_megatron.prompts)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    from sara_megatron.chat import ChatSettings
+    from sara_megatron.data.languages import known_languages
+
+    if args.language not in known_languages():
+        p.error(f"--language: unknown language code {args.language!r}")
+    try:
+        args.sources = parse_sources(args.sources)
+    except ValueError as e:
+        p.error(f"--sources: {e}")
+    for flag in ("concurrency", "max_tokens", "limit"):
+        value = getattr(args, flag)
+        minimum = 0 if flag == "limit" else 1
+        if value is not None and value < minimum:
+            p.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+    if args.max_retries < 0:
+        p.error(f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: no such directory")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        p.error(f"--output: no such directory {folder}")
+    try:
+        args.settings = ChatSettings(model=args.model, temperature=args.temperature, top_p=args.top_p,
+                                     max_tokens=args.max_tokens, seed=args.seed,
+                                     reasoning_effort=args.reasoning_effort)
+    except ValueError as e:
+        p.error(str(e))
+    args.loaded_templates = None
+    if args.templates:
+        from sara_megatron.prompts import load_templates
+
+        try:
+            args.loaded_templates = load_templates(args.templates)
+        except (OSError, ValueError) as e:
+            p.error(f"--templates: {e}")
+    elif args.template_language != "en":
+        p.error("--template-language other than en needs --templates (the project ships English)")
+    return args
+
+
+class ProgressBar:
+    def __init__(self, total: int, disable: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="answer_anchors", unit="sample", disable=disable,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, p) -> None:
+        self.bar.n = p.done + p.failed
+        self.bar.set_postfix(done=p.done, resumed=p.skipped, failed=p.failed, retries=p.retries,
+                             refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+async def run(args, samples, client):
+    bar = ProgressBar(len(samples), disable=args.no_progress)
+    try:
+        return await answer_samples(samples, client, args.settings, args.output,
+                                    template_language=args.template_language,
+                                    templates=args.loaded_templates, on_progress=bar)
+    finally:
+        bar.close()
+        await client.aclose()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        samples = []
+        for source in args.sources:
+            samples += load_anchor_samples(source, args.language, args.data_dir, args.limit,
+                                           mmlu_prox_split=args.mmlu_prox_split)
+    except (SourceDataError, FileNotFoundError) as e:
+        print(f"answer_anchors: error: {e}", file=sys.stderr)
+        return 2
+    from sara_megatron.chat import ChatClient
+
+    try:
+        client = ChatClient(args.base_url, concurrency=args.concurrency,
+                            max_retries=args.max_retries, timeout_s=args.timeout_s)
+    except ValueError as e:  # no API key for OpenAI itself
+        print(f"answer_anchors: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(run(args, samples, client))
+    except AnswersFileError as e:
+        print(f"answer_anchors: error: {e}", file=sys.stderr)
+        return 2
+    summary = report.as_dict()
+    print(f"answer_anchors: {report.answered} answered, {report.already_done} already in "
+          f"{args.output}, {report.failed} failed"
+          + (f" (listed in {failures_path_for(args.output)}; rerun to ask again)" if report.failed else ""),
+          file=sys.stderr)
+    print(json.dumps(summary, sort_keys=True))
+    return 0 if report.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
