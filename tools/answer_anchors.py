@@ -1,4 +1,4 @@
-"""Ask a model to answer the anchor samples (GSM8K, MMLU-ProX) over the OpenAI-compatible chat API.
+r"""Ask a model to answer the anchor samples (GSM8K, MMLU-ProX) over the OpenAI-compatible chat API.
 
     vllm serve exported-model --served-model-name qwen3-30b-a3b     # the model's own answers (-q)
     python tools/answer_anchors.py --base-url http://127.0.0.1:8000/v1 --model qwen3-30b-a3b \
@@ -8,7 +8,7 @@
     OPENAI_API_KEY=... python tools/answer_anchors.py --model gpt-5-mini \
         --reasoning-effort low --max-tokens 8192 --output answers_en.jsonl   # an external model (-g)
 
-Each sample gets the paper's prompt (Tables 8 and 10: analyse, then the answer in \\boxed{}); each
+Each sample gets the paper's prompt (Tables 8 and 10: analyse, then the answer in \boxed{}); each
 reply is appended to --output as it arrives (one JSON line: id, source, language, prompt messages,
 raw output, gold, finish_reason, model, settings). A rerun of the same command after a kill asks
 only for the samples not yet in the file. Samples whose request failed for good are listed in
@@ -110,10 +110,9 @@ class ProgressBar:
                         file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, p) -> None:
-        self.bar.n = p.done + p.failed
         self.bar.set_postfix(done=p.done, resumed=p.skipped, failed=p.failed, retries=p.retries,
                              refresh=False)
-        self.bar.refresh()
+        self.bar.update(p.done + p.failed - self.bar.n)  # redraws at most every mininterval
 
     def close(self) -> None:
         self.bar.close()

@@ -1,10 +1,10 @@
-"""Keep the anchor samples the model answered correctly, as parallel-corpus records.
+r"""Keep the anchor samples the model answered correctly, as parallel-corpus records.
 
     python tools/filter_correct.py --input answers.jsonl --output anchors.jsonl \
         [--dropped anchors.dropped.jsonl] \
         [--decontaminate-against global_mmlu,belebele,mgsm [--benchmark-data-dir DIR]]
 
-Reads the answers of tools/answer_anchors.py and writes the samples whose last \\boxed{} equals the
+Reads the answers of tools/answer_anchors.py and writes the samples whose last \boxed{} equals the
 gold answer (and whose reply was not cut by the length limit) as corpus records of the anchor
 language: user = the prompt, assistant = the verified reply, answer = gold. tools/shard_corpus.py
 and tools/translate_corpus.py take the output as it is. Every dropped sample is listed, with its
