@@ -219,3 +219,30 @@ def test_kill_minus_9_and_rerun_gives_the_uninterrupted_file(tmp_path):
     repeated = [i for i, n in answered.items() if n > 1]
     assert len(repeated) <= 2 and all(n <= 2 for n in answered.values())
     assert set(answered) == {s.id for s in SAMPLES}
+
+
+def test_chinese_track_with_translated_templates(tmp_path, capsys):
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps({"templates": {"zh": {
+        "math": "请解答下面的问题。\n\n问题：\n{question}\n\n最后把答案写在 \\boxed{} 中。",
+        "multiple_choice": "下面是一道单选题。\n\n问题：\n{question}\n\n选项：\n{options}\n\n"
+                           "最后把正确选项写在 \\boxed{} 中。",
+    }}}, ensure_ascii=False), encoding="utf-8")
+    answers = tmp_path / "answers_zh.jsonl"
+    with LocalChatServer(lambda body: "\\boxed{8}") as server:
+        rc, summary, _ = run_tool(
+            ["--base-url", server.base_url, "--model", "local", "--data-dir", str(DATA),
+             "--language", "zh", "--limit", "2", "--template-language", "zh",
+             "--templates", str(templates), "--output", str(answers), "--no-progress"], capsys)
+        prompts = [r.body["messages"][0]["content"] for r in server.requests]
+    assert rc == 0 and summary["answered"] == 4
+    records = read_jsonl(answers)
+    assert [r["id"] for r in records] == ["gsm8k-train-00000", "gsm8k-train-00001",
+                                          "mmluprox-zh-70", "mmluprox-zh-71"]
+    assert all(r["language"] == "zh" for r in records)
+    assert sorted(prompts) == sorted(r["messages"][0]["content"] for r in records)
+    assert records[0]["messages"][0]["content"].startswith("请解答下面的问题。")
+    assert "A) 伏特" in records[2]["messages"][0]["content"]
+    kept = tmp_path / "anchors_zh.jsonl"
+    assert load_tool("filter_correct").main(["--input", str(answers), "--output", str(kept)]) == 0
+    assert [r["id"] for r in read_jsonl(kept)] == ["gsm8k-train-00001"]  # only its gold is 8
