@@ -15,6 +15,7 @@ import sys
 from sara_megatron.data.chat_tokenization import check_seq_length
 from sara_megatron.data.corpus_sharding import ShardingConfig, ShardProgress, shard_corpus
 from sara_megatron.data.corpus_validation import CorpusError
+from sara_megatron.tool_errors import check_writable_output, disk_full_error
 
 
 def parse_args(argv=None):
@@ -32,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=2048, help="samples per shard")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    p.add_argument("--duplicates", choices=("reject", "first", "last"), default="reject",
+                   help="records of one (id, lang) that differ: reject every copy and report "
+                        "them (default), or keep the first / last in file order. Identical "
+                        "copies are dropped and counted either way")
     p.add_argument("--extra-languages", nargs="*", default=[],
                    help="language codes beyond en zh hi ne bn te sw")
     p.add_argument("--chat-template", help="a Jinja chat template file replacing the tokenizer's")
@@ -47,6 +52,10 @@ def parse_args(argv=None):
     missing = [path for path in args.corpus if not os.path.exists(path)]
     if missing:
         p.error(f"--corpus: no such file or folder: {', '.join(missing)}")
+    try:
+        check_writable_output(args.output, "--output")
+    except OSError as err:
+        p.error(str(err.strerror or err))
     return args
 
 
@@ -71,6 +80,7 @@ def main(argv=None) -> int:
         shard_size=args.shard_size,
         workers=args.workers,
         strict=args.strict,
+        duplicates=args.duplicates,
         extra_languages=tuple(args.extra_languages),
         chat_template_path=args.chat_template,
         trust_remote_code=args.trust_remote_code,
@@ -83,6 +93,12 @@ def main(argv=None) -> int:
         return 1
     except FileNotFoundError as e:
         print(f"shard_corpus: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        full = disk_full_error(e, args.output)
+        if full is None:
+            raise
+        print(f"shard_corpus.py: error: {full.strerror}", file=sys.stderr)
         return 2
     print(report.corpus.format_summary())
     for lang, info in report.manifest["languages"].items():

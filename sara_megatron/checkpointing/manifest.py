@@ -4,14 +4,16 @@ saved and checked wherever it is read (model weights, resume, export).
     <checkpoint>/sara_checkpoint_manifest.json
         {"format": "sara-checkpoint-manifest/1",
          "files": {"__0_0.distcp": {"bytes": 123, "sha256": "..."}, "metadata.json": ..., ...}}
-    <checkpoint>/.sara_verified.json     what was verified, for unchanged files (file_stamps)
 
 It is written inside the staging folder, before the atomic rename that publishes the checkpoint,
 so a published checkpoint always has one. The files are hashed in parallel by the ranks that
 saved them (each a share of the list; rank 0 writes the manifest) and again, the same way, by the
-ranks that load them; the stamp makes a later open of the unchanged files free.
+ranks that load them; a stamp (`file_stamps`, in the user's cache folder) makes a later open of
+the unchanged files free.
 
 A checkpoint written before manifests existed loads with a warning that it is not verified.
+The conversion record and HF assets may be removed from a copy (export then takes --hf-dir), but
+not altered; every other file must be there as saved.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from sara_megatron.tool_errors import UserFacingError
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "sara_checkpoint_manifest.json"
-STAMP_FILE = ".sara_verified.json"
 MANIFEST_FORMAT = "sara-checkpoint-manifest/1"
 
 
@@ -40,14 +41,12 @@ class CheckpointDamagedError(UserFacingError, RuntimeError):
 
 
 def _is_bookkeeping(name: str) -> bool:
-    base = os.path.basename(name)
-    return (name in (MANIFEST_FILE, STAMP_FILE) or base.startswith(STAMP_FILE + ".")
-            or base.endswith(".partial"))
+    return name == MANIFEST_FILE or name.endswith(".partial")
 
 
 def checkpoint_files(folder: str) -> list[str]:
-    """Every file of the checkpoint, relative to it, in sorted order (the manifest and the
-    verification stamp left out)."""
+    """Every file of the checkpoint, relative to it, in sorted order (the manifest and files
+    still being written left out)."""
     out = []
     for dirpath, _, names in os.walk(folder):
         for name in names:
@@ -85,7 +84,7 @@ def _gather(obj) -> list:
 def _hash_share(folder: str, names: list[str], rank: int, world: int) -> dict:
     """{name: (identity, sha256)} of this rank's share of `names` (the stamp remembers hashes of
     unchanged files)."""
-    stamp = FileStamp(os.path.join(folder, STAMP_FILE), folder)
+    stamp = FileStamp(folder, folder)
     share = {}
     for name in names[rank::world]:
         identity = file_identity(os.path.join(folder, name))
@@ -94,11 +93,26 @@ def _hash_share(folder: str, names: list[str], rank: int, world: int) -> dict:
 
 
 def _save_stamp(folder: str, shares: list[dict]) -> None:
-    stamp = FileStamp(os.path.join(folder, STAMP_FILE), folder)
+    stamp = FileStamp(folder, folder)
     for share in shares:
         for name, (identity, digest) in share.items():
             stamp.record(name, identity, digest)
     stamp.save()
+
+
+def move_stamp(old_folder: str, new_folder: str) -> None:
+    """Carry the verification stamp of a folder renamed (a save's staging folder published):
+    its files are the same files."""
+    old = FileStamp(old_folder, old_folder)
+    if old.entries:
+        new = FileStamp(new_folder, new_folder)
+        new.entries.update(old.entries)
+        new.changed = True
+        new.save()
+    try:
+        os.remove(old.path)
+    except OSError:
+        pass
 
 
 def write_checkpoint_manifest(folder: str, collective: Optional[bool] = None) -> None:
@@ -142,13 +156,16 @@ def read_manifest(folder: str) -> Optional[dict]:
 def _problems(folder: str, files: dict, names: list[str], rank: int, world: int
               ) -> tuple[list[str], dict]:
     """(what is wrong with this rank's share of `names`, the stamp entries it hashed)."""
-    stamp = FileStamp(os.path.join(folder, STAMP_FILE), folder)
+    stamp = FileStamp(folder, folder)
+    from sara_megatron.conversion.metadata import ASSETS_DIR, METADATA_FILE
+
     problems, mine = [], names[rank::world]
     for name in mine:
         path = os.path.join(folder, name)
         expected = files[name]
         if not os.path.isfile(path):
-            problems.append(f"{path} is missing")
+            if name != METADATA_FILE and not name.startswith(ASSETS_DIR + os.sep):
+                problems.append(f"{path} is missing")
         elif os.path.getsize(path) != expected["bytes"]:
             size = os.path.getsize(path)
             problems.append(f"{path} has {size} bytes, the manifest {expected['bytes']} ("
@@ -178,7 +195,7 @@ def verify_checkpoint(folder: str | os.PathLike, collective: Optional[bool] = No
         problems = [p for share, _ in gathered for p in share]
         entries = {k: v for _, share in gathered for k, v in share.items()}
     if rank == 0:  # one writer of the stamp
-        stamp = FileStamp(os.path.join(folder, STAMP_FILE), folder)
+        stamp = FileStamp(folder, folder)
         if any(stamp.entries.get(k) != v for k, v in entries.items()):
             stamp.entries.update(entries)
             stamp.changed = True

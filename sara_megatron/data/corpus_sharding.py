@@ -56,6 +56,9 @@ class ShardingConfig:
     shard_size: int = 2048  # samples per shard
     workers: int = 1
     strict: bool = False
+    # Differing copies of one (id, lang): "reject" them all, or keep the "first" / "last"
+    # (corpus_validation); identical copies are dropped and counted either way.
+    duplicates: str = "reject"
     extra_languages: tuple[str, ...] = ()
     chat_template_path: Optional[str] = None  # overrides the tokenizer's template
     trust_remote_code: bool = False
@@ -121,6 +124,9 @@ def _plan(config: ShardingConfig, corpus: ValidatedCorpus, tokenizer, token_dtyp
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
                       "vocab_size": len(tokenizer)},
         "token_dtype": np.dtype(token_dtype).name,
+        # Which copy of a differing duplicate is kept (not recorded for the default, so the
+        # plans of corpora without such duplicates keep their digest).
+        **({"duplicates": config.duplicates} if config.duplicates != "reject" else {}),
     }
 
 
@@ -171,7 +177,8 @@ def shard_corpus(
     start = time.perf_counter()
     check_seq_length(config.seq_length)  # before anything is validated, loaded or written
     known = known_languages(config.extra_languages)
-    corpus = validate_corpus(config.corpus_paths, config.anchor_language, known, config.strict)
+    corpus = validate_corpus(config.corpus_paths, config.anchor_language, known, config.strict,
+                             config.duplicates)
     if config.anchor_language not in corpus.records:
         raise ValueError(f"the corpus has no valid records in the anchor language "
                          f"{config.anchor_language!r}\n{corpus.format_summary()}")

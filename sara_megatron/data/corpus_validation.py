@@ -7,6 +7,12 @@ valid anchor of the same id.
 By default a bad record is skipped and counted; `strict=True` raises on the first one. Every
 non-blank line ends up either kept or counted under exactly one rejection reason.
 
+Duplicates of one (id, lang): a copy identical to the first (the same parsed record) is dropped
+and counted. Copies that differ are a conflict the corpus must settle: under the `duplicates`
+policy "reject" every copy is rejected and reported (a target whose anchor was rejected so loses
+its anchor); "first" keeps the first in file order, "last" the last. `validate_corpus` defaults to
+"first" (its behaviour before policies existed); `tools/shard_corpus.py` defaults to "reject".
+
 Records are not kept in memory: the index holds each one's file, line and byte range, and the
 shard workers re-read the lines they tokenize.
 """
@@ -17,6 +23,7 @@ import collections
 import dataclasses
 import glob
 import hashlib
+import json
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -144,15 +151,29 @@ def expand_corpus_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     return out
 
 
+DUPLICATE_POLICIES = ("reject", "first", "last")
+
+
+def _record_digest(record: ParallelRecord) -> str:
+    """What makes two copies of a record the same: its parsed fields (not key order, spacing or
+    the fields the format ignores)."""
+    text = json.dumps(dataclasses.asdict(record), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def validate_corpus(
     paths: Sequence[str | os.PathLike],
     anchor_language: str,
     known_languages: Optional[frozenset[str]] = None,
     strict: bool = False,
+    duplicates: str = "first",
 ) -> ValidatedCorpus:
     known = known_languages or default_known_languages()
     if anchor_language not in known:
         raise ValueError(f"anchor language {anchor_language!r} is not a known language code")
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, got "
+                         f"{duplicates!r}")
     issues: list[CorpusIssue] = []
 
     def reject(issue: CorpusIssue) -> None:
@@ -160,8 +181,10 @@ def validate_corpus(
             raise CorpusError(issue)
         issues.append(issue)
 
-    files, valid, blank = [], [], 0
-    first_seen: dict[tuple[str, str], RecordRef] = {}
+    files, blank = [], 0
+    valid: dict[tuple[str, str], RecordRef] = {}  # in input order of the kept copy
+    first_seen: dict[tuple[str, str], tuple[RecordRef, str]] = {}  # first copy and its digest
+    conflicts: dict[tuple[str, str], list[RecordRef]] = {}  # differing copies (policy reject)
     rejected_anchor: dict[str, CorpusIssue] = {}
     for path in expand_corpus_paths(paths):
         digest, offset, line_no = hashlib.sha256(), 0, 0
@@ -188,21 +211,47 @@ def validate_corpus(
                     continue
                 ref = RecordRef(record.sample_id, record.language, path, line_no, here, len(raw))
                 key = (record.sample_id, record.language)
-                if key in first_seen:
-                    first = first_seen[key]
+                record_digest = _record_digest(record)
+                if key not in first_seen:
+                    first_seen[key] = (ref, record_digest)
+                    valid[key] = ref
+                    continue
+                first, first_digest = first_seen[key]
+                if record_digest == first_digest or duplicates == "first":
+                    # An identical copy (or the policy keeps the first): this one is dropped.
                     reject(CorpusIssue(
                         DUPLICATE, path, line_no,
                         f"duplicate (id, lang) = {key}; first at {first.path}:{first.line}",
                         *key,
                     ))
-                    continue
-                first_seen[key] = ref
-                valid.append(ref)
+                elif duplicates == "last":
+                    dropped = valid.pop(key)
+                    reject(CorpusIssue(
+                        DUPLICATE, dropped.path, dropped.line,
+                        f"duplicate (id, lang) = {key} differs from a later copy; kept the last "
+                        f"(--duplicates last), at {path}:{line_no}", *key,
+                    ))
+                    valid[key] = ref
+                else:
+                    if strict:
+                        reject(_conflict_issue(key, ref, first))
+                    conflicts.setdefault(key, []).append(ref)
         files.append(CorpusFile(path, digest.hexdigest(), offset, line_no))
 
-    anchors = {ref.sample_id for ref in valid if ref.language == anchor_language}
+    # Differing copies (policy reject): every copy goes, the first included.
+    for key, later in conflicts.items():
+        first = valid.pop(key)
+        for ref in (first, *later):
+            issue = _conflict_issue(key, ref, first if ref is not first else later[0])
+            if key[1] == anchor_language:
+                rejected_anchor.setdefault(key[0], issue)
+            reject(issue)
+    valid_refs = list(valid.values())
+
+    order_of_path = {f.path: i for i, f in enumerate(files)}
+    anchors = {ref.sample_id for ref in valid_refs if ref.language == anchor_language}
     records: dict[str, list[RecordRef]] = collections.defaultdict(list)
-    for ref in valid:
+    for ref in sorted(valid_refs, key=lambda r: (order_of_path[r.path], r.line)):
         if ref.language != anchor_language and ref.sample_id not in anchors:
             why = rejected_anchor.get(ref.sample_id)
             detail = f" (its anchor record was rejected: {why})" if why else ""
@@ -217,3 +266,12 @@ def validate_corpus(
     order = {f.path: i for i, f in enumerate(files)}
     issues.sort(key=lambda issue: (order[issue.path], issue.line))
     return ValidatedCorpus(anchor_language, known, files, dict(records), issues, blank)
+
+
+def _conflict_issue(key: tuple[str, str], ref: RecordRef, other: RecordRef) -> CorpusIssue:
+    return CorpusIssue(
+        DUPLICATE, ref.path, ref.line,
+        f"conflicting duplicate (id, lang) = {key}: differs from the copy at "
+        f"{other.path}:{other.line}; every copy rejected (choose one with --duplicates "
+        "first|last, or fix the corpus)", *key,
+    )

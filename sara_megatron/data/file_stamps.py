@@ -1,19 +1,25 @@
-"""Remembered hashes: a small JSON stamp beside files that were hashed, so that later opens of
-the same, unchanged files need not read them again.
+"""Remembered hashes: a small JSON stamp per verified thing (a token shard, a checkpoint folder),
+so that later opens of the same, unchanged files need not read them again.
 
-    {"format": "sara-file-stamp/1",
+    {"format": "sara-file-stamp/1", "target": "/abs/path/of/shard-or-checkpoint",
      "files": {"en-00000.bin": {"size": 81920, "mtime_ns": ..., "ctime_ns": ..., "inode": ...,
                                 "sha256": "...", ...}}}
 
 An entry is trusted only while the file's size, modification time, change time and inode are all
 as recorded; any write to the file changes its change time (which, unlike the modification time,
 no program can set back), and a replaced file has another inode, so a changed file is hashed
-again. A stamp that cannot be read is ignored; one that cannot be written (a read-only folder) is
-not an error: the files are then hashed on every open.
+again. A stamp that cannot be read is ignored; one that cannot be written is not an error (the
+files are then hashed on every open).
+
+Stamps live in a cache folder, not in the data folders: `$SARA_VERIFY_CACHE`, else
+`$XDG_CACHE_HOME/sara-megatron/verified`, else `~/.cache/sara-megatron/verified`, one file per
+target named by the sha256 of its real path. Outputs stay as their tools wrote them (shard
+folders byte-identical whatever the worker count), and read-only corpora are remembered too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,18 +40,35 @@ def file_identity(path: str) -> dict:
             "inode": st.st_ino}
 
 
-class FileStamp:
-    """The stamp file `path`: hashes of files named relative to `base`."""
+def stamp_folder() -> str:
+    folder = os.environ.get("SARA_VERIFY_CACHE")
+    if not folder:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(cache, "sara-megatron", "verified")
+    return folder
 
-    def __init__(self, path: str, base: str):
-        self.path = path
+
+def stamp_path(target: str) -> str:
+    """Where the stamp of `target` (a shard's path prefix, a checkpoint folder) lives."""
+    real = os.path.realpath(target)
+    return os.path.join(stamp_folder(), hashlib.sha256(real.encode("utf-8")).hexdigest()[:40]
+                        + ".json")
+
+
+class FileStamp:
+    """The stamp of `target`: hashes of files named relative to `base`."""
+
+    def __init__(self, target: str, base: str):
+        self.target = os.path.realpath(target)
+        self.path = stamp_path(target)
         self.base = base
         self.entries: dict[str, dict] = {}
         self.changed = False
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(self.path, encoding="utf-8") as f:
                 stamp = json.load(f)
-            if stamp.get("format") == STAMP_FORMAT and isinstance(stamp.get("files"), dict):
+            if (stamp.get("format") == STAMP_FORMAT and stamp.get("target") == self.target
+                    and isinstance(stamp.get("files"), dict)):
                 self.entries = stamp["files"]
         except (OSError, ValueError, AttributeError):
             pass  # none yet, or unreadable: everything is hashed again
@@ -90,10 +113,11 @@ class FileStamp:
         """Write the stamp if anything was added; a folder that cannot be written is fine."""
         if not self.changed:
             return
-        text = json.dumps({"format": STAMP_FORMAT, "files": self.entries}, sort_keys=True,
-                          indent=1) + "\n"
+        text = json.dumps({"format": STAMP_FORMAT, "target": self.target,
+                           "files": self.entries}, sort_keys=True, indent=1) + "\n"
         folder = os.path.dirname(os.path.abspath(self.path))
         try:
+            os.makedirs(folder, exist_ok=True)
             # A name of its own: several ranks may stamp the same files at the same time.
             fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp",
                                        dir=folder)

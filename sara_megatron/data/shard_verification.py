@@ -5,9 +5,8 @@ sequence count it declares; the `.bin` holds exactly the tokens the index points
 `.samples.jsonl` and of the index are as many as the manifest says; every token id is below the
 tokenizer's vocabulary size (one vectorised pass over the `.bin`).
 On the first open (unless verification is switched off): the sha256 of each file against the one
-the manifest recorded when the shard was written. A stamp beside the shard
-(`<lang>-00000.verified.json`, see `file_stamps`) remembers both results for unchanged files, so
-later opens read nothing.
+the manifest recorded when the shard was written. A stamp per shard (`file_stamps`, in the
+user's cache folder) remembers both results for unchanged files, so later opens read nothing.
 
 A damaged shard raises `ShardDamagedError` naming the file, what is wrong and how to rebuild it.
 """
@@ -37,10 +36,6 @@ class ShardDamagedError(UserFacingError, ValueError):
 def shard_paths(root: str, prefix: str) -> dict[str, str]:
     base = os.path.join(root, prefix)
     return {"bin": base + ".bin", "idx": base + ".idx", "samples": base + ".samples.jsonl"}
-
-
-def stamp_path(root: str, prefix: str) -> str:
-    return os.path.join(root, prefix) + ".verified.json"
 
 
 def _damaged(root: str, prefix: str, path: str, what: str) -> ShardDamagedError:
@@ -93,7 +88,7 @@ def check_shard(root: str, shard: dict, vocab_size: int, check_hash: bool = True
     for path in paths.values():
         if not os.path.isfile(path):
             raise _damaged(root, prefix, path, "the file is missing")
-    stamp = FileStamp(stamp_path(root, prefix), os.path.dirname(paths["bin"]))
+    stamp = FileStamp(os.path.join(root, prefix), os.path.dirname(paths["bin"]))
     names = {key: os.path.basename(path) for key, path in paths.items()}
     try:
         bin_entry, idx_entry = stamp.lookup(names["bin"]), stamp.lookup(names["idx"])
@@ -119,7 +114,7 @@ def shard_content_hashes(root: str, shard: dict) -> dict[str, str]:
     """The sha256 of each file of a shard as it is on disk (remembered for unchanged files),
     compared with nothing."""
     paths = shard_paths(root, shard["prefix"])
-    stamp = FileStamp(stamp_path(root, shard["prefix"]), os.path.dirname(paths["bin"]))
+    stamp = FileStamp(os.path.join(root, shard["prefix"]), os.path.dirname(paths["bin"]))
     try:
         return {key: stamp.sha256(os.path.basename(paths[key])) for key in SHARD_FILES}
     except FileNotFoundError as err:

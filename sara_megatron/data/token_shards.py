@@ -11,8 +11,8 @@
 A shard's files are written under temporary names and renamed into place; its marker is written
 last, so a shard is complete exactly when its marker exists (and names the current plan).
 A reader checks each shard where it is first used (`shard_verification`): its structure and
-token ids always, the manifest's sha256 unless opened with `verify=False`; a stamp beside the
-shard (`<lang>-00000.verified.json`) remembers the result for unchanged files.
+token ids always, the manifest's sha256 unless opened with `verify=False`; a stamp in the
+user's cache folder (`file_stamps`) remembers the result for unchanged files.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class TokenShards:
 
     Each language's shards are checked when first used (`samples`): structure and token ids
     always; with `verify` (the default) also every file's sha256 against the manifest, remembered
-    for unchanged files by a stamp beside each shard. A damaged shard raises ShardDamagedError."""
+    for unchanged files by a stamp (`file_stamps`). A damaged shard raises ShardDamagedError."""
 
     def __init__(self, root: str | os.PathLike, verify: bool = True):
         self.root = os.fspath(root)

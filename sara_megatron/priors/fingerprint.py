@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 
-from sara_megatron.checkpointing.manifest import MANIFEST_FILE, STAMP_FILE
+from sara_megatron.checkpointing.manifest import MANIFEST_FILE
 from sara_megatron.conversion.metadata import ASSETS_DIR, METADATA_FILE, read_metadata
 from sara_megatron.data.atomic_files import sha256_file
 
-# Not weights: left out of the computed fingerprint (the manifest of file hashes and the
-# verification stamp are bookkeeping written at save and at the first load).
-_NOT_WEIGHTS = (METADATA_FILE, ASSETS_DIR, MANIFEST_FILE, STAMP_FILE)
+# Not weights: left out of the computed fingerprint (the manifest of file hashes is bookkeeping
+# written at save).
+_NOT_WEIGHTS = (METADATA_FILE, ASSETS_DIR, MANIFEST_FILE)
 
 
 def _from_conversion_metadata(checkpoint_dir: str) -> str | None:
@@ -43,7 +43,7 @@ def checkpoint_files_fingerprint(checkpoint_dir: str) -> str:
             dirnames[:] = [d for d in dirnames if d not in _NOT_WEIGHTS]
         for name in names:
             rel = os.path.relpath(os.path.join(dirpath, name), checkpoint_dir)
-            if rel not in _NOT_WEIGHTS and not rel.startswith(STAMP_FILE + "."):
+            if rel not in _NOT_WEIGHTS:
                 files.append(rel)
     if not files:
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} is empty")

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from sara_megatron.checkpointing.manifest import (
     CheckpointDamagedError,
+    move_stamp,
     verify_checkpoint,
     write_checkpoint_manifest,
 )
@@ -179,9 +180,9 @@ def save_training_checkpoint(
             _carry_conversion_metadata(conversion_source, staging)
         write_checkpoint_manifest(staging)  # collective; inside the folder the rename publishes
     except BaseException as err:
+        full = disk_full_error(err, staging)  # before the removal frees the space again
         # The partial save would hold the last free bytes (a full disk) until the next save.
         shutil.rmtree(staging, ignore_errors=True)
-        full = disk_full_error(err, staging)
         if full is not None:
             raise full from err
         raise
@@ -206,6 +207,7 @@ def _commit(save_dir: str, staging: str, final: str, iteration: int) -> None:
             shutil.rmtree(aside)
         os.rename(final, aside)
     os.rename(staging, final)
+    move_stamp(staging, final)  # the files hashed for the manifest: a resume need not rehash
     with atomic_open(os.path.join(save_dir, LATEST_FILE)) as f:
         f.write(str(iteration))
     if os.path.exists(aside):
