@@ -174,6 +174,7 @@ def test_a_torn_last_line_is_cut_and_other_settings_are_refused(tmp_path, capsys
     (["--sources", "gsm8k,math"], "unknown source"),
     (["--concurrency", "0"], "--concurrency must be >= 1"),
     (["--template-language", "hi"], "needs --templates"),
+    (["--extra-body", "[1]"], "must be a JSON object"),
 ])
 def test_bad_flags_exit_2(tmp_path, capsys, extra, message):
     argv = ["--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--data-dir", str(DATA),
@@ -233,8 +234,11 @@ def test_chinese_track_with_translated_templates(tmp_path, capsys):
         rc, summary, _ = run_tool(
             ["--base-url", server.base_url, "--model", "local", "--data-dir", str(DATA),
              "--language", "zh", "--limit", "2", "--template-language", "zh",
-             "--templates", str(templates), "--output", str(answers), "--no-progress"], capsys)
+             "--templates", str(templates), "--output", str(answers), "--no-progress",
+             "--extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}'], capsys)
         prompts = [r.body["messages"][0]["content"] for r in server.requests]
+        assert all(r.body["chat_template_kwargs"] == {"enable_thinking": False}
+                   for r in server.requests)
     assert rc == 0 and summary["answered"] == 4
     records = read_jsonl(answers)
     assert [r["id"] for r in records] == ["gsm8k-train-00000", "gsm8k-train-00001",

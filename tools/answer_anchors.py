@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--reasoning-effort", choices=("minimal", "low", "medium", "high"),
                    help="for reasoning models (GPT-5 family, o-series)")
+    p.add_argument("--extra-body", metavar="JSON",
+                   help="a JSON object merged into each request body, e.g. for vLLM "
+                        "'{\"chat_template_kwargs\": {\"enable_thinking\": false}}'")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     p.add_argument("--max-retries", type=int, default=6)
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
@@ -83,10 +86,18 @@ def parse_args(argv=None):
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         p.error(f"--output: no such directory {folder}")
+    extra_body = None
+    if args.extra_body is not None:
+        try:
+            extra_body = json.loads(args.extra_body)
+        except json.JSONDecodeError as e:
+            p.error(f"--extra-body: not JSON ({e.msg})")
+        if not isinstance(extra_body, dict):
+            p.error("--extra-body must be a JSON object")
     try:
         args.settings = ChatSettings(model=args.model, temperature=args.temperature, top_p=args.top_p,
                                      max_tokens=args.max_tokens, seed=args.seed,
-                                     reasoning_effort=args.reasoning_effort)
+                                     reasoning_effort=args.reasoning_effort, extra_body=extra_body)
     except ValueError as e:
         p.error(str(e))
     args.loaded_templates = None

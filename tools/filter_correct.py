@@ -78,14 +78,14 @@ def write_jsonl(path: str, rows) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        records = list(read_answer_records(args.input))
         index = None
         if args.benchmarks:
-            languages = {r["language"] for r in records}
+            # A first pass for the languages only: the answers are streamed, not held twice.
+            languages = {r["language"] for r in read_answer_records(args.input)}
             index, notes = build_index(args.benchmarks, languages, data_dir=args.benchmark_data_dir)
             for note in notes:
                 print(f"filter_correct: {note}", file=sys.stderr)
-        result = filter_answers(records, contamination=index)
+        result = filter_answers(read_answer_records(args.input), contamination=index)
     except (AnswerRecordError, FileNotFoundError, ValueError) as e:
         # Bad input data or a missing benchmark file: the user's to fix, not a traceback.
         print(f"filter_correct: error: {e}", file=sys.stderr)
