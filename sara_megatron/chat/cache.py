@@ -18,6 +18,7 @@ import json
 import os
 import sqlite3
 import time
+import urllib.parse
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (
@@ -59,10 +60,13 @@ class CachedReply:
 
 
 class ReplyCache:
-    def __init__(self, path: str | os.PathLike):
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
+    def __init__(self, path: str | os.PathLike, read_only: bool = False):
         self.path = os.fspath(path)
+        if read_only:  # e.g. a dry run: look, change nothing
+            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=30.0)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL under WAL: a committed transaction survives the process being killed (it is in

@@ -1,0 +1,458 @@
+"""Translate an anchor-language corpus into target languages over the OpenAI wire format.
+
+One *job* is a (record, target language) pair; it becomes one request carrying every message of
+the interaction as a JSON object (or, with `split_messages`, one plain-text request per message;
+see `translation_wire`). Each reply is checked (`translation_checks`); a rejected reply is asked
+again with a stricter instruction naming the problem, up to `max_retries` times, then the job
+goes to the failures file — never into the corpus.
+
+Never paying twice: every reply is committed to the SQLite cache the moment it arrives, keyed by
+(model, prompt version, target language, system + user content, settings, attempt). A rerun walks
+each job through the cache — a cached reply is checked again, a rejected one leads to the next
+attempt's key — and requests only what is missing. `--batch` fills the same cache through the
+Batch API (`translation_batch`), in rounds: each round submits the next missing attempt of every
+unfinished job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sara_megatron.chat.cache import CachedReply, ReplyCache, request_key
+from sara_megatron.chat.client import ChatClient, ChatRequestFailed, ChatSettings, is_reasoning_model
+from sara_megatron.construction.translation_checks import (
+    LanguageIdentifier, check_finish_reason, check_translation,
+)
+from sara_megatron.construction.translation_cost import PriceTable, estimate_tokens
+from sara_megatron.construction.translation_wire import (
+    PROMPT_VERSION, message_key, parse_reply, response_format, system_instructions, user_content,
+)
+from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.data.corpus_format import ParallelRecord, RecordError, parse_record
+from sara_megatron.data.languages import known_languages
+
+log = logging.getLogger(__name__)
+FAILURES_FILE = "translation_failures.jsonl"
+CACHE_FILE = "translations.sqlite"
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslationConfig:
+    input_path: str
+    output_dir: str
+    languages: tuple[str, ...]
+    model: str
+    base_url: str | None = None
+    cache_path: str | None = None          # default: <output_dir>/translations.sqlite
+    concurrency: int = 16
+    max_retries: int = 6
+    dry_run: bool = False
+    max_cost_usd: float | None = None
+    batch: bool = False
+    split_messages: bool = False
+    structured_output: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    reasoning_effort: str | None = None
+    seed: int | None = None
+    prices_path: str | None = None
+    timeout_s: float = 600.0
+    batch_poll_s: float = 30.0
+    extra_languages: tuple[str, ...] = ()
+    progress: bool = True
+
+    @property
+    def cache_file(self) -> str:
+        return self.cache_path or os.path.join(self.output_dir, CACHE_FILE)
+
+    def settings(self) -> ChatSettings:
+        effort = self.reasoning_effort
+        if effort is None and is_reasoning_model(self.model):
+            effort = "low"  # translation needs little thinking; the family requires the field
+        return ChatSettings(self.model, temperature=self.temperature, top_p=self.top_p,
+                            max_tokens=self.max_tokens, seed=self.seed, reasoning_effort=effort)
+
+
+class CostLimitReached(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """The texts of one request: a job's messages (all of them, or one with split_messages)."""
+    job: int
+    language: str
+    texts: dict          # key -> source text, in message order
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.texts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRequest:
+    unit: Unit
+    attempt: int
+    key: str
+    messages: list
+    settings: ChatSettings
+
+    def body(self) -> dict:
+        """The JSON body as sent (extra_body merged), for the Batch API's request file."""
+        kwargs = self.settings.request_kwargs()
+        body = {"messages": self.messages, **{k: v for k, v in kwargs.items() if k != "extra_body"}}
+        body.update(kwargs.get("extra_body") or {})
+        return body
+
+
+def read_anchor_records(path: str, extra_languages=()) -> list[ParallelRecord]:
+    """The input corpus; one language, valid records, unique ids. Raises ValueError naming the
+    first problem (file:line)."""
+    known = known_languages(extra_languages)
+    records, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = parse_record(line, known)
+            except RecordError as e:
+                raise ValueError(f"{path}:{line_no}: {e}") from None
+            if record.sample_id in seen:
+                raise ValueError(f"{path}:{line_no}: duplicate id {record.sample_id!r}")
+            if records and record.language != records[0].language:
+                raise ValueError(f"{path}:{line_no}: language {record.language!r}; the input must "
+                                 f"be one anchor language ({records[0].language!r} so far)")
+            seen.add(record.sample_id)
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def record_dict(record: ParallelRecord, language: str, contents: list[str] | None = None) -> dict:
+    messages = [{"role": m.role, "content": m.content if contents is None else contents[i]}
+                for i, m in enumerate(record.messages)]
+    out = {"id": record.sample_id, "lang": language, "source": record.source}
+    if record.answer is not None:
+        out["answer"] = record.answer
+    out["messages"] = messages
+    return out
+
+
+class TranslationRun:
+    def __init__(self, config: TranslationConfig, records: list[ParallelRecord],
+                 cache: ReplyCache | None):
+        self.config = config
+        self.records = records
+        self.anchor = records[0].language
+        self.cache = cache
+        self.settings = config.settings()
+        self.prices = PriceTable(config.prices_path)
+        self.identifier = LanguageIdentifier((self.anchor, *config.languages))
+        self.jobs = [(r, lang) for r in range(len(records)) for lang in config.languages]
+        self.units = {job: self._units(job) for job in range(len(self.jobs))}
+        # Outcomes and counters of this run.
+        self.results: dict[int, list[str]] = {}
+        self.failures: dict[int, str] = {}
+        self.fresh_keys: set[str] = set()       # replies this run received
+        self.counted_cached: set[str] = set()   # cached replies this run used
+        self.retried_keys: set[str] = set()     # fresh replies rejected with attempts left
+        self.request_errors: dict[str, str] = {}  # batch lines that came back without a reply
+        self.request_error_counts: dict[str, int] = {}
+        self.requested = 0
+        self.prompt_tokens = self.completion_tokens = 0
+        self.spent_usd = 0.0
+        self.in_flight_usd = 0.0
+        self.client: ChatClient | None = None
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def _units(self, job: int) -> list[Unit]:
+        record, language = self.records[self.jobs[job][0]], self.jobs[job][1]
+        texts = {message_key(i, m.role): m.content for i, m in enumerate(record.messages)}
+        if self.config.split_messages:
+            return [Unit(job, language, {k: v}) for k, v in texts.items()]
+        return [Unit(job, language, texts)]
+
+    def plan(self, unit: Unit, attempt: int, rejection: str | None) -> PlannedRequest:
+        keys = unit.keys if len(unit.texts) > 1 else None
+        boxed = None
+        if rejection in ("lost_boxed", "wrong_boxed"):
+            from sara_megatron.answers import last_boxed
+            boxed = next((b for b in map(last_boxed, reversed(list(unit.texts.values()))) if b), None)
+        system = system_instructions(self.anchor, unit.language, keys, rejection, boxed)
+        user = user_content(unit.texts)
+        settings = self.settings
+        if keys and self.config.structured_output:
+            settings = dataclasses.replace(settings, extra_body={"response_format": response_format(keys)})
+        key = request_key(model=self.config.model, prompt_version=PROMPT_VERSION,
+                          language=unit.language, content={"system": system, "user": user},
+                          settings=settings.as_dict(), attempt=attempt)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return PlannedRequest(unit, attempt, key, messages, settings)
+
+    def judge(self, unit: Unit, reply) -> tuple[str | None, dict | None]:
+        """(rejection reason or None, the translated texts by key)."""
+        reason = check_finish_reason(reply.finish_reason)
+        if reason is not None:
+            return reason, None
+        parsed = parse_reply(reply.content, unit.keys)
+        if parsed is None:
+            return "unparsable_reply", None
+        for k, source in unit.texts.items():
+            reason = check_translation(source, parsed[k], unit.language, self.identifier)
+            if reason is not None:
+                return reason, None
+        return None, parsed
+
+    def walk(self, unit: Unit) -> tuple[str, object]:
+        """Follow a unit through the cache: ("done", texts), ("failed", reason) or
+        ("request", PlannedRequest) for the first attempt whose reply is missing."""
+        rejection = None
+        for attempt in range(self.config.max_retries + 1):
+            planned = self.plan(unit, attempt, rejection)
+            reply = self.cache.get(planned.key) if self.cache is not None else None
+            if reply is None:
+                if self.request_error_counts.get(planned.key, 0) > self.config.max_retries:
+                    return "failed", f"request_failed:{self.request_errors[planned.key]}"
+                return "request", planned
+            if planned.key not in self.fresh_keys and planned.key not in self.counted_cached:
+                self.counted_cached.add(planned.key)
+            rejection, parsed = self.judge(unit, reply)
+            if rejection is None:
+                return "done", parsed
+            if planned.key in self.fresh_keys and attempt < self.config.max_retries:
+                self.retried_keys.add(planned.key)
+        return "failed", rejection
+
+    def store(self, planned: PlannedRequest, reply) -> None:
+        self.cache.put(planned.key, reply, model=self.config.model,
+                       language=planned.unit.language, attempt=planned.attempt)
+        self.fresh_keys.add(planned.key)
+        self.requested += 1
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+        self.spent_usd += self.prices.cost(self.config.model, reply.prompt_tokens,
+                                           reply.completion_tokens, batch=self.config.batch)
+
+    def estimated_cost(self, planned: PlannedRequest) -> float:
+        prompt, completion = estimate_tokens(
+            planned.messages[0]["content"], planned.messages[1]["content"], planned.unit.language,
+            self.settings.reasoning_effort, is_reasoning_model(self.config.model))
+        return self.prices.cost(self.config.model, prompt, completion, batch=self.config.batch)
+
+    def reserve(self, planned: PlannedRequest) -> float:
+        """Book a request's estimated cost, or raise CostLimitReached if it would pass the limit."""
+        estimate = self.estimated_cost(planned)
+        limit = self.config.max_cost_usd
+        if limit is not None and self.spent_usd + self.in_flight_usd + estimate > limit:
+            raise CostLimitReached
+        self.in_flight_usd += estimate
+        return estimate
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def finish_job(self, job: int, outcomes: list[tuple[str, object]]) -> None:
+        failed = [reason for state, reason in outcomes if state == "failed"]
+        if failed:
+            self.failures[job] = failed[0]
+            return
+        translated = {}
+        for _, texts in outcomes:
+            translated.update(texts)
+        record = self.records[self.jobs[job][0]]
+        self.results[job] = [translated[message_key(i, m.role)] for i, m in enumerate(record.messages)]
+
+    async def translate_unit(self, unit: Unit, in_flight: dict) -> tuple[str, object]:
+        while True:
+            state, value = self.walk(unit)
+            if state != "request":
+                return state, value
+            planned = value
+            if planned.key in in_flight:  # the same request already on its way for another job
+                await in_flight[planned.key]
+                continue
+            estimate = self.reserve(planned)
+            future = asyncio.get_running_loop().create_future()
+            in_flight[planned.key] = future
+            try:
+                reply = await self.client.complete(planned.messages, planned.settings)
+                self.store(planned, reply)
+            except ChatRequestFailed as e:
+                return "failed", f"request_failed:{e.reason}"
+            finally:
+                self.in_flight_usd -= estimate
+                del in_flight[planned.key]
+                future.set_result(None)
+
+    async def run_streaming(self, progress) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for job in range(len(self.jobs)):
+            queue.put_nowait(job)
+        in_flight: dict = {}
+        stop = False
+
+        async def worker():
+            nonlocal stop
+            while not stop:
+                try:
+                    job = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                outcomes = await asyncio.gather(
+                    *(self.translate_unit(u, in_flight) for u in self.units[job]),
+                    return_exceptions=True)
+                errors = [o for o in outcomes if isinstance(o, BaseException)]
+                if any(isinstance(e, CostLimitReached) for e in errors):
+                    stop = True
+                    return
+                if errors:
+                    raise errors[0]
+                self.finish_job(job, outcomes)
+                progress.update(self)
+
+        self.client = ChatClient(self.config.base_url, concurrency=self.config.concurrency,
+                                 max_retries=self.config.max_retries, timeout_s=self.config.timeout_s)
+        try:
+            await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+        finally:
+            await self.client.aclose()
+
+    def dry_run_plan(self) -> list[PlannedRequest]:
+        """The requests a run would send next (one per unit without a final outcome in the cache;
+        rejected replies may add retries on top)."""
+        planned = []
+        for job, units in self.units.items():
+            for unit in units:
+                state, value = self.walk(unit)
+                if state == "request":
+                    planned.append(value)
+        return planned
+
+    def resolve_from_cache(self) -> None:
+        """Jobs whose outcome the cache alone decides (used before and after a batch round)."""
+        for job, units in self.units.items():
+            if job in self.results or job in self.failures:
+                continue
+            outcomes = [self.walk(u) for u in units]
+            if all(state != "request" for state, _ in outcomes):
+                self.finish_job(job, outcomes)
+
+    # -- results ------------------------------------------------------------------------------------
+
+    @property
+    def retries(self) -> int:
+        return len(self.retried_keys) + (self.client.stats.retries if self.client else 0)
+
+    def summary(self, dry_run_requests: list[PlannedRequest] | None = None) -> dict:
+        if dry_run_requests is not None:
+            cost = sum(self.estimated_cost(p) for p in dry_run_requests)
+            return {"requested": len(dry_run_requests), "cached": len(self.counted_cached),
+                    "translated": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
+                    "completion_tokens": 0, "estimated_cost_usd": round(cost, 6), "dry_run": True}
+        return {"requested": self.requested, "cached": len(self.counted_cached),
+                "translated": len(self.results), "failed": len(self.failures),
+                "retries": self.retries, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "estimated_cost_usd": round(self.spent_usd, 6)}
+
+    def write_outputs(self, stopped_reason: str | None = None) -> None:
+        out = Path(self.config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out / f"{self.anchor}.jsonl") as f:
+            for record in self.records:
+                f.write(json.dumps(record_dict(record, self.anchor), ensure_ascii=False) + "\n")
+        by_language = {lang: [] for lang in self.config.languages}
+        failures = []
+        for job, (r, lang) in enumerate(self.jobs):
+            if job in self.results:
+                by_language[lang].append(record_dict(self.records[r], lang, self.results[job]))
+            else:
+                reason = self.failures.get(job, stopped_reason or "not_run")
+                failures.append({"id": self.records[r].sample_id, "language": lang, "reason": reason})
+        for lang, rows in by_language.items():
+            with atomic_open(out / f"{lang}.jsonl") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with atomic_open(out / FAILURES_FILE) as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in failures)
+
+
+class Progress:
+    """A tqdm bar over jobs with done / cached / failed / retries / cost (on stderr)."""
+
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="job",
+                        desc="translate", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+    def update(self, run: TranslationRun, status: str | None = None) -> None:
+        done = len(run.results) + len(run.failures)
+        postfix = {"done": len(run.results), "cached": len(run.counted_cached),
+                   "failed": len(run.failures), "retries": run.retries,
+                   "cost": f"${run.spent_usd:.4f}"}
+        if status:
+            postfix["batch"] = status
+        self.bar.set_postfix(postfix, refresh=False)
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)  # redraws at most every mininterval
+        elif status:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_translation(config: TranslationConfig) -> dict:
+    """Translate, write the corpus and the failures file; return the summary (the tool prints it
+    as its last stdout line). Raises ValueError for bad input (the tool turns it into exit 2)."""
+    records = read_anchor_records(config.input_path, config.extra_languages)
+    anchor = records[0].language
+    known = known_languages(config.extra_languages)
+    for lang in config.languages:
+        if lang not in known:
+            raise ValueError(f"unknown language code {lang!r} (known: {', '.join(sorted(known))})")
+        if lang == anchor:
+            raise ValueError(f"{lang!r} is the input's own (anchor) language")
+    if config.dry_run:
+        # Sends nothing and writes nothing: an absent cache is not created.
+        cache = ReplyCache(config.cache_file, read_only=True) if os.path.exists(config.cache_file) else None
+        run = TranslationRun(config, records, cache)
+        planned = run.dry_run_plan()
+        if cache is not None:
+            cache.close()
+        summary = run.summary(dry_run_requests=planned)
+        print(f"dry run: {summary['requested']} request(s) to send ({summary['cached']} cached "
+              f"replies used), estimated cost ${summary['estimated_cost_usd']:.4f} "
+              f"(model {config.model}{', batch price' if config.batch else ''}); nothing sent",
+              file=sys.stderr)
+        return summary
+    with ReplyCache(config.cache_file) as cache:
+        run = TranslationRun(config, records, cache)
+        progress = Progress(len(run.jobs), config.progress)
+        stopped = None
+        try:
+            if config.batch:
+                from sara_megatron.construction.translation_batch import run_batches
+                asyncio.run(run_batches(run, progress))
+            else:
+                asyncio.run(run.run_streaming(progress))
+        except CostLimitReached:
+            stopped = "cost_limit"
+        finally:
+            progress.close()
+        if len(run.results) + len(run.failures) < len(run.jobs) and stopped is None:
+            stopped = "cost_limit" if config.max_cost_usd is not None else "not_run"
+        run.write_outputs(stopped)
+    summary = run.summary()
+    if stopped == "cost_limit":
+        summary["stopped"] = "max_cost_usd"
+    return summary

@@ -1,0 +1,76 @@
+"""What a translation run costs: a price table per model, and a token estimate before sending.
+
+Prices are USD per million tokens (input, output) for the standard API; the Batch API costs half.
+They are the list prices the project was written against — check the provider's current ones and
+override them with a JSON file (`{"gpt-5-mini": {"input": 0.25, "output": 2.0}}`). A model
+missing from the table (e.g. a self-hosted vLLM model) costs 0 unless the file names it.
+
+The estimate before a request: about 4 UTF-8 bytes per token for what is sent; the reply is
+the source's tokens times an expansion factor of the target language (Indic scripts take more
+tokens for the same text), plus the hidden reasoning tokens of a reasoning model (a share of the
+reply by `reasoning_effort`). After the run, the reported cost is from the usage the server
+returned, not from this estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+DEFAULT_PRICES_PER_MILLION = {
+    "gpt-5": (1.25, 10.0),
+    "gpt-5-mini": (0.25, 2.0),
+    "gpt-5-nano": (0.05, 0.40),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4o": (2.50, 10.0),
+    "gpt-4o-mini": (0.15, 0.60),
+}
+BATCH_DISCOUNT = 0.5
+OUTPUT_EXPANSION = {"hi": 2.0, "ne": 2.0, "bn": 2.0, "te": 2.5, "sw": 1.3, "en": 1.0, "zh": 1.0}
+REASONING_SHARE = {"none": 0.0, "minimal": 0.0, "low": 0.5, "medium": 1.5, "high": 3.0}
+_DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+
+
+def approx_tokens(text: str) -> int:
+    return max(1, len(text.encode("utf-8")) // 4)
+
+
+class PriceTable:
+    def __init__(self, overrides_path: str | os.PathLike | None = None):
+        self.prices = dict(DEFAULT_PRICES_PER_MILLION)
+        if overrides_path is not None:
+            with open(overrides_path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError(f"{overrides_path}: a JSON object of model -> {{input, output}}")
+            for model, price in data.items():
+                try:
+                    self.prices[model] = (float(price["input"]), float(price["output"]))
+                except (TypeError, KeyError, ValueError):
+                    raise ValueError(f"{overrides_path}: {model!r} needs numbers 'input' and "
+                                     "'output' (USD per million tokens)") from None
+
+    def per_million(self, model: str) -> tuple[float, float] | None:
+        name = model.split("/")[-1]
+        return self.prices.get(model) or self.prices.get(name) or \
+            self.prices.get(_DATE_SUFFIX.sub("", name))
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        price = self.per_million(model)
+        if price is None:
+            return 0.0
+        scale = BATCH_DISCOUNT if batch else 1.0
+        return scale * (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
+
+def estimate_tokens(system: str, user: str, target_language: str,
+                    reasoning_effort: str | None, reasoning_model: bool) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) expected for one request."""
+    prompt = approx_tokens(system) + approx_tokens(user) + 8
+    reply = int(approx_tokens(user) * OUTPUT_EXPANSION.get(target_language, 1.5))
+    if reasoning_model:
+        reply += int(reply * REASONING_SHARE.get(reasoning_effort or "medium", 1.5))
+    return prompt, reply
