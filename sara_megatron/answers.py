@@ -109,6 +109,7 @@ _CHOICE_PREFIX = re.compile(
     r"\s*[:：]?\s*",
     re.IGNORECASE,
 )
+_INLINE_WRAPPER = re.compile(r"\\(?:" + "|".join(_WRAPPERS) + r")\s*\{([^{}]*)\}")
 _LETTER_ALONE = re.compile(r"^\(?\s*([A-Ja-j])\s*\)?\s*[.:)]?$")
 _LETTER_THEN_TEXT = re.compile(r"^\(?([A-J])\s*[).:]\s*(.+)$", re.DOTALL)
 
@@ -124,6 +125,8 @@ def normalize_choice(answer: Optional[str],
         return None
     allowed = CHOICE_LETTERS[:len(options)] if options else CHOICE_LETTERS
     s = _strip_outer(unicodedata.normalize("NFKC", answer))
+    # Inline wrappers go too: `\text{(C) } \sqrt{2}` reads as `(C)  \sqrt{2}`.
+    s = _strip_outer(_INLINE_WRAPPER.sub(lambda m: m.group(1), s))
     full = s
     s = _strip_outer(_CHOICE_PREFIX.sub("", s))
     letter = None

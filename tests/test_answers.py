@@ -123,6 +123,8 @@ CHOICE_CASES = [
     ("（B）", "B", "B"),  # full-width parentheses
     ("Ｂ", "B", "B"),  # full-width letter
     ("B) Paris", "B", "B"),
+    ("\\text{(C) } \\sqrt{2}", "C", "C"),
+    ("\\textbf{Answer:} \\text{D}", "D", "D"),
     ("J", "J", None),  # beyond the fourth option
     ("K", None, None),
     ("Paris", None, "B"),
