@@ -1,9 +1,12 @@
 """Per-layer routing divergence between each target language and its anchor, under one model.
 
-For every sample id present in the anchor language and a target language, both sequences go
-through the same model; each gives its masked sequence-mean dense routing distribution per layer
+For every sample id (parallel group) present in the anchor language and a target language, both
+sequences go through the same model; each gives its masked sequence-mean dense routing distribution per layer
 (`capture_routing`), and the JS divergence between the two is averaged over samples. This is the
 paper's alignment measure: SARA should lower it in the aligned layers, full fine-tuning need not.
+Beside it: the entropy-normalised JS (per group, JS divided by the mean of the two distributions'
+entropies, then averaged), so layers of different routing sharpness compare fairly, and on request
+each language's expert usage.
 
 Runs on the current parallel state without pipeline parallel (every rank feeds the same batch; TP
 and EP ranks agree on the result). Batches are padded as prior extraction pads them
@@ -13,12 +16,13 @@ training uses for it, whichever samples share its batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
+from sara_megatron.analysis.parallel_set import ParallelSequence, as_parallel_set
 from sara_megatron.data.batch import pack_tokens
-from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.kernels.routing_js_reference import js_divergence_from_mean
 from sara_megatron.models.builder import causal_attention_mask
 from sara_megatron.models.longrope_padding import (
@@ -27,66 +31,141 @@ from sara_megatron.models.longrope_padding import (
     regime_padded_length,
 )
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
+from sara_megatron.routing.capture import masked_segment_sums, routing_reduction_group
+
+
+@dataclasses.dataclass
+class SequenceRouting:
+    mean: torch.Tensor  # [L, N] masked sequence-mean dense routing (fp32)
+    selection: Optional[torch.Tensor]  # [L, N] share of the tokens whose top-k holds each expert
 
 
 @torch.no_grad()
-def _sequence_means(model, shards: TokenShards, samples, layers, batch_size: int) -> dict:
-    """sample id -> [L, N] fp32 sequence-mean routing."""
+def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, batch_size: int,
+                      top_k: Optional[int] = None) -> dict[str, SequenceRouting]:
+    """group id -> the sequence's routing per layer."""
     device = next(model.parameters()).device
     switch = longrope_switch([model])
-    means = {}
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        sequences = [shards.tokens(s) for s in chunk]
-        length = regime_padded_length(max(len(seq) for seq in sequences), 1, shards.seq_length,
+    out = {}
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        token_lists = [data.tokens(s) for s in chunk]
+        length = regime_padded_length(max(len(seq) for seq in token_lists), 1, data.seq_length,
                                       switch)
-        check_rope_regime(length, shards.seq_length, switch, 1)
-        packed = pack_tokens(sequences, [s.meta.prompt_length for s in chunk], seq_length=length)
+        check_rope_regime(length, data.seq_length, switch, 1)
+        packed = pack_tokens(token_lists, [s.prompt_length for s in chunk], seq_length=length)
         tokens = packed.tokens.to(device)
         b, s = tokens.shape
         with capture_routing(segment_ids_from_padding_mask(packed.padding_mask), layers=layers) as cap:
             model(tokens, torch.arange(s, device=device).expand(b, s), causal_attention_mask(s, device))
-        stacked = torch.stack([cap[layer].seq_mean for layer in layers], dim=1)  # [B, L, N]
-        for row, sample in enumerate(chunk):
-            means[sample.meta.sample_id] = stacked[row].cpu()
-    return means
+        means = torch.stack([cap[layer].seq_mean for layer in layers], dim=1)  # [B, L, N]
+        selections = None
+        if top_k is not None:
+            per_layer = []
+            for layer in layers:
+                record = cap[layer]
+                chosen = torch.zeros_like(record.logits, dtype=torch.float32)
+                chosen.scatter_(1, record.logits.topk(top_k, dim=-1).indices, 1.0)
+                sums, counts = masked_segment_sums(chosen, record.segment_ids, b)
+                group = routing_reduction_group()  # a sequence's tokens spread over TP x CP
+                if group is not None:
+                    torch.distributed.all_reduce(sums, group=group)
+                    torch.distributed.all_reduce(counts, group=group)
+                per_layer.append(sums / counts.clamp_min(1.0).unsqueeze(-1))
+            selections = torch.stack(per_layer, dim=1)  # [B, L, N]
+        for row, sequence in enumerate(chunk):
+            out[sequence.group_id] = SequenceRouting(
+                means[row].cpu(), None if selections is None else selections[row].cpu())
+    return out
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last dim, 0·log0 = 0, in float64."""
+    p = p.double()
+    return -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1)
+
+
+@dataclasses.dataclass
+class RoutingAnalysis:
+    layers: list[int]
+    anchor: str
+    divergence: dict[str, list[float]]  # language -> mean over groups of JS(anchor ‖ target)
+    normalized: dict[str, list[float]]  # mean over groups of JS / mean entropy of the two
+    groups: dict[str, int]  # language -> parallel groups compared
+    # language (anchor included) -> [L][N] means over its sequences, when top_k was given
+    mean_probability: Optional[dict[str, list[list[float]]]] = None
+    selection_frequency: Optional[dict[str, list[list[float]]]] = None
+    top_k: Optional[int] = None
+
+
+def routing_analysis(
+    model,
+    data,
+    layers: Sequence[int],
+    languages: Optional[Sequence[str]] = None,
+    batch_size: int = 8,
+    top_k: Optional[int] = None,
+    progress=None,
+) -> RoutingAnalysis:
+    """Per-layer divergence of each target language from the anchor on a parallel set (or token
+    shards), plain and entropy-normalised; with `top_k`, also each language's expert usage (mean
+    dense routing probability and top-k selection share per expert). Eval mode; the model's mode
+    is restored afterwards. `progress(language)` is called before each language's passes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = as_parallel_set(data)
+    layers = list(layers)
+    targets = list(languages or data.target_languages)
+    for language in targets:
+        if language == data.anchor_language:
+            raise ValueError(f"{language!r} is the anchor language: its divergence from itself "
+                             f"is 0; name target languages ({', '.join(data.target_languages)})")
+    was_training = model.training
+    model.eval()
+    try:
+        routing = {}
+        for language in [data.anchor_language, *targets]:
+            if progress is not None:
+                progress(language)
+            routing[language] = _sequence_routing(model, data, data.sequences(language), layers,
+                                                  batch_size, top_k)
+    finally:
+        model.train(was_training)
+    result = RoutingAnalysis(layers, data.anchor_language, {}, {}, {}, top_k=top_k)
+    anchor = routing[data.anchor_language]
+    for language in targets:
+        target = routing[language]
+        common = sorted(set(anchor) & set(target))
+        if not common:
+            raise ValueError(f"no sample id of {language!r} has an anchor")
+        p = torch.stack([anchor[i].mean for i in common])  # [S, L, N]
+        q = torch.stack([target[i].mean for i in common])
+        js = js_divergence_from_mean(p, q, torch.ones(p.shape[:2]))  # [S, L]
+        mean_entropy = 0.5 * (entropy(p) + entropy(q))
+        normalized = torch.where(mean_entropy > 0, js / mean_entropy.clamp_min(1e-300), 0.0)
+        result.divergence[language] = js.mean(0).tolist()
+        result.normalized[language] = normalized.mean(0).tolist()
+        result.groups[language] = len(common)
+    if top_k is not None:
+        result.mean_probability, result.selection_frequency = {}, {}
+        for language, by_group in routing.items():
+            rows = list(by_group.values())
+            result.mean_probability[language] = torch.stack([r.mean for r in rows]).mean(0).tolist()
+            result.selection_frequency[language] = (
+                torch.stack([r.selection for r in rows]).mean(0).tolist())
+    return result
 
 
 def routing_divergence(
     model,
-    shards: TokenShards,
+    shards,
     layers: Sequence[int],
     languages: Optional[Sequence[str]] = None,
     batch_size: int = 8,
 ) -> dict[str, list[float]]:
     """{target language: [mean JS(anchor ‖ target) per layer in `layers`]} under `model`, in eval
-    mode (the model's mode is restored afterwards)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    try:
-        return _divergence_by_language(model, shards, list(layers), languages, batch_size)
-    finally:
-        model.train(was_training)
-
-
-def _divergence_by_language(model, shards, layers, languages, batch_size):
-    anchor = _sequence_means(model, shards, shards.samples(shards.anchor_language), layers, batch_size)
-    result = {}
-    for language in languages or shards.target_languages:
-        if language == shards.anchor_language:
-            raise ValueError(f"{language!r} is the anchor language: its divergence from itself "
-                             f"is 0; name target languages ({', '.join(shards.target_languages)})")
-        target = _sequence_means(model, shards, shards.samples(language), layers, batch_size)
-        common = sorted(set(anchor) & set(target))
-        if not common:
-            raise ValueError(f"no sample id of {language!r} has an anchor")
-        p = torch.stack([anchor[i] for i in common])  # [S, L, N]
-        q = torch.stack([target[i] for i in common])
-        js = js_divergence_from_mean(p, q, torch.ones(p.shape[:2]))  # [S, L]
-        result[language] = js.mean(0).tolist()
-    return result
+    mode (the model's mode is restored afterwards). `shards`: token shards or a parallel set."""
+    return routing_analysis(model, shards, layers, languages, batch_size).divergence
 
 
 def format_divergence_table(layers: Sequence[int], columns: dict[str, dict[str, list[float]]]) -> str:

@@ -1,0 +1,94 @@
+"""The divergence JSON file that `tools/routing_divergence.py --json` writes, and what is read
+from it.
+
+    {"layers": [0, 1, ...],                      measured layers, global 0-based
+     "divergence": {"hi": [JS per layer], ...},  mean over parallel groups of JS(anchor ‖ target)
+     "normalized_divergence": {...},             optional: JS / mean entropy of the two
+     "anchor": "en", "source": {...},            what was measured (checkpoint, data), optional
+     "suggested_range": {"first_layer": 7, "last_layer": 34, "alpha": .., "window": .., ...}}
+
+`suggested_range` is what training reads as `sara.layers: <file>` (see `alignment_range`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from sara_megatron.data.atomic_files import atomic_open
+
+
+@dataclasses.dataclass
+class DivergenceResult:
+    layers: list[int]
+    divergence: dict[str, list[float]]
+    normalized: Optional[dict[str, list[float]]] = None
+    anchor: Optional[str] = None
+    source: dict = dataclasses.field(default_factory=dict)
+    suggested_range: Optional[dict] = None
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.divergence)
+
+    def curves(self, normalized: bool = False) -> dict[str, list[float]]:
+        if normalized:
+            if self.normalized is None:
+                raise ValueError("this result has no entropy-normalised divergence (measure it "
+                                 "with --entropy-normalized)")
+            return self.normalized
+        return self.divergence
+
+    def to_json(self) -> dict:
+        out = {"layers": list(self.layers), "divergence": self.divergence}
+        if self.normalized is not None:
+            out["normalized_divergence"] = self.normalized
+        if self.anchor is not None:
+            out["anchor"] = self.anchor
+        if self.source:
+            out["source"] = self.source
+        if self.suggested_range is not None:
+            out["suggested_range"] = self.suggested_range
+        return out
+
+
+def read_divergence(path: str | os.PathLike) -> DivergenceResult:
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    try:
+        layers = [int(x) for x in obj["layers"]]
+        divergence = {lang: [float(v) for v in values] for lang, values in obj["divergence"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a divergence result (layers, divergence): {err!r}") from None
+    for lang, values in divergence.items():
+        if len(values) != len(layers):
+            raise ValueError(f"{path}: {lang} has {len(values)} values for {len(layers)} layers")
+    return DivergenceResult(layers, divergence, obj.get("normalized_divergence"),
+                            obj.get("anchor"), obj.get("source") or {},
+                            obj.get("suggested_range"))
+
+
+def write_divergence(path: str | os.PathLike, result: DivergenceResult) -> None:
+    with atomic_open(path) as f:
+        json.dump(result.to_json(), f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def range_mean(result: DivergenceResult, first: int, last: int, normalized: bool = False) -> float:
+    """Mean divergence over languages and the measured layers in first..last."""
+    curves = result.curves(normalized)
+    values = [curve[i] for curve in curves.values()
+              for i, layer in enumerate(result.layers) if first <= layer <= last]
+    if not values:
+        raise ValueError(f"no measured layer in {first}..{last}")
+    return sum(values) / len(values)
+
+
+def range_ratios(results: dict[str, DivergenceResult], baseline: str, first: int, last: int,
+                 normalized: bool = False) -> dict[str, float]:
+    """Per result, its aligned-range mean divergence over the baseline's (after / before)."""
+    base = range_mean(results[baseline], first, last, normalized)
+    return {name: (range_mean(r, first, last, normalized) / base if base > 0 else float("nan"))
+            for name, r in results.items()}
