@@ -63,6 +63,7 @@ class OpenAIBackend:
         if sampling.top_k is not None:
             extra_body["top_k"] = sampling.top_k
         self.extra_body = extra_body or None
+        self.settings(0)  # a setting the model refuses (temperature on GPT-5) fails here, not later
         self.client = ChatClient(base_url, api_key_env=api_key_env, concurrency=concurrency,
                                  max_retries=max_retries, timeout_s=timeout_s,
                                  backoff_base_s=backoff_base_s)
@@ -138,7 +139,9 @@ class HFBackend:
         input_ids = self._encode(self.chat_text(messages))
         s = self.sampling
         kwargs = dict(do_sample=s.temperature > 0, max_new_tokens=s.max_new_tokens,
-                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+                      pad_token_id=(self.tokenizer.pad_token_id
+                                    if self.tokenizer.pad_token_id is not None
+                                    else self.tokenizer.eos_token_id))
         if s.temperature > 0:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
             if s.top_k is not None:

@@ -142,7 +142,14 @@ def _hub_rows(name: str, language: str, limit: int | None):
     import datasets
 
     split = HUB_SPLIT if limit is None else f"{HUB_SPLIT}[:{limit}]"
-    dataset = datasets.load_dataset(HUB_DATASETS[name], hub_config(name, language), split=split)
+    try:
+        dataset = datasets.load_dataset(HUB_DATASETS[name], hub_config(name, language),
+                                        split=split)
+    except Exception as e:  # noqa: BLE001 - offline, gated, renamed: all say the same to a user
+        raise BenchmarkDataError(
+            f"{HUB_DATASETS[name]} ({hub_config(name, language)}): could not load it from the "
+            f"hub ({type(e).__name__}: {e}); --data-dir reads local files in the hub's columns"
+        ) from None
     for index, row in enumerate(dataset):
         yield index + 1, row
 
