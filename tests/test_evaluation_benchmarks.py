@@ -58,3 +58,12 @@ def test_bad_files_name_the_file_and_line(tmp_path):
     (tmp_path / "mgsm" / "en.jsonl").write_text('{"question": "q"}\n', encoding="utf-8")
     with pytest.raises(BenchmarkDataError, match="en.jsonl:1: missing column.*answer_number"):
         load_benchmark("mgsm", "en", data_dir=tmp_path)
+
+
+def test_a_repeated_id_gets_its_occurrence_as_a_suffix(tmp_path):
+    (tmp_path / "global_mmlu").mkdir()
+    lines = (FIXTURES / "global_mmlu" / "sw.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "global_mmlu" / "sw.jsonl").write_text(
+        "\n".join(lines + [lines[0]]) + "\n", encoding="utf-8")
+    ids = [i.item_id for i in load_benchmark("global_mmlu", "sw", data_dir=tmp_path)]
+    assert ids[-1] == ids[0] + "~2" and len(set(ids)) == 4

@@ -10,6 +10,7 @@ instead of the hub: tests and clusters without network use it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -169,15 +170,18 @@ def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None 
     else:
         source = f"{HUB_DATASETS[name]} ({hub_config(name, language)})"
         rows = _hub_rows(name, language, limit)
-    items, seen = [], set()
+    items, seen = [], {}
     for line_number, row in rows:
         try:
             item = item_from_row(name, language, row, index=line_number - 1)
         except ValueError as e:
             raise BenchmarkDataError(f"{source}:{line_number}: {e}") from None
-        if item.item_id in seen:
-            raise BenchmarkDataError(f"{source}:{line_number}: duplicate item id {item.item_id!r}")
-        seen.add(item.item_id)
+        # A repeated id (two rows with one link and question number) gets its occurrence as a
+        # suffix: the languages list their rows in the same order, so ids still pair up.
+        count = seen.get(item.item_id, 0) + 1
+        seen[item.item_id] = count
+        if count > 1:
+            item = dataclasses.replace(item, item_id=f"{item.item_id}~{count}")
         items.append(item)
     if not items:
         raise BenchmarkDataError(f"{source}: no items")
