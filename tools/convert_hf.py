@@ -67,7 +67,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    tool = f"convert_hf.py {args.command}"
+    if args.command in ("import", "export"):
+        from sara_megatron.tool_errors import check_writable_output
+
+        try:  # before anything is read or computed
+            check_writable_output(args.out, "--out")
+        except OSError as err:
+            print(f"{tool}: error: {err.strerror or err}", file=sys.stderr)
+            return 2
+        from sara_megatron.training.launch import exit_with_parent
+
+        exit_with_parent()
 
     try:
         if args.command == "import":
@@ -94,7 +107,15 @@ def main(argv=None) -> int:
                                        args.min_cosine))
         return 0 if ok else 1
     except ValueError as e:  # bad input (ConversionError, architecture and layout errors)
-        print(f"convert_hf.py {args.command}: error: {e}", file=sys.stderr)
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a damaged checkpoint, a full disk: one line; anything else raises
+        from sara_megatron.training.launch import user_error_message
+
+        message = user_error_message(e, getattr(args, "out", None))
+        if message is None:
+            raise
+        print(f"{tool}: error: {message}", file=sys.stderr)
         return 2
 
 

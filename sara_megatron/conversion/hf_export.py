@@ -16,6 +16,9 @@ names where config.json and the tokenizer come from.
 The folder gets `config.json` (the imported HF config, dtype updated), the other HF assets
 (tokenizer, generation config, ...) and `model.safetensors` or shards with
 `model.safetensors.index.json`; padded vocabulary rows are dropped.
+
+The checkpoint's files are checked against its manifest first (`checkpointing.manifest`), and
+a tensor holding NaN or inf is refused, naming it, before the output is published.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from sara_megatron.checkpointing.manifest import verify_checkpoint
 from sara_megatron.conversion import metadata as meta
 from sara_megatron.conversion import progress
 from sara_megatron.conversion.errors import ConversionError
@@ -41,6 +45,7 @@ from sara_megatron.conversion.safetensors_io import (
     plan_shards,
     shard_file_names,
 )
+from sara_megatron.tool_errors import disk_full_error
 
 _HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
@@ -138,6 +143,16 @@ def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
         )
 
 
+def check_finite_tensor(key: str, tensor: torch.Tensor, where: str) -> None:
+    """Refuse a weight holding NaN or inf (a run that diverged), naming it."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ConversionError(
+            f"checkpoint {where}: tensor {key} holds {bad} non-finite value(s) (NaN or inf) of "
+            f"{tensor.numel()}; the weights diverged: export an earlier checkpoint"
+        )
+
+
 def _batches(mappings: list[TensorMapping], tensors: dict, budget: int):
     batch, size = [], 0
     for m in mappings:
@@ -202,6 +217,7 @@ def export_hf_checkpoint(
     padded = tuple(tensors[EMBEDDING].global_shape)[0] if EMBEDDING in tensors else None
     mapping = build_mapping(arch, padded)
     check_checkpoint(mapping, tensors, where=f"Megatron checkpoint {megatron_dir}")
+    verify_checkpoint(megatron_dir)  # before any tensor data is read
 
     specs: list[TensorSpec] = []
     for m in mapping.mappings:
@@ -220,6 +236,7 @@ def export_hf_checkpoint(
         for batch in _batches(mapping.mappings, tensors, read_batch_bytes):
             for m, tensor in zip(batch, _load_batch(megatron_dir, batch, tensors)):
                 for name, value in m.split(tensor).items():
+                    check_finite_tensor(f"{name} (checkpoint key {m.key})", value, megatron_dir)
                     file = file_of[name]
                     if file not in writers:
                         writers[file] = SafetensorsStreamWriter(
@@ -249,10 +266,13 @@ def export_hf_checkpoint(
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         output.commit()
-    except BaseException:
+    except BaseException as err:
+        full = disk_full_error(err, output.partial)  # before the removal frees the space
         for writer in writers.values():
             writer.abort()
         output.abort()
+        if full is not None:
+            raise full from err
         raise
     summary = {
         "out": output.out,

@@ -161,6 +161,8 @@ def import_hf_checkpoint(
     Returns the metadata record written beside the checkpoint.
     """
     from sara_megatron.checkpointing import save_model_weights
+    from sara_megatron.checkpointing.manifest import write_checkpoint_manifest
+    from sara_megatron.tool_errors import disk_full_error
     from sara_megatron.distributed import ParallelConfig, initialize_distributed
     from sara_megatron.models.architecture import from_hf_config
     from sara_megatron.models.builder import ModelOptions, build_model
@@ -243,11 +245,17 @@ def import_hf_checkpoint(
             assets_dir = os.path.join(output.partial, meta.ASSETS_DIR)
             meta.copy_assets(hf_dir, record["assets"], assets_dir)
             meta.write_metadata(output.partial, record)
+            # The manifest again, now with the metadata and assets (the weights' hashes are
+            # remembered from the save's manifest by the verification stamp).
+            write_checkpoint_manifest(output.partial, collective=False)
             output.commit()
         dist.barrier()
-    except BaseException:
+    except BaseException as err:
+        full = disk_full_error(err, output.partial)  # before the removal frees the space
         if world == 1:
             output.abort()
+        if full is not None:
+            raise full from err
         raise
     say(f"done: {output.out} in {time.perf_counter() - started:.1f}s")
     return record
