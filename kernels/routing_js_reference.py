@@ -5,6 +5,9 @@ an fp32 softmax over all experts, segment sums with `index_add_`, the divergence
 every op. It is the oracle the Triton kernels are tested against, the CPU path, and the "eager"
 baseline of `tools/bench_routing_js.py`. It keeps an fp32 [L, T, N] probability tensor for backward;
 the fused op does not.
+
+Beside the paper's JS it computes the variants of issue 19 (`divergence="kl"`,
+`"js_entropy_normalised"`); those run only here, the fused kernels compute JS.
 """
 
 from __future__ import annotations
@@ -109,6 +112,57 @@ def js_divergence_from_mean(
     return torch.where(token_counts > 0, js, 0.0)
 
 
+DIVERGENCES = ("js", "kl", "js_entropy_normalised")
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log x where x > 0, 0 elsewhere, with a finite gradient everywhere."""
+    return torch.log(torch.where(x > 0, x, torch.ones_like(x)))
+
+
+def kl_divergence_from_mean(
+    prior: torch.Tensor, sequence_mean: torch.Tensor, token_counts: torch.Tensor
+) -> torch.Tensor:
+    """KL(prior ‖ mean) over the last dim in float64, natural log, 0·log0 = 0; 0 where a
+    sequence is empty. The mean of a softmax has no exact zero unless it underflows; such an
+    entry is floored at the smallest normal float64 so the value stays finite (and large)."""
+    prior = prior.double()
+    sequence_mean = sequence_mean.double().clamp_min(torch.finfo(torch.float64).tiny)
+    kl = torch.where(prior > 0, prior * (_safe_log(prior) - torch.log(sequence_mean)), 0.0).sum(-1)
+    return torch.where(token_counts > 0, kl, 0.0)
+
+
+def entropy(dist_: torch.Tensor) -> torch.Tensor:
+    """H(dist) = -Σ p log p over the last dim, 0·log0 = 0."""
+    return -torch.where(dist_ > 0, dist_ * _safe_log(dist_), 0.0).sum(-1)
+
+
+def entropy_normalised_js_from_mean(
+    prior: torch.Tensor, sequence_mean: torch.Tensor, token_counts: torch.Tensor
+) -> torch.Tensor:
+    """JS(prior ‖ mean) / (½(H(prior) + H(mean))), in float64: the divergence in units of how
+    spread the two routing profiles are, so layers with near-uniform routing (large entropy) and
+    layers with peaked routing weigh alike. The denominator is floored at 1e-12 (two one-hot
+    profiles); 0 where a sequence is empty."""
+    js = js_divergence_from_mean(prior, sequence_mean, token_counts)
+    mean_entropy = 0.5 * (entropy(prior.double()) + entropy(sequence_mean.double()))
+    return torch.where(token_counts > 0, js / mean_entropy.clamp_min(1e-12), 0.0)
+
+
+_DIVERGENCE_FUNCTIONS = {
+    "js": js_divergence_from_mean,
+    "kl": kl_divergence_from_mean,
+    "js_entropy_normalised": entropy_normalised_js_from_mean,
+}
+
+
+def divergence_from_mean(prior, sequence_mean, token_counts, divergence: str = "js"):
+    """The named divergence of prior and mean routing (see `DIVERGENCES`)."""
+    if divergence not in _DIVERGENCE_FUNCTIONS:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    return _DIVERGENCE_FUNCTIONS[divergence](prior, sequence_mean, token_counts)
+
+
 def sequence_routing_js_reference(
     logits: torch.Tensor,
     segment_ids: torch.Tensor,
@@ -117,9 +171,15 @@ def sequence_routing_js_reference(
     process_group=None,
     return_counts: bool = False,
     validate: bool = True,
+    divergence: str = "js",
 ):
     """Reference `sequence_routing_js`: returns js [L, B] (or [B]) fp32, and the token counts [B]
-    int64 when `return_counts`. Float64 logits stay float64 (for `gradcheck`)."""
+    int64 when `return_counts`. Float64 logits stay float64 (for `gradcheck`).
+
+    divergence: "js" (the paper's), "kl" (KL(prior ‖ mean)) or "js_entropy_normalised" (JS over
+    the mean entropy of the two profiles); only "js" has a fused Triton kernel."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     check_routing_js_inputs(logits, segment_ids, prior, validate=validate)
     single_layer = logits.dim() == 2
     if single_layer:
@@ -141,7 +201,7 @@ def sequence_routing_js_reference(
         counts = _AllReduceSumIdentityBackward.apply(counts, process_group)
 
     mean = sums / counts.clamp(min=1.0).unsqueeze(-1)
-    js = js_divergence_from_mean(prior, mean, counts)
+    js = divergence_from_mean(prior, mean, counts, divergence)
     js = js.to(compute_dtype if compute_dtype == torch.float64 else torch.float32)
     if single_layer:
         js = js.squeeze(0)

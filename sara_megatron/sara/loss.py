@@ -20,6 +20,10 @@ Under sequence / context parallel the masked sums are all-reduced over the TP×C
 every rank of the group attaches the same value, so the gradients summed over the group count the
 term once.
 λ_JS = 0 runs the same code: the attached term is 0 and so is every gradient it adds.
+
+`divergence` swaps the paper's JS for KL(anchor ‖ target) or JS over the mean entropy of the two
+profiles (`sara.divergence`). Those run the PyTorch reference (`impl="auto"` picks it; asking for
+the Triton kernel with them is refused): the fused kernel computes JS only.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from sara_megatron.kernels import sequence_routing_js
+from sara_megatron.kernels import sequence_routing_js, sequence_routing_js_reference
+from sara_megatron.kernels.routing_js_reference import DIVERGENCES
 from sara_megatron.routing.capture import router_segment_ids, routing_reduction_group
 
 
@@ -42,7 +47,13 @@ class SaraRoutingLoss:
         *,
         sequence_parallel: bool = False,
         impl: str = "auto",
+        divergence: str = "js",
     ):
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        if divergence != "js" and impl == "triton":
+            raise ValueError(f"the fused Triton kernel computes JS only; divergence {divergence!r} "
+                             "runs the PyTorch reference: use impl auto or reference")
         if not layers:
             raise ValueError("SARA needs at least one alignment layer")
         if coeff < 0:
@@ -54,6 +65,7 @@ class SaraRoutingLoss:
         # None: mean over the micro-batch's valid sequences; else Σ_b JS_b × weight (see above).
         self.sequence_weight: Optional[float] = None
         self.impl = impl
+        self.divergence = divergence
         self._priors: Optional[torch.Tensor] = None
         self._segment_ids: Optional[torch.Tensor] = None
         self.reset_stats()
@@ -97,10 +109,16 @@ class SaraRoutingLoss:
         flat = logits.reshape(-1, logits.shape[-1])
         ids = router_segment_ids(self._segment_ids, flat.shape[0], logits.device, self.sequence_parallel)
         prior = self._priors[self.index[layer]].to(logits.device)
-        js, counts = sequence_routing_js(
-            flat, ids, prior, process_group=routing_reduction_group(), return_counts=True,
-            validate=False, impl=self.impl,
-        )
+        if self.divergence == "js":
+            js, counts = sequence_routing_js(
+                flat, ids, prior, process_group=routing_reduction_group(), return_counts=True,
+                validate=False, impl=self.impl,
+            )
+        else:
+            js, counts = sequence_routing_js_reference(
+                flat, ids, prior, process_group=routing_reduction_group(), return_counts=True,
+                validate=False, divergence=self.divergence,
+            )
         valid = counts > 0
         num_valid = valid.sum()
         js_sum = (js * valid).sum()

@@ -67,6 +67,21 @@ class SaraSection:
     last_layer: Optional[int] = None
     layer_seed: int = 0
     impl: str = "auto"  # routing-JS implementation: auto | triton | reference
+    # Objectives and variants of issue 19 (docs/objectives.md):
+    divergence: str = "js"  # js | kl | js_entropy_normalised (the last two: reference path)
+    priors: str = "store"  # store (data.prior_store) | online (anchor forward in the same step)
+    objective: str = "sara"  # sara (lambda_js 0 = FFT) | aes | shifcon
+
+
+@dataclasses.dataclass
+class AesSection:
+    """AES (Guo et al., 2025): λ_LB·LB − variance_coeff·Var(routing scores) +
+    orthogonality_coeff·L_orth on every MoE layer. A coefficient left unset is self-calibrated on
+    the first step: 10^round(log10(target / that step's value)), as the authors do."""
+    variance_coeff: Optional[float] = None
+    orthogonality_coeff: Optional[float] = None
+    variance_target: float = 1e-3
+    orthogonality_target: float = 1e-4
 
 
 @dataclasses.dataclass
@@ -110,6 +125,7 @@ class TrainConfig:
     parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     sara: SaraSection = dataclasses.field(default_factory=SaraSection)
+    aes: AesSection = dataclasses.field(default_factory=AesSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
@@ -275,6 +291,8 @@ _RANGES = [
     ("sara.lambda_js", lambda v: v >= 0, ">= 0"),
     ("sara.first_layer", lambda v: v >= 0, ">= 0"),
     ("sara.last_layer", lambda v: v >= 0, ">= 0"),
+    *((f"aes.{k}", lambda v: v >= 0, ">= 0") for k in (
+        "variance_coeff", "orthogonality_coeff", "variance_target", "orthogonality_target")),
     ("optim.lr", lambda v: v >= 0, ">= 0"),
     ("optim.min_lr", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
@@ -293,7 +311,11 @@ def _choices() -> list[tuple[str, tuple[str, ...]]]:
     """(key, the values it accepts) for the fields that name a mode."""
     from sara_megatron.kernels.routing_js import IMPLEMENTATIONS
 
-    return [("sara.impl", IMPLEMENTATIONS)]
+    from sara_megatron.kernels.routing_js_reference import DIVERGENCES
+    from sara_megatron.sara.objectives import OBJECTIVES, PRIOR_SOURCES
+
+    return [("sara.impl", IMPLEMENTATIONS), ("sara.divergence", DIVERGENCES),
+            ("sara.priors", PRIOR_SOURCES), ("sara.objective", OBJECTIVES)]
 
 
 def _check_finite(config: TrainConfig) -> None:
@@ -323,6 +345,9 @@ def _validate(config: TrainConfig) -> None:
         if value not in choices:
             raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     sara = config.sara
+    from sara_megatron.sara.objectives import check_objective_setting
+
+    check_objective_setting(config)
     from sara_megatron.sara.layers import check_layer_setting
 
     check_layer_setting(sara.layers, sara.first_layer, sara.last_layer)  # a mode or a range file

@@ -133,6 +133,7 @@ class Trainer:
             self.sara = SaraRoutingLoss(
                 self.alignment_layers, cfg.sara.lambda_js,
                 sequence_parallel=self.model_config.sequence_parallel, impl=cfg.sara.impl,
+                divergence=cfg.sara.divergence,
             )
         elif cfg.sara.lambda_js > 0:
             raise ValueError("sara.lambda_js > 0 needs data.prior_store (the anchor priors), or "
