@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from matplotlib.ticker import MaxNLocator
+
 from sara_megatron.analysis.divergence_results import DivergenceResult, range_ratios
 from sara_megatron.analysis.plotting import new_figure, save_png
 
@@ -24,6 +26,7 @@ def _draw_curves(ax, result: DivergenceResult, normalized: bool, aligned: Option
     for language, curve in result.curves(normalized).items():
         ax.plot(result.layers, curve, marker="o", markersize=3, linewidth=1.4, label=language)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 

@@ -110,7 +110,7 @@ def routing_analysis(
     """Per-layer divergence of each target language from the anchor on a parallel set (or token
     shards), plain and entropy-normalised; with `top_k`, also each language's expert usage (mean
     dense routing probability and top-k selection share per expert). Eval mode; the model's mode
-    is restored afterwards. `progress(language)` is called before each language's passes."""
+    is restored afterwards. `progress(language)` is called after each language's passes."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = as_parallel_set(data)
@@ -125,10 +125,10 @@ def routing_analysis(
     try:
         routing = {}
         for language in [data.anchor_language, *targets]:
-            if progress is not None:
-                progress(language)
             routing[language] = _sequence_routing(model, data, data.sequences(language), layers,
                                                   batch_size, top_k)
+            if progress is not None:
+                progress(language)
     finally:
         model.train(was_training)
     result = RoutingAnalysis(layers, data.anchor_language, {}, {}, {}, top_k=top_k)
