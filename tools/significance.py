@@ -90,6 +90,9 @@ def compare_files(args) -> dict:
         p.error(str(e))
     per_language = []
     for flag, results in (("--treatment", treatment), ("--baseline", baseline)):
+        if results.get("complete") is False:
+            print(f"significance: note: {getattr(args, flag[2:])} is an unfinished evaluation; "
+                  "only its fully answered languages are there", file=sys.stderr)
         entries = results["benchmarks"].get(args.benchmark)
         if not entries:
             p.error(f"{flag}: no {args.benchmark} results in {getattr(args, flag[2:])}")
