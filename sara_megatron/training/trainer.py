@@ -129,7 +129,7 @@ class Trainer:
             first=cfg.sara.first_layer, last=cfg.sara.last_layer, seed=cfg.sara.layer_seed,
         )
         self.sara: Optional[SaraRoutingLoss] = None
-        if cfg.data.prior_store or cfg.data.mock:
+        if cfg.data.prior_store or cfg.data.mock or cfg.sara.priors == "online":
             self.sara = SaraRoutingLoss(
                 self.alignment_layers, cfg.sara.lambda_js,
                 sequence_parallel=self.model_config.sequence_parallel, impl=cfg.sara.impl,
@@ -282,6 +282,7 @@ class Trainer:
             pad_id=d.pad_id,
             expected_model_fingerprint=expected_fingerprint,
             verify_shards=d.verify_shards,
+            anchor_rows=self.cfg.sara.priors == "online",
         )
         def loader():
             return build_sara_data_loader(
@@ -549,6 +550,12 @@ class Trainer:
         # RNG from (seed, step): a resumed run draws what an uninterrupted one would.
         set_seed(self.cfg.seed + self.iteration)
         microbatches = self._next_microbatches()
+        if self.cfg.sara.priors == "online":  # the anchor forward of this step (no gradient)
+            from sara_megatron.sara.online_priors import online_anchor_priors
+
+            priors = online_anchor_priors(self.chunks, microbatches, self.alignment_layers,
+                                          self.arch.num_experts, self.device)
+            microbatches = [dataclasses.replace(mb, priors=p) for mb, p in zip(microbatches, priors)]
         loss_tokens, sequences, tokens = self._global_counts(microbatches)
         if self.sara is not None:
             self.sara.sequence_weight = float(loss_tokens / sequences.clamp_min(1))
@@ -617,17 +624,19 @@ class Trainer:
         if record.grad_norm is not None and not (self.cfg.optim.clip_grad == 0
                                                   and math.isnan(record.grad_norm)):
             terms["grad_norm"] = record.grad_norm
-        bad = [f"{name}={value}" for name, value in terms.items()
-               if not math.isfinite(value) or (name.startswith("js") and value < 0)]
+        bad = {name: value for name, value in terms.items()
+               if not math.isfinite(value) or (name.startswith("js") and value < 0)}
+        if "js" in bad:  # the per-layer values say the same, at length
+            bad = {k: v for k, v in bad.items() if not k.startswith("js of layer")}
         if not bad:
             return
         saved = latest_iteration(self.cfg.checkpoint.save_dir) if self.cfg.checkpoint.save_dir else None
         kept = (f"the last checkpoint, {iteration_dir(self.cfg.checkpoint.save_dir, saved)}, is "
                 "untouched" if saved is not None else "nothing was saved")
         negative_js = any(name.startswith("js") and math.isfinite(value) and value < 0
-                          for name, value in terms.items())
+                          for name, value in bad.items())
         raise NonFiniteError(
-            f"step {record.step}: non-finite {', '.join(bad)}"
+            f"step {record.step}: non-finite {', '.join(f'{k}={v:.6g}' for k, v in bad.items())}"
             + (" (a JS divergence is never negative: its inputs were not finite)"
                if negative_js else "")
             + f"; training stopped before saving, {kept}. Lower optim.lr or check the data and "
