@@ -65,6 +65,9 @@ class SaraDataConfig:
     # True: hold the priors in a PriorTable, batches carry row indices (see the module doc);
     # False: read each batch's priors from the store in the loader (stores too large to hold).
     prior_table: bool = True
+    # Batches also carry their samples' anchor-language rows (anchor_tokens,
+    # anchor_padding_mask) for online priors (sara.priors: online, data/anchor_rows.py).
+    anchor_rows: bool = False
 
 
 @dataclasses.dataclass
@@ -83,8 +86,12 @@ class SaraMicroBatch:
     # without priors or with the per-batch store read), and the digest of that table.
     prior_rows: Optional[torch.Tensor] = None
     prior_table_digest: Optional[str] = None
+    # [B, S] the anchor translation of each sample (same padding length), when asked for.
+    anchor_tokens: Optional[torch.Tensor] = None
+    anchor_padding_mask: Optional[torch.Tensor] = None
 
-    _TENSORS = ("tokens", "labels", "loss_mask", "padding_mask", "priors", "prior_rows")
+    _TENSORS = ("tokens", "labels", "loss_mask", "padding_mask", "priors", "prior_rows",
+                "anchor_tokens", "anchor_padding_mask")
 
     def _map(self, fn) -> "SaraMicroBatch":
         changes = {k: fn(getattr(self, k)) for k in self._TENSORS if getattr(self, k) is not None}
@@ -195,7 +202,8 @@ class SaraBatchCollator:
     rows (`prior_table_digest` given) or stacked stored priors (`store` given)."""
 
     def __init__(self, seq_length: int, pad_id: int, store: Optional[PriorStore],
-                 prior_layers: Sequence[int], prior_table_digest: Optional[str] = None):
+                 prior_layers: Sequence[int], prior_table_digest: Optional[str] = None,
+                 anchor_rows=None):
         if store is not None and prior_table_digest is not None:
             raise ValueError("priors come either from a prior table or from the store")
         self.seq_length = seq_length
@@ -203,6 +211,7 @@ class SaraBatchCollator:
         self.store = store
         self.prior_layers = tuple(int(i) for i in prior_layers)
         self.prior_table_digest = prior_table_digest
+        self.anchor_rows = anchor_rows  # AnchorRows, or None
 
     def __call__(self, items) -> SaraMicroBatch:
         metas = [sample.meta for sample, _, _ in items]
@@ -214,9 +223,15 @@ class SaraBatchCollator:
             prior_rows = torch.from_numpy(np.array([row for _, _, row in items], np.int64))
         elif self.store is not None:
             priors = self.store.stack([prior for _, _, prior in items])
+        anchors = None
+        if self.anchor_rows is not None:
+            anchors = pack_tokens([self.anchor_rows(m.sample_id) for m in metas], [0] * len(metas),
+                                  seq_length=self.seq_length, pad_id=self.pad_id)
         return SaraMicroBatch(packed.tokens, packed.labels, packed.loss_mask, packed.padding_mask,
                               [m.sample_id for m in metas], [m.language for m in metas], priors,
-                              self.prior_layers, prior_rows, self.prior_table_digest)
+                              self.prior_layers, prior_rows, self.prior_table_digest,
+                              anchors.tokens if anchors else None,
+                              anchors.padding_mask if anchors else None)
 
 
 class SaraDataLoader(torch.utils.data.DataLoader):
@@ -258,8 +273,15 @@ def build_sara_data_loader(config: SaraDataConfig, dp_rank: int = 0, dp_size: in
     order = GlobalSampleOrder(len(dataset), config.seed, config.shuffle)
     sampler = RankMicroBatchSampler(order, config.epochs * len(dataset), config.micro_batch_size,
                                     dp_rank, dp_size, consumed_samples)
+    anchor_rows = None
+    if config.anchor_rows:
+        from sara_megatron.data.anchor_rows import AnchorRows
+
+        anchor_rows = AnchorRows(shards)
+        anchor_rows.check_covers(s.meta.sample_id for s in dataset.samples)
     collate = SaraBatchCollator(config.seq_length or shards.seq_length, config.pad_id, store,
-                                prior_layers, table.digest if table is not None else None)
+                                prior_layers, table.digest if table is not None else None,
+                                anchor_rows)
     return SaraDataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                           num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=num_workers > 0, prior_table=table)

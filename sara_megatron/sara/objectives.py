@@ -24,8 +24,6 @@ def check_objective_setting(config) -> None:
     _NOT_YET = {"aes": "AES objective (issue 19 item 1)"}
     if sara.objective in _NOT_YET:
         raise NotImplementedError(f"{_NOT_YET[sara.objective]} is not built yet")
-    if sara.priors == "online":
-        raise NotImplementedError("online priors (issue 19 item 3) are not built yet")
     if sara.divergence != "js" and sara.impl == "triton":
         raise ValueError(f"sara.divergence {sara.divergence} runs the PyTorch reference; the "
                          "fused kernel (sara.impl triton) computes JS only: set sara.impl auto")
