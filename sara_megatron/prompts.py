@@ -171,17 +171,64 @@ def validate_templates(templates: Mapping) -> None:
                 raise ValueError(f"templates[{language!r}][{kind!r}] must ask for \\boxed{{}}")
 
 
-def load_templates(path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """Read translated templates: {"templates": {"hi": {"multiple_choice": ..., ...}, ...}}.
+# The English templates as an anchor corpus for `tools/translate_corpus.py`: one sample per kind,
+# the template as both turns (a corpus sample needs an assistant turn).
+TEMPLATE_CORPUS_SOURCE = "prompt-templates"
+_TEMPLATE_ID_PREFIX = "prompt-template-"
 
-    A bare {"hi": {...}} object is accepted too. English is added when the file lacks it.
+
+def templates_corpus_records() -> list[dict]:
+    return [{"id": _TEMPLATE_ID_PREFIX + kind, "lang": "en", "source": TEMPLATE_CORPUS_SOURCE,
+             "messages": [{"role": "user", "content": text},
+                          {"role": "assistant", "content": text}]}
+            for kind, text in ENGLISH_TEMPLATES.items()]
+
+
+def write_templates_corpus(path: str | os.PathLike) -> None:
+    """Write the English templates as a corpus JSONL that tools/translate_corpus.py translates."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for record in templates_corpus_records():
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def templates_from_corpus(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """The templates in a translate_corpus output folder (<lang>.jsonl): language -> kind -> text."""
+    templates: dict[str, dict[str, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".jsonl"):
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{name}:{line_number}: not JSON") from None
+                if not isinstance(record, dict) or record.get("source") != TEMPLATE_CORPUS_SOURCE:
+                    continue
+                kind = str(record.get("id", ""))[len(_TEMPLATE_ID_PREFIX):]
+                messages = record.get("messages") or [{}]
+                if kind in TEMPLATE_KINDS and isinstance(messages[0].get("content"), str):
+                    templates.setdefault(str(record.get("lang")), {})[kind] = \
+                        messages[0]["content"]
+    if not templates:
+        raise ValueError(f"no {TEMPLATE_CORPUS_SOURCE!r} records in the .jsonl files of {folder}")
+    return templates
+
+
+def load_templates(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Read translated templates: a JSON file {"templates": {"hi": {"multiple_choice": ...}}}
+    (a bare {"hi": {...}} object too), or the output folder of tools/translate_corpus.py run on
+    `write_templates_corpus`'s file. English is added when missing.
     """
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.fspath(path)}: not JSON: {e}") from None
-    templates = data.get("templates", data) if isinstance(data, dict) else data
+    if os.path.isdir(path):
+        templates = templates_from_corpus(path)
+    else:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{os.fspath(path)}: not JSON: {e}") from None
+        templates = data.get("templates", data) if isinstance(data, dict) else data
     try:
         validate_templates(templates)
     except ValueError as e:

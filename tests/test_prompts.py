@@ -105,3 +105,44 @@ def test_a_translation_that_drops_a_slot_is_refused(tmp_path):
     path.write_text(json.dumps({"hi": {"math": "{question}"}}), encoding="utf-8")
     with pytest.raises(ValueError, match="boxed"):
         load_templates(path)
+
+
+def test_templates_translated_by_translate_corpus(tmp_path):
+    """The English templates go through tools/translate_corpus.py (against a stand-in translator
+    on 127.0.0.1 that writes Devanagari words and keeps slots and \\boxed{}) and come back as
+    native templates."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sara_megatron.chat.server import LocalChatServer
+    from sara_megatron.construction.translation_wire import read_request
+    from sara_megatron.prompts import write_templates_corpus
+
+    english_word = re.compile(r"(?<![\\{A-Za-z])[A-Za-z]+(?![A-Za-z}])")
+
+    def translate(text):  # every English word -> a Hindi word; {slots}, \boxed{}, A) stay
+        return english_word.sub(lambda m: m.group(0) if len(m.group(0)) == 1 else "शब्द", text)
+
+    def translator(body):
+        language, texts = read_request(body)
+        assert language == "hi"
+        if isinstance(texts, dict):
+            return json.dumps({k: translate(v) for k, v in texts.items()}, ensure_ascii=False)
+        return translate(texts)
+
+    write_templates_corpus(tmp_path / "templates_en.jsonl")
+    repo = Path(__file__).resolve().parents[1]
+    with LocalChatServer(translator) as server:
+        proc = subprocess.run(
+            [sys.executable, str(repo / "tools" / "translate_corpus.py"), "--input",
+             str(tmp_path / "templates_en.jsonl"), "--languages", "hi", "--output",
+             str(tmp_path / "translated"), "--model", "translator", "--base-url", server.base_url],
+            capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    templates = load_templates(tmp_path / "translated")
+    prompt = multiple_choice_prompt("७ गुणा ८?", ["54", "56", "64", "48"], "hi", templates)
+    assert "Question" not in prompt and "शब्द" in prompt
+    assert "७ गुणा ८?" in prompt and "A) 54\nB) 56\nC) 64\nD) 48" in prompt
+    assert "\\boxed{}" in prompt and " 4 शब्द (A, B, C, D)" in prompt
+    assert math_prompt("q", "en", templates) == math_prompt("q")
