@@ -179,12 +179,18 @@ def test_divergence_tool_refuses_bad_benchmark_flags(tmp_path, tiny_hf_model, mo
                            ([], "--benchmark needs --languages"),
                            (["--languages", "hi", "--usage-plots", str(tmp_path)], "--expert-usage"),
                            (["--languages", "hi", "--layers", "0-1", "--usage-layers", "3"],
-                            "--usage-layers [3] are not among")):
+                            "--usage-layers [3] are not among"),
+                           (["--languages", "hi", "--data-dir", str(tmp_path)],
+                            "no global_mmlu/en.jsonl there")):
         monkeypatch.setattr(sys, "argv", base + extra)
         with pytest.raises(SystemExit) as exit_info:
             tool.parse_args()
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", [*base[:-1], "mgsm", "--languages", "sw,hi"])
+    with pytest.raises(SystemExit):
+        tool.parse_args()
+    assert "mgsm has no language 'hi'" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", base + ["--languages", "hi", "ne"])
     args = tool.parse_args()
     assert args.languages == ["hi", "ne"] and args.tokenizer == str(tiny_hf_model)

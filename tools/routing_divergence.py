@@ -107,6 +107,16 @@ def parse_args():
     if args.benchmark:
         if not args.languages:
             p.error("--benchmark needs --languages (the target languages)")
+        from sara_megatron.evaluation.benchmarks import benchmark_file, check_benchmark_language
+
+        for language in [args.anchor, *args.languages]:
+            try:
+                check_benchmark_language(args.benchmark, language)
+            except ValueError as err:
+                p.error(f"--anchor / --languages: {err}")
+            if args.data_dir and not os.path.isfile(benchmark_file(args.data_dir, args.benchmark,
+                                                                   language)):
+                p.error(f"--data-dir {args.data_dir}: no {args.benchmark}/{language}.jsonl there")
         if args.tokenizer is None:
             args.tokenizer = default_tokenizer_folder(args.checkpoint)
             if args.tokenizer is None:
