@@ -21,9 +21,6 @@ def check_objective_setting(config) -> None:
             "ShifCon objective (issue 19 item 2) is not built: language vectors, the shift at an "
             "early layer and back at a later one, and the contrastive loss are still to be "
             "written; use sara.objective sara or aes")
-    _NOT_YET = {"aes": "AES objective (issue 19 item 1)"}
-    if sara.objective in _NOT_YET:
-        raise NotImplementedError(f"{_NOT_YET[sara.objective]} is not built yet")
     if sara.divergence != "js" and sara.impl == "triton":
         raise ValueError(f"sara.divergence {sara.divergence} runs the PyTorch reference; the "
                          "fused kernel (sara.impl triton) computes JS only: set sara.impl auto")

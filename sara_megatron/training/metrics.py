@@ -70,7 +70,8 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict[str, float], js_per_layer: dict[int, float]) -> None:
         eta = self._seconds_per_step(step, scalars) * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]
-        for key in ("ce", "lb", "js", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
+        for key in ("ce", "lb", "js", "aes_variance", "aes_orthogonality", "lr", "grad_norm",
+                    "tokens_per_s", "tflops_per_gpu"):
             if key in scalars:
                 parts.append(f"{key} {scalars[key]:.4g}")
         if js_per_layer:

@@ -73,6 +73,8 @@ class StepRecord:
     # Model matmul FLOPs of the step (every position, padding too: it is computed) per second
     # and GPU (rank); see sara_megatron.models.flops.
     tflops_per_gpu: float = float("nan")
+    # The objective's own terms beyond ce / lb / js (AES: aes_variance, aes_orthogonality).
+    terms: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -135,9 +137,19 @@ class Trainer:
                 sequence_parallel=self.model_config.sequence_parallel, impl=cfg.sara.impl,
                 divergence=cfg.sara.divergence,
             )
-        elif cfg.sara.lambda_js > 0:
+        elif cfg.sara.lambda_js > 0 and cfg.sara.objective == "sara":
             raise ValueError("sara.lambda_js > 0 needs data.prior_store (the anchor priors), or "
                              "data.mock")
+
+        self.aes = None
+        if cfg.sara.objective == "aes":  # the AES baseline: no SARA term (docs/objectives.md)
+            from sara_megatron.sara.aes import AesLoss
+
+            a = cfg.aes
+            self.sara = None
+            self.aes = AesLoss(a.variance_coeff, a.orthogonality_coeff, a.variance_target,
+                               a.orthogonality_target)
+            self.aes.attach(chunks)
 
         self._build_optimizer(chunks)
         self.dp_size = ps.get_data_parallel_world_size()
@@ -565,7 +577,10 @@ class Trainer:
         self.optimizer.zero_grad()
         s = microbatches[0].tokens.shape[1]
         iterators = [iter(microbatches) for _ in self.chunks]
-        with observe_routers(self.sara) if self.sara is not None else contextlib.nullcontext():
+        if self.aes is not None:
+            self._prepare_aes(microbatches, float(loss_tokens / tokens.clamp_min(1)))
+        observer = self.sara if self.sara is not None else self.aes
+        with observe_routers(observer) if observer is not None else contextlib.nullcontext():
             reduced = get_forward_backward_func()(
                 forward_step_func=self._forward_step,
                 data_iterator=iterators if len(iterators) > 1 else iterators[0],
@@ -599,6 +614,10 @@ class Trainer:
             lb = float(values.sum() / self.arch.num_layers / self.num_microbatches)
         clear_aux_losses_tracker()
 
+        terms = {}
+        if self.aes is not None:
+            means = self.aes.reduced_layer_means()
+            terms = {f"aes_{name}": sum(v.values()) / max(len(v), 1) for name, v in means.items()}
         js_layers = self.sara.reduced_layer_means(self.arch.num_layers) if self.sara else {}
         js_layers = {layer: 0.0 if -JS_ROUNDOFF < v < 0 else v for layer, v in js_layers.items()}
         elapsed = time.perf_counter() - started
@@ -614,12 +633,37 @@ class Trainer:
             step_time_s=elapsed,
             tflops_per_gpu=training_flops_per_token(self.arch, s) * self.cfg.data.global_batch_size
             * s / elapsed / dist.get_world_size() / 1e12,
+            terms=terms,
         )
+
+    def _prepare_aes(self, microbatches, token_weight: float) -> None:
+        """Calibrate AES's unset coefficients on this (the first) global batch with a forward
+        pass that attaches nothing, then set the step's token weight (see sara.aes)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not self.aes.calibrated:
+            self.aes.reset_stats()
+            iterators = [iter(microbatches) for _ in self.chunks]
+            with torch.no_grad(), observe_routers(self.aes):
+                get_forward_backward_func()(
+                    forward_step_func=self._forward_step,
+                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                    model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                    num_microbatches=self.num_microbatches, seq_length=microbatches[0].tokens.shape[1],
+                    micro_batch_size=self.cfg.data.micro_batch_size, forward_only=True,
+                )
+            self.aes.calibrate_from(self.aes.reduced_layer_means())
+            if dist.get_rank() == 0:
+                log.info("AES coefficients calibrated: aes.variance_coeff=%g "
+                         "aes.orthogonality_coeff=%g (set them to resume exactly)",
+                         self.aes.variance_coeff, self.aes.orthogonality_coeff)
+        self.aes.reset_stats()
+        self.aes.token_weight = token_weight
 
     def check_finite(self, record: StepRecord) -> None:
         """Stop on a non-finite loss term or gradient norm, or a negative JS (see JS_ROUNDOFF),
         before the step's weights can be saved. Every rank sees the same reduced values."""
-        terms = {"ce": record.ce, "lb": record.lb, "js": record.js,
+        terms = {"ce": record.ce, "lb": record.lb, "js": record.js, **record.terms,
                  **{f"js of layer {layer}": v for layer, v in record.js_per_layer.items()}}
         if record.grad_norm is not None and not (self.cfg.optim.clip_grad == 0
                                                   and math.isnan(record.grad_norm)):
@@ -671,6 +715,7 @@ class Trainer:
                         ce=record.ce, lb=record.lb, js=record.js, lr=record.lr,
                         grad_norm=record.grad_norm, tokens_per_s=record.tokens_per_s,
                         step_time_s=record.step_time_s, tflops_per_gpu=record.tflops_per_gpu,
+                        **record.terms,
                     ), record.js_per_layer)
                 self.check_finite(record)
                 if c.save_dir and c.save_interval and self.iteration % c.save_interval == 0:

@@ -1,0 +1,230 @@
+"""AES (Guo et al., 2025, "Advancing Expert Specialization for Better MoE") as a baseline objective.
+
+    L = CE + λ_LB·LB − w_var·L_var + w_orth·L_orth      on every MoE layer (summed over layers)
+
+L_var: the variance over experts of each token's dense routing softmax (fp32), averaged over
+non-padding tokens; subtracting it makes routing scores more discriminative.
+L_orth: for each token routed to experts e_1..e_k with (unweighted) outputs y_1..y_k, the mean over
+i of ‖P_{-i} y_i‖², the squared norm of y_i's projection onto the span of the other k−1 outputs,
+averaged over non-padding tokens; it pushes a token's experts to produce distinct
+representations. We take the projection through a QR basis of the other outputs (the authors
+use Gram–Schmidt; the tests check the two agree).
+λ_LB·LB is megatron's load-balancing loss, as for SARA and FFT.
+
+Where each piece is computed. L_var is a router observer (like `SaraRoutingLoss`), attached to the
+routing probabilities by the router. L_orth needs the experts' outputs: a forward hook on each MoE
+layer's experts module reads them (megatron multiplies the routing probability in before fc2;
+the hook divides it out) and places each in the slot of its token among that token's k experts.
+With expert parallel (and expert tensor parallel) a token's experts sit on several ranks of the
+dispatcher's TP×EP group, which has gathered every token of the group: the [T, k, H] slots are
+summed over that group (forward all-reduce, identity backward, as for SARA under sequence
+parallel), every rank computes the same loss, and each rank's backward reaches only its own
+experts' slots, so the group's gradients count the term once. The loss rides on the experts'
+output with megatron's `MoEAuxLossAutoScaler`, so pipeline stages handle their own layers.
+
+Scaling under megatron's per-token loss: with `token_weight = T / N` (T: loss tokens, N:
+non-padding tokens of the global batch, set by the trainer every step) each micro-batch attaches
+w·Σ_t ℓ_t·T/N, i.e. after megatron's division by T, w times the mean of ℓ over the global batch's
+tokens, however the batch is cut into micro-batches. `token_weight=None` takes the mean over the
+micro-batch (single-forward use and tests).
+
+Self-calibration (as the authors): a coefficient left unset is set once, before the first step,
+to 10^round(log10(target / value)), value being the term's token mean over layers on the first
+global batch at the starting weights (`calibrate`). Set both coefficients to resume a run exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class _AllReduceIdentityBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def routing_variance(logits: torch.Tensor) -> torch.Tensor:
+    """[T] variance over experts of each token's fp32 routing softmax (unbiased, as torch.var)."""
+    return torch.softmax(logits.float(), dim=-1).var(dim=-1)
+
+
+def orthogonality_per_token(outputs: torch.Tensor) -> torch.Tensor:
+    """[T] mean over i of ‖projection of outputs[:, i] onto span(outputs[:, j≠i])‖², for
+    outputs [T, k, H] (fp32 math). k = 1 has no other expert: 0."""
+    t, k, _ = outputs.shape
+    if k < 2:
+        return outputs.new_zeros(t)
+    outputs = outputs.float()
+    total = outputs.new_zeros(t)
+    for i in range(k):
+        others = torch.cat([outputs[:, :i], outputs[:, i + 1:]], dim=1)  # [T, k-1, H]
+        basis, _ = torch.linalg.qr(others.transpose(1, 2))  # [T, H, k-1], orthonormal columns
+        coefficients = torch.einsum("thj,th->tj", basis, outputs[:, i])
+        total = total + coefficients.pow(2).sum(-1)
+    return total / k
+
+
+class AesLoss:
+    """Router observer (L_var) plus experts hooks (L_orth); see the module docstring."""
+
+    def __init__(self, variance_coeff: Optional[float], orthogonality_coeff: Optional[float],
+                 variance_target: float = 1e-3, orthogonality_target: float = 1e-4):
+        self.variance_coeff = variance_coeff
+        self.orthogonality_coeff = orthogonality_coeff
+        self.variance_target = variance_target
+        self.orthogonality_target = orthogonality_target
+        self.token_weight: Optional[float] = None
+        self._padding: dict[int, Optional[torch.Tensor]] = {}
+        self.reset_stats()
+
+    @property
+    def calibrated(self) -> bool:
+        return self.variance_coeff is not None and self.orthogonality_coeff is not None
+
+    def reset_stats(self) -> None:
+        """Per layer: [Σ ℓ_var, tokens, Σ ℓ_orth, tokens] over this rank's share (for logging)."""
+        self.stats: dict[int, torch.Tensor] = {}
+
+    def _add_stats(self, layer: int, offset: int, value_sum, count) -> None:
+        row = self.stats.setdefault(layer, torch.zeros(4, dtype=torch.float64,
+                                                       device=value_sum.device))
+        row[offset] += value_sum.detach().double()
+        row[offset + 1] += float(count) if not torch.is_tensor(count) else count.double()
+
+    def _scale(self, coeff, count) -> float:
+        if self.token_weight is None:
+            return coeff / max(float(count), 1.0)
+        return coeff * self.token_weight
+
+    # --- L_var: router observer ----------------------------------------------------------------
+
+    def __call__(self, layer: int, logits: torch.Tensor, padding_mask) -> Optional[torch.Tensor]:
+        flat = logits.reshape(-1, logits.shape[-1])
+        valid = (torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+                 if padding_mask is None else ~padding_mask.reshape(-1).to(flat.device))
+        self._padding[layer] = valid
+        variance = torch.where(valid, routing_variance(flat), 0.0).sum()
+        count = valid.sum()
+        self._add_stats(layer, 0, variance, count)
+        if self.variance_coeff is None:  # measuring for calibration: nothing attached
+            return None
+        return -variance * self._scale(self.variance_coeff, count)
+
+    # --- L_orth: hooks on the experts ----------------------------------------------------------
+
+    def attach(self, chunks) -> list:
+        """Register the orthogonality hook on every MoE layer of `chunks`; returns the handles."""
+        handles = []
+        for chunk in chunks:
+            for module in chunk.modules():
+                if hasattr(module, "token_dispatcher") and hasattr(module, "experts"):
+                    handles.append(module.experts.register_forward_hook(self._experts_hook(module)))
+        return handles
+
+    def _experts_hook(self, moe_layer):
+        def hook(experts, args, output):
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+            expert_output, bias = output
+            loss = self._orthogonality(moe_layer, args, expert_output)
+            if loss is None:
+                return None
+            return MoEAuxLossAutoScaler.apply(expert_output, loss), bias
+        return hook
+
+    def _orthogonality(self, moe_layer, args, expert_output) -> Optional[torch.Tensor]:
+        _, tokens_per_expert, permuted_probs = args
+        dispatcher = moe_layer.token_dispatcher
+        layer = moe_layer.router.global_layer_index
+        local_map = dispatcher.local_map  # [T_group, E_local] bool
+        token = dispatcher.reversed_local_input_permutation_mapping.long()  # [n], expert-major
+        num_tokens, num_local = local_map.shape
+        k = moe_layer.router.topk
+        group = dispatcher.tp_ep_group
+        group_size = dist.get_world_size(group) if group is not None else 1
+
+        counts = tokens_per_expert.to(token.device).long()
+        expert = torch.repeat_interleave(torch.arange(num_local, device=token.device), counts)
+        # Slot of (token, expert) among the token's k experts: its rank among the token's local
+        # experts, after the experts of lower EP ranks (TP ranks of one EP rank share experts).
+        rank_in_token = (local_map.long().cumsum(1) - 1)[token, expert]
+        offset = torch.zeros(num_tokens, dtype=torch.long, device=token.device)
+        ep_group = dispatcher.ep_group
+        if dispatcher.ep_size > 1:
+            per_rank = [torch.empty(num_tokens, dtype=torch.long, device=token.device)
+                        for _ in range(dispatcher.ep_size)]
+            dist.all_gather(per_rank, local_map.long().sum(1), group=ep_group)
+            ep_rank = dist.get_rank(ep_group)
+            for r in range(ep_rank):
+                offset += per_rank[r]
+        slot = rank_in_token + offset[token]
+
+        probs = permuted_probs.float().unsqueeze(-1)
+        raw = expert_output.float() / torch.where(probs > 0, probs, torch.ones_like(probs))
+        slots = expert_output.new_zeros(num_tokens, k, expert_output.shape[-1], dtype=torch.float32)
+        slots = slots.index_put((token, slot), raw)
+        if group_size > 1:
+            slots = _AllReduceIdentityBackward.apply(slots, group)
+
+        valid = self._padding.get(layer)
+        if valid is None or valid.numel() * group_size != num_tokens:
+            valid = torch.ones(num_tokens // group_size, dtype=torch.bool, device=token.device)
+        if group_size > 1:
+            gathered = [torch.empty_like(valid) for _ in range(group_size)]
+            dist.all_gather(gathered, valid.contiguous(), group=group)
+            valid = torch.cat(gathered)
+        per_token = torch.where(valid, orthogonality_per_token(slots), 0.0)
+        total, count = per_token.sum(), valid.sum()
+        # Stats once per group (every rank of it computed the same sum).
+        owner = group_size == 1 or dist.get_rank(group) == 0
+        self._add_stats(layer, 2, total if owner else total * 0, count if owner else 0)
+        if self.orthogonality_coeff is None:
+            return None
+        return total * self._scale(self.orthogonality_coeff, count)
+
+    # --- logging and calibration ---------------------------------------------------------------
+
+    def reduced_layer_means(self) -> dict[str, dict[int, float]]:
+        """{"variance": {layer: mean}, "orthogonality": {...}} over every rank (collective)."""
+        layers = sorted(self.stats)
+        width = 1 + max([int(x) for x in layers], default=-1)
+        table = torch.zeros(max(width, 1), 4, dtype=torch.float64)
+        for layer, row in self.stats.items():
+            table[layer] = row.cpu()
+        if dist.is_initialized():
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if torch.cuda.is_available() else torch.device("cpu"))
+            size = torch.tensor([table.shape[0]], device=device)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX)
+            full = torch.zeros(int(size), 4, dtype=torch.float64, device=device)
+            full[: table.shape[0]] = table.to(device)
+            dist.all_reduce(full)
+            table = full.cpu()
+        seen = [i for i in range(table.shape[0]) if table[i, 1] > 0]
+        return {"variance": {i: float(table[i, 0] / table[i, 1]) for i in seen},
+                "orthogonality": {i: float(table[i, 2] / table[i, 3].clamp_min(1)) for i in seen}}
+
+    def calibrate_from(self, means: dict[str, dict[int, float]]) -> None:
+        """Set unset coefficients to 10^round(log10(target / layer-mean value))."""
+        def power_of_ten(target, values):
+            value = sum(values) / max(len(values), 1)
+            if target == 0 or value <= 0:
+                return 0.0
+            return 10.0 ** round(math.log10(target / value))
+
+        if self.variance_coeff is None:
+            self.variance_coeff = power_of_ten(self.variance_target, means["variance"].values())
+        if self.orthogonality_coeff is None:
+            self.orthogonality_coeff = power_of_ten(self.orthogonality_target,
+                                                    means["orthogonality"].values())
