@@ -16,6 +16,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"sara_megatron.kernels": "kernels"},
+    # lm-eval task definitions ship beside the evaluation code (`lm_eval --include_path`).
+    package_data={"sara_megatron.evaluation": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/_*_yaml",
+                                              "lm_eval_tasks/*.py"]},
     install_requires=[
         # The newest megatron-core that installs on Python 3.11; its APIs are read from this version.
         "megatron-core==0.16.1",
