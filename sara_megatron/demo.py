@@ -1,7 +1,9 @@
 """The end-to-end CPU demo (`make demo`): the whole SARA pipeline on a tiny Qwen3-MoE.
 
-1. A parallel corpus made deterministically here: anchor `en` and two targets derived from it by
-   rule, `hi` (a lexicon swap) and `sw` (a lexicon swap and a word-order change), so every
+1. A parallel corpus: anchor `en` made deterministically here, and two targets made from it by
+   tools/translate_corpus.py against a rule-based translator speaking the OpenAI wire format on
+   127.0.0.1 (`construction/rule_translator.py`), so the real client, cache and checks run:
+   `hi` (a lexicon swap, in Devanagari) and `sw` (a lexicon swap and a word-order change). Every
    translation is exact by construction.
 2. A local BPE tokenizer, then token shards (tools/shard_corpus.py).
 3. A random tiny Qwen3-MoE written as a Hugging Face checkpoint and converted
@@ -30,30 +32,33 @@ REPO = Path(__file__).resolve().parents[1]
 ANCHOR, LEXICON_SWAP, REORDERED = "en", "hi", "sw"
 
 
-def reorder_words(text: str) -> str:
-    """The word-order change: words in reverse order, a final punctuation token kept last."""
-    words = text.split()
-    if len(words) > 1 and not words[-1][0].isalnum():
-        return " ".join(words[-2::-1] + [words[-1]])
-    return " ".join(reversed(words))
-
-
-def write_demo_corpus(out_dir: Path, num_samples: int) -> list[str]:
+def write_demo_anchors(path: Path, num_samples: int) -> Path:
     from sara_megatron.data.synthetic_corpus import synthetic_record
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for lang in (ANCHOR, LEXICON_SWAP, REORDERED):
-        path = out_dir / f"{lang}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for i in range(num_samples):
-                record = synthetic_record(f"demo-{i:05d}", lang, i, max_words=24)
-                if lang == REORDERED:
-                    for message in record["messages"]:
-                        message["content"] = reorder_words(message["content"])
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        paths.append(str(path))
-    return paths
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(num_samples):
+            record = synthetic_record(f"demo-{i:05d}", ANCHOR, i, max_words=24)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def translate_demo_corpus(work: Path, anchors: Path) -> list[str]:
+    """The targets through the real translation path: tools/translate_corpus.py against the
+    rule-based translator on 127.0.0.1, started and stopped here. Returns the corpus files."""
+    from sara_megatron.construction.rule_translator import rule_translator_server
+
+    with rule_translator_server() as translator:
+        # No key is needed, and a user's real OPENAI_API_KEY is not sent even to localhost.
+        _run("translate", [str(REPO / "tools" / "translate_corpus.py"), "--input", str(anchors),
+                           "--languages", f"{LEXICON_SWAP},{REORDERED}", "--output", "corpus",
+                           "--model", "rule-translator", "--base-url", translator.base_url,
+                           "--concurrency", "8"], work, unset_env=("OPENAI_API_KEY",))
+    failures = (work / "corpus" / "translation_failures.jsonl").read_text().splitlines()
+    if failures:
+        raise SystemExit(f"[demo] {len(failures)} translation(s) failed the checks, e.g. "
+                         f"{failures[0]}; log {work / 'logs' / 'translate.log'}")
+    return [str(work / "corpus" / f"{lang}.jsonl") for lang in (ANCHOR, LEXICON_SWAP, REORDERED)]
 
 
 def write_tiny_hf_model(out_dir: Path, tokenizer_dir: Path, seed: int = 1234) -> None:
@@ -87,7 +92,7 @@ def write_tiny_hf_model(out_dir: Path, tokenizer_dir: Path, seed: int = 1234) ->
         shutil.copy2(tokenizer_dir / name, out_dir / name)
 
 
-def _run(step: str, args: list[str], cwd: Path, nproc: int = 0) -> None:
+def _run(step: str, args: list[str], cwd: Path, nproc: int = 0, unset_env: tuple = ()) -> None:
     """Run a tool; with nproc, under torchrun. Its output goes to <work>/logs/<step>.log."""
     cmd = [sys.executable]
     if nproc:
@@ -99,6 +104,8 @@ def _run(step: str, args: list[str], cwd: Path, nproc: int = 0) -> None:
     started = time.time()
     print(f"[demo] {step} ...", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for name in unset_env:
+        env.pop(name, None)
     with open(log, "w") as out:
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -138,9 +145,11 @@ def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
 
     _fresh_work_folder(work)
     tools = REPO / "tools"
-    print(f"[demo] corpus: {num_samples} samples in {ANCHOR} (anchor), {LEXICON_SWAP} (lexicon "
-          f"swap), {REORDERED} (lexicon swap + word order)", flush=True)
-    paths = write_demo_corpus(work / "corpus", num_samples)
+    print(f"[demo] corpus: {num_samples} samples in {ANCHOR} (anchor), translated by rule over the "
+          f"OpenAI wire format into {LEXICON_SWAP} (lexicon swap) and {REORDERED} (lexicon swap + "
+          "word order)", flush=True)
+    anchors = write_demo_anchors(work / "anchors" / f"{ANCHOR}.jsonl", num_samples)
+    paths = translate_demo_corpus(work, anchors)
     build_local_tokenizer(corpus_texts(paths), work / "tokenizer", vocab_size=200)
     _run("shard", [str(tools / "shard_corpus.py"), "--corpus", "corpus", "--tokenizer",
                    "tokenizer", "--output", "shards", "--anchor-language", ANCHOR,

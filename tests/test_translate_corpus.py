@@ -176,12 +176,14 @@ def test_kill_and_rerun_pays_for_nothing_twice(tmp_path):
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        time.sleep(0.2)  # replies the killed process could no longer read are recorded too
+        seen_before_rerun = len(server.requests)
         first_run = [r for r in server.requests if r.outcome == "ok"]
         assert 30 <= len(first_run) < 80
         assert not (out / "hi.jsonl").exists()  # killed before the corpus was written
 
         rerun = summary_of(run_tool(server, tmp_path / "en.jsonl", out))
-        second_run = [r for r in server.requests[len(first_run):] if r.outcome == "ok"]
+        second_run = [r for r in server.requests[seen_before_rerun:] if r.outcome == "ok"]
     assert read_corpus(out) == read_corpus(tmp_path / "reference") == expected_corpus(anchors)
     sent = lambda r: json.dumps(r.body["messages"])  # noqa: E731
     repeated = {sent(r) for r in first_run} & {sent(r) for r in second_run}
@@ -302,6 +304,21 @@ def test_batch_end_to_end_and_resume_after_a_kill(tmp_path):
             assert FAKE_KEY.encode() not in path.read_bytes(), path
     requests_file = next((out / "batch_requests").glob("*.jsonl")).read_text().splitlines()
     assert json.loads(requests_file[0])["url"] == "/v1/chat/completions"
+
+
+def test_the_demo_tokenizer_covers_the_rule_translators_devanagari(tmp_path):
+    from sara_megatron.data.local_tokenizer import build_local_tokenizer
+
+    anchors = [synthetic_record(f"demo-{i:05d}", "en", i, max_words=24) for i in range(24)]
+    corpus = expected_corpus(anchors)
+    texts = [m["content"] for lang in corpus for r in corpus[lang] for m in r["messages"]]
+    hindi = [m["content"] for r in corpus["hi"] for m in r["messages"]]
+    assert all(check_translation(a["messages"][1]["content"], h["messages"][1]["content"], "hi")
+               is None for a, h in zip(anchors, corpus["hi"]))
+    tokenizer = build_local_tokenizer(texts, tmp_path / "tok", vocab_size=200)
+    unk = tokenizer.convert_tokens_to_ids("<unk>")
+    ids = [i for text in hindi for i in tokenizer(text)["input_ids"]]
+    assert ids and unk not in ids
 
 
 # -- the checks on real-language text -------------------------------------------------------------

@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from sara_megatron.answers import last_boxed
 from sara_megatron.chat.cache import CachedReply, ReplyCache, request_key
 from sara_megatron.chat.client import ChatClient, ChatRequestFailed, ChatSettings, is_reasoning_model
 from sara_megatron.construction.translation_checks import (
@@ -186,7 +187,6 @@ class TranslationRun:
         keys = unit.keys if len(unit.texts) > 1 else None
         boxed = None
         if rejection in ("lost_boxed", "wrong_boxed"):
-            from sara_megatron.answers import last_boxed
             boxed = next((b for b in map(last_boxed, reversed(list(unit.texts.values()))) if b), None)
         system = system_instructions(self.anchor, unit.language, keys, rejection, boxed)
         user = user_content(unit.texts)
@@ -422,6 +422,9 @@ def run_translation(config: TranslationConfig) -> dict:
             raise ValueError(f"unknown language code {lang!r} (known: {', '.join(sorted(known))})")
         if lang == anchor:
             raise ValueError(f"{lang!r} is the input's own (anchor) language")
+    if config.max_cost_usd is not None and PriceTable(config.prices_path).per_million(config.model) is None:
+        raise ValueError(f"--max-cost-usd: no price for model {config.model!r}; give its prices "
+                         "with --prices FILE")
     if config.dry_run:
         # Sends nothing and writes nothing: an absent cache is not created.
         cache = ReplyCache(config.cache_file, read_only=True) if os.path.exists(config.cache_file) else None
