@@ -121,3 +121,45 @@ def test_lm_eval_and_our_runner_score_the_same_replies_alike(tmp_path, reply_ind
         assert set(ours.values()) == {1.0}
     if reply_index == 1:
         assert set(ours.values()) == {0.0}
+
+
+def test_lm_eval_evaluator_reports_our_runners_accuracy(tmp_path):
+    """lm-eval's whole evaluator (requests, filters, metric, aggregation) on our task with a
+    stand-in model gives the accuracy our runner writes into results.json for the same replies."""
+    from lm_eval import evaluator
+    from lm_eval.api.model import LM
+
+    from sara_megatron.evaluation.benchmarks import load_benchmark
+    from sara_megatron.evaluation.records import read_results
+
+    items = load_benchmark("belebele", "hi", data_dir=FIXTURES)
+    reply_by_prompt = {item_prompt(item): replies_for(item)[i % 8]
+                       for i, item in enumerate(items)}
+
+    class FixedReplies(LM):
+        def generate_until(self, requests, disable_tqdm=False):
+            return [reply_by_prompt[r.args[0]] for r in requests]
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    from lm_eval.tasks import TaskManager
+
+    report = evaluator.simple_evaluate(
+        model=FixedReplies(), tasks=[lm_eval_task("belebele", "hi")], bootstrap_iters=0,
+        # Only our tasks indexed (lm-eval's own thousands of YAML files take ~25 s).
+        task_manager=TaskManager(include_path=LM_EVAL_TASKS_DIR, include_defaults=False))
+    lm_eval_accuracy = 100.0 * report["results"]["sara_belebele_hi"]["exact_match,last_boxed"]
+
+    with LocalChatServer(lambda body: reply_by_prompt[body["messages"][0]["content"]]) as server:
+        backend = OpenAIBackend(server.base_url, "m", SamplingSettings(), concurrency=2)
+        plan = EvaluationPlan(benchmarks=("belebele",), languages=("hi",), runs=1,
+                              data_dir=str(FIXTURES))
+        asyncio.run(EvaluationRunner(backend, plan, str(tmp_path), {"model": "m"},
+                                     progress=False, say=lambda _: None).run())
+    ours = read_results(tmp_path)["benchmarks"]["belebele"]["hi"]["mean"]
+    assert ours == pytest.approx(lm_eval_accuracy)
+    assert 0.0 < ours < 100.0  # the replies mix right and wrong
