@@ -1,10 +1,10 @@
 """Evaluate a model as the paper did: Global-MMLU, BELEBELE and MGSM with its \\boxed{} prompts.
 
-    python tools/evaluate.py --benchmarks global_mmlu,belebele,mgsm --languages hi,ne,bn,te,sw,en \
-        --backend openai --base-url http://127.0.0.1:8000/v1 --model sara \
+    python tools/evaluate.py --benchmarks global_mmlu,belebele,mgsm --languages hi,ne,bn,te,sw,en \\
+        --backend openai --base-url http://127.0.0.1:8000/v1 --model sara \\
         [--data-dir DIR] [--runs 3] [--limit N] [--concurrency 32] --output results/sara
 
-    python tools/evaluate.py --benchmarks mgsm --languages en,sw --backend hf --model-dir export/ \
+    python tools/evaluate.py --benchmarks mgsm --languages en,sw --backend hf --model-dir export/ \\
         --output results/tiny
 
 --backend openai talks to any OpenAI-compatible server (`vllm serve <export dir> --served-model-name

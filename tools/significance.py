@@ -1,8 +1,8 @@
 """Is the treatment better than the baseline? The paper's paired t-test over languages (Appendix A.4).
 
-    python tools/significance.py --treatment results/sara/results.json \
+    python tools/significance.py --treatment results/sara/results.json \\
         --baseline results/fft/results.json --benchmark global_mmlu [--languages hi,ne,bn,te,sw,en] --json
-    python tools/significance.py --treatment-scores 83.44,80.89,83.67,77.44,77.89,95.22 \
+    python tools/significance.py --treatment-scores 83.44,80.89,83.67,77.44,77.89,95.22 \\
         --baseline-scores 82.22,82.00,84.11,76.56,77.78,95.00 --json
 
 Paired over languages (each language's mean accuracy), H1: treatment > baseline, df = n - 1.
