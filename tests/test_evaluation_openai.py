@@ -177,7 +177,7 @@ def test_killed_run_resumes_without_reasking(tmp_path):
     output = tmp_path / "out"
     items_file = output / "items.jsonl"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    with LocalChatServer(oracle, latency_s=0.05) as server:
+    with LocalChatServer(oracle, latency_s=0.1) as server:
         proc = subprocess.Popen(_tool(server.base_url, output, "--concurrency", "2",
                                       "--no-progress"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
