@@ -40,3 +40,29 @@ def test_layout_matches_single_rank(torchrun, tmp_path, preset, layout):
         for ref_row, row in zip(ref, got):
             assert max(abs(a - b) for a, b in zip(ref_row, row)) <= 1e-5
             assert abs(sum(row) - 1.0) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["ep2", "pp2"])
+def test_objectives_match_single_rank(torchrun, tmp_path, layout):
+    """Issue 19's objectives (AES, the KL and entropy-normalised JS variants of SARA) under EP=2
+    and PP=2: each term's value, its whole gradient's norm and every router's gradient equal the
+    single-rank ones (AES's orthogonality term sums a token's expert outputs over EP ranks)."""
+    out = tmp_path / "result.json"
+    torchrun(
+        "tests/workers/parallel_parity.py", "--preset", "qwen3_moe_tiny", *LAYOUTS[layout],
+        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out),
+        "--objectives", "aes,kl,js_entropy_normalised",
+    )
+    result = json.loads(out.read_text())["objectives"]
+    assert sorted(result) == ["aes", "js_entropy_normalised", "kl"]
+    for objective, sides in result.items():
+        ref, got = sides["ref"], sides["layout"]
+        assert ref["value"] != 0 and ref["grad_sq"] > 0, objective
+        assert got["value"] == pytest.approx(ref["value"], rel=1e-5), objective
+        assert got["grad_sq"] == pytest.approx(ref["grad_sq"], rel=1e-4), objective
+        assert sorted(got["routers"]) == sorted(ref["routers"]), objective
+        for layer, want in ref["routers"].items():
+            scale = max(abs(v) for v in want)
+            assert scale > 0, (objective, layer)
+            assert max(abs(a - b) for a, b in zip(got["routers"][layer], want)) <= 1e-4 * scale, (
+                objective, layer)

@@ -5,6 +5,10 @@ token loss over the whole batch and each layer's captured sequence-mean routing.
 weights with dist_checkpointing. Phase 2 re-initialises Megatron at the requested layout, loads the
 weights and runs the same batch through megatron's pipeline schedule with backward. Rank 0 writes
 both to --out as JSON. The batch has padding, so the masks are exercised.
+
+With --objectives (issue 19: aes, kl, js_entropy_normalised) each objective's term alone is also
+run forward and backward on both sides (the CE output is multiplied by 0): its value, the squared
+norm of its whole gradient and each router's gradient, reduced over the ranks that hold them.
 """
 
 import argparse
@@ -83,6 +87,95 @@ def run_model(model, tokens, labels, padding, layers):
     return (sums[0] if sums else None), routing
 
 
+def _moe_layers(models):
+    return [m for chunk in models for m in chunk.modules()
+            if hasattr(m, "token_dispatcher") and hasattr(m, "experts")]
+
+
+def run_objective(model, tokens, padding, priors, objective, reduce=True):
+    """Forward + backward of one objective's term alone (summed over sequences or tokens, so
+    data-parallel ranks add up); returns (value, gradient norm², {layer: router gradient}).
+    reduce=False: this rank's model is the whole model (the reference; nothing to reduce)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from sara_megatron.routing import observe_routers
+    from sara_megatron.sara import SaraRoutingLoss
+    from sara_megatron.sara.aes import AesLoss
+
+    models = model if isinstance(model, list) else [model]
+    for chunk in models:
+        chunk.zero_grad(set_to_none=True)
+    handles = []
+    if objective == "aes":
+        observer = AesLoss(3.0, 50.0)
+        observer.token_weight = 1.0  # Σ over tokens: data-parallel shares add up
+        handles = observer.attach(models)
+    else:
+        observer = SaraRoutingLoss(list(range(priors.shape[0])), 1.5, divergence=objective)
+        observer.sequence_weight = 1.0  # Σ over sequences
+    seq_length = tokens.shape[1]
+    positions = torch.arange(seq_length).expand_as(tokens)
+
+    def forward_step(data_iterator, chunk):
+        tok, pad, pri = next(data_iterator)
+        if objective != "aes":
+            observer.set_batch(pri, segment_ids_from_padding_mask(pad))
+        out = chunk(tok, positions, causal_attention_mask(seq_length), labels=tok, padding_mask=pad)
+        return out, lambda t: ((t.float() * 0).sum(), {})
+
+    with observe_routers(observer):
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([(tokens, padding, priors)]),
+            model=models, num_microbatches=1, seq_length=seq_length,
+            micro_batch_size=tokens.shape[0], forward_only=False,
+        )
+    for handle in handles:
+        handle.remove()
+
+    if objective == "aes":
+        value = sum(float(row[0] * -3.0 + row[2] * 50.0) for row in observer.stats.values())
+    else:
+        value = sum(float(v) for v in observer.js_sum.values())
+    total = torch.tensor([value], dtype=torch.float64)
+    if reduce:
+        dist.all_reduce(total)
+    # Gradients: dense ones summed over data parallel, expert ones over expert data parallel;
+    # each then counted once (on rank 0 of that group) in the world's sum of squares.
+    squares = torch.zeros(1, dtype=torch.float64)
+    for chunk in models:
+        for param in chunk.parameters():
+            if param.grad is None:
+                continue
+            grad = param.grad.detach().double().clone()
+            expert = not getattr(param, "allreduce", True)
+            group = (ps.get_expert_data_parallel_group() if expert
+                     else ps.get_data_parallel_group())
+            if reduce:
+                dist.all_reduce(grad, group=group)
+            if not reduce or dist.get_rank(group) == 0:
+                squares += grad.pow(2).sum()
+    if reduce:
+        dist.all_reduce(squares)
+    routers = {}
+    for moe in _moe_layers(models):
+        grad = moe.router.weight.grad.detach().double().clone()
+        if reduce:
+            dist.all_reduce(grad, group=ps.get_data_parallel_group())
+        routers[moe.router.global_layer_index] = grad.flatten().tolist()
+    return float(total), float(squares), routers
+
+
+def _merge_routers(routers):
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, routers)
+    merged = {}
+    for part in gathered:
+        for layer, grad in part.items():
+            merged[str(layer)] = grad
+    return merged
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="qwen3_moe_tiny")
@@ -92,7 +185,9 @@ def main():
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--objectives", default="", help="comma-separated: aes, kl, js_entropy_normalised")
     args = p.parse_args()
+    objectives = [o for o in args.objectives.split(",") if o]
 
     initialize_distributed(ParallelConfig())
     arch = get_preset(args.preset)
@@ -101,6 +196,11 @@ def main():
     model = build_model(arch)
     model.eval()  # deterministic routing (sparsemixer samples in training mode)
     ref_sums, ref_routing = run_model(model, tokens, labels, padding, layers)
+    torch.manual_seed(99)  # the same priors on every rank
+    priors = torch.distributions.Dirichlet(torch.full((arch.num_experts,), 0.5)).sample(
+        (len(layers), BATCH))
+    ref_objectives = {o: run_objective(model, tokens, padding, priors, o, reduce=False)
+                      for o in objectives}
     save_model_weights(model, args.ckpt)
     del model
 
@@ -114,6 +214,14 @@ def main():
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
     sums, routing = run_model(model, tokens[rows], labels[rows], padding[rows], layers)
+    layout_objectives = {o: run_objective(model, tokens[rows], padding[rows], priors[:, rows], o)
+                         for o in objectives}
+    objective_results = {
+        o: {"ref": {"value": ref_objectives[o][0], "grad_sq": ref_objectives[o][1],
+                    "routers": {str(k): v for k, v in ref_objectives[o][2].items()}},
+            "layout": {"value": layout_objectives[o][0], "grad_sq": layout_objectives[o][1],
+                       "routers": _merge_routers(layout_objectives[o][2])}}
+        for o in objectives}
 
     # Loss lives on the last stage (zeros elsewhere): sum over data (and context) parallel and
     # pipeline.
@@ -140,6 +248,7 @@ def main():
             "ref_routing": {str(k): v.tolist() for k, v in ref_routing.items()},
             "routing": {str(k): v for k, v in layout_routing.items()},
             "layers_by_rank": [sorted(part) for part in gathered],
+            "objectives": objective_results,
         }
         with open(args.out, "w") as f:
             json.dump(result, f)
