@@ -266,6 +266,16 @@ def test_gpt5_family_requests(tmp_path, monkeypatch):
     assert proc.returncode == 2 and "translate_corpus.py: error: --temperature" in proc.stderr
 
 
+def test_a_refused_key_stops_the_run(tmp_path):
+    write_anchors(tmp_path / "en.jsonl", 3)
+    with LocalChatServer(TRANSLATOR, faults=lambda i, body: Fault.server_error(401)) as server:
+        proc = run_tool(server, tmp_path / "en.jsonl", tmp_path / "corpus", "--no-progress")
+        refused = len(server.requests)
+    assert proc.returncode == 2 and refused <= 4  # at most one round of --concurrency requests
+    assert "translate_corpus.py: error: the server refused the requests (http_401)" in proc.stderr
+    assert FAKE_KEY not in proc.stderr + proc.stdout
+
+
 def test_batch_end_to_end_and_resume_after_a_kill(tmp_path):
     anchors = write_anchors(tmp_path / "en.jsonl", 6)
 

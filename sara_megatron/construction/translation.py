@@ -85,6 +85,14 @@ class CostLimitReached(Exception):
     pass
 
 
+class RunRefused(ValueError):
+    """An error that every request of the run would meet (bad key, unknown model, no quota):
+    the run stops instead of listing every pair as failed."""
+
+
+RUN_STOPPING_ERRORS = ("http_401", "http_403", "http_404", "insufficient_quota")
+
+
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """The texts of one request: a job's messages (all of them, or one with split_messages)."""
@@ -287,6 +295,9 @@ class TranslationRun:
                 reply = await self.client.complete(planned.messages, planned.settings)
                 self.store(planned, reply)
             except ChatRequestFailed as e:
+                if e.reason in RUN_STOPPING_ERRORS:
+                    raise RunRefused(f"the server refused the requests ({e.reason}): check the "
+                                     "key (OPENAI_API_KEY), --model and --base-url") from None
                 return "failed", f"request_failed:{e.reason}"
             finally:
                 self.in_flight_usd -= estimate

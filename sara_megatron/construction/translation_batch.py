@@ -19,8 +19,10 @@ import logging
 from pathlib import Path
 
 from sara_megatron.chat.cache import CachedReply
-from sara_megatron.chat.client import ChatClient
-from sara_megatron.construction.translation import CostLimitReached, PlannedRequest, TranslationRun
+from sara_megatron.chat.client import ChatClient, ChatRequestFailed
+from sara_megatron.construction.translation import (
+    CostLimitReached, PlannedRequest, RunRefused, TranslationRun,
+)
 from sara_megatron.data.atomic_files import atomic_open
 
 log = logging.getLogger(__name__)
@@ -118,32 +120,40 @@ async def run_batches(run: TranslationRun, progress) -> None:
     run.client = ChatClient(config.base_url, concurrency=min(config.concurrency, 4),
                             max_retries=config.max_retries, timeout_s=config.timeout_s)
     try:
-        for batch_id, keys in run.cache.pending_batches():  # a killed run's batches first
-            await _collect(run, batch_id, keys, progress)
-        round_index = 0
-        while True:
-            run.resolve_from_cache()
-            progress.update(run)
-            requests = list(_next_requests(run).values())
-            if not requests:
-                return
-            if config.max_cost_usd is not None:
-                kept = []
-                for planned in requests:
-                    try:
-                        run.reserve(planned)
-                    except CostLimitReached:
-                        break
-                    kept.append(planned)
-                if not kept:
-                    raise CostLimitReached
-                requests = kept
-            for start in range(0, len(requests), MAX_BATCH_REQUESTS):
-                chunk = requests[start:start + MAX_BATCH_REQUESTS]
-                name = f"round{round_index:03d}-part{start // MAX_BATCH_REQUESTS:03d}"
-                batch_id = await _submit(run, chunk, name)
-                await _collect(run, batch_id, [p.key for p in chunk], progress)
-            run.in_flight_usd = 0.0
-            round_index += 1
+        await _rounds(run, progress)
+    except ChatRequestFailed as e:  # an upload, create, poll or download that retries did not fix
+        raise RunRefused(f"a Batch API request failed ({e.reason}); rerun the same command to go "
+                         "on (submitted batches are recorded and polled, not submitted again)") from None
     finally:
         await run.client.aclose()
+
+
+async def _rounds(run: TranslationRun, progress) -> None:
+    config = run.config
+    for batch_id, keys in run.cache.pending_batches():  # a killed run's batches first
+        await _collect(run, batch_id, keys, progress)
+    round_index = 0
+    while True:
+        run.resolve_from_cache()
+        progress.update(run)
+        requests = list(_next_requests(run).values())
+        if not requests:
+            return
+        if config.max_cost_usd is not None:
+            kept = []
+            for planned in requests:
+                try:
+                    run.reserve(planned)
+                except CostLimitReached:
+                    break
+                kept.append(planned)
+            if not kept:
+                raise CostLimitReached
+            requests = kept
+        for start in range(0, len(requests), MAX_BATCH_REQUESTS):
+            chunk = requests[start:start + MAX_BATCH_REQUESTS]
+            name = f"round{round_index:03d}-part{start // MAX_BATCH_REQUESTS:03d}"
+            batch_id = await _submit(run, chunk, name)
+            await _collect(run, batch_id, [p.key for p in chunk], progress)
+        run.in_flight_usd = 0.0
+        round_index += 1
