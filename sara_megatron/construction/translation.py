@@ -298,6 +298,9 @@ class TranslationRun:
                 if e.reason in RUN_STOPPING_ERRORS:
                     raise RunRefused(f"the server refused the requests ({e.reason}): check the "
                                      "key (OPENAI_API_KEY), --model and --base-url") from None
+                if e.reason in ("connection", "timeout") and self.client.stats.succeeded == 0:
+                    raise RunRefused(f"no reply from {self.client.base_url} ({e.reason}, "
+                                     f"{e.attempts} attempts): check --base-url") from None
                 return "failed", f"request_failed:{e.reason}"
             finally:
                 self.in_flight_usd -= estimate
