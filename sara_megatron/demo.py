@@ -13,6 +13,8 @@
 6. Per-layer routing divergence JS(anchor ‖ target) before, after SARA and after FFT.
 7. The SARA checkpoint exported to an HF folder and verified against transformers' model on it
    (tools/convert_hf.py export, verify).
+8. The report: report/report.md with the divergence table and figures, the suggested alignment
+   range and both runs' training dynamics (sara_megatron.analysis.report).
 Every step runs the user-facing tool in a subprocess, as a user would.
 """
 
@@ -139,7 +141,6 @@ def _fresh_work_folder(work: Path) -> None:
 
 
 def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
-    from sara_megatron.analysis import format_divergence_table
     from sara_megatron.data.local_tokenizer import build_local_tokenizer
     from sara_megatron.data.synthetic_corpus import corpus_texts
 
@@ -185,11 +186,24 @@ def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
     _run("verify_sara", [str(tools / "convert_hf.py"), "verify", "--hf-dir", "sara_hf",
                          "--megatron-dir", sara_checkpoint], work)
 
-    layers = before["layers"]
-    table = format_divergence_table(layers, {
-        "before": before["divergence"], "after SARA": runs["sara"]["divergence"],
-        "after FFT": runs["fft"]["divergence"],
-    })
+    summarize_demo(work)
+    return {"before": before, **runs}
+
+
+# The divergence results the demo's steps write, under the names its table and report give them.
+DEMO_DIVERGENCE = {"before": "divergence_base.json", "after SARA": "divergence_sara.json",
+                   "after FFT": "divergence_fft.json"}
+
+
+def summarize_demo(work: Path) -> Path:
+    """Print the divergence table and both runs' CE / JS, then write <work>/report/report.md (and
+    its figures) from the same files."""
+    from sara_megatron.analysis import format_divergence_table
+    from sara_megatron.analysis.report import ReportInputs, write_report
+
+    results = {name: json.loads((work / f).read_text()) for name, f in DEMO_DIVERGENCE.items()}
+    table = format_divergence_table(results["before"]["layers"],
+                                    {name: r["divergence"] for name, r in results.items()})
     print("\nper-layer routing divergence JS(anchor ‖ target), mean over samples "
           f"(anchor {ANCHOR}; {LEXICON_SWAP}: lexicon swap; {REORDERED}: swap + word order)")
     print(table)
@@ -198,4 +212,10 @@ def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
         first, last = json.loads(lines[0]), json.loads(lines[-1])
         print(f"{name}: step {first['step']} -> {last['step']}: CE {first['ce']:.3f} -> "
               f"{last['ce']:.3f}, training-batch JS {first['js']:.3e} -> {last['js']:.3e}")
-    return {"before": before, **runs}
+    report = write_report(ReportInputs(
+        title="SARA demo: tiny Qwen3-MoE, SARA vs FFT",
+        divergence={name: str(work / f) for name, f in DEMO_DIVERGENCE.items()},
+        training_logs={"SARA": str(work / "sara.jsonl"), "FFT": str(work / "fft.jsonl")},
+    ), work / "report")
+    print(f"[demo] report: {report}", flush=True)
+    return Path(report)
