@@ -51,8 +51,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # lm-evaluation-harness: our benchmark tasks ship as lm-eval task definitions; the tests
         # check that lm-eval and our runner score the same replies alike.
-        "lmeval": ["lm-eval==0.4.13"],
-        "dev": ["pytest", "pytest-timeout", "lm-eval==0.4.13"],
+        "lmeval": ["lm-eval==0.4.13", "tenacity", "accelerate"],
+        "dev": ["pytest", "pytest-timeout", "lm-eval==0.4.13", "tenacity", "accelerate"],
         "wandb": ["wandb"],
     },
 )
