@@ -46,14 +46,22 @@ def test_layout_matches_single_rank(torchrun, tmp_path, preset, layout):
 def test_objectives_match_single_rank(torchrun, tmp_path, layout):
     """Issue 19's objectives (AES, the KL and entropy-normalised JS variants of SARA) under EP=2
     and PP=2: each term's value, its whole gradient's norm and every router's gradient equal the
-    single-rank ones (AES's orthogonality term sums a token's expert outputs over EP ranks)."""
+    single-rank ones (AES's orthogonality term sums a token's expert outputs over EP ranks); online
+    priors taken through the layout's schedule equal the single-rank routing means."""
     out = tmp_path / "result.json"
     torchrun(
         "tests/workers/parallel_parity.py", "--preset", "qwen3_moe_tiny", *LAYOUTS[layout],
         "--ckpt", str(tmp_path / "ckpt"), "--out", str(out),
-        "--objectives", "aes,kl,js_entropy_normalised",
+        "--objectives", "aes,kl,js_entropy_normalised,online",
     )
-    result = json.loads(out.read_text())["objectives"]
+    full = json.loads(out.read_text())
+    assert sorted(full["online_priors"]) == sorted(full["ref_routing"])
+    for layer, ref in full["ref_routing"].items():
+        got = full["online_priors"][layer]
+        assert len(got) == len(ref)
+        for ref_row, row in zip(ref, got):
+            assert max(abs(a - b) for a, b in zip(ref_row, row)) <= 1e-5, layer
+    result = full["objectives"]
     assert sorted(result) == ["aes", "js_entropy_normalised", "kl"]
     for objective, sides in result.items():
         ref, got = sides["ref"], sides["layout"]

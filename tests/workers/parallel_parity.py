@@ -166,6 +166,14 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True):
     return float(total), float(squares), routers
 
 
+def _merge_rows(gathered):
+    merged = {}
+    for part in gathered:
+        for layer, (start, rows) in part.items():
+            merged.setdefault(layer, {})[start] = rows
+    return merged
+
+
 def _merge_routers(routers):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, routers)
@@ -199,8 +207,9 @@ def main():
     torch.manual_seed(99)  # the same priors on every rank
     priors = torch.distributions.Dirichlet(torch.full((arch.num_experts,), 0.5)).sample(
         (len(layers), BATCH))
+    terms = [o for o in objectives if o != "online"]
     ref_objectives = {o: run_objective(model, tokens, padding, priors, o, reduce=False)
-                      for o in objectives}
+                      for o in terms}
     save_model_weights(model, args.ckpt)
     del model
 
@@ -215,13 +224,27 @@ def main():
     rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
     sums, routing = run_model(model, tokens[rows], labels[rows], padding[rows], layers)
     layout_objectives = {o: run_objective(model, tokens[rows], padding[rows], priors[:, rows], o)
-                         for o in objectives}
+                         for o in terms}
     objective_results = {
         o: {"ref": {"value": ref_objectives[o][0], "grad_sq": ref_objectives[o][1],
                     "routers": {str(k): v for k, v in ref_objectives[o][2].items()}},
             "layout": {"value": layout_objectives[o][0], "grad_sq": layout_objectives[o][1],
                        "routers": _merge_routers(layout_objectives[o][2])}}
-        for o in objectives}
+        for o in terms}
+    online = {}
+    if "online" in objectives:
+        # Online priors: the anchor forward through the schedule; the rows here are the batch's.
+        from types import SimpleNamespace
+
+        from sara_megatron.sara.online_priors import online_anchor_priors
+
+        anchors = SimpleNamespace(anchor_tokens=tokens[rows], anchor_padding_mask=padding[rows])
+        online_priors = online_anchor_priors([model], [anchors], layers, arch.num_experts,
+                                             torch.device("cpu"))[0]
+        online = {layer: (rows.start, online_priors[i].tolist())
+                  for i, layer in enumerate(layers) if layer in routing}
+    gathered_online = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered_online, online)
 
     # Loss lives on the last stage (zeros elsewhere): sum over data (and context) parallel and
     # pipeline.
@@ -249,6 +272,8 @@ def main():
             "routing": {str(k): v for k, v in layout_routing.items()},
             "layers_by_rank": [sorted(part) for part in gathered],
             "objectives": objective_results,
+            "online_priors": {str(layer): [row for start in sorted(parts) for row in parts[start]]
+                              for layer, parts in _merge_rows(gathered_online).items()},
         }
         with open(args.out, "w") as f:
             json.dump(result, f)
