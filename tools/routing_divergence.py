@@ -40,7 +40,13 @@ from sara_megatron.distributed import ParallelConfig, destroy_distributed, initi
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import build_model
 from sara_megatron.priors import parse_layer_selection
-from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
+from sara_megatron.tool_errors import check_writable_output
+from sara_megatron.training.launch import (
+    configure_logging,
+    exit_at_once_on_error,
+    exit_with_parent,
+    launcher_rank,
+)
 
 BENCHMARKS = ("global_mmlu", "belebele", "mgsm")
 
@@ -81,6 +87,9 @@ def parse_args():
     p.add_argument("--usage-plots", help="folder for one expert-usage heatmap PNG per layer of "
                    "--usage-layers (needs --expert-usage)")
     p.add_argument("--usage-layers", help="layers of the heatmaps (default: every measured layer)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of --shards on first open (structure and token "
+                        "ids are checked)")
     args = p.parse_args()
 
     for name in ("batch_size", "limit", "seq_length"):
@@ -101,6 +110,15 @@ def parse_args():
         path = getattr(args, flag)
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"--{flag.replace('_', '-')} {path}: its folder does not exist")
+    try:  # every output, before the compute (not after the table is printed)
+        for flag in ("json", "plot", "expert_usage"):
+            if getattr(args, flag):
+                check_writable_output(getattr(args, flag), f"--{flag.replace('_', '-')}",
+                                      is_file=True)
+        if args.usage_plots:
+            check_writable_output(args.usage_plots, "--usage-plots")
+    except OSError as err:
+        p.error(str(err.strerror or err))
     if args.usage_plots and not args.expert_usage:
         p.error("--usage-plots needs --expert-usage (the measured usage it draws)")
     args.languages = [c for part in (args.languages or []) for c in part.split(",") if c] or None
@@ -143,7 +161,8 @@ def load_parallel_set(args):
     if args.shards:
         from sara_megatron.data.token_shards import TokenShards
 
-        return TokenShards(args.shards), {"shards": os.path.abspath(args.shards)}
+        return (TokenShards(args.shards, verify=not args.no_verify),
+                {"shards": os.path.abspath(args.shards)})
     from sara_megatron.analysis.benchmark_parallel_set import BenchmarkParallelSet
     from sara_megatron.data.chat_tokenization import load_tokenizer
 
@@ -157,9 +176,10 @@ def load_parallel_set(args):
 
 def main():
     args = parse_args()
+    exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank):
+    with exit_at_once_on_error(rank, "routing_divergence.py", output=args.json):
         run(args, rank)
     destroy_distributed()  # only after success: its barrier needs every rank
 

@@ -104,18 +104,43 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+# Run by a spawned child's interpreter before it becomes the child: arm the parent-death signal,
+# stop if the parent is already gone, then exec the command multiprocessing meant to run.
+_ARM_THEN_EXEC = ("import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
+                  "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+                  "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def _spawn_dying_with_parent(spawnv_passfds):
+    """multiprocessing's spawn / forkserver start (megatron's checkpoint writer uses a spawned
+    Manager; the resource tracker too) is fork + exec, which runs no fork hook: the child is
+    started through a one-line interpreter that arms the signal and execs it."""
+
+    def spawn(path, args, passfds):
+        python = os.fsencode(sys.executable)  # as multiprocessing passes its paths: bytes
+        wrapped = [python, b"-S", b"-I", b"-c", _ARM_THEN_EXEC.encode(),
+                   str(os.getpid()).encode(), path, *args[1:]]
+        return spawnv_passfds(python, [os.fsencode(a) for a in wrapped], passfds)
+
+    return spawn
+
+
 def exit_with_parent() -> None:
-    """Linux: every process this one forks from now on (megatron's checkpoint writer helpers,
-    data-loader workers) is killed when this process dies, and so is this process when its
-    launcher (torchrun, srun) dies; a tool started from a shell keeps running without it
-    (nohup). Elsewhere nothing changes."""
+    """Linux: every process this one starts from now on (megatron's checkpoint writer helpers,
+    data-loader workers, multiprocessing's spawned helpers) is killed when this process dies,
+    and so is this process when its launcher (torchrun, srun) dies; a tool started from a shell
+    keeps running without it (nohup). Elsewhere nothing changes."""
     if not sys.platform.startswith("linux") or getattr(exit_with_parent, "armed", False):
         return
+    import multiprocessing.util
+
     exit_with_parent.armed = True
     launched = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "SLURM_STEP_ID"))
     if launched:
         _die_with_parent()
     os.register_at_fork(after_in_child=_die_with_parent)
+    multiprocessing.util.spawnv_passfds = _spawn_dying_with_parent(
+        multiprocessing.util.spawnv_passfds)
 
 
 def _exit_now(code: int) -> None:
