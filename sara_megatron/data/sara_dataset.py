@@ -179,6 +179,15 @@ class SaraTrainingSamples(torch.utils.data.Dataset):
 def open_prior_store(config: SaraDataConfig, shards: TokenShards,
                      sample_ids: Sequence[str]) -> PriorStore:
     """The prior store, checked against this corpus and model; it must cover every sample."""
+    from sara_megatron.priors.store import read_prior_store_metadata
+
+    # The anchor language first: an en store for zh-anchored shards (or the reverse) is named as
+    # such, not as a corpus fingerprint mismatch.
+    stored_anchor = read_prior_store_metadata(config.prior_store).anchor_language
+    if stored_anchor != shards.anchor_language:
+        raise PriorStoreError(f"prior store {config.prior_store} holds {stored_anchor!r}-anchored "
+                              f"priors, the shards anchor on {shards.anchor_language!r}: extract "
+                              f"priors from these shards' {shards.anchor_language} anchors")
     store = PriorStore(
         config.prior_store,
         expected_model_fingerprint=config.expected_model_fingerprint,
