@@ -159,10 +159,12 @@ def test_a_persistent_fault_is_reported_not_written(tmp_path, monkeypatch):
     assert (summary["translated"], summary["failed"], summary["retries"]) == (7, 1, 2)
 
 
-def test_kill_and_rerun_pays_for_nothing_twice(tmp_path):
+def test_kill_and_rerun_pays_for_nothing_twice(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     anchors = write_anchors(tmp_path / "en.jsonl", 40)
     with LocalChatServer(TRANSLATOR, latency_s=0.05) as server:
-        reference = summary_of(run_tool(server, tmp_path / "en.jsonl", tmp_path / "reference"))
+        # The uninterrupted run, in this process (the killed one is a subprocess).
+        reference = run_translation(config(tmp_path / "en.jsonl", tmp_path / "reference", server))
         assert reference["requested"] == 80
         server.requests.clear()
 
@@ -274,6 +276,11 @@ def test_a_refused_key_stops_the_run(tmp_path):
     assert proc.returncode == 2 and refused <= 4  # at most one round of --concurrency requests
     assert "translate_corpus.py: error: the server refused the requests (http_401)" in proc.stderr
     assert FAKE_KEY not in proc.stderr + proc.stdout
+    # Nothing listening at --base-url: one error line, not every pair failed one by one.
+    with LocalChatServer(TRANSLATOR) as server:
+        pass  # a port that was just free; now nothing answers on it
+    proc = run_tool(server, tmp_path / "en.jsonl", tmp_path / "corpus", "--max-retries", "1")
+    assert proc.returncode == 2 and "error: no reply from" in proc.stderr
 
 
 def test_batch_end_to_end_and_resume_after_a_kill(tmp_path):
