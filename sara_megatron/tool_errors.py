@@ -102,10 +102,13 @@ def is_disk_full(err: BaseException, path: Optional[str] = None) -> bool:
     return False
 
 
-def disk_full_error(err: BaseException, path: str) -> Optional[DiskFullError]:
-    """A DiskFullError for `err` when it is a full disk (see `is_disk_full`), else None."""
+def disk_full_error(err: BaseException, path: Optional[str]) -> Optional[DiskFullError]:
+    """A DiskFullError for `err` when it is a full disk (see `is_disk_full`), else None. `path`:
+    where the failing write went, when known."""
     if isinstance(err, DiskFullError):
         return err
     if is_disk_full(err, path):
-        return DiskFullError(errno.ENOSPC, disk_full_message(path))
+        where = path or next((e.filename for e in _chain(err)
+                              if isinstance(e, OSError) and e.filename), "the output")
+        return DiskFullError(errno.ENOSPC, disk_full_message(os.fspath(where)))
     return None

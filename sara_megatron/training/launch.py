@@ -62,7 +62,7 @@ def check_before_start(cfg: TrainConfig, rank: int) -> None:
 def user_error_message(err: BaseException, output: Optional[str] = None) -> Optional[str]:
     """The one-line message of an error the user can fix, else None. `output`: the folder the
     tool writes to (a write error there with no space left is a full disk)."""
-    full = disk_full_error(err, output or os.getcwd())
+    full = disk_full_error(err, output)
     if full is not None:
         return str(full.strerror or full)
     if isinstance(err, UserFacingError):
