@@ -111,7 +111,7 @@ def test_report_numbers_match_inputs(tmp_path):
              "--bootstrap-resamples", "500"]
     load_tool().main(argv)
     text = (out / "report.md").read_text()
-    assert "not given" not in text
+    assert "Left out" not in text
 
     # divergence table: every (layer, language) and the means, to the printed 4 digits
     rows = table_rows(text, "## Routing divergence")
@@ -216,10 +216,12 @@ def test_missing_inputs_leave_sections_out_saying_what_to_run(tmp_path, capsys):
     tool.main(["--out", str(tmp_path / "r"), "--run", f"SARA={tmp_path / 'SARA.jsonl'}"])
     text = (tmp_path / "r" / "report.md").read_text()
     assert "training_dynamics.png" in text
-    for line in ("No divergence result not given: run `python tools/routing_divergence.py",
-                 "No evaluation not given: run `python tools/evaluate.py",
-                 "No baseline and method to compare not given",
-                 "No expert usage not given", "No evaluation of intermediate checkpoints"):
+    for line in ("Left out: no divergence result given. To include it, run "
+                 "`python tools/routing_divergence.py",
+                 "Left out: no evaluation given. To include it, run `python tools/evaluate.py",
+                 "Left out: no baseline and method to compare.",
+                 "Left out: no expert-usage file given.",
+                 "Left out: no evaluation of intermediate checkpoints."):
         assert line in text
     assert not (tmp_path / "r" / "divergence_u_curve.png").exists()
 

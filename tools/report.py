@@ -74,7 +74,8 @@ def main(argv=None):
                    help="a training run's JSON log (logging.json_log; repeat)")
     p.add_argument("--eval", action="append", metavar="NAME=DIR",
                    help="a tools/evaluate.py output folder (repeat)")
-    p.add_argument("--baseline", metavar="NAME", help="the --eval every other one is tested against")
+    p.add_argument("--baseline", metavar="NAME",
+                   help="the --eval every other one is tested against")
     p.add_argument("--checkpoint-eval", action="append", metavar="RUN:STEP=DIR",
                    help="the evaluation of one checkpoint of a run (repeat)")
     p.add_argument("--expert-usage", metavar="JSON",

@@ -78,7 +78,8 @@ def parse_args():
     p.add_argument("--entropy-normalized", action="store_true", help="print, plot and pick the "
                    "range from the entropy-normalised JS (both are saved in the JSON)")
     p.add_argument("--range-alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"threshold position between the curve's min and max (default {DEFAULT_ALPHA})")
+                   help="threshold position between the curve's min and max "
+                   f"(default {DEFAULT_ALPHA})")
     p.add_argument("--range-window", type=int, default=DEFAULT_WINDOW,
                    help=f"odd moving-average width in layers; 1 = none (default {DEFAULT_WINDOW})")
     p.add_argument("--plot", help="write the U-curve with the suggested range here (PNG)")

@@ -52,7 +52,8 @@ def check_range_parameters(alpha: float, window: int) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1
             and window % 2 == 1):
-        raise ValueError(f"the smoothing window must be an odd number of layers >= 1, got {window!r}")
+        raise ValueError(f"the smoothing window must be an odd number of layers >= 1, "
+                         f"got {window!r}")
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:

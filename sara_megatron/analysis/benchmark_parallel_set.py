@@ -23,7 +23,8 @@ from sara_megatron.evaluation.tasks import item_messages
 
 def prompt_token_ids(tokenizer, item: BenchmarkItem, template_language: str = "en") -> np.ndarray:
     """The item's prompt as the model reads it: chat-templated with the generation prompt."""
-    messages = tuple(ChatMessage(m["role"], m["content"]) for m in item_messages(item, template_language))
+    messages = tuple(ChatMessage(m["role"], m["content"])
+                     for m in item_messages(item, template_language))
     # render_conversation takes a whole exchange; the empty reply only completes the record.
     record = ParallelRecord(item.item_id, item.language, messages + (ChatMessage("assistant", ""),),
                             item.benchmark)

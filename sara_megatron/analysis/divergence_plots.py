@@ -19,7 +19,8 @@ def _label(normalized: bool) -> str:
     return "JS / mean entropy" if normalized else "JS divergence"
 
 
-def _draw_curves(ax, result: DivergenceResult, normalized: bool, aligned: Optional[tuple[int, int]]):
+def _draw_curves(ax, result: DivergenceResult, normalized: bool,
+                 aligned: Optional[tuple[int, int]]):
     if aligned is not None:
         ax.axvspan(aligned[0] - 0.5, aligned[1] + 0.5, color="tab:green", alpha=0.12,
                    label=f"aligned {aligned[0]}..{aligned[1]}")

@@ -59,7 +59,8 @@ def read_divergence(path: str | os.PathLike) -> DivergenceResult:
         obj = json.load(f)
     try:
         layers = [int(x) for x in obj["layers"]]
-        divergence = {lang: [float(v) for v in values] for lang, values in obj["divergence"].items()}
+        divergence = {lang: [float(v) for v in values]
+                      for lang, values in obj["divergence"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: not a divergence result (layers, divergence): {err!r}") from None
     for lang, values in divergence.items():

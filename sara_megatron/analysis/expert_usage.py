@@ -60,7 +60,8 @@ def from_analysis(analysis) -> ExpertUsage:
     """From a `routing_analysis(..., top_k=k)` result."""
     if analysis.mean_probability is None:
         raise ValueError("the analysis has no expert usage: run it with top_k")
-    order = [analysis.anchor] + [lang for lang in analysis.mean_probability if lang != analysis.anchor]
+    order = [analysis.anchor] + [lang for lang in analysis.mean_probability
+                                 if lang != analysis.anchor]
     return ExpertUsage(list(analysis.layers), analysis.anchor, analysis.top_k,
                        {lang: analysis.mean_probability[lang] for lang in order},
                        {lang: analysis.selection_frequency[lang] for lang in order})
@@ -87,8 +88,9 @@ def plot_expert_usage(usage: ExpertUsage, layer: int, path: str | os.PathLike) -
     top-k selection share, each beside its difference from the anchor's row."""
     fig, axes = new_figure(HEATMAP_WIDTH, HEATMAP_HEIGHT, 2, 2)
     languages = usage.languages
-    for row, (kind, label) in enumerate((("mean_probability", "mean routing probability"),
-                                         ("selection_frequency", f"top-{usage.top_k} selection share"))):
+    kinds = (("mean_probability", "mean routing probability"),
+             ("selection_frequency", f"top-{usage.top_k} selection share"))
+    for row, (kind, label) in enumerate(kinds):
         values = usage.matrix(kind, layer)
         difference = values - values[languages.index(usage.anchor)]
         bound = float(np.abs(difference).max()) or 1.0

@@ -62,7 +62,8 @@ def divergence_markdown_table(layers, columns: dict[str, dict[str, list[float]]]
 
 
 def _missing(what: str, how: str) -> list[str]:
-    return [f"_{what} not given: {how}._", ""]
+    """The line a section leaves when its inputs are missing."""
+    return [f"_Left out: {what}. To include it, {how}._", ""]
 
 
 def _image(name: str, caption: str) -> list[str]:
@@ -75,7 +76,7 @@ def divergence_section(inputs: ReportInputs, out_dir: str) -> list[str]:
     lines = ["## Routing divergence", ""]
     if not inputs.divergence:
         return lines + _missing(
-            "No divergence result", "run `python tools/routing_divergence.py --checkpoint CKPT "
+            "no divergence result given", "run `python tools/routing_divergence.py --checkpoint CKPT "
             "(--shards DIR | --benchmark global_mmlu --languages hi,ne,bn,te,sw --data-dir DIR) "
             "--json NAME.json` for each model and pass `--divergence NAME=NAME.json`")
     results = {name: read_divergence(path) for name, path in inputs.divergence.items()}
@@ -113,9 +114,9 @@ def divergence_section(inputs: ReportInputs, out_dir: str) -> list[str]:
                  normalized=inputs.normalized, title=f"{baseline}: layer-wise routing divergence")
     lines += _image("divergence_u_curve.png", f"U-curve of {baseline}")
     if len(results) > 1:
-        ratios = plot_divergence_comparison(results, os.path.join(out_dir, "divergence_comparison.png"),
-                                            baseline=baseline, aligned=aligned,
-                                            normalized=inputs.normalized)
+        ratios = plot_divergence_comparison(
+            results, os.path.join(out_dir, "divergence_comparison.png"), baseline=baseline,
+            aligned=aligned, normalized=inputs.normalized)
         lines += _image("divergence_comparison.png", "divergence side by side")
         lines += [f"Aligned-range ({aligned[0]}..{aligned[1]}) mean divergence, and its ratio to "
                   f"`{baseline}`:", "", "| result | aligned-range mean | ratio |", "|---|---|---|"]
@@ -131,7 +132,7 @@ def expert_usage_section(inputs: ReportInputs, out_dir: str) -> list[str]:
 
     lines = ["## Expert usage", ""]
     if not inputs.expert_usage:
-        return lines + _missing("No expert usage", "add `--expert-usage usage.json` to "
+        return lines + _missing("no expert-usage file given", "add `--expert-usage usage.json` to "
                                 "`tools/routing_divergence.py` and pass `--expert-usage usage.json`")
     usage = read_expert_usage(inputs.expert_usage)
     layers = inputs.usage_layers or sorted({usage.layers[0], usage.layers[len(usage.layers) // 2],
@@ -150,7 +151,7 @@ def training_section(inputs: ReportInputs, out_dir: str) -> list[str]:
 
     lines = ["## Training dynamics", ""]
     if not inputs.training_logs:
-        return lines + _missing("No training log", "set `logging.json_log: RUN.jsonl` in the "
+        return lines + _missing("no training log given", "set `logging.json_log: RUN.jsonl` in the "
                                 "training config and pass `--run NAME=RUN.jsonl`")
     runs = {name: read_json_log(path) for name, path in inputs.training_logs.items()}
     plot_training_dynamics(runs, os.path.join(out_dir, "training_dynamics.png"))
@@ -181,8 +182,8 @@ def accuracy_section(inputs: ReportInputs, out_dir: str) -> list[str]:
 
     lines = ["## Accuracy", ""]
     if not inputs.evaluations:
-        return lines + _missing("No evaluation", "run `python tools/evaluate.py ... --output DIR` "
-                                "for each model and pass `--eval NAME=DIR`")
+        return lines + _missing("no evaluation given", "run `python tools/evaluate.py ... "
+                                "--output DIR` for each model and pass `--eval NAME=DIR`")
     evaluations = _read_evaluations(inputs.evaluations)
     languages = ordered_languages({lang for e in evaluations.values() for per in e.values()
                                    for lang in per})
@@ -216,7 +217,7 @@ def significance_section(inputs: ReportInputs, out_dir: str) -> list[str]:
 
     lines = ["## Significance", ""]
     if len(inputs.evaluations) < 2 or inputs.baseline is None:
-        return lines + _missing("No baseline and method to compare", "pass `--eval NAME=DIR` for "
+        return lines + _missing("no baseline and method to compare", "pass `--eval NAME=DIR` for "
                                 "the baseline and at least one method, and `--baseline NAME`")
     if inputs.baseline not in inputs.evaluations:
         raise ValueError(f"baseline {inputs.baseline!r} is not among the evaluations "
@@ -269,7 +270,7 @@ def checkpoint_accuracy_section(inputs: ReportInputs, out_dir: str) -> list[str]
 
     lines = ["## Accuracy by checkpoint", ""]
     if not inputs.checkpoint_evaluations:
-        return lines + _missing("No evaluation of intermediate checkpoints", "evaluate each saved "
+        return lines + _missing("no evaluation of intermediate checkpoints", "evaluate each saved "
                                 "checkpoint (export it, then `tools/evaluate.py --output DIR`) and "
                                 "pass `--checkpoint-eval RUN:STEP=DIR`")
     points: dict[str, dict[str, list[tuple[int, float]]]] = {}

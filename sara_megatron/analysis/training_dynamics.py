@@ -35,7 +35,8 @@ def read_json_log(path: str | os.PathLike) -> list[dict]:
 
 
 def logged_layers(records: list[dict]) -> list[int]:
-    return sorted({int(k[len(LAYER_PREFIX):]) for r in records for k in r if k.startswith(LAYER_PREFIX)})
+    return sorted({int(k[len(LAYER_PREFIX):]) for r in records for k in r
+                   if k.startswith(LAYER_PREFIX)})
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
