@@ -384,3 +384,12 @@ def test_reply_shapes():
     assert parse_reply(json.dumps({**good, "1_assistant": 3}), keys) is None  # not a string
     assert parse_reply("not json", keys) is None
     assert parse_reply("  plain text \n", ["0_user"]) == {"0_user": "plain text"}
+    # LaTeX written with single backslashes inside JSON (a backspace, a form feed, a tab...):
+    # the source's commands are read as commands; an escaped backslash and a real newline stay.
+    sources = ["Half of 36?", "\\frac{36}{2} \\times 1 = \\boxed{18}"]
+    hand_written = '{"0_user": "Nusu ya 36?\\nSawa", "1_assistant": "\\frac{36}{2} \\times 1 = \\boxed{18}"}'
+    assert json.loads(hand_written)["1_assistant"].startswith("\x0crac")
+    assert parse_reply(hand_written, keys, sources) == {
+        "0_user": "Nusu ya 36?\nSawa", "1_assistant": "\\frac{36}{2} \\times 1 = \\boxed{18}"}
+    escaped = json.dumps({"0_user": "x", "1_assistant": sources[1]})
+    assert parse_reply(escaped, keys, sources)["1_assistant"] == sources[1]

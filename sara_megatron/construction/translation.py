@@ -212,7 +212,7 @@ class TranslationRun:
         reason = check_finish_reason(reply.finish_reason)
         if reason is not None:
             return reason, None
-        parsed = parse_reply(reply.content, unit.keys)
+        parsed = parse_reply(reply.content, unit.keys, list(unit.texts.values()))
         if parsed is None:
             return "unparsable_reply", None
         for k, source in unit.texts.items():

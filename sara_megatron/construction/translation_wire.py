@@ -101,11 +101,29 @@ def response_format(keys: list[str]) -> dict:
                    "required": list(keys), "additionalProperties": False}}}
 
 
-def parse_reply(content: str, keys: list[str]) -> dict[str, str] | None:
-    """The translated texts by key, or None when the reply does not have the request's shape."""
+_JSON_ESCAPE_LETTERS = "bfnrtu"
+_LATEX_COMMAND = re.compile(r"\\([A-Za-z]+)")
+
+
+def _escape_source_commands(text: str, sources: list[str]) -> str:
+    """A model writing JSON by hand often leaves LaTeX's backslash single: `"\\boxed{18}"` is then
+    valid JSON for a backspace and `oxed{18}`, `"\\frac"` a form feed, `"\\times"` a tab. Every
+    command of the source text (which the translation keeps) that starts with a JSON escape
+    letter gets its backslash doubled where it stands single (after an even run of backslashes)."""
+    names = {m.group(1) for source in sources for m in _LATEX_COMMAND.finditer(source)}
+    for name in sorted((n for n in names if n[0] in _JSON_ESCAPE_LETTERS), key=len, reverse=True):
+        pattern = re.compile(r"(?<!\\)((?:\\\\)*)\\" + name + r"(?![A-Za-z])")
+        text = pattern.sub(lambda m: m.group(1) + "\\\\" + name, text)
+    return text
+
+
+def parse_reply(content: str, keys: list[str], sources: list[str] | None = None) -> dict[str, str] | None:
+    """The translated texts by key, or None when the reply does not have the request's shape.
+    `sources`: the source texts, whose LaTeX commands are read as such even when the reply's JSON
+    left their backslash single."""
     if len(keys) == 1:
         return {keys[0]: content.strip()}
-    text = content.strip()
+    text = _escape_source_commands(content.strip(), sources or [])
     fenced = re.fullmatch(r"```[A-Za-z]*\s*\n(.*)\n\s*```", text, re.S)
     if fenced:
         text = fenced.group(1).strip()
