@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from sara_megatron.answers import last_boxed
-from sara_megatron.chat.cache import CachedReply, ReplyCache, request_key
+from sara_megatron.chat.cache import ReplyCache, request_key
 from sara_megatron.chat.client import ChatClient, ChatRequestFailed, ChatSettings, is_reasoning_model
 from sara_megatron.construction.translation_checks import (
     LanguageIdentifier, check_finish_reason, check_translation,
