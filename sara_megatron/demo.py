@@ -14,7 +14,8 @@
 7. The SARA checkpoint exported to an HF folder and verified against transformers' model on it
    (tools/convert_hf.py export, verify).
 8. The report: report/report.md with the divergence table and figures, the suggested alignment
-   range and both runs' training dynamics (sara_megatron.analysis.report).
+   range, the base model's expert usage and both runs' training dynamics
+   (sara_megatron.analysis.report).
 Every step runs the user-facing tool in a subprocess, as a user would.
 """
 
@@ -164,7 +165,8 @@ def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
 
     def divergence(step: str, checkpoint: str) -> dict:
         _run(step, [str(tools / "routing_divergence.py"), "--shards", "shards", "--checkpoint",
-                    checkpoint, "--model", "hf", "--json", f"{step}.json"], work)
+                    checkpoint, "--model", "hf", "--json", f"{step}.json", "--expert-usage",
+                    f"{step}_usage.json"], work)
         return json.loads((work / f"{step}.json").read_text())
 
     before = divergence("divergence_base", "base")
@@ -216,6 +218,7 @@ def summarize_demo(work: Path) -> Path:
         title="SARA demo: tiny Qwen3-MoE, SARA vs FFT",
         divergence={name: str(work / f) for name, f in DEMO_DIVERGENCE.items()},
         training_logs={"SARA": str(work / "sara.jsonl"), "FFT": str(work / "fft.jsonl")},
+        expert_usage=str(work / "divergence_base_usage.json"),
     ), work / "report")
     print(f"[demo] report: {report}", flush=True)
     return Path(report)

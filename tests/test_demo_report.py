@@ -9,6 +9,7 @@ import re
 import numpy as np
 
 from sara_megatron.analysis.alignment_range import suggest_alignment_range
+from sara_megatron.analysis.expert_usage import ExpertUsage, write_expert_usage
 from sara_megatron.demo import DEMO_DIVERGENCE, summarize_demo
 
 
@@ -22,6 +23,9 @@ def test_demo_report_divergence_table_matches_the_printed_one(tmp_path, capsys):
         (tmp_path / file).write_text(json.dumps({"layers": layers, "divergence": divergence,
                                                  "anchor": "en",
                                                  "suggested_range": found.to_json()}))
+    probs = {lang: rng.dirichlet(np.ones(8), size=len(layers)).tolist() for lang in ("en", "hi", "sw")}
+    write_expert_usage(tmp_path / "divergence_base_usage.json", ExpertUsage(
+        layers, "en", 2, probs, {k: (2 * np.array(v)).tolist() for k, v in probs.items()}))
     for name, js in (("sara", 0.02), ("fft", 0.05)):
         (tmp_path / f"{name}.jsonl").write_text("".join(
             json.dumps({"step": s, "ce": 5.0 / s, "lb": 1.0, "js": js / s, "js_layer/1": js / s})
@@ -46,5 +50,6 @@ def test_demo_report_divergence_table_matches_the_printed_one(tmp_path, capsys):
             break
         report_rows.append([c.strip() for c in line.strip("|").split("|")])
     assert report_rows == printed_rows
-    for name in ("training_dynamics.png", "divergence_u_curve.png", "divergence_comparison.png"):
+    for name in ("training_dynamics.png", "divergence_u_curve.png", "divergence_comparison.png",
+                 "expert_usage_layer0.png", "expert_usage_layer2.png", "expert_usage_layer3.png"):
         assert (report.parent / name).stat().st_size > 2000
