@@ -2,7 +2,7 @@
 
     sara.objective: sara     CE + λ_LB·LB + λ_JS·D(anchor ‖ target routing); λ_JS = 0 is FFT
                     aes      CE + λ_LB·LB − w_var·Var(routing scores) + w_orth·L_orth (Guo et al.)
-                    shifcon  not built (see check_objective_setting)
+                    shifcon  CE + λ_LB·LB + λ_con·InfoNCE between shifted samples and their anchors
     sara.divergence: js | kl | js_entropy_normalised   (D above)
     sara.priors:     store (the offline prior store) | online (anchor forward in the same step)
 """
@@ -17,10 +17,17 @@ def check_objective_setting(config) -> None:
     """Refuse, at config load, combinations that cannot run (a `TrainConfig`)."""
     sara = config.sara
     if sara.objective == "shifcon":
-        raise NotImplementedError(
-            "ShifCon objective (issue 19 item 2) is not built: language vectors, the shift at an "
-            "early layer and back at a later one, and the contrastive loss are still to be "
-            "written; use sara.objective sara or aes")
+        s = config.shifcon
+        missing = [k for k in ("language_vectors", "shift_layer", "shift_back_layer")
+                   if getattr(s, k) is None]
+        if missing:
+            raise ValueError(f"sara.objective shifcon needs {', '.join('shifcon.' + k for k in missing)}")
+        if s.shift_layer >= s.shift_back_layer:
+            raise ValueError(f"shifcon.shift_layer ({s.shift_layer}) must come before "
+                             f"shifcon.shift_back_layer ({s.shift_back_layer})")
+        if config.data.prior_store or config.data.mock:
+            raise ValueError("sara.objective shifcon reads no anchor priors and needs real shards: "
+                             "leave data.prior_store unset and data.mock false")
     if sara.divergence != "js" and sara.impl == "triton":
         raise ValueError(f"sara.divergence {sara.divergence} runs the PyTorch reference; the "
                          "fused kernel (sara.impl triton) computes JS only: set sara.impl auto")

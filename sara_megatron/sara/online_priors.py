@@ -16,6 +16,8 @@ the padding does not change a sequence's routing. Each stage fills the rows of i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sara_megatron.models.builder import causal_attention_mask
@@ -24,19 +26,17 @@ from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 
 
 @torch.no_grad()
-def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device) -> list[torch.Tensor]:
-    """[L_sel, B, N] fp32 anchor priors of each micro-batch (`SaraMicroBatch` with anchor rows)
-    for this stage's layers among `layers`; collective over the model-parallel ranks."""
+def run_anchor_forward(chunks, microbatches, device, observe) -> None:
+    """Forward the anchor rows of `microbatches` through megatron's schedule without gradient,
+    in eval mode; `observe(index, segment_ids)` gives a context manager active around micro-batch
+    `index`'s forward on this stage (segment ids [B, S_local], CP-local, -1 = padding)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if any(mb.anchor_tokens is None for mb in microbatches):
-        raise ValueError("online priors need batches with anchor rows (SaraDataConfig.anchor_rows)")
-    position = {layer: i for i, layer in enumerate(layers)}
-    priors = [torch.zeros(len(layers), mb.anchor_tokens.shape[0], num_experts, device=device)
-              for mb in microbatches]
+        raise ValueError("the anchor forward needs batches with anchor rows "
+                         "(SaraDataConfig.anchor_rows)")
     cp_size, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    seq_length = microbatches[0].anchor_tokens.shape[1]
 
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)
@@ -46,13 +46,10 @@ def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device)
         if cp_size > 1:
             tokens, padding, positions = (context_parallel_slice(t, cp_rank, cp_size)
                                           for t in (tokens, padding, positions))
-        segments = segment_ids_from_padding_mask(padding)
-        with capture_routing(segments, layers=layers, keep_probs=False) as capture:
+        with observe(index, segment_ids_from_padding_mask(padding)):
             # Labels only so the last stage returns a per-token loss (ignored) instead of logits.
             out = model(tokens, positions, causal_attention_mask(tokens.shape[1], device),
                         labels=tokens)
-        for layer, record in capture.records.items():
-            priors[index][position[layer]] = record.seq_mean.float()
         return out, lambda t: (t.float().sum() * 0, torch.ones((), dtype=torch.int), {})
 
     modes = [chunk.training for chunk in chunks]
@@ -65,11 +62,28 @@ def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device)
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
             model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=len(microbatches),
-            seq_length=seq_length,
+            seq_length=microbatches[0].anchor_tokens.shape[1],
             micro_batch_size=microbatches[0].anchor_tokens.shape[0],
             forward_only=True,
         )
     finally:
         for chunk, mode in zip(chunks, modes):
             chunk.train(mode)
+
+
+def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device) -> list[torch.Tensor]:
+    """[L_sel, B, N] fp32 anchor priors of each micro-batch (`SaraMicroBatch` with anchor rows)
+    for this stage's layers among `layers`; collective over the model-parallel ranks."""
+    position = {layer: i for i, layer in enumerate(layers)}
+    priors = [torch.zeros(len(layers), mb.anchor_tokens.shape[0], num_experts, device=device)
+              if mb.anchor_tokens is not None else None for mb in microbatches]
+
+    @contextlib.contextmanager
+    def observe(index, segments):
+        with capture_routing(segments, layers=layers, keep_probs=False) as capture:
+            yield
+        for layer, record in capture.records.items():
+            priors[index][position[layer]] = record.seq_mean.float()
+
+    run_anchor_forward(chunks, microbatches, device, observe)
     return priors

@@ -85,6 +85,18 @@ class AesSection:
 
 
 @dataclasses.dataclass
+class ShifconSection:
+    """ShifCon (Zhang et al., 2025): non-anchor hidden states shifted by (anchor − language
+    vector) entering shift_layer and back entering shift_back_layer, with an InfoNCE loss against
+    the anchor translation on the mean-pooled states in between (docs/objectives.md)."""
+    language_vectors: Optional[str] = None  # tools/extract_language_vectors.py output
+    shift_layer: Optional[int] = None
+    shift_back_layer: Optional[int] = None
+    contrastive_coeff: float = 1.0
+    temperature: float = 0.05
+
+
+@dataclasses.dataclass
 class OptimSection:
     lr: float = 2e-5
     min_lr: float = 0.0
@@ -126,6 +138,7 @@ class TrainConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     sara: SaraSection = dataclasses.field(default_factory=SaraSection)
     aes: AesSection = dataclasses.field(default_factory=AesSection)
+    shifcon: ShifconSection = dataclasses.field(default_factory=ShifconSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
@@ -293,6 +306,10 @@ _RANGES = [
     ("sara.last_layer", lambda v: v >= 0, ">= 0"),
     *((f"aes.{k}", lambda v: v >= 0, ">= 0") for k in (
         "variance_coeff", "orthogonality_coeff", "variance_target", "orthogonality_target")),
+    ("shifcon.shift_layer", lambda v: v >= 0, ">= 0"),
+    ("shifcon.shift_back_layer", lambda v: v >= 1, ">= 1"),
+    ("shifcon.contrastive_coeff", lambda v: v >= 0, ">= 0"),
+    ("shifcon.temperature", lambda v: v > 0, "> 0"),
     ("optim.lr", lambda v: v >= 0, ">= 0"),
     ("optim.min_lr", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),

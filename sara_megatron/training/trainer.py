@@ -150,6 +150,10 @@ class Trainer:
             self.aes = AesLoss(a.variance_coeff, a.orthogonality_coeff, a.variance_target,
                                a.orthogonality_target)
             self.aes.attach(chunks)
+        self.shifcon = None
+        if cfg.sara.objective == "shifcon":  # the ShifCon baseline (docs/objectives.md)
+            self.sara = None
+            self.shifcon = self._build_shifcon(chunks)
 
         self._build_optimizer(chunks)
         self.dp_size = ps.get_data_parallel_world_size()
@@ -294,7 +298,7 @@ class Trainer:
             pad_id=d.pad_id,
             expected_model_fingerprint=expected_fingerprint,
             verify_shards=d.verify_shards,
-            anchor_rows=self.cfg.sara.priors == "online",
+            anchor_rows=self.cfg.sara.priors == "online" or self.shifcon is not None,
         )
         def loader():
             return build_sara_data_loader(
@@ -304,6 +308,8 @@ class Trainer:
             )
 
         self.loader = loader()
+        if self.shifcon is not None:
+            self._check_shifcon_languages()
         self._check_truncation()
         self._check_rope_regime()
         self._check_sequence_split(self.loader.collate_fn.seq_length)
@@ -519,6 +525,10 @@ class Trainer:
             )
         if self.sara is not None:
             self.sara.set_batch(mb.priors, segment_ids_from_padding_mask(padding_mask))
+        if self.shifcon is not None:
+            anchors = self._shifcon_anchors.get(id(mb))
+            self.shifcon.set_batch(mb.languages, padding_mask, anchors,
+                                   ps.get_data_parallel_rank() * b)
         local_s = tokens.shape[1]
         # The padding mask keeps padding out of megatron's load-balancing statistics and its
         # token count (and out of z-loss and expert-bias counts); nothing else reads it.
@@ -577,6 +587,11 @@ class Trainer:
         self.optimizer.zero_grad()
         s = microbatches[0].tokens.shape[1]
         iterators = [iter(microbatches) for _ in self.chunks]
+        if self.shifcon is not None:  # the anchor forward of this step (no gradient, no shift)
+            features = self.shifcon.anchor_features(self.chunks, microbatches, self.device)
+            self._shifcon_anchors = {id(mb): f for mb, f in zip(microbatches, features)}
+            self.shifcon.sequence_weight = float(loss_tokens / sequences.clamp_min(1))
+            self.shifcon.reset_stats()
         if self.aes is not None:
             self._prepare_aes(microbatches, float(loss_tokens / tokens.clamp_min(1)))
         observer = self.sara if self.sara is not None else self.aes
@@ -615,6 +630,8 @@ class Trainer:
         clear_aux_losses_tracker()
 
         terms = {}
+        if self.shifcon is not None:
+            terms = {"shifcon_contrastive": self.shifcon.reduced_mean()}
         if self.aes is not None:
             means = self.aes.reduced_layer_means()
             terms = {f"aes_{name}": sum(v.values()) / max(len(v), 1) for name, v in means.items()}
@@ -635,6 +652,41 @@ class Trainer:
             * s / elapsed / dist.get_world_size() / 1e12,
             terms=terms,
         )
+
+    def _build_shifcon(self, chunks):
+        from sara_megatron.sara.shifcon import ShifconObjective, load_language_vectors
+
+        s = self.cfg.shifcon
+        if s.shift_back_layer >= self.arch.num_layers:
+            raise ValueError(f"shifcon.shift_back_layer {s.shift_back_layer} is past the model's "
+                             f"{self.arch.num_layers} layers")
+        vectors = load_language_vectors(s.language_vectors)
+        if self.cfg.model.checkpoint:
+            from sara_megatron.priors import prior_anchor_fingerprints
+
+            accepted = prior_anchor_fingerprints(self.cfg.model.checkpoint, vectors.model_fingerprint)
+            if vectors.model_fingerprint not in accepted:
+                raise ValueError(f"language vectors {s.language_vectors} come from another model "
+                                 f"({vectors.model_fingerprint}) than model.checkpoint "
+                                 f"{self.cfg.model.checkpoint}")
+        objective = ShifconObjective(vectors, s.shift_layer, s.shift_back_layer,
+                                     s.contrastive_coeff, s.temperature)
+        objective.attach(chunks)
+        self._shifcon_anchors = {}
+        return objective
+
+    def _check_shifcon_languages(self) -> None:
+        """The vectors must be keyed by these shards' anchor and cover every training language."""
+        shards = self.loader.dataset.shards
+        vectors = self.shifcon.vectors
+        if vectors.anchor_language != shards.anchor_language:
+            raise ValueError(f"language vectors {self.cfg.shifcon.language_vectors} are "
+                             f"{vectors.anchor_language!r}-anchored, the shards anchor on "
+                             f"{shards.anchor_language!r}")
+        missing = [lang for lang in self.loader.dataset.languages if lang not in vectors.vectors]
+        if missing:
+            raise ValueError(f"language vectors {self.cfg.shifcon.language_vectors} have no "
+                             f"vector for {missing}")
 
     def _prepare_aes(self, microbatches, token_weight: float) -> None:
         """Calibrate AES's unset coefficients on this (the first) global batch with a forward

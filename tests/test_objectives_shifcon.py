@@ -1,0 +1,197 @@
+"""ShifCon baseline: language vectors (the tool against a plain per-sample computation), the
+shift and contrastive term inside the model against plain autograd, zero coefficient and equal
+vectors reproduce FFT exactly, and a training step logs its contrastive term."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, _run_checked
+
+from sara_megatron.distributed import free_port
+from sara_megatron.models.architecture import get_preset
+from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
+from sara_megatron.sara.shifcon import (
+    LanguageVectors,
+    ShifconObjective,
+    load_language_vectors,
+    save_language_vectors,
+    transformer_layers,
+)
+
+LAYERS = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def vectors_file(sara_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shifcon") / "vectors.safetensors"
+    _run_checked([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+                  "--master-port", str(free_port()), str(REPO / "tools/extract_language_vectors.py"),
+                  "--shards", str(sara_data["shards"]), "--checkpoint", str(sara_data["checkpoint"]),
+                  "--model", "qwen3_moe_tiny", "--output", str(out), "--layers", "1,3",
+                  "--micro-batch-size", "5"], cwd=out.parent)
+    return out
+
+
+def test_language_vectors_are_mean_hidden_states(single_rank, sara_data, vectors_file):
+    from sara_megatron.checkpointing import load_model_weights
+    from sara_megatron.data.token_shards import TokenShards
+
+    vectors = load_language_vectors(str(vectors_file))
+    shards = TokenShards(sara_data["shards"])
+    assert vectors.layers == LAYERS and vectors.anchor_language == "en"
+    assert sorted(vectors.vectors) == sorted(shards.languages)
+    model = build_model(get_preset("qwen3_moe_tiny"))
+    load_model_weights(model, str(sara_data["checkpoint"]))
+    model.eval()
+    layers = transformer_layers([model])
+    for language in ("en", "sw"):
+        sums = {layer: 0.0 for layer in LAYERS}
+        tokens_seen = 0
+        for sample in shards.samples(language):  # one unpadded sequence at a time
+            tokens = torch.from_numpy(shards.tokens(sample)).long()[None]
+            kept = {}
+            hooks = [layers[layer].register_forward_pre_hook(
+                lambda m, a, k, layer=layer: kept.__setitem__(layer, k["hidden_states"]),
+                with_kwargs=True) for layer in LAYERS]
+            with torch.no_grad():
+                model(tokens, torch.arange(tokens.shape[1])[None], causal_attention_mask(tokens.shape[1]))
+            for h in hooks:
+                h.remove()
+            for layer in LAYERS:
+                sums[layer] = sums[layer] + kept[layer].double().sum((0, 1))
+            tokens_seen += tokens.shape[1]
+        assert vectors.tokens[language] == tokens_seen
+        for i, layer in enumerate(LAYERS):
+            torch.testing.assert_close(vectors.vectors[language][i],
+                                       (sums[layer] / tokens_seen).float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(vectors.vectors["en"], vectors.vectors["sw"])
+
+
+def _random_vectors(hidden, languages=("en", "hi"), equal=False):
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(len(LAYERS), hidden, generator=g)
+    vecs = {lang: base.clone() if equal else torch.randn(len(LAYERS), hidden, generator=g)
+            for lang in languages}
+    return LanguageVectors(LAYERS, vecs, "en", "fp", {lang: 1 for lang in languages})
+
+
+def test_gradient_matches_plain_autograd(single_rank):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("qwen3_moe_tiny"), ModelOptions(moe_aux_loss_coeff=0.0))
+    model.train()
+    b, s, coeff, tau = 3, 8, 0.7, 0.1
+    hidden = model.config.hidden_size
+    vectors = _random_vectors(hidden)
+    languages = ["hi", "en", "hi"]
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 256, (b, s), generator=g)
+    padding = torch.zeros(b, s, dtype=torch.bool)
+    padding[2, 5:] = True
+    anchors = torch.randn(5, hidden, generator=g)  # positives at offset 1, plus negatives
+    positions = torch.arange(s).expand(b, s)
+
+    def forward():
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+        model.zero_grad(set_to_none=True)
+        return model(tokens, positions, causal_attention_mask(s))
+
+    objective = ShifconObjective(vectors, 1, 3, coeff, tau)
+    handles = objective.attach([model])
+    objective.set_batch(languages, padding, anchors, positive_offset=1)
+    out = forward()
+    (out * 0).sum().backward()
+    for h in handles:
+        h.remove()
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    shifted_out = out.detach()
+
+    # Reference: plain hooks that shift, a kept layer-3 input, the InfoNCE written out.
+    deltas = {layer: torch.stack([torch.zeros(hidden) if lang == "en" else
+                                  vectors.at("en", layer) - vectors.at(lang, layer)
+                                  for lang in languages]) for layer in LAYERS}
+    kept = {}
+
+    def shift(m, a, k):
+        return a, dict(k, hidden_states=k["hidden_states"] + deltas[1][None])
+
+    def keep_and_unshift(m, a, k):
+        kept["h"] = k["hidden_states"]
+        return a, dict(k, hidden_states=k["hidden_states"] - deltas[3][None])
+
+    layers = transformer_layers([model])
+    hooks = [layers[1].register_forward_pre_hook(shift, with_kwargs=True),
+             layers[3].register_forward_pre_hook(keep_and_unshift, with_kwargs=True)]
+    out = forward()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out.detach(), shifted_out)
+    valid = (~padding).t().float()[..., None]  # [S, B, 1]
+    pooled = (kept["h"] * valid).sum(0) / valid.sum(0)
+    sims = torch.stack([torch.stack([F.cosine_similarity(pooled[i], anchors[j], dim=0)
+                                     for j in range(anchors.shape[0])]) for i in range(b)]) / tau
+    loss = 0.0
+    contrasted = [i for i, lang in enumerate(languages) if lang != "en"]
+    for i in contrasted:
+        loss = loss - (sims[i, 1 + i] - torch.logsumexp(sims[i], 0))
+    (coeff * loss / len(contrasted) + (out * 0).sum()).backward()
+    want = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert got["decoder.layers.0.self_attention.linear_qkv.weight"].abs().sum() > 0
+    assert float(objective.loss_sum) > 0 and float(objective.sequences) == 2
+
+
+def _trainer(data, vectors_path, **extra):
+    from sara_megatron.training import Trainer, load_train_config
+
+    values = {"model.preset": "qwen3_moe_tiny", "model.checkpoint": data["checkpoint"],
+              "data.shards_dir": data["shards"], "data.seq_length": 64,
+              "data.micro_batch_size": 2, "data.global_batch_size": 4, "data.languages": "all",
+              "optim.train_steps": 1, "sara.layers": "all", "model.moe_aux_loss_coeff": 0.0,
+              "sara.lambda_js": 0}
+    if vectors_path is not None:
+        values.update({"sara.objective": "shifcon", "shifcon.language_vectors": vectors_path,
+                       "shifcon.shift_layer": 1, "shifcon.shift_back_layer": 3})
+    values.update(extra)
+    return Trainer(load_train_config(None, [f"{k}={v}" for k, v in values.items()]))
+
+
+def _step(trainer):
+    record = trainer.train_step()
+    return record, {n: p.main_grad.detach().clone()
+                    for n, p in trainer.chunks[0].module.named_parameters()}
+
+
+def test_zero_coefficient_and_equal_vectors_reproduce_fft(single_rank, sara_data, vectors_file,
+                                                         tmp_path):
+    real = load_language_vectors(str(vectors_file))
+    equal = LanguageVectors(real.layers, {k: real.vectors["en"] for k in real.vectors},
+                            real.anchor_language, real.model_fingerprint, real.tokens)
+    save_language_vectors(str(tmp_path / "equal.safetensors"), equal)
+    fft, fft_grads = _step(_trainer(sara_data, None))
+    zero, zero_grads = _step(_trainer(sara_data, tmp_path / "equal.safetensors",
+                                      **{"shifcon.contrastive_coeff": 0}))
+    assert zero.ce == fft.ce and zero.grad_norm == fft.grad_norm
+    for name in fft_grads:
+        assert torch.equal(zero_grads[name], fft_grads[name]), name
+    assert zero.terms["shifcon_contrastive"] > 0  # computed and logged even at λ = 0
+    shifted, _ = _step(_trainer(sara_data, vectors_file))
+    assert shifted.ce != fft.ce and shifted.grad_norm != fft.grad_norm  # the shift acts
+
+
+def test_settings_are_checked(single_rank, sara_data, vectors_file):
+    from sara_megatron.training.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match="needs shifcon.language_vectors"):
+        load_train_config(None, ["sara.objective=shifcon"])
+    with pytest.raises(ConfigError, match="must come before"):
+        load_train_config(None, ["sara.objective=shifcon", "shifcon.language_vectors=x",
+                                 "shifcon.shift_layer=3", "shifcon.shift_back_layer=1"])
+    with pytest.raises(ValueError, match="needs layer 2"):
+        _trainer(sara_data, vectors_file, **{"shifcon.shift_back_layer": 2})
