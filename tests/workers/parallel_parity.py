@@ -12,6 +12,7 @@ norm of its whole gradient and each router's gradient, reduced over the ranks th
 """
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -92,7 +93,24 @@ def _moe_layers(models):
             if hasattr(m, "token_dispatcher") and hasattr(m, "experts")]
 
 
-def run_objective(model, tokens, padding, priors, objective, reduce=True):
+SHIFCON_LANGUAGES = ["hi", "en", "hi", "hi"]  # one per batch row; en is the anchor
+
+
+def _shifcon(hidden_size, row_offset, rows):
+    """ShifCon with fixed random vectors and anchors (the same on every rank); rows summed."""
+    from sara_megatron.sara.shifcon import LanguageVectors, ShifconObjective
+
+    g = torch.Generator().manual_seed(5)
+    vectors = LanguageVectors((1, 3), {lang: torch.randn(2, hidden_size, generator=g)
+                                       for lang in ("en", "hi")}, "en", "fp", {"en": 1, "hi": 1})
+    anchors = torch.randn(BATCH, hidden_size, generator=g)
+    objective = ShifconObjective(vectors, 1, 3, 0.7, 0.1)
+    objective.sequence_weight = 1.0
+    languages = SHIFCON_LANGUAGES[row_offset:row_offset + rows]
+    return objective, lambda pad: objective.set_batch(languages, pad, anchors, row_offset)
+
+
+def run_objective(model, tokens, padding, priors, objective, reduce=True, row_offset=0):
     """Forward + backward of one objective's term alone (summed over sequences or tokens, so
     data-parallel ranks add up); returns (value, gradient norm², {layer: router gradient}).
     reduce=False: this rank's model is the whole model (the reference; nothing to reduce)."""
@@ -107,7 +125,11 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True):
     for chunk in models:
         chunk.zero_grad(set_to_none=True)
     handles = []
-    if objective == "aes":
+    set_batch = None
+    if objective == "shifcon":
+        observer, set_batch = _shifcon(models[0].config.hidden_size, row_offset, tokens.shape[0])
+        handles = observer.attach(models)
+    elif objective == "aes":
         observer = AesLoss(3.0, 50.0)
         observer.token_weight = 1.0  # Σ over tokens: data-parallel shares add up
         handles = observer.attach(models)
@@ -119,12 +141,14 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True):
 
     def forward_step(data_iterator, chunk):
         tok, pad, pri = next(data_iterator)
-        if objective != "aes":
+        if set_batch is not None:
+            set_batch(pad)
+        elif objective != "aes":
             observer.set_batch(pri, segment_ids_from_padding_mask(pad))
         out = chunk(tok, positions, causal_attention_mask(seq_length), labels=tok, padding_mask=pad)
         return out, lambda t: ((t.float() * 0).sum(), {})
 
-    with observe_routers(observer):
+    with observe_routers(observer) if objective != "shifcon" else contextlib.nullcontext():
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([(tokens, padding, priors)]),
             model=models, num_microbatches=1, seq_length=seq_length,
@@ -133,7 +157,9 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True):
     for handle in handles:
         handle.remove()
 
-    if objective == "aes":
+    if objective == "shifcon":
+        value = float(observer.loss_sum)
+    elif objective == "aes":
         value = sum(float(row[0] * -3.0 + row[2] * 50.0) for row in observer.stats.values())
     else:
         value = sum(float(v) for v in observer.js_sum.values())
@@ -223,7 +249,8 @@ def main():
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
     sums, routing = run_model(model, tokens[rows], labels[rows], padding[rows], layers)
-    layout_objectives = {o: run_objective(model, tokens[rows], padding[rows], priors[:, rows], o)
+    layout_objectives = {o: run_objective(model, tokens[rows], padding[rows], priors[:, rows], o,
+                                          row_offset=rows.start)
                          for o in terms}
     objective_results = {
         o: {"ref": {"value": ref_objectives[o][0], "grad_sq": ref_objectives[o][1],
