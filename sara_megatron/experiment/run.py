@@ -1,0 +1,224 @@
+"""The comparison (`make experiment`): from one base model, FFT and SARA (and the other objectives
+that exist) fine-tuned on the same parallel corpus over several seeds, each evaluated on held-out
+items in every language, then the report and a verdict written from its numbers.
+
+Stages, each a user-facing tool in a subprocess (logs in <work>/logs/):
+
+1. held-out items -> <work>/data/benchmarks/{mgsm,global_mmlu}/<lang>.jsonl
+2. the base model (base_model.py; cached by content hash under <work>/base/)
+3. the fine-tuning corpus -> token shards with the base's tokenizer (tools/shard_corpus.py);
+   anchor priors from the base model (tools/extract_priors.py)
+4. per method and seed: tools/train.py -> tools/convert_hf.py export -> tools/evaluate.py
+   --backend hf; the base model is evaluated the same way
+5. routing divergence of the base and of each method's first seed (tools/routing_divergence.py)
+6. each method's seeds merged into one evaluation folder (run r = seed r), tools/report.py, and
+   the verdict appended to report.md (verdict.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from sara_megatron.experiment.base_model import BaseSettings, ensure_base_model
+from sara_megatron.experiment.merge import merge_seed_evaluations
+from sara_megatron.experiment.task import (
+    ANCHOR, FINE_TUNE_PEOPLE, LANGUAGES, item_keys, lookup_items, math_items)
+from sara_megatron.experiment.task_files import (
+    LOOKUP_BENCHMARK, MATH_BENCHMARK, parallel_corpus_records, write_benchmarks, write_corpus)
+from sara_megatron.experiment.tool_runs import (
+    StepTimer, latest_checkpoint, run_parallel, run_tool, write_train_config)
+
+# Each method: its label in the report and the training settings that make it.
+METHODS = {
+    "fft": ("FFT", {"sara": {"lambda_js": 0.0}}),
+    "sara": ("SARA", {"sara": {"lambda_js": "LAMBDA"}}),
+    "sara_online": ("SARA (online priors)", {"sara": {"lambda_js": "LAMBDA", "priors": "online"}}),
+    "aes": ("AES", {"sara": {"lambda_js": 0.0, "objective": "aes"}}),
+}
+BASELINE_METHOD = "fft"
+# A work folder carries this file; only such a folder (or an empty one) is cleared.
+MARKER = ".sara_experiment"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSettings:
+    base: BaseSettings = BaseSettings()
+    eval_math_items: int = 30  # per language; the lookups are always the world's 24 facts
+    finetune_math_items: int = 300
+    finetune_lookup_copies: int = 25  # of each fact question about FINE_TUNE_PEOPLE
+    finetune_steps: int = 60
+    finetune_batch_size: int = 16  # samples of target language per step
+    finetune_lr: float = 1e-3
+    lambda_js: float = 1.5
+    seeds: int = 3
+    methods: tuple = ("fft", "sara", "aes")
+    max_new_tokens: int = 32
+    jobs: int = 2  # fine-tuning runs at once (each one process)
+
+
+def prepare_work_folder(work: Path) -> None:
+    """Clear an earlier experiment's results, keeping the base model cache (<work>/base/)."""
+    if work.exists():
+        if any(work.iterdir()) and not (work / MARKER).is_file():
+            raise ValueError(f"{work} holds files the experiment did not make (no {MARKER} "
+                             "marker); give an empty or new folder")
+        for child in work.iterdir():
+            if child.name != "base":
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by sara_megatron.experiment; replaced by the next run "
+                               "(base/ is a cache)\n")
+
+
+def finetune_config(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
+                    run_dir: Path) -> dict:
+    overrides = json.loads(json.dumps(METHODS[method][1]).replace('"LAMBDA"',
+                                                                   repr(settings.lambda_js)))
+    sara = {"lambda_js": 0.0, "layers": "all", **overrides["sara"]}
+    uses_store = sara["lambda_js"] > 0 and sara.get("priors", "store") == "store"
+    return {
+        "model": {"preset": str(base.folder / "hf_init"), "checkpoint": str(base.checkpoint)},
+        "parallel": {"tp": 1, "pp": 1, "ep": 1},
+        "data": {"shards_dir": str(work / "data" / "shards"),
+                 "prior_store": str(work / "data" / "priors") if uses_store else None,
+                 "languages": "targets", "seq_length": settings.base.seq_length,
+                 "micro_batch_size": settings.finetune_batch_size,
+                 "global_batch_size": settings.finetune_batch_size},
+        "sara": sara,
+        "optim": {"lr": settings.finetune_lr, "min_lr": settings.finetune_lr / 10,
+                  "train_steps": settings.finetune_steps, "warmup_fraction": 0.1},
+        "checkpoint": {"save_dir": str(run_dir / "checkpoints")},
+        "logging": {"log_interval": 1, "json_log": str(run_dir / "train.jsonl")},
+        "seed": 1000 + seed,
+    }
+
+
+def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: ExperimentSettings,
+             timer: StepTimer) -> None:
+    run_tool(step, "evaluate.py", [
+        "--benchmarks", f"{MATH_BENCHMARK},{LOOKUP_BENCHMARK}", "--languages", ",".join(LANGUAGES),
+        "--backend", "hf", "--model-dir", str(model_dir), "--data-dir", "data/benchmarks",
+        "--runs", "1", "--seed", "0", "--max-new-tokens", str(settings.max_new_tokens),
+        "--no-progress", "--output", str(output)], work, timer)
+
+
+def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
+                          timer: StepTimer) -> Path:
+    run_dir = work / "runs" / f"{method}-s{seed}"
+    config = write_train_config(run_dir / "train.yaml",
+                                finetune_config(work, settings, base, method, seed, run_dir))
+    run_tool(f"train:{method}-s{seed}", "train.py", ["--config", str(config)], work, timer)
+    run_tool(f"export:{method}-s{seed}", "convert_hf.py",
+             ["export", "--megatron-dir", str(latest_checkpoint(run_dir / "checkpoints")),
+              "--out", str(run_dir / "hf")], work, timer)
+    evaluate(f"evaluate:{method}-s{seed}", run_dir / "hf", run_dir / "eval", work, settings, timer)
+    return run_dir
+
+
+def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer) -> Path:
+    out = work / "divergence" / f"{step}.json"
+    out.parent.mkdir(exist_ok=True)
+    run_tool(f"divergence:{step}", "routing_divergence.py",
+             ["--shards", "data/shards", "--checkpoint", str(checkpoint), "--json", str(out)],
+             work, timer)
+    return out
+
+
+def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
+    """Everything; returns the path of report.md."""
+    from sara_megatron.experiment.verdict import append_verdict
+
+    unknown = [m for m in settings.methods if m not in METHODS]
+    if unknown or BASELINE_METHOD not in settings.methods:
+        raise ValueError(f"methods must include {BASELINE_METHOD} and be among "
+                         f"{', '.join(METHODS)}; got {', '.join(settings.methods)}")
+    started = time.time()
+    prepare_work_folder(work)
+    timer = StepTimer()
+
+    # 1. Held-out items (the base and the fine-tuning corpus never see them).
+    task = settings.base.task
+    held_out_math = math_items(task, settings.eval_math_items, "eval")
+    held_out_lookup = lookup_items(task, "eval")
+    write_benchmarks(work / "data" / "benchmarks", held_out_math, held_out_lookup)
+    held_out = held_out_math + held_out_lookup
+
+    # 2. The base model.
+    t0 = time.time()
+    base = ensure_base_model(work, settings.base, held_out, timer)
+    timer.add("base model (total)", time.time() - t0)
+
+    # 3. The fine-tuning corpus, its shards and the anchor priors.
+    exclude = item_keys(held_out)
+    finetune_items = (
+        math_items(task, settings.finetune_math_items, "finetune", exclude)
+        + lookup_items(task, "finetune", settings.finetune_lookup_copies, FINE_TUNE_PEOPLE))
+    write_corpus(work / "data" / "finetune", parallel_corpus_records(finetune_items))
+    run_tool("shard", "shard_corpus.py",
+             ["--corpus", "data/finetune", "--tokenizer", str(base.tokenizer_dir), "--output",
+              "data/shards", "--anchor-language", ANCHOR, "--seq-length",
+              str(settings.base.seq_length)], work, timer)
+    run_tool("extract_priors", "extract_priors.py",
+             ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
+              str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
+
+    # 4. The base's evaluation and every fine-tuning run (`jobs` at a time).
+    jobs = [lambda: evaluate("evaluate:base", base.hf_dir, work / "eval" / "base", work, settings,
+                             timer)]
+    jobs += [(lambda m=m, s=s: finetune_and_evaluate(work, settings, base, m, s, timer))
+             for s in range(1, settings.seeds + 1) for m in settings.methods]
+    run_parallel(jobs, settings.jobs)
+
+    # 5. Routing divergence: the base, then each method's first seed.
+    divergences = {"before": divergence("base", base.hf_dir, work, timer)}
+    divergence_jobs = [(lambda m=m: (METHODS[m][0], divergence(m, work / "runs" / f"{m}-s1" / "hf",
+                                                                 work, timer)))
+                       for m in settings.methods]
+    divergences.update(dict(run_parallel(divergence_jobs, settings.jobs)))
+
+    # 6. Merge seeds, write the report, append the verdict.
+    evaluations = {"base": work / "eval" / "base"}
+    for method in settings.methods:
+        folder = work / "eval" / method
+        merge_seed_evaluations([work / "runs" / f"{method}-s{s}" / "eval"
+                                for s in range(1, settings.seeds + 1)], folder)
+        evaluations[METHODS[method][0]] = folder
+    report_args = ["--out", str(work), "--title",
+                   "SARA vs FFT at small scale: a tiny Qwen3-MoE on a rule-translated task"]
+    for name, path in divergences.items():
+        report_args += ["--divergence", f"{name}={path}"]
+    for method in settings.methods:
+        report_args += ["--run", f"{METHODS[method][0]}={work / 'runs' / f'{method}-s1' / 'train.jsonl'}"]
+    for name, folder in evaluations.items():
+        report_args += ["--eval", f"{name}={folder}"]
+    report_args += ["--baseline", METHODS[BASELINE_METHOD][0]]
+    run_tool("report", "report.py", report_args, work, timer)
+    timer.add("total", time.time() - started)
+    report = work / "report.md"
+    append_verdict(report, evaluations, settings, timer, baseline=METHODS[BASELINE_METHOD][0],
+                   base_name="base", base=base, machine=machine_description())
+    return report
+
+
+def machine_description() -> str:
+    try:
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores visible, "
+            f"load average at the end {load}")
+
+
+def reduced_settings() -> ExperimentSettings:
+    """The test suite's version: one seed, FFT and SARA, a shorter base training, few items."""
+    base = dataclasses.replace(BaseSettings(), math_items=800, lookup_copies=30, text_items=40,
+                               train_steps=150)
+    return ExperimentSettings(base=base, eval_math_items=12, finetune_math_items=48,
+                              finetune_lookup_copies=4, finetune_steps=8,
+                              seeds=1, methods=("fft", "sara"), jobs=2)

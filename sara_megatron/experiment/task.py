@@ -1,0 +1,236 @@
+"""A learnable task with checkable answers, in an anchor and rule-derived target languages.
+
+Two kinds of short reasoning items, each answered in `\\boxed{}`:
+
+- arithmetic word problems (MGSM's columns `question`, `answer_number`): "ana has 3 pens . ana
+  buys 4 more pens . how many pens does ana have now ?" -> "3 + 4 = 7 . \\boxed{7}";
+- multiple-choice lookups over a small fixed world (Global-MMLU's columns `sample_id`,
+  `question`, `option_a..d`, `answer`): each person lives in a city, keeps a pet and likes a colour;
+  "where does ana live ?" with four cities -> "ana lives in rome . \\boxed{C}".
+
+Languages (real codes, so the project's benchmark readers and language checks take them):
+`en` is the anchor; `sw` swaps the lexicon and reverses each sentence's word order; `bn` swaps it
+into Bengali script and writes Bengali digits; `te` swaps it into Telugu script and moves each
+sentence's first word to its end. Every translation is exact by construction: the same item in
+every language has the same answer, and the words differ in tokens as real languages do.
+
+The world has 8 people x 3 attributes = 24 facts; a lookup's options are the attribute's four
+values in a fixed order, so answering is recalling the fact. The base model learns all 24 in the
+anchor. The fine-tuning corpus asks only about `FINE_TUNE_PEOPLE`; the evaluation asks all 24
+questions in every language, so the other people's facts reach a target language only through
+what the model knows in the anchor. Arithmetic items are drawn at random; the held-out ones are
+kept out of every training set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+
+ANCHOR = "en"
+TARGETS = ("sw", "bn", "te")
+LANGUAGES = (ANCHOR, *TARGETS)
+
+PEOPLE = ("ana", "ben", "eva", "max", "lia", "sam", "zoe", "tom")
+FINE_TUNE_PEOPLE = PEOPLE[:4]
+OBJECTS = ("apples", "books", "coins", "pens", "eggs", "cups")
+ATTRIBUTES = {
+    "city": ("rome", "oslo", "lima", "cairo"),
+    "pet": ("cat", "dog", "fish", "bird"),
+    "color": ("red", "blue", "green", "pink"),
+}
+QUESTION_WORDS = {"city": ("where", "does", "{p}", "live", "?"),
+                  "pet": ("which", "pet", "does", "{p}", "have", "?"),
+                  "color": ("which", "color", "does", "{p}", "like", "?")}
+FACT_WORDS = {"city": ("{p}", "lives", "in", "{v}", "."),
+              "pet": ("{p}", "has", "a", "{v}", "."),
+              "color": ("{p}", "likes", "{v}", ".")}
+# Arithmetic stories: sentences of words; {a} {b} numbers, {p} {q} people, {o} an object.
+STORIES = {
+    "buys": ((("{p}", "has", "{a}", "{o}", "."), ("{p}", "buys", "{b}", "more", "{o}", "."),
+              ("how", "many", "{o}", "does", "{p}", "have", "now", "?")), "+"),
+    "gives": ((("{p}", "has", "{a}", "{o}", "."), ("{p}", "gives", "{b}", "{o}", "to", "{q}", "."),
+               ("how", "many", "{o}", "does", "{p}", "have", "now", "?")), "-"),
+    "together": ((("{p}", "has", "{a}", "{o}", "and", "{q}", "has", "{b}", "{o}", "."),
+                  ("how", "many", "{o}", "do", "they", "have", "together", "?")), "+"),
+}
+FUNCTION_WORDS = ("has", "buys", "more", "how", "many", "does", "have", "now", "gives", "to",
+                  "and", "do", "they", "together", "where", "live", "which", "pet", "color",
+                  "like", "lives", "in", "a", "likes")
+LEXICON_WORDS = tuple(dict.fromkeys(
+    FUNCTION_WORDS + PEOPLE + OBJECTS + tuple(v for vs in ATTRIBUTES.values() for v in vs)))
+
+# Consonant-vowel syllables: Latin for sw; the same sounds as Bengali / Telugu aksharas.
+_CONSONANTS = ("k", "m", "n", "p", "r", "s", "t", "l", "b", "d")
+_VOWELS = ("a", "i", "u", "o")
+_SCRIPT = {
+    "bn": {"consonants": "কমনপরসতলবদ", "vowel_signs": ("া", "ি", "ু", "ো")},
+    "te": {"consonants": "కమనపరసతలబద", "vowel_signs": ("ా", "ి", "ు", "ొ")},
+}
+_NATIVE_DIGITS = {"bn": "০১২৩৪৫৬৭৮৯"}
+
+
+def _pseudo_words(language: str) -> dict[str, str]:
+    """English word -> a distinct 2-3 syllable word of `language`, seeded by the language."""
+    rng = random.Random(f"sara-experiment-lexicon-{language}")
+    used, lexicon = set(), {}
+    for word in LEXICON_WORDS:
+        while True:
+            syllables = [(rng.randrange(len(_CONSONANTS)), rng.randrange(len(_VOWELS)))
+                         for _ in range(rng.choice((2, 3)))]
+            if tuple(syllables) not in used:
+                break
+        used.add(tuple(syllables))
+        if language in _SCRIPT:
+            script = _SCRIPT[language]
+            text = "".join(script["consonants"][c] + script["vowel_signs"][v]
+                           for c, v in syllables)
+        else:
+            text = "".join(_CONSONANTS[c] + _VOWELS[v] for c, v in syllables)
+        lexicon[word] = text
+    return lexicon
+
+
+_LEXICONS = {lang: _pseudo_words(lang) for lang in TARGETS}
+
+
+def _number(value: int, language: str) -> str:
+    digits = _NATIVE_DIGITS.get(language)
+    return "".join(digits[int(d)] for d in str(value)) if digits else str(value)
+
+
+def render_sentence(words, language: str, slots: dict) -> str:
+    """One sentence (a tuple of words ending in "." or "?") in `language`."""
+    filled = []
+    for word in words:
+        if word.startswith("{"):
+            value = slots[word[1:-1]]
+            filled.append(_number(value, language) if isinstance(value, int) else value)
+        else:
+            filled.append(word)
+    if language == ANCHOR:
+        return " ".join(filled)
+    body, end = [_LEXICONS[language].get(w, w) for w in filled[:-1]], filled[-1]
+    if language == "sw":
+        body = body[::-1]
+    elif language == "te" and len(body) > 1:
+        body = body[1:] + body[:1]
+    return " ".join(body + [end])
+
+
+def render_text(sentences, language: str, slots: dict) -> str:
+    return " ".join(render_sentence(s, language, slots) for s in sentences)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskItem:
+    """One item, language-independent: rendered per language by `question`, `response`."""
+    item_id: str
+    kind: str  # "math" | "lookup"
+    sentences: tuple
+    slots: tuple  # sorted (name, value) pairs
+    answer: str  # the number, or the option letter
+    options: tuple = ()  # lookups: the four option values (English words)
+    fact: tuple = ()  # lookups: the fact sentence; math: (a, op, b, result)
+
+    def question(self, language: str) -> str:
+        return render_text(self.sentences, language, dict(self.slots))
+
+    def option_texts(self, language: str) -> tuple[str, ...]:
+        return tuple(render_sentence((o, "."), language, {})[:-2] for o in self.options)
+
+    def response(self, language: str) -> str:
+        """A short worked answer, then the box (a letter, or the number in the language's digits)."""
+        if self.kind == "math":
+            a, op, b, result = self.fact
+            work = " ".join((_number(a, language), op, _number(b, language), "=",
+                             _number(result, language), "."))
+            return f"{work} \\boxed{{{_number(result, language)}}}"
+        return f"{render_sentence(self.fact, language, dict(self.slots))} \\boxed{{{self.answer}}}"
+
+
+def world_facts(seed: int = 0) -> dict[str, dict[str, str]]:
+    """person -> attribute -> value: the small world every lookup asks about (fixed by `seed`)."""
+    rng = random.Random(f"sara-experiment-world-{seed}")
+    facts = {p: {} for p in PEOPLE}
+    for attribute, values in ATTRIBUTES.items():
+        # Each value held by the same number of people: no answer is right by its frequency alone.
+        assignment = [values[i % len(values)] for i in range(len(PEOPLE))]
+        rng.shuffle(assignment)
+        for person, value in zip(PEOPLE, assignment):
+            facts[person][attribute] = value
+    return facts
+
+
+def math_item(item_id: str, rng: random.Random, max_operand: int) -> TaskItem:
+    story = rng.choice(sorted(STORIES))
+    sentences, op = STORIES[story]
+    p, q = rng.sample(PEOPLE, 2)
+    a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+    if op == "-" and b > a:
+        a, b = b, a
+    result = a + b if op == "+" else a - b
+    slots = {"p": p, "q": q, "o": rng.choice(OBJECTS), "a": a, "b": b}
+    return TaskItem(item_id, "math", sentences, tuple(sorted(slots.items())), str(result),
+                    fact=(a, op, b, result))
+
+
+def lookup_item(item_id: str, person: str, attribute: str, facts: dict) -> TaskItem:
+    """The question about one fact; the options are the attribute's four values in a fixed order,
+    so the answer letter is knowledge of the fact (not a search of the options)."""
+    value = facts[person][attribute]
+    options = ATTRIBUTES[attribute]
+    slots = {"p": person, "v": value}
+    return TaskItem(item_id, "lookup", (QUESTION_WORDS[attribute],), tuple(sorted(slots.items())),
+                    "ABCD"[options.index(value)], options=tuple(options),
+                    fact=FACT_WORDS[attribute])
+
+
+def lookup_items(settings: "TaskSettings", split: str, copies: int = 1,
+                 people=PEOPLE) -> list[TaskItem]:
+    """Every (person, attribute) question about `people`, `copies` times (distinct ids)."""
+    facts = world_facts(settings.world_seed)
+    return [lookup_item(f"{split}-lookup-{p}-{a}" + (f"-{k}" if copies > 1 else ""), p, a, facts)
+            for k in range(copies) for p in people for a in sorted(ATTRIBUTES)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """Everything the items depend on (part of the base model's cache key)."""
+    seed: int = 0
+    max_operand: int = 9
+    world_seed: int = 0
+
+
+def _item_key(item: TaskItem) -> str:
+    return repr((item.kind, item.sentences, item.slots, item.options))
+
+
+def math_items(settings: TaskSettings, count: int, split: str,
+               exclude: set | None = None) -> list[TaskItem]:
+    """`count` distinct arithmetic items for `split` (its own random stream), skipping any whose
+    content is in `exclude` (the held-out items' keys), so they never appear in training."""
+    rng = random.Random(f"sara-experiment-{settings.seed}-math-{split}")
+    items, seen = [], set(exclude or ())
+    attempts = 0
+    while len(items) < count:
+        attempts += 1
+        if attempts > 200 * count + 1000:
+            raise ValueError(f"cannot draw {count} distinct arithmetic items for {split}")
+        item = math_item(f"{split}-math-{len(items):05d}", rng, settings.max_operand)
+        key = _item_key(item)
+        if key in seen:
+            continue
+        seen.add(key)
+        items.append(item)
+    return items
+
+
+def item_keys(items) -> set:
+    return {_item_key(i) for i in items}
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of reprs (cache keys)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

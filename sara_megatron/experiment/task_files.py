@@ -1,0 +1,102 @@
+"""The experiment's files: the training corpora (the parallel corpus format) and the held-out
+evaluation items as local benchmark files that `tools/evaluate.py --data-dir` reads.
+
+Held-out arithmetic is written in MGSM's columns (`DIR/mgsm/<lang>.jsonl`: `question`,
+`answer_number`; the item id is the row index, the same in every language) and held-out lookups
+in Global-MMLU's (`DIR/global_mmlu/<lang>.jsonl`: `sample_id`, `question`, `option_a..d`,
+`answer`), so the evaluation runs the paper's prompts and scoring unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.evaluation.benchmarks import BenchmarkItem
+from sara_megatron.evaluation.tasks import item_prompt
+from sara_megatron.experiment.task import (
+    ANCHOR, FACT_WORDS, LANGUAGES, TaskItem, render_sentence, world_facts)
+
+MATH_BENCHMARK, LOOKUP_BENCHMARK = "mgsm", "global_mmlu"
+
+
+def benchmark_item(item: TaskItem, language: str) -> BenchmarkItem:
+    """The item as the evaluation sees it (so training prompts are the evaluation's prompts)."""
+    if item.kind == "math":
+        return BenchmarkItem(MATH_BENCHMARK, language, item.item_id, item.question(language), (),
+                             None, item.answer)
+    return BenchmarkItem(LOOKUP_BENCHMARK, language, item.item_id, item.question(language),
+                         item.option_texts(language), None, item.answer)
+
+
+def task_record(item: TaskItem, language: str) -> dict:
+    return {"id": item.item_id, "lang": language, "source": f"experiment-{item.kind}",
+            "answer": item.answer,
+            "messages": [{"role": "user", "content": item_prompt(benchmark_item(item, language))},
+                         {"role": "assistant", "content": item.response(language)}]}
+
+
+def text_record(sample_id: str, language: str, text: str) -> dict:
+    """Plain text as a sample (the loss covers the text): what a pretrained model has read."""
+    return {"id": sample_id, "lang": language, "source": "experiment-text",
+            "messages": [{"role": "user", "content": "text"},
+                         {"role": "assistant", "content": text}]}
+
+
+def write_jsonl(path: Path, records) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_corpus(folder: Path, by_language: dict[str, list[dict]]) -> list[str]:
+    """One `<lang>.jsonl` per language; returns the paths."""
+    paths = []
+    for lang, records in by_language.items():
+        write_jsonl(folder / f"{lang}.jsonl", records)
+        paths.append(os.fspath(folder / f"{lang}.jsonl"))
+    return paths
+
+
+def base_corpus_records(task_items: list[TaskItem], text_items: list[TaskItem],
+                        world_seed: int, languages=LANGUAGES) -> dict[str, list[dict]]:
+    """The base model's data: the task in the anchor only, every world fact stated in the anchor,
+    and a little parallel plain text (arithmetic story sentences, no answers) in every language."""
+    records = {lang: [] for lang in languages}
+    records[ANCHOR] += [task_record(i, ANCHOR) for i in task_items]
+    for person, attributes in world_facts(world_seed).items():
+        for attribute, value in attributes.items():
+            records[ANCHOR].append(text_record(
+                f"fact-{person}-{attribute}", ANCHOR,
+                render_sentence(FACT_WORDS[attribute], ANCHOR, {"p": person, "v": value})))
+    for item in text_items:
+        for lang in languages:
+            records[lang].append(text_record(f"text-{item.item_id}", lang, item.question(lang)))
+    return records
+
+
+def parallel_corpus_records(items: list[TaskItem], languages=LANGUAGES) -> dict[str, list[dict]]:
+    """The fine-tuning corpus: every item in the anchor and each target (translations exact)."""
+    return {lang: [task_record(i, lang) for i in items] for lang in languages}
+
+
+def benchmark_row(item: TaskItem, language: str) -> dict:
+    if item.kind == "math":
+        return {"question": item.question(language), "answer_number": int(item.answer)}
+    options = item.option_texts(language)
+    return {"sample_id": item.item_id, "question": item.question(language),
+            **{f"option_{c}": o for c, o in zip("abcd", options)}, "answer": item.answer}
+
+
+def write_benchmarks(data_dir: Path, math_items: list[TaskItem], lookup_items: list[TaskItem],
+                     languages=LANGUAGES) -> None:
+    for benchmark, items in ((MATH_BENCHMARK, math_items), (LOOKUP_BENCHMARK, lookup_items)):
+        for lang in languages:
+            write_jsonl(data_dir / benchmark / f"{lang}.jsonl",
+                        (benchmark_row(i, lang) for i in items))
