@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 # several GB of CUDA packages.
 TORCH   ?= torch==2.13.0
 
-.PHONY: test demo install clean
+.PHONY: test demo experiment install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 $(PY) tools/demo.py
+
+experiment: $(STAMP)
+	PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 $(PY) tools/experiment.py
 
 clean:
 	rm -rf .venv build *.egg-info
