@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -152,3 +153,16 @@ def test_lone_surrogate_text_is_an_invalid_record(corpus, tmp_path):
     assert "sw" not in result.records and "hi" not in result.records
     with pytest.raises(CorpusError, match=rf"^{path}:1: invalid_record: messages\[0\]\.content"):
         validate_corpus([str(path)], "hi", strict=True)
+
+
+def test_a_corpus_folder_leaves_out_the_translation_failures_file(tmp_path):
+    """tools/translate_corpus.py writes translation_failures.jsonl beside the language files;
+    a folder given as the corpus must not read its lines as (invalid) records."""
+    from sara_megatron.data.corpus_validation import expand_corpus_paths
+
+    for name in ("en.jsonl", "hi.jsonl", "translation_failures.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    assert [os.path.basename(p) for p in expand_corpus_paths([tmp_path])] == ["en.jsonl", "hi.jsonl"]
+    # Named explicitly, a file is read as given.
+    failures = tmp_path / "translation_failures.jsonl"
+    assert expand_corpus_paths([failures]) == [str(failures)]

@@ -35,11 +35,16 @@ from sara_megatron.construction.translation_wire import (
     PROMPT_VERSION, message_key, parse_reply, response_format, system_instructions, user_content,
 )
 from sara_megatron.data.atomic_files import atomic_open
-from sara_megatron.data.corpus_format import ParallelRecord, RecordError, parse_record
+from sara_megatron.data.corpus_format import (
+    TRANSLATION_FAILURES_FILE,
+    ParallelRecord,
+    RecordError,
+    parse_record,
+)
 from sara_megatron.data.languages import known_languages
 
 log = logging.getLogger(__name__)
-FAILURES_FILE = "translation_failures.jsonl"
+FAILURES_FILE = TRANSLATION_FAILURES_FILE
 CACHE_FILE = "translations.sqlite"
 
 

@@ -21,7 +21,7 @@ import re
 from sara_megatron.data.languages import LANGUAGE_NAMES
 
 # Bump when the instructions change: the reply cache keys on it.
-PROMPT_VERSION = "translate-v1"
+PROMPT_VERSION = "translate-v2"
 TARGET_LINE = re.compile(r"^Target language: .*\(([A-Za-z0-9-]+)\)\s*$", re.M)
 
 _SCRIPT_RULES = {
@@ -66,8 +66,8 @@ def system_instructions(source_language: str, target_language: str, keys: list[s
         "- Translate all natural-language text fluently and faithfully. Do not answer, solve, "
         "summarise, shorten or comment on it.",
         "- Keep unchanged: every \\boxed{...} with its content, numbers, LaTeX math ($...$, "
-        "\\(...\\), \\[...\\]), option letters such as A) or (B), code, and the line breaks and "
-        "Markdown structure.",
+        "\\(...\\), \\[...\\]), option letters such as A) or (B), code, template slots in "
+        "braces such as {question}, and the line breaks and Markdown structure.",
     ]
     if target_language in _SCRIPT_RULES:
         lines.append("- " + _SCRIPT_RULES[target_language])

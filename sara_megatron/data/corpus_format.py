@@ -23,6 +23,11 @@ import dataclasses
 import json
 from typing import Optional
 
+# Files that sit beside a corpus's language files without being corpus records: a folder given as
+# the corpus stands for its other *.jsonl files (tools/translate_corpus.py writes its failures there).
+TRANSLATION_FAILURES_FILE = "translation_failures.jsonl"
+CORPUS_SIDE_FILES = frozenset({TRANSLATION_FAILURES_FILE})
+
 # Reasons a record is rejected; the validation summary counts by these.
 INVALID_JSON = "invalid_json"
 INVALID_RECORD = "invalid_record"

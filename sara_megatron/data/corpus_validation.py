@@ -28,6 +28,7 @@ import os
 from typing import Iterable, Optional, Sequence
 
 from sara_megatron.data.corpus_format import (
+    CORPUS_SIDE_FILES,
     DUPLICATE,
     INVALID_JSON,
     MISSING_ANCHOR,
@@ -133,12 +134,14 @@ class ValidatedCorpus:
 
 
 def expand_corpus_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Files as given; a directory stands for its *.jsonl files in sorted order."""
+    """Files as given; a directory stands for its *.jsonl files in sorted order, less the side
+    files that are not corpus records (`CORPUS_SIDE_FILES`)."""
     out = []
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(p, "*.jsonl")))
+            found = sorted(f for f in glob.glob(os.path.join(p, "*.jsonl"))
+                           if os.path.basename(f) not in CORPUS_SIDE_FILES)
             if not found:
                 raise FileNotFoundError(f"corpus directory {p} has no *.jsonl files")
             out += found
