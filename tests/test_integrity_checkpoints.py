@@ -11,7 +11,11 @@ import shutil
 
 import pytest
 
-from sara_megatron.checkpointing.manifest import MANIFEST_FILE, CheckpointDamagedError
+from sara_megatron.checkpointing.manifest import (
+    MANIFEST_FILE,
+    CheckpointDamagedError,
+    verify_checkpoint,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +45,15 @@ def test_model_weights_refuse_a_damaged_checkpoint_naming_the_file(single_rank, 
     manifest = json.loads((ckpt / MANIFEST_FILE).read_text())["files"]
     assert set(manifest) >= {"metadata.json", "common.pt"} and any(
         name.endswith(".distcp") for name in manifest)
-    load_model_weights(model, ckpt)  # intact
+    load_model_weights(model, ckpt)  # intact; the first load hashes every file
+
+    # A later load of the unchanged files reads none of them: the stamp vouches for them.
+    from sara_megatron.data import file_stamps
+
+    hashed, real = [], file_stamps.sha256_file
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(file_stamps, "sha256_file", lambda path: hashed.append(path) or real(path))
+        assert verify_checkpoint(ckpt) and hashed == []
 
     target = _largest_distcp(ckpt)
     pristine = target.read_bytes()
@@ -121,13 +133,16 @@ def test_a_save_that_fails_removes_its_partial_folder_and_says_disk_full(single_
                                                      "latest_checkpointed_iteration.txt"]
 
 
-def test_export_refuses_a_damaged_checkpoint_and_non_finite_weights(tmp_path):
+def test_export_refuses_a_damaged_checkpoint_and_non_finite_weights(tmp_path, capsys):
     """convert_hf.py export: one line naming the damaged file; a checkpoint whose weights hold
     NaN or inf (a diverged run) is refused naming the first such tensor, leaving no output."""
     import math
 
     import torch
-    from test_convert_hf import _cli, _qwen3_moe
+    import importlib.util
+
+    from conftest import REPO
+    from test_convert_hf import _qwen3_moe
 
     from sara_megatron.checkpointing import load_model_weights, save_model_weights
     from sara_megatron.conversion.hf_import import import_hf_checkpoint
@@ -147,19 +162,21 @@ def test_export_refuses_a_damaged_checkpoint_and_non_finite_weights(tmp_path):
     ckpt = tmp_path / "ckpt"
     save_model_weights(model, ckpt)
 
-    proc = _cli("export", "--megatron-dir", str(ckpt), "--out", str(tmp_path / "out"),
-                "--hf-dir", str(hf))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    spec = importlib.util.spec_from_file_location("convert_hf", REPO / "tools/convert_hf.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    export = ["export", "--megatron-dir", str(ckpt), "--out", str(tmp_path / "out"),
+              "--hf-dir", str(hf)]
+    capsys.readouterr()
+    assert convert.main(export) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"convert_hf.py export: error: checkpoint {ckpt}: tensor model.layers.1.mlp.gate.weight "
         "(checkpoint key decoder.layers.mlp.router.weight) holds 1 non-finite value(s) (NaN or "
         "inf) of 256; the weights diverged: export an earlier checkpoint")
     assert not (tmp_path / "out").exists()
 
     _flip(ckpt / "common.pt", offset=64, count=1)
-    proc = _cli("export", "--megatron-dir", str(ckpt), "--out", str(tmp_path / "out"),
-                "--hf-dir", str(hf))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert convert.main(export) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"convert_hf.py export: error: checkpoint {ckpt} is damaged: {ckpt}/common.pt: its "
         "sha256 differs from the manifest's (altered since it was saved)")

@@ -81,7 +81,8 @@ def test_kill_9_of_the_launcher_leaves_no_process_of_the_run(tmp_path):
                 pass
 
 
-def test_outputs_are_checked_writable_before_any_compute(sara_data, tmp_path, capsys):
+def test_outputs_are_checked_writable_before_any_compute(sara_data, tmp_path, capsys,
+                                                        monkeypatch):
     """Each tool refuses a read-only output at once, in one line naming the flag or setting."""
     import importlib.util
 
@@ -118,14 +119,15 @@ def test_outputs_are_checked_writable_before_any_compute(sara_data, tmp_path, ca
         "(Permission denied)")
 
     # routing_divergence.py printed its table and then failed on --json: now it fails first.
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/routing_divergence.py"), "--shards", shards,
-         "--checkpoint", ckpt, "--model", "qwen3_moe_tiny", "--json", f"{READ_ONLY}/d.json"],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and "JS" not in proc.stdout
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"routing_divergence.py: error: --json {READ_ONLY}/d.json: cannot write in {READ_ONLY}")
+    monkeypatch.setattr(sys, "argv", ["routing_divergence.py", "--shards", shards, "--checkpoint",
+                                      ckpt, "--model", "qwen3_moe_tiny", "--json",
+                                      f"{READ_ONLY}/d.json"])
+    with pytest.raises(SystemExit) as exit_:
+        tool("routing_divergence").parse_args()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"routing_divergence.py: error: --json {READ_ONLY}/d.json: cannot write in {READ_ONLY} "
+        "(Permission denied)")
 
 
 @pytest.fixture

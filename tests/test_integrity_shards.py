@@ -149,9 +149,10 @@ def test_a_tool_names_the_damaged_shard_in_one_line_and_the_advice_repairs_it(sa
     assert "Traceback" not in proc.stderr
 
     (shards / "sw" / "sw-00000.done.json").unlink()
+    from test_shard_corpus import load_tool
+
     root = sara_data["root"]
-    subprocess.run([sys.executable, str(REPO / "tools/shard_corpus.py"), "--corpus",
-                    str(root / "corpus"), "--tokenizer", str(root / "tokenizer"), "--output",
-                    str(shards), "--anchor-language", "en", "--seq-length", "64"],
-                   check=True, capture_output=True, env=env, timeout=300)
+    assert load_tool().main(["--corpus", str(root / "corpus"), "--tokenizer",
+                             str(root / "tokenizer"), "--output", str(shards),
+                             "--anchor-language", "en", "--seq-length", "64"]) == 0
     TokenShards(shards).verify()
