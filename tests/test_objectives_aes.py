@@ -153,3 +153,12 @@ def test_zero_coefficients_reproduce_fft_exactly(single_rank):
         assert torch.equal(aes_grads[name], fft_grads[name]), name
     calibrated, _ = _mock_step(["sara.objective=aes"])
     assert calibrated.grad_norm != fft.grad_norm
+
+
+def test_another_dispatcher_is_refused(single_rank):
+    """The alltoall dispatcher (megatron's GPU default) cannot be built on CPU (CUDA streams);
+    any dispatcher other than allgather is refused the same way."""
+    model = build_model(get_preset("qwen3_moe_tiny"))
+    _moe_layers(model)[0].token_dispatcher = type("MoEAlltoAllTokenDispatcher", (), {})()
+    with pytest.raises(NotImplementedError, match="model.token_dispatcher: allgather"):
+        AesLoss(1.0, 1.0).attach([model])

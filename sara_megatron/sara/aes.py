@@ -125,10 +125,20 @@ class AesLoss:
 
     def attach(self, chunks) -> list:
         """Register the orthogonality hook on every MoE layer of `chunks`; returns the handles."""
+        from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
         handles = []
         for chunk in chunks:
             for module in chunk.modules():
                 if hasattr(module, "token_dispatcher") and hasattr(module, "experts"):
+                    if not isinstance(module.token_dispatcher, MoEAllGatherTokenDispatcher):
+                        # The slots are read in the allgather dispatcher's token space; the
+                        # alltoall one (megatron's GPU default) would need its inverse exchange.
+                        raise NotImplementedError(
+                            "AES orthogonality term with the "
+                            f"{type(module.token_dispatcher).__name__} (issue 19 item 1): only "
+                            "megatron's allgather dispatcher is supported; set "
+                            "model.token_dispatcher: allgather")
                     handles.append(module.experts.register_forward_hook(self._experts_hook(module)))
         return handles
 

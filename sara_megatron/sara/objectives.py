@@ -16,6 +16,9 @@ PRIOR_SOURCES = ("store", "online")
 def check_objective_setting(config) -> None:
     """Refuse, at config load, combinations that cannot run (a `TrainConfig`)."""
     sara = config.sara
+    if config.model.token_dispatcher not in (None, "allgather", "alltoall"):
+        raise ValueError(f"model.token_dispatcher must be allgather or alltoall (or unset), got "
+                         f"{config.model.token_dispatcher!r}")
     if sara.objective == "shifcon":
         s = config.shifcon
         missing = [k for k in ("language_vectors", "shift_layer", "shift_back_layer")

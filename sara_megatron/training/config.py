@@ -28,6 +28,9 @@ class ModelSection:
     moe_aux_loss_coeff: Optional[float] = None  # λ_LB; None: the model's default
     recompute: bool = False
     num_layers: Optional[int] = None  # cut the preset to its first N layers (benchmarks)
+    # megatron's MoE token dispatcher: allgather | alltoall; None: alltoall on GPU, allgather on
+    # CPU. AES's orthogonality term needs allgather (docs/objectives.md).
+    token_dispatcher: Optional[str] = None
 
 
 @dataclasses.dataclass

@@ -119,6 +119,7 @@ class Trainer:
             bf16=bf16,
             moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
             recompute=cfg.model.recompute,
+            token_dispatcher=cfg.model.token_dispatcher,
             seq_length=cfg.data.seq_length,
             calculate_per_token_loss=True,
         )
