@@ -42,10 +42,10 @@ def test_layout_matches_single_rank(torchrun, tmp_path, preset, layout):
             assert abs(sum(row) - 1.0) <= 1e-5
 
 
-@pytest.mark.parametrize("layout", ["ep2", "pp2"])
+@pytest.mark.parametrize("layout", ["ep2", "pp2", "tp2_sp"])
 def test_objectives_match_single_rank(torchrun, tmp_path, layout):
     """Issue 19's objectives (AES, ShifCon, the KL and entropy-normalised JS variants of SARA)
-    under EP=2 and PP=2: each term's value, its whole gradient's norm and every router's gradient
+    under EP=2, PP=2 and TP=2 with sequence parallel: each term's value, its whole gradient's norm and every router's gradient
     equal the single-rank ones (AES's orthogonality term sums a token's expert outputs over EP
     ranks; ShifCon shifts on one stage and contrasts on the other at PP=2); online
     priors taken through the layout's schedule equal the single-rank routing means."""

@@ -134,7 +134,8 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
         observer.token_weight = 1.0  # Σ over tokens: data-parallel shares add up
         handles = observer.attach(models)
     else:
-        observer = SaraRoutingLoss(list(range(priors.shape[0])), 1.5, divergence=objective)
+        observer = SaraRoutingLoss(list(range(priors.shape[0])), 1.5, divergence=objective,
+                                   sequence_parallel=models[0].config.sequence_parallel)
         observer.sequence_weight = 1.0  # Σ over sequences
     seq_length = tokens.shape[1]
     positions = torch.arange(seq_length).expand_as(tokens)
@@ -162,32 +163,46 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
     elif objective == "aes":
         value = sum(float(row[0] * -3.0 + row[2] * 50.0) for row in observer.stats.values())
     else:
-        value = sum(float(v) for v in observer.js_sum.values())
+        # Every rank of a TP×CP group holds the same sums: count them once.
+        from sara_megatron.routing.capture import routing_reduction_group
+
+        group = routing_reduction_group() if reduce else None
+        owner = group is None or dist.get_rank(group) == 0
+        value = sum(float(v) for v in observer.js_sum.values()) if owner else 0.0
     total = torch.tensor([value], dtype=torch.float64)
     if reduce:
         dist.all_reduce(total)
-    # Gradients: dense ones summed over data parallel, expert ones over expert data parallel;
-    # each then counted once (on rank 0 of that group) in the world's sum of squares.
+    # Gradients: dense ones summed over data parallel, expert ones over expert data parallel,
+    # and parameters not split by TP (norms, routers: each TP rank saw other tokens) over TP;
+    # each then counted once in the world's sum of squares.
+    tp_group = ps.get_tensor_model_parallel_group()
     squares = torch.zeros(1, dtype=torch.float64)
+
+    def reduced(param):
+        grad = param.grad.detach().double().clone()
+        if not reduce:
+            return grad, True
+        expert = not getattr(param, "allreduce", True)
+        group = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
+        dist.all_reduce(grad, group=group)
+        owner = dist.get_rank(group) == 0
+        if not getattr(param, "tensor_model_parallel", False) and dist.get_world_size(tp_group) > 1:
+            dist.all_reduce(grad, group=tp_group)
+            owner = owner and dist.get_rank(tp_group) == 0
+        return grad, owner
+
     for chunk in models:
         for param in chunk.parameters():
             if param.grad is None:
                 continue
-            grad = param.grad.detach().double().clone()
-            expert = not getattr(param, "allreduce", True)
-            group = (ps.get_expert_data_parallel_group() if expert
-                     else ps.get_data_parallel_group())
-            if reduce:
-                dist.all_reduce(grad, group=group)
-            if not reduce or dist.get_rank(group) == 0:
+            grad, owner = reduced(param)
+            if owner:
                 squares += grad.pow(2).sum()
     if reduce:
         dist.all_reduce(squares)
     routers = {}
     for moe in _moe_layers(models):
-        grad = moe.router.weight.grad.detach().double().clone()
-        if reduce:
-            dist.all_reduce(grad, group=ps.get_data_parallel_group())
+        grad, _ = reduced(moe.router.weight)
         routers[moe.router.global_layer_index] = grad.flatten().tolist()
     return float(total), float(squares), routers
 
