@@ -162,8 +162,11 @@ def load_parallel_set(args):
     if args.shards:
         from sara_megatron.data.token_shards import TokenShards
 
-        return (TokenShards(args.shards, verify=not args.no_verify),
-                {"shards": os.path.abspath(args.shards)})
+        shards = TokenShards(args.shards, verify=not args.no_verify)
+        for language in [shards.anchor_language, *(args.languages or shards.target_languages)]:
+            if language in shards.languages:  # checked before the progress bar starts
+                shards.check_language(language)
+        return shards, {"shards": os.path.abspath(args.shards)}
     from sara_megatron.analysis.benchmark_parallel_set import BenchmarkParallelSet
     from sara_megatron.data.chat_tokenization import load_tokenizer
 
