@@ -41,17 +41,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-class _AllReduceIdentityBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+from sara_megatron.sara.reduction import all_reduce_identity_backward
 
 
 def routing_variance(logits: torch.Tensor) -> torch.Tensor:
@@ -185,7 +175,7 @@ class AesLoss:
         slots = expert_output.new_zeros(num_tokens, k, expert_output.shape[-1], dtype=torch.float32)
         slots = slots.index_put((token, slot), raw)
         if group_size > 1:
-            slots = _AllReduceIdentityBackward.apply(slots, group)
+            slots = all_reduce_identity_backward(slots, group)
 
         valid = self._padding.get(layer)
         if valid is None or valid.numel() * group_size != num_tokens:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from sara_megatron.data.atomic_files import commit_file, temporary_path
 from sara_megatron.routing.capture import local_token_segment_ids, routing_reduction_group
+from sara_megatron.sara.reduction import all_reduce_identity_backward
 
 FORMAT = "sara-language-vectors-1"
 
@@ -130,18 +131,6 @@ def _local_valid(padding_mask: torch.Tensor, num_tokens: int, device) -> torch.T
     return (local >= 0).reshape(-1, b)
 
 
-class _AllReduceIdentityBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def mean_pool(hidden: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[S, B, H] hidden, [S, B] valid -> ([B, H] fp32 mean over valid positions, [B] counts),
     summed over the TP×CP group first."""
@@ -150,8 +139,8 @@ def mean_pool(hidden: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     counts = valid.to(torch.float32).sum(0)
     group = routing_reduction_group()
     if group is not None:
-        sums = _AllReduceIdentityBackward.apply(sums, group)
-        counts = _AllReduceIdentityBackward.apply(counts, group)
+        sums = all_reduce_identity_backward(sums, group)
+        counts = all_reduce_identity_backward(counts, group)
     return sums / counts.clamp_min(1).unsqueeze(-1), counts
 
 
