@@ -150,12 +150,23 @@ def test_reduced_experiment_base_model_learned_the_anchor(reduced_experiment):
     assert log[-1]["ce"] < log[0]["ce"] / 2
 
 
-def test_reduced_experiment_reuses_the_cached_base(reduced_experiment, capsys):
-    from sara_megatron.experiment.base_model import ensure_base_model
+def test_reduced_experiment_reuses_the_cached_base(reduced_experiment, capsys, monkeypatch):
+    from sara_megatron.experiment import base_model as base_module
     from sara_megatron.experiment.run import reduced_settings
 
+    (folder,) = (reduced_experiment / "base").iterdir()
+    done = json.loads((folder / "done.json").read_text())
+    # The key covers the code's source too, which may change while the suite runs: pin it to the
+    # version the run recorded, then the same settings must find the same folder.
+    monkeypatch.setattr(base_module, "code_version", lambda: done["code_version"])
     settings = reduced_settings()
+    assert base_module.base_key(settings.base) == folder.name
+    assert base_module.base_key(settings.base, "another version") != folder.name
     held_out = math_items(settings.base.task, settings.eval_math_items, "eval")
-    model = ensure_base_model(reduced_experiment, settings.base, held_out)
-    assert model.cached and (model.hf_dir / "model.safetensors").is_file()
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    model = base_module.ensure_base_model(reduced_experiment, settings.base, held_out)
+    assert model.cached and model.folder == folder
+    assert (model.hf_dir / "model.safetensors").is_file()
     assert "cached" in capsys.readouterr().out
+    # nothing was rebuilt: every file of the cached model (its logs included) is as it was
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before

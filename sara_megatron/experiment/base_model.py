@@ -69,8 +69,10 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def base_key(settings: BaseSettings) -> str:
-    text = json.dumps({"settings": dataclasses.asdict(settings), "code": code_version()},
+def base_key(settings: BaseSettings, version: str | None = None) -> str:
+    """The cache key: `settings` and the code version (default: the source as it is now)."""
+    text = json.dumps({"settings": dataclasses.asdict(settings),
+                       "code": version if version is not None else code_version()},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -110,7 +112,8 @@ def ensure_base_model(work: Path, settings: BaseSettings, held_out: list,
     `held_out` (the evaluation items) are given to the tokenizer, so every word of the evaluation
     has its tokens; its arithmetic items are kept out of the training data (its lookups are the
     world's facts, which the base model is meant to know in the anchor)."""
-    folder = work / "base" / base_key(settings)
+    version = code_version()  # once: the source may change while the model trains
+    folder = work.resolve() / "base" / base_key(settings, version)
     model = BaseModel(folder, folder / "hf", folder / "checkpoint", folder / "tokenizer",
                       folder / "train.jsonl", cached=True)
     if (folder / "done.json").is_file():
@@ -145,6 +148,6 @@ def ensure_base_model(work: Path, settings: BaseSettings, held_out: list,
     run_tool("base:export", "convert_hf.py",
              ["export", "--megatron-dir", str(latest), "--out", "hf"], folder, timer)
     write_json_atomic(folder / "done.json", {"settings": dataclasses.asdict(settings),
-                                             "code_version": code_version(),
+                                             "code_version": version,
                                              "seconds": time.time() - started})
     return dataclasses.replace(model, cached=False)

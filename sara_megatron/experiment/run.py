@@ -28,20 +28,27 @@ from pathlib import Path
 from sara_megatron.experiment.base_model import BaseSettings, ensure_base_model
 from sara_megatron.experiment.merge import merge_seed_evaluations
 from sara_megatron.experiment.task import (
-    ANCHOR, FINE_TUNE_PEOPLE, LANGUAGES, item_keys, lookup_items, math_items)
+    ANCHOR, FINE_TUNE_PEOPLE, LANGUAGES, TaskSettings, item_keys, lookup_items, math_items)
 from sara_megatron.experiment.task_files import (
     LOOKUP_BENCHMARK, MATH_BENCHMARK, parallel_corpus_records, write_benchmarks, write_corpus)
 from sara_megatron.experiment.tool_runs import (
     StepTimer, latest_checkpoint, run_parallel, run_tool, write_train_config)
 
+# ShifCon shifts entering layer 1 and back entering layer 3 of the 4-layer model.
+SHIFCON_LAYERS = (1, 3)
 # Each method: its label in the report and the training settings that make it.
 METHODS = {
     "fft": ("FFT", {"sara": {"lambda_js": 0.0}}),
     "sara": ("SARA", {"sara": {"lambda_js": "LAMBDA"}}),
     "sara_online": ("SARA (online priors)", {"sara": {"lambda_js": "LAMBDA", "priors": "online"}}),
     "aes": ("AES", {"sara": {"lambda_js": 0.0, "objective": "aes"}}),
+    "shifcon": ("ShifCon", {"sara": {"lambda_js": 0.0, "objective": "shifcon"},
+                            "shifcon": {"language_vectors": "VECTORS",
+                                        "shift_layer": SHIFCON_LAYERS[0],
+                                        "shift_back_layer": SHIFCON_LAYERS[1]}}),
 }
 BASELINE_METHOD = "fft"
+LANGUAGE_VECTORS = "language_vectors.safetensors"
 # A work folder carries this file; only such a folder (or an empty one) is cleared.
 MARKER = ".sara_experiment"
 
@@ -78,8 +85,9 @@ def prepare_work_folder(work: Path) -> None:
 
 def finetune_config(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
                     run_dir: Path) -> dict:
-    overrides = json.loads(json.dumps(METHODS[method][1]).replace('"LAMBDA"',
-                                                                   repr(settings.lambda_js)))
+    overrides = json.loads(json.dumps(METHODS[method][1])
+                           .replace('"LAMBDA"', repr(settings.lambda_js))
+                           .replace('"VECTORS"', json.dumps(str(work / "data" / LANGUAGE_VECTORS))))
     sara = {"lambda_js": 0.0, "layers": "all", **overrides["sara"]}
     uses_store = sara["lambda_js"] > 0 and sara.get("priors", "store") == "store"
     return {
@@ -93,6 +101,7 @@ def finetune_config(work: Path, settings: ExperimentSettings, base, method: str,
         "sara": sara,
         "optim": {"lr": settings.finetune_lr, "min_lr": settings.finetune_lr / 10,
                   "train_steps": settings.finetune_steps, "warmup_fraction": 0.1},
+        **({"shifcon": overrides["shifcon"]} if "shifcon" in overrides else {}),
         "checkpoint": {"save_dir": str(run_dir / "checkpoints")},
         "logging": {"log_interval": 1, "json_log": str(run_dir / "train.jsonl")},
         "seed": 1000 + seed,
@@ -139,6 +148,7 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
         raise ValueError(f"methods must include {BASELINE_METHOD} and be among "
                          f"{', '.join(METHODS)}; got {', '.join(settings.methods)}")
     started = time.time()
+    work = work.resolve()  # the tools run inside it: every path handed to them is absolute
     prepare_work_folder(work)
     timer = StepTimer()
 
@@ -167,6 +177,11 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
     run_tool("extract_priors", "extract_priors.py",
              ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
               str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
+    if "shifcon" in settings.methods:
+        run_tool("extract_language_vectors", "extract_language_vectors.py",
+                 ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
+                  str(base.folder / "hf_init"), "--output", f"data/{LANGUAGE_VECTORS}",
+                  "--layers", ",".join(map(str, SHIFCON_LAYERS))], work, timer)
 
     # 4. The base's evaluation and every fine-tuning run (`jobs` at a time).
     jobs = [lambda: evaluate("evaluate:base", base.hf_dir, work / "eval" / "base", work, settings,
@@ -217,8 +232,9 @@ def machine_description() -> str:
 
 def reduced_settings() -> ExperimentSettings:
     """The test suite's version: one seed, FFT and SARA, a shorter base training, few items."""
-    base = dataclasses.replace(BaseSettings(), math_items=800, lookup_copies=30, text_items=40,
-                               train_steps=150)
+    # Operands 1..4: an arithmetic the base learns in 200 steps.
+    base = dataclasses.replace(BaseSettings(), task=TaskSettings(max_operand=4), math_items=800,
+                               lookup_copies=30, text_items=40, train_steps=200)
     return ExperimentSettings(base=base, eval_math_items=12, finetune_math_items=48,
                               finetune_lookup_copies=4, finetune_steps=8,
                               seeds=1, methods=("fft", "sara"), jobs=2)
