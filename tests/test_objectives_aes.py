@@ -140,18 +140,22 @@ def _mock_step(objective_overrides):
     trainer = Trainer(cfg)
     record = trainer.train_step()
     grads = {n: p.main_grad.detach().clone() for n, p in trainer.chunks[0].module.named_parameters()}
-    return record, grads
+    return record, grads, trainer._sara_settings()
 
 
 def test_zero_coefficients_reproduce_fft_exactly(single_rank):
-    fft, fft_grads = _mock_step(["sara.lambda_js=0"])
-    aes, aes_grads = _mock_step(["sara.objective=aes", "aes.variance_coeff=0",
-                                 "aes.orthogonality_coeff=0"])
+    fft, fft_grads, fft_settings = _mock_step(["sara.lambda_js=0"])
+    aes, aes_grads, aes_settings = _mock_step(["sara.objective=aes", "aes.variance_coeff=0",
+                                               "aes.orthogonality_coeff=0"])
+    # Checkpoints record the objective (a resume into another one warns); SARA's record is as
+    # it always was.
+    assert fft_settings == {"lambda_js": 0.0, "alignment_layers": [0, 1, 2, 3]}
+    assert aes_settings == {"lambda_js": 0.0, "alignment_layers": [], "objective": "aes"}
     assert aes.ce == fft.ce and aes.lb == fft.lb and aes.grad_norm == fft.grad_norm
     assert aes.terms["aes_variance"] > 0 and aes.terms["aes_orthogonality"] > 0
     for name in fft_grads:
         assert torch.equal(aes_grads[name], fft_grads[name]), name
-    calibrated, _ = _mock_step(["sara.objective=aes"])
+    calibrated, _, _ = _mock_step(["sara.objective=aes"])
     assert calibrated.grad_norm != fft.grad_norm
 
 

@@ -387,9 +387,15 @@ class Trainer:
         return stream
 
     def _sara_settings(self) -> dict:
-        """What the SARA term is: saved with every checkpoint; a resume that changes it warns."""
-        return {"lambda_js": self.cfg.sara.lambda_js if self.sara is not None else 0.0,
-                "alignment_layers": list(self.alignment_layers) if self.sara is not None else []}
+        """What the SARA term is: saved with every checkpoint; a resume that changes it warns.
+        The objective, divergence and prior source are recorded when not the paper's (so that
+        checkpoints of plain SARA runs keep their record)."""
+        settings = {"lambda_js": self.cfg.sara.lambda_js if self.sara is not None else 0.0,
+                    "alignment_layers": list(self.alignment_layers) if self.sara is not None else []}
+        for key, paper in (("objective", "sara"), ("divergence", "js"), ("priors", "store")):
+            if getattr(self.cfg.sara, key) != paper:
+                settings[key] = getattr(self.cfg.sara, key)
+        return settings
 
     # Config setting behind each saved value, for the messages of `_check_resume`.
     _DATA_STREAM_SETTINGS = {
@@ -438,10 +444,14 @@ class Trainer:
         saved_sara, own_sara = position.get("sara"), self._sara_settings()
         if saved_sara is not None and saved_sara != own_sara:
             # A deliberate change (a λ_JS schedule, FFT after SARA) is allowed, never silent.
+            extra = {k: (saved_sara.get(k), own_sara.get(k)) for k in ("objective", "divergence", "priors")
+                     if saved_sara.get(k) != own_sara.get(k)}  # None: the paper's
             log.warning("resuming from %s with another SARA term: checkpoint λ_JS %s on layers %s, "
-                        "config λ_JS %s on layers %s", checkpoint_dir, saved_sara["lambda_js"],
+                        "config λ_JS %s on layers %s%s", checkpoint_dir, saved_sara["lambda_js"],
                         saved_sara["alignment_layers"], own_sara["lambda_js"],
-                        own_sara["alignment_layers"])
+                        own_sara["alignment_layers"],
+                        "".join(f"; sara.{k}: checkpoint {a or 'paper'}, config {b or 'paper'}"
+                                for k, (a, b) in extra.items()))
 
         saved_schedule = saved.get("scheduler", {})
         changed = [f"{self._SCHEDULE_SETTINGS.get(k, k)}: checkpoint {saved_schedule[k]!r}, "
