@@ -10,6 +10,15 @@ from sara_megatron.distributed import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Verification stamps (sara_megatron/data/file_stamps.py) go to a folder of this run, not the
+    user's cache; tool subprocesses inherit it."""
+    if "SARA_VERIFY_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["SARA_VERIFY_CACHE"] = tempfile.mkdtemp(prefix="sara-verify-")
+
+
 @pytest.fixture
 def torchrun(tmp_path):
     """Run a worker script under torchrun with N local processes; fail with its output."""
