@@ -54,18 +54,23 @@ class BaseModel:
     cached: bool
 
 
-# The code whose change makes a cached base model stale.
-CODE_FOLDERS = ("sara_megatron/experiment", "sara_megatron/training", "sara_megatron/models",
-                "sara_megatron/conversion", "sara_megatron/data", "sara_megatron/sara")
+# The code whose change makes a cached base model stale: what writes its data and model and what
+# trains it (not the comparison, report or verdict code).
+CODE_FILES = ("sara_megatron/experiment/task.py", "sara_megatron/experiment/task_files.py",
+              "sara_megatron/experiment/model_files.py", "sara_megatron/experiment/base_model.py",
+              "sara_megatron/experiment/tool_runs.py", "tools/train.py", "tools/shard_corpus.py",
+              "tools/convert_hf.py")
+CODE_FOLDERS = ("sara_megatron/training", "sara_megatron/models", "sara_megatron/conversion",
+                "sara_megatron/data", "sara_megatron/sara")
 
 
 def code_version() -> str:
     digest = hashlib.sha256()
-    for folder in CODE_FOLDERS:
-        for path in sorted((REPO / folder).glob("*.py")):
-            digest.update(path.relative_to(REPO).as_posix().encode())
-            digest.update(path.read_bytes())
-    digest.update((REPO / "tools" / "train.py").read_bytes())
+    paths = [REPO / f for f in CODE_FILES]
+    paths += [p for folder in CODE_FOLDERS for p in sorted((REPO / folder).glob("*.py"))]
+    for path in paths:
+        digest.update(path.relative_to(REPO).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
