@@ -178,7 +178,7 @@ def _benchmarks(evaluations: dict[str, dict]) -> list[str]:
 
 
 def accuracy_section(inputs: ReportInputs, out_dir: str) -> list[str]:
-    from sara_megatron.evaluation.records import BENCHMARK_TITLES, ordered_languages
+    from sara_megatron.evaluation.records import ordered_languages, table_row
 
     lines = ["## Accuracy", ""]
     if not inputs.evaluations:
@@ -192,20 +192,8 @@ def accuracy_section(inputs: ReportInputs, out_dir: str) -> list[str]:
     for benchmark in _benchmarks(evaluations):
         for name, evaluation in evaluations.items():
             per_language = evaluation.get(benchmark)
-            if per_language is None:
-                continue
-            cells, means = [], []
-            for language in languages:
-                entry = per_language.get(language)
-                if entry is None:
-                    cells.append("–")
-                    continue
-                means.append(entry["mean"])
-                std = entry.get("std")
-                cells.append(f"{entry['mean']:.2f}" + ("" if std is None else f" ± {std:.2f}"))
-            average = f"{sum(means) / len(means):.2f}" if means else "–"
-            lines.append(f"| {BENCHMARK_TITLES.get(benchmark, benchmark)} | {name} | "
-                         + " | ".join(cells) + f" | {average} |")
+            if per_language is not None:
+                lines.append(table_row(benchmark, name, per_language, languages))
     lines += ["", "Accuracy in percent: mean ± sample standard deviation (ddof 1) over runs; Avg. "
                   "over the languages the row has; – : no such result.", ""]
     return lines

@@ -115,24 +115,31 @@ def write_results(folder: str | os.PathLike, settings: Mapping, benchmarks: Mapp
 BENCHMARK_TITLES = {"global_mmlu": "Global-MMLU", "belebele": "BELEBELE", "mgsm": "MGSM"}
 
 
+def table_row(benchmark: str, label: str, per_language: Mapping,
+              languages: Sequence[str]) -> str:
+    """One Markdown row of the Table-1 shape: `mean ± std` per language (– where absent) and
+    the mean over the languages the row has."""
+    cells, means = [], []
+    for language in languages:
+        entry = per_language.get(language)
+        if entry is None:
+            cells.append("–")
+            continue
+        means.append(entry["mean"])
+        std = entry.get("std")
+        cells.append(f"{entry['mean']:.2f}" + ("" if std is None else f" ± {std:.2f}"))
+    average = f"{sum(means) / len(means):.2f}" if means else "–"
+    return ("| " + " | ".join([BENCHMARK_TITLES.get(benchmark, benchmark), label, *cells, average])
+            + " |")
+
+
 def render_table(benchmarks: Mapping, languages: Sequence[str], label: str,
                  runs: int | None = None) -> str:
     """Markdown table like the paper's Table 1: one row per benchmark, languages as columns."""
     header = ["Benchmark", "Model", *languages, "Avg."]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, per_language in benchmarks.items():
-        cells, means = [], []
-        for language in languages:
-            entry = per_language.get(language)
-            if entry is None:
-                cells.append("–")
-                continue
-            means.append(entry["mean"])
-            std = entry.get("std")
-            cells.append(f"{entry['mean']:.2f}" + ("" if std is None else f" ± {std:.2f}"))
-        average = f"{sum(means) / len(means):.2f}" if means else "–"
-        lines.append("| " + " | ".join([BENCHMARK_TITLES.get(name, name), label, *cells, average])
-                     + " |")
+        lines.append(table_row(name, label, per_language, languages))
     over = f"over {runs} runs" if runs else "over runs"
     lines += ["", f"Accuracy in percent: mean ± sample standard deviation (ddof 1) {over}; "
                   "Avg. is the mean over the languages shown; – means the benchmark has no such "
