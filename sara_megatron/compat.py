@@ -181,6 +181,19 @@ def apply_cpu_compat() -> bool:
 
     _CudaDeviceToCpu().__enter__()  # stays on the mode stack for the life of the process
     _APPLIED = True
-    log.info("megatron-core CPU compatibility layer applied")
     return True
+
+
+def fallbacks_in_use() -> list[str]:
+    """The optional accelerated pieces this process runs without, in words for the start-up log."""
+    import importlib.util
+
+    fallbacks = []
+    if importlib.util.find_spec("transformer_engine") is None:
+        fallbacks.append("no Transformer Engine (local layers)")
+    if importlib.util.find_spec("apex") is None:
+        fallbacks.append("no Apex (torch optimizers)")
+    if _APPLIED:
+        fallbacks.append("CPU compatibility layer")
+    return fallbacks
 

@@ -19,7 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sara_megatron.compat import apply_cpu_compat, apply_no_transformer_engine_compat
+from sara_megatron.compat import (
+    apply_cpu_compat,
+    apply_no_transformer_engine_compat,
+    fallbacks_in_use,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +169,18 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_FALLBACKS_LOGGED = False
+
+
+def _log_fallbacks_once() -> None:
+    """One line in place of the start-up warnings silenced in `sara_megatron/__init__.py`."""
+    global _FALLBACKS_LOGGED
+    fallbacks = fallbacks_in_use()
+    if fallbacks and not _FALLBACKS_LOGGED:
+        log.info("fallbacks in use: %s", ", ".join(fallbacks))
+    _FALLBACKS_LOGGED = True
+
+
 def initialize_distributed(
     parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_minutes: int = 30
 ) -> DistributedEnv:
@@ -179,6 +195,7 @@ def initialize_distributed(
         apply_no_transformer_engine_compat()
     else:
         apply_cpu_compat()
+    _log_fallbacks_once()
 
     if not dist.is_initialized():
         # torchrun exports MASTER_* (and may serve the store itself): use them. Otherwise an
