@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 # several GB of CUDA packages.
 TORCH   ?= torch==2.13.0
 
-.PHONY: test demo experiment install clean
+.PHONY: test test-fast demo experiment install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv .venv
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Single-process tests only (no torchrun workers, no tool subprocesses, nothing over ~10 s).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not multiprocess and not slow" tests
 
 demo: $(STAMP)
 	PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 $(PY) tools/demo.py

@@ -1,13 +1,12 @@
 import os
-import subprocess
 import sys
-from pathlib import Path
 
+import launch
 import pytest
+from launch import REPO
 
-from sara_megatron.distributed import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+# Fixtures whose tests start processes: marked `multiprocess` (and `slow`) by the hook below.
+_PROCESS_FIXTURES = {"torchrun": ("multiprocess", "slow"), "sara_data": ("multiprocess", "slow")}
 
 
 def pytest_configure(config):
@@ -19,20 +18,22 @@ def pytest_configure(config):
         os.environ["SARA_VERIFY_CACHE"] = tempfile.mkdtemp(prefix="sara-verify-")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a process-starting fixture, so `-m "not multiprocess"` leaves it
+    out without each test saying so."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        marks = {mark for name in fixtures for mark in _PROCESS_FIXTURES.get(name, ())}
+        for mark in sorted(marks - {m.name for m in item.iter_markers()}):
+            item.add_marker(getattr(pytest.mark, mark))
+
+
 @pytest.fixture
 def torchrun(tmp_path):
     """Run a worker script under torchrun with N local processes; fail with its output."""
 
     def run(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> None:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-            str(REPO / script), *args,
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        proc = subprocess.run(
-            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        proc = launch.run(launch.torchrun_command(script, *args, nproc=nproc), tmp_path, timeout)
         if proc.returncode != 0:
             pytest.fail(
                 f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
@@ -72,14 +73,6 @@ def pytest_sessionfinish(session, exitstatus):
         pass
 
 
-def _run_checked(cmd, cwd, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 _INIT_CHECKPOINT = """
 import sys
 from sara_megatron.checkpointing import save_model_weights
@@ -105,15 +98,14 @@ def sara_data(tmp_path_factory):
     paths = write_synthetic_corpus(root / "corpus", 64, languages=("en", "hi", "sw"), max_words=24)
     build_local_tokenizer(corpus_texts(paths), root / "tokenizer", vocab_size=200)
     py = sys.executable
-    _run_checked([py, str(REPO / "tools/shard_corpus.py"), "--corpus", str(root / "corpus"),
+    launch.run_checked([py, str(REPO / "tools/shard_corpus.py"), "--corpus", str(root / "corpus"),
                   "--tokenizer", str(root / "tokenizer"), "--output", str(root / "shards"),
-                  "--anchor-language", "en", "--seq-length", "64"], cwd=root)
+                        "--anchor-language", "en", "--seq-length", "64"], cwd=root)
     (root / "init_checkpoint.py").write_text(_INIT_CHECKPOINT)
-    _run_checked([py, str(root / "init_checkpoint.py"), "qwen3_moe_tiny", str(root / "init"), "7"],
-                 cwd=root)
-    _run_checked([py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
-                  str(free_port()), str(REPO / "tools/extract_priors.py"), "--shards",
-                  str(root / "shards"), "--checkpoint", str(root / "init"), "--model",
-                  "qwen3_moe_tiny", "--output", str(root / "priors")], cwd=root)
+    launch.run_checked([py, str(root / "init_checkpoint.py"), "qwen3_moe_tiny", str(root / "init"),
+                        "7"], cwd=root)
+    launch.run_checked(launch.torchrun_command(
+        "tools/extract_priors.py", "--shards", root / "shards", "--checkpoint", root / "init",
+        "--model", "qwen3_moe_tiny", "--output", root / "priors", nproc=1), cwd=root)
     return {"root": root, "shards": root / "shards", "checkpoint": root / "init",
             "priors": root / "priors"}

@@ -109,6 +109,7 @@ def transformers_sequence_means(model, token_ids):
     return torch.stack([torch.softmax(logits.float(), -1).mean(0) for logits in out.router_logits])
 
 
+@pytest.mark.multiprocess
 def test_divergence_tool_on_a_benchmark_and_an_hf_folder(tmp_path, tiny_hf_model, shuffled_benchmarks):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     out = tmp_path

@@ -184,6 +184,7 @@ def test_bad_flags_exit_2(tmp_path, capsys, extra, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_kill_minus_9_and_rerun_gives_the_uninterrupted_file(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("OPENAI_API_KEY", None)

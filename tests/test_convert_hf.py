@@ -261,6 +261,7 @@ def _model_weights(hf_dir: Path, megatron_dir: Path) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
+@pytest.mark.multiprocess
 def test_export_of_an_ep2_training_checkpoint(torchrun, hf_models, imported, tmp_path):
     """A real training checkpoint: one step from the import on 2 gloo ranks with EP=2, so megatron
     chains two optimizers (dense and expert parameters) and saves their state beside the weights
@@ -337,6 +338,7 @@ def test_only_optimizer_state_is_skipped():
         assert not is_optimizer_state(key), key
 
 
+@pytest.mark.multiprocess
 def test_command_line_verify_prints_one_json_line(hf_models, imported):
     proc = _cli("verify", "--hf-dir", str(hf_models["qwen3_moe"]),
                 "--megatron-dir", str(imported["qwen3_moe"]), "--seq-len", "16")
@@ -360,6 +362,7 @@ def test_verify_thresholds():
 # --- bad input ----------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_unsupported_architecture_names_the_supported(hf_models, tmp_path):
     src = _copy_hf(hf_models["qwen3_moe"], tmp_path / "llama")
     cfg = json.loads((src / "config.json").read_text())
@@ -456,16 +459,26 @@ def test_export_refuses_several_launched_processes(tmp_path, monkeypatch, launch
 
 
 def test_export_runs_from_a_batch_script(monkeypatch):
-    """sbatch's batch step (SLURM_PROCID=0, SLURM_NTASKS=4, no srun step) is one process."""
+    """sbatch's batch step (SLURM_PROCID=0, SLURM_NTASKS=4, no srun step) is one process: export
+    goes ahead. The same variables inside an srun step (its step variables set) are refused."""
     from sara_megatron.conversion.hf_export import refuse_multi_process_launch
+    from sara_megatron.distributed import launcher_world_size
 
     for name in _LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    refuse_multi_process_launch()
+    assert launcher_world_size() == 1
+    assert refuse_multi_process_launch() is None  # returns, does not raise
+
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert launcher_world_size() == 4
+    with pytest.raises(ConversionError, match="one of 4 started by torchrun or srun"):
+        refuse_multi_process_launch()
 
 
+@pytest.mark.multiprocess
 def test_command_line_export_under_torchrun_exits_2(tmp_path):
     out = tmp_path / "hf"
     proc = _cli("export", "--megatron-dir", str(tmp_path / "mcore"), "--out", str(out),

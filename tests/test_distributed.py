@@ -97,6 +97,7 @@ def test_single_process_env(monkeypatch):
     assert (env.rank, env.world_size) == (0, 1) and env.master_port > 0
 
 
+@pytest.mark.multiprocess
 def test_cpu_compat_never_applies_with_cuda():
     code = (
         "import torch\n"
@@ -148,6 +149,7 @@ def test_routing_report_of_a_checkpoint_does_not_depend_on_the_layout(torchrun, 
         assert row["entropy"] == pytest.approx(other["entropy"], abs=1e-6), key
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("args, message", [
     (["--layers", "99"], "outside the model's 0..3"),
     (["--layers", "1-"], "bad layer selection"),

@@ -172,6 +172,7 @@ def _tool(base_url, output, *extra):
             "--runs", str(RUNS), "--output", str(output), *extra]
 
 
+@pytest.mark.multiprocess
 def test_killed_run_resumes_without_reasking(tmp_path):
     oracle = Oracle()
     output = tmp_path / "out"
@@ -210,6 +211,7 @@ def test_killed_run_resumes_without_reasking(tmp_path):
     assert "| Global-MMLU | sara |" in done.stdout
 
 
+@pytest.mark.multiprocess
 def test_tool_refuses_bad_flags(tmp_path):
     base = [sys.executable, str(REPO / "tools" / "evaluate.py"), "--output", str(tmp_path / "o")]
     cases = [
@@ -227,6 +229,7 @@ def test_tool_refuses_bad_flags(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
 
 
+@pytest.mark.multiprocess
 def test_chat_template_kwargs_and_native_templates_reach_the_server(tmp_path):
     templates = tmp_path / "templates.json"
     sw_math = "Swali:\n{question}\nWeka jibu la mwisho ndani ya \\boxed{}."

@@ -33,6 +33,7 @@ def _train_py(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.multiprocess
 def test_train_py_prints_config_errors_as_one_line(tmp_path):
     proc = _train_py("--set", "optim.lr=inf", cwd=tmp_path)
     assert proc.returncode == 2

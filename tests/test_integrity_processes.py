@@ -41,6 +41,7 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_kill_9_of_the_launcher_leaves_no_process_of_the_run(tmp_path):
     marker = f"SARA_TEST_RUN={uuid.uuid4().hex}"
@@ -145,6 +146,7 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+@pytest.mark.multiprocess
 def test_a_full_disk_is_named_and_a_failed_save_leaves_nothing(single_rank, tiny_disk, tmp_path,
                                                                capsys):
     """A training save and a conversion onto a disk too small for them: the save fails with

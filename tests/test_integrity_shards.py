@@ -129,6 +129,7 @@ def test_the_corpus_fingerprint_comes_from_the_files(single_rank, sara_data, sha
         Trainer(load_train_config(None, _config_args(sara_data, **settings)))
 
 
+@pytest.mark.multiprocess
 def test_a_tool_names_the_damaged_shard_in_one_line_and_the_advice_repairs_it(sara_data, shards):
     """routing_divergence.py (one process) on a damaged copy: exit 2 and one line naming the
     file, not a traceback. Deleting the shard's marker and re-running shard_corpus.py, as the

@@ -240,31 +240,26 @@ _MOCK_RUN = [arg for value in ("model.num_layers=2", "data.mock=true", "data.seq
              for arg in ("--set", value)]
 
 
-def _torchrun_output(tmp_path, *args, nproc=2, timeout=90):
-    import os
-    import subprocess
+def _torchrun_output(tmp_path, script, *args, nproc=2, timeout=90):
+    import launch
 
-    from conftest import REPO
-
-    from sara_megatron.distributed import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), *[str(a).replace("{repo}", str(REPO)) for a in args]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # A hang shows as subprocess.TimeoutExpired.
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+    proc = launch.run(launch.torchrun_command(
+        script, *[str(a).replace("{repo}", str(launch.REPO)) for a in args], nproc=nproc),
+        tmp_path, timeout, start_new_session=True)
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_a_bad_json_log_fails_a_two_rank_run_at_once(tmp_path):
-    code, output = _torchrun_output(tmp_path, "{repo}/tools/train.py", *_MOCK_RUN,
+    code, output = _torchrun_output(tmp_path, "tools/train.py", *_MOCK_RUN,
                                     "--set", f"logging.json_log={tmp_path}/missing/log.jsonl")
     assert code != 0
     assert "logging.json_log" in output and "does not exist" in output, output[-3000:]
     assert "rank 0 failed" in output
 
 
+@pytest.mark.multiprocess
 def test_an_error_on_one_rank_mid_run_ends_the_job(tmp_path):
     (tmp_path / "breaks.py").write_text(_RANK0_WRITER_BREAKS)
     code, output = _torchrun_output(tmp_path, tmp_path / "breaks.py", "{repo}/tools/train.py",
@@ -274,13 +269,14 @@ def test_an_error_on_one_rank_mid_run_ends_the_job(tmp_path):
     assert "rank 0 failed" in output
 
 
+@pytest.mark.multiprocess
 def test_relaunching_a_finished_run_logs_its_resume_and_resave(tmp_path):
     """Rank 0 shows the library's INFO lines (they were filtered out at WARNING). A finished run
     launched again resumes at its last step, trains nothing and saves that iteration again, in
     place of the old copy."""
     save = ["--set", f"checkpoint.save_dir={tmp_path}/ckpt", "--set", "logging.log_interval=100"]
     for launch in ("first", "again"):
-        code, output = _torchrun_output(tmp_path, "{repo}/tools/train.py", *_MOCK_RUN, *save,
+        code, output = _torchrun_output(tmp_path, "tools/train.py", *_MOCK_RUN, *save,
                                         nproc=1)
         assert code == 0, output[-3000:]
         assert "saved " in output and "iter_0000003" in output, (launch, output[-3000:])

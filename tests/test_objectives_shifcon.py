@@ -2,15 +2,12 @@
 shift and contrastive term inside the model against plain autograd, zero coefficient and equal
 vectors reproduce FFT exactly, and a training step logs its contrastive term."""
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, _run_checked
+import launch
 
-from sara_megatron.distributed import free_port
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
 from sara_megatron.sara.shifcon import (
@@ -27,11 +24,10 @@ LAYERS = (1, 3)
 @pytest.fixture(scope="module")
 def vectors_file(sara_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("shifcon") / "vectors.safetensors"
-    _run_checked([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-                  "--master-port", str(free_port()), str(REPO / "tools/extract_language_vectors.py"),
-                  "--shards", str(sara_data["shards"]), "--checkpoint", str(sara_data["checkpoint"]),
-                  "--model", "qwen3_moe_tiny", "--output", str(out), "--layers", "1,3",
-                  "--micro-batch-size", "5"], cwd=out.parent)
+    launch.run_checked(launch.torchrun_command(
+        "tools/extract_language_vectors.py", "--shards", sara_data["shards"], "--checkpoint",
+        sara_data["checkpoint"], "--model", "qwen3_moe_tiny", "--output", out, "--layers", "1,3",
+        "--micro-batch-size", "5", nproc=1), cwd=out.parent)
     return out
 
 

@@ -107,6 +107,7 @@ def test_a_translation_that_drops_a_slot_is_refused(tmp_path):
         load_templates(path)
 
 
+@pytest.mark.multiprocess
 def test_templates_translated_by_translate_corpus(tmp_path):
     """The English templates go through tools/translate_corpus.py (against a stand-in translator
     on 127.0.0.1 that writes Devanagari words and keeps slots and \\boxed{}) and come back as

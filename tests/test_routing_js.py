@@ -1,6 +1,6 @@
 """`sequence_routing_js`: the reference against float64 finite differences and an independent
-per-sequence computation, the gradient formulas of DESIGN.md, input checks, and the Triton kernels
-against the reference (in Triton's interpreter, in a process of its own: triton chooses its
+per-sequence computation, the gradient formulas of docs/kernel.md, input checks, and the Triton
+kernels against the reference (in Triton's interpreter, in a process of its own: triton chooses its
 interpreter when it is first imported, see kernels/routing_js_triton.py)."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_js_gradient_with_respect_to_mean_is_half_log_ratio():
 
 
 def test_token_gradient_is_softmax_projection_of_mean_gradient():
-    """∂L/∂logits_t = R(t) ⊙ (g − ⟨g, R(t)⟩) / C_b with g = ∂L/∂Q̄_b (DESIGN.md)."""
+    """∂L/∂logits_t = R(t) ⊙ (g − ⟨g, R(t)⟩) / C_b with g = ∂L/∂Q̄_b (docs/kernel.md, "Gradient")."""
     logits, segment_ids, prior, upstream = _small_problem()
     logits.requires_grad_(True)
     js, counts = sequence_routing_js_reference(logits, segment_ids, prior, return_counts=True)
@@ -218,6 +218,7 @@ def interpreter_results(tmp_path_factory):
     return payload
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", routing_js_cases.CASES, ids=lambda case: case.name)
 def test_kernel_matches_reference(interpreter_results, case):
     result = interpreter_results["cases"][case.name]
@@ -235,6 +236,7 @@ def test_kernel_matches_reference(interpreter_results, case):
         assert result["empty_sequences"] >= 1  # every layout leaves one sequence without tokens
 
 
+@pytest.mark.multiprocess
 def test_split_chunk_paths_share_the_chunks_between_two_launches(interpreter_results):
     report = interpreter_results["split_chunk_paths"]
     assert report["launches"] == [1, 2]
@@ -246,6 +248,7 @@ def test_split_chunk_paths_share_the_chunks_between_two_launches(interpreter_res
     assert report["split_vs_one_launch"] <= 1e-6
 
 
+@pytest.mark.multiprocess
 def test_finalize_keeps_its_digits_near_the_mean_and_stays_finite_when_lopsided(
     interpreter_results,
 ):
@@ -257,6 +260,7 @@ def test_finalize_keeps_its_digits_near_the_mean_and_stays_finite_when_lopsided(
     assert report["lopsided_js_rel_error"] <= 1e-6, report
 
 
+@pytest.mark.multiprocess
 def test_kernel_contract_edges(interpreter_results):
     report = interpreter_results["contract"]
     # Unvalidated ids beyond int32 are ignored like any other out-of-range id, not wrapped.
@@ -268,6 +272,7 @@ def test_kernel_contract_edges(interpreter_results):
     assert "not twice differentiable" in report["double_backward"]
 
 
+@pytest.mark.multiprocess
 def test_kernel_keeps_only_logits_and_small_statistics_for_backward(interpreter_results):
     report = interpreter_results["saved_tensors"]
     small = report["layers_sequences_experts"]

@@ -206,6 +206,7 @@ def test_compiled_kernels_take_exponentials_with_one_ftz_instruction_and_fuse_mu
             assert "mul.rn.f32" not in ptx and "add.rn.f32" not in ptx, direction
 
 
+@pytest.mark.multiprocess
 @compiled_only
 def test_tune_tool_reports_compiled_facts_without_a_gpu(tmp_path):
     if torch.cuda.is_available():

@@ -19,6 +19,8 @@ sys.path.insert(0, str(HERE))
 
 import routing_js_distributed_worker as worker  # noqa: E402
 
+pytestmark = pytest.mark.multiprocess
+
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):

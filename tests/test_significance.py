@@ -107,6 +107,7 @@ def run_tool(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.multiprocess
 def test_tool_from_results_folders_with_items(tmp_path):
     sara, fft = PAPER_ROWS[("belebele", "qwen3")]
     languages = ["hi", "ne", "bn", "te", "sw", "en"]
@@ -131,6 +132,7 @@ def test_tool_from_results_folders_with_items(tmp_path):
     assert "p one-tailed" in proc.stdout and "item level, 30 items" in proc.stdout
 
 
+@pytest.mark.multiprocess
 def test_tool_scores_and_errors():
     proc = run_tool("--treatment-scores", "74.66,72.60,72.70,65.76,61.00,82.45",
                     "--baseline-scores", "73.97,71.91,71.72,65.60,59.39,81.80", "--json")

@@ -20,6 +20,8 @@ from sara_megatron.distributed import free_port
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import build_model
 
+pytestmark = pytest.mark.multiprocess
+
 # Rank 1 fails right after loading the weights, while rank 0 goes on into the next collective
 # (the model fingerprint's broadcast): the situation of an OOM on one GPU.
 _RANK1_FAILS_AFTER_LOAD = """

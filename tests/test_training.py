@@ -121,6 +121,7 @@ def test_two_microbatches_of_one_equal_one_of_two(single_rank, sara_data):
         torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.multiprocess
 def test_kill_and_resume_follows_the_same_losses(torchrun, sara_data, tmp_path):
     steps = 8
     full = _train(torchrun, sara_data, tmp_path, "full", **{"parallel.ep": 2,

@@ -95,6 +95,7 @@ def truncated(body):
     return Fault.reply(spoilt_reply(body, lambda k, good, source: good[: len(good) // 2]), "length")
 
 
+@pytest.mark.multiprocess
 def test_faults_are_retried_and_the_corpus_is_complete_and_correct(tmp_path):
     anchors = write_anchors(tmp_path / "en.jsonl", 12)
     plan = {0: Fault.rate_limit(0.2), 1: Fault.server_error(500), 2: Fault.drop_connection(),
@@ -159,6 +160,7 @@ def test_a_persistent_fault_is_reported_not_written(tmp_path, monkeypatch):
     assert (summary["translated"], summary["failed"], summary["retries"]) == (7, 1, 2)
 
 
+@pytest.mark.multiprocess
 def test_kill_and_rerun_pays_for_nothing_twice(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     anchors = write_anchors(tmp_path / "en.jsonl", 40)
@@ -196,6 +198,7 @@ def test_kill_and_rerun_pays_for_nothing_twice(tmp_path, monkeypatch):
     assert rerun["requested"] == len(second_run) == 80 - rerun["cached"]
 
 
+@pytest.mark.multiprocess
 def test_dry_run_sends_nothing_and_estimates(tmp_path):
     anchors = write_anchors(tmp_path / "en.jsonl", 5)
     prices = tmp_path / "prices.json"
@@ -252,6 +255,7 @@ def test_split_messages_and_structured_output(tmp_path, monkeypatch):
     assert read_corpus(tmp_path / "split") == read_corpus(tmp_path / "json") == expected_corpus(anchors)
 
 
+@pytest.mark.multiprocess
 def test_gpt5_family_requests(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     write_anchors(tmp_path / "en.jsonl", 1)
@@ -268,6 +272,7 @@ def test_gpt5_family_requests(tmp_path, monkeypatch):
     assert proc.returncode == 2 and "translate_corpus.py: error: --temperature" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_a_refused_key_stops_the_run(tmp_path):
     write_anchors(tmp_path / "en.jsonl", 3)
     with LocalChatServer(TRANSLATOR, faults=lambda i, body: Fault.server_error(401)) as server:
@@ -283,6 +288,7 @@ def test_a_refused_key_stops_the_run(tmp_path):
     assert proc.returncode == 2 and "error: no reply from" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_batch_end_to_end_and_resume_after_a_kill(tmp_path):
     anchors = write_anchors(tmp_path / "en.jsonl", 6)
 
