@@ -19,10 +19,13 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
 
 
-def build_local_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 200):
+def build_local_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 200,
+                          limit_alphabet: int = 64):
     """Train a BPE tokenizer on `texts`, save it (save_pretrained) to `out_dir` and return it.
 
-    Ids stay below `vocab_size`, so a model with that vocabulary can embed every token.
+    Ids stay below `vocab_size`, so a model with that vocabulary can embed every token. At most
+    `limit_alphabet` distinct characters are kept; rarer ones become `<unk>` (texts in several
+    scripts need more than the default).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -32,7 +35,7 @@ def build_local_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, voca
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), limit_alphabet=64,
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), limit_alphabet=limit_alphabet,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)

@@ -25,29 +25,11 @@ class ModelShape:
 
 
 def build_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int):
-    """A BPE tokenizer over the experiment's texts, with the chat template of the project's local
-    tokenizer. Built here rather than by `data.local_tokenizer.build_local_tokenizer` because that
-    one keeps at most 64 characters and the experiment's four scripts need about a hundred."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The project's local BPE tokenizer over the experiment's texts; its four scripts need about
+    a hundred distinct characters, more than the local tokenizer's default alphabet."""
+    from sara_megatron.data.local_tokenizer import build_local_tokenizer
 
-    from sara_megatron.data.local_tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder()
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), limit_alphabet=256,
-        show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHATML_TEMPLATE
-    if len(fast) > vocab_size:
-        raise RuntimeError(f"tokenizer has {len(fast)} ids, more than vocab_size={vocab_size}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(os.fspath(out_dir))
-    return fast
+    return build_local_tokenizer(texts, out_dir, vocab_size=vocab_size, limit_alphabet=256)
 
 
 def write_random_hf_model(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, seed: int) -> None:
