@@ -100,6 +100,8 @@ def reduced_experiment(tmp_path_factory):
     return work
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_reduced_experiment_report_parses_back(reduced_experiment):
     work = reduced_experiment
     report = (work / "report.md").read_text()
@@ -141,6 +143,8 @@ def test_reduced_experiment_report_parses_back(reduced_experiment):
     assert "### Wall time" in verdict and "base:train" in verdict
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_reduced_experiment_base_model_learned_the_anchor(reduced_experiment):
     base = read_results(reduced_experiment / "eval" / "base")["benchmarks"]
     assert base["mgsm"][ANCHOR]["mean"] > 0.0  # chance for a free-form number is ~0
@@ -150,6 +154,8 @@ def test_reduced_experiment_base_model_learned_the_anchor(reduced_experiment):
     assert log[-1]["ce"] < log[0]["ce"] / 2
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_reduced_experiment_reuses_the_cached_base(reduced_experiment, capsys, monkeypatch):
     from sara_megatron.experiment import base_model as base_module
     from sara_megatron.experiment.run import reduced_settings

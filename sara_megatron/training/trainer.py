@@ -605,6 +605,10 @@ class Trainer:
             self.shifcon.reset_stats()
         if self.aes is not None:
             self._prepare_aes(microbatches, float(loss_tokens / tokens.clamp_min(1)))
+        # The step's LB is read back from megatron's process-wide tracker: start it empty, so a
+        # forward outside the step (the anchor passes of online priors and ShifCon, AES
+        # calibration, another model in the same process) cannot add to this step's value.
+        clear_aux_losses_tracker()
         observer = self.sara if self.sara is not None else self.aes
         with observe_routers(observer) if observer is not None else contextlib.nullcontext():
             reduced = get_forward_backward_func()(
