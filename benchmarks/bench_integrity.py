@@ -1,7 +1,7 @@
 """What integrity costs: first-open verification of token shards and of a checkpoint, per GB, and
 the cost of later opens (the stamp vouches for unchanged files).
 
-    python benchmarks/bench_integrity.py --work /tmp/bench_integrity --shard-gb 1 --checkpoint-gb 1
+    python benchmarks/bench_integrity.py --work out/bench_integrity --shard-gb 1 --checkpoint-gb 1
 
 Token shards: random uint16 tokens written as Megatron indexed datasets with a manifest (as
 tools/shard_corpus.py writes them), then opened with `TokenShards`:
