@@ -30,6 +30,8 @@ setup(
         "safetensors",
         "numpy",
         "pyyaml",
+        # Typed training configs: validation with the offending key's dotted name.
+        "pydantic>=2",
         # megatron-core's checkpoint writer imports psutil; einops is used by its attention code.
         "psutil",
         "einops",
