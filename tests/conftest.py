@@ -6,7 +6,8 @@ import pytest
 from launch import REPO
 
 # Fixtures whose tests start processes: marked `multiprocess` (and `slow`) by the hook below.
-_PROCESS_FIXTURES = {"torchrun": ("multiprocess", "slow"), "sara_data": ("multiprocess", "slow")}
+_PROCESS_FIXTURES = {"torchrun": ("multiprocess", "slow"), "torchrun_cases": ("multiprocess", "slow"),
+                     "sara_data": ("multiprocess", "slow")}
 
 
 def pytest_configure(config):
@@ -41,6 +42,22 @@ def torchrun(tmp_path):
             )
 
     return run
+
+
+@pytest.fixture(scope="module")
+def torchrun_cases(tmp_path_factory):
+    """Launch a many-case worker once per distinct set of arguments in this module (at the first
+    test that asks) and return its `launch.CaseLaunch`; later tests of the module reuse it."""
+    launches = {}
+
+    def get(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> launch.CaseLaunch:
+        key = (script, args, nproc)
+        if key not in launches:
+            launches[key] = launch.CaseLaunch(script, *args, nproc=nproc, timeout=timeout,
+                                              out_dir=tmp_path_factory.mktemp("cases"))
+        return launches[key]
+
+    return get
 
 
 @pytest.fixture(scope="module")

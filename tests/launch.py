@@ -36,3 +36,27 @@ def run_checked(cmd, cwd, timeout: int = 600, **popen) -> subprocess.CompletedPr
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
                            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+class CaseLaunch:
+    """One torchrun launch of a worker that runs many test cases in turn (the processes and their
+    imports start once) and writes <out_dir>/<case>.json as each case ends. Each parametrized test
+    reads its own case; a case that left no file fails its test with the launch's output, while
+    the cases before it still assert."""
+
+    def __init__(self, script, *args, out_dir: Path, nproc: int = 2, timeout: int = 600):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = run(torchrun_command(script, *args, "--out-dir", self.out_dir, nproc=nproc),
+                        self.out_dir, timeout)
+
+    def result(self, case: str) -> dict:
+        import json
+
+        import pytest
+
+        path = self.out_dir / f"{case}.json"
+        if not path.is_file():
+            pytest.fail(f"case {case} left no result; the launch exited {self.proc.returncode}:\n"
+                        f"{self.proc.stdout[-4000:]}\n{self.proc.stderr[-8000:]}")
+        return json.loads(path.read_text())

@@ -1,30 +1,54 @@
 """EP=2, TP=2 with sequence parallel, PP=2 and context parallel (alone, with EP, with TP) on gloo
-give the single-rank loss and routing."""
+give the single-rank loss and routing.
+
+Every case of one world size runs in one torchrun launch (tests/workers/parallel_parity.py loops
+over them; the processes start once and each preset's reference is built once); each test reads
+its case's result."""
 
 import json
 
 import pytest
 
 LAYOUTS = {
-    "ep2": ["--ep", "2"],
-    "tp2_sp": ["--tp", "2"],
-    "pp2": ["--pp", "2"],
-    "cp2": ["--cp", "2"],
-    "cp2_ep2": ["--cp", "2", "--ep", "2"],
-    "tp2_sp_cp2": ["--tp", "2", "--cp", "2"],
+    "ep2": {"ep": 2},
+    "tp2_sp": {"tp": 2},
+    "pp2": {"pp": 2},
+    "cp2": {"cp": 2},
+    "cp2_ep2": {"cp": 2, "ep": 2},
+    "tp2_sp_cp2": {"tp": 2, "cp": 2},
 }
 NPROC = {"tp2_sp_cp2": 4}
+PRESETS = ["qwen3_moe_tiny", "phi35_moe_tiny"]
+OBJECTIVE_PRESET = "qwen3_moe_tiny"
+OBJECTIVE_LAYOUTS = ["ep2", "pp2", "tp2_sp"]
+OBJECTIVES = ["aes", "kl", "js_entropy_normalised", "shifcon", "online"]
+
+
+def _cases(nproc: int) -> list[dict]:
+    """The cases of one launch: every preset at every layout of that world size; at the objective
+    layouts the objectives run too (after the loss and routing, which they leave as they are)."""
+    return [{"name": f"{preset}-{layout}", "preset": preset, **parallel,
+             "objectives": OBJECTIVES if (preset == OBJECTIVE_PRESET
+                                          and layout in OBJECTIVE_LAYOUTS) else []}
+            for preset in PRESETS for layout, parallel in LAYOUTS.items()
+            if NPROC.get(layout, 2) == nproc]
+
+
+@pytest.fixture(scope="module")
+def layout_result(torchrun_cases):
+    def get(preset: str, layout: str) -> dict:
+        nproc = NPROC.get(layout, 2)
+        launch = torchrun_cases("tests/workers/parallel_parity.py", "--cases",
+                                json.dumps(_cases(nproc)), nproc=nproc, timeout=900)
+        return launch.result(f"{preset}-{layout}")
+
+    return get
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("preset", ["qwen3_moe_tiny", "phi35_moe_tiny"])
-def test_layout_matches_single_rank(torchrun, tmp_path, preset, layout):
-    out = tmp_path / "result.json"
-    torchrun(
-        "tests/workers/parallel_parity.py", "--preset", preset, *LAYOUTS[layout],
-        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out), nproc=NPROC.get(layout, 2),
-    )
-    result = json.loads(out.read_text())
+@pytest.mark.parametrize("preset", PRESETS)
+def test_layout_matches_single_rank(layout_result, preset, layout):
+    result = layout_result(preset, layout)
     rel = abs(result["loss"] - result["ref_loss"]) / abs(result["ref_loss"])
     assert rel <= 1e-5, (result["loss"], result["ref_loss"])
 
@@ -42,20 +66,14 @@ def test_layout_matches_single_rank(torchrun, tmp_path, preset, layout):
             assert abs(sum(row) - 1.0) <= 1e-5
 
 
-@pytest.mark.parametrize("layout", ["ep2", "pp2", "tp2_sp"])
-def test_objectives_match_single_rank(torchrun, tmp_path, layout):
+@pytest.mark.parametrize("layout", OBJECTIVE_LAYOUTS)
+def test_objectives_match_single_rank(layout_result, layout):
     """Issue 19's objectives (AES, ShifCon, the KL and entropy-normalised JS variants of SARA)
     under EP=2, PP=2 and TP=2 with sequence parallel: each term's value, its whole gradient's norm and every router's gradient
     equal the single-rank ones (AES's orthogonality term sums a token's expert outputs over EP
     ranks; ShifCon shifts on one stage and contrasts on the other at PP=2); online
     priors taken through the layout's schedule equal the single-rank routing means."""
-    out = tmp_path / "result.json"
-    torchrun(
-        "tests/workers/parallel_parity.py", "--preset", "qwen3_moe_tiny", *LAYOUTS[layout],
-        "--ckpt", str(tmp_path / "ckpt"), "--out", str(out),
-        "--objectives", "aes,kl,js_entropy_normalised,shifcon,online",
-    )
-    full = json.loads(out.read_text())
+    full = layout_result(OBJECTIVE_PRESET, layout)
     assert sorted(full["online_priors"]) == sorted(full["ref_routing"])
     for layer, ref in full["ref_routing"].items():
         got = full["online_priors"][layer]

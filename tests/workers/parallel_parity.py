@@ -1,26 +1,30 @@
-"""torchrun worker: one layout's loss and dense routing vs the single-rank model on the same weights.
+"""torchrun worker: layouts' loss and dense routing vs the single-rank model on the same weights.
 
-Phase 1 builds the model at TP=EP=PP=1 (every rank identical) and records the reference: mean
-token loss over the whole batch and each layer's captured sequence-mean routing. It saves the
-weights with dist_checkpointing. Phase 2 re-initialises Megatron at the requested layout, loads the
-weights and runs the same batch through megatron's pipeline schedule with backward. Rank 0 writes
-both to --out as JSON. The batch has padding, so the masks are exercised.
+Each case of --cases names a preset and a layout. Per preset, phase 1 builds the model at
+TP=EP=PP=1 (every rank identical) and records the reference: mean token loss over the whole batch
+and each layer's captured sequence-mean routing; it saves the weights with dist_checkpointing.
+Phase 2, per case, re-initialises Megatron at the case's layout, loads the weights and runs the
+same batch through megatron's pipeline schedule with backward. Rank 0 writes both to
+<out-dir>/<case>.json as each case ends. The batch has padding, so the masks are exercised. One
+launch runs many cases: the processes start once and each reference is built once.
 
-With --objectives (issue 19: aes, kl, js_entropy_normalised) each objective's term alone is also
-run forward and backward on both sides (the CE output is multiplied by 0): its value, the squared
-norm of its whole gradient and each router's gradient, reduced over the ranks that hold them.
+With objectives in a case (issue 19: aes, kl, js_entropy_normalised, shifcon) each objective's
+term alone is also run forward and backward on both sides (the CE output is multiplied by 0): its
+value, the squared norm of its whole gradient and each router's gradient, reduced over the ranks
+that hold them; "online" adds the online priors taken through the layout's schedule.
 """
 
 import argparse
 import contextlib
 import json
-import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights, save_model_weights
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.io import write_json_atomic
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import build_model, causal_attention_mask
 from sara_megatron.models.context_parallel import context_parallel_slice
@@ -225,48 +229,50 @@ def _merge_routers(routers):
     return merged
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="qwen3_moe_tiny")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--cp", type=int, default=1)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--objectives", default="", help="comma-separated: aes, kl, js_entropy_normalised")
-    args = p.parse_args()
-    objectives = [o for o in args.objectives.split(",") if o]
-
+def reference(preset: str, objectives: list[str], ckpt: str) -> dict:
+    """The single-rank side of `preset` (every rank identical): loss sums, routing, priors and
+    each objective's term; the weights saved to `ckpt` for the layouts to load."""
     initialize_distributed(ParallelConfig())
-    arch = get_preset(args.preset)
+    arch = get_preset(preset)
     layers = list(range(arch.num_layers))
     tokens, labels, padding = make_batch(arch.vocab_size)
     model = build_model(arch)
     model.eval()  # deterministic routing (sparsemixer samples in training mode)
-    ref_sums, ref_routing = run_model(model, tokens, labels, padding, layers)
+    sums, routing = run_model(model, tokens, labels, padding, layers)
     torch.manual_seed(99)  # the same priors on every rank
     priors = torch.distributions.Dirichlet(torch.full((arch.num_experts,), 0.5)).sample(
         (len(layers), BATCH))
     terms = [o for o in objectives if o != "online"]
     ref_objectives = {o: run_objective(model, tokens, padding, priors, o, reduce=False)
                       for o in terms}
-    save_model_weights(model, args.ckpt)
-    del model
+    save_model_weights(model, ckpt)
+    return {"arch": arch, "layers": layers, "batch": (tokens, labels, padding), "sums": sums,
+            "routing": routing, "priors": priors, "objectives": ref_objectives}
 
+
+def run_layout(ref: dict, case: dict, ckpt: str):
+    """One layout against its preset's reference; the result dict on rank 0, None elsewhere."""
     from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    initialize_distributed(ParallelConfig(tp=args.tp, ep=args.ep, pp=args.pp, cp=args.cp))
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # no state from the previous case
+    objectives = case.get("objectives", [])
+    arch, layers, priors = ref["arch"], ref["layers"], ref["priors"]
+    tokens, labels, padding = ref["batch"]
+    initialize_distributed(ParallelConfig(tp=case.get("tp", 1), ep=case.get("ep", 1),
+                                          pp=case.get("pp", 1), cp=case.get("cp", 1)))
     model = build_model(arch)
-    load_model_weights(model, args.ckpt)
+    load_model_weights(model, ckpt)
     model.eval()
     # Data parallel ranks (EP folds into them) take disjoint slices of the batch.
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
     sums, routing = run_model(model, tokens[rows], labels[rows], padding[rows], layers)
+    terms = [o for o in objectives if o != "online"]
     layout_objectives = {o: run_objective(model, tokens[rows], padding[rows], priors[:, rows], o,
                                           row_offset=rows.start)
                          for o in terms}
+    ref_objectives = ref["objectives"]
     objective_results = {
         o: {"ref": {"value": ref_objectives[o][0], "grad_sq": ref_objectives[o][1],
                     "routers": {str(k): v for k, v in ref_objectives[o][2].items()}},
@@ -297,28 +303,44 @@ def main():
     mine = {layer: (rows.start, mean.tolist()) for layer, mean in routing.items()}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    if dist.get_rank() == 0:
-        merged = {}
-        for part in gathered:
-            for layer, (start, rows_mean) in part.items():
-                merged.setdefault(layer, {})[start] = rows_mean
-        layout_routing = {
-            layer: [row for start in sorted(parts) for row in parts[start]]
-            for layer, parts in merged.items()
-        }
-        # TP and CP ranks report the same rows under the same start offset: the dict keeps one.
-        result = {
-            "ref_loss": (ref_sums[0] / ref_sums[1]).item(),
-            "loss": (total[0] / total[1]).item(),
-            "ref_routing": {str(k): v.tolist() for k, v in ref_routing.items()},
-            "routing": {str(k): v for k, v in layout_routing.items()},
-            "layers_by_rank": [sorted(part) for part in gathered],
-            "objectives": objective_results,
-            "online_priors": {str(layer): [row for start in sorted(parts) for row in parts[start]]
-                              for layer, parts in _merge_rows(gathered_online).items()},
-        }
-        with open(args.out, "w") as f:
-            json.dump(result, f)
+    if dist.get_rank() != 0:
+        return None
+    # TP and CP ranks report the same rows under the same start offset: the dict keeps one.
+    layout_routing = {layer: [row for start in sorted(parts) for row in parts[start]]
+                      for layer, parts in _merge_rows(gathered).items()}
+    ref_sums = ref["sums"]
+    return {
+        "ref_loss": (ref_sums[0] / ref_sums[1]).item(),
+        "loss": (total[0] / total[1]).item(),
+        "ref_routing": {str(k): v.tolist() for k, v in ref["routing"].items()},
+        "routing": {str(k): v for k, v in layout_routing.items()},
+        "layers_by_rank": [sorted(part) for part in gathered],
+        "objectives": objective_results,
+        "online_priors": {str(layer): [row for start in sorted(parts) for row in parts[start]]
+                          for layer, parts in _merge_rows(gathered_online).items()},
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", required=True,
+                   help="JSON list of {name, preset, tp, ep, pp, cp, objectives}; objectives among "
+                        "aes, kl, js_entropy_normalised, shifcon, online")
+    p.add_argument("--out-dir", required=True, help="<name>.json per case, written as each ends")
+    args = p.parse_args()
+    cases = json.loads(args.cases)
+    out_dir = Path(args.out_dir)
+    # One launch runs every case: the processes start once and each preset's reference is built
+    # once, with the union of its cases' objectives.
+    for preset in dict.fromkeys(c["preset"] for c in cases):
+        mine = [c for c in cases if c["preset"] == preset]
+        objectives = list(dict.fromkeys(o for c in mine for o in c.get("objectives", [])))
+        ckpt = str(out_dir / f"ckpt-{preset}")
+        ref = reference(preset, objectives, ckpt)
+        for case in mine:
+            result = run_layout(ref, case, ckpt)
+            if result is not None:
+                write_json_atomic(out_dir / f"{case['name']}.json", result)
     destroy_distributed()
 
 
