@@ -10,6 +10,10 @@
         batch.sample_ids                                                 # B ids
         batch.priors                                                     # [L_sel, B, N] fp32
 
+With `packing=True` a row holds several whole samples (data/packing.py, data/packed_loader.py):
+`sample_ids` and the priors' B are then the samples, not the rows, and `segment_ids` maps each
+token to its sample.
+
 A target-language sample is trained against the prior of its anchor (same sample id); when the
 anchors themselves train too (`languages="all"`), against their own prior. Priors are looked up by
 sample id, never by position, and the prior store must cover every training sample, come from the
@@ -68,6 +72,9 @@ class SaraDataConfig:
     # Batches also carry their samples' anchor-language rows (anchor_tokens,
     # anchor_padding_mask) for online priors (sara.priors: online, data/anchor_rows.py).
     anchor_rows: bool = False
+    # Several whole samples per row (data/packing.py); needs build_sara_data_loader's
+    # global_batch_size. Batches then carry position_ids, segment_ids and step_micro_batches.
+    packing: bool = False
 
 
 @dataclasses.dataclass
@@ -89,9 +96,15 @@ class SaraMicroBatch:
     # [B, S] the anchor translation of each sample (same padding length), when asked for.
     anchor_tokens: Optional[torch.Tensor] = None
     anchor_padding_mask: Optional[torch.Tensor] = None
+    # Packed batches (data/packing.py): [B, S] positions restarting at 0 for each sample, and
+    # [B, S] segment ids, the index of each token's sample in sample_ids (-1 = padding); the
+    # step's number of micro-batches on this rank. None: one sample per row.
+    position_ids: Optional[torch.Tensor] = None
+    segment_ids: Optional[torch.Tensor] = None
+    step_micro_batches: Optional[int] = None
 
     _TENSORS = ("tokens", "labels", "loss_mask", "padding_mask", "priors", "prior_rows",
-                "anchor_tokens", "anchor_padding_mask")
+                "anchor_tokens", "anchor_padding_mask", "position_ids", "segment_ids")
 
     def _map(self, fn) -> "SaraMicroBatch":
         changes = {k: fn(getattr(self, k)) for k in self._TENSORS if getattr(self, k) is not None}
@@ -255,9 +268,12 @@ class SaraDataLoader(torch.utils.data.DataLoader):
 def build_sara_data_loader(config: SaraDataConfig, dp_rank: int = 0, dp_size: int = 1,
                            consumed_samples: int = 0, num_workers: int = 0,
                            pin_memory: bool = False,
-                           prior_device: Union[torch.device, str, None] = None
+                           prior_device: Union[torch.device, str, None] = None,
+                           global_batch_size: Optional[int] = None,
                            ) -> SaraDataLoader:
     """This data-parallel rank's micro-batches, from `consumed_samples` on (global count).
+    With `config.packing`, the packed micro-batches of each global batch of `global_batch_size`
+    samples (see data/packed_loader.py).
     With priors and `config.prior_table`, `loader.prior_table` holds them on `prior_device`
     (None: CPU); fill a batch's priors with `batch.with_priors(loader.prior_table)`."""
     shards = TokenShards(config.shards_dir, verify=config.verify_shards)
@@ -280,6 +296,15 @@ def build_sara_data_loader(config: SaraDataConfig, dp_rank: int = 0, dp_size: in
     elif config.prior_layers is not None:
         raise ValueError("prior_layers given without a prior_store")
     order = GlobalSampleOrder(len(dataset), config.seed, config.shuffle)
+    if config.packing:
+        from sara_megatron.data.packed_loader import packed_layout
+
+        sampler, packed_dataset, collate = packed_layout(
+            config, dataset, order, global_batch_size, dp_rank, dp_size, consumed_samples,
+            config.seq_length or shards.seq_length, store, prior_layers, table)
+        return SaraDataLoader(packed_dataset, batch_sampler=sampler, collate_fn=collate,
+                              num_workers=num_workers, pin_memory=pin_memory,
+                              persistent_workers=num_workers > 0, prior_table=table)
     sampler = RankMicroBatchSampler(order, config.epochs * len(dataset), config.micro_batch_size,
                                     dp_rank, dp_size, consumed_samples)
     anchor_rows = None

@@ -1,0 +1,160 @@
+"""The packed form of the SARA data loader (`SaraDataConfig.packing`): per step, this rank's
+micro-batches of the packed global batch (`data/packing.py` has the rule).
+
+The batch sampler plans each step's packing from the samples' token counts (the shards'
+metadata, no token read) and yields one key list per micro-batch; the collator lays the rows out
+and carries, beside the usual fields, `position_ids`, `segment_ids` and the number of
+micro-batches of the step (`step_micro_batches`), which may change from step to step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from sara_megatron.data.packing import pack_rows_tokens, plan_packed_step
+from sara_megatron.data.sample_order import GlobalSampleOrder
+
+
+class PackedKey(NamedTuple):
+    index: int  # dataset index of the sample
+    row: int  # row of the micro-batch it sits in
+    step_micro_batches: int  # micro-batches of this rank in the step
+
+
+class PackedStepSampler:
+    """Batch sampler of one data-parallel rank: each step takes the next `global_batch_size`
+    positions of the global sample order (as the padded run's step does) and yields the rank's
+    micro-batches of their packing. `consumed_samples` resumes at a step boundary."""
+
+    def __init__(self, order: GlobalSampleOrder, total_samples: int, lengths: Sequence[int],
+                 seq_length: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, consumed_samples: int = 0):
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(f"global batch {global_batch_size} is not a multiple of micro batch "
+                             f"× data parallel = {micro_batch_size} × {dp_size}")
+        if consumed_samples % global_batch_size:
+            raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of the "
+                             f"global batch {global_batch_size}: packed steps start there")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
+        self.order = order
+        self.total_samples = total_samples
+        self.lengths = lengths
+        self.seq_length = seq_length
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+
+    def steps(self) -> int:
+        return max(0, (self.total_samples - self.consumed_samples) // self.global_batch_size)
+
+    def step_plan(self, position: int):
+        """(dataset indices, plan) of the step starting at global position `position`."""
+        indices = [self.order[p] for p in range(position, position + self.global_batch_size)]
+        plan = plan_packed_step([self.lengths[i] for i in indices], self.seq_length,
+                                self.micro_batch_size, self.dp_size)
+        return indices, plan
+
+    def __iter__(self) -> Iterator[list[PackedKey]]:
+        position = self.consumed_samples
+        while position + self.global_batch_size <= self.total_samples:
+            indices, plan = self.step_plan(position)
+            mine = plan.rank_micro_batches(self.dp_rank)
+            for micro_batch in mine:
+                yield [PackedKey(indices[s], slot, len(mine))
+                       for slot, row in enumerate(micro_batch) if row >= 0
+                       for s in plan.rows[row]]
+            position += self.global_batch_size
+
+
+class PackedSamples(torch.utils.data.Dataset):
+    """`SaraTrainingSamples` indexed by `PackedKey`: item -> (key, the sample's item). The
+    wrapped dataset's `shards`, `languages` and `samples` read through."""
+
+    def __init__(self, training_samples):
+        self.training_samples = training_samples
+        self.shards = training_samples.shards
+        self.languages = training_samples.languages
+        self.samples = training_samples.samples
+
+    def __len__(self) -> int:
+        return len(self.training_samples)
+
+    def __getitem__(self, key: PackedKey):
+        return key, self.training_samples[key.index]
+
+
+class PackedBatchCollator:
+    """collate_fn of the packed loader: [micro_batch_size, seq_length] rows of whole samples."""
+
+    def __init__(self, seq_length: int, rows_per_micro_batch: int, pad_id: int, store,
+                 prior_layers: Sequence[int], prior_table_digest: Optional[str] = None):
+        if store is not None and prior_table_digest is not None:
+            raise ValueError("priors come either from a prior table or from the store")
+        self.seq_length = seq_length
+        self.rows_per_micro_batch = rows_per_micro_batch
+        self.pad_id = pad_id
+        self.store = store
+        self.prior_layers = tuple(int(i) for i in prior_layers)
+        self.prior_table_digest = prior_table_digest
+
+    def __call__(self, items):
+        from sara_megatron.data.sara_dataset import SaraMicroBatch
+
+        rows = [[] for _ in range(self.rows_per_micro_batch)]
+        for key, item in items:
+            rows[key.row].append(item)
+        flat = [item for row in rows for item in row]  # segment order
+        packed = pack_rows_tokens([[tokens for _, tokens, _ in row] for row in rows],
+                                  [[s.meta.prompt_length for s, _, _ in row] for row in rows],
+                                  self.seq_length, self.pad_id)
+        priors = prior_rows = None
+        if self.prior_table_digest is not None:
+            prior_rows = torch.from_numpy(np.array([row for _, _, row in flat], np.int64))
+        elif self.store is not None:
+            priors = self.store.stack([prior for _, _, prior in flat])
+        metas = [sample.meta for sample, _, _ in flat]
+        return SaraMicroBatch(
+            packed.tokens, packed.labels, packed.loss_mask, packed.padding_mask,
+            [m.sample_id for m in metas], [m.language for m in metas], priors, self.prior_layers,
+            prior_rows, self.prior_table_digest,
+            position_ids=packed.position_ids, segment_ids=packed.segment_ids,
+            step_micro_batches=items[0][0].step_micro_batches,
+        )
+
+
+def packed_fill_rate(sampler: PackedStepSampler, steps: int) -> tuple[float, float]:
+    """(packed, padded) fill rate — real tokens over computed tokens — of the next `steps`
+    steps of `sampler` (the plan only; no token is read)."""
+    real = packed_rows = padded_rows = 0
+    position = sampler.consumed_samples
+    for _ in range(min(steps, sampler.steps())):
+        indices, plan = sampler.step_plan(position)
+        real += sum(min(sampler.lengths[i], sampler.seq_length) for i in indices)
+        packed_rows += len(plan.micro_batches) * sampler.micro_batch_size
+        padded_rows += len(indices)
+        position += sampler.global_batch_size
+    s = sampler.seq_length
+    return real / max(packed_rows * s, 1), real / max(padded_rows * s, 1)
+
+
+def packed_layout(config, dataset, order: GlobalSampleOrder, global_batch_size: Optional[int],
+                  dp_rank: int, dp_size: int, consumed_samples: int, seq_length: int, store,
+                  prior_layers, table):
+    """(batch sampler, dataset, collate_fn) of the packed loader for `build_sara_data_loader`."""
+    if global_batch_size is None:
+        raise ValueError("data packing plans whole global batches: pass global_batch_size")
+    if config.anchor_rows:
+        raise NotImplementedError("sequence packing with anchor rows (online priors, ShifCon) "
+                                  "is not implemented: set data.packing=false")
+    sampler = PackedStepSampler(order, config.epochs * len(dataset),
+                                [s.meta.token_count for s in dataset.samples], seq_length,
+                                global_batch_size, config.micro_batch_size, dp_rank, dp_size,
+                                consumed_samples)
+    collate = PackedBatchCollator(seq_length, config.micro_batch_size, config.pad_id, store,
+                                  prior_layers, table.digest if table is not None else None)
+    return sampler, PackedSamples(dataset), collate
