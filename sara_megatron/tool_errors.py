@@ -1,7 +1,7 @@
 """Errors a user can fix, and the checks on outputs every tool makes before any compute.
 
 A `UserFacingError` is printed by the tools as one line, `<tool>: error: <message>`, with exit
-status 2 (see `training.launch.exit_at_once_on_error`), not as a traceback: a damaged shard or
+status 2 (see `launch.exit_at_once_on_error`), not as a traceback: a damaged shard or
 checkpoint, a run that went non-finite, an output folder that cannot be written, a full disk.
 
 `check_writable_output` is the one check of an output path, made before the model is built:

@@ -88,7 +88,7 @@ def test_outputs_are_checked_writable_before_any_compute(sara_data, tmp_path, ca
     import importlib.util
 
     from sara_megatron.training.config import load_train_config
-    from sara_megatron.training.launch import check_before_start
+    from sara_megatron.training.output_checks import check_before_start
 
     def tool(name):
         spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")

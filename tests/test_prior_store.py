@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sara_megatron.data.atomic_files import canonical_json, sha256_text
+from sara_megatron.io import canonical_json, sha256_text
 from sara_megatron.priors import (
     MissingPriorError,
     PriorStore,

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         except OSError as err:
             print(f"{tool}: error: {err.strerror or err}", file=sys.stderr)
             return 2
-        from sara_megatron.training.launch import exit_with_parent
+        from sara_megatron.launch import exit_with_parent
 
         exit_with_parent()
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         print(f"{tool}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a damaged checkpoint, a full disk: one line; anything else raises
-        from sara_megatron.training.launch import user_error_message
+        from sara_megatron.launch import user_error_message
 
         message = user_error_message(e, getattr(args, "out", None))
         if message is None:

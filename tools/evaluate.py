@@ -21,11 +21,11 @@ import json
 import os
 import sys
 
-from sara_megatron.data.atomic_files import sha256_file
 from sara_megatron.evaluation.benchmarks import BENCHMARK_LANGUAGES
 from sara_megatron.evaluation.runner import (
     PROTOCOLS, EvaluationIncomplete, EvaluationPlan, EvaluationRunner, SettingsMismatch, run_seed,
 )
+from sara_megatron.io import sha256_file
 from sara_megatron.prompts import PROMPT_VERSION, load_templates
 
 

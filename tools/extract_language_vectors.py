@@ -22,17 +22,17 @@ import torch.distributed as dist
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
-from sara_megatron.models.builder import ModelOptions, build_model
-from sara_megatron.priors import parse_layer_selection
-from sara_megatron.sara.shifcon import LanguageVectors, extract_language_vectors, save_language_vectors
-from sara_megatron.tool_errors import check_writable_output
-from sara_megatron.training.config import ConfigError
-from sara_megatron.training.launch import (
+from sara_megatron.launch import (
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
     launcher_rank,
 )
+from sara_megatron.models.builder import ModelOptions, build_model
+from sara_megatron.priors import parse_layer_selection
+from sara_megatron.sara.shifcon import LanguageVectors, extract_language_vectors, save_language_vectors
+from sara_megatron.tool_errors import check_writable_output
+from sara_megatron.training.config import ConfigError
 
 
 def parse_args(argv=None):

@@ -23,6 +23,12 @@ import torch.distributed as dist
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.launch import (
+    configure_logging,
+    exit_at_once_on_error,
+    exit_with_parent,
+    launcher_rank,
+)
 from sara_megatron.models.architecture import PRESET_NAMES, resolve_architecture
 from sara_megatron.models.builder import ModelOptions, build_model
 from sara_megatron.priors import (
@@ -33,12 +39,6 @@ from sara_megatron.priors import (
 )
 from sara_megatron.priors.extraction import ExtractionProgress, ExtractionSettings, extract_priors
 from sara_megatron.tool_errors import check_writable_output
-from sara_megatron.training.launch import (
-    configure_logging,
-    exit_at_once_on_error,
-    exit_with_parent,
-    launcher_rank,
-)
 
 
 def parse_args(argv=None):

@@ -29,7 +29,7 @@ from sara_megatron.construction.filtering import (
     filter_answers,
     read_answer_records,
 )
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 
 
 def parse_args(argv=None):

@@ -37,16 +37,16 @@ from sara_megatron.analysis.model_loading import (
     load_analysis_weights,
 )
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
-from sara_megatron.models.architecture import resolve_architecture
-from sara_megatron.models.builder import build_model
-from sara_megatron.priors import parse_layer_selection
-from sara_megatron.tool_errors import check_writable_output
-from sara_megatron.training.launch import (
+from sara_megatron.launch import (
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
     launcher_rank,
 )
+from sara_megatron.models.architecture import resolve_architecture
+from sara_megatron.models.builder import build_model
+from sara_megatron.priors import parse_layer_selection
+from sara_megatron.tool_errors import check_writable_output
 
 BENCHMARKS = ("global_mmlu", "belebele", "mgsm")
 

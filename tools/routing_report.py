@@ -18,12 +18,12 @@ import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.launch import configure_logging, exit_at_once_on_error, launcher_rank
 from sara_megatron.models.architecture import PRESET_NAMES, resolve_architecture
 from sara_megatron.models.builder import build_model, causal_attention_mask
 from sara_megatron.priors import parse_layer_selection
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 from sara_megatron.routing.report import format_routing_report, routing_rows
-from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
 
 
 def parse_args():

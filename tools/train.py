@@ -12,14 +12,14 @@ unwritable output, a full disk) prints one line, `train.py: error: ...`, and exi
 import argparse
 
 from sara_megatron.distributed import destroy_distributed
-from sara_megatron.training import load_train_config, train
-from sara_megatron.training.launch import (
-    check_before_start,
+from sara_megatron.launch import (
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
     launcher_rank,
 )
+from sara_megatron.training import load_train_config, train
+from sara_megatron.training.output_checks import check_before_start
 
 
 def main():

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Optional
 
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 
 
 @dataclasses.dataclass

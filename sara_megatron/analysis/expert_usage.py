@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from sara_megatron.analysis.plotting import new_figure, save_png
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 
 HEATMAP_WIDTH, HEATMAP_HEIGHT = 1100, 640
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sara_megatron.data.atomic_files import atomic_open  # noqa: E402
+from sara_megatron.io import atomic_open  # noqa: E402
 
 DPI = 100
 

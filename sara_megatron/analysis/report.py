@@ -22,7 +22,7 @@ from sara_megatron.analysis.divergence_plots import (
     suggested_range_of,
 )
 from sara_megatron.analysis.divergence_results import range_mean, read_divergence
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 
 REPORT_FILE = "report.md"
 BENCHMARK_ORDER = ("global_mmlu", "belebele", "mgsm")

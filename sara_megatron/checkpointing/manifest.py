@@ -22,8 +22,8 @@ import logging
 import os
 from typing import Optional
 
-from sara_megatron.data.atomic_files import write_json_atomic
 from sara_megatron.data.file_stamps import FileStamp, file_identity
+from sara_megatron.io import write_json_atomic
 from sara_megatron.tool_errors import UserFacingError
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from collections import Counter
 from typing import Callable, Mapping, Optional, Sequence
 
 from sara_megatron.construction.sources import AnchorSample
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 
 
 class AnswersFileError(ValueError):

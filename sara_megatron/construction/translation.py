@@ -34,7 +34,6 @@ from sara_megatron.construction.translation_cost import PriceTable, estimate_tok
 from sara_megatron.construction.translation_wire import (
     PROMPT_VERSION, message_key, parse_reply, response_format, system_instructions, user_content,
 )
-from sara_megatron.data.atomic_files import atomic_open
 from sara_megatron.data.corpus_format import (
     TRANSLATION_FAILURES_FILE,
     ParallelRecord,
@@ -42,6 +41,7 @@ from sara_megatron.data.corpus_format import (
     parse_record,
 )
 from sara_megatron.data.languages import known_languages
+from sara_megatron.io import atomic_open
 
 log = logging.getLogger(__name__)
 FAILURES_FILE = TRANSLATION_FAILURES_FILE

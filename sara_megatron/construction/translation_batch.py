@@ -23,7 +23,7 @@ from sara_megatron.chat.client import ChatClient, ChatRequestFailed
 from sara_megatron.construction.translation import (
     CostLimitReached, PlannedRequest, RunRefused, TranslationRun,
 )
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 
 log = logging.getLogger(__name__)
 MAX_BATCH_REQUESTS = 50_000

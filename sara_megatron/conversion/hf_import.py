@@ -32,7 +32,7 @@ from sara_megatron.conversion import progress
 from sara_megatron.conversion.errors import ConversionError
 from sara_megatron.conversion.mapping import ModelMapping, build_mapping
 from sara_megatron.conversion.safetensors_io import SafetensorsCheckpoint
-from sara_megatron.data.atomic_files import sha256_file
+from sara_megatron.io import sha256_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

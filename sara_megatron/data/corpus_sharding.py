@@ -19,12 +19,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from sara_megatron.data.atomic_files import (
-    atomic_open,
-    canonical_json,
-    sha256_text,
-    write_json_atomic,
-)
 from sara_megatron.data.chat_tokenization import (
     check_seq_length,
     load_tokenizer,
@@ -43,6 +37,12 @@ from sara_megatron.data.token_shards import (
     read_complete_marker,
     shard_prefix,
     write_token_shard,
+)
+from sara_megatron.io import (
+    atomic_open,
+    canonical_json,
+    sha256_text,
+    write_json_atomic,
 )
 
 

@@ -26,7 +26,7 @@ import os
 import tempfile
 from typing import Optional
 
-from sara_megatron.data.atomic_files import sha256_file
+from sara_megatron.io import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sara_megatron.data.atomic_files import (
+from sara_megatron.data.shard_verification import check_shard, shard_content_hashes
+from sara_megatron.io import (
     canonical_json,
     commit_file,
     sha256_file,
@@ -32,7 +33,6 @@ from sara_megatron.data.atomic_files import (
     temporary_path,
     write_json_atomic,
 )
-from sara_megatron.data.shard_verification import check_shard, shard_content_hashes
 
 SHARDS_FORMAT = "sara-token-shards/1"
 MANIFEST_NAME = "manifest.json"

@@ -16,8 +16,8 @@ import math
 import os
 from typing import Iterable, Mapping, Sequence
 
-from sara_megatron.data.atomic_files import write_json_atomic
 from sara_megatron.data.languages import PAPER_ANCHOR_LANGUAGES, PAPER_TARGET_LANGUAGES
+from sara_megatron.io import write_json_atomic
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"

@@ -28,7 +28,7 @@ from sara_megatron.evaluation.records import (
     read_item_records, read_results, record_key, render_table, write_results,
 )
 from sara_megatron.evaluation.tasks import MULTIPLE_CHOICE_BENCHMARKS, item_messages, score_output
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 from sara_megatron.prompts import OPTION_LETTERS
 
 PROTOCOLS = ("generate", "loglikelihood")

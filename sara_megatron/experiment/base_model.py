@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sara_megatron.data.atomic_files import write_json_atomic
+from sara_megatron.evaluation.tasks import item_prompt
 from sara_megatron.experiment.model_files import ModelShape, build_tokenizer, write_random_hf_model
 from sara_megatron.experiment.task import (
     ANCHOR, LANGUAGES, LEXICON_WORDS, TaskSettings, item_keys, lookup_items, math_items,
@@ -25,7 +25,7 @@ from sara_megatron.experiment.task_files import (
     base_corpus_records, benchmark_item, write_corpus)
 from sara_megatron.experiment.tool_runs import (
     REPO, StepTimer, latest_checkpoint, run_tool, write_train_config)
-from sara_megatron.evaluation.tasks import item_prompt
+from sara_megatron.io import write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)

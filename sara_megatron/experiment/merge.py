@@ -11,10 +11,10 @@ import json
 import os
 from pathlib import Path
 
-from sara_megatron.data.atomic_files import atomic_open
 from sara_megatron.evaluation.records import (
     ITEMS_FILE, TABLE_FILE, accuracy_summary, ordered_languages, read_item_records, read_results,
     render_table, write_results)
+from sara_megatron.io import atomic_open
 
 
 def merge_seed_evaluations(seed_folders: list[Path], out: Path) -> dict:

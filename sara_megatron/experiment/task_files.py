@@ -13,11 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from sara_megatron.data.atomic_files import atomic_open
 from sara_megatron.evaluation.benchmarks import BenchmarkItem
 from sara_megatron.evaluation.tasks import item_prompt
 from sara_megatron.experiment.task import (
     ANCHOR, FACT_WORDS, LANGUAGES, TaskItem, render_sentence, world_facts)
+from sara_megatron.io import atomic_open
 
 MATH_BENCHMARK, LOOKUP_BENCHMARK = "mgsm", "global_mmlu"
 

@@ -9,11 +9,11 @@ import dataclasses
 import math
 from pathlib import Path
 
-from sara_megatron.data.atomic_files import atomic_open
 from sara_megatron.evaluation.records import ITEMS_FILE, read_item_records, read_results
 from sara_megatron.evaluation.significance import item_level_comparison, paired_t_test
 from sara_megatron.experiment.task import ANCHOR, TARGETS
 from sara_megatron.experiment.task_files import LOOKUP_BENCHMARK, MATH_BENCHMARK
+from sara_megatron.io import atomic_open
 
 CHANCE = {MATH_BENCHMARK: 0.0, LOOKUP_BENCHMARK: 25.0}  # percent
 TITLES = {MATH_BENCHMARK: "arithmetic (MGSM layout)",

@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from sara_megatron.data.atomic_files import sha256_file
+from sara_megatron.io import sha256_file
 from sara_megatron.priors.store_format import (
     SHARDS_DIR,
     STORE_FORMAT,

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sara_megatron.data.atomic_files import canonical_json, sha256_text
+from sara_megatron.io import canonical_json, sha256_text
 
 STORE_FORMAT = "sara-prior-store/1"
 STORE_JSON = "store.json"

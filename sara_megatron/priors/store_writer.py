@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from sara_megatron.data.atomic_files import (
+from sara_megatron.io import (
     TMP_SUFFIX,
     canonical_json,
     commit_file,

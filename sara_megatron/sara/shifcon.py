@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sara_megatron.data.atomic_files import commit_file, temporary_path
+from sara_megatron.io import commit_file, temporary_path
 from sara_megatron.routing.capture import local_token_segment_ids, routing_reduction_group
 from sara_megatron.sara.reduction import all_reduce_identity_backward
 

@@ -36,7 +36,7 @@ from sara_megatron.checkpointing.manifest import (
     verify_checkpoint,
     write_checkpoint_manifest,
 )
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 from sara_megatron.tool_errors import disk_full_error
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import time
 from typing import Optional
 from urllib.parse import urlparse
 
-from sara_megatron.data.atomic_files import atomic_open
+from sara_megatron.io import atomic_open
 
 
 class MetricsWriter:

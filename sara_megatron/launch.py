@@ -1,5 +1,4 @@
-"""What a training entry point (tools/train.py) does around `train()`: logging, checks that would
-otherwise fail on rank 0 alone mid-start-up, and failing fast.
+"""What every tool's entry point does around its work: logging, and failing fast.
 
 A rank that raises must not go on to a clean shutdown: `destroy_distributed()` waits in a barrier
 for ranks that are themselves waiting for it (in a collective it will never join), so the job
@@ -26,9 +25,7 @@ import traceback
 from typing import Iterator, Optional
 
 from sara_megatron.distributed import read_launcher_env
-from sara_megatron.tool_errors import UserFacingError, check_writable_output, disk_full_error
-from sara_megatron.training.config import TrainConfig
-from sara_megatron.training.metrics import check_metrics_setup
+from sara_megatron.tool_errors import UserFacingError, disk_full_error
 
 
 def launcher_rank() -> int:
@@ -42,21 +39,6 @@ def configure_logging(rank: int) -> None:
     every rank repeating them would bury the progress lines."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sara_megatron").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def check_before_start(cfg: TrainConfig, rank: int) -> None:
-    """Settings only rank 0 uses (the metrics writer's), checked before the model is built. On
-    rank 0 only: its json_log folder need not exist on other nodes."""
-    if rank == 0:
-        lg = cfg.logging
-        # Every output, before the model is built: not after the compute.
-        if cfg.checkpoint.save_dir:
-            check_writable_output(cfg.checkpoint.save_dir, "checkpoint.save_dir")
-        if lg.json_log:
-            check_writable_output(lg.json_log, "logging.json_log", is_file=True)
-        if lg.tensorboard_dir:
-            check_writable_output(lg.tensorboard_dir, "logging.tensorboard_dir")
-        check_metrics_setup(lg.tensorboard_dir, lg.wandb_project, lg.json_log)
 
 
 def user_error_message(err: BaseException, output: Optional[str] = None) -> Optional[str]:
