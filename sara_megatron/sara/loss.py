@@ -76,13 +76,16 @@ class SaraRoutingLoss:
         self.js_sum: dict[int, torch.Tensor] = {}
         self.sequences: dict[int, torch.Tensor] = {}
 
-    def set_batch(self, priors: torch.Tensor, segment_ids: torch.Tensor) -> None:
-        """Priors [L_sel, B, N] (fp32) aligned with `self.layers`; segment ids [B, S], -1 = pad."""
+    def set_batch(self, priors: torch.Tensor, segment_ids: torch.Tensor,
+                  packed: bool = False) -> None:
+        """Priors [L_sel, B, N] (fp32) aligned with `self.layers`; segment ids [B, S], -1 = pad.
+        packed: the rows hold several samples (data/packing.py): priors [L_sel, n, N] for the
+        micro-batch's n samples, segment ids [rows, S] in [-1, n)."""
         if priors.dim() != 3 or priors.shape[0] != len(self.layers):
             raise ValueError(
                 f"priors must be [L_sel={len(self.layers)}, B, N], got {tuple(priors.shape)}"
             )
-        if segment_ids.dim() != 2 or segment_ids.shape[0] != priors.shape[1]:
+        if segment_ids.dim() != 2 or (not packed and segment_ids.shape[0] != priors.shape[1]):
             raise ValueError(
                 f"segment ids must be [B={priors.shape[1]}, S], got {tuple(segment_ids.shape)}"
             )
