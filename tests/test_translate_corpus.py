@@ -16,7 +16,8 @@ import pytest
 
 from sara_megatron.chat.server import Fault, LocalChatServer
 from sara_megatron.construction.rule_translator import RuleTranslator
-from sara_megatron.construction.translation import TranslationConfig, run_translation
+from sara_megatron.construction.translation import TranslationConfig
+from sara_megatron.construction.translation_run import run_translation
 from sara_megatron.construction.translation_checks import LanguageIdentifier, check_translation
 from sara_megatron.construction.translation_wire import parse_reply, read_request
 from sara_megatron.data.corpus_validation import validate_corpus

@@ -18,7 +18,8 @@ import os
 import sys
 
 from sara_megatron.chat.client import is_reasoning_model
-from sara_megatron.construction.translation import TranslationConfig, run_translation
+from sara_megatron.construction.translation import TranslationConfig
+from sara_megatron.construction.translation_run import run_translation
 
 
 def parse_args(argv=None):

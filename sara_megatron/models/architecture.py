@@ -12,21 +12,12 @@ import json
 import math
 import os
 
+from sara_megatron.models.phimoe_longrope import PHI35_MOE_LONGROPE, LongRopeScaling
+
 SUPPORTED_FAMILIES = ("qwen3_moe", "phimoe")
 # HF `architectures[0]` / `model_type` values we accept for each family.
 _HF_MODEL_TYPES = {"qwen3_moe": "qwen3_moe", "phimoe": "phimoe"}
 _HF_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "PhiMoEForCausalLM": "phimoe"}
-
-
-@dataclasses.dataclass(frozen=True)
-class LongRopeScaling:
-    """Phi-3 "longrope": per-frequency rescale factors, short below / long above the switch."""
-
-    short_factor: tuple[float, ...]
-    long_factor: tuple[float, ...]
-    short_mscale: float
-    long_mscale: float
-    original_max_position_embeddings: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +139,6 @@ QWEN3_MOE_TINY = dataclasses.replace(
 
 
 def _phi35_moe() -> MoEArchitecture:
-    from sara_megatron.models.phimoe_longrope import PHI35_MOE_LONGROPE
-
     return MoEArchitecture(
         family="phimoe",
         num_layers=32,

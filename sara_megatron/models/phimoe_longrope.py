@@ -1,4 +1,4 @@
-"""Phi-3.5-MoE-instruct's longrope scaling, exactly as released.
+"""Phi-3 "longrope" scaling: its type, and Phi-3.5-MoE-instruct's factors exactly as released.
 
 Source: the `rope_scaling` block of microsoft/Phi-3.5-MoE-instruct's released `config.json`
 (`"type": "longrope"`, 64 = head_dim / 2 factors per list). The numbers were taken from the copy
@@ -10,7 +10,19 @@ projects' PhiMoE tests. They are float32 values printed at double precision, hen
 
 from __future__ import annotations
 
-from sara_megatron.models.architecture import LongRopeScaling
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LongRopeScaling:
+    """Phi-3 "longrope": per-frequency rescale factors, short below / long above the switch."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    short_mscale: float
+    long_mscale: float
+    original_max_position_embeddings: int
+
 
 PHI35_MOE_LONG_FACTOR = (
     1.0199999809265137, 1.0299999713897705, 1.0399999618530273, 1.0499999523162842,

@@ -1,0 +1,65 @@
+"""One translation run from its config: check the request, then a dry run (prices only), the
+streaming run or the Batch API rounds (`translation_batch`), and the written corpus."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from sara_megatron.chat.cache import ReplyCache
+from sara_megatron.construction.translation import (
+    CostLimitReached, Progress, TranslationConfig, TranslationRun, read_anchor_records,
+)
+from sara_megatron.construction.translation_batch import run_batches
+from sara_megatron.construction.translation_cost import PriceTable
+from sara_megatron.data.languages import known_languages
+
+
+def run_translation(config: TranslationConfig) -> dict:
+    """Translate, write the corpus and the failures file; return the summary (the tool prints it
+    as its last stdout line). Raises ValueError for bad input (the tool turns it into exit 2)."""
+    records = read_anchor_records(config.input_path, config.extra_languages)
+    anchor = records[0].language
+    known = known_languages(config.extra_languages)
+    for lang in config.languages:
+        if lang not in known:
+            raise ValueError(f"unknown language code {lang!r} (known: {', '.join(sorted(known))})")
+        if lang == anchor:
+            raise ValueError(f"{lang!r} is the input's own (anchor) language")
+    if config.max_cost_usd is not None and PriceTable(config.prices_path).per_million(config.model) is None:
+        raise ValueError(f"--max-cost-usd: no price for model {config.model!r}; give its prices "
+                         "with --prices FILE")
+    if config.dry_run:
+        # Sends nothing and writes nothing: an absent cache is not created.
+        cache = ReplyCache(config.cache_file, read_only=True) if os.path.exists(config.cache_file) else None
+        run = TranslationRun(config, records, cache)
+        planned = run.dry_run_plan()
+        if cache is not None:
+            cache.close()
+        summary = run.summary(dry_run_requests=planned)
+        print(f"dry run: {summary['requested']} request(s) to send ({summary['cached']} cached "
+              f"replies used), estimated cost ${summary['estimated_cost_usd']:.4f} "
+              f"(model {config.model}{', batch price' if config.batch else ''}); nothing sent",
+              file=sys.stderr)
+        return summary
+    with ReplyCache(config.cache_file) as cache:
+        run = TranslationRun(config, records, cache)
+        progress = Progress(len(run.jobs), config.progress)
+        stopped = None
+        try:
+            if config.batch:
+                asyncio.run(run_batches(run, progress))
+            else:
+                asyncio.run(run.run_streaming(progress))
+        except CostLimitReached:
+            stopped = "cost_limit"
+        finally:
+            progress.close()
+        if len(run.results) + len(run.failures) < len(run.jobs) and stopped is None:
+            stopped = "cost_limit" if config.max_cost_usd is not None else "not_run"
+        run.write_outputs(stopped)
+    summary = run.summary()
+    if stopped == "cost_limit":
+        summary["stopped"] = "max_cost_usd"
+    return summary
