@@ -3,11 +3,11 @@
 Same contract as `sequence_routing_js` (see `routing_js.py`), written as the straightforward graph:
 an fp32 softmax over all experts, segment sums with `index_add_`, the divergence, autograd through
 every op. It is the oracle the Triton kernels are tested against, the CPU path, and the "eager"
-baseline of `tools/bench_routing_js.py`. It keeps an fp32 [L, T, N] probability tensor for backward;
-the fused op does not.
+baseline of `benchmarks/bench_routing_js.py`. It keeps an fp32 [L, T, N] probability tensor for
+backward; the fused op does not.
 
-Beside the paper's JS it computes the variants of issue 19 (`divergence="kl"`,
-`"js_entropy_normalised"`); those run only here, the fused kernels compute JS.
+Beside the paper's JS it computes the divergence variants of docs/objectives.md
+(`divergence="kl"`, `"js_entropy_normalised"`); those run only here, the fused kernels compute JS.
 """
 
 from __future__ import annotations

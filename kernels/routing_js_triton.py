@@ -24,14 +24,9 @@ forward  `_accumulate_kernel`  one program per (chunk of TILES_PER_PROGRAM × BL
 backward `_backward_kernel`  recomputes the softmax of each tile from the logits and writes
          ∂L/∂logits_t = R(t) ⊙ (g − ⟨g, R(t)⟩) · ∂L/∂js[l, b] with g the saved gradient factor.
 
-Both directions do a few operations per element loaded, and their instruction issue competes with
-HBM: an H100 delivers an 8 KiB tile to each of its 132 SMs in ~320 ns (~600 cycles), while an SM
-issues at most 4 warp instructions per cycle. So exponentials are one FMA and one `ex2.approx.ftz`
-(see `_exp2`), and the softmax's 1 / row sum is folded into the next multiply. sm_90, bf16, 128
-experts, 4 warps: the forward's periodic loop (split launch, 1 stage) issues 374 SASS instructions
-per warp and 32×128 tile, i.e. ~374 SM cycles per tile (511 with `tl.exp` and per-tile id loads;
-about 13 of them keep rows with |max| ≥ 2^29 finite, see `_softmax_parts`); the backward 372 per
-16×128 tile, read and written (456).
+Both directions do a few operations per element loaded, so instruction issue, not only HBM, bounds
+them: exponentials are one FMA and one `ex2.approx.ftz` (`_exp2`), and the softmax's 1 / row sum
+is folded into the next multiply. Instruction counts per tile are in docs/kernel.md.
 
 Nothing of size [L, T, N] is kept between forward and backward. With a process group the
 accumulator is all-reduced between the two forward kernels.
@@ -72,11 +67,10 @@ _LARGEST_LOG2E_MAX = tl.constexpr(2.0**29)  # see _softmax_parts
 
 @triton.jit
 def _exp2(x):
-    """2**x. Compiled: libdevice's exp2f, which with Triton's default `enable_reflect_ftz` is one
-    `ex2.approx.ftz` instruction; plain `tl.exp2` is `ex2.approx` without ftz, which ptxas wraps in
-    a range test and two multiplies to keep denormal results (sm_90: 4 instructions instead of 1,
-    a quarter of the forward's per-element work). Results below 2**-126 become 0: next to a row
-    sum of at least 1 they are below fp32's resolution anyway. The interpreter runs no libdevice."""
+    """2**x. Compiled, libdevice's exp2f is one `ex2.approx.ftz` (Triton's default
+    `enable_reflect_ftz`), where plain `tl.exp2` adds a range test and two multiplies to keep
+    denormal results; those (below 2**-126) are under fp32's resolution next to a row sum of at
+    least 1, so flushing them to 0 loses nothing. The interpreter runs no libdevice."""
     if _COMPILED:
         return libdevice.exp2(x)
     else:
@@ -207,9 +201,8 @@ def _sum_periodic_chunk(
             row_sums += exps * inverse_sum[:, None]
     else:
         # Each tile's load is issued before the previous tile's softmax: a double buffer in
-        # registers, without the shared-memory round trip, selects and barriers of Triton's
-        # pipeliner (sm_90: 396 instructions per tile against its 427). The pipeliner leaves
-        # this loop as it is, so 3 stages compile as 2.
+        # registers, cheaper than Triton's pipeliner (no shared-memory round trip, selects or
+        # barriers). The pipeliner leaves this loop as it is, so 3 stages compile as 2.
         next_logits = _load_rows(
             logits_ptr, layer, tokens, experts, first_valid, num_experts, stride_logits_layer,
             stride_logits_token,
@@ -491,8 +484,7 @@ def _backward_kernel(
 
 
 # Multiply-add contraction stays on whatever Triton's default becomes (3.9 warns that 3.10 turns it
-# off): without it the forward's periodic loop issues 32 more SASS instructions per warp and 32x128
-# tile (391 instead of 359 when measured, sm_90), and the tuned configs assume the fused form.
+# off): the per-element arithmetic and the tuned configs assume fused FMAs.
 _COMPILER_OPTIONS = {"enable_fp_fusion": True}
 
 
@@ -521,13 +513,12 @@ class LaunchConfig:
     # Forward only (the backward has one path): sum the chunks with periodic ids in one launch and
     # all other chunks in a second. A kernel's registers are those of its heaviest path, and the
     # periodic path (the usual one: [S, B] flattening, or chunks inside one packed sequence) needs
-    # fewer on its own (sm_90, 32x128 tiles, 1 stage: 104 instead of 128 at 16 tiles per program,
-    # 86 at 8, which fits 5 programs per SM); the price is a second launch whose programs mostly
-    # only read their chunk's ids and exit.
+    # fewer on its own, so more programs fit on an SM; the price is a second launch whose programs
+    # mostly only read their chunk's ids and exit.
     split_chunk_paths: bool = False
     # A cap on registers per thread for ptxas (Triton's `maxnreg`); None leaves them to ptxas.
     # Registers decide how many programs fit on an SM, and ptxas often meets a lower cap without
-    # spilling by keeping fewer values live (sm_90, split periodic launch, 32x128 tiles: 104 -> 96).
+    # spilling by keeping fewer values live.
     max_registers: int | None = None
 
     def __post_init__(self):
@@ -548,10 +539,10 @@ def launch_config(
 ) -> LaunchConfig:
     """The default launch for one problem size and direction ("forward" or "backward").
 
-    Measured on an H100 (L=28, T=16384, N=128, bf16): forward best with 32×128 tiles, 4 warps and
-    16 tiles per program (the per-program register sums amortise the atomics); backward best with
-    small 16×128 tiles and one tile per program (many light programs in flight hide the latency
-    of the read-then-write). Other expert counts keep the same tile element count.
+    Forward: several tiles per program, so the per-program register sums amortise the atomics.
+    Backward: small tiles, one per program, so many light programs in flight hide the latency of
+    the read-then-write. Other expert counts keep the same tile element count; the H100 timings
+    behind these defaults are in docs/kernel.md.
     """
     block_n = expert_block(num_experts)
     if direction == "backward":
@@ -572,8 +563,8 @@ def launch_config(
 
 @dataclasses.dataclass(frozen=True)
 class KernelLaunch:
-    """One kernel launch, described before it runs: what `run` launches is what
-    `routing_js_benchmarking.compile_for_target` compiles, so static reports see the real specialisation."""
+    """One kernel launch, described before it runs, so that what `run` launches is what the
+    benchmarks' `compile_for_target` compiles (static reports see the real specialisation)."""
 
     kernel: object  # a triton JITFunction (or the interpreter's stand-in)
     grid: tuple[int, ...]

@@ -60,19 +60,19 @@ def test_mock_sara_run_steps_and_reports_throughput(single_rank):
 
 
 def test_bench_tool_default_ep_fits_the_world():
-    """tools/bench_sara_step.py keeps the tiny config's EP 2 where it fits and drops to what does
-    (its one-GPU example used to fail with EP 2 on a world of 1)."""
+    """benchmarks/bench_sara_step.py keeps the tiny config's EP 2 where it fits and drops to what
+    does (its one-GPU example used to fail with EP 2 on a world of 1)."""
     import importlib.util
     from pathlib import Path
 
-    from sara_megatron.training.config import ParallelSection
+    from sara_megatron.distributed import ParallelConfig
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_sara_step.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sara_step.py"
     spec = importlib.util.spec_from_file_location("bench_sara_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.fitting_ep(ParallelSection(ep=2), world_size=1) == 1
-    assert bench.fitting_ep(ParallelSection(ep=2), world_size=2) == 2
-    assert bench.fitting_ep(ParallelSection(ep=2), world_size=8) == 2
-    assert bench.fitting_ep(ParallelSection(ep=4), world_size=6) == 2
-    assert bench.fitting_ep(ParallelSection(ep=2, tp=2), world_size=2) == 1  # dp 1
+    assert bench.fitting_ep(ParallelConfig(ep=2), world_size=1) == 1
+    assert bench.fitting_ep(ParallelConfig(ep=2), world_size=2) == 2
+    assert bench.fitting_ep(ParallelConfig(ep=2), world_size=8) == 2
+    assert bench.fitting_ep(ParallelConfig(ep=4), world_size=6) == 2
+    assert bench.fitting_ep(ParallelConfig(ep=2, tp=2), world_size=2) == 1  # dp 1

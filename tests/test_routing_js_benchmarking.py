@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sara_megatron.kernels.routing_js_benchmarking import (
+from sara_megatron.kernels.routing_js_triton import LaunchConfig, launch_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# The helpers live beside the benchmark scripts that use them, outside the package.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from routing_js_benchmarking import (  # noqa: E402
     BENCHMARK_SHAPES,
     H100_SXM,
     CompiledFacts,
@@ -33,9 +38,7 @@ from sara_megatron.kernels.routing_js_benchmarking import (
     wave_fitted,
     whole_wave_tiles,
 )
-from sara_megatron.kernels.routing_js_triton import LaunchConfig, launch_config
 
-ROOT = Path(__file__).resolve().parents[1]
 compiled_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
     reason="compile_for_target needs the compiler, not Triton's interpreter",
@@ -214,7 +217,7 @@ def test_tune_tool_reports_compiled_facts_without_a_gpu(tmp_path):
     out = tmp_path / "tune.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "tune_routing_js.py"), "--shapes", "phi_sft",
+        [sys.executable, str(ROOT / "benchmarks" / "tune_routing_js.py"), "--shapes", "phi_sft",
          "--directions", "backward", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=600,
     )
@@ -240,7 +243,7 @@ def test_tune_tool_reports_compiled_facts_without_a_gpu(tmp_path):
 
     # A second run with --resume keeps every row instead of compiling it again.
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "tune_routing_js.py"), "--shapes", "phi_sft",
+        [sys.executable, str(ROOT / "benchmarks" / "tune_routing_js.py"), "--shapes", "phi_sft",
          "--directions", "backward", "--json", str(out), "--resume"],
         env=env, capture_output=True, text=True, timeout=600,
     )

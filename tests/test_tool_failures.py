@@ -184,7 +184,8 @@ def bad_flag_results(tool_inputs, tmp_path_factory):
         out = root / "out" / name
         values = {"{dir}": root / "dir", "{out}": out, "{shards}": tool_inputs / "shards",
                   "{ckpt}": tool_inputs / "ckpt"}
-        cases[name] = [str(REPO / "tools" / f"{tool}.py")] + [_fill(a, values) for a in args]
+        folder = "benchmarks" if tool.startswith("bench_") else "tools"
+        cases[name] = [str(REPO / folder / f"{tool}.py")] + [_fill(a, values) for a in args]
     (root / "run_cases.py").write_text(_RUN_CASES)
     code, output = _run([sys.executable, root / "run_cases.py", json.dumps(cases)], root,
                         timeout=180)

@@ -1,6 +1,6 @@
 """Launch configs of the routing-JS kernels: compiled facts on any machine, kernel times on a GPU.
 
-    python tools/tune_routing_js.py --shapes qwen3_sft --json tune.json
+    python benchmarks/tune_routing_js.py --shapes qwen3_sft --json tune.json
 
 For each benchmark shape, direction (forward = memset + accumulate + finalize, backward) and
 candidate `LaunchConfig` it prints what the compiler made of the launch over the logits (with split
@@ -30,8 +30,8 @@ import sys
 
 import torch
 
-from sara_megatron.data.atomic_files import atomic_open
-from sara_megatron.kernels.routing_js_benchmarking import (
+from sara_megatron.io import atomic_open
+from routing_js_benchmarking import (
     BENCHMARK_SHAPES,
     H100_SXM,
     NOMINAL_PEAK_BANDWIDTH,

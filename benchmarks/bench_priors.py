@@ -1,7 +1,7 @@
-"""Benchmark the data path of issue 5 (not a test): prior store reads, the training data loader
+"""Benchmark the data path (not a test): prior store reads, the training data loader
 with and without priors, and the shard tool's tokens/s at 1 and 2 workers.
 
-    python tools/bench_priors.py --json bench_priors.json
+    python benchmarks/bench_priors.py --json bench_priors.json
 
 - Prior store: random single reads (`store[id]`, [L, N]) and random batch reads of chosen layers
   (`store.read(ids)`, [L, B, N]) at the Qwen3 shape ([28, 128]), fp32 and bf16. The store is read

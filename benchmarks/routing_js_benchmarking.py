@@ -9,7 +9,7 @@ specialisation the JIT would give it at launch (argument dtypes, 16-byte alignme
 divisibility of pointers and integers) and read the registers, spills and shared memory of the
 cubin. `occupancy` turns those into resident programs per SM and the grid into waves.
 
-On a GPU, `tools/tune_routing_js.py` times `candidate_configs` with these facts beside each.
+On a GPU, `benchmarks/tune_routing_js.py` times `candidate_configs` with these facts beside each.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 
 import triton
 
-from .routing_js_triton import (
+from sara_megatron.kernels.routing_js_triton import (
     KernelLaunch,
     LaunchConfig,
     accumulate_launches,
@@ -30,7 +30,8 @@ from .routing_js_triton import (
     expert_block,
 )
 
-# The benchmark shapes of the issue: (layers, sequences, tokens per sequence, experts, dtype name).
+# Qwen3-30B-A3B's and Phi-3.5-MoE's aligned layers at 4 sequences of 4096 tokens:
+# (layers, sequences, tokens per sequence, experts, dtype name).
 BENCHMARK_SHAPES = {
     "qwen3_sft": (28, 4, 4096, 128, "bfloat16"),
     "phi_sft": (14, 4, 4096, 16, "bfloat16"),

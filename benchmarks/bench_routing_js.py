@@ -1,6 +1,6 @@
 """Benchmark `sequence_routing_js` in isolation: fused Triton kernels vs eager PyTorch vs torch.compile.
 
-    python tools/bench_routing_js.py --json routing_js_bench.json
+    python benchmarks/bench_routing_js.py --json routing_js_bench.json
 
 The eager graph is `sequence_routing_js_reference` (fp32 softmax, index_add_ segment sums, the
 divergence, autograd through it); "compile" is torch.compile of that same function. Each shape is
@@ -36,7 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sara_megatron.kernels import sequence_routing_js, sequence_routing_js_reference  # noqa: E402
-from sara_megatron.kernels.routing_js_benchmarking import (  # noqa: E402
+from routing_js_benchmarking import (  # noqa: E402
     BENCHMARK_SHAPES,
     NOMINAL_PEAK_BANDWIDTH,
     benchmark_inputs,

@@ -1,6 +1,6 @@
 """Forward+backward time of a model preset at a parallel layout (benchmark, not a test).
 
-    torchrun --nproc-per-node 2 tools/bench_model_step.py --preset qwen3_moe_tiny --ep 2
+    torchrun --nproc-per-node 2 benchmarks/bench_model_step.py --preset qwen3_moe_tiny --ep 2
 
 Each data-parallel rank runs its own micro-batch; rank 0 prints the median step time over
 --steps timed steps after --warmup, and the device it ran on.

@@ -3,12 +3,12 @@
 The tiny CPU config, on the demo's data:
 
     make demo    # once: leaves shards, a converted base checkpoint and priors in out/demo
-    torchrun --nproc-per-node 2 tools/bench_sara_step.py --work out/demo
+    torchrun --nproc-per-node 2 benchmarks/bench_sara_step.py --work out/demo
 
 A real model cut to a few layers, on mock batches (random full-length rows, random priors), e.g.
 Qwen3-30B-A3B on one H100:
 
-    torchrun --nproc-per-node 1 tools/bench_sara_step.py --mock --preset qwen3_moe \
+    torchrun --nproc-per-node 1 benchmarks/bench_sara_step.py --mock --preset qwen3_moe \
         --num-layers 4 --seq-length 4096 --micro-batch 1 --global-batch 8
 
 Runs in one process group, each a fresh Trainer: plain fine-tuning with no priors (no routing-JS
@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from sara_megatron.distributed import destroy_distributed, read_launcher_env
+from sara_megatron.launch import configure_logging, exit_at_once_on_error, launcher_rank
 from sara_megatron.training import Trainer, load_train_config
-from sara_megatron.training.launch import configure_logging, exit_at_once_on_error, launcher_rank
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_cpu_sara.yaml")
 
