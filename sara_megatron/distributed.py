@@ -30,20 +30,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """Model-parallel layout. Data parallel is whatever the world size leaves."""
+    """Model-parallel layout (the training config's `parallel` section). Data parallel is
+    whatever the world size leaves."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     cp: int = 1
-    # Megatron-Core refuses MoE + TP training without sequence parallel; on by default when tp > 1.
-    sequence_parallel: bool | None = None
     # Virtual pipeline stages per rank (interleaved schedule); None = plain 1F1B.
     vpp: int | None = None
-
-    @property
-    def use_sequence_parallel(self) -> bool:
-        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+    # Sequence parallel is not a setting: megatron-core refuses MoE + TP training without it, so
+    # the model builder turns it on whenever tp > 1.
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout against the world size; returns the data-parallel size."""
