@@ -112,12 +112,39 @@ def test_cpu_compat_never_applies_with_cuda():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("layout", [["--ep", "2"], ["--tp", "2", "--layers", "1,3"]])
-def test_routing_report_tool(torchrun, tmp_path, layout):
-    out = tmp_path / "rows.json"
-    torchrun("tools/routing_report.py", "--preset", "qwen3_moe_tiny", *layout,
-             "--seq-length", "16", "--json", str(out))
-    rows = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def checkpoint_reports(sara_data, tmp_path_factory):
+    """tools/routing_report.py on one checkpoint at one rank and at EP=2 (two ranks): its rows by
+    (layer, sequence). The EP=2 run also serves as the tool's EP=2 case below."""
+    import launch
+
+    folder = tmp_path_factory.mktemp("routing_report")
+    rows = {}
+    for name, layout, nproc in (("one", [], 1), ("ep2", ["--ep", "2"], 2)):
+        out = folder / f"{name}.json"
+        launch.run_checked(launch.torchrun_command(
+            "tools/routing_report.py", "--preset", "qwen3_moe_tiny", "--checkpoint",
+            sara_data["checkpoint"], *layout, "--seq-length", "16", "--json", out, nproc=nproc),
+            folder, timeout=300)
+        rows[name] = json.loads(out.read_text())
+    return rows
+
+
+# EP=2 reads the checkpoint run above (a model loaded from disk); TP=2 with a layer selection
+# launches its own run on the preset's random initialisation.
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--ep", "2"], ["--tp", "2", "--layers", "1,3"]],
+                         ids=["ep2_checkpoint", "tp2_layers"])
+def test_routing_report_tool(request, tmp_path, layout):
+    if layout[0] == "--ep":
+        rows = request.getfixturevalue("checkpoint_reports")["ep2"]
+    else:
+        out = tmp_path / "rows.json"
+        request.getfixturevalue("torchrun")(
+            "tools/routing_report.py", "--preset", "qwen3_moe_tiny", *layout, "--seq-length",
+            "16", "--json", str(out))
+        rows = json.loads(out.read_text())
     # 4 layers (or the 2 asked for) × 2 ranks × 2 sequences when EP=2 (DP=2); TP=2 has one
     # data-parallel rank.
     sequences = 4 if layout[0] == "--ep" else 2
@@ -130,15 +157,9 @@ def test_routing_report_tool(torchrun, tmp_path, layout):
         assert 0 < r["entropy"] <= __import__("math").log(8) + 1e-6
 
 
-def test_routing_report_of_a_checkpoint_does_not_depend_on_the_layout(torchrun, tmp_path,
-                                                                         sara_data):
-    rows = {}
-    for name, layout, nproc in (("one", [], 1), ("ep2", ["--ep", "2"], 2)):
-        out = tmp_path / f"{name}.json"
-        torchrun("tools/routing_report.py", "--preset", "qwen3_moe_tiny", "--checkpoint",
-                 str(sara_data["checkpoint"]), *layout, "--seq-length", "16", "--json", str(out),
-                 nproc=nproc)
-        rows[name] = {(r["layer"], r["sequence"]): r for r in json.loads(out.read_text())}
+def test_routing_report_of_a_checkpoint_does_not_depend_on_the_layout(checkpoint_reports):
+    rows = {name: {(r["layer"], r["sequence"]): r for r in report}
+            for name, report in checkpoint_reports.items()}
     # One rank routes data-parallel rank 0's sequences; EP=2 (DP=2) routes those and rank 1's.
     assert set(rows["one"]) < set(rows["ep2"])
     for key, row in rows["one"].items():
