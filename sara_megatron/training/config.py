@@ -133,6 +133,9 @@ class DataSection(_Section):
     # sha256 of the token shards against their manifest on first open (remembered by a stamp
     # beside each shard); structure and token ids are checked either way. docs/integrity.md
     verify_shards: bool = True
+    # Several whole samples per row of seq_length, packed within each global batch (which
+    # stays counted in samples); micro_batch_size counts rows. docs/packing.md
+    packing: bool = False
 
 
 class SaraSection(_Section):
