@@ -11,7 +11,7 @@ import torch
 
 from sara_megatron.data.corpus_sharding import ShardingConfig, shard_corpus
 from sara_megatron.data.local_tokenizer import build_local_tokenizer
-from sara_megatron.data.sara_dataset import SaraDataConfig, build_sara_data_loader
+from sara_megatron.data.sara_dataset import SaraDataConfig
 from sara_megatron.data.synthetic_corpus import corpus_texts, write_synthetic_corpus
 from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.priors import (
@@ -20,6 +20,7 @@ from sara_megatron.priors import (
     PriorStoreMetadata,
     PriorStoreWriter,
 )
+from sara_megatron.priors.loader import build_sara_data_loader
 
 N, LAYERS, EXPERTS, SEQ = 10, (0, 1, 2, 3), 8, 64
 

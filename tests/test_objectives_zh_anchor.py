@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sara_megatron.data.sara_dataset import SaraDataConfig, build_sara_data_loader
+from sara_megatron.data.sara_dataset import SaraDataConfig
 from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.priors import PriorStoreWriter
+from sara_megatron.priors.loader import build_sara_data_loader
 from sara_megatron.priors.store import read_prior_store_metadata
 from sara_megatron.priors.store_format import PriorStoreError, PriorStoreMetadata
 from sara_megatron.training.config import load_train_config

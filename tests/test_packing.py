@@ -14,7 +14,7 @@ from sara_megatron.data.packing import (
     pack_rows_tokens,
     plan_packed_step,
 )
-from sara_megatron.data.sara_dataset import build_sara_data_loader
+from sara_megatron.priors.loader import build_sara_data_loader
 
 from test_dataset import config, data, prior_of  # noqa: F401 - `data` is a module fixture
 

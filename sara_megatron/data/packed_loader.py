@@ -16,6 +16,7 @@ import torch
 
 from sara_megatron.data.packing import pack_rows_tokens, plan_packed_step
 from sara_megatron.data.sample_order import GlobalSampleOrder
+from sara_megatron.data.sara_dataset import SaraDataLoader, SaraMicroBatch
 
 
 class PackedKey(NamedTuple):
@@ -103,8 +104,6 @@ class PackedBatchCollator:
         self.prior_table_digest = prior_table_digest
 
     def __call__(self, items):
-        from sara_megatron.data.sara_dataset import SaraMicroBatch
-
         rows = [[] for _ in range(self.rows_per_micro_batch)]
         for key, item in items:
             rows[key.row].append(item)
@@ -145,7 +144,7 @@ def packed_fill_rate(sampler: PackedStepSampler, steps: int) -> tuple[float, flo
 def packed_layout(config, dataset, order: GlobalSampleOrder, global_batch_size: Optional[int],
                   dp_rank: int, dp_size: int, consumed_samples: int, seq_length: int, store,
                   prior_layers, table):
-    """(batch sampler, dataset, collate_fn) of the packed loader for `build_sara_data_loader`."""
+    """(batch sampler, dataset, collate_fn) of the packed loader."""
     if global_batch_size is None:
         raise ValueError("data packing plans whole global batches: pass global_batch_size")
     if config.anchor_rows:
@@ -158,3 +157,19 @@ def packed_layout(config, dataset, order: GlobalSampleOrder, global_batch_size: 
     collate = PackedBatchCollator(seq_length, config.micro_batch_size, config.pad_id, store,
                                   prior_layers, table.digest if table is not None else None)
     return sampler, PackedSamples(dataset), collate
+
+
+def build_packed_batch_loader(config, shards, dataset, store=None, prior_layers: Sequence[int] = (),
+                              table=None, dp_rank: int = 0, dp_size: int = 1,
+                              consumed_samples: int = 0, num_workers: int = 0,
+                              pin_memory: bool = False,
+                              global_batch_size: Optional[int] = None) -> SaraDataLoader:
+    """`sara_dataset.build_batch_loader` for `config.packing`: the packed micro-batches of each
+    global batch of `global_batch_size` samples."""
+    order = GlobalSampleOrder(len(dataset), config.seed, config.shuffle)
+    sampler, packed_dataset, collate = packed_layout(
+        config, dataset, order, global_batch_size, dp_rank, dp_size, consumed_samples,
+        config.seq_length or shards.seq_length, store, prior_layers, table)
+    return SaraDataLoader(packed_dataset, batch_sampler=sampler, collate_fn=collate,
+                          num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=num_workers > 0, prior_table=table)

@@ -1,4 +1,6 @@
 """The SARA training data: token micro-batches with the anchor priors of exactly their samples.
+The loader is built by `priors.loader.build_sara_data_loader`, which opens the prior store and
+hands this module what it needs of it (`PriorRows`, `StoredPriors`):
 
     loader = build_sara_data_loader(SaraDataConfig(shards_dir=..., prior_store=...,
                                                    prior_layers=range(7, 35), micro_batch_size=4),
@@ -34,7 +36,7 @@ How the priors travel (`SaraDataConfig.prior_table`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -42,9 +44,27 @@ import torch
 from sara_megatron.data.batch import pack_tokens
 from sara_megatron.data.sample_order import GlobalSampleOrder, RankMicroBatchSampler
 from sara_megatron.data.token_shards import ShardedSample, TokenShards
-from sara_megatron.priors.store import PriorStore
-from sara_megatron.priors.store_format import MissingPriorError, PriorStoreError
-from sara_megatron.priors.table import PriorTable
+
+
+class PriorRows(Protocol):
+    """What the loader reads of a prior table (`priors.table.PriorTable`): each sample's row,
+    once, and a batch's priors gathered from its rows where the table lives."""
+
+    digest: str
+
+    def rows(self, sample_ids: Iterable[str]) -> np.ndarray: ...
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+class StoredPriors(Protocol):
+    """What the loader reads of a prior store per batch (`priors.store.PriorStore`)."""
+
+    def layer_selection(self, layers: Optional[Sequence[int]]) -> Union[slice, np.ndarray]: ...
+
+    def stored_row(self, sample_id: str, selection: Union[slice, np.ndarray]) -> np.ndarray: ...
+
+    def stack(self, rows: Sequence[np.ndarray]) -> torch.Tensor: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +136,7 @@ class SaraMicroBatch:
     def to(self, device, non_blocking: bool = False) -> "SaraMicroBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def with_priors(self, table: Optional[PriorTable]) -> "SaraMicroBatch":
+    def with_priors(self, table: Optional[PriorRows]) -> "SaraMicroBatch":
         """This batch with `priors` [L_sel, B, N] gathered from `table` (the loader's
         `prior_table`) and placed beside the tokens. A batch whose priors are already there
         (the per-batch store read) or that has none comes back as it is."""
@@ -163,15 +183,15 @@ class SaraTrainingSamples(torch.utils.data.Dataset):
         self.shards = shards
         self.languages = list(languages)
         self.samples: list[ShardedSample] = [s for lang in languages for s in shards.samples(lang)]
-        self.store: Optional[PriorStore] = None
+        self.store: Optional[StoredPriors] = None
         self._selection = None
         # A list, not an array: indexing it is ~25 ns, an ndarray's int() ~110 ns per sample.
         self.prior_rows: Optional[list[int]] = None
 
-    def attach_prior_table(self, table: PriorTable) -> None:
+    def attach_prior_table(self, table: PriorRows) -> None:
         self.prior_rows = table.rows(s.meta.sample_id for s in self.samples).tolist()
 
-    def attach_prior_store(self, store: PriorStore, layers: Optional[Sequence[int]]) -> None:
+    def attach_prior_store(self, store: StoredPriors, layers: Optional[Sequence[int]]) -> None:
         self.store = store
         self._selection = store.layer_selection(layers)
 
@@ -189,41 +209,11 @@ class SaraTrainingSamples(torch.utils.data.Dataset):
         return sample, self.shards.tokens(sample), prior
 
 
-def open_prior_store(config: SaraDataConfig, shards: TokenShards,
-                     sample_ids: Sequence[str]) -> PriorStore:
-    """The prior store, checked against this corpus and model; it must cover every sample."""
-    from sara_megatron.priors.store import read_prior_store_metadata
-
-    # The anchor language first: an en store for zh-anchored shards (or the reverse) is named as
-    # such, not as a corpus fingerprint mismatch.
-    stored_anchor = read_prior_store_metadata(config.prior_store).anchor_language
-    if stored_anchor != shards.anchor_language:
-        raise PriorStoreError(f"prior store {config.prior_store} holds {stored_anchor!r}-anchored "
-                              f"priors, the shards anchor on {shards.anchor_language!r}: extract "
-                              f"priors from these shards' {shards.anchor_language} anchors")
-    store = PriorStore(
-        config.prior_store,
-        expected_model_fingerprint=config.expected_model_fingerprint,
-        expected_corpus_fingerprint=shards.language_fingerprint(shards.anchor_language),
-        verify=config.verify_prior_store,
-    )
-    if store.metadata.anchor_language != shards.anchor_language:
-        raise PriorStoreError(f"prior store {store.path} holds {store.metadata.anchor_language!r} "
-                              f"anchors, the shards anchor on {shards.anchor_language!r}")
-    missing = store.missing(dict.fromkeys(sample_ids))
-    if missing:
-        raise MissingPriorError(
-            f"{len(missing)} training sample id(s) have no prior in {store.path}, e.g. "
-            f"{missing[:5]}: re-run tools/extract_priors.py on these shards"
-        )
-    return store
-
-
 class SaraBatchCollator:
     """DataLoader collate_fn: packs the tokens, and beside them the same samples' prior table
     rows (`prior_table_digest` given) or stacked stored priors (`store` given)."""
 
-    def __init__(self, seq_length: int, pad_id: int, store: Optional[PriorStore],
+    def __init__(self, seq_length: int, pad_id: int, store: Optional[StoredPriors],
                  prior_layers: Sequence[int], prior_table_digest: Optional[str] = None,
                  anchor_rows=None):
         if store is not None and prior_table_digest is not None:
@@ -260,51 +250,21 @@ class SaraDataLoader(torch.utils.data.DataLoader):
     """torch's DataLoader of SaraMicroBatch, plus the PriorTable its batches' `prior_rows`
     index (None without priors or with the per-batch store read)."""
 
-    def __init__(self, *args, prior_table: Optional[PriorTable] = None, **kwargs):
+    def __init__(self, *args, prior_table: Optional[PriorRows] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.prior_table = prior_table
 
 
-def build_sara_data_loader(config: SaraDataConfig, dp_rank: int = 0, dp_size: int = 1,
-                           consumed_samples: int = 0, num_workers: int = 0,
-                           pin_memory: bool = False,
-                           prior_device: Union[torch.device, str, None] = None,
-                           global_batch_size: Optional[int] = None,
-                           ) -> SaraDataLoader:
-    """This data-parallel rank's micro-batches, from `consumed_samples` on (global count).
-    With `config.packing`, the packed micro-batches of each global batch of `global_batch_size`
-    samples (see data/packed_loader.py).
-    With priors and `config.prior_table`, `loader.prior_table` holds them on `prior_device`
-    (None: CPU); fill a batch's priors with `batch.with_priors(loader.prior_table)`."""
-    shards = TokenShards(config.shards_dir, verify=config.verify_shards)
-    dataset = SaraTrainingSamples(shards, resolve_languages(shards, config.languages))
-    store, prior_layers, table = None, (), None
-    if config.prior_store is not None:
-        store = open_prior_store(config, shards, [s.meta.sample_id for s in dataset.samples])
-        prior_layers = tuple(store.layers if config.prior_layers is None
-                             else (int(layer) for layer in config.prior_layers))
-        if config.prior_table:
-            # raises naming layers that were not stored
-            table = PriorTable.from_store(store, (s.meta.sample_id for s in dataset.samples),
-                                          prior_layers)
-            dataset.attach_prior_table(table)
-            if prior_device is not None:
-                table = table.to(prior_device)
-            store = None  # the table holds all the loader needs; batches carry rows only
-        else:
-            dataset.attach_prior_store(store, prior_layers)  # raises naming unstored layers
-    elif config.prior_layers is not None:
-        raise ValueError("prior_layers given without a prior_store")
+def build_batch_loader(config: SaraDataConfig, shards: TokenShards,
+                       dataset: SaraTrainingSamples, store: Optional[StoredPriors] = None,
+                       prior_layers: Sequence[int] = (), table: Optional[PriorRows] = None,
+                       dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,
+                       num_workers: int = 0, pin_memory: bool = False) -> SaraDataLoader:
+    """This data-parallel rank's micro-batches of `dataset`, one sample per row, from
+    `consumed_samples` on (global count), its priors already attached
+    (`priors.loader.build_sara_data_loader`): batches carry rows of `table` or the `store`'s rows
+    of `prior_layers`, or no priors. The packed form is `data.packed_loader`'s."""
     order = GlobalSampleOrder(len(dataset), config.seed, config.shuffle)
-    if config.packing:
-        from sara_megatron.data.packed_loader import packed_layout
-
-        sampler, packed_dataset, collate = packed_layout(
-            config, dataset, order, global_batch_size, dp_rank, dp_size, consumed_samples,
-            config.seq_length or shards.seq_length, store, prior_layers, table)
-        return SaraDataLoader(packed_dataset, batch_sampler=sampler, collate_fn=collate,
-                              num_workers=num_workers, pin_memory=pin_memory,
-                              persistent_workers=num_workers > 0, prior_table=table)
     sampler = RankMicroBatchSampler(order, config.epochs * len(dataset), config.micro_batch_size,
                                     dp_rank, dp_size, consumed_samples)
     anchor_rows = None

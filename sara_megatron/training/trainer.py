@@ -270,7 +270,8 @@ class Trainer:
         self.batches = iter(self.loader)
 
     def _build_data(self) -> None:
-        from sara_megatron.data.sara_dataset import SaraDataConfig, build_sara_data_loader
+        from sara_megatron.data.sara_dataset import SaraDataConfig
+        from sara_megatron.priors.loader import build_sara_data_loader
 
         d = self.cfg.data
         if d.mock:
