@@ -80,3 +80,46 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def drop_torn_last_line(path: str | os.PathLike) -> int:
+    """Cut off a last line without its newline, which is what a kill mid-append leaves; returns the
+    bytes kept. Appended JSONL files (answers, evaluation items) resume from what is complete."""
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return keep
+
+
+def read_jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueError,
+                       limit: int | None = None, complete_lines_only: bool = False
+                       ) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file, the first `limit` at most.
+
+    A line that is not a JSON object raises `error` naming the file and line, so that a user can
+    open the file there. `complete_lines_only` skips a last line without its newline: a reader of a
+    file another process is still appending to must neither fail on nor cut that line.
+    """
+    path = os.fspath(path)
+    yielded = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if limit is not None and yielded >= limit:
+                return
+            if complete_lines_only and not line.endswith("\n"):
+                return
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{line_no}: a row must be a JSON object")
+            yielded += 1
+            yield line_no, obj

@@ -28,7 +28,7 @@ def test_a_torn_last_line_is_ignored_and_cut_off_on_append(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["item_id"] for line in lines] == ["0", "1", "3"]
     path.write_text(path.read_text(encoding="utf-8") + "not json\n" + lines[0] + "\n")
-    with pytest.raises(ValueError, match="items.jsonl:4: not JSON"):
+    with pytest.raises(ValueError, match="items.jsonl:4: not valid JSON"):
         read_item_records(path)
 
 

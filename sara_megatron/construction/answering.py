@@ -27,7 +27,7 @@ from collections import Counter
 from typing import Callable, Mapping, Optional, Sequence
 
 from sara_megatron.construction.sources import AnchorSample
-from sara_megatron.io import atomic_open
+from sara_megatron.io import atomic_open, drop_torn_last_line, read_jsonl_objects
 
 
 class AnswersFileError(ValueError):
@@ -75,23 +75,10 @@ def read_existing_answers(path: str | os.PathLike, settings_dict: dict,
     path = os.fspath(path)
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-            f.flush()
-            os.fsync(f.fileno())
+    drop_torn_last_line(path)
     records = []
-    for line_no, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AnswersFileError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+    for line_no, record in read_jsonl_objects(path, AnswersFileError):
+        if not isinstance(record.get("id"), str):
             raise AnswersFileError(f"{path}:{line_no}: not an answer record")
         if record.get("settings") != settings_dict or record.get("prompt_version") != prompt_version:
             raise AnswersFileError(

@@ -31,6 +31,7 @@ from sara_megatron.answers import answer_is_correct, last_boxed
 from sara_megatron.construction.decontamination import ContaminationIndex
 from sara_megatron.data.corpus_format import RecordError, parse_record
 from sara_megatron.data.languages import known_languages
+from sara_megatron.io import read_jsonl_objects
 
 CONTAMINATED = "contaminated"
 TRUNCATED = "truncated"
@@ -68,19 +69,10 @@ def check_answer_record(obj, where: str) -> dict:
 
 def read_answer_records(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
     for path in paths:
-        path = os.fspath(path)
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    # A run killed mid-write leaves at most a torn last line; the answering tool
-                    # drops it on resume, and here it is an error to fix, not a sample to skip.
-                    raise AnswerRecordError(f"{where}: not valid JSON ({e.msg})") from None
-                yield check_answer_record(obj, where)
+        # A run killed mid-write leaves at most a torn last line; the answering tool drops it on
+        # resume, and here it is an error to fix, not a sample to skip.
+        for line_no, obj in read_jsonl_objects(path, AnswerRecordError):
+            yield check_answer_record(obj, f"{os.fspath(path)}:{line_no}")
 
 
 def judge(record: dict) -> tuple[Optional[str], Optional[str]]:

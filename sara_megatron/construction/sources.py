@@ -22,11 +22,11 @@ with the same row order gives its questions the same ids) and `mmluprox-<lang>-<
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Iterable, Iterator, Optional
 
 from sara_megatron.answers import CHOICE_LETTERS, normalize_number
+from sara_megatron.io import read_jsonl_objects
 
 SOURCES = ("gsm8k", "mmlu_prox")
 GSM8K_HUB = ("openai/gsm8k", "main", "train")
@@ -55,18 +55,7 @@ class AnchorSample:
 
 def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; SourceDataError names a bad line."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceDataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SourceDataError(f"{path}:{line_no}: a row must be a JSON object")
-            yield line_no, row
+    return read_jsonl_objects(path, SourceDataError)
 
 
 def gsm8k_gold(answer: str) -> str:

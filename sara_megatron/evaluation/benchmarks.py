@@ -11,10 +11,10 @@ instead of the hub: tests and clusters without network use it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 
+from sara_megatron.io import read_jsonl_objects
 from sara_megatron.prompts import OPTION_LETTERS
 
 
@@ -123,22 +123,6 @@ def item_from_row(name: str, language: str, row: dict, index: int) -> BenchmarkI
         options=(), passage=None, gold=_number_text(row["answer_number"]))
 
 
-def _read_jsonl_rows(path: str, limit: int | None):
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if limit is not None and line_number > limit:
-                return
-            if not line.strip():
-                raise BenchmarkDataError(f"{path}:{line_number}: empty line")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkDataError(f"{path}:{line_number}: not JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise BenchmarkDataError(f"{path}:{line_number}: a row must be a JSON object")
-            yield line_number, row
-
-
 def _hub_rows(name: str, language: str, limit: int | None):
     import datasets
 
@@ -166,7 +150,7 @@ def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None 
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no benchmark file {source} (expected "
                                     f"<data-dir>/{name}/{language}.jsonl in the hub's columns)")
-        rows = _read_jsonl_rows(source, limit)
+        rows = read_jsonl_objects(source, BenchmarkDataError, limit)
     else:
         source = f"{HUB_DATASETS[name]} ({hub_config(name, language)})"
         rows = _hub_rows(name, language, limit)

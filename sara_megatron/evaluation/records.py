@@ -17,7 +17,7 @@ import os
 from typing import Iterable, Mapping, Sequence
 
 from sara_megatron.data.languages import PAPER_ANCHOR_LANGUAGES, PAPER_TARGET_LANGUAGES
-from sara_megatron.io import write_json_atomic
+from sara_megatron.io import drop_torn_last_line, read_jsonl_objects, write_json_atomic
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"
@@ -29,23 +29,11 @@ def record_key(record: Mapping) -> tuple[str, str, int, str]:
     return (record["benchmark"], record["language"], int(record["run"]), str(record["item_id"]))
 
 
-def _complete_length(data: bytes) -> int:
-    """Bytes up to and including the last newline: what survives of a file cut mid-line."""
-    return data.rfind(b"\n") + 1
-
-
 def read_item_records(path: str | os.PathLike) -> list[dict]:
-    """The records of an items.jsonl; a torn last line (no newline) is ignored."""
-    with open(path, "rb") as f:
-        data = f.read()
+    """The records of an items.jsonl; a torn last line (no newline) is left out, not cut: the
+    evaluation writing the file may still be running."""
     records = []
-    for line_number, line in enumerate(data[: _complete_length(data)].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.fspath(path)}:{line_number}: not JSON: {e}") from None
+    for line_number, record in read_jsonl_objects(path, complete_lines_only=True):
         missing = [k for k in ITEM_KEYS if k not in record]
         if missing:
             raise ValueError(f"{os.fspath(path)}:{line_number}: missing {', '.join(missing)}")
@@ -59,11 +47,7 @@ class ItemRecordWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                keep = _complete_length(f.read())
-            if keep != os.path.getsize(self.path):
-                with open(self.path, "r+b") as f:  # drop the line a kill cut short
-                    f.truncate(keep)
+            drop_torn_last_line(self.path)
         self._file = open(self.path, "a", encoding="utf-8", newline="\n")
 
     def write(self, record: Mapping) -> None:
