@@ -97,7 +97,7 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     os.environ["SARA_VERIFY_CACHE"] = os.path.join(work, "stamps")  # start with no stamps
     from sara_megatron.checkpointing.manifest import verify_checkpoint, write_checkpoint_manifest
-    from sara_megatron.data.file_stamps import stamp_folder
+    from sara_megatron.file_stamps import stamp_folder
     from sara_megatron.data.token_shards import TokenShards
 
     results = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor()}"}

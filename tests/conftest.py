@@ -11,7 +11,7 @@ _PROCESS_FIXTURES = {"torchrun": ("multiprocess", "slow"), "torchrun_cases": ("m
 
 
 def pytest_configure(config):
-    """Verification stamps (sara_megatron/data/file_stamps.py) go to a folder of this run, not the
+    """Verification stamps (sara_megatron/file_stamps.py) go to a folder of this run, not the
     user's cache; tool subprocesses inherit it."""
     if "SARA_VERIFY_CACHE" not in os.environ:
         import tempfile

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from sara_megatron.conversion.errors import ConversionError  # noqa: E402
 from sara_megatron.conversion.hf_export import export_hf_checkpoint  # noqa: E402
 from sara_megatron.conversion.hf_import import import_hf_checkpoint  # noqa: E402
-from sara_megatron.conversion.metadata import METADATA_FILE  # noqa: E402
+from sara_megatron.checkpointing.record import METADATA_FILE  # noqa: E402
 from sara_megatron.conversion.safetensors_io import INDEX_FILE  # noqa: E402
 from sara_megatron.conversion.verify import Thresholds, passes, verify_conversion  # noqa: E402
 

@@ -48,7 +48,7 @@ def test_model_weights_refuse_a_damaged_checkpoint_naming_the_file(single_rank, 
     load_model_weights(model, ckpt)  # intact; the first load hashes every file
 
     # A later load of the unchanged files reads none of them: the stamp vouches for them.
-    from sara_megatron.data import file_stamps
+    from sara_megatron import file_stamps
 
     hashed, real = [], file_stamps.sha256_file
     with pytest.MonkeyPatch.context() as patch:

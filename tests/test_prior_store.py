@@ -287,7 +287,7 @@ def test_model_fingerprint(tmp_path):
     (ckpt / "common.pt").write_bytes(b"weightz")
     assert model_fingerprint(ckpt) != computed
     # A converted checkpoint carries its HF source's fingerprint (tools/convert_hf.py).
-    from sara_megatron.conversion.metadata import read_metadata, write_metadata
+    from sara_megatron.checkpointing.record import read_metadata, write_metadata
 
     write_metadata(str(ckpt), {"source": {"fingerprint": "abc123"}})
     assert model_fingerprint(ckpt) == "hf-safetensors-sha256:abc123"
@@ -304,7 +304,7 @@ def test_priors_of_the_model_a_run_started_from_fit_its_checkpoints(tmp_path, mo
     """A run started from a fine-tuned checkpoint (e.g. at an expert-parallel layout its
     optimizer state cannot resume at) keeps the anchors of the converted model the first run
     started from, or takes priors of the fine-tuned weights themselves; nothing else."""
-    from sara_megatron.conversion.metadata import write_metadata
+    from sara_megatron.checkpointing.record import write_metadata
     from sara_megatron.priors import (
         model_fingerprint,
         prior_anchor_fingerprints,

@@ -404,7 +404,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(single_rank, sara_data
     import dataclasses
     import shutil
 
-    from sara_megatron.conversion.metadata import architecture_record, write_metadata
+    from sara_megatron.checkpointing.record import architecture_record, write_metadata
     from sara_megatron.models.architecture import get_preset
     from sara_megatron.training import Trainer, load_train_config
 

@@ -22,7 +22,8 @@ import logging
 import os
 from typing import Optional
 
-from sara_megatron.data.file_stamps import FileStamp, file_identity
+from sara_megatron.checkpointing.record import ASSETS_DIR, METADATA_FILE
+from sara_megatron.file_stamps import FileStamp, file_identity
 from sara_megatron.io import write_json_atomic
 from sara_megatron.tool_errors import UserFacingError
 
@@ -157,8 +158,6 @@ def _problems(folder: str, files: dict, names: list[str], rank: int, world: int
               ) -> tuple[list[str], dict]:
     """(what is wrong with this rank's share of `names`, the stamp entries it hashed)."""
     stamp = FileStamp(folder, folder)
-    from sara_megatron.conversion.metadata import ASSETS_DIR, METADATA_FILE
-
     problems, mine = [], names[rank::world]
     for name in mine:
         path = os.path.join(folder, name)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from sara_megatron.checkpointing.manifest import verify_checkpoint, write_checkpoint_manifest
+from sara_megatron.checkpointing.record import architecture_record, read_metadata
 
 
 def _chunks(model) -> list:
@@ -43,8 +44,6 @@ def check_recorded_architecture(arch, checkpoint_dir: str | os.PathLike) -> None
     not catch it all: a norm epsilon, a rope scaling or a router setting load into the same
     shapes, and megatron loads a larger vocabulary's embedding into a smaller one's rows.
     Checkpoints without a record (trained from a preset's random weights) are not checked."""
-    from sara_megatron.conversion.metadata import architecture_record, read_metadata
-
     record = read_metadata(os.fspath(checkpoint_dir))
     recorded = (record or {}).get("architecture")
     if not recorded:

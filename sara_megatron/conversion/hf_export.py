@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from sara_megatron.checkpointing.manifest import verify_checkpoint
+from sara_megatron.checkpointing.record import ASSETS_DIR, METADATA_FILE, read_metadata
 from sara_megatron.conversion import metadata as meta
 from sara_megatron.conversion import progress
 from sara_megatron.conversion.errors import ConversionError
@@ -79,17 +80,17 @@ def checkpoint_source(megatron_dir: str, hf_dir: str | None) -> tuple[dict, str 
     """(HF config, assets folder, asset names) for a Megatron checkpoint: from `hf_dir` when
     given, else from its conversion metadata (written by import, carried into the checkpoints of a
     training run started from an imported checkpoint)."""
-    record = meta.read_metadata(megatron_dir)
+    record = read_metadata(megatron_dir)
     if hf_dir is not None:
         hf_dir = os.path.abspath(hf_dir)
         return read_hf_config(hf_dir), hf_dir, meta.hf_asset_files(hf_dir)
     if record is None:
         raise ConversionError(
-            f"{megatron_dir} has no {meta.METADATA_FILE} (neither written by `convert_hf.py "
+            f"{megatron_dir} has no {METADATA_FILE} (neither written by `convert_hf.py "
             f"import` nor trained from such a checkpoint); pass --hf-dir with the model's "
             f"config.json and tokenizer"
         )
-    assets = os.path.join(megatron_dir, meta.ASSETS_DIR)
+    assets = os.path.join(megatron_dir, ASSETS_DIR)
     return record["hf_config"], assets, record.get("assets", [])
 
 

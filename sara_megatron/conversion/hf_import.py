@@ -27,6 +27,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from sara_megatron.checkpointing import save_model_weights
+from sara_megatron.checkpointing.manifest import write_checkpoint_manifest
+from sara_megatron.checkpointing.record import ASSETS_DIR, architecture_record, write_metadata
 from sara_megatron.conversion import metadata as meta
 from sara_megatron.conversion import progress
 from sara_megatron.conversion.errors import ConversionError
@@ -160,8 +163,6 @@ def import_hf_checkpoint(
 
     Returns the metadata record written beside the checkpoint.
     """
-    from sara_megatron.checkpointing import save_model_weights
-    from sara_megatron.checkpointing.manifest import write_checkpoint_manifest
     from sara_megatron.tool_errors import disk_full_error
     from sara_megatron.distributed import ParallelConfig, initialize_distributed
     from sara_megatron.models.architecture import from_hf_config
@@ -222,7 +223,7 @@ def import_hf_checkpoint(
         record = {
             "family": arch.family,
             "hf_config": hf_config,
-            "architecture": meta.architecture_record(arch),
+            "architecture": architecture_record(arch),
             "vocab_size": arch.vocab_size,
             "padded_vocab_size": mapping.padded_vocab_size,
             "vocab_padding": "zeros in the padded rows of the embedding, output layer and "
@@ -242,9 +243,9 @@ def import_hf_checkpoint(
                          for p in ("megatron-core", "torch", "transformers", "safetensors")},
         }
         if rank == 0:
-            assets_dir = os.path.join(output.partial, meta.ASSETS_DIR)
+            assets_dir = os.path.join(output.partial, ASSETS_DIR)
             meta.copy_assets(hf_dir, record["assets"], assets_dir)
-            meta.write_metadata(output.partial, record)
+            write_metadata(output.partial, record)
             # The manifest again, now with the metadata and assets (the weights' hashes are
             # remembered from the save's manifest by the verification stamp).
             write_checkpoint_manifest(output.partial, collective=False)

@@ -1,14 +1,12 @@
-"""What travels beside a converted checkpoint, and how outputs appear atomically.
+"""What conversion puts beside a checkpoint, and how its outputs appear atomically.
 
 An imported Megatron checkpoint folder holds megatron's torch_dist files (`metadata.json`,
 `.metadata`, `*.distcp`, `common.pt` — `load_model_weights(model, folder)` reads them at any
-layout) plus:
-
-- `sara_conversion.json`: family, the HF config.json as read, the architecture we built, vocab
-  size and padding, dtype, the layout used, and the source fingerprint;
-- `hf_assets/`: every non-weight file of the HF folder (config.json, generation_config.json,
-  tokenizer files, chat template, license, ...), copied as they are, so export can write a
-  complete HF folder without the source.
+layout) plus the record `checkpointing.record` reads and writes (`sara_conversion.json`: family,
+the HF config.json as read, the architecture we built, vocab size and padding, dtype, the layout
+used, and the source fingerprint) and `hf_assets/`: every non-weight file of the HF folder
+(config.json, generation_config.json, tokenizer files, chat template, license, ...), copied as
+they are, so export can write a complete HF folder without the source.
 
 The fingerprint is the SHA-256 of each source safetensors file (header and data, i.e. the file's
 bytes: the same value as `sha256sum` and as the hub's Git LFS object id), plus one combined
@@ -17,21 +15,14 @@ SHA-256 over the lines "<file name> <sha256>\n" in name order.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
-import json
 import os
 import shutil
 
 from sara_megatron.conversion.errors import ConversionError
 from sara_megatron.conversion.safetensors_io import INDEX_FILE
-
-METADATA_FILE = "sara_conversion.json"
-ASSETS_DIR = "hf_assets"
-FORMAT = "sara-megatron/hf-conversion"
-FORMAT_VERSION = 1
 
 # Weight files are converted, never copied; everything else at the top of an HF folder is an
 # asset (tokenizer, configs, chat template, license, README).
@@ -71,37 +62,8 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def architecture_record(arch) -> dict:
-    record = dataclasses.asdict(arch)
-    record.pop("hf_config", None)
-    return record
-
-
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_metadata(folder: str, record: dict) -> None:
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **record}
-    with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=False)
-        f.write("\n")
-
-
-def read_metadata(folder: str) -> dict | None:
-    path = os.path.join(folder, METADATA_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    if record.get("format") != FORMAT:
-        raise ConversionError(f"{path} is not a {FORMAT} file (format={record.get('format')!r})")
-    if record.get("format_version", 0) > FORMAT_VERSION:
-        raise ConversionError(
-            f"{path} has format version {record['format_version']}; this code reads up to "
-            f"{FORMAT_VERSION}"
-        )
-    return record
 
 
 class AtomicOutputDir:

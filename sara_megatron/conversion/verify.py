@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from sara_megatron.checkpointing import load_model_weights
+from sara_megatron.checkpointing.record import METADATA_FILE
 from sara_megatron.conversion import progress
 from sara_megatron.conversion.errors import ConversionError
 from sara_megatron.conversion.hf_export import checkpoint_source
@@ -67,7 +69,6 @@ def verify_conversion(
     """Run both models on one random batch; returns the metrics dict."""
     from transformers import AutoModelForCausalLM
 
-    from sara_megatron.checkpointing import load_model_weights
     from sara_megatron.distributed import ParallelConfig, initialize_distributed
     from sara_megatron.models.architecture import from_hf_config
     from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
@@ -113,6 +114,4 @@ def verify_conversion(
 
 
 def _has_metadata(megatron_dir: str) -> bool:
-    from sara_megatron.conversion.metadata import METADATA_FILE
-
     return os.path.exists(os.path.join(megatron_dir, METADATA_FILE))

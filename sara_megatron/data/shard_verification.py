@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from sara_megatron.data.file_stamps import FileStamp, file_identity
+from sara_megatron.file_stamps import FileStamp, file_identity
 from sara_megatron.tool_errors import UserFacingError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"

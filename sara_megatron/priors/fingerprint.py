@@ -14,7 +14,7 @@ import hashlib
 import os
 
 from sara_megatron.checkpointing.manifest import MANIFEST_FILE
-from sara_megatron.conversion.metadata import ASSETS_DIR, METADATA_FILE, read_metadata
+from sara_megatron.checkpointing.record import ASSETS_DIR, METADATA_FILE, read_metadata
 from sara_megatron.io import sha256_file
 
 # Not weights: left out of the computed fingerprint (the manifest of file hashes is bookkeeping

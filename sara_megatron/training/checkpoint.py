@@ -215,7 +215,7 @@ def _commit(save_dir: str, staging: str, final: str, iteration: int) -> None:
 
 
 def _carry_conversion_metadata(source: Optional[str], folder: str) -> None:
-    from sara_megatron.conversion.metadata import ASSETS_DIR, read_metadata, write_metadata
+    from sara_megatron.checkpointing.record import ASSETS_DIR, read_metadata, write_metadata
 
     record = read_metadata(source) if source else None
     if record is None:
