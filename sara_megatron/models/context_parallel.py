@@ -44,7 +44,10 @@ class ContextParallelDotProductAttention(DotProductAttention):
     """megatron's `DotProductAttention`, also for context parallel > 1 (see module docstring).
 
     At cp = 1 it is megatron's class unchanged. Under CP the attention is causal by token position
-    (the only mask type megatron's CP supports); the mask argument is not used.
+    (the only mask type megatron's CP supports). A mask argument over the whole sequence,
+    [B, 1, S, S] with S = S_local·cp (packed rows: `packed_attention.packed_attention_mask` of
+    the micro-batch before the CP split), is also applied, at the global positions of this rank's
+    queries and the gathered keys; a mask of any other size is not used.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
@@ -97,6 +100,9 @@ class ContextParallelDotProductAttention(DotProductAttention):
         ])
         # megatron's mask convention: True = masked out.
         mask = (key_positions[None, :] > query_positions[:, None])[None, None]
+        if attention_mask is not None and attention_mask.shape[-2:] == (seq_length, seq_length):
+            mask = mask | attention_mask.index_select(-2, query_positions).index_select(
+                -1, key_positions)
         return super().forward(query, key, value, mask, AttnMaskType.padding, attention_bias, None)
 
 

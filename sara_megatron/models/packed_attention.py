@@ -5,7 +5,9 @@ A packed row holds several samples (segment ids, -1 = padding; `data/packing.py`
 - bshd, the local spec (CPU, GPUs without Transformer Engine): the rows stay [B, S]; attention
   gets a block-diagonal causal mask from the segment ids (`packed_attention_mask`), and RoPE gets
   each token's own position (`packed_rope`: megatron's GPTModel applies RoPE by place in the row,
-  so the rotary table it computes is re-indexed by the position ids).
+  so the rotary table it computes is re-indexed by the position ids). Under context parallel
+  each rank feeds its chunks of every row; the mask stays the whole row's, which
+  `ContextParallelDotProductAttention` cuts to its queries and the gathered keys.
 - thd, Transformer Engine: the rows are flattened to one [1, B·S] sequence and megatron-core's
   `PackedSeqParams` (cu_seqlens) tell TE's attention and RoPE where each sample starts
   (`thd_packed_inputs`).
@@ -38,7 +40,8 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def packed_rope(model, position_ids: torch.Tensor):
     """During a forward of `model` (a GPTModel, or wrapped), RoPE rotates each token by its own
-    position in `position_ids` [B, S] rather than by its place in the row. The rotary table
+    position in `position_ids` [B, S] rather than by its place in the row (under context
+    parallel: this rank's tokens, as `context_parallel_slice` cuts them). The rotary table
     megatron computes ([S, 1, 1, D]) is gathered per token into [S, B, 1, D], which megatron's
     unfused RoPE broadcasts over heads (the fused one takes [S, 1, 1, D] only: refused)."""
     from megatron.core.utils import get_attr_wrapped_model
@@ -51,12 +54,12 @@ def packed_rope(model, position_ids: torch.Tensor):
     if config.apply_rope_fusion:
         raise NotImplementedError("packed rows in the bshd layout need the unfused RoPE; with "
                                   "Transformer Engine use the thd layout (thd_packed_inputs)")
-    if config.context_parallel_size > 1:
-        raise NotImplementedError("sequence packing under context parallel is not implemented")
-    index = position_ids.transpose(0, 1)  # [S, B]
+    cp = config.context_parallel_size
+    index = position_ids.transpose(0, 1)  # [S, B] (this CP rank's tokens under CP)
 
     def per_token(module, args, output):
-        table = output[:, 0, 0, :]  # [S_rot, D]
+        # Under CP megatron hands this rank its slice of the table; positions index the whole.
+        table = (module.get_emb(output.shape[0] * cp) if cp > 1 else output)[:, 0, 0, :]
         if int(index.max()) >= table.shape[0]:
             raise ValueError(f"position id {int(index.max())} beyond the rotary table "
                              f"({table.shape[0]} positions)")
@@ -71,9 +74,9 @@ def packed_rope(model, position_ids: torch.Tensor):
 
 def check_packing_supported(arch, seq_length: int, *, use_te: bool, context_parallel: int) -> None:
     """Refuse what packing cannot do the same as the padded run (see the module docstring)."""
-    if context_parallel > 1:
-        raise NotImplementedError("sequence packing under context parallel (data.packing with "
-                                  "parallel.cp > 1) is not implemented")
+    if use_te and context_parallel > 1:
+        raise NotImplementedError("sequence packing under context parallel with Transformer "
+                                  "Engine (thd with CP) is not implemented")
     if use_te and arch.longrope is not None and seq_length > arch.longrope.original_max_position_embeddings:
         raise ValueError(
             f"packing with Transformer Engine (thd layout) and longrope at data.seq_length="
