@@ -170,13 +170,22 @@ def test_routing_report_of_a_checkpoint_does_not_depend_on_the_layout(checkpoint
         assert row["entropy"] == pytest.approx(other["entropy"], abs=1e-6), key
 
 
-@pytest.mark.multiprocess
 @pytest.mark.parametrize("args, message", [
     (["--layers", "99"], "outside the model's 0..3"),
     (["--layers", "1-"], "bad layer selection"),
     (["--seq-length", "0"], "--seq-length must be >= 1"),
 ])
-def test_routing_report_refuses_bad_arguments(args, message):
-    proc = subprocess.run([sys.executable, str(REPO / "tools/routing_report.py"), *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+def test_routing_report_refuses_bad_arguments(args, message, monkeypatch, capsys):
+    """The tool's own argument parsing, in this process: status 2 and the message, before any
+    process group or model exists."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("routing_report_tool",
+                                                  REPO / "tools" / "routing_report.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "argv", ["routing_report.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        tool.parse_args()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err[-2000:]
