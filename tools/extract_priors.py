@@ -17,27 +17,15 @@ import argparse
 import os
 import sys
 
-import torch
-import torch.distributed as dist
-
-from sara_megatron.checkpointing import load_model_weights
-from sara_megatron.data.token_shards import TokenShards
-from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.distributed import destroy_distributed
 from sara_megatron.launch import (
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
     launcher_rank,
 )
-from sara_megatron.models.architecture import PRESET_NAMES, resolve_architecture
-from sara_megatron.models.builder import ModelOptions, build_model
-from sara_megatron.priors import (
-    PriorStoreMetadata,
-    PriorStoreWriter,
-    model_fingerprint,
-    parse_layer_selection,
-)
-from sara_megatron.priors.extraction import ExtractionProgress, ExtractionSettings, extract_priors
+from sara_megatron.models.architecture import PRESET_NAMES
+from sara_megatron.priors.extraction_job import ExtractionJob, run_extraction_job
 from sara_megatron.tool_errors import check_writable_output
 
 
@@ -85,83 +73,14 @@ def parse_args(argv=None):
     return args
 
 
-class ProgressPrinter:
-    """Progress on stderr (rank 0), at most every `interval_s` seconds and at the end."""
-
-    def __init__(self, interval_s: float = 10.0):
-        self.interval_s = interval_s
-        self.last = -float("inf")
-
-    def __call__(self, p: ExtractionProgress) -> None:
-        finished = p.samples_done >= p.samples_total
-        if p.elapsed_s - self.last < self.interval_s and not finished:
-            return
-        self.last = p.elapsed_s
-        rate = p.samples_done / max(p.elapsed_s, 1e-9)
-        eta = (p.samples_total - p.samples_done) / max(rate, 1e-9)
-        print(f"extract_priors: {p.samples_done}/{p.samples_total} samples "
-              f"({p.already_done} from an earlier run), {p.tokens_done} tokens, "
-              f"{rate:.2f} samples/s, anchor NLL {p.mean_nll:.3f}, eta {eta:.0f}s",
-              file=sys.stderr, flush=True)
-
-
-def shared_model_fingerprint(checkpoint: str) -> str:
-    """Computed once on rank 0 (hashing a large checkpoint is slow) and broadcast."""
-    box = [model_fingerprint(checkpoint) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def model_architecture(args):
-    if args.model:
-        return resolve_architecture(args.model)
-    config = os.path.join(args.checkpoint, "hf_assets", "config.json")
-    if not os.path.exists(config):
-        raise SystemExit(f"{args.checkpoint} was not made by tools/convert_hf.py (no {config}): "
-                         "name the model with --model")
-    return resolve_architecture(config)
-
-
 def run(args) -> dict:
     """Collective: (re)initialise Megatron at the requested layout and extract the store."""
-    arch = model_architecture(args)
-    arch.validate_parallel(tp=args.tp, ep=args.ep, pp=args.pp)
-    layers = parse_layer_selection(args.layers, arch.num_layers)
-    shards = TokenShards(args.shards, verify=not args.no_verify)
-    vocab = shards.vocab_size
-    if vocab > arch.vocab_size:
-        raise SystemExit(f"the shards' tokenizer has {vocab} ids, the model embeds "
-                         f"{arch.vocab_size}: sharded with another model's tokenizer?")
-
-    initialize_distributed(ParallelConfig(tp=args.tp, ep=args.ep, pp=args.pp))
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = build_model(arch, ModelOptions(params_dtype=dtype, bf16=args.bf16))
-    load_model_weights(model, args.checkpoint)
-    metadata = PriorStoreMetadata(
-        layers=layers,
-        num_experts=arch.num_experts,
-        dtype=args.dtype,
-        anchor_language=shards.anchor_language,
-        model_fingerprint=shared_model_fingerprint(args.checkpoint),
-        # From the anchor shards' files as they are (verified), not copied from the manifest.
-        corpus_fingerprint=shards.language_fingerprint(shards.anchor_language),
-        compute_dtype="bf16" if args.bf16 else "fp32",  # a rerun with the other is refused
-    )
-    settings = ExtractionSettings(
-        layers=layers,
-        micro_batch_size=args.micro_batch_size,
-        num_microbatches=args.pp if args.num_microbatches is None else args.num_microbatches,
-        flush_every=args.flush_every,
-    )
-    result = extract_priors(model, shards, PriorStoreWriter(args.output, metadata), settings,
-                            progress=ProgressPrinter())
-    if dist.get_rank() == 0:
-        print(f"extract_priors: {result['store']['num_samples']} samples in {args.output} "
-              f"({result['samples_extracted']} extracted now, {result['samples_resumed']} "
-              f"resumed; layers {layers[0]}..{layers[-1]} ({len(layers)}), "
-              f"{arch.num_experts} experts, {args.dtype}, computed in {metadata.compute_dtype}) "
-              f"in {result['elapsed_s']:.1f}s")
-    return result
+    return run_extraction_job(ExtractionJob(
+        shards=args.shards, checkpoint=args.checkpoint, output=args.output, model=args.model,
+        layers=args.layers, dtype=args.dtype, tp=args.tp, ep=args.ep, pp=args.pp,
+        micro_batch_size=args.micro_batch_size, num_microbatches=args.num_microbatches,
+        flush_every=args.flush_every, bf16=args.bf16, verify_shards=not args.no_verify,
+    ))
 
 
 def main(argv=None) -> int:
