@@ -11,7 +11,7 @@ Duplicates of one (id, lang): a copy identical to the first (the same parsed rec
 and counted. Copies that differ are a conflict the corpus must settle: under the `duplicates`
 policy "reject" every copy is rejected and reported (a target whose anchor was rejected so loses
 its anchor); "first" keeps the first in file order, "last" the last. `validate_corpus` defaults to
-"first" (its behaviour before policies existed); `tools/shard_corpus.py` defaults to "reject".
+"first", `tools/shard_corpus.py` to "reject" (a corpus about to be trained on must settle them).
 
 Records are not kept in memory: the index holds each one's file, line and byte range, and the
 shard workers re-read the lines they tokenize.

@@ -93,10 +93,9 @@ def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptio
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         # The interleaved schedule with unbatched, overlapped p2p (what Megatron-LM sets for
-        # it): at PP=2 both neighbours are the same rank, and batched ops on one communicator,
-        # posted [send prev, recv prev, send next, recv next] on both ranks, pair activations with
-        # gradients (PP=2 × VPP=2 trained on wrong tensors: grad norm 1.07 vs 1.24 on one rank);
-        # the unbatched path sends one direction over a second communicator when PP=2.
+        # it): at PP=2 both neighbours are the same rank, and batched ops on one communicator
+        # pair activations with gradients (docs/distributed.md); the unbatched path sends one
+        # direction over a second communicator when PP=2.
         overlap_p2p_comm=vpp is not None,
         batch_p2p_comm=vpp is None,
         expert_model_parallel_size=ep,

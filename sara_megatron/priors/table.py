@@ -4,16 +4,13 @@
     rows = table.rows(["id-7", "id-3"])                                    # [B] int64, once
     priors = table.gather(rows)                                            # [L_sel, B, N] fp32
 
-Why a table: copying each batch's priors out of the memory-mapped store in the data loader costs
-about a fifth of the loader's throughput (a [28, 128] fp32 prior is 14.3 KB per sample, more than
-the sample's tokens). Reading every needed prior once into one contiguous tensor lets the loader
-hand out one int per sample, and the training loop gathers the batch's priors where they are
-used — on the GPU that is one index_select of a few tens of KB (microseconds).
+Why a table: a sample's prior is larger than its tokens, so copying each batch's priors out of the
+memory-mapped store in the data loader slows the loader down (docs/data-and-priors.md). Read once
+into one contiguous tensor, the loader hands out one int per sample and the training loop gathers
+the batch's priors where they are used.
 
 Layout: layer-major [L_sel, rows, N], so a gather along dim 1 writes the [L_sel, B, N] the loss
-takes in one contiguous kernel. (A row-major [rows, L_sel, N] table needs a second, transposing
-copy; and index_select along dim 1 of its transposed view is pathological on CPU — it copies the
-whole table, ~12 ms for 2000 Qwen3-shaped rows, against ~5 us here.)
+takes in one contiguous kernel; a row-major table would need a second, transposing copy.
 
 Memory: rows x L_sel x N x 4 bytes, one row per distinct anchor sample id (each target-language
 copy shares its anchor's row). At the Qwen3 shape (28 selected layers x 128 experts) that is

@@ -1,4 +1,4 @@
-"""Which training objective a run uses, and the settings each needs (issue 19, docs/objectives.md).
+"""Which training objective a run uses, and the settings each needs (docs/objectives.md).
 
     sara.objective: sara     CE + λ_LB·LB + λ_JS·D(anchor ‖ target routing); λ_JS = 0 is FFT
                     aes      CE + λ_LB·LB − w_var·Var(routing scores) + w_orth·L_orth (Guo et al.)
