@@ -22,10 +22,13 @@ import os
 import sys
 
 from sara_megatron.evaluation.benchmarks import BENCHMARK_LANGUAGES
-from sara_megatron.evaluation.records import (
-    ITEMS_FILE, ordered_languages, read_item_records, read_results,
+from sara_megatron.evaluation.significance import paired_t_test
+from sara_megatron.evaluation.significance_files import (
+    ComparisonError,
+    compare_results,
+    finite_or_null,
+    format_significance,
 )
-from sara_megatron.evaluation.significance import item_level_comparison, paired_t_test
 
 
 def parse_scores(text: str, flag: str, parser) -> list[float]:
@@ -78,89 +81,24 @@ def parse_args(argv=None):
     return args
 
 
-def results_folder(path: str) -> str:
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
-def compare_files(args) -> dict:
-    p = args.parser
-    try:
-        treatment, baseline = read_results(args.treatment), read_results(args.baseline)
-    except (OSError, ValueError) as e:
-        p.error(str(e))
-    per_language = []
-    for flag, results in (("--treatment", treatment), ("--baseline", baseline)):
-        if results.get("complete") is False:
-            print(f"significance: note: {getattr(args, flag[2:])} is an unfinished evaluation; "
-                  "only its fully answered languages are there", file=sys.stderr)
-        entries = results["benchmarks"].get(args.benchmark)
-        if not entries:
-            p.error(f"{flag}: no {args.benchmark} results in {getattr(args, flag[2:])}")
-        per_language.append(entries)
-    if args.languages:
-        languages = [x.strip() for x in args.languages.split(",") if x.strip()]
-        for flag, entries in zip(("--treatment", "--baseline"), per_language):
-            missing = [lang for lang in languages if lang not in entries]
-            if missing:
-                p.error(f"{flag} has no {args.benchmark} results for {', '.join(missing)}")
-    else:
-        languages = ordered_languages(lang for lang in per_language[0] if lang in per_language[1])
-    if len(languages) < 2:
-        p.error(f"a paired t-test needs at least 2 languages, got {languages}")
-    result = paired_t_test([per_language[0][lang]["mean"] for lang in languages],
-                           [per_language[1][lang]["mean"] for lang in languages])
-    result["benchmark"], result["languages"] = args.benchmark, languages
-    items = [os.path.join(results_folder(path), ITEMS_FILE)
-             for path in (args.treatment, args.baseline)]
-    if all(os.path.isfile(path) for path in items):
-        try:
-            result["item_level"] = item_level_comparison(
-                read_item_records(items[0]), read_item_records(items[1]), args.benchmark,
-                languages, resamples=args.bootstrap_resamples, seed=args.seed)
-        except ValueError as e:
-            result["item_level"] = {"skipped": str(e)}
-    return result
-
-
-def print_text(result: dict) -> None:
-    where = (f"{result['benchmark']} over {', '.join(result['languages'])}: "
-             if "benchmark" in result else "")
-    print(f"{where}paired t-test (H1: treatment > baseline), n = {result['n']}, "
-          f"df = {result['df']}")
-    print(f"  mean difference {result['mean_difference']:+.4f}   t = {result['t']:.4f}")
-    print(f"  p one-tailed = {result['p_one_tailed']:.4g}   "
-          f"(two-tailed p = {result['p_two_tailed']:.4g})")
-    item_level = result.get("item_level")
-    if item_level and "skipped" in item_level:
-        print(f"  item level: skipped ({item_level['skipped']})")
-    elif item_level:
-        m, b = item_level["mcnemar"], item_level["bootstrap"]
-        print(f"  item level, {item_level['items']} items: McNemar exact (one run) "
-              f"{m['treatment_only']} vs {m['baseline_only']} discordant, "
-              f"p one-tailed = {m['p_one_tailed']:.4g}, two-tailed = {m['p_two_tailed']:.4g}")
-        print(f"  accuracy difference {b['difference']:+.2f} points, "
-              f"{100 * b['confidence']:.0f}% bootstrap interval [{b['low']:+.2f}, {b['high']:+.2f}]")
-
-
-def finite_or_null(value):
-    """Strict JSON: t is ±inf or nan when every language moved by the same amount."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    return value
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.treatment_scores is not None:
         result = paired_t_test(args.treatment_scores, args.baseline_scores)
     else:
-        result = compare_files(args)
+        languages = ([x.strip() for x in args.languages.split(",") if x.strip()]
+                     if args.languages else None)
+        try:
+            result = compare_results(
+                args.treatment, args.baseline, args.benchmark, languages,
+                resamples=args.bootstrap_resamples, seed=args.seed,
+                note=lambda text: print(f"significance: note: {text}", file=sys.stderr))
+        except ComparisonError as e:
+            args.parser.error(str(e))
     if args.json:
         print(json.dumps(finite_or_null(result)))
     else:
-        print_text(result)
+        print(format_significance(result))
     return 0
 
 
