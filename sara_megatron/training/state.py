@@ -1,0 +1,242 @@
+"""A run's state, built in one place from its config and `RunPlan`: the model chunks (DDP), the
+optimizer, the LR schedule at its real length, the objectives, the data loader and the
+checkpointer; resumed from the plan's checkpoint, or started from `model.checkpoint`'s weights.
+
+Built from megatron-core parts: `DistributedDataParallel`, `get_megatron_optimizer` (Adam with
+decoupled weight decay, optionally the distributed optimizer), `OptimizerParamScheduler`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Optional
+
+import torch
+
+from sara_megatron.checkpointing import load_model_weights
+from sara_megatron.models.builder import ModelOptions, build_model
+from sara_megatron.sara import SaraRoutingLoss
+from sara_megatron.training.checkpoint import (
+    check_optimizer_layout,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from sara_megatron.training.config import TrainConfig
+from sara_megatron.training.preflight import (
+    RunPlan,
+    data_stream,
+    sara_settings,
+    scheduler_settings,
+)
+
+
+@dataclasses.dataclass
+class Checkpointer:
+    """When the run saves, and what each save records beside the tensors: the data position and
+    stream, and the SARA term (checked or compared on resume, see training.preflight)."""
+
+    save_dir: Optional[str]
+    save_interval: int  # steps; 0 = only at the end
+    record: dict  # data stream and SARA settings
+    conversion_source: Optional[str]  # model.checkpoint, whose conversion record saves carry
+
+    def due(self, iteration: int) -> bool:
+        return bool(self.save_dir and self.save_interval and iteration % self.save_interval == 0)
+
+    def due_at_end(self, iteration: int) -> bool:
+        """The last step was not saved by the interval (every run ends saved)."""
+        return bool(self.save_dir and (not self.save_interval or iteration % self.save_interval))
+
+    def save(self, state: "TrainState") -> None:
+        save_training_checkpoint(
+            self.save_dir, state.iteration, state.chunks, state.optimizer, state.scheduler,
+            dict(consumed_samples=state.consumed_samples, **self.record),
+            conversion_source=self.conversion_source,
+        )
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a training step reads or advances."""
+
+    plan: RunPlan
+    device: torch.device
+    chunks: list  # DDP-wrapped model chunks, one per virtual pipeline stage
+    model_config: Any  # megatron's TransformerConfig, shared by the chunks
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    batches: Iterator
+    checkpointer: Checkpointer
+    sara: Optional[SaraRoutingLoss] = None  # the SARA term (λ_JS = 0: the same code path)
+    aes: Any = None  # sara.aes.AesLoss, sara.objective aes
+    shifcon: Any = None  # sara.shifcon.ShifconObjective, sara.objective shifcon
+    shifcon_anchors: dict = dataclasses.field(default_factory=dict)  # this step's, by micro-batch
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def build_state(cfg: TrainConfig, plan: RunPlan) -> TrainState:
+    """The run's state for a config that passed `preflight` (which made `plan`). The model is
+    built first: its random initialisation draws from the generator `initialize_distributed`
+    seeded, before anything else does."""
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
+    chunks = _build_model(cfg, plan, bf16)
+    model_config = chunks[0].config
+    sara, aes, shifcon = _build_objectives(cfg, plan, chunks, model_config)
+    chunks = _wrap_ddp(cfg, chunks, model_config)
+    optimizer = _build_optimizer(cfg, chunks, bf16)
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_settings(cfg, plan.train_steps))
+
+    resume = plan.resume
+    if resume is None and cfg.model.checkpoint:
+        load_model_weights([c.module for c in chunks], cfg.model.checkpoint)
+        # The distributed / fp16 optimizer holds its own fp32 copies of the parameters.
+        optimizer.reload_model_params()
+    consumed = resume.consumed_samples if resume is not None else 0
+    loader = _build_loader(cfg, plan, consumed, device, anchor_rows=(
+        cfg.sara.priors == "online" or shifcon is not None))
+    checkpointer = Checkpointer(cfg.checkpoint.save_dir, cfg.checkpoint.save_interval,
+                                {**data_stream(cfg, plan), "sara": sara_settings(cfg, plan)},
+                                cfg.model.checkpoint)
+    state = TrainState(plan, device, chunks, model_config, optimizer, scheduler, loader,
+                       iter(loader), checkpointer, sara, aes, shifcon,
+                       iteration=resume.iteration if resume is not None else 0,
+                       consumed_samples=consumed)
+    if resume is not None:
+        check_optimizer_layout(resume.checkpoint_dir, resume.saved.get("trainer", {}), optimizer)
+        load_training_checkpoint(resume.checkpoint_dir, chunks, optimizer, scheduler)
+    return state
+
+
+def _build_model(cfg: TrainConfig, plan: RunPlan, bf16: bool) -> list:
+    options = ModelOptions(
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+        recompute=cfg.model.recompute,
+        token_dispatcher=cfg.model.token_dispatcher,
+        seq_length=cfg.data.seq_length,
+        calculate_per_token_loss=True,
+    )
+    vpp = cfg.parallel.vpp
+    return [build_model(plan.arch, options, vp_stage=(i if vpp else None))
+            for i in range(vpp or 1)]
+
+
+def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config):
+    """(SARA term, AES, ShifCon): the one the config's objective names; AES and ShifCon attach
+    their hooks to the bare model chunks."""
+    sara = aes = shifcon = None
+    if plan.sara_term:
+        sara = SaraRoutingLoss(
+            plan.alignment_layers, cfg.sara.lambda_js,
+            sequence_parallel=model_config.sequence_parallel, impl=cfg.sara.impl,
+            divergence=cfg.sara.divergence,
+        )
+    if cfg.sara.objective == "aes":  # the AES baseline: no SARA term (docs/objectives.md)
+        from sara_megatron.sara.aes import AesLoss
+
+        a = cfg.aes
+        aes = AesLoss(a.variance_coeff, a.orthogonality_coeff, a.variance_target,
+                      a.orthogonality_target)
+        aes.attach(chunks)
+    if cfg.sara.objective == "shifcon":  # the ShifCon baseline (docs/objectives.md)
+        from sara_megatron.sara.shifcon import ShifconObjective
+
+        s = cfg.shifcon
+        shifcon = ShifconObjective(plan.language_vectors, s.shift_layer, s.shift_back_layer,
+                                   s.contrastive_coeff, s.temperature)
+        shifcon.attach(chunks)
+    return sara, aes, shifcon
+
+
+def _wrap_ddp(cfg: TrainConfig, chunks, model_config) -> list:
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optim.distributed_optimizer,
+        # Per-token loss: gradients are summed over data parallel and divided by the global
+        # token count in finalize_model_grads, not averaged in the collective.
+        average_in_collective=False,
+    )
+    wrapped = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=(i > 0))
+               for i, chunk in enumerate(chunks)]
+    model_config.no_sync_func = [c.no_sync for c in wrapped]
+    if len(wrapped) == 1:
+        model_config.no_sync_func = model_config.no_sync_func[0]
+    model_config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def _build_optimizer(cfg: TrainConfig, chunks, bf16: bool):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optim
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=o.distributed_optimizer,
+        ),
+        chunks,
+    )
+
+
+def _build_loader(cfg: TrainConfig, plan: RunPlan, consumed_samples: int, device,
+                  anchor_rows: bool):
+    """This data-parallel rank's micro-batches from `consumed_samples` on: the token shards with
+    their anchor priors, or random rows (data.mock)."""
+    d = cfg.data
+    if d.mock:
+        from sara_megatron.data.mock_batches import MockSaraLoader
+
+        return MockSaraLoader(
+            vocab_size=plan.arch.vocab_size, num_experts=plan.arch.num_experts,
+            prior_layers=plan.alignment_layers if plan.sara_term else (),
+            seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, dp_rank=plan.dp_rank,
+            dp_size=plan.dp_size, consumed_samples=consumed_samples, seed=cfg.seed,
+        )
+    from sara_megatron.data.sara_dataset import SaraDataConfig
+    from sara_megatron.priors.loader import build_sara_data_loader
+
+    expected_fingerprint = None
+    if d.prior_store and cfg.model.checkpoint:
+        from sara_megatron.priors import prior_anchor_fingerprints, read_prior_store_metadata
+
+        # Priors must come from the weights training starts from, or, when those were
+        # themselves trained from a converted checkpoint, from that model (see
+        # prior_anchor_fingerprints).
+        expected_fingerprint = prior_anchor_fingerprints(
+            cfg.model.checkpoint, read_prior_store_metadata(d.prior_store).model_fingerprint)
+    data_config = SaraDataConfig(
+        shards_dir=d.shards_dir,
+        prior_store=d.prior_store,
+        prior_layers=plan.alignment_layers if d.prior_store else None,
+        languages=d.languages,
+        seq_length=d.seq_length,
+        micro_batch_size=d.micro_batch_size,
+        epochs=plan.data_epochs,
+        seed=cfg.seed,
+        shuffle=d.shuffle,
+        pad_id=d.pad_id,
+        expected_model_fingerprint=expected_fingerprint,
+        verify_shards=d.verify_shards,
+        anchor_rows=anchor_rows,
+    )
+    return build_sara_data_loader(
+        data_config, plan.dp_rank, plan.dp_size, consumed_samples=consumed_samples,
+        num_workers=d.num_workers, pin_memory=device.type == "cuda", prior_device=device,
+    )
