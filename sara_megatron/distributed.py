@@ -239,3 +239,20 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# The groups the library's collectives use (routing capture and the SARA loss: tp, tp_cp; prior
+# extraction and the loss's logging: dp, pp).
+MODEL_PROCESS_GROUPS = ("tp", "cp", "tp_cp", "pp", "dp", "dp_cp")
+
+
+def model_process_groups():
+    """Megatron's parallel state as a `ProcessGroupCollection`, read once by an entry point (the
+    trainer, a tool) and handed down to what runs collectives; None before
+    `initialize_distributed` (one process, no model parallelism)."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=list(MODEL_PROCESS_GROUPS))

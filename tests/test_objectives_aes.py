@@ -70,7 +70,7 @@ def test_gradient_matches_plain_autograd(model):
     def run(observer):
         MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
         model.zero_grad(set_to_none=True)
-        with observe_routers(observer):
+        with observe_routers(model, observer):
             return model(tokens, positions, causal_attention_mask(S), padding_mask=padding)
 
     aes = AesLoss(W_VAR, W_ORTH)

@@ -103,7 +103,7 @@ def test_in_model_gradient_matches_plain_autograd(model, kind):
     def run(observer):
         MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
         model.zero_grad(set_to_none=True)
-        with observe_routers(observer):
+        with observe_routers(model, observer):
             return model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s))
 
     term = SaraRoutingLoss(layers, lam, divergence=kind)

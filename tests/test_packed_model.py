@@ -60,7 +60,7 @@ def test_packed_forward_gives_each_sample_its_own_forward(single_rank, preset, s
     seqs, prompts = samples(arch.vocab_size)
     packed, order = packed_batch(seqs, prompts, s)
     assert packed.tokens.shape[0] < len(seqs)  # several samples share a row
-    with torch.no_grad(), capture_routing(packed.segment_ids, num_segments=len(seqs)) as cap:
+    with torch.no_grad(), capture_routing(model, packed.segment_ids, num_segments=len(seqs)) as cap:
         logits = packed_forward(model, packed)
     layers = sorted(cap.records)
     assert layers == list(range(arch.num_layers))
@@ -69,7 +69,7 @@ def test_packed_forward_gives_each_sample_its_own_forward(single_rank, preset, s
         row, col = torch.nonzero(packed.segment_ids == k)[0].tolist()
         # The sample's own forward, padded to the row length as the unpacked run pads it.
         alone = pack_tokens([seqs[i]], [prompts[i]], seq_length=s)
-        with torch.no_grad(), capture_routing(segment_ids_from_padding_mask(alone.padding_mask)) as ref:
+        with torch.no_grad(), capture_routing(model, segment_ids_from_padding_mask(alone.padding_mask)) as ref:
             want = padded_forward(model, alone)
         torch.testing.assert_close(logits[row, col:col + n], want[0, :n], rtol=0, atol=1e-5)
         for layer in layers:
@@ -119,7 +119,7 @@ def test_packed_step_gradients_equal_the_padded_samples(single_rank):
     def step(forward, batch, segment_ids, sample_priors, packed):
         model.zero_grad(set_to_none=True)
         sara.set_batch(sample_priors, segment_ids, packed=packed)
-        with observe_routers(sara):
+        with observe_routers(model, sara):
             per_token = forward(model, batch, labels=batch.labels)
         loss = (per_token.float() * batch.loss_mask).sum() / batch.loss_mask.sum()
         loss.backward()

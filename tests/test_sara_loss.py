@@ -49,7 +49,7 @@ def _run(model, tokens, observer):
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # the shape megatron's schedules use
     model.zero_grad(set_to_none=True)
-    with observe_routers(observer):
+    with observe_routers(model, observer):
         out = model(tokens, torch.arange(S).expand(B, S), causal_attention_mask(S))
     return out
 

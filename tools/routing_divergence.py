@@ -36,7 +36,12 @@ from sara_megatron.analysis.model_loading import (
     is_hf_folder,
     load_analysis_weights,
 )
-from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.distributed import (
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+    model_process_groups,
+)
 from sara_megatron.launch import (
     configure_logging,
     exit_at_once_on_error,
@@ -200,7 +205,8 @@ def run(args, rank):
     bar = tqdm(total=len(languages), desc="languages routed", disable=rank != 0)
     analysis = routing_analysis(model, data, args.layers, targets, args.batch_size,
                                 top_k=args.arch.moe_router_topk if args.expert_usage else None,
-                                progress=lambda language: bar.update(1))
+                                progress=lambda language: bar.update(1),
+                                process_groups=model_process_groups())
     bar.close()
     if rank != 0:
         return

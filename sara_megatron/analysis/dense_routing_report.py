@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights
-from sara_megatron.distributed import ParallelConfig, initialize_distributed
+from sara_megatron.distributed import ParallelConfig, initialize_distributed, model_process_groups
 from sara_megatron.io import atomic_open
 from sara_megatron.models.builder import build_model, causal_attention_mask
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
@@ -54,7 +54,8 @@ def dense_routing_report(
     padding[-1, s - s // 4:] = True
     positions = torch.arange(s, device=device).expand(b, s)
     with torch.no_grad(), capture_routing(
-        segment_ids_from_padding_mask(padding), layers=layers
+        model, segment_ids_from_padding_mask(padding), layers=layers,
+        process_groups=model_process_groups(),
     ) as capture:
         model(tokens, positions, causal_attention_mask(s, device=device))
     rows = routing_rows(capture, sequence_offset=dp_rank * b)

@@ -42,7 +42,8 @@ class SequenceRouting:
 
 @torch.no_grad()
 def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, batch_size: int,
-                      top_k: Optional[int] = None) -> dict[str, SequenceRouting]:
+                      top_k: Optional[int] = None, process_groups=None
+                      ) -> dict[str, SequenceRouting]:
     """group id -> the sequence's routing per layer."""
     device = next(model.parameters()).device
     switch = longrope_switch([model])
@@ -56,7 +57,8 @@ def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, ba
         packed = pack_tokens(token_lists, [s.prompt_length for s in chunk], seq_length=length)
         tokens = packed.tokens.to(device)
         b, s = tokens.shape
-        with capture_routing(segment_ids_from_padding_mask(packed.padding_mask), layers=layers) as cap:
+        with capture_routing(model, segment_ids_from_padding_mask(packed.padding_mask),
+                             layers=layers, process_groups=process_groups) as cap:
             model(tokens, torch.arange(s, device=device).expand(b, s), causal_attention_mask(s, device))
         means = torch.stack([cap[layer].seq_mean for layer in layers], dim=1)  # [B, L, N]
         selections = None
@@ -67,7 +69,7 @@ def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, ba
                 chosen = torch.zeros_like(record.logits, dtype=torch.float32)
                 chosen.scatter_(1, record.logits.topk(top_k, dim=-1).indices, 1.0)
                 sums, counts = masked_segment_sums(chosen, record.segment_ids, b)
-                group = routing_reduction_group()  # a sequence's tokens spread over TP x CP
+                group = routing_reduction_group(process_groups)  # a sequence spans TP x CP
                 if group is not None:
                     torch.distributed.all_reduce(sums, group=group)
                     torch.distributed.all_reduce(counts, group=group)
@@ -106,11 +108,13 @@ def routing_analysis(
     batch_size: int = 8,
     top_k: Optional[int] = None,
     progress=None,
+    process_groups=None,
 ) -> RoutingAnalysis:
     """Per-layer divergence of each target language from the anchor on a parallel set (or token
     shards), plain and entropy-normalised; with `top_k`, also each language's expert usage (mean
     dense routing probability and top-k selection share per expert). Eval mode; the model's mode
-    is restored afterwards. `progress(language)` is called after each language's passes."""
+    is restored afterwards. `progress(language)` is called after each language's passes.
+    `process_groups`: megatron's (`distributed.model_process_groups()`); None for one process."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = as_parallel_set(data)
@@ -126,7 +130,7 @@ def routing_analysis(
         routing = {}
         for language in [data.anchor_language, *targets]:
             routing[language] = _sequence_routing(model, data, data.sequences(language), layers,
-                                                  batch_size, top_k)
+                                                  batch_size, top_k, process_groups)
             if progress is not None:
                 progress(language)
     finally:

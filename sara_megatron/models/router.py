@@ -1,4 +1,5 @@
-"""Megatron-Core routers that expose their logits to `sara_megatron.routing` observers."""
+"""Megatron-Core routers that expose their logits to the observers installed on them
+(`sara_megatron.routing.observe_routers`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
-from sara_megatron.routing.observers import notify_router_logits
-
 
 class ObservedTopKRouter(TopKRouter):
     """`TopKRouter` whose gating logits are shown to router observers before top-k routing.
 
-    Routing itself is Megatron's, untouched: with no observer registered this is TopKRouter.
+    Routing itself is Megatron's, untouched: with no observer installed this is TopKRouter. The
+    observers are this router's own (`routing.observe_routers` installs them per model).
     """
+
+    router_observers: tuple = ()
 
     @property
     def global_layer_index(self) -> int:
@@ -26,8 +28,10 @@ class ObservedTopKRouter(TopKRouter):
 
     def observe_and_attach(self, logits, padding_mask, probs):
         """Show `logits` to the observers and attach the losses they return to `probs`."""
-        for loss in notify_router_logits(self.global_layer_index, logits, padding_mask):
-            probs = MoEAuxLossAutoScaler.apply(probs, loss)
+        for observer in self.router_observers:
+            loss = observer(self.global_layer_index, logits, padding_mask)
+            if loss is not None:
+                probs = MoEAuxLossAutoScaler.apply(probs, loss)
         return probs
 
     def attach_and_log_load_balancing_loss(
@@ -36,16 +40,9 @@ class ObservedTopKRouter(TopKRouter):
     ):
         """Megatron's, with the per-token-loss scale made independent of TP and CP.
 
-        With `calculate_per_token_loss` megatron-core 0.16.1 multiplies each rank's share of the
-        load-balancing loss by the rank's own token count, while every gradient is later divided
-        by the global token count: under sequence parallel or context parallel, where the
-        TP×CP ranks split one micro-batch's tokens, the load-balancing gradient comes out
-        1/(TP·CP) of the single-rank one (measured: TP=2 or CP=2 at λ_LB ≡ one rank at λ_LB/2).
-        The micro-batch's token count over the reduction group is the right factor (the fix
-        Megatron-LM merged upstream as PR 5047). Only the TP×CP-reduced losses ("aux_loss",
-        "seq_aux_loss") are corrected; megatron's z-loss, not used by these models, keeps the bug.
-        With a padding mask (the trainer passes one) megatron's count is already the group's
-        non-padding total and is kept (see `_group_token_count`).
+        megatron-core 0.16.1 scales each rank's share of the load-balancing loss by the rank's own
+        token count where the group's is right, so under sequence or context parallel the
+        gradient shrinks by 1/(TP·CP); this passes the group's count (docs/models.md).
         """
         if self.calculate_per_token_loss and not reduce_group_has_dp:
             valid_token_count = _group_token_count(activation, valid_token_count, reduce_group)

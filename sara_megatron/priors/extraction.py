@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from sara_megatron.data.batch import pack_tokens
 from sara_megatron.data.token_shards import ShardedSample, TokenShards
@@ -42,6 +43,7 @@ from sara_megatron.models.longrope_padding import (
 )
 from sara_megatron.priors.store_writer import PriorStoreWriter
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
+from sara_megatron.routing.capture import check_process_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +93,21 @@ def _world_sum(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
+def _size_and_rank(process_groups: Optional[ProcessGroupCollection], name: str) -> tuple[int, int]:
+    """(size, this rank's index) of one of megatron's groups; (1, 0) for one process alone."""
+    if process_groups is None:
+        return 1, 0
+    group = getattr(process_groups, name)
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
 def _deal(pending: list[ShardedSample], dp: int, dp_rank: int) -> list[ShardedSample]:
     order = sorted(range(len(pending)), key=lambda i: (-pending[i].meta.token_count, i))
     return [pending[i] for i in order[dp_rank::dp]]
 
 
-def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: Sequence[int]):
+def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: Sequence[int],
+              process_groups: Optional[ProcessGroupCollection]):
     """Forward the micro-batches; returns this stage's {(mb, layer): ([B, N] sequence means,
     [B] token counts)} and the (NLL sum, token count) of each micro-batch on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -117,7 +128,8 @@ def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: 
         mb = next(data_iterator)
         tokens, labels = mb.tokens.to(device), mb.labels.to(device)
         segments = segment_ids_from_padding_mask(mb.padding.to(device))
-        with capture_routing(segments, layers=layers, keep_probs=False) as capture:
+        with capture_routing(chunk, segments, layers=layers, keep_probs=False,
+                             process_groups=process_groups) as capture:
             out = chunk(tokens, positions.expand_as(tokens), mask, labels=labels)
         # Keep the [B, N] means and counts only: the per-token logits would pile up over the
         # step's micro-batches ([T, N] per layer each).
@@ -145,10 +157,12 @@ def extract_priors(
     writer: PriorStoreWriter,
     settings: ExtractionSettings,
     progress: Optional[Callable[[ExtractionProgress], None]] = None,
+    process_groups: Optional[ProcessGroupCollection] = None,
 ) -> dict:
-    """Collective over the world: extract the anchor priors of `shards` into `writer`'s store."""
-    from megatron.core import parallel_state as ps
-
+    """Collective over the world: extract the anchor priors of `shards` into `writer`'s store.
+    `process_groups`: megatron's groups (`distributed.model_process_groups()`, read once by the
+    caller); None is one process alone."""
+    check_process_groups(process_groups, "prior extraction")
     models = model if isinstance(model, (list, tuple)) else [model]
     for chunk in models:
         chunk.eval()  # deterministic routing: no jitter, no sparsemixer sampling
@@ -163,15 +177,15 @@ def extract_priors(
     done = writer.finished_sample_ids()
     dist.barrier()  # everyone has read the finished set before anyone writes a new shard
     pending = [s for s in anchors if s.meta.sample_id not in done]
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = _size_and_rank(process_groups, "dp")
+    tp, tp_rank = _size_and_rank(process_groups, "tp")
+    pp, pp_rank = _size_and_rank(process_groups, "pp")
     mine = _deal(pending, dp, dp_rank)
-    is_writer = (ps.get_tensor_model_parallel_rank() == 0
-                 and ps.get_pipeline_model_parallel_rank() == 0)
+    is_writer = tp_rank == 0 and pp_rank == 0
     mbs, per_step = settings.micro_batch_size, settings.micro_batch_size * settings.num_microbatches
     steps = _world_max(math.ceil(len(mine) / per_step))
-    multiple = math.lcm(settings.pad_multiple, ps.get_tensor_model_parallel_world_size())
+    multiple = math.lcm(settings.pad_multiple, tp)
     switch = longrope_switch(models)
-    pp_group = ps.get_pipeline_model_parallel_group()
 
     start = time.perf_counter()
     done_samples = done_tokens = 0
@@ -190,7 +204,7 @@ def extract_priors(
             rows = slice(m * mbs, (m + 1) * mbs)
             microbatches.append(_MicroBatch(m, packed.tokens[rows], packed.labels[rows],
                                             packed.padding_mask[rows], packed.lengths[rows]))
-        records, nll = _run_step(models, microbatches, seq_length, layers)
+        records, nll = _run_step(models, microbatches, seq_length, layers, process_groups)
 
         priors = torch.zeros(per_step, len(layers), num_experts, device=_device())
         coverage = torch.zeros(settings.num_microbatches, len(layers), device=_device())
@@ -204,9 +218,9 @@ def extract_priors(
                 )
             priors[rows, position[layer]] = seq_mean.float()
             coverage[m, position[layer]] += 1
-        if dist.get_world_size(pp_group) > 1:
-            dist.all_reduce(priors, group=pp_group)
-            dist.all_reduce(coverage, group=pp_group)
+        if pp > 1:
+            dist.all_reduce(priors, group=process_groups.pp)
+            dist.all_reduce(coverage, group=process_groups.pp)
         if not torch.all(coverage == 1):
             bad = sorted({layers[j] for j in torch.nonzero(coverage != 1)[:, 1].tolist()})
             raise RuntimeError(f"layers {bad} were not captured exactly once across pipeline "

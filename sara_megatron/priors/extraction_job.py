@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.data.token_shards import TokenShards
-from sara_megatron.distributed import ParallelConfig, initialize_distributed
+from sara_megatron.distributed import ParallelConfig, initialize_distributed, model_process_groups
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import ModelOptions, build_model
 from sara_megatron.priors.extraction import ExtractionProgress, ExtractionSettings, extract_priors
@@ -121,7 +121,7 @@ def run_extraction_job(job: ExtractionJob) -> dict:
         flush_every=job.flush_every,
     )
     result = extract_priors(model, shards, PriorStoreWriter(job.output, metadata), settings,
-                            progress=ProgressPrinter())
+                            progress=ProgressPrinter(), process_groups=model_process_groups())
     if dist.get_rank() == 0:
         print(f"extract_priors: {result['store']['num_samples']} samples in {job.output} "
               f"({result['samples_extracted']} extracted now, {result['samples_resumed']} "

@@ -2,7 +2,8 @@
 sequence-mean (paper Eq. 5 and 6) for chosen layers, during an ordinary forward pass.
 
     seg = segment_ids_from_padding_mask(pad)               # [B, S], -1 = padding
-    with capture_routing(layers=range(1, 3), segment_ids=seg) as cap:
+    groups = model_process_groups()                        # once, at the top (None: one process)
+    with capture_routing(model, seg, layers=range(1, 3), process_groups=groups) as cap:
         logits = model(tokens, positions, attention_mask)
     cap[1].seq_mean                                        # [B, N] fp32, global over SP/CP ranks
 
@@ -10,7 +11,8 @@ Token order and sharding: Megatron's MoE layer sees the tokens of this rank in [
 With sequence parallel, rank r of the TP group holds sequence positions
 [r·S/tp, (r+1)·S/tp); the capture slices the segment ids the same way and sums the masked
 probabilities and token counts over the TP (and CP) group before dividing, so `seq_mean` is the
-whole-sequence mean on every rank. With pipeline parallel each stage reports the layers it owns,
+whole-sequence mean on every rank. The groups come in as megatron's `ProcessGroupCollection`
+(`distributed.model_process_groups()`, read once by the caller); None is one process alone. With pipeline parallel each stage reports the layers it owns,
 under their global 0-based indices. Under expert parallel routing is local to the rank's tokens.
 The model's output is unchanged: the capture only reads the logits, outside autograd.
 """
@@ -23,6 +25,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from sara_megatron.routing.observers import observe_routers
 
@@ -71,13 +75,22 @@ def masked_segment_sums(
     return sums, counts
 
 
-def routing_reduction_group() -> Optional[dist.ProcessGroup]:
-    """The group over which one sequence's tokens are spread: TP (with sequence parallel) × CP."""
-    from megatron.core import parallel_state as ps
+def check_process_groups(process_groups: Optional[ProcessGroupCollection], user: str) -> None:
+    """None stands for one process alone: refuse it in a world of several ranks, where the
+    result would silently be one rank's share."""
+    if process_groups is None and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(f"{user} runs on {dist.get_world_size()} ranks: pass process_groups "
+                         "(sara_megatron.distributed.model_process_groups())")
 
-    if not ps.model_parallel_is_initialized():
+
+def routing_reduction_group(
+    process_groups: Optional[ProcessGroupCollection],
+) -> Optional[dist.ProcessGroup]:
+    """The group over which one sequence's tokens are spread: TP (with sequence parallel) × CP;
+    None when that is one rank."""
+    if process_groups is None:
         return None
-    group = ps.get_tensor_and_context_parallel_group()
+    group = process_groups.tp_cp
     return group if dist.get_world_size(group) > 1 else None
 
 
@@ -96,15 +109,15 @@ def local_token_segment_ids(
 
 
 def router_segment_ids(
-    segment_ids: torch.Tensor, num_tokens: int, device, sequence_parallel: Optional[bool] = None
+    segment_ids: torch.Tensor, num_tokens: int, device, sequence_parallel: Optional[bool] = None,
+    process_groups: Optional[ProcessGroupCollection] = None,
 ) -> torch.Tensor:
     """The segment id of each token a router on this rank sees ([S_local·B]), from the model
-    input's [B, S] ids and megatron's parallel state. sequence_parallel None: on when TP > 1
+    input's [B, S] ids and the tensor-parallel group. sequence_parallel None: on when TP > 1
     (our models always run MoE + TP with sequence parallel)."""
-    from megatron.core import parallel_state as ps
-
-    tp_size = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    tp_rank = ps.get_tensor_model_parallel_rank() if tp_size > 1 else 0
+    tp_group = process_groups.tp if process_groups is not None else None
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
     sp = tp_size > 1 if sequence_parallel is None else sequence_parallel
     ids = local_token_segment_ids(segment_ids, sp, tp_rank, tp_size).to(device)
     if ids.numel() != num_tokens:
@@ -126,7 +139,9 @@ class RoutingCapture:
         sequence_parallel: Optional[bool] = None,
         keep_probs: bool = True,
         num_segments: Optional[int] = None,
+        process_groups: Optional[ProcessGroupCollection] = None,
     ):
+        check_process_groups(process_groups, "routing capture")
         if segment_ids.dim() != 2:
             raise ValueError(
                 f"segment_ids must be [B, S] like the model input, got {tuple(segment_ids.shape)}"
@@ -136,6 +151,7 @@ class RoutingCapture:
         self.sequence_parallel = sequence_parallel
         self.keep_probs = keep_probs
         self.num_segments = num_segments or segment_ids.shape[0]
+        self.process_groups = process_groups
         self.records: dict[int, LayerRouting] = {}
 
     def __getitem__(self, layer: int) -> LayerRouting:
@@ -154,10 +170,11 @@ class RoutingCapture:
                 f"layer {layer} routed twice in one capture; use one capture per forward pass"
             )
         flat = logits.detach().reshape(-1, logits.shape[-1])
-        ids = router_segment_ids(self.segment_ids, flat.shape[0], flat.device, self.sequence_parallel)
+        ids = router_segment_ids(self.segment_ids, flat.shape[0], flat.device,
+                                 self.sequence_parallel, self.process_groups)
         probs = torch.softmax(flat.float(), dim=-1)
         sums, counts = masked_segment_sums(probs, ids, self.num_segments)
-        group = routing_reduction_group()
+        group = routing_reduction_group(self.process_groups)
         if group is not None:
             dist.all_reduce(sums, group=group)
             dist.all_reduce(counts, group=group)
@@ -174,9 +191,10 @@ class RoutingCapture:
 
 @contextlib.contextmanager
 def capture_routing(
-    segment_ids: torch.Tensor, layers: Optional[Iterable[int]] = None, **kwargs
+    model, segment_ids: torch.Tensor, layers: Optional[Iterable[int]] = None, **kwargs
 ) -> Iterator[RoutingCapture]:
-    """Context manager form of `RoutingCapture`; see the module docstring."""
+    """A `RoutingCapture` installed on `model`'s routers for the block; see the module
+    docstring."""
     capture = RoutingCapture(segment_ids, layers, **kwargs)
-    with observe_routers(capture):
+    with observe_routers(model, capture):
         yield capture

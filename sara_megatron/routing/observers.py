@@ -1,11 +1,14 @@
 """The one hook between Megatron's MoE routers and everything that reads router logits.
 
-Our routers (`sara_megatron.models.router`) call `notify_router_logits` with each layer's logits
-before top-k routing. Observers registered with `observe_routers` see the logits of every MoE layer
-on this rank (global 0-based layer index, logits [S, B, N] in Megatron's token order, Megatron's
-padding mask [S, B] with True = padding) and may return a scalar loss; the router attaches returned
-losses to its routing probabilities with `MoEAuxLossAutoScaler`, the way Megatron attaches its own
-load-balancing loss, so their gradients flow in the pipeline stage that owns the layer.
+Our routers (`sara_megatron.models.router.ObservedTopKRouter`) show each layer's logits, before
+top-k routing, to the observers installed on them. `observe_routers(model, observer)` installs an
+observer on the routers of one model for the duration of a block: it sees the logits of every MoE
+layer of that model on this rank (global 0-based layer index, logits [S, B, N] in Megatron's token
+order, Megatron's padding mask [S, B] with True = padding) and may return a scalar loss; the
+router attaches returned losses to its routing probabilities with `MoEAuxLossAutoScaler`, the way
+Megatron attaches its own load-balancing loss, so their gradients flow in the pipeline stage that
+owns the layer. The observers are state of the routers themselves, so another model in the same
+process (a reference model, a teacher) never sees them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Iterator, Optional, Protocol
 
 import torch
 
-_OBSERVERS: list["RouterObserver"] = []
+from sara_megatron.models.router import ObservedTopKRouter
 
 
 class RouterObserver(Protocol):
@@ -24,23 +27,24 @@ class RouterObserver(Protocol):
     ) -> Optional[torch.Tensor]: ...
 
 
+def model_routers(model) -> list[ObservedTopKRouter]:
+    """The observable routers of `model` (a module, or a list of virtual-pipeline chunks)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, ObservedTopKRouter)]
+    if not routers:
+        raise ValueError("the model has no observable routers: build it with "
+                         "sara_megatron.models.builder.build_model")
+    return routers
+
+
 @contextlib.contextmanager
-def observe_routers(observer: RouterObserver) -> Iterator[RouterObserver]:
-    """Register `observer` for the duration of the block (forward passes inside it)."""
-    _OBSERVERS.append(observer)
+def observe_routers(model, observer: RouterObserver) -> Iterator[RouterObserver]:
+    """Show `observer` the router logits of `model` in the forward passes inside the block."""
+    routers = model_routers(model)
+    for router in routers:
+        router.router_observers = (*router.router_observers, observer)
     try:
         yield observer
     finally:
-        _OBSERVERS.remove(observer)
-
-
-def notify_router_logits(
-    layer: int, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Called by the routers; returns the losses observers want attached to this layer."""
-    losses = []
-    for observer in tuple(_OBSERVERS):
-        loss = observer(layer, logits, padding_mask)
-        if loss is not None:
-            losses.append(loss)
-    return losses
+        for router in routers:
+            router.router_observers = tuple(o for o in router.router_observers if o is not observer)

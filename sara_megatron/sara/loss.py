@@ -18,7 +18,8 @@ global batch after the division — the same update however the batch is cut int
 Under sequence / context parallel the masked sums are all-reduced over the TP×CP group inside
 `sequence_routing_js` before the divergence; each rank's tokens get the single-rank gradient, and
 every rank of the group attaches the same value, so the gradients summed over the group count the
-term once.
+term once. The groups come in as `process_groups` (megatron's `ProcessGroupCollection`, read once
+by the trainer); None is one process alone.
 λ_JS = 0 runs the same code: the attached term is 0 and so is every gradient it adds.
 
 `divergence` swaps the paper's JS for KL(anchor ‖ target) or JS over the mean entropy of the two
@@ -34,7 +35,13 @@ import torch
 
 from sara_megatron.kernels import sequence_routing_js, sequence_routing_js_reference
 from sara_megatron.kernels.routing_js_reference import DIVERGENCES
-from sara_megatron.routing.capture import router_segment_ids, routing_reduction_group
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from sara_megatron.routing.capture import (
+    check_process_groups,
+    router_segment_ids,
+    routing_reduction_group,
+)
 
 
 class SaraRoutingLoss:
@@ -48,7 +55,9 @@ class SaraRoutingLoss:
         sequence_parallel: bool = False,
         impl: str = "auto",
         divergence: str = "js",
+        process_groups: Optional[ProcessGroupCollection] = None,
     ):
+        check_process_groups(process_groups, "the SARA loss")
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
         if divergence != "js" and impl == "triton":
@@ -62,6 +71,7 @@ class SaraRoutingLoss:
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         self.coeff = float(coeff)
         self.sequence_parallel = sequence_parallel
+        self.process_groups = process_groups
         # None: mean over the micro-batch's valid sequences; else Σ_b JS_b × weight (see above).
         self.sequence_weight: Optional[float] = None
         self.impl = impl
@@ -110,16 +120,18 @@ class SaraRoutingLoss:
         if self._priors is None:
             raise RuntimeError("SaraRoutingLoss.set_batch was not called for this micro-batch")
         flat = logits.reshape(-1, logits.shape[-1])
-        ids = router_segment_ids(self._segment_ids, flat.shape[0], logits.device, self.sequence_parallel)
+        ids = router_segment_ids(self._segment_ids, flat.shape[0], logits.device,
+                                 self.sequence_parallel, self.process_groups)
         prior = self._priors[self.index[layer]].to(logits.device)
+        group = routing_reduction_group(self.process_groups)
         if self.divergence == "js":
             js, counts = sequence_routing_js(
-                flat, ids, prior, process_group=routing_reduction_group(), return_counts=True,
+                flat, ids, prior, process_group=group, return_counts=True,
                 validate=False, impl=self.impl,
             )
         else:
             js, counts = sequence_routing_js_reference(
-                flat, ids, prior, process_group=routing_reduction_group(), return_counts=True,
+                flat, ids, prior, process_group=group, return_counts=True,
                 validate=False, divergence=self.divergence,
             )
         valid = counts > 0
@@ -136,7 +148,6 @@ class SaraRoutingLoss:
         """Mean JS per aligned layer over every sequence since `reset_stats`, on every rank:
         sums over data parallel and pipeline stages (each stage holds its own layers)."""
         import torch.distributed as dist
-        from megatron.core import parallel_state as ps
 
         # NCCL groups take CUDA tensors; a stage with no aligned layer has no stats to copy from.
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -144,7 +155,7 @@ class SaraRoutingLoss:
         for layer, value in self.js_sum.items():
             table[0, layer] = value.double()
             table[1, layer] = self.sequences[layer].double()
-        if dist.is_initialized():
-            dist.all_reduce(table, group=ps.get_data_parallel_group())
-            dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
+        if self.process_groups is not None:
+            dist.all_reduce(table, group=self.process_groups.dp)
+            dist.all_reduce(table, group=self.process_groups.pp)
         return {l: float(table[0, l] / table[1, l].clamp_min(1)) for l in self.layers}

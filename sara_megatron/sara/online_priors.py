@@ -71,16 +71,19 @@ def run_anchor_forward(chunks, microbatches, device, observe) -> None:
             chunk.train(mode)
 
 
-def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device) -> list[torch.Tensor]:
+def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device,
+                         process_groups=None) -> list[torch.Tensor]:
     """[L_sel, B, N] fp32 anchor priors of each micro-batch (`SaraMicroBatch` with anchor rows)
-    for this stage's layers among `layers`; collective over the model-parallel ranks."""
+    for this stage's layers among `layers`; collective over the model-parallel ranks
+    (`process_groups`: megatron's, None for one process alone)."""
     position = {layer: i for i, layer in enumerate(layers)}
     priors = [torch.zeros(len(layers), mb.anchor_tokens.shape[0], num_experts, device=device)
               if mb.anchor_tokens is not None else None for mb in microbatches]
 
     @contextlib.contextmanager
     def observe(index, segments):
-        with capture_routing(segments, layers=layers, keep_probs=False) as capture:
+        with capture_routing(chunks, segments, layers=layers, keep_probs=False,
+                             process_groups=process_groups) as capture:
             yield
         for layer, record in capture.records.items():
             priors[index][position[layer]] = record.seq_mean.float()

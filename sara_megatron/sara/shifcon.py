@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from sara_megatron.io import commit_file, temporary_path
 from sara_megatron.routing.capture import local_token_segment_ids, routing_reduction_group
@@ -117,13 +118,12 @@ def _hidden(args, kwargs) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def _local_valid(padding_mask: torch.Tensor, num_tokens: int, device) -> torch.Tensor:
+def _local_valid(padding_mask: torch.Tensor, num_tokens: int, device,
+                 process_groups: Optional[ProcessGroupCollection]) -> torch.Tensor:
     """[S_local, B] True = a real token, from the model input's [B, S] padding mask (CP-local)."""
-    from megatron.core import parallel_state as ps
-
     b = padding_mask.shape[0]
-    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    tp_rank = ps.get_tensor_model_parallel_rank() if tp > 1 else 0
+    tp = dist.get_world_size(process_groups.tp) if process_groups is not None else 1
+    tp_rank = dist.get_rank(process_groups.tp) if tp > 1 else 0
     ids = torch.where(padding_mask, -1, 0).to(device)
     local = local_token_segment_ids(ids, tp > 1, tp_rank, tp)  # [S_local·B], -1 = padding
     if local.numel() != num_tokens:
@@ -131,13 +131,13 @@ def _local_valid(padding_mask: torch.Tensor, num_tokens: int, device) -> torch.T
     return (local >= 0).reshape(-1, b)
 
 
-def mean_pool(hidden: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_pool(hidden: torch.Tensor, valid: torch.Tensor, group: Optional[dist.ProcessGroup]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """[S, B, H] hidden, [S, B] valid -> ([B, H] fp32 mean over valid positions, [B] counts),
     summed over the TP×CP group first."""
     weights = valid.to(torch.float32).unsqueeze(-1)
     sums = (hidden.float() * weights).sum(0)
     counts = valid.to(torch.float32).sum(0)
-    group = routing_reduction_group()
     if group is not None:
         sums = all_reduce_identity_backward(sums, group)
         counts = all_reduce_identity_backward(counts, group)
@@ -155,7 +155,8 @@ class ShifconObjective:
     """The shift / shift-back hooks and the contrastive term (see the module docstring)."""
 
     def __init__(self, vectors: LanguageVectors, shift_layer: int, shift_back_layer: int,
-                 coeff: float, temperature: float):
+                 coeff: float, temperature: float,
+                 process_groups: Optional[ProcessGroupCollection] = None):
         if not 0 <= shift_layer < shift_back_layer:
             raise ValueError(f"shifcon needs 0 <= shift_layer < shift_back_layer, got "
                              f"{shift_layer}, {shift_back_layer}")
@@ -171,6 +172,7 @@ class ShifconObjective:
         self.anchor_language = vectors.anchor_language
         self.shift_layer, self.shift_back_layer = shift_layer, shift_back_layer
         self.coeff, self.temperature = coeff, temperature
+        self.process_groups = process_groups  # megatron's; None: one process alone
         self.sequence_weight: Optional[float] = None  # None: mean over the micro-batch
         self._languages: Optional[Sequence[str]] = None
         self._padding: Optional[torch.Tensor] = None
@@ -224,8 +226,10 @@ class ShifconObjective:
             return None
         hidden = _hidden(args, kwargs)
         if self._anchor_pass is not None:  # the anchor forward: record, nothing else
-            valid = _local_valid(self._padding, hidden.shape[0] * hidden.shape[1], hidden.device)
-            pooled, _ = mean_pool(hidden.detach(), valid)
+            valid = _local_valid(self._padding, hidden.shape[0] * hidden.shape[1], hidden.device,
+                                 self.process_groups)
+            pooled, _ = mean_pool(hidden.detach(), valid,
+                                  routing_reduction_group(self.process_groups))
             self._anchor_pass[self._anchor_index] = pooled
             return None
 
@@ -238,8 +242,10 @@ class ShifconObjective:
     def _attach_contrastive(self, hidden: torch.Tensor) -> torch.Tensor:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        valid = _local_valid(self._padding, hidden.shape[0] * hidden.shape[1], hidden.device)
-        pooled, counts = mean_pool(hidden, valid)
+        group = routing_reduction_group(self.process_groups)
+        valid = _local_valid(self._padding, hidden.shape[0] * hidden.shape[1], hidden.device,
+                             self.process_groups)
+        pooled, counts = mean_pool(hidden, valid, group)
         b = pooled.shape[0]
         positives = torch.arange(b, device=pooled.device) + self._positive_offset
         losses = info_nce(pooled, self._anchors.to(pooled.device), positives, self.temperature)
@@ -247,7 +253,6 @@ class ShifconObjective:
                                   device=pooled.device) & (counts > 0)
         loss_sum = torch.where(contrasted, losses, 0.0).sum()
         count = contrasted.sum()
-        group = routing_reduction_group()
         if group is None or dist.get_rank(group) == 0:  # logged once per TP×CP group
             self.loss_sum = self.loss_sum + loss_sum.detach().double().cpu()
             self.sequences = self.sequences + count.double().cpu()
@@ -262,8 +267,6 @@ class ShifconObjective:
     def anchor_features(self, chunks, microbatches, device) -> list[Optional[torch.Tensor]]:
         """Pooled anchor representations entering layer b, per micro-batch, gathered over data
         parallel ([DP·B, H]; None on stages without layer b). Collective."""
-        from megatron.core import parallel_state as ps
-
         from sara_megatron.sara.online_priors import run_anchor_forward
 
         pooled: dict[int, torch.Tensor] = {}
@@ -280,11 +283,14 @@ class ShifconObjective:
                 self._languages = None
 
         run_anchor_forward(chunks, microbatches, device, observe)
-        group = ps.get_data_parallel_group()
+        group = self.process_groups.dp if self.process_groups is not None else None
         out = []
         for index in range(len(microbatches)):
             if index not in pooled:
                 out.append(None)
+                continue
+            if group is None:
+                out.append(pooled[index])
                 continue
             parts = [torch.empty_like(pooled[index]) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, pooled[index].contiguous(), group=group)
@@ -315,8 +321,11 @@ def extract_language_vectors(chunks, shards, layers: Sequence[int], languages: S
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from sara_megatron.data.batch import pack_tokens
+    from sara_megatron.distributed import model_process_groups
     from sara_megatron.models.builder import causal_attention_mask
     from sara_megatron.models.context_parallel import context_parallel_slice
+
+    process_groups = model_process_groups()  # this offline pass is its tool's top
 
     modules = transformer_layers(chunks)
     position = {layer: i for i, layer in enumerate(layers)}
@@ -338,7 +347,8 @@ def extract_language_vectors(chunks, shards, layers: Sequence[int], languages: S
 
         def hook(module, args, kwargs):
             hidden = _hidden(args, kwargs)
-            valid = _local_valid(state["padding"], hidden.shape[0] * hidden.shape[1], hidden.device)
+            valid = _local_valid(state["padding"], hidden.shape[0] * hidden.shape[1], hidden.device,
+                                 process_groups)
             row = position[module.layer_number - 1]
             sums[row] += (hidden.double() * valid.unsqueeze(-1)).sum((0, 1))
             counts[row] += valid.sum()

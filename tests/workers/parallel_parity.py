@@ -23,7 +23,12 @@ import torch
 import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights, save_model_weights
-from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.distributed import (
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+    model_process_groups,
+)
 from sara_megatron.io import write_json_atomic
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import build_model, causal_attention_mask
@@ -67,7 +72,8 @@ def run_model(model, tokens, labels, padding, layers):
 
     def forward_step(data_iterator, chunk):
         tok, lab, pad = next(data_iterator)
-        ctx = capture_routing(segment_ids_from_padding_mask(pad), layers=layers)
+        ctx = capture_routing(chunk, segment_ids_from_padding_mask(pad), layers=layers,
+                              process_groups=model_process_groups())
         capture = ctx.__enter__()
         try:
             out = chunk(tok, positions, causal_attention_mask(tok.shape[1]), labels=lab)
@@ -108,7 +114,7 @@ def _shifcon(hidden_size, row_offset, rows):
     vectors = LanguageVectors((1, 3), {lang: torch.randn(2, hidden_size, generator=g)
                                        for lang in ("en", "hi")}, "en", "fp", {"en": 1, "hi": 1})
     anchors = torch.randn(BATCH, hidden_size, generator=g)
-    objective = ShifconObjective(vectors, 1, 3, 0.7, 0.1)
+    objective = ShifconObjective(vectors, 1, 3, 0.7, 0.1, process_groups=model_process_groups())
     objective.sequence_weight = 1.0
     languages = SHIFCON_LANGUAGES[row_offset:row_offset + rows]
     return objective, lambda pad: objective.set_batch(languages, pad, anchors, row_offset)
@@ -139,7 +145,8 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
         handles = observer.attach(models)
     else:
         observer = SaraRoutingLoss(list(range(priors.shape[0])), 1.5, divergence=objective,
-                                   sequence_parallel=models[0].config.sequence_parallel)
+                                   sequence_parallel=models[0].config.sequence_parallel,
+                                   process_groups=model_process_groups())
         observer.sequence_weight = 1.0  # Σ over sequences
     seq_length = tokens.shape[1]
     positions = torch.arange(seq_length).expand_as(tokens)
@@ -153,7 +160,7 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
         out = chunk(tok, positions, causal_attention_mask(seq_length), labels=tok, padding_mask=pad)
         return out, lambda t: ((t.float() * 0).sum(), {})
 
-    with observe_routers(observer) if objective != "shifcon" else contextlib.nullcontext():
+    with observe_routers(models, observer) if objective != "shifcon" else contextlib.nullcontext():
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([(tokens, padding, priors)]),
             model=models, num_microbatches=1, seq_length=seq_length,
@@ -170,7 +177,7 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
         # Every rank of a TP×CP group holds the same sums: count them once.
         from sara_megatron.routing.capture import routing_reduction_group
 
-        group = routing_reduction_group() if reduce else None
+        group = routing_reduction_group(model_process_groups()) if reduce else None
         owner = group is None or dist.get_rank(group) == 0
         value = sum(float(v) for v in observer.js_sum.values()) if owner else 0.0
     total = torch.tensor([value], dtype=torch.float64)
@@ -288,7 +295,7 @@ def run_layout(ref: dict, case: dict, ckpt: str):
 
         anchors = SimpleNamespace(anchor_tokens=tokens[rows], anchor_padding_mask=padding[rows])
         online_priors = online_anchor_priors([model], [anchors], layers, arch.num_experts,
-                                             torch.device("cpu"))[0]
+                                             torch.device("cpu"), model_process_groups())[0]
         online = {layer: (rows.start, online_priors[i].tolist())
                   for i, layer in enumerate(layers) if layer in routing}
     gathered_online = [None] * dist.get_world_size()
