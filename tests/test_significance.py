@@ -102,6 +102,46 @@ def _write_evaluation(folder, scores_by_language, correct_by_language):
                                       correct=bool(correct)))
 
 
+def test_compare_results_folders_in_process(tmp_path):
+    """The library side of tools/significance.py: scipy's paired t-test over the languages both
+    folders hold, the item-level part, a note for an unfinished evaluation, and user errors."""
+    from sara_megatron.evaluation.significance_files import (
+        ComparisonError, compare_results, format_significance,
+    )
+
+    sara, fft = PAPER_ROWS[("belebele", "qwen3")]
+    languages = ["hi", "ne", "bn", "te", "sw", "en"]
+    _write_evaluation(tmp_path / "sara", {l: [s, s] for l, s in zip(languages, sara)},
+                      {l: [1] * 8 + [0] * 2 for l in languages})
+    _write_evaluation(tmp_path / "fft", {l: [s, s] for l, s in zip(languages, fft)},
+                      {l: [1] * 6 + [0] * 4 for l in languages})
+    treatment, baseline = str(tmp_path / "sara" / "results.json"), str(tmp_path / "fft")
+    notes = []
+    result = compare_results(treatment, baseline, "belebele", resamples=200, note=notes.append)
+    reference = stats.ttest_rel(sara, fft)
+    assert result["languages"] == languages and notes == []
+    assert result["t"] == pytest.approx(reference.statistic)
+    assert result["p_two_tailed"] == pytest.approx(reference.pvalue)
+    assert result["item_level"]["items"] == 60
+    text = format_significance(result)
+    assert text.startswith("belebele over hi, ne, bn, te, sw, en: paired t-test")
+    assert "item level, 60 items" in text
+
+    unfinished = json.loads((tmp_path / "fft" / "results.json").read_text())
+    unfinished["complete"] = False
+    (tmp_path / "fft" / "results.json").write_text(json.dumps(unfinished))
+    compare_results(treatment, baseline, "belebele", ["hi", "ne"], resamples=200,
+                    note=notes.append)
+    assert len(notes) == 1 and "unfinished evaluation" in notes[0]
+
+    with pytest.raises(ComparisonError, match="--treatment: no mgsm results"):
+        compare_results(treatment, baseline, "mgsm")
+    with pytest.raises(ComparisonError, match="--treatment has no belebele results for zz"):
+        compare_results(treatment, baseline, "belebele", ["hi", "zz"])
+    with pytest.raises(ComparisonError, match="at least 2 languages"):
+        compare_results(treatment, baseline, "belebele", ["hi"])
+
+
 def run_tool(*args):
     return subprocess.run([sys.executable, str(REPO / "tools" / "significance.py"), *args],
                           capture_output=True, text=True, timeout=120)
