@@ -184,3 +184,21 @@ def test_longrope_prior_does_not_depend_on_its_batch(single_rank, tmp_path):
     # the switch): the check above can tell the two apart.
     short_rope = recompute_alone(model, tokens, layers)
     assert (together.double() - short_rope).abs().max() > 1e-6
+
+
+def test_extraction_job_needs_a_nameable_model(tmp_path):
+    """tools/extract_priors.py's model: --model, else the config.json the converter kept beside
+    the checkpoint; a checkpoint with neither is a user error (one line, exit 2), found before
+    any process group starts."""
+    from sara_megatron.launch import user_error_message
+    from sara_megatron.priors.extraction_job import (
+        ExtractionInputError, ExtractionJob, job_architecture,
+    )
+
+    job = ExtractionJob(shards=str(tmp_path), checkpoint=str(tmp_path), output=str(tmp_path / "p"))
+    with pytest.raises(ExtractionInputError, match="name the model with --model") as refused:
+        job_architecture(job)
+    assert user_error_message(refused.value) == str(refused.value)
+    named = ExtractionJob(shards=str(tmp_path), checkpoint=str(tmp_path),
+                          output=str(tmp_path / "p"), model="qwen3_moe_tiny")
+    assert job_architecture(named) == get_preset("qwen3_moe_tiny")
