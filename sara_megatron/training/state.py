@@ -72,20 +72,27 @@ class TrainState:
     aes: Any = None  # sara.aes.AesLoss, sara.objective aes
     shifcon: Any = None  # sara.shifcon.ShifconObjective, sara.objective shifcon
     shifcon_anchors: dict = dataclasses.field(default_factory=dict)  # this step's, by micro-batch
+    process_groups: Any = None  # megatron's ProcessGroupCollection, for what runs collectives
     iteration: int = 0
     consumed_samples: int = 0
 
 
-def build_state(cfg: TrainConfig, plan: RunPlan) -> TrainState:
-    """The run's state for a config that passed `preflight` (which made `plan`). The model is
-    built first: its random initialisation draws from the generator `initialize_distributed`
-    seeded, before anything else does."""
+def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainState:
+    """The run's state for a config that passed `preflight` (which made `plan`); `process_groups`:
+    megatron's (distributed.model_process_groups), None for one process. The model is built
+    first: its random initialisation draws from the generator `initialize_distributed` seeded,
+    before anything else does."""
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
     bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
     chunks = _build_model(cfg, plan, bf16)
     model_config = chunks[0].config
-    sara, aes, shifcon = _build_objectives(cfg, plan, chunks, model_config)
+    # megatron's process-wide aux-loss tracker is sized by the first model that logs to it: a
+    # model of more layers built later in the process (tests, benchmarks) would index past it.
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    sara, aes, shifcon = _build_objectives(cfg, plan, chunks, model_config, process_groups)
     chunks = _wrap_ddp(cfg, chunks, model_config)
     optimizer = _build_optimizer(cfg, chunks, bf16)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -106,7 +113,7 @@ def build_state(cfg: TrainConfig, plan: RunPlan) -> TrainState:
     state = TrainState(plan, device, chunks, model_config, optimizer, scheduler, loader,
                        iter(loader), checkpointer, sara, aes, shifcon,
                        iteration=resume.iteration if resume is not None else 0,
-                       consumed_samples=consumed)
+                       consumed_samples=consumed, process_groups=process_groups)
     if resume is not None:
         check_optimizer_layout(resume.checkpoint_dir, resume.saved.get("trainer", {}), optimizer)
         load_training_checkpoint(resume.checkpoint_dir, chunks, optimizer, scheduler)
@@ -128,7 +135,7 @@ def _build_model(cfg: TrainConfig, plan: RunPlan, bf16: bool) -> list:
             for i in range(vpp or 1)]
 
 
-def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config):
+def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config, process_groups):
     """(SARA term, AES, ShifCon): the one the config's objective names; AES and ShifCon attach
     their hooks to the bare model chunks."""
     sara = aes = shifcon = None
@@ -136,7 +143,7 @@ def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config):
         sara = SaraRoutingLoss(
             plan.alignment_layers, cfg.sara.lambda_js,
             sequence_parallel=model_config.sequence_parallel, impl=cfg.sara.impl,
-            divergence=cfg.sara.divergence,
+            divergence=cfg.sara.divergence, process_groups=process_groups,
         )
     if cfg.sara.objective == "aes":  # the AES baseline: no SARA term (docs/objectives.md)
         from sara_megatron.sara.aes import AesLoss
@@ -150,7 +157,8 @@ def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config):
 
         s = cfg.shifcon
         shifcon = ShifconObjective(plan.language_vectors, s.shift_layer, s.shift_back_layer,
-                                   s.contrastive_coeff, s.temperature)
+                                   s.contrastive_coeff, s.temperature,
+                                   process_groups=process_groups)
         shifcon.attach(chunks)
     return sara, aes, shifcon
 

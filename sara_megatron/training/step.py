@@ -95,7 +95,8 @@ def prepare_batch(state: TrainState, cfg: TrainConfig, microbatches: list) -> Gl
         from sara_megatron.sara.online_priors import online_anchor_priors
 
         priors = online_anchor_priors(state.chunks, microbatches, state.plan.alignment_layers,
-                                      state.plan.arch.num_experts, state.device)
+                                      state.plan.arch.num_experts, state.device,
+                                      process_groups=state.process_groups)
         microbatches = [dataclasses.replace(mb, priors=p) for mb, p in zip(microbatches, priors)]
     batch = GlobalBatch(microbatches, *_global_counts(microbatches, state.device))
     if state.sara is not None:
@@ -135,7 +136,7 @@ def _prepare_aes(state: TrainState, cfg: TrainConfig, batch: GlobalBatch,
     aes = state.aes
     if not aes.calibrated:
         aes.reset_stats()
-        with torch.no_grad(), observe_routers(aes):
+        with torch.no_grad(), observe_routers(state.chunks, aes):
             _run_schedule(state, cfg, batch, forward_only=True)
         aes.calibrate_from(aes.reduced_layer_means())
         if dist.get_rank() == 0:
@@ -159,7 +160,8 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch: GlobalBatch) ->
     # calibration, another model in the same process) cannot add to this step's value.
     clear_aux_losses_tracker()
     observer = state.sara if state.sara is not None else state.aes
-    with observe_routers(observer) if observer is not None else contextlib.nullcontext():
+    with (observe_routers(state.chunks, observer) if observer is not None
+          else contextlib.nullcontext()):
         return _run_schedule(state, cfg, batch, forward_only=False)
 
 

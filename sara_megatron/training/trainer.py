@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from sara_megatron.distributed import initialize_distributed, set_seed
+from sara_megatron.distributed import initialize_distributed, model_process_groups, set_seed
 from sara_megatron.training.config import TrainConfig
 from sara_megatron.training.metrics import MetricsWriter
 from sara_megatron.training.preflight import preflight, sara_settings
@@ -43,8 +43,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         initialize_distributed(cfg.parallel, seed=cfg.seed)
+        process_groups = model_process_groups()  # megatron's parallel state, read once here
         self.plan = preflight(cfg)  # one error naming every problem, before anything is built
-        self.state: TrainState = build_state(cfg, self.plan)
+        self.state: TrainState = build_state(cfg, self.plan, process_groups)
 
     def train_step(self) -> StepRecord:
         """One optimizer step on the next global batch."""
