@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
 from sara_megatron.models.builder import causal_attention_mask
 from sara_megatron.models.context_parallel import context_parallel_slice
@@ -26,17 +27,19 @@ from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 
 
 @torch.no_grad()
-def run_anchor_forward(chunks, microbatches, device, observe) -> None:
+def run_anchor_forward(chunks, microbatches, device, observe, process_groups=None) -> None:
     """Forward the anchor rows of `microbatches` through megatron's schedule without gradient,
     in eval mode; `observe(index, segment_ids)` gives a context manager active around micro-batch
-    `index`'s forward on this stage (segment ids [B, S_local], CP-local, -1 = padding)."""
-    from megatron.core import parallel_state as ps
+    `index`'s forward on this stage (segment ids [B, S_local], CP-local, -1 = padding).
+    `process_groups`: megatron's (the context-parallel group splits the rows); None: one process."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if any(mb.anchor_tokens is None for mb in microbatches):
         raise ValueError("the anchor forward needs batches with anchor rows "
                          "(SaraDataConfig.anchor_rows)")
-    cp_size, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    cp_group = process_groups.cp if process_groups is not None else None
+    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    cp_rank = dist.get_rank(cp_group) if cp_size > 1 else 0
 
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)
@@ -88,5 +91,5 @@ def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device,
         for layer, record in capture.records.items():
             priors[index][position[layer]] = record.seq_mean.float()
 
-    run_anchor_forward(chunks, microbatches, device, observe)
+    run_anchor_forward(chunks, microbatches, device, observe, process_groups)
     return priors

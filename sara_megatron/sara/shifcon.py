@@ -282,7 +282,7 @@ class ShifconObjective:
                 self._anchor_pass = self._anchor_index = None
                 self._languages = None
 
-        run_anchor_forward(chunks, microbatches, device, observe)
+        run_anchor_forward(chunks, microbatches, device, observe, self.process_groups)
         group = self.process_groups.dp if self.process_groups is not None else None
         out = []
         for index in range(len(microbatches)):
