@@ -54,10 +54,10 @@ def user_error_message(err: BaseException, output: Optional[str] = None) -> Opti
 
 @contextlib.contextmanager
 def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
-                          output: Optional[str] = None) -> Iterator[None]:
+                          output: Optional[str] = None, debug: bool = False) -> Iterator[None]:
     """Around a rank's work: on an exception, print it and end the process with status 1 (or
     the SystemExit's status), running no clean-up that could wait for other ranks. An error the
-    user can fix prints as `<tool>: error: <message>` and exits 2."""
+    user can fix prints as `<tool>: error: <message>` and exits 2 (`debug`: after its traceback)."""
     try:
         yield
     except BaseException as err:  # KeyboardInterrupt too: the barrier would hang it the same
@@ -65,6 +65,8 @@ def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
             raise
         message = user_error_message(err, output)
         if message is not None:
+            if debug:
+                traceback.print_exc()
             print(f"{tool or os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
             _exit_now(2)
         print(f"rank {rank} failed; exiting without waiting for the other ranks:",

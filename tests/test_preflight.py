@@ -73,12 +73,15 @@ def test_every_problem_is_named_in_one_error(single_rank, tmp_path, no_model_bui
 
 
 @pytest.mark.multiprocess
-def test_train_py_prints_a_missing_path_as_one_line(tmp_path):
+@pytest.mark.parametrize("debug", [False, True])
+def test_train_py_prints_a_missing_path_as_one_line(tmp_path, debug):
+    """One line and exit 2; --debug adds the traceback above it."""
     args = [a for value in _mock_settings(**{"model.checkpoint": "nope"}) for a in ("--set", value)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(REPO / "tools/train.py"), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "tools/train.py"), *args,
+                           *(["--debug"] if debug else [])], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "train.py: error: model.checkpoint nope: no such folder"), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    assert ("Traceback" in proc.stderr) == debug

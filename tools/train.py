@@ -6,7 +6,8 @@
 λ_JS = 0 (`--set sara.lambda_js=0`) is the full fine-tuning baseline on the same code path.
 A rank that fails prints its traceback and exits at once (torchrun then stops the others); an
 error the user can fix (a bad setting, a damaged shard or checkpoint, a non-finite loss, an
-unwritable output, a full disk) prints one line, `train.py: error: ...`, and exits 2.
+unwritable output, a full disk) prints one line, `train.py: error: ...`, and exits 2 (with
+its traceback too under --debug).
 """
 
 import argparse
@@ -32,6 +33,8 @@ def main():
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the token shards on their first open (same as "
                         "--set data.verify_shards=false; structure and token ids are checked)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error the user can fix too")
     args = p.parse_args()
     if not args.config and not args.overrides:
         p.error("a config is required: --config FILE (see examples/), and/or --set KEY=VALUE "
@@ -41,7 +44,7 @@ def main():
     exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank, p.prog):
+    with exit_at_once_on_error(rank, p.prog, debug=args.debug):
         cfg = load_train_config(args.config, args.overrides)
         check_before_start(cfg, rank)
         train(cfg, max_steps=args.max_steps)

@@ -37,9 +37,14 @@ from sara_megatron.checkpointing.manifest import (
     write_checkpoint_manifest,
 )
 from sara_megatron.io import atomic_open
-from sara_megatron.tool_errors import disk_full_error
+from sara_megatron.tool_errors import UserFacingError, disk_full_error
 
 log = logging.getLogger(__name__)
+
+
+class CannotResumeError(UserFacingError, RuntimeError):
+    """A run folder or checkpoint this run cannot resume from, with the setting to change."""
+
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 _OPTIMIZER_SHARDING = "fully_reshardable"
@@ -72,7 +77,7 @@ def latest_iteration(save_dir: Optional[str]) -> Optional[int]:
     if not os.path.isdir(folder):
         _restore_set_aside(folder)
     if not os.path.isdir(folder):
-        raise RuntimeError(f"{path} names iteration {iteration}, whose folder is missing")
+        raise CannotResumeError(f"{path} names iteration {iteration}, whose folder is missing")
     return iteration
 
 
@@ -240,7 +245,7 @@ def check_optimizer_layout(checkpoint_dir: str, saved_trainer: dict, optimizer) 
     setting that changed. `saved_trainer`: the checkpoint's trainer entry."""
     parts = saved_trainer.get("optimizer_parts", _optimizer_parts(optimizer))
     if parts != _optimizer_parts(optimizer):
-        raise RuntimeError(
+        raise CannotResumeError(
             f"{checkpoint_dir} holds the state of {parts} chained optimizer(s) but this layout "
             f"builds {_optimizer_parts(optimizer)} (expert parallel switched on or off): "
             "megatron-core cannot reshard the optimizer across that change; resume at a layout "
@@ -249,7 +254,7 @@ def check_optimizer_layout(checkpoint_dir: str, saved_trainer: dict, optimizer) 
         )
     kinds = saved_trainer.get("optimizer_kinds")
     if kinds is not None and kinds != _optimizer_kinds(optimizer):
-        raise RuntimeError(
+        raise CannotResumeError(
             f"{checkpoint_dir} holds the state of {', '.join(kinds)} but this run builds "
             f"{', '.join(_optimizer_kinds(optimizer))} (optim.distributed_optimizer or the "
             "precision changed): their states are laid out differently; resume with the "
