@@ -4,9 +4,7 @@ verdict), with the report's numbers parsed back and checked against the evaluati
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -91,11 +89,11 @@ def _accuracy_rows(report: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reduced_experiment(tmp_path_factory):
+    import launch
+
     work = tmp_path_factory.mktemp("experiment") / "exp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "experiment.py"), "--reduced",
-                           "--work", str(work)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = launch.run([sys.executable, REPO / "tools" / "experiment.py", "--reduced", "--work",
+                       work], REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work
 
