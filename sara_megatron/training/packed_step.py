@@ -25,8 +25,10 @@ from sara_megatron.routing import segment_ids_from_padding_mask
 log = logging.getLogger(__name__)
 
 
-def check_packing_config(cfg, arch, *, use_te: bool, context_parallel: int) -> None:
-    """Refuse at start what packing does not support (each with the setting to change)."""
+def check_packing_config(cfg, arch, seq_length: int, *, use_te: bool,
+                         context_parallel: int) -> None:
+    """Refuse at start what packing does not support (each with the setting to change).
+    `seq_length`: the rows' length (data.seq_length, or the shards')."""
     d, s = cfg.data, cfg.sara
     if d.mock:
         raise ValueError("data.packing needs real shards: data.mock rows are full-length")
@@ -39,7 +41,7 @@ def check_packing_config(cfg, arch, *, use_te: bool, context_parallel: int) -> N
             "sequence packing with Transformer Engine (the thd layout, "
             "models.packed_attention.thd_packed_inputs) is not wired into the trainer yet: "
             "set data.packing=false, or run the local spec")
-    check_packing_supported(arch, d.seq_length or 0, use_te=use_te,
+    check_packing_supported(arch, seq_length, use_te=use_te,
                             context_parallel=context_parallel)
 
 

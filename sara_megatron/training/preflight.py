@@ -169,6 +169,14 @@ def preflight(cfg: TrainConfig) -> RunPlan:
         steps, epochs = _schedule_length(cfg, len(dataset), problems)
     if seq_length:
         _check_sequence_split(seq_length, problems)
+    if d.packing and arch is not None:
+        from sara_megatron.models.builder import transformer_engine_available
+        from sara_megatron.training.packed_step import check_packing_config
+
+        # NotImplementedError (a feature not built) stops at once; a ValueError is a problem.
+        _attempt(problems, lambda: check_packing_config(
+            cfg, arch, seq_length or 0, use_te=transformer_engine_available(),
+            context_parallel=ps.get_context_parallel_world_size()))
     if steps:
         _check_schedule(cfg, steps, problems)
 

@@ -243,8 +243,15 @@ def _build_loader(cfg: TrainConfig, plan: RunPlan, consumed_samples: int, device
         expected_model_fingerprint=expected_fingerprint,
         verify_shards=d.verify_shards,
         anchor_rows=anchor_rows,
+        packing=d.packing,
     )
-    return build_sara_data_loader(
+    loader = build_sara_data_loader(
         data_config, plan.dp_rank, plan.dp_size, consumed_samples=consumed_samples,
         num_workers=d.num_workers, pin_memory=device.type == "cuda", prior_device=device,
+        global_batch_size=d.global_batch_size,
     )
+    if d.packing and torch.distributed.get_rank() == 0:
+        from sara_megatron.training.packed_step import log_fill_rate
+
+        log_fill_rate(loader)
+    return loader

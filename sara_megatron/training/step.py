@@ -20,13 +20,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from sara_megatron.models.builder import causal_attention_mask
 from sara_megatron.models.context_parallel import context_parallel_slice
 from sara_megatron.models.flops import training_flops_per_token
-from sara_megatron.routing import observe_routers, segment_ids_from_padding_mask
+from sara_megatron.routing import observe_routers
 from sara_megatron.tool_errors import UserFacingError
 from sara_megatron.training.checkpoint import iteration_dir, latest_iteration
 from sara_megatron.training.config import TrainConfig
+from sara_megatron.training.packed_step import model_inputs, next_step_micro_batches, sequences_in
 from sara_megatron.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,11 @@ class GlobalBatch:
 
 
 def fetch_microbatches(state: TrainState, num_microbatches: int) -> list:
-    """The step's micro-batches from the loader, on the device, with their priors."""
+    """The step's micro-batches from the loader, on the device, with their priors. A packed
+    step (data.packing) has the number its first micro-batch names."""
     try:
-        return [next(state.batches).to(state.device).with_priors(state.loader.prior_table)
-                for _ in range(num_microbatches)]
+        return [mb.to(state.device).with_priors(state.loader.prior_table)
+                for mb in next_step_micro_batches(state.batches, num_microbatches)]
     except StopIteration:
         raise RuntimeError(f"data ran out at step {state.iteration} (consumed "
                            f"{state.consumed_samples} samples)") from None
@@ -123,7 +124,7 @@ def _global_counts(microbatches, device) -> tuple[torch.Tensor, torch.Tensor, to
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for mb in microbatches:
         counts[0] += mb.loss_mask.sum()
-        counts[1] += (~mb.padding_mask).any(dim=1).sum()
+        counts[1] += sequences_in(mb)  # packed: the samples, not the rows
         counts[2] += (~mb.padding_mask).sum()
     dist.all_reduce(counts, group=ps.get_data_parallel_group())
     return counts[0], counts[1], counts[2]
@@ -186,29 +187,30 @@ def forward_step(state: TrainState, data_iterator, model):
     from megatron.core import parallel_state as ps
 
     mb = next(data_iterator)
-    b, s = mb.tokens.shape
-    positions = torch.arange(s, device=state.device).expand(b, s)
+    b = mb.tokens.shape[0]
     tokens, labels, loss_mask, padding_mask = mb.tokens, mb.labels, mb.loss_mask, mb.padding_mask
     cp_size = ps.get_context_parallel_world_size()
+    cp_rank = ps.get_context_parallel_rank() if cp_size > 1 else 0
     if cp_size > 1:
         # Each CP rank feeds its two chunks of every sequence; the routing sums, the CE and the
         # token counts are then summed over the CP group (capture, loss, finalize_grads).
-        cp_rank = ps.get_context_parallel_rank()
-        tokens, labels, loss_mask, padding_mask, positions = (
+        tokens, labels, loss_mask, padding_mask = (
             context_parallel_slice(t, cp_rank, cp_size)
-            for t in (tokens, labels, loss_mask, padding_mask, positions)
+            for t in (tokens, labels, loss_mask, padding_mask)
         )
+    # Positions, attention mask and segment ids; per sample when the rows are packed.
+    inputs = model_inputs(mb, padding_mask, cp_rank, cp_size)
     if state.sara is not None:
-        state.sara.set_batch(mb.priors, segment_ids_from_padding_mask(padding_mask))
+        state.sara.set_batch(mb.priors, inputs.segment_ids, packed=inputs.packed)
     if state.shifcon is not None:
         anchors = state.shifcon_anchors.get(id(mb))
         state.shifcon.set_batch(mb.languages, padding_mask, anchors,
                                 ps.get_data_parallel_rank() * b)
-    local_s = tokens.shape[1]
     # The padding mask keeps padding out of megatron's load-balancing statistics and its token
     # count (and out of z-loss and expert-bias counts); nothing else reads it.
-    output = model(tokens, positions, causal_attention_mask(local_s, state.device), labels=labels,
-                   padding_mask=_stage_padding_mask(state, model, padding_mask))
+    with inputs.rope(model):
+        output = model(tokens, inputs.positions, inputs.attention_mask, labels=labels,
+                       padding_mask=_stage_padding_mask(state, model, padding_mask))
 
     def loss_func(per_token_loss):
         loss_sum = (per_token_loss.float() * loss_mask).sum()
@@ -287,7 +289,9 @@ def step_record(state: TrainState, cfg: TrainConfig, batch: GlobalBatch, reduced
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         tokens_per_s=float(batch.tokens) / elapsed,
         step_time_s=elapsed,
-        tflops_per_gpu=training_flops_per_token(arch, s) * cfg.data.global_batch_size * s
+        # rows computed over the ranks: the global batch unpacked, fewer packed
+        tflops_per_gpu=training_flops_per_token(arch, s) * len(batch.microbatches)
+        * cfg.data.micro_batch_size * state.plan.dp_size * s
         / elapsed / dist.get_world_size() / 1e12,
         terms=terms,
     )

@@ -22,20 +22,20 @@ def run_case(base: list[str], case: dict) -> dict:
     overrides = base + [f"{k}={v}" for k, v in case["overrides"].items()]
     overrides.append(f"optim.train_steps={case['steps']}")
     trainer = Trainer(load_train_config(None, overrides))
-    seen = []
-    next_microbatches = trainer._next_microbatches
-
-    def recording():
-        microbatches = next_microbatches()
-        seen.append([sid for mb in microbatches for sid in mb.sample_ids])
-        return microbatches
-
-    trainer._next_microbatches = recording
     steps = []
+    batches = trainer.state.batches
     for _ in range(case["steps"]):
+        seen = []
+
+        def recording():
+            for mb in batches:
+                seen.extend(mb.sample_ids)
+                yield mb
+
+        trainer.state.batches = recording()
         record = trainer.train_step()
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, seen[-1])
+        dist.all_gather_object(everyone, seen)
         steps.append(dict(ce=record.ce, lb=record.lb, js=record.js, grad_norm=record.grad_norm,
                           samples=sorted({s for rank in everyone for s in rank})))
     return {"steps": steps}
