@@ -114,12 +114,13 @@ def main(argv=None) -> int:
 
 
 def _architecture(args):
+    from sara_megatron.checkpointing.record import kept_hf_config
     from sara_megatron.models.architecture import resolve_architecture
 
     if args.model:
         return resolve_architecture(args.model)
-    config = os.path.join(args.checkpoint, "hf_assets", "config.json")
-    if not os.path.exists(config):
+    config = kept_hf_config(args.checkpoint)
+    if config is None:
         raise ConfigError(f"{args.checkpoint} was not made by "
                          "tools/convert_hf.py (no hf_assets/config.json): name the model with --model")
     return resolve_architecture(config)

@@ -29,6 +29,13 @@ def architecture_record(arch) -> dict:
     return record
 
 
+def kept_hf_config(checkpoint: str) -> str | None:
+    """The HF config.json the converter kept beside a checkpoint's weights; None without one (a
+    checkpoint not made by tools/convert_hf.py: its model must then be named)."""
+    path = os.path.join(checkpoint, ASSETS_DIR, "config.json")
+    return path if os.path.isfile(path) else None
+
+
 def write_metadata(folder: str, record: dict) -> None:
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, **record}
     with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:

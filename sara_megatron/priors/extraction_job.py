@@ -8,7 +8,6 @@ rerun with other weights, other shards or the other precision is refused instead
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Optional
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights
+from sara_megatron.checkpointing.record import ASSETS_DIR, kept_hf_config
 from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.distributed import ParallelConfig, initialize_distributed, model_process_groups
 from sara_megatron.models.architecture import resolve_architecture
@@ -81,10 +81,10 @@ def job_architecture(job: ExtractionJob):
     """`job.model`, else the config.json the converter kept beside the checkpoint."""
     if job.model:
         return resolve_architecture(job.model)
-    config = os.path.join(job.checkpoint, "hf_assets", "config.json")
-    if not os.path.exists(config):
+    config = kept_hf_config(job.checkpoint)
+    if config is None:
         raise ExtractionInputError(f"{job.checkpoint} was not made by tools/convert_hf.py (no "
-                                   f"{config}): name the model with --model")
+                                   f"{ASSETS_DIR}/config.json): name the model with --model")
     return resolve_architecture(config)
 
 
