@@ -1,6 +1,7 @@
 """Packed SARA training (data.packing): a packed step trains on the padded step's samples with the
-same CE, JS and gradients; at DP=2, TP=2 with sequence parallel and EP=2 (one launch) the steps
-take the single rank's samples and TP=2 reproduces its losses; SARA still lowers JS."""
+same CE, JS and gradients; a stopped packed run resumes on its trajectory; at DP=2, TP=2 with
+sequence parallel, CP=2 and EP=2 (one launch) the steps take the single rank's samples, TP=2 and
+CP=2 reproduce its losses, and SARA still lowers JS."""
 
 import json
 
@@ -30,7 +31,8 @@ def _base(sara_data, **extra):
 
 class StepRecorder:
     """Wraps a trainer's batch iterator: per step (packed micro-batches name their step's count;
-    unpacked ones come `per_step` at a time), the sorted sample ids and the rows."""
+    unpacked ones come `per_step` at a time), the sorted "language:id" of its samples and the
+    rows."""
 
     def __init__(self, batches, per_step: int):
         self.batches, self.per_step = batches, per_step
@@ -45,7 +47,8 @@ class StepRecorder:
             self._left = mb.step_micro_batches or self.per_step
             self.steps.append(([], 0))
         ids, rows = self.steps[-1]
-        self.steps[-1] = (sorted(ids + list(mb.sample_ids)), rows + mb.tokens.shape[0])
+        named = [f"{lang}:{sid}" for lang, sid in zip(mb.languages, mb.sample_ids)]
+        self.steps[-1] = (sorted(ids + named), rows + mb.tokens.shape[0])
         self._left -= 1
         return mb
 
@@ -87,20 +90,24 @@ def test_packed_layouts_follow_the_single_rank_run(single_rank, sara_data, tmp_p
     steps = 3
     trainer, seen = _trainer(sara_data, **{"optim.train_steps": steps})
     single = [trainer.train_step() for _ in range(steps)]
-    single_ids = [ids for ids, _ in seen]
     cases = [
         {"name": "dp2", "overrides": {}, "steps": steps},
         {"name": "tp2", "overrides": {"parallel.tp": 2}, "steps": steps},
+        {"name": "cp2", "overrides": {"parallel.cp": 2}, "steps": steps},
         {"name": "ep2", "overrides": {"parallel.ep": 2, "sara.lambda_js": 1.5}, "steps": 12},
     ]
     run = launch.CaseLaunch("tests/workers/packing_layouts.py", "--cases", json.dumps(cases),
                             "--base", json.dumps(_base(sara_data)), out_dir=tmp_path, nproc=2)
-    dp2, tp2, ep2 = (run.result(c["name"])["steps"] for c in cases)
-    # The same samples at every step, whatever the data-parallel size (DP=2, DP=1 under TP=2).
-    assert [s["samples"] for s in dp2] == [s["samples"] for s in tp2[:steps]] == single_ids
-    for one, split in zip(single, tp2):
-        for key, rel in (("ce", 1e-5), ("lb", 1e-5), ("grad_norm", 1e-5), ("js", 1e-4)):
-            assert split[key] == pytest.approx(getattr(one, key), rel=rel), key
+    dp2, tp2, cp2, ep2 = (run.result(c["name"])["steps"] for c in cases)
+    single_ids = [ids for ids, _ in seen]
+    # The same samples at every step, whatever the data-parallel size (DP=2; DP=1 under TP=2).
+    for layout in (dp2, tp2, cp2):
+        assert [s["samples"] for s in layout] == single_ids
+    # TP=2 + SP and CP=2 split each micro-batch's tokens, not the micro-batches: the one-rank run.
+    for layout in (tp2, cp2):
+        for one, split in zip(single, layout):
+            for key, rel in (("ce", 1e-5), ("lb", 1e-5), ("grad_norm", 1e-5), ("js", 1e-4)):
+                assert split[key] == pytest.approx(getattr(one, key), rel=rel), key
     # DP=2 splits the step's micro-batches over ranks; the first step starts from the same weights.
     assert dp2[0]["ce"] == pytest.approx(single[0].ce, rel=1e-5)
     assert dp2[0]["js"] == pytest.approx(single[0].js, rel=1e-4)

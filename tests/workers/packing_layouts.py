@@ -4,7 +4,8 @@ Each case of --cases is {name, overrides (dotted config keys), steps}; every cas
 Qwen3-MoE from the same checkpoint with data.packing=true, a fresh Trainer each (Megatron's
 parallel state re-initialised at the case's layout). Rank 0 writes <out-dir>/<name>.json as each
 case ends: per step the CE, LB, JS, grad norm and the sorted sample ids the step trained on,
-gathered over every rank.
+("language:id", a sample id names the parallel copies of one sample), gathered over data
+parallel.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from sara_megatron.distributed import destroy_distributed
 from sara_megatron.io import write_json_atomic
@@ -29,15 +31,17 @@ def run_case(base: list[str], case: dict) -> dict:
 
         def recording():
             for mb in batches:
-                seen.extend(mb.sample_ids)
+                seen.extend(f"{lang}:{sid}" for lang, sid in zip(mb.languages, mb.sample_ids))
                 yield mb
 
         trainer.state.batches = recording()
         record = trainer.train_step()
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, seen)
+        # over data parallel only: the ranks of a TP / CP group share their samples
+        group = ps.get_data_parallel_group()
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, seen, group=group)
         steps.append(dict(ce=record.ce, lb=record.lb, js=record.js, grad_norm=record.grad_norm,
-                          samples=sorted({s for rank in everyone for s in rank})))
+                          samples=sorted(s for rank in everyone for s in rank)))
     return {"steps": steps}
 
 
