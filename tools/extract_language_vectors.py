@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (sums stay fp64)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error the user can fix too")
     args = p.parse_args(argv)
     for flag in ("tp", "ep", "pp", "micro_batch_size"):
         if getattr(args, flag) < 1:
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
     exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank, "extract_language_vectors.py", output=args.output):
+    with exit_at_once_on_error(rank, "extract_language_vectors.py", output=args.output,
+                               debug=args.debug):
         arch = _architecture(args)
         arch.validate_parallel(tp=args.tp, ep=args.ep, pp=args.pp)
         layers = parse_layer_selection(args.layers, arch.num_layers)

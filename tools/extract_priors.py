@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    help="skip the sha256 check of the token shards against their manifest on "
                         "first open (structure and token ids are checked; the corpus "
                         "fingerprint is computed from the files either way)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error the user can fix too")
     args = p.parse_args(argv)
     # Checked here, not after the model is built and loaded (and a store.json written).
     for flag in ("tp", "ep", "pp", "micro_batch_size", "num_microbatches", "flush_every"):
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank, "extract_priors.py", output=args.output):
+    with exit_at_once_on_error(rank, "extract_priors.py", output=args.output, debug=args.debug):
         run(args)
     destroy_distributed()  # only after success: its barrier needs every rank
     return 0

@@ -96,6 +96,8 @@ def parse_args():
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of --shards on first open (structure and token "
                         "ids are checked)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error the user can fix too")
     args = p.parse_args()
 
     for name in ("batch_size", "limit", "seq_length"):
@@ -188,7 +190,7 @@ def main():
     exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank, "routing_divergence.py", output=args.json):
+    with exit_at_once_on_error(rank, "routing_divergence.py", output=args.json, debug=args.debug):
         run(args, rank)
     destroy_distributed()  # only after success: its barrier needs every rank
 

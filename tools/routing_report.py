@@ -32,6 +32,8 @@ def parse_args():
                    help="global 0-based layers: 'all', '7-34' or '0,3,8-11' (default: all)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", help="also write the rows as JSON here (rank 0)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error the user can fix too")
     args = p.parse_args()
     for name in ("sequences_per_rank", "seq_length"):
         if getattr(args, name) < 1:
@@ -50,7 +52,7 @@ def main():
     args = parse_args()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank):
+    with exit_at_once_on_error(rank, debug=args.debug):
         run(args)
     destroy_distributed()  # only after success: its barrier needs every rank
 
