@@ -61,24 +61,84 @@ def _js_falls(records):
     assert last < 0.6 * first, (first, last)
 
 
-def test_sara_ep2_js_falls_and_lambda_zero_is_the_plain_run(torchrun, sara_data, tmp_path):
-    sara = _train(torchrun, sara_data, tmp_path, "sara",
-                  **{"parallel.ep": 2, "logging.tensorboard_dir": tmp_path / "tb"})
+# Many runs of one world size train in one torchrun launch (tests/workers/training_runs.py: a
+# fresh Trainer per run, the processes and their imports start once); each test reads its runs.
+RUNS_WORKER = "tests/workers/training_runs.py"
+EP2 = {"parallel.ep": 2}
+# Resume tests: saved at one layout (stopped after stop_at steps), resumed at another.
+RESUMES = {
+    "moved": dict(steps=6, stop_at=4, saved_at={"parallel.pp": 2}, resumed_at={"parallel.tp": 2}),
+    "vpp": dict(steps=4, stop_at=2, saved_at={"parallel.pp": 2, "parallel.vpp": 2},
+                resumed_at={"parallel.pp": 2}),
+}
+LAYOUT_STEPS = 4
+TWO_RANK_LAYOUTS = {"tp2": {"parallel.tp": 2}, "cp2": {"parallel.cp": 2}}
+
+
+def _case(data, name, max_steps=None, **overrides):
+    return {"name": name, "overrides": _config_args(data, **overrides), "max_steps": max_steps}
+
+
+def _resume_common(name, steps, out):
+    return {"optim.train_steps": steps, "logging.json_log": f"{out}/{name}.jsonl",
+            "checkpoint.save_dir": f"{out}/{name}-ckpt", "checkpoint.save_interval": 2}
+
+
+def _two_rank_cases(data):
+    """Every 2-rank run of this module that needs no process of its own."""
+    cases = [
+        _case(data, "sara", **EP2, **{"logging.tensorboard_dir": "{out}/tb"}),
+        _case(data, "fft", **EP2, **{"sara.lambda_js": 0}),
+        _case(data, "plain", **EP2, **{"sara.lambda_js": 0, "data.prior_store": None}),
+        _case(data, "pp2", **{"parallel.pp": 2}),
+        _case(data, "kill_reference", **EP2, **{"optim.train_steps": 8}),
+    ]
+    for name, r in RESUMES.items():
+        cases.append(_case(data, f"{name}_reference", **{"parallel.pp": 2,
+                                                         "optim.train_steps": r["steps"]}))
+        cases.append(_case(data, f"{name}_saved", max_steps=r["stop_at"],
+                           **{**r["saved_at"], **_resume_common(name, r["steps"], "{out}")}))
+    for layout, sizes in TWO_RANK_LAYOUTS.items():
+        cases.append(_case(data, layout, **{**sizes, "optim.train_steps": LAYOUT_STEPS}))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(torchrun_cases, sara_data):
+    return torchrun_cases(RUNS_WORKER, "--cases", json.dumps(_two_rank_cases(sara_data)),
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(torchrun_cases, sara_data, two_rank_runs):
+    """The resumed halves of RESUMES, in a launch of their own: they start in fresh processes
+    from what the saving runs left on disk."""
+    for name in RESUMES:
+        two_rank_runs.result(f"{name}_saved")  # fails the test here if the save did not happen
+    out = two_rank_runs.out_dir
+    cases = [_case(sara_data, f"{name}_resumed",
+                   **{**r["resumed_at"], **_resume_common(name, r["steps"], out)})
+             for name, r in RESUMES.items()]
+    return torchrun_cases(RUNS_WORKER, "--cases", json.dumps(cases))
+
+
+def test_sara_ep2_js_falls_and_lambda_zero_is_the_plain_run(two_rank_runs):
+    sara = two_rank_runs.result("sara")["records"]
     assert [r["step"] for r in sara] == list(range(1, STEPS + 1))
     _js_falls(sara)
     assert sorted(k for k in sara[0] if k.startswith("js_layer/")) == [f"js_layer/{i}" for i in range(4)]
     # TensorBoard holds the same per-step scalars as the JSON log (read back with its own reader).
-    events = EventAccumulator(str(tmp_path / "tb"))
+    events = EventAccumulator(str(two_rank_runs.out_dir / "tb"))
     events.Reload()
     for key in ("ce", "lb", "js", "lr", "grad_norm", "tokens_per_s", "js_layer/0", "js_layer/3"):
         scalars = events.Scalars(key)
         assert [e.step for e in scalars] == [r["step"] for r in sara], key
         assert [e.value for e in scalars] == pytest.approx([r[key] for r in sara], rel=1e-6), key
 
-    fft = _train(torchrun, sara_data, tmp_path, "fft", **{"parallel.ep": 2, "sara.lambda_js": 0})
-    plain = _train(torchrun, sara_data, tmp_path, "plain",
-                   **{"parallel.ep": 2, "sara.lambda_js": 0, "data.prior_store": None})
+    fft = two_rank_runs.result("fft")["records"]
+    plain = two_rank_runs.result("plain")["records"]
     # λ_JS = 0 with priors runs the SARA code path; without priors the observer is not there.
+    assert len(fft) == len(plain) == STEPS
     for a, b in zip(fft, plain):
         for key in ("ce", "lb", "grad_norm"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
@@ -87,8 +147,8 @@ def test_sara_ep2_js_falls_and_lambda_zero_is_the_plain_run(torchrun, sara_data,
     assert sum(r["js"] for r in sara[-4:]) < sum(r["js"] for r in fft[-4:])
 
 
-def test_sara_pp2_js_falls(torchrun, sara_data, tmp_path):
-    records = _train(torchrun, sara_data, tmp_path, "pp2", **{"parallel.pp": 2})
+def test_sara_pp2_js_falls(two_rank_runs):
+    records = two_rank_runs.result("pp2")["records"]
     _js_falls(records)
 
 
@@ -122,10 +182,12 @@ def test_two_microbatches_of_one_equal_one_of_two(single_rank, sara_data):
 
 
 @pytest.mark.multiprocess
-def test_kill_and_resume_follows_the_same_losses(torchrun, sara_data, tmp_path):
+def test_kill_and_resume_follows_the_same_losses(torchrun, two_rank_runs, sara_data, tmp_path):
+    """The killed run and its resume are processes of their own (a real kill -9, a real restart);
+    the uninterrupted reference is a run of the shared launch."""
     steps = 8
-    full = _train(torchrun, sara_data, tmp_path, "full", **{"parallel.ep": 2,
-                                                           "optim.train_steps": steps})
+    full = two_rank_runs.result("kill_reference")["records"]
+    assert [r["step"] for r in full] == list(range(1, steps + 1))
 
     log = tmp_path / "killed.jsonl"
     save_dir = tmp_path / "ckpt"
@@ -169,20 +231,15 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, sara_data, tmp_path):
             assert r[key] == by_step[r["step"]][key], (r["step"], key)
 
 
-def _assert_resumed_run_follows(torchrun, data, tmp_path, steps, stop_at, saved_at, resumed_at):
-    """A run stopped after `stop_at` steps at layout `saved_at` and resumed at `resumed_at` logs
-    steps 1..steps, each as an uninterrupted PP=2 run's up to the roundings another layout
-    changes: the order of floating-point sums; JS (~4e-4 here) is a difference of near-equal
-    distributions and amplifies those roundings the most."""
-    reference = _train(torchrun, data, tmp_path, "pp_full", **{"parallel.pp": 2,
-                                                             "optim.train_steps": steps})
-    log = tmp_path / "moved.jsonl"
-    common = {"optim.train_steps": steps, "logging.json_log": log,
-              "checkpoint.save_dir": tmp_path / "ckpt", "checkpoint.save_interval": 2}
-    torchrun("tools/train.py", *_base_overrides(data, **{**saved_at, **common}),
-             "--max-steps", str(stop_at))
-    torchrun("tools/train.py", *_base_overrides(data, **{**resumed_at, **common}))
-    records = _read_log(log)
+def _assert_resumed_run_follows(two_rank_runs, resumed_runs, name):
+    """A run stopped after `stop_at` steps at layout `saved_at` and resumed at `resumed_at` (in a
+    fresh process) logs steps 1..steps, each as an uninterrupted PP=2 run's up to the roundings
+    another layout changes: the order of floating-point sums; JS (~4e-4 here) is a difference of
+    near-equal distributions and amplifies those roundings the most."""
+    steps = RESUMES[name]["steps"]
+    reference = two_rank_runs.result(f"{name}_reference")["records"]
+    assert two_rank_runs.result(f"{name}_saved")["final_iteration"] == RESUMES[name]["stop_at"]
+    records = resumed_runs.result(f"{name}_resumed")["records"]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     by_step = {r["step"]: r for r in reference}
     for r in records:
@@ -190,36 +247,34 @@ def _assert_resumed_run_follows(torchrun, data, tmp_path, steps, stop_at, saved_
             assert r[key] == pytest.approx(by_step[r["step"]][key], rel=rel), (r["step"], key)
 
 
-def test_resume_at_another_layout(torchrun, sara_data, tmp_path):
+def test_resume_at_another_layout(two_rank_runs, resumed_runs):
     """Saved at PP=2, resumed at TP=2 with sequence parallel: the run goes on where it was."""
-    _assert_resumed_run_follows(torchrun, sara_data, tmp_path, steps=6, stop_at=4,
-                                saved_at={"parallel.pp": 2}, resumed_at={"parallel.tp": 2})
+    _assert_resumed_run_follows(two_rank_runs, resumed_runs, "moved")
 
 
-def test_virtual_pipeline_trains_saves_and_resumes(torchrun, sara_data, tmp_path):
+def test_virtual_pipeline_trains_saves_and_resumes(two_rank_runs, resumed_runs):
     """PP=2 × VPP=2 (one layer per model chunk) starts from a converted checkpoint, saves, and
     resumes without virtual pipeline, following the plain PP=2 run. The chunks of a rank name
     their layers alike (decoder.layers.0. ...): merged into one dict, the save lost a chunk's
     tensors and crashed, and a load could not start."""
-    _assert_resumed_run_follows(torchrun, sara_data, tmp_path, steps=4, stop_at=2,
-                                saved_at={"parallel.pp": 2, "parallel.vpp": 2},
-                                resumed_at={"parallel.pp": 2})
+    _assert_resumed_run_follows(two_rank_runs, resumed_runs, "vpp")
 
 
-def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, sara_data, tmp_path):
+def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, two_rank_runs,
+                                                                  sara_data, tmp_path):
     """TP=2 with sequence parallel and CP=2 (each rank holds two of four chunks of every sequence)
     train like one rank: CE, load balancing, the SARA term and the gradients are each counted once
     over the ranks that split a micro-batch's tokens. (megatron-core 0.16.1 alone scales the
     load-balancing gradient by 1/(TP·CP) here; see ObservedTopKRouter.) TP=2 with PP=2: the
     second stage gets its sequence-parallel piece of the padding mask (GPTModel cuts it only on
     the first)."""
-    steps = 4
+    steps = LAYOUT_STEPS
     single = _train(torchrun, sara_data, tmp_path, "single", nproc=1, **{"optim.train_steps": steps})
-    layouts = {"tp2": {"parallel.tp": 2}, "cp2": {"parallel.cp": 2},
-               "tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2}}
-    for layout, sizes in layouts.items():
-        split = _train(torchrun, sara_data, tmp_path, layout, nproc=math.prod(sizes.values()),
-                       **{**sizes, "optim.train_steps": steps})
+    splits = {layout: two_rank_runs.result(layout)["records"] for layout in TWO_RANK_LAYOUTS}
+    # TP=2 × PP=2 needs 4 ranks: a launch of its own.
+    splits["tp2_pp2"] = _train(torchrun, sara_data, tmp_path, "tp2_pp2", nproc=4,
+                               **{"parallel.tp": 2, "parallel.pp": 2, "optim.train_steps": steps})
+    for layout, split in splits.items():
         assert [r["step"] for r in split] == list(range(1, steps + 1))
         for a, b in zip(single, split):
             # JS (~5e-4 here) is a difference of near-equal distributions: it amplifies the
