@@ -1,5 +1,6 @@
 """Tiny presets: forward and backward; presets and HF configs; parallel-size errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -50,6 +51,25 @@ def test_tiny_forward_backward(single_rank, preset):
     # Sparsemixer at random init: almost no token has a second candidate within 2·eps, so the
     # chosen gate is exactly 1 and its derivative 0 (as in transformers); tests/test_phimoe.py
     # checks its gradient on near-tied router rows.
+
+
+def test_a_deeper_model_after_a_shallower_one_logs_its_load_balancing(single_rank):
+    """megatron's per-layer loss tracker is process-wide and sized by the first model that logs
+    to it; a deeper model built later in the process logs every layer instead of failing."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    arch = get_preset("qwen3_moe_tiny")
+    b, s = 2, 8
+    for num_layers in (1, arch.num_layers):
+        model = build_model(dataclasses.replace(arch, num_layers=num_layers))
+        model.train()
+        tokens = torch.randint(0, arch.vocab_size, (b, s))
+        model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s),
+              labels=tokens).mean().backward()
+    values = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"]
+    assert values.numel() == arch.num_layers
+    assert (values[1:] > 0).all()  # the deeper model's own layers were logged
 
 
 def test_qwen3_30b_a3b_preset_is_exact():

@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 
 
@@ -46,6 +49,8 @@ class ObservedTopKRouter(TopKRouter):
         """
         if self.calculate_per_token_loss and not reduce_group_has_dp:
             valid_token_count = _group_token_count(activation, valid_token_count, reduce_group)
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        _fit_logging_tracker(aux_loss_name, num_layers)
         return super().attach_and_log_load_balancing_loss(
             activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
             reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count,
@@ -54,6 +59,16 @@ class ObservedTopKRouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         return self.observe_and_attach(logits, padding_mask, probs), routing_map
+
+
+def _fit_logging_tracker(name: str, num_layers: int) -> None:
+    """Grow megatron's process-wide per-layer loss tracker to this model's layer count: it is sized
+    by the first model that logs to it, and a deeper model built later in the same process (a
+    test, a benchmark, an analysis beside training) would index past its end."""
+    entry = get_moe_layer_wise_logging_tracker().get(name)
+    if entry is not None and entry["values"].numel() < num_layers:
+        values = entry["values"]
+        entry["values"] = torch.cat([values, values.new_zeros(num_layers - values.numel())])
 
 
 def _group_token_count(activation, valid_token_count, reduce_group):
