@@ -261,15 +261,22 @@ def test_virtual_pipeline_trains_saves_and_resumes(two_rank_runs, resumed_runs):
 
 
 def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, two_rank_runs,
-                                                                  sara_data, tmp_path):
+                                                                  single_rank, sara_data,
+                                                                  tmp_path):
     """TP=2 with sequence parallel and CP=2 (each rank holds two of four chunks of every sequence)
     train like one rank: CE, load balancing, the SARA term and the gradients are each counted once
     over the ranks that split a micro-batch's tokens. (megatron-core 0.16.1 alone scales the
     load-balancing gradient by 1/(TP·CP) here; see ObservedTopKRouter.) TP=2 with PP=2: the
     second stage gets its sequence-parallel piece of the padding mask (GPTModel cuts it only on
     the first)."""
+    from sara_megatron.training import load_train_config, train
+
     steps = LAYOUT_STEPS
-    single = _train(torchrun, sara_data, tmp_path, "single", nproc=1, **{"optim.train_steps": steps})
+    # The single-rank run in this process (one rank needs no launch).
+    log = tmp_path / "single.jsonl"
+    train(load_train_config(None, _config_args(sara_data, **{"optim.train_steps": steps,
+                                                             "logging.json_log": log})))
+    single = _read_log(log)
     splits = {layout: two_rank_runs.result(layout)["records"] for layout in TWO_RANK_LAYOUTS}
     # TP=2 × PP=2 needs 4 ranks: a launch of its own.
     splits["tp2_pp2"] = _train(torchrun, sara_data, tmp_path, "tp2_pp2", nproc=4,
