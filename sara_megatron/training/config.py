@@ -151,33 +151,17 @@ class SaraSection(_Section):
     priors: str = "store"  # store (data.prior_store) | online (anchor forward in the same step)
     objective: str = "sara"  # sara (lambda_js 0 = FFT) | aes | shifcon
 
-    @pydantic.field_validator("impl")
+    @pydantic.field_validator("impl", "divergence", "priors", "objective")
     @classmethod
-    def _impl(cls, value: str) -> str:
+    def _known_choice(cls, value: str, info: pydantic.ValidationInfo) -> str:
+        # The choices live with their implementations (imported when a config is checked).
         from kernels.routing_js import IMPLEMENTATIONS
-
-        return _one_of(IMPLEMENTATIONS, value)
-
-    @pydantic.field_validator("divergence")
-    @classmethod
-    def _divergence(cls, value: str) -> str:
         from kernels.routing_js_reference import DIVERGENCES
+        from sara_megatron.sara.objectives import OBJECTIVES, PRIOR_SOURCES
 
-        return _one_of(DIVERGENCES, value)
-
-    @pydantic.field_validator("priors")
-    @classmethod
-    def _priors(cls, value: str) -> str:
-        from sara_megatron.sara.objectives import PRIOR_SOURCES
-
-        return _one_of(PRIOR_SOURCES, value)
-
-    @pydantic.field_validator("objective")
-    @classmethod
-    def _objective(cls, value: str) -> str:
-        from sara_megatron.sara.objectives import OBJECTIVES
-
-        return _one_of(OBJECTIVES, value)
+        choices = {"impl": IMPLEMENTATIONS, "divergence": DIVERGENCES, "priors": PRIOR_SOURCES,
+                   "objective": OBJECTIVES}
+        return _one_of(choices[info.field_name], value)
 
     @pydantic.model_validator(mode="after")
     def _layers(self) -> "SaraSection":
