@@ -31,7 +31,7 @@ def shards_dir(tmp_path_factory):
     paths = write_synthetic_corpus(root / "corpus", NUM_SAMPLES, languages=("en", "hi"))
     build_local_tokenizer(corpus_texts(paths), root / "tokenizer")
     shard_corpus(ShardingConfig((str(root / "corpus"),), str(root / "shards"),
-                                str(root / "tokenizer"), seq_length=64, shard_size=4))
+                                str(root / "tokenizer"), seq_length=128, shard_size=4))
     return root / "shards"
 
 
@@ -49,8 +49,9 @@ def metadata(preset, ckpt, shards, layers):
                               corpus_fingerprint=shards.language_fingerprint("en"))
 
 
-def extract(model, shards, path, meta, progress=None, mbs=3):
-    settings = ExtractionSettings(layers=meta.layers, micro_batch_size=mbs, flush_every=3)
+def extract(model, shards, path, meta, progress=None, mbs=3, packing=True):
+    settings = ExtractionSettings(layers=meta.layers, micro_batch_size=mbs, flush_every=3,
+                                  packing=packing)
     return extract_priors(model, shards, PriorStoreWriter(path, meta), settings, progress)
 
 
@@ -94,9 +95,11 @@ def test_priors_equal_direct_recomputation(single_rank, shards_dir, qwen, tmp_pa
     shards = TokenShards(shards_dir)
     if preset == "qwen3_moe_tiny":  # extracted by the module fixture, all layers
         model, root = qwen
-        layers = (0, 1, 2, 3)
+        layers, padded_length = (0, 1, 2, 3), None  # no rope regime: alone, unpadded
     else:
         model, root, layers = make_model(preset, tmp_path / "ckpt"), tmp_path, (1, 3)
+        # Rows of 128 are past the tiny Phi's longrope switch (64): priors under the long factors.
+        padded_length = shards.seq_length
         extract(model, shards, root / "store", metadata(preset, root / "ckpt", shards, layers))
     store = PriorStore(root / "store", expected_model_fingerprint=model_fingerprint(root / "ckpt"))
     anchors = shards.samples("en")
@@ -104,10 +107,29 @@ def test_priors_equal_direct_recomputation(single_rank, shards_dir, qwen, tmp_pa
     lengths = {s.meta.token_count for s in anchors}
     assert len(lengths) > 1  # batches really were padded
     for sample in anchors:
-        want = recompute_alone(model, shards.tokens(sample), layers)
+        want = recompute_alone(model, shards.tokens(sample), layers, padded_length)
         got = store[sample.meta.sample_id].double()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.sum(-1), torch.ones(len(layers), dtype=torch.float64))
+
+
+def test_packed_extraction_equals_unpacked(single_rank, shards_dir, qwen, tmp_path):
+    """Packing several anchors per row gives every sample the prior of its unpadded extraction,
+    with fewer rows' worth of padding."""
+    model, root = qwen  # the module fixture extracted packed (the default)
+    shards = TokenShards(shards_dir)
+    meta = metadata("qwen3_moe_tiny", root / "ckpt", shards, range(4))
+    unpacked = extract(model, shards, tmp_path / "unpacked", meta, packing=False)
+    packed = extract(model, shards, tmp_path / "packed", meta, packing=True)
+    assert packed["tokens"] == unpacked["tokens"]
+    assert packed["fill_rate"] > unpacked["fill_rate"]
+    a, b = PriorStore(tmp_path / "packed"), PriorStore(tmp_path / "unpacked")
+    # The same samples (written in row order, so shards group them differently), same values.
+    ids = sorted(b.sample_ids)
+    assert sorted(a.sample_ids) == ids and len(ids) == NUM_SAMPLES and a.metadata == b.metadata
+    torch.testing.assert_close(a.read(ids), b.read(ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(PriorStore(root / "store").read(ids), a.read(ids), rtol=0,
+                               atol=1e-7)
 
 
 class Killed(Exception):

@@ -48,6 +48,9 @@ def parse_args(argv=None):
                    help="micro-batches per schedule call (default: PP size, to fill the pipeline)")
     p.add_argument("--flush-every", type=int, default=256,
                    help="samples per store shard and replica (what a kill can cost)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several samples per row (block-diagonal attention, per-sample "
+                        "positions; the same priors as --no-packing, without the padding)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 weights and activations (router logits and softmax stay fp32); "
                         "recorded in the store: resuming it without --bf16 is refused, and "
@@ -81,7 +84,7 @@ def run(args) -> dict:
         shards=args.shards, checkpoint=args.checkpoint, output=args.output, model=args.model,
         layers=args.layers, dtype=args.dtype, tp=args.tp, ep=args.ep, pp=args.pp,
         micro_batch_size=args.micro_batch_size, num_microbatches=args.num_microbatches,
-        flush_every=args.flush_every, bf16=args.bf16, verify_shards=not args.no_verify,
+        flush_every=args.flush_every, packing=args.packing, bf16=args.bf16, verify_shards=not args.no_verify,
     ))
 
 

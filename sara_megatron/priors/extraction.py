@@ -7,7 +7,13 @@ Works at any TP/EP/PP/DP layout, through megatron's pipeline schedule (forward o
   balanced). Every step all ranks agree on the padded length and run the same number of
   micro-batches — expert parallel exchanges tokens across replicas, so shapes must match; a
   replica out of samples runs all-padding rows, which are discarded.
-- A step is padded to its longest sequence, except where the position encoding depends on the
+- Packing (`packing=True`, the default): each replica packs its samples into rows of the
+  shards' seq_length (`data/packing.py`'s first-fit decreasing, within windows of
+  `pack_window` samples), with the block-diagonal causal mask and per-sample positions the trainer
+  uses (`models/packed_attention.py`); the routing capture reduces per segment id, so every
+  sample's prior is its own sequence mean, equal to its unpacked extraction. Without packing a row
+  holds one sample.
+- A step is padded to its longest row, except where the position encoding depends on the
   padded length: Phi-3 longrope gives every position the long factors once the padded length
   passes `original_max_position_embeddings` (as transformers does per batch). Training pads every
   batch to the shards' seq_length, so when that is past the switch a step is padded past it too:
@@ -22,6 +28,7 @@ Works at any TP/EP/PP/DP layout, through megatron's pipeline schedule (forward o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -33,16 +40,17 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from sara_megatron.data.batch import pack_tokens
+from sara_megatron.data.packing import first_fit_decreasing, pack_rows_tokens
 from sara_megatron.data.token_shards import ShardedSample, TokenShards
 from sara_megatron.models.builder import causal_attention_mask
+from sara_megatron.models.packed_attention import packed_attention_mask, packed_rope
 from sara_megatron.models.longrope_padding import (
     check_rope_regime,
     longrope_switch,
     regime_padded_length,
 )
 from sara_megatron.priors.store_writer import PriorStoreWriter
-from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
+from sara_megatron.routing import capture_routing
 from sara_megatron.routing.capture import check_process_groups
 
 
@@ -53,6 +61,8 @@ class ExtractionSettings:
     num_microbatches: int = 1  # per schedule call; > 1 keeps a pipeline's stages busy
     flush_every: int = 256  # samples per store shard written by each replica
     pad_multiple: int = 8  # padded lengths are multiples of this (and of TP, for SP)
+    packing: bool = True  # several samples per row (rows of the shards' seq_length)
+    pack_window: int = 2048  # samples packed together (bounds first-fit decreasing's cost)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +73,7 @@ class ExtractionProgress:
     tokens_done: int
     mean_nll: float  # next-token loss of this step's anchors: a loaded-the-right-weights check
     elapsed_s: float
+    fill_rate: float = 1.0  # real tokens over the row tokens run so far (all replicas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +81,9 @@ class _MicroBatch:
     index: int
     tokens: torch.Tensor
     labels: torch.Tensor
-    padding: torch.Tensor
-    lengths: torch.Tensor
+    positions: torch.Tensor  # [B, S], restarting at 0 for each sample
+    segments: torch.Tensor  # [B, S], the sample's index in the step, -1 = padding
+    packed: bool  # several samples per row: block-diagonal mask, per-sample RoPE
 
 
 def _device() -> torch.device:
@@ -106,20 +118,39 @@ def _deal(pending: list[ShardedSample], dp: int, dp_rank: int) -> list[ShardedSa
     return [pending[i] for i in order[dp_rank::dp]]
 
 
+def _step_rows(rows: list[list[int]], per_step: int) -> list[list[list[int]]]:
+    return [rows[i:i + per_step] for i in range(0, len(rows), per_step)]
+
+
+def _plan_rows(samples: list[ShardedSample], capacity: int, settings: ExtractionSettings
+               ) -> list[list[int]]:
+    """Rows of indices into `samples`: one sample each, or packed into rows of `capacity`
+    tokens (first-fit decreasing per window of `pack_window` samples)."""
+    if not settings.packing:
+        return [[i] for i in range(len(samples))]
+    rows = []
+    for start in range(0, len(samples), settings.pack_window):
+        window = samples[start:start + settings.pack_window]
+        rows += [[start + i for i in row] for row in
+                 first_fit_decreasing([s.meta.token_count for s in window], capacity)]
+    return rows
+
+
 def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: Sequence[int],
-              process_groups: Optional[ProcessGroupCollection]):
-    """Forward the micro-batches; returns this stage's {(mb, layer): ([B, N] sequence means,
-    [B] token counts)} and the (NLL sum, token count) of each micro-batch on the last stage."""
+              num_segments: int, process_groups: Optional[ProcessGroupCollection]):
+    """Forward the micro-batches; returns this stage's {(mb, layer): ([n, N] sequence means,
+    [n] token counts)} over the step's n samples (0 for those of other micro-batches) and the
+    (NLL sum, token count) of each micro-batch on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     records, nll = {}, []
     device = _device()
-    mask = causal_attention_mask(seq_length, device=device)
-    positions = torch.arange(seq_length, device=device)
+    causal = causal_attention_mask(seq_length, device=device)
 
     def loss_func(mb: _MicroBatch, per_token_loss):
-        lengths = mb.lengths.to(per_token_loss.device)
-        has_next = (positions < (lengths - 1).unsqueeze(1)).float()
+        segments = mb.segments.to(per_token_loss.device)
+        has_next = torch.zeros_like(segments, dtype=torch.float32)
+        has_next[:, :-1] = ((segments[:, :-1] >= 0) & (segments[:, 1:] == segments[:, :-1])).float()
         total = (per_token_loss.float() * has_next).sum()
         nll.append((total.item(), has_next.sum().item()))
         return total, {}
@@ -127,10 +158,13 @@ def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
         tokens, labels = mb.tokens.to(device), mb.labels.to(device)
-        segments = segment_ids_from_padding_mask(mb.padding.to(device))
+        segments, positions = mb.segments.to(device), mb.positions.to(device)
+        mask = packed_attention_mask(segments) if mb.packed else causal
+        rope = packed_rope(chunk, positions) if mb.packed else contextlib.nullcontext()
         with capture_routing(chunk, segments, layers=layers, keep_probs=False,
-                             process_groups=process_groups) as capture:
-            out = chunk(tokens, positions.expand_as(tokens), mask, labels=labels)
+                             num_segments=num_segments, process_groups=process_groups) as capture, \
+                rope:
+            out = chunk(tokens, positions, mask, labels=labels)
         # Keep the [B, N] means and counts only: the per-token logits would pile up over the
         # step's micro-batches ([T, N] per layer each).
         for layer, record in capture.records.items():
@@ -183,41 +217,50 @@ def extract_priors(
     mine = _deal(pending, dp, dp_rank)
     is_writer = tp_rank == 0 and pp_rank == 0
     mbs, per_step = settings.micro_batch_size, settings.micro_batch_size * settings.num_microbatches
-    steps = _world_max(math.ceil(len(mine) / per_step))
+    capacity = shards.seq_length  # a packed row holds at most what training pads a sample to
+    step_rows = _step_rows(_plan_rows(mine, capacity, settings), per_step)
+    steps = _world_max(len(step_rows))
     multiple = math.lcm(settings.pad_multiple, tp)
     switch = longrope_switch(models)
 
     start = time.perf_counter()
-    done_samples = done_tokens = 0
+    done_samples = done_tokens = row_tokens = 0
     buffer_ids: list[str] = []
     buffer_rows: list[np.ndarray] = []
     for step in range(steps):
-        chunk = mine[step * per_step:(step + 1) * per_step]
-        sequences = [shards.tokens(s) for s in chunk]
-        sequences += [np.zeros(0, dtype=np.int64)] * (per_step - len(chunk))  # all padding
-        longest = max(len(s) for s in sequences)
+        rows = step_rows[step] if step < len(step_rows) else []
+        rows = rows + [[]] * (per_step - len(rows))  # all-padding rows
+        chunk = [mine[i] for row in rows for i in row]  # in segment-id order
+        row_sequences = [[shards.tokens(mine[i])[:capacity] for i in row] for row in rows]
+        lengths = [len(seq) for row in row_sequences for seq in row]
+        longest = max([sum(len(seq) for seq in row) for row in row_sequences] + [0])
         seq_length = _world_max(regime_padded_length(longest, multiple, shards.seq_length, switch))
         check_rope_regime(seq_length, shards.seq_length, switch, multiple)
-        packed = pack_tokens(sequences, [0] * per_step, seq_length=seq_length)
+        packed = pack_rows_tokens(row_sequences, [[0] * len(row) for row in rows], seq_length)
         microbatches = []
         for m in range(settings.num_microbatches):
-            rows = slice(m * mbs, (m + 1) * mbs)
-            microbatches.append(_MicroBatch(m, packed.tokens[rows], packed.labels[rows],
-                                            packed.padding_mask[rows], packed.lengths[rows]))
-        records, nll = _run_step(models, microbatches, seq_length, layers, process_groups)
+            part = slice(m * mbs, (m + 1) * mbs)
+            microbatches.append(_MicroBatch(m, packed.tokens[part], packed.labels[part],
+                                            packed.position_ids[part], packed.segment_ids[part],
+                                            settings.packing))
+        n = max(len(chunk), 1)  # a replica out of samples still reduces a (zero) row
+        records, nll = _run_step(models, microbatches, seq_length, layers, n, process_groups)
 
-        priors = torch.zeros(per_step, len(layers), num_experts, device=_device())
+        priors = torch.zeros(n, len(layers), num_experts, device=_device())
+        counts = torch.zeros(n, len(layers), device=_device())
         coverage = torch.zeros(settings.num_microbatches, len(layers), device=_device())
         for (m, layer), (seq_mean, token_count) in records.items():
-            rows = slice(m * mbs, (m + 1) * mbs)
-            expected = microbatches[m].lengths.to(token_count)
-            if not torch.equal(token_count, expected):
-                raise RuntimeError(
-                    f"layer {layer}: routing counted {token_count.tolist()} tokens, the "
-                    f"sequences have {expected.tolist()}: tokens were lost or double counted"
-                )
-            priors[rows, position[layer]] = seq_mean.float()
+            priors[:, position[layer]] += seq_mean.float()  # each sample is in one micro-batch
+            counts[:, position[layer]] += token_count.float()
             coverage[m, position[layer]] += 1
+        expected = torch.tensor(lengths + [0] * (n - len(lengths)), dtype=counts.dtype,
+                                device=counts.device)
+        for layer in sorted({layer for _, layer in records}):  # this stage's layers
+            got = counts[:, position[layer]]
+            if not torch.equal(got, expected):
+                raise RuntimeError(
+                    f"layer {layer}: routing counted {got.tolist()} tokens, the sequences have "
+                    f"{expected.tolist()}: tokens were lost or double counted")
         if pp > 1:
             dist.all_reduce(priors, group=process_groups.pp)
             dist.all_reduce(coverage, group=process_groups.pp)
@@ -229,20 +272,24 @@ def extract_priors(
         if is_writer and chunk:
             buffer_ids += [s.meta.sample_id for s in chunk]
             buffer_rows.append(priors[: len(chunk)].cpu().numpy())
-            if len(buffer_ids) >= settings.flush_every:
-                writer.write_shard(buffer_ids, np.concatenate(buffer_rows))
-                buffer_ids, buffer_rows = [], []
+            while len(buffer_ids) >= settings.flush_every:  # shards of flush_every samples
+                rows_all, cut = np.concatenate(buffer_rows), settings.flush_every
+                writer.write_shard(buffer_ids[:cut], rows_all[:cut])
+                buffer_ids, buffer_rows = buffer_ids[cut:], [rows_all[cut:]]
         stats = _world_sum([
             len(chunk) if is_writer else 0,
-            sum(len(s) for s in sequences) if is_writer else 0,
+            sum(lengths) if is_writer else 0,
             sum(a for a, _ in nll), sum(b for _, b in nll),
+            per_step * seq_length if is_writer else 0,
         ])
         done_samples += int(stats[0])
         done_tokens += int(stats[1])
+        row_tokens += int(stats[4])
         if progress and dist.get_rank() == 0:
             progress(ExtractionProgress(done_samples, len(pending), len(done), done_tokens,
                                         stats[2] / max(stats[3], 1.0),
-                                        time.perf_counter() - start))
+                                        time.perf_counter() - start,
+                                        done_tokens / max(row_tokens, 1)))
     if is_writer and buffer_ids:
         writer.write_shard(buffer_ids, np.concatenate(buffer_rows))
     dist.barrier()
@@ -251,4 +298,5 @@ def extract_priors(
         store = writer.finalize(s.meta.sample_id for s in anchors)
     dist.barrier()
     return {"samples_extracted": done_samples, "samples_resumed": len(done),
-            "tokens": done_tokens, "elapsed_s": time.perf_counter() - start, "store": store}
+            "tokens": done_tokens, "fill_rate": done_tokens / max(row_tokens, 1),
+            "elapsed_s": time.perf_counter() - start, "store": store}

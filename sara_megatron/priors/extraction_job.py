@@ -46,6 +46,7 @@ class ExtractionJob:
     micro_batch_size: int = 1
     num_microbatches: Optional[int] = None  # None: the PP size, to fill the pipeline
     flush_every: int = 256
+    packing: bool = True  # several samples per row (ExtractionSettings.packing)
     bf16: bool = False  # bf16 weights and activations (the router softmax stays fp32)
     verify_shards: bool = True
 
@@ -119,6 +120,7 @@ def run_extraction_job(job: ExtractionJob) -> dict:
         micro_batch_size=job.micro_batch_size,
         num_microbatches=job.pp if job.num_microbatches is None else job.num_microbatches,
         flush_every=job.flush_every,
+        packing=job.packing,
     )
     result = extract_priors(model, shards, PriorStoreWriter(job.output, metadata), settings,
                             progress=ProgressPrinter(), process_groups=model_process_groups())
@@ -126,6 +128,7 @@ def run_extraction_job(job: ExtractionJob) -> dict:
         print(f"extract_priors: {result['store']['num_samples']} samples in {job.output} "
               f"({result['samples_extracted']} extracted now, {result['samples_resumed']} "
               f"resumed; layers {layers[0]}..{layers[-1]} ({len(layers)}), "
-              f"{arch.num_experts} experts, {job.dtype}, computed in {metadata.compute_dtype}) "
+              f"{arch.num_experts} experts, {job.dtype}, computed in {metadata.compute_dtype}; "
+              f"rows {100 * result['fill_rate']:.1f}% real tokens{' packed' if job.packing else ''}) "
               f"in {result['elapsed_s']:.1f}s")
     return result
