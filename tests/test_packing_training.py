@@ -1,7 +1,7 @@
 """Packed SARA training (data.packing): a packed step trains on the padded step's samples with the
 same CE, JS and gradients; a stopped packed run resumes on its trajectory; at DP=2, TP=2 with
-sequence parallel, CP=2 and EP=2 (one launch) the steps take the single rank's samples, TP=2 and
-CP=2 reproduce its losses, and SARA still lowers JS."""
+sequence parallel, CP=2, PP=2 and EP=2 (one launch) the steps take the single rank's samples, TP=2,
+CP=2 and PP=2 reproduce its losses, and SARA still lowers JS."""
 
 import json
 
@@ -95,16 +95,18 @@ def test_packed_layouts_follow_the_single_rank_run(single_rank, sara_data, tmp_p
         {"name": "tp2", "overrides": {"parallel.tp": 2}, "steps": steps},
         {"name": "cp2", "overrides": {"parallel.cp": 2}, "steps": steps},
         {"name": "ep2", "overrides": {"parallel.ep": 2, "sara.lambda_js": 1.5}, "steps": 12},
+        {"name": "pp2", "overrides": {"parallel.pp": 2}, "steps": steps},
     ]
     run = launch.CaseLaunch("tests/workers/packing_layouts.py", "--cases", json.dumps(cases),
                             "--base", json.dumps(_base(sara_data)), out_dir=tmp_path, nproc=2)
-    dp2, tp2, cp2, ep2 = (run.result(c["name"])["steps"] for c in cases)
+    dp2, tp2, cp2, ep2, pp2 = (run.result(c["name"])["steps"] for c in cases)
     single_ids = [ids for ids, _ in seen]
     # The same samples at every step, whatever the data-parallel size (DP=2; DP=1 under TP=2).
-    for layout in (dp2, tp2, cp2):
+    for layout in (dp2, tp2, cp2, pp2):
         assert [s["samples"] for s in layout] == single_ids
-    # TP=2 + SP and CP=2 split each micro-batch's tokens, not the micro-batches: the one-rank run.
-    for layout in (tp2, cp2):
+    # TP=2 + SP and CP=2 split each micro-batch's tokens, PP=2 its layers, not the micro-batches:
+    # the one-rank run.
+    for layout in (tp2, cp2, pp2):
         for one, split in zip(single, layout):
             for key, rel in (("ce", 1e-5), ("lb", 1e-5), ("grad_norm", 1e-5), ("js", 1e-4)):
                 assert split[key] == pytest.approx(getattr(one, key), rel=rel), key
