@@ -56,3 +56,31 @@ def test_mode_restored_and_batch_size_checked(single_rank, phi_shards):
     with pytest.raises(ValueError, match="'en' is the anchor language.*name target languages "
                                          r"\(hi\)"):
         routing_divergence(model, phi_shards, [1], languages=["en"])
+
+
+def test_batches_hold_sequences_of_like_length(single_rank, phi_shards, monkeypatch):
+    """Batches are cut from the sequences sorted longest first, so a short sequence is not padded
+    to a long batch-mate's length; the result is the same as one sequence per batch."""
+    import importlib
+
+    # The package exports a function of the module's name: fetch the module itself.
+    module = importlib.import_module("sara_megatron.analysis.routing_divergence")
+
+    padded = []
+    real_pack = module.pack_tokens
+
+    def recording_pack(token_lists, prompt_lengths, seq_length):
+        padded.append((seq_length, sorted(len(t) for t in token_lists)))
+        return real_pack(token_lists, prompt_lengths, seq_length=seq_length)
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("qwen3_moe_tiny"))
+    alone = routing_divergence(model, phi_shards, [0, 1], batch_size=1)
+    monkeypatch.setattr(module, "pack_tokens", recording_pack)
+    paired = routing_divergence(model, phi_shards, [0, 1], batch_size=2)
+    torch.testing.assert_close(torch.tensor(alone["hi"]), torch.tensor(paired["hi"]),
+                               rtol=0, atol=1e-6)
+    for language in ("en", "hi"):
+        lengths = sorted((s.meta.token_count for s in phi_shards.samples(language)), reverse=True)
+        pairs = [sorted(lengths[i:i + 2]) for i in range(0, len(lengths), 2)]
+        assert all(pair in [p for _, p in padded] for pair in pairs), (pairs, padded)

@@ -48,9 +48,13 @@ def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, ba
     device = next(model.parameters()).device
     switch = longrope_switch([model])
     out = {}
+    # Longest first, so a batch pads to the length of sequences like its own, not to the set's
+    # longest; a sequence's routing does not depend on its batch-mates (causal attention).
+    tokens_of = {id(s): data.tokens(s) for s in sequences}
+    sequences = sorted(sequences, key=lambda s: len(tokens_of[id(s)]), reverse=True)
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        token_lists = [data.tokens(s) for s in chunk]
+        token_lists = [tokens_of[id(s)] for s in chunk]
         length = regime_padded_length(max(len(seq) for seq in token_lists), 1, data.seq_length,
                                       switch)
         check_rope_regime(length, data.seq_length, switch, 1)
