@@ -16,7 +16,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Single-process tests only (no torchrun workers, no tool subprocesses, nothing over ~10 s).
 test-fast: $(STAMP)
