@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sara_megatron.data.packing import pack_rows_tokens, plan_packed_step
-from sara_megatron.data.sample_order import GlobalSampleOrder
+from sara_megatron.data.sample_order import GlobalSampleOrder, check_dp_rank
 from sara_megatron.data.sara_dataset import SaraDataLoader, SaraMicroBatch
 
 
@@ -39,8 +39,7 @@ class PackedStepSampler:
         if consumed_samples % global_batch_size:
             raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of the "
                              f"global batch {global_batch_size}: packed steps start there")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
+        check_dp_rank(dp_rank, dp_size)
         self.order = order
         self.total_samples = total_samples
         self.lengths = lengths

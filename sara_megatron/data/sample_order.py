@@ -38,12 +38,16 @@ class GlobalSampleOrder:
         return int(self.epoch_order(epoch)[offset])
 
 
+def check_dp_rank(dp_rank: int, dp_size: int) -> None:
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
+
+
 def check_rank_position(micro_batch_size: int, dp_rank: int, dp_size: int,
                         consumed_samples: int) -> int:
     """Refuse a data-parallel rank outside its group, or a resume point that is not a whole number
     of steps; returns the samples one step consumes over data parallel."""
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
+    check_dp_rank(dp_rank, dp_size)
     step = micro_batch_size * dp_size
     if consumed_samples % step:
         raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of micro batch × "
