@@ -136,6 +136,58 @@ def test_packed_step_gradients_equal_the_padded_samples(single_rank):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_packed_step_gradients_equal_each_sample_alone(single_rank):
+    """The plainest reference: each sample's own forward and backward on exactly its tokens (no
+    padding, no batch mates), its CE summed over its response tokens and divided by the step's
+    count, its SARA term weighted 1/samples; the gradients summed over the samples. Megatron's LB
+    is a statistic of a micro-batch's tokens, not a sum over samples: off here (the padded
+    comparison above has it)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from sara_megatron.models.builder import ModelOptions
+
+    torch.manual_seed(0)
+    arch = get_preset("qwen3_moe_tiny")
+    model = build_model(arch, ModelOptions(moe_aux_loss_coeff=0.0))
+    model.train()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    seqs, prompts = samples(arch.vocab_size, seed=3)
+    rng = np.random.default_rng(4)
+    layers = [0, 3]
+    priors = torch.from_numpy(rng.dirichlet(np.ones(arch.num_experts), (len(layers), len(seqs)))
+                              ).float()
+
+    packed, order = packed_batch(seqs, prompts, 48)
+    response_tokens = packed.loss_mask.sum()
+    sara = SaraRoutingLoss(layers, coeff=0.7)
+    sara.set_batch(priors[:, order], packed.segment_ids, packed=True)
+    model.zero_grad(set_to_none=True)
+    with observe_routers(model, sara):
+        per_token = packed_forward(model, packed, labels=packed.labels)
+    packed_ce = (per_token.float() * packed.loss_mask).sum() / response_tokens
+    packed_ce.backward()
+    got = _grads(model)
+
+    one_sara = SaraRoutingLoss(layers, coeff=0.7 / len(seqs))
+    model.zero_grad(set_to_none=True)
+    ce, counted = 0.0, 0.0
+    for i, (seq, prompt) in enumerate(zip(seqs, prompts)):
+        alone = pack_tokens([seq], [prompt])
+        assert alone.tokens.shape == (1, len(seq)) and not alone.padding_mask.any()
+        one_sara.set_batch(priors[:, i:i + 1], segment_ids_from_padding_mask(alone.padding_mask))
+        with observe_routers(model, one_sara):
+            per_token = padded_forward(model, alone, labels=alone.labels)
+        loss = (per_token.float() * alone.loss_mask).sum() / response_tokens
+        loss.backward()  # gradients add up over the samples
+        ce, counted = ce + float(loss), counted + float(alone.loss_mask.sum())
+    want = _grads(model)
+    assert counted == float(response_tokens)
+    assert float(packed_ce) == pytest.approx(ce, abs=1e-6)
+    assert got.keys() == want.keys() and any(n.endswith("router.weight") for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_thd_inputs_for_transformer_engine():
     segments = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 3, 3]])
     assert packed_cu_seqlens(segments).tolist() == [0, 3, 5, 6, 10, 12]

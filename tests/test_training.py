@@ -73,6 +73,15 @@ RESUMES = {
 }
 LAYOUT_STEPS = 4
 TWO_RANK_LAYOUTS = {"tp2": {"parallel.tp": 2}, "cp2": {"parallel.cp": 2}}
+# The kill -9 test runs padded and packed (docs/packing.md: whole samples share rows of 128, a
+# micro-batch is one row; steps of 8 samples, two micro-batches a rank, keep it cheap); each
+# mode's uninterrupted reference is a run of the shared launch.
+KILL_STEPS = 8
+KILL_MODES = {
+    "padded": {},
+    "packed": {"data.packing": "true", "data.seq_length": 128, "data.micro_batch_size": 1,
+               "data.global_batch_size": 8},
+}
 
 
 def _case(data, name, max_steps=None, **overrides):
@@ -91,8 +100,10 @@ def _two_rank_cases(data):
         _case(data, "fft", **EP2, **{"sara.lambda_js": 0}),
         _case(data, "plain", **EP2, **{"sara.lambda_js": 0, "data.prior_store": None}),
         _case(data, "pp2", **{"parallel.pp": 2}),
-        _case(data, "kill_reference", **EP2, **{"optim.train_steps": 8}),
     ]
+    for mode, overrides in KILL_MODES.items():
+        cases.append(_case(data, f"kill_reference_{mode}", **EP2, **overrides,
+                           **{"optim.train_steps": KILL_STEPS}))
     for name, r in RESUMES.items():
         cases.append(_case(data, f"{name}_reference", **{"parallel.pp": 2,
                                                          "optim.train_steps": r["steps"]}))
@@ -182,24 +193,29 @@ def test_two_microbatches_of_one_equal_one_of_two(single_rank, sara_data):
 
 
 @pytest.mark.multiprocess
-def test_kill_and_resume_follows_the_same_losses(torchrun, two_rank_runs, sara_data, tmp_path):
+@pytest.mark.parametrize("mode", KILL_MODES)
+def test_kill_and_resume_follows_the_same_losses(torchrun, two_rank_runs, sara_data, tmp_path,
+                                                 mode):
     """The killed run and its resume are processes of their own (a real kill -9, a real restart);
-    the uninterrupted reference is a run of the shared launch."""
-    steps = 8
-    full = two_rank_runs.result("kill_reference")["records"]
+    the uninterrupted reference is a run of the shared launch. Padded and packed
+    (data.packing: the resumed run's steps must pack the same samples into the same rows)."""
+    steps = KILL_STEPS
+    full = two_rank_runs.result(f"kill_reference_{mode}")["records"]
     assert [r["step"] for r in full] == list(range(1, steps + 1))
 
     log = tmp_path / "killed.jsonl"
     save_dir = tmp_path / "ckpt"
     args = _base_overrides(sara_data, **{
-        "parallel.ep": 2, "optim.train_steps": steps, "logging.json_log": log,
+        "parallel.ep": 2, **KILL_MODES[mode], "optim.train_steps": steps, "logging.json_log": log,
         "checkpoint.save_dir": save_dir, "checkpoint.save_interval": 2,
     })
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_port()), str(REPO / "tools/train.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    output = tmp_path / "killed.out"
+    with open(output, "wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and len(_read_log(log)) >= 5:
@@ -216,6 +232,8 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, two_rank_runs, sara_d
     proc.wait()
     killed = _read_log(log)
     assert 5 <= len(killed) < steps
+    # The run packed (or did not) as its mode says: rank 0 logs the fill rate of a packed run.
+    assert ("data.packing: fill rate" in output.read_text(errors="replace")) == (mode == "packed")
 
     latest = int((save_dir / "latest_checkpointed_iteration.txt").read_text())
     assert latest in (2, 4, 6)
