@@ -87,23 +87,26 @@ def test_a_packed_step_is_the_padded_step(single_rank, sara_data):
 
 
 def test_packed_layouts_follow_the_single_rank_run(single_rank, sara_data, tmp_path):
-    steps = 3
-    trainer, seen = _trainer(sara_data, **{"optim.train_steps": steps})
+    # Every run is on the LR schedule of the longest (12 steps); most compare their first 3.
+    steps, schedule = 3, {"optim.train_steps": 12}
+    trainer, seen = _trainer(sara_data, **schedule)
     single = [trainer.train_step() for _ in range(steps)]
     cases = [
         {"name": "dp2", "overrides": {}, "steps": steps},
         {"name": "tp2", "overrides": {"parallel.tp": 2}, "steps": steps},
         {"name": "cp2", "overrides": {"parallel.cp": 2}, "steps": steps},
         {"name": "ep2", "overrides": {"parallel.ep": 2, "sara.lambda_js": 1.5}, "steps": 12},
-        {"name": "pp2", "overrides": {"parallel.pp": 2}, "steps": steps},
+        # 12 steps: the first 3 are the one-rank run's, over all 12 SARA lowers JS
+        {"name": "pp2", "overrides": {"parallel.pp": 2}, "steps": 12},
     ]
     run = launch.CaseLaunch("tests/workers/packing_layouts.py", "--cases", json.dumps(cases),
-                            "--base", json.dumps(_base(sara_data)), out_dir=tmp_path, nproc=2)
+                            "--base", json.dumps(_base(sara_data, **schedule)), out_dir=tmp_path,
+                            nproc=2)
     dp2, tp2, cp2, ep2, pp2 = (run.result(c["name"])["steps"] for c in cases)
     single_ids = [ids for ids, _ in seen]
     # The same samples at every step, whatever the data-parallel size (DP=2; DP=1 under TP=2).
     for layout in (dp2, tp2, cp2, pp2):
-        assert [s["samples"] for s in layout] == single_ids
+        assert [s["samples"] for s in layout[:steps]] == single_ids
     # TP=2 + SP and CP=2 split each micro-batch's tokens, PP=2 its layers, not the micro-batches:
     # the one-rank run.
     for layout in (tp2, cp2, pp2):
@@ -113,9 +116,11 @@ def test_packed_layouts_follow_the_single_rank_run(single_rank, sara_data, tmp_p
     # DP=2 splits the step's micro-batches over ranks; the first step starts from the same weights.
     assert dp2[0]["ce"] == pytest.approx(single[0].ce, rel=1e-5)
     assert dp2[0]["js"] == pytest.approx(single[0].js, rel=1e-4)
-    # SARA with packing at EP=2 lowers JS.
-    js = [s["js"] for s in ep2]
-    assert sum(js[-3:]) < 0.8 * sum(js[:3]), js
+    # SARA with packing at EP=2 and at PP=2 lowers JS.
+    for layout in (ep2, pp2):
+        assert len(layout) == 12
+        js = [s["js"] for s in layout]
+        assert sum(js[-3:]) < 0.8 * sum(js[:3]), js
 
 
 def test_a_packed_run_resumes_on_its_trajectory(single_rank, sara_data, tmp_path):

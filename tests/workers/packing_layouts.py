@@ -1,8 +1,9 @@
 """torchrun worker: packed SARA training at several layouts in one launch.
 
 Each case of --cases is {name, overrides (dotted config keys), steps}; every case trains the tiny
-Qwen3-MoE from the same checkpoint with data.packing=true, a fresh Trainer each (Megatron's
-parallel state re-initialised at the case's layout). Rank 0 writes <out-dir>/<name>.json as each
+Qwen3-MoE from the same checkpoint with data.packing=true for `steps` steps, a fresh Trainer each
+(Megatron's parallel state re-initialised at the case's layout). The LR schedule is `steps` long
+unless --base or the case sets optim.train_steps (runs of different lengths on one schedule). Rank 0 writes <out-dir>/<name>.json as each
 case ends: per step the CE, LB, JS, grad norm and the sorted sample ids the step trained on,
 ("language:id", a sample id names the parallel copies of one sample), gathered over data
 parallel.
@@ -21,8 +22,8 @@ from sara_megatron.training import Trainer, load_train_config
 
 
 def run_case(base: list[str], case: dict) -> dict:
-    overrides = base + [f"{k}={v}" for k, v in case["overrides"].items()]
-    overrides.append(f"optim.train_steps={case['steps']}")
+    overrides = [f"optim.train_steps={case['steps']}", *base,
+                 *(f"{k}={v}" for k, v in case["overrides"].items())]
     trainer = Trainer(load_train_config(None, overrides))
     steps = []
     batches = trainer.state.batches
