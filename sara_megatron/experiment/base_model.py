@@ -24,7 +24,7 @@ from sara_megatron.experiment.task import (
 from sara_megatron.experiment.task_files import (
     base_corpus_records, benchmark_item, write_corpus)
 from sara_megatron.experiment.tool_runs import (
-    REPO, StepTimer, latest_checkpoint, run_tool, write_train_config)
+    REPO, StepTimer, latest_checkpoint, run_parallel, run_tool, write_train_config)
 from sara_megatron.io import write_json_atomic
 
 
@@ -111,8 +111,9 @@ def base_train_config(folder: Path, settings: BaseSettings) -> dict:
 
 
 def ensure_base_model(work: Path, settings: BaseSettings, held_out: list,
-                      timer: StepTimer | None = None) -> BaseModel:
-    """The trained base model for `settings`, trained now unless a cached one exists.
+                      timer: StepTimer | None = None, jobs: int = 1) -> BaseModel:
+    """The trained base model for `settings`, trained now unless a cached one exists (with
+    `jobs` > 1 the sharding and the random model's conversion run at once).
 
     `held_out` (the evaluation items) are given to the tokenizer, so every word of the evaluation
     has its tokens; its arithmetic items are kept out of the training data (its lookups are the
@@ -139,13 +140,18 @@ def ensure_base_model(work: Path, settings: BaseSettings, held_out: list,
     print(f"[experiment] base model: {sum(map(len, records.values()))} samples "
           f"({len(task_items)} anchor task items); training {settings.train_steps} steps",
           flush=True)
-    run_tool("base:shard", "shard_corpus.py",
-             ["--corpus", "corpus", "--tokenizer", "tokenizer", "--output", "shards",
-              "--anchor-language", ANCHOR, "--seq-length", str(settings.seq_length)], folder, timer)
-    write_random_hf_model(folder / "hf_init", folder / "tokenizer", settings.shape,
-                          settings.init_seed)
-    run_tool("base:convert", "convert_hf.py",
-             ["import", "--hf-dir", "hf_init", "--out", "init"], folder, timer)
+
+    def random_init():
+        write_random_hf_model(folder / "hf_init", folder / "tokenizer", settings.shape,
+                              settings.init_seed)
+        run_tool("base:convert", "convert_hf.py",
+                 ["import", "--hf-dir", "hf_init", "--out", "init"], folder, timer)
+
+    run_parallel([lambda: run_tool("base:shard", "shard_corpus.py",
+                                   ["--corpus", "corpus", "--tokenizer", "tokenizer", "--output",
+                                    "shards", "--anchor-language", ANCHOR, "--seq-length",
+                                    str(settings.seq_length)], folder, timer),
+                  random_init], jobs)
     config = write_train_config(folder / "train.yaml", base_train_config(folder, settings))
     run_tool("base:train", "train.py", ["--config", str(config)], folder, timer)
     latest = latest_checkpoint(folder / "train")

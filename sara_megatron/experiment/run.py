@@ -7,10 +7,12 @@ Stages, each a user-facing tool in a subprocess (logs in <work>/logs/):
 1. held-out items -> <work>/data/benchmarks/{mgsm,global_mmlu}/<lang>.jsonl
 2. the base model (base_model.py; cached by content hash under <work>/base/)
 3. the fine-tuning corpus -> token shards with the base's tokenizer (tools/shard_corpus.py);
-   anchor priors from the base model (tools/extract_priors.py)
+   anchor priors from the base model (tools/extract_priors.py); the base model is evaluated
+   beside them (tools/evaluate.py --backend hf)
 4. per method and seed: tools/train.py -> tools/convert_hf.py export -> tools/evaluate.py
-   --backend hf; the base model is evaluated the same way
-5. routing divergence of the base and of each method's first seed (tools/routing_divergence.py)
+   --backend hf, then for the first seed the routing divergence (tools/routing_divergence.py);
+   the base's divergence runs among them
+5. the divergence results gathered in the report's order (the base, then each method)
 6. each method's seeds merged into one evaluation folder (run r = seed r), tools/report.py, and
    the verdict appended to report.md (verdict.py)
 """
@@ -161,41 +163,51 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
 
     # 2. The base model.
     t0 = time.time()
-    base = ensure_base_model(work, settings.base, held_out, timer)
+    base = ensure_base_model(work, settings.base, held_out, timer, settings.jobs)
     timer.add("base model (total)", time.time() - t0)
 
-    # 3. The fine-tuning corpus, its shards and the anchor priors.
+    # 3. The fine-tuning corpus, its shards and the anchor priors; the base's evaluation needs
+    # none of them and runs beside (`jobs` stages at a time: most stages use one core).
     exclude = item_keys(held_out)
     finetune_items = (
         math_items(task, settings.finetune_math_items, "finetune", exclude)
         + lookup_items(task, "finetune", settings.finetune_lookup_copies, FINE_TUNE_PEOPLE))
     write_corpus(work / "data" / "finetune", parallel_corpus_records(finetune_items))
-    run_tool("shard", "shard_corpus.py",
-             ["--corpus", "data/finetune", "--tokenizer", str(base.tokenizer_dir), "--output",
-              "data/shards", "--anchor-language", ANCHOR, "--seq-length",
-              str(settings.base.seq_length)], work, timer)
-    run_tool("extract_priors", "extract_priors.py",
-             ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
-              str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
-    if "shifcon" in settings.methods:
-        run_tool("extract_language_vectors", "extract_language_vectors.py",
+
+    def prepare_finetune_data():
+        run_tool("shard", "shard_corpus.py",
+                 ["--corpus", "data/finetune", "--tokenizer", str(base.tokenizer_dir), "--output",
+                  "data/shards", "--anchor-language", ANCHOR, "--seq-length",
+                  str(settings.base.seq_length)], work, timer)
+        run_tool("extract_priors", "extract_priors.py",
                  ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
-                  str(base.folder / "hf_init"), "--output", f"data/{LANGUAGE_VECTORS}",
-                  "--layers", ",".join(map(str, SHIFCON_LAYERS))], work, timer)
+                  str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
+        if "shifcon" in settings.methods:
+            run_tool("extract_language_vectors", "extract_language_vectors.py",
+                     ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
+                      str(base.folder / "hf_init"), "--output", f"data/{LANGUAGE_VECTORS}",
+                      "--layers", ",".join(map(str, SHIFCON_LAYERS))], work, timer)
 
-    # 4. The base's evaluation and every fine-tuning run (`jobs` at a time).
-    jobs = [lambda: evaluate("evaluate:base", base.hf_dir, work / "eval" / "base", work, settings,
-                             timer)]
-    jobs += [(lambda m=m, s=s: finetune_and_evaluate(work, settings, base, m, s, timer))
-             for s in range(1, settings.seeds + 1) for m in settings.methods]
-    run_parallel(jobs, settings.jobs)
+    run_parallel([prepare_finetune_data,
+                  lambda: evaluate("evaluate:base", base.hf_dir, work / "eval" / "base", work,
+                                   settings, timer)], settings.jobs)
 
-    # 5. Routing divergence: the base, then each method's first seed.
-    divergences = {"before": divergence("base", base.hf_dir, work, timer)}
-    divergence_jobs = [(lambda m=m: (METHODS[m][0], divergence(m, work / "runs" / f"{m}-s1" / "hf",
-                                                                 work, timer)))
-                       for m in settings.methods]
-    divergences.update(dict(run_parallel(divergence_jobs, settings.jobs)))
+    # 4. Every fine-tuning run (`jobs` at a time), each method's first seed followed by its
+    # routing divergence; the base's divergence last, filling a free slot.
+    def finetune_job(method: str, seed: int):
+        run_dir = finetune_and_evaluate(work, settings, base, method, seed, timer)
+        if seed == 1:
+            return METHODS[method][0], divergence(method, run_dir / "hf", work, timer)
+        return None
+
+    jobs = [(lambda m=m, s=s: finetune_job(m, s))
+            for s in range(1, settings.seeds + 1) for m in settings.methods]
+    jobs.append(lambda: ("before", divergence("base", base.hf_dir, work, timer)))
+    finished = dict(result for result in run_parallel(jobs, settings.jobs) if result is not None)
+
+    # 5. Routing divergence: the base, then each method's first seed (the report's order).
+    divergences = {"before": finished["before"]}
+    divergences.update({METHODS[m][0]: finished[METHODS[m][0]] for m in settings.methods})
 
     # 6. Merge seeds, write the report, append the verdict.
     evaluations = {"base": work / "eval" / "base"}
