@@ -1,7 +1,8 @@
 """Packed SARA training (data.packing): a packed step trains on the padded step's samples with the
 same CE, JS and gradients; a stopped packed run resumes on its trajectory; at DP=2, TP=2 with
 sequence parallel, CP=2, PP=2 and EP=2 (one launch) the steps take the single rank's samples, TP=2,
-CP=2 and PP=2 reproduce its losses, and SARA still lowers JS."""
+CP=2 and PP=2 reproduce its losses, and SARA still lowers JS at EP=2 and PP=2. (The kill -9 of a
+packed run is in test_training.)"""
 
 import json
 
