@@ -5,6 +5,12 @@ The batch sampler plans each step's packing from the samples' token counts (the 
 metadata, no token read) and yields one key list per micro-batch; the collator lays the rows out
 and carries, beside the usual fields, `position_ids`, `segment_ids` and the number of
 micro-batches of the step (`step_micro_batches`), which may change from step to step.
+
+With anchor rows (online priors, ShifCon) the collator also packs the anchors of the
+micro-batch's samples by the same rule (`data/anchor_rows.pack_anchor_rows`): `anchor_tokens`,
+`anchor_padding_mask`, `anchor_position_ids` and `anchor_segment_ids`, whose segment k is the
+anchor of the micro-batch's sample k. Their number of rows is the anchors' own, not
+`micro_batch_size`; the anchor forward pads a step's anchor micro-batches to a common count.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from sara_megatron.data.anchor_rows import anchor_rows_for, pack_anchor_rows
 from sara_megatron.data.packing import pack_rows_tokens, plan_packed_step
 from sara_megatron.data.sample_order import GlobalSampleOrder, check_dp_rank
 from sara_megatron.data.sara_dataset import SaraDataLoader, SaraMicroBatch
@@ -92,7 +99,8 @@ class PackedBatchCollator:
     """collate_fn of the packed loader: [micro_batch_size, seq_length] rows of whole samples."""
 
     def __init__(self, seq_length: int, rows_per_micro_batch: int, pad_id: int, store,
-                 prior_layers: Sequence[int], prior_table_digest: Optional[str] = None):
+                 prior_layers: Sequence[int], prior_table_digest: Optional[str] = None,
+                 anchor_rows=None):
         if store is not None and prior_table_digest is not None:
             raise ValueError("priors come either from a prior table or from the store")
         self.seq_length = seq_length
@@ -101,6 +109,7 @@ class PackedBatchCollator:
         self.store = store
         self.prior_layers = tuple(int(i) for i in prior_layers)
         self.prior_table_digest = prior_table_digest
+        self.anchor_rows = anchor_rows  # data.anchor_rows.AnchorRows, or None
 
     def __call__(self, items):
         rows = [[] for _ in range(self.rows_per_micro_batch)]
@@ -116,12 +125,19 @@ class PackedBatchCollator:
         elif self.store is not None:
             priors = self.store.stack([prior for _, _, prior in flat])
         metas = [sample.meta for sample, _, _ in flat]
+        anchors = {}
+        if self.anchor_rows is not None:
+            rows = pack_anchor_rows([self.anchor_rows(m.sample_id) for m in metas],
+                                    self.seq_length, self.pad_id)
+            anchors = dict(anchor_tokens=rows.tokens, anchor_padding_mask=rows.padding_mask,
+                           anchor_position_ids=rows.position_ids,
+                           anchor_segment_ids=rows.segment_ids)
         return SaraMicroBatch(
             packed.tokens, packed.labels, packed.loss_mask, packed.padding_mask,
             [m.sample_id for m in metas], [m.language for m in metas], priors, self.prior_layers,
             prior_rows, self.prior_table_digest,
             position_ids=packed.position_ids, segment_ids=packed.segment_ids,
-            step_micro_batches=items[0][0].step_micro_batches,
+            step_micro_batches=items[0][0].step_micro_batches, **anchors,
         )
 
 
@@ -146,15 +162,17 @@ def packed_layout(config, dataset, order: GlobalSampleOrder, global_batch_size: 
     """(batch sampler, dataset, collate_fn) of the packed loader."""
     if global_batch_size is None:
         raise ValueError("data packing plans whole global batches: pass global_batch_size")
+    anchor_rows = None
     if config.anchor_rows:
-        raise NotImplementedError("sequence packing with anchor rows (online priors, ShifCon) "
-                                  "is not implemented: set data.packing=false")
+        anchor_rows = anchor_rows_for(dataset.shards,
+                                      (s.meta.sample_id for s in dataset.samples))
     sampler = PackedStepSampler(order, config.epochs * len(dataset),
                                 [s.meta.token_count for s in dataset.samples], seq_length,
                                 global_batch_size, config.micro_batch_size, dp_rank, dp_size,
                                 consumed_samples)
     collate = PackedBatchCollator(seq_length, config.micro_batch_size, config.pad_id, store,
-                                  prior_layers, table.digest if table is not None else None)
+                                  prior_layers, table.digest if table is not None else None,
+                                  anchor_rows)
     return sampler, PackedSamples(dataset), collate
 
 

@@ -14,7 +14,9 @@ hands this module what it needs of it (`PriorRows`, `StoredPriors`):
 
 With `packing=True` a row holds several whole samples (data/packing.py, data/packed_loader.py):
 `sample_ids` and the priors' B are then the samples, not the rows, and `segment_ids` maps each
-token to its sample.
+token to its sample. With `anchor_rows=True` batches carry their samples' anchor translations
+(online priors, ShifCon; data/anchor_rows.py): one per row unpacked, packed by the same rule
+(with `anchor_position_ids` and `anchor_segment_ids`, segment k = sample k) when packing.
 
 A target-language sample is trained against the prior of its anchor (same sample id); when the
 anchors themselves train too (`languages="all"`), against their own prior. Priors are looked up by
@@ -90,7 +92,8 @@ class SaraDataConfig:
     # False: read each batch's priors from the store in the loader (stores too large to hold).
     prior_table: bool = True
     # Batches also carry their samples' anchor-language rows (anchor_tokens,
-    # anchor_padding_mask) for online priors (sara.priors: online, data/anchor_rows.py).
+    # anchor_padding_mask; packed: also anchor_position_ids, anchor_segment_ids) for online
+    # priors (sara.priors: online) and ShifCon (data/anchor_rows.py).
     anchor_rows: bool = False
     # Several whole samples per row (data/packing.py); needs build_sara_data_loader's
     # global_batch_size. Batches then carry position_ids, segment_ids and step_micro_batches.
@@ -114,6 +117,7 @@ class SaraMicroBatch:
     prior_rows: Optional[torch.Tensor] = None
     prior_table_digest: Optional[str] = None
     # [B, S] the anchor translation of each sample (same padding length), when asked for.
+    # Packed: [R_a, S] the anchors of the micro-batch's samples packed into their own R_a rows.
     anchor_tokens: Optional[torch.Tensor] = None
     anchor_padding_mask: Optional[torch.Tensor] = None
     # Packed batches (data/packing.py): [B, S] positions restarting at 0 for each sample, and
@@ -122,9 +126,14 @@ class SaraMicroBatch:
     position_ids: Optional[torch.Tensor] = None
     segment_ids: Optional[torch.Tensor] = None
     step_micro_batches: Optional[int] = None
+    # Packed anchor rows: [R_a, S] positions within each anchor, and segment ids where segment k
+    # is the anchor of sample_ids[k] (-1 = padding). None unpacked or without anchor rows.
+    anchor_position_ids: Optional[torch.Tensor] = None
+    anchor_segment_ids: Optional[torch.Tensor] = None
 
     _TENSORS = ("tokens", "labels", "loss_mask", "padding_mask", "priors", "prior_rows",
-                "anchor_tokens", "anchor_padding_mask", "position_ids", "segment_ids")
+                "anchor_tokens", "anchor_padding_mask", "position_ids", "segment_ids",
+                "anchor_position_ids", "anchor_segment_ids")
 
     def _map(self, fn) -> "SaraMicroBatch":
         changes = {k: fn(getattr(self, k)) for k in self._TENSORS if getattr(self, k) is not None}
@@ -269,10 +278,9 @@ def build_batch_loader(config: SaraDataConfig, shards: TokenShards,
                                     dp_rank, dp_size, consumed_samples)
     anchor_rows = None
     if config.anchor_rows:
-        from sara_megatron.data.anchor_rows import AnchorRows
+        from sara_megatron.data.anchor_rows import anchor_rows_for
 
-        anchor_rows = AnchorRows(shards)
-        anchor_rows.check_covers(s.meta.sample_id for s in dataset.samples)
+        anchor_rows = anchor_rows_for(shards, (s.meta.sample_id for s in dataset.samples))
     collate = SaraBatchCollator(config.seq_length or shards.seq_length, config.pad_id, store,
                                 prior_layers, table.digest if table is not None else None,
                                 anchor_rows)

@@ -12,26 +12,78 @@ As in extraction the anchor forward runs in eval mode (deterministic routing: no
 sparsemixer sampling) and pads like the training batch; with causal attention and right padding
 the padding does not change a sequence's routing. Each stage fills the rows of its own layers
 (the rest stay 0 and are never read there: `SaraRoutingLoss` reads the layers it routes).
+
+Packed batches (`data.packing`, docs/packing.md) carry their samples' anchors packed by the same
+rule (`data/anchor_rows.pack_anchor_rows`): the anchor forward runs them with each anchor's own
+positions and the block-diagonal mask (`routing.forward_inputs`, as the training forward), and
+the capture reduces by anchor segment, so a micro-batch's priors are [L_sel, n, N] over its n
+samples in their order — what `SaraRoutingLoss.set_batch(..., packed=True)` takes. The anchors of
+a micro-batch may fill another number of rows than its samples; megatron's schedule runs one
+shape per call (pipeline stages exchange [S, rows, H] activations, and the allgather token
+dispatcher gathers equal shares), so every anchor micro-batch of the step is padded with
+all-padding rows to the most rows any rank's anchor micro-batch has.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from sara_megatron.models.builder import causal_attention_mask
 from sara_megatron.models.context_parallel import context_parallel_slice
-from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
+from sara_megatron.routing import capture_routing
+from sara_megatron.routing.forward_inputs import forward_inputs
+
+
+@dataclasses.dataclass
+class AnchorRowsView:
+    """One micro-batch's anchor rows, padded to the step's row count."""
+
+    tokens: torch.Tensor  # [R, S]
+    padding_mask: torch.Tensor  # [R, S] True = padding
+    position_ids: Optional[torch.Tensor]  # [R, S] packed, else None
+    segment_ids: Optional[torch.Tensor]  # [R, S] packed (segment k = sample k), else None
+    samples: int  # anchors in the rows: the micro-batch's samples (unpacked: its rows)
+
+
+def _pad_rows(t: torch.Tensor, rows: int, value) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), value)])
+
+
+def anchor_rows_view(mb, rows: int) -> AnchorRowsView:
+    """Micro-batch `mb`'s anchor rows padded with all-padding rows to `rows` (>= its own)."""
+    position_ids = getattr(mb, "anchor_position_ids", None)
+    segment_ids = getattr(mb, "anchor_segment_ids", None)
+    samples = len(mb.sample_ids) if segment_ids is not None else mb.anchor_tokens.shape[0]
+    return AnchorRowsView(
+        _pad_rows(mb.anchor_tokens, rows, 0), _pad_rows(mb.anchor_padding_mask, rows, True),
+        None if position_ids is None else _pad_rows(position_ids, rows, 0),
+        None if segment_ids is None else _pad_rows(segment_ids, rows, -1), samples)
+
+
+def anchor_row_count(microbatches, device) -> int:
+    """The most anchor rows of any micro-batch of the step, over every rank (collective when
+    distributed: all ranks run the anchor forward together)."""
+    rows = max(mb.anchor_tokens.shape[0] for mb in microbatches)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([rows], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        rows = int(t.item())
+    return rows
 
 
 @torch.no_grad()
 def run_anchor_forward(chunks, microbatches, device, observe, process_groups=None) -> None:
     """Forward the anchor rows of `microbatches` through megatron's schedule without gradient,
-    in eval mode; `observe(index, segment_ids)` gives a context manager active around micro-batch
-    `index`'s forward on this stage (segment ids [B, S_local], CP-local, -1 = padding).
-    `process_groups`: megatron's (the context-parallel group splits the rows); None: one process."""
+    in eval mode; `observe(index, segment_ids, samples)` gives a context manager active around
+    micro-batch `index`'s forward on this stage (segment ids [R, S_local], CP-local, -1 =
+    padding, numbering its `samples` anchors). `process_groups`: megatron's (the
+    context-parallel group splits the rows); None: one process."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if any(mb.anchor_tokens is None for mb in microbatches):
@@ -40,33 +92,34 @@ def run_anchor_forward(chunks, microbatches, device, observe, process_groups=Non
     cp_group = process_groups.cp if process_groups is not None else None
     cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
     cp_rank = dist.get_rank(cp_group) if cp_size > 1 else 0
+    rows = anchor_row_count(microbatches, device)
+    views = [anchor_rows_view(mb, rows) for mb in microbatches]
 
     def forward_step(data_iterator, model):
-        index, mb = next(data_iterator)
-        b, s = mb.anchor_tokens.shape
-        tokens, padding = mb.anchor_tokens.to(device), mb.anchor_padding_mask.to(device)
-        positions = torch.arange(s, device=device).expand(b, s)
-        if cp_size > 1:
-            tokens, padding, positions = (context_parallel_slice(t, cp_rank, cp_size)
-                                          for t in (tokens, padding, positions))
-        with observe(index, segment_ids_from_padding_mask(padding)):
+        index, view = next(data_iterator)
+        tokens, padding = view.tokens.to(device), view.padding_mask.to(device)
+        position_ids, segment_ids = (None if t is None else t.to(device)
+                                     for t in (view.position_ids, view.segment_ids))
+        inputs = forward_inputs(tokens, context_parallel_slice(padding, cp_rank, cp_size),
+                                position_ids, segment_ids, cp_rank, cp_size)
+        tokens = context_parallel_slice(tokens, cp_rank, cp_size)
+        with observe(index, inputs.segment_ids, view.samples), inputs.rope(model):
             # Labels only so the last stage returns a per-token loss (ignored) instead of logits.
-            out = model(tokens, positions, causal_attention_mask(tokens.shape[1], device),
-                        labels=tokens)
+            out = model(tokens, inputs.positions, inputs.attention_mask, labels=tokens)
         return out, lambda t: (t.float().sum() * 0, torch.ones((), dtype=torch.int), {})
 
     modes = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     try:
-        iterators = [iter(enumerate(microbatches)) for _ in chunks]
+        iterators = [iter(enumerate(views)) for _ in chunks]
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
             model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(microbatches),
-            seq_length=microbatches[0].anchor_tokens.shape[1],
-            micro_batch_size=microbatches[0].anchor_tokens.shape[0],
+            num_microbatches=len(views),
+            seq_length=views[0].tokens.shape[1],
+            micro_batch_size=rows,
             forward_only=True,
         )
     finally:
@@ -76,20 +129,22 @@ def run_anchor_forward(chunks, microbatches, device, observe, process_groups=Non
 
 def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device,
                          process_groups=None) -> list[torch.Tensor]:
-    """[L_sel, B, N] fp32 anchor priors of each micro-batch (`SaraMicroBatch` with anchor rows)
-    for this stage's layers among `layers`; collective over the model-parallel ranks
-    (`process_groups`: megatron's, None for one process alone)."""
+    """[L_sel, B, N] fp32 anchor priors of each micro-batch (`SaraMicroBatch` with anchor rows;
+    B: its rows, packed its samples, in their order) for this stage's layers among `layers`;
+    collective over the model-parallel ranks (`process_groups`: megatron's, None for one process
+    alone)."""
     position = {layer: i for i, layer in enumerate(layers)}
-    priors = [torch.zeros(len(layers), mb.anchor_tokens.shape[0], num_experts, device=device)
-              if mb.anchor_tokens is not None else None for mb in microbatches]
+    priors = {}
 
     @contextlib.contextmanager
-    def observe(index, segments):
+    def observe(index, segments, samples):
+        if index not in priors:  # virtual pipeline stages: one forward per chunk
+            priors[index] = torch.zeros(len(layers), samples, num_experts, device=device)
         with capture_routing(chunks, segments, layers=layers, keep_probs=False,
-                             process_groups=process_groups) as capture:
+                             num_segments=samples, process_groups=process_groups) as capture:
             yield
         for layer, record in capture.records.items():
             priors[index][position[layer]] = record.seq_mean.float()
 
     run_anchor_forward(chunks, microbatches, device, observe, process_groups)
-    return priors
+    return [priors[i] for i in range(len(microbatches))]

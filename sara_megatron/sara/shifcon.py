@@ -272,7 +272,7 @@ class ShifconObjective:
         pooled: dict[int, torch.Tensor] = {}
 
         @contextlib.contextmanager
-        def observe(index, segments):
+        def observe(index, segments, samples):
             rows = segments.shape[0]
             self.set_batch([self.anchor_language] * rows, segments < 0)
             self._anchor_pass, self._anchor_index = pooled, index

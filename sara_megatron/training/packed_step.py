@@ -8,19 +8,11 @@ refuse what packing does not support.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import torch
 
-from sara_megatron.models.builder import causal_attention_mask
-from sara_megatron.models.context_parallel import context_parallel_slice
-from sara_megatron.models.packed_attention import (
-    check_packing_supported,
-    packed_attention_mask,
-    packed_rope,
-)
-from sara_megatron.routing import segment_ids_from_padding_mask
+from sara_megatron.models.packed_attention import check_packing_supported
+from sara_megatron.routing.forward_inputs import ModelInputs, forward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +24,10 @@ def check_packing_config(cfg, arch, seq_length: int, *, use_te: bool,
     d, s = cfg.data, cfg.sara
     if d.mock:
         raise ValueError("data.packing needs real shards: data.mock rows are full-length")
-    if s.objective != "sara" or s.priors != "store":
+    if s.objective != "sara":
         raise NotImplementedError(
-            f"sequence packing with sara.objective={s.objective} / sara.priors={s.priors} is "
-            "not implemented (they need each sample's anchor row): set data.packing=false")
+            f"sequence packing with sara.objective={s.objective} is not implemented: set "
+            "data.packing=false")
     if use_te:
         raise NotImplementedError(
             "sequence packing with Transformer Engine (the thd layout, "
@@ -45,35 +37,13 @@ def check_packing_config(cfg, arch, seq_length: int, *, use_te: bool,
                             context_parallel=context_parallel)
 
 
-@dataclasses.dataclass
-class ModelInputs:
-    """What the forward step feeds the model beside tokens and labels, packed or not."""
-
-    positions: torch.Tensor  # [B, S_local]
-    attention_mask: torch.Tensor  # bool, True = masked out
-    segment_ids: torch.Tensor  # [B, S_local], -1 = padding (capture, SARA)
-    packed: bool
-
-    def rope(self, model):
-        """Context for the model call: per-sample RoPE positions when packed."""
-        return packed_rope(model, self.positions) if self.packed else contextlib.nullcontext()
-
-
 def model_inputs(mb, padding_mask: torch.Tensor, cp_rank: int = 0, cp_size: int = 1
                  ) -> ModelInputs:
     """Positions, attention mask and segment ids of micro-batch `mb` on this CP rank
-    (`padding_mask`: its CP-local part). Unpacked: positions 0..S-1, a causal mask over this
-    rank's S_local tokens and one segment per row. Packed: each sample's own positions and
-    segment, and the block-diagonal mask of the whole rows (the CP attention cuts it)."""
-    b, s = mb.tokens.shape
-    if mb.segment_ids is None:
-        positions = torch.arange(s, device=mb.tokens.device).expand(b, s)
-        positions = context_parallel_slice(positions, cp_rank, cp_size)
-        return ModelInputs(positions, causal_attention_mask(positions.shape[1], mb.tokens.device),
-                           segment_ids_from_padding_mask(padding_mask), False)
-    positions, segments = (context_parallel_slice(t, cp_rank, cp_size)
-                           for t in (mb.position_ids, mb.segment_ids))
-    return ModelInputs(positions, packed_attention_mask(mb.segment_ids), segments, True)
+    (`padding_mask`: its CP-local part), packed or not (`routing.forward_inputs`, which the
+    anchor forward of online priors and ShifCon shares)."""
+    return forward_inputs(mb.tokens, padding_mask, mb.position_ids, mb.segment_ids, cp_rank,
+                          cp_size)
 
 
 def next_step_micro_batches(batches, fallback: int) -> list:
