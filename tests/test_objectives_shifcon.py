@@ -1,6 +1,7 @@
 """ShifCon baseline: language vectors (the tool against a plain per-sample computation), the
 shift and contrastive term inside the model against plain autograd, zero coefficient and equal
-vectors reproduce FFT exactly, and a training step logs its contrastive term."""
+vectors reproduce FFT exactly, a training step logs its contrastive term, and a packed step
+(rows of several samples of mixed languages) equals the padded step."""
 
 import pytest
 import torch
@@ -179,6 +180,44 @@ def test_zero_coefficient_and_equal_vectors_reproduce_fft(single_rank, sara_data
     assert zero.terms["shifcon_contrastive"] > 0  # computed and logged even at λ = 0
     shifted, _ = _step(_trainer(sara_data, vectors_file))
     assert shifted.ce != fft.ce and shifted.grad_norm != fft.grad_norm  # the shift acts
+
+
+def test_a_packed_step_is_the_padded_step(single_rank, sara_data, vectors_file):
+    """The same 4 samples (languages mixed within packed rows) in one micro-batch either way, so
+    the same negatives: CE, the contrastive term and every gradient as padded (fp32)."""
+    runs = {}
+    for packing in ("false", "true"):
+        trainer = _trainer(sara_data, vectors_file, **{
+            "data.packing": packing, "data.seq_length": 128, "data.micro_batch_size": 4,
+            "shifcon.contrastive_coeff": 0.5})
+        seen = []
+        batches = trainer.state.batches
+
+        def recording(batches=batches, seen=seen):
+            for mb in batches:
+                seen.append(mb)
+                yield mb
+
+        trainer.state.batches = recording()
+        record, grads = _step(trainer)
+        runs[packing] = (record, grads, seen)
+    padded, padded_grads, (padded_mb,) = runs["false"]
+    packed, packed_grads, (packed_mb,) = runs["true"]
+    assert sorted(zip(packed_mb.languages, packed_mb.sample_ids)) == sorted(
+        zip(padded_mb.languages, padded_mb.sample_ids))
+    assert int((~packed_mb.padding_mask).any(1).sum()) < 4  # fewer real rows than samples
+    row_languages = [{packed_mb.languages[k] for k in row[row >= 0].unique().tolist()}
+                     for row in packed_mb.segment_ids]
+    assert any(len(langs) > 1 for langs in row_languages)  # a row shifts two ways
+    assert "en" in packed_mb.languages and len(set(packed_mb.languages)) > 1
+    assert packed.terms["shifcon_contrastive"] > 0
+    assert packed.ce == pytest.approx(padded.ce, rel=1e-6)
+    assert packed.terms["shifcon_contrastive"] == pytest.approx(
+        padded.terms["shifcon_contrastive"], rel=1e-5)
+    assert packed.grad_norm == pytest.approx(padded.grad_norm, rel=1e-5)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-7,
+                                   msg=name)
 
 
 def test_settings_are_checked(single_rank, sara_data, vectors_file):

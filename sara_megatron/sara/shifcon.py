@@ -22,6 +22,15 @@ are all-reduced over the TP×CP group (identity backward) before the loss, every
 attaches the same value and each rank's tokens get the single-rank gradient. Scaling follows
 SARA's: with `sequence_weight = T / V` set by the trainer each step the term is λ_con times the
 mean over the global batch's contrasted sequences, however the batch is cut into micro-batches.
+
+Everything is per sample through segment ids, so packed rows (`data.packing`, docs/packing.md)
+work as padded ones: a token is shifted by its own sample's language (padding of a packed row is
+not shifted; unpacked, a row's padding shifts with its sample, which its causal attention never
+lets reach a real token), pooling is over each sample's own tokens, and each sample is contrasted
+with its own anchor, pooled per anchor segment in the packed anchor forward. The negatives are
+the anchors of the same micro-batch on every data-parallel rank, so they depend on how the
+global batch is grouped into micro-batches (packed or not, like the load-balancing statistic);
+with the same grouping a packed step equals the padded one.
 """
 
 from __future__ import annotations
@@ -39,7 +48,11 @@ import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from sara_megatron.io import commit_file, temporary_path
-from sara_megatron.routing.capture import local_token_segment_ids, routing_reduction_group
+from sara_megatron.routing.capture import (
+    local_token_segment_ids,
+    routing_reduction_group,
+    segment_ids_from_padding_mask,
+)
 from sara_megatron.sara.reduction import all_reduce_identity_backward
 
 FORMAT = "sara-language-vectors-1"
@@ -118,26 +131,36 @@ def _hidden(args, kwargs) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
+def _local_segments(segment_ids: torch.Tensor, num_tokens: int, device,
+                    process_groups: Optional[ProcessGroupCollection]) -> torch.Tensor:
+    """[S_local·B] segment id of each token a layer on this rank sees (its [S_local, B] order,
+    flattened), from the model input's [B, S] ids (CP-local, -1 = padding)."""
+    tp = dist.get_world_size(process_groups.tp) if process_groups is not None else 1
+    tp_rank = dist.get_rank(process_groups.tp) if tp > 1 else 0
+    local = local_token_segment_ids(segment_ids.to(device), tp > 1, tp_rank, tp)
+    if local.numel() != num_tokens:
+        raise ValueError(f"segment ids give {local.numel()} local tokens, the layer saw {num_tokens}")
+    return local
+
+
 def _local_valid(padding_mask: torch.Tensor, num_tokens: int, device,
                  process_groups: Optional[ProcessGroupCollection]) -> torch.Tensor:
     """[S_local, B] True = a real token, from the model input's [B, S] padding mask (CP-local)."""
-    b = padding_mask.shape[0]
-    tp = dist.get_world_size(process_groups.tp) if process_groups is not None else 1
-    tp_rank = dist.get_rank(process_groups.tp) if tp > 1 else 0
-    ids = torch.where(padding_mask, -1, 0).to(device)
-    local = local_token_segment_ids(ids, tp > 1, tp_rank, tp)  # [S_local·B], -1 = padding
-    if local.numel() != num_tokens:
-        raise ValueError(f"padding mask gives {local.numel()} local tokens, the layer saw {num_tokens}")
-    return (local >= 0).reshape(-1, b)
+    ids = torch.where(padding_mask.to(device), -1, 0)
+    return (_local_segments(ids, num_tokens, device, process_groups) >= 0).reshape(
+        -1, padding_mask.shape[0])
 
 
-def mean_pool(hidden: torch.Tensor, valid: torch.Tensor, group: Optional[dist.ProcessGroup]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[S, B, H] hidden, [S, B] valid -> ([B, H] fp32 mean over valid positions, [B] counts),
-    summed over the TP×CP group first."""
-    weights = valid.to(torch.float32).unsqueeze(-1)
-    sums = (hidden.float() * weights).sum(0)
-    counts = valid.to(torch.float32).sum(0)
+def segment_mean_pool(hidden: torch.Tensor, segments: torch.Tensor, num_segments: int,
+                      group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[S, B, H] hidden, [S·B] segment ids (-1 = padding) -> ([n, H] fp32 mean of each
+    segment's hidden states, [n] token counts), summed over the TP×CP group first."""
+    flat = hidden.reshape(-1, hidden.shape[-1]).float()
+    valid = (segments >= 0).to(torch.float32)
+    index = segments.clamp_min(0)
+    sums = flat.new_zeros(num_segments, flat.shape[1]).index_add(0, index,
+                                                                   flat * valid.unsqueeze(-1))
+    counts = valid.new_zeros(num_segments).index_add(0, index, valid)
     if group is not None:
         sums = all_reduce_identity_backward(sums, group)
         counts = all_reduce_identity_backward(counts, group)
@@ -175,7 +198,8 @@ class ShifconObjective:
         self.process_groups = process_groups  # megatron's; None: one process alone
         self.sequence_weight: Optional[float] = None  # None: mean over the micro-batch
         self._languages: Optional[Sequence[str]] = None
-        self._padding: Optional[torch.Tensor] = None
+        self._segments: Optional[torch.Tensor] = None  # [B, S] sample of each token, -1 = padding
+        self._shift_segments: Optional[torch.Tensor] = None  # [B, S] whose language shifts it
         self._anchors: Optional[torch.Tensor] = None  # [B_all, H] this micro-batch's negatives
         self._positive_offset = 0
         self._anchor_pass: Optional[dict] = None  # index -> pooled anchors, during the anchor pass
@@ -189,21 +213,38 @@ class ShifconObjective:
     # --- per micro-batch state ---
 
     def set_batch(self, languages: Sequence[str], padding_mask: torch.Tensor,
-                  anchors: Optional[torch.Tensor] = None, positive_offset: int = 0) -> None:
-        """languages of the B rows; padding mask [B, S] (CP-local, True = padding); anchors
-        [B_all, H]: the pooled anchor representations the rows are contrasted with (row b's
-        positive is anchors[positive_offset + b]); None: shift only, no contrastive term."""
+                  anchors: Optional[torch.Tensor] = None, positive_offset: int = 0,
+                  segment_ids: Optional[torch.Tensor] = None) -> None:
+        """languages of the micro-batch's n samples; padding mask [B, S] (CP-local, True =
+        padding); anchors [n_all, H]: the pooled anchor representations the samples are
+        contrasted with (sample k's positive is anchors[positive_offset + k]); None: shift only,
+        no contrastive term. segment_ids [B, S] (CP-local, -1 = padding): packed rows, token ->
+        its sample; None: one sample per row (the rows' samples are the n)."""
         self._languages = list(languages)
-        self._padding = padding_mask
+        if segment_ids is None:
+            self._segments = segment_ids_from_padding_mask(padding_mask)
+            b, s = padding_mask.shape
+            rows = torch.arange(b, device=padding_mask.device).unsqueeze(1).expand(b, s)
+            self._shift_segments = rows  # a row's padding shifts with its sample, as it always has
+        else:
+            self._segments = self._shift_segments = segment_ids
+        if self._segments.numel() and int(self._segments.max()) >= len(self._languages):
+            raise ValueError(f"segment ids name more samples than the {len(self._languages)} "
+                             "languages given")
         self._anchors = anchors
         self._positive_offset = positive_offset
 
     def _shift(self, layer: int, hidden: torch.Tensor, sign: float) -> torch.Tensor:
+        """Each token shifted by its sample's language vectors (padding of packed rows: not)."""
         anchor = self.vectors.at(self.anchor_language, layer)
         deltas = torch.stack([torch.zeros_like(anchor) if lang == self.anchor_language
                               else anchor - self.vectors.at(lang, layer)
-                              for lang in self._languages]).to(hidden.device, hidden.dtype)
-        return hidden + sign * deltas.unsqueeze(0)  # [S, B, H] + [1, B, H]
+                              for lang in self._languages] + [torch.zeros_like(anchor)])
+        ids = _local_segments(self._shift_segments, hidden.shape[0] * hidden.shape[1],
+                              hidden.device, self.process_groups)
+        ids = torch.where(ids < 0, len(self._languages), ids)  # -1 -> the zero row
+        per_token = deltas.to(hidden.device, hidden.dtype)[ids].reshape(hidden.shape)
+        return hidden + sign * per_token  # [S, B, H]
 
     def attach(self, chunks) -> list:
         layers = transformer_layers(chunks)
@@ -226,10 +267,7 @@ class ShifconObjective:
             return None
         hidden = _hidden(args, kwargs)
         if self._anchor_pass is not None:  # the anchor forward: record, nothing else
-            valid = _local_valid(self._padding, hidden.shape[0] * hidden.shape[1], hidden.device,
-                                 self.process_groups)
-            pooled, _ = mean_pool(hidden.detach(), valid,
-                                  routing_reduction_group(self.process_groups))
+            pooled, _ = self._pool(hidden.detach())
             self._anchor_pass[self._anchor_index] = pooled
             return None
 
@@ -239,15 +277,20 @@ class ShifconObjective:
             return self._shift(self.shift_back_layer, h, -1.0)
         return _replace_hidden(args, kwargs, shift_back)
 
+    def _pool(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n, H] mean hidden state of each sample over its own tokens, [n] token counts)."""
+        ids = _local_segments(self._segments, hidden.shape[0] * hidden.shape[1], hidden.device,
+                              self.process_groups)
+        return segment_mean_pool(hidden, ids, len(self._languages),
+                                 routing_reduction_group(self.process_groups))
+
     def _attach_contrastive(self, hidden: torch.Tensor) -> torch.Tensor:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         group = routing_reduction_group(self.process_groups)
-        valid = _local_valid(self._padding, hidden.shape[0] * hidden.shape[1], hidden.device,
-                             self.process_groups)
-        pooled, counts = mean_pool(hidden, valid, group)
-        b = pooled.shape[0]
-        positives = torch.arange(b, device=pooled.device) + self._positive_offset
+        pooled, counts = self._pool(hidden)
+        n = pooled.shape[0]
+        positives = torch.arange(n, device=pooled.device) + self._positive_offset
         losses = info_nce(pooled, self._anchors.to(pooled.device), positives, self.temperature)
         contrasted = torch.tensor([lang != self.anchor_language for lang in self._languages],
                                   device=pooled.device) & (counts > 0)
@@ -264,17 +307,20 @@ class ShifconObjective:
 
     # --- the anchor side ---
 
-    def anchor_features(self, chunks, microbatches, device) -> list[Optional[torch.Tensor]]:
-        """Pooled anchor representations entering layer b, per micro-batch, gathered over data
-        parallel ([DP·B, H]; None on stages without layer b). Collective."""
+    def anchor_features(self, chunks, microbatches, device
+                        ) -> list[Optional[tuple[torch.Tensor, int]]]:
+        """Per micro-batch: the pooled anchor representations entering layer b of its samples,
+        gathered over data parallel in rank order ([n_all, H]; packed micro-batches hold varying
+        numbers of samples per rank), and the offset of this rank's samples in them; None on
+        stages without layer b. Collective."""
         from sara_megatron.sara.online_priors import run_anchor_forward
 
         pooled: dict[int, torch.Tensor] = {}
 
         @contextlib.contextmanager
         def observe(index, segments, samples):
-            rows = segments.shape[0]
-            self.set_batch([self.anchor_language] * rows, segments < 0)
+            # the anchor forward's segment ids: one per anchor, in its micro-batch's sample order
+            self.set_batch([self.anchor_language] * samples, segments < 0, segment_ids=segments)
             self._anchor_pass, self._anchor_index = pooled, index
             try:
                 yield
@@ -290,11 +336,9 @@ class ShifconObjective:
                 out.append(None)
                 continue
             if group is None:
-                out.append(pooled[index])
+                out.append((pooled[index], 0))
                 continue
-            parts = [torch.empty_like(pooled[index]) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, pooled[index].contiguous(), group=group)
-            out.append(torch.cat(parts))
+            out.append(_gather_rows(pooled[index], group))
         return out
 
     def reduced_mean(self) -> float:
@@ -305,6 +349,20 @@ class ShifconObjective:
         if dist.is_initialized():
             dist.all_reduce(table)
         return float(table[0] / table[1].clamp_min(1))
+
+
+def _gather_rows(rows: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """All ranks' [n_r, H] rows concatenated in rank order, and this rank's offset in them."""
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    padded = rows.new_zeros(max(counts), rows.shape[1])
+    padded[:rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]), sum(counts[:rank])
 
 
 # --- the offline pass ------------------------------------------------------------------------------

@@ -24,10 +24,9 @@ def check_packing_config(cfg, arch, seq_length: int, *, use_te: bool,
     d, s = cfg.data, cfg.sara
     if d.mock:
         raise ValueError("data.packing needs real shards: data.mock rows are full-length")
-    if s.objective != "sara":
+    if s.objective == "aes":
         raise NotImplementedError(
-            f"sequence packing with sara.objective={s.objective} is not implemented: set "
-            "data.packing=false")
+            "sequence packing with sara.objective=aes is not implemented: set data.packing=false")
     if use_te:
         raise NotImplementedError(
             "sequence packing with Transformer Engine (the thd layout, "

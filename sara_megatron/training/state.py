@@ -71,7 +71,8 @@ class TrainState:
     sara: Optional[SaraRoutingLoss] = None  # the SARA term (λ_JS = 0: the same code path)
     aes: Any = None  # sara.aes.AesLoss, sara.objective aes
     shifcon: Any = None  # sara.shifcon.ShifconObjective, sara.objective shifcon
-    shifcon_anchors: dict = dataclasses.field(default_factory=dict)  # this step's, by micro-batch
+    # this step's (pooled anchors gathered over DP, offset of this rank's samples), by micro-batch
+    shifcon_anchors: dict = dataclasses.field(default_factory=dict)
     process_groups: Any = None  # megatron's ProcessGroupCollection, for what runs collectives
     iteration: int = 0
     consumed_samples: int = 0

@@ -187,7 +187,6 @@ def forward_step(state: TrainState, data_iterator, model):
     from megatron.core import parallel_state as ps
 
     mb = next(data_iterator)
-    b = mb.tokens.shape[0]
     tokens, labels, loss_mask, padding_mask = mb.tokens, mb.labels, mb.loss_mask, mb.padding_mask
     cp_size = ps.get_context_parallel_world_size()
     cp_rank = ps.get_context_parallel_rank() if cp_size > 1 else 0
@@ -203,9 +202,11 @@ def forward_step(state: TrainState, data_iterator, model):
     if state.sara is not None:
         state.sara.set_batch(mb.priors, inputs.segment_ids, packed=inputs.packed)
     if state.shifcon is not None:
-        anchors = state.shifcon_anchors.get(id(mb))
-        state.shifcon.set_batch(mb.languages, padding_mask, anchors,
-                                ps.get_data_parallel_rank() * b)
+        # (the step's pooled anchors over data parallel, where this rank's samples start)
+        entry = state.shifcon_anchors.get(id(mb))
+        anchors, offset = entry if entry is not None else (None, 0)
+        state.shifcon.set_batch(mb.languages, padding_mask, anchors, offset,
+                                segment_ids=inputs.segment_ids if inputs.packed else None)
     # The padding mask keeps padding out of megatron's load-balancing statistics and its token
     # count (and out of z-loss and expert-bias counts); nothing else reads it.
     with inputs.rope(model):
