@@ -60,6 +60,21 @@ def torchrun_cases(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session", autouse=True)
+def early_launches(request, tmp_path_factory):
+    """{fixture name: launch.Background} of the launches test modules registered with
+    `launch.early_launch` whose fixture a selected test uses, started at the session's first
+    test; the rest of the session runs beside them (docs/testing.md)."""
+    used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    started = {}
+    for name in sorted(used & set(launch.EARLY_LAUNCHES)):
+        folder = tmp_path_factory.mktemp(name)
+        started[name] = launch.Background(folder=folder, **launch.EARLY_LAUNCHES[name](folder))
+    yield started
+    for background in started.values():
+        background.stop()
+
+
 @pytest.fixture(scope="module")
 def single_rank():
     """Megatron parallel state on a one-process gloo group (TP=EP=PP=1), CPU compat applied."""

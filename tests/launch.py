@@ -60,3 +60,69 @@ class CaseLaunch:
             pytest.fail(f"case {case} left no result; the launch exited {self.proc.returncode}:\n"
                         f"{self.proc.stdout[-4000:]}\n{self.proc.stderr[-8000:]}")
         return json.loads(path.read_text())
+
+
+# Launches started early: a test module registers a long subprocess under the name of the fixture
+# that needs it (at import, i.e. collection); conftest's `early_launches` starts every registered
+# launch whose fixture a selected test uses when the session's first test starts, so it runs beside
+# the tests before its own on a core they leave idle, and its fixture waits for it.
+EARLY_LAUNCHES: dict = {}
+
+
+def early_launch(fixture: str):
+    """Register `command(folder) -> {"cmd", "cwd", "timeout"[, "env"]}` (`Background`'s arguments)
+    to start early for `fixture`; `folder` is a new temporary folder of the session."""
+
+    def register(command):
+        EARLY_LAUNCHES[fixture] = command
+        return command
+
+    return register
+
+
+class Background:
+    """`run(cmd, cwd, timeout)` started now and collected later: output to files (a pipe nobody
+    reads would fill), the timeout counted from the start, its own process group (killed with its
+    children when the session ends first)."""
+
+    def __init__(self, cmd, cwd, timeout: int, folder: Path, env: dict | None = None):
+        import tempfile
+        import time
+
+        self.cmd, self.folder, self.timeout = list(map(str, cmd)), Path(folder), timeout
+        self.started = time.monotonic()
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=self._out,
+                                     stderr=self._err, start_new_session=True)
+        self._result = None
+
+    def wait(self) -> subprocess.CompletedProcess:
+        """The finished process, as `run` returns it (a hang raises subprocess.TimeoutExpired)."""
+        import time
+
+        if self._result is None:
+            left = self.timeout - (time.monotonic() - self.started)
+            try:
+                self.proc.wait(timeout=max(left, 1))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise
+            self._result = subprocess.CompletedProcess(self.cmd, self.proc.returncode,
+                                                       self._read(self._out), self._read(self._err))
+        return self._result
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    @staticmethod
+    def _read(file) -> str:
+        file.seek(0)
+        return file.read().decode(errors="replace")

@@ -3,6 +3,7 @@ the whole demo runs end to end with few steps, printing its table and writing it
 
 import sys
 
+import launch
 import pytest
 
 from sara_megatron.demo import DEMO_MARKER, _fresh_work_folder
@@ -31,19 +32,29 @@ def test_demo_replaces_only_its_own_folder(tmp_path):
     assert (empty / DEMO_MARKER).is_file()
 
 
+@launch.early_launch("short_demo")
+def short_demo_command(folder):
+    """The short demo starts with the session (about 2 minutes, mostly one core busy)."""
+    return {"cmd": [sys.executable, launch.REPO / "tools/demo.py", "--work", folder / "demo",
+                    "--samples", "32", "--steps", "3"], "cwd": folder, "timeout": 900}
+
+
+@pytest.fixture
+def short_demo(early_launches):
+    """The finished short demo: (its process, its work folder)."""
+    background = early_launches["short_demo"]
+    return background.wait(), background.folder / "demo"
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_demo_runs_end_to_end_with_few_steps(tmp_path):
+def test_demo_runs_end_to_end_with_few_steps(short_demo):
     """`make demo` in small (tools/demo.py, every step as a real subprocess: shard, convert,
     priors at EP=2, SARA and FFT training, divergence, export and verify): it prints the same
     table shape as the full demo and writes the report with that table."""
     import re
 
-    import launch
-
-    work = tmp_path / "demo"
-    proc = launch.run([sys.executable, launch.REPO / "tools/demo.py", "--work", work,
-                       "--samples", "32", "--steps", "3"], tmp_path, timeout=900)
+    proc, work = short_demo
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "lang"])

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 
 from sara_megatron.answers import normalize_number
@@ -87,15 +88,19 @@ def _accuracy_rows(report: str) -> dict:
     return rows
 
 
-@pytest.fixture(scope="module")
-def reduced_experiment(tmp_path_factory):
-    import launch
+@launch.early_launch("reduced_experiment")
+def reduced_experiment_command(folder):
+    """The reduced experiment starts with the session (about 4 minutes, mostly one core busy)."""
+    return {"cmd": [sys.executable, REPO / "tools" / "experiment.py", "--reduced", "--work",
+                    folder / "exp"], "cwd": REPO, "timeout": 900}
 
-    work = tmp_path_factory.mktemp("experiment") / "exp"
-    proc = launch.run([sys.executable, REPO / "tools" / "experiment.py", "--reduced", "--work",
-                       work], REPO, timeout=900)
+
+@pytest.fixture(scope="module")
+def reduced_experiment(early_launches):
+    background = early_launches["reduced_experiment"]
+    proc = background.wait()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work
+    return background.folder / "exp"
 
 
 @pytest.mark.multiprocess

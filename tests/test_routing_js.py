@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from sara_megatron.kernels.routing_js_reference import js_divergence_from_mean
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import launch  # noqa: E402
 import routing_js_cases  # noqa: E402
 
 
@@ -203,14 +203,19 @@ def test_kernels_on_cpu_without_interpreter_raise_clear_error():
 # --- the Triton kernels, in the interpreter ---------------------------------------------------
 
 
+@launch.early_launch("interpreter_results")
+def interpreter_command(folder):
+    """The cases in Triton's interpreter (about 30 s on one core) start with the session."""
+    return {"cmd": [sys.executable, HERE / "routing_js_cases.py", "--json",
+                    folder / "results.json"],
+            "cwd": HERE.parent, "timeout": 600, "env": {"TRITON_INTERPRET": "1"}}
+
+
 @pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("routing_js_kernels") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    completed = subprocess.run(
-        [sys.executable, str(HERE / "routing_js_cases.py"), "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+def interpreter_results(early_launches):
+    background = early_launches["interpreter_results"]
+    completed = background.wait()
+    out = background.folder / "results.json"
     # A case out of tolerance makes the script exit 1; the per-case tests below say which.
     assert out.exists(), completed.stdout + completed.stderr
     payload = json.loads(out.read_text())
