@@ -262,3 +262,25 @@ def test_checker_names_every_package_of_a_larger_cycle(tmp_path):
     assert sorted(map(tuple, cycles)) == [("a", "b", "c", "a"), ("d", "c", "d")]
     message = describe(cycles, graph, roots)
     assert "toy/c/y.py:2 imports toy.a" in message and "toy/d/z.py:1 imports toy.c.y" in message
+
+
+# Top-level folders of a checkout that the installed package does not contain: `kernels/` is
+# installed as `sara_megatron.kernels` only (setup.py), and the rest are not installed at all.
+CHECKOUT_ONLY = ("kernels", "tools", "tests", "benchmarks", "examples")
+
+
+def test_installed_code_imports_no_checkout_only_name():
+    """An import of `kernels.x` works from the repository root (the current directory is on the
+    path) but fails in a torchrun worker or an installed copy: it must be `sara_megatron.kernels`."""
+    wrong = []
+    for module, path in module_files(SOURCE_ROOTS).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            wrong += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}"
+                      for name in names if name.split(".")[0] in CHECKOUT_ONLY]
+    assert not wrong, "\n".join(wrong)

@@ -155,8 +155,8 @@ class SaraSection(_Section):
     @classmethod
     def _known_choice(cls, value: str, info: pydantic.ValidationInfo) -> str:
         # The choices live with their implementations (imported when a config is checked).
-        from kernels.routing_js import IMPLEMENTATIONS
-        from kernels.routing_js_reference import DIVERGENCES
+        from sara_megatron.kernels.routing_js import IMPLEMENTATIONS
+        from sara_megatron.kernels.routing_js_reference import DIVERGENCES
         from sara_megatron.sara.objectives import OBJECTIVES, PRIOR_SOURCES
 
         choices = {"impl": IMPLEMENTATIONS, "divergence": DIVERGENCES, "priors": PRIOR_SOURCES,
