@@ -200,7 +200,7 @@ class ShifconObjective:
         self._languages: Optional[Sequence[str]] = None
         self._segments: Optional[torch.Tensor] = None  # [B, S] sample of each token, -1 = padding
         self._shift_segments: Optional[torch.Tensor] = None  # [B, S] whose language shifts it
-        self._anchors: Optional[torch.Tensor] = None  # [B_all, H] this micro-batch's negatives
+        self._anchors: Optional[torch.Tensor] = None  # [n_all, H] this micro-batch's negatives
         self._positive_offset = 0
         self._anchor_pass: Optional[dict] = None  # index -> pooled anchors, during the anchor pass
         self._anchor_index: Optional[int] = None
