@@ -139,3 +139,22 @@ def test_a_packed_run_resumes_on_its_trajectory(single_rank, sara_data, tmp_path
     assert resumed_seen == full_seen[1:]
     for key in ("ce", "lb", "js", "grad_norm"):
         assert getattr(record, key) == pytest.approx(getattr(uninterrupted[1], key), rel=1e-6), key
+
+
+def test_packing_may_be_switched_at_a_resume(single_rank, sara_data, tmp_path):
+    """Both modes take the same samples per step, so a packed run resumed unpacked trains its
+    second step on the samples, with the CE and JS, of the packed run that went on. (LB off: it
+    is a statistic of each micro-batch's tokens, which packing regroups.)"""
+    steps = {"optim.train_steps": 2, "model.moe_aux_loss_coeff": 0.0}
+    full, full_seen = _trainer(sara_data, **steps)
+    uninterrupted = full.run().steps
+    saving = {**steps, "checkpoint.save_dir": tmp_path / "ckpt"}
+    first, _ = _trainer(sara_data, **saving)
+    first.run(max_steps=1)
+    resumed, resumed_seen = _trainer(sara_data, **saving, **{"data.packing": "false"})
+    assert resumed.iteration == 1 and resumed.consumed_samples == 8
+    (record,) = resumed.run().steps
+    assert [ids for ids, _ in resumed_seen] == [full_seen[1][0]]
+    assert resumed_seen[0][1] > full_seen[1][1]  # one row per sample now
+    assert record.ce == pytest.approx(uninterrupted[1].ce, rel=1e-6)
+    assert record.js == pytest.approx(uninterrupted[1].js, rel=1e-5) and record.js > 0
