@@ -1,6 +1,7 @@
 """AES baseline: the variance and orthogonality terms inside the model against plain autograd
 through an independent formula (Gram–Schmidt on per-token expert outputs recomputed from the
-expert weights), zero coefficients reproduce FFT exactly, and the self-calibration rule."""
+expert weights), zero coefficients reproduce FFT exactly, the self-calibration rule, and a packed
+step (data.packing) equal to the padded one, calibration included."""
 
 import pytest
 import torch
@@ -168,3 +169,79 @@ def test_another_dispatcher_is_refused(single_rank):
     _moe_layers(model)[0].token_dispatcher = type("MoEAlltoAllTokenDispatcher", (), {})()
     with pytest.raises(NotImplementedError, match="model.token_dispatcher: allgather"):
         AesLoss(1.0, 1.0).attach([model])
+
+
+def _packing_trainer(data, packing: str, **extra):
+    """A tiny AES run on the fixture's shards (packing needs real shards, not data.mock)."""
+    from sara_megatron.training import Trainer, load_train_config
+
+    values = {"model.preset": "qwen3_moe_tiny", "model.checkpoint": data["checkpoint"],
+              "data.shards_dir": data["shards"], "data.seq_length": 128,
+              "data.micro_batch_size": 1, "data.global_batch_size": 6, "data.packing": packing,
+              "optim.train_steps": 1, "sara.layers": "all", "sara.objective": "aes",
+              # LB is a statistic of each micro-batch's tokens, which packing regroups
+              "model.moe_aux_loss_coeff": 0.0, **extra}
+    trainer = Trainer(load_train_config(None, [f"{k}={v}" for k, v in values.items()]))
+    seen = []
+    batches = trainer.state.batches
+
+    def recording(batches=batches):
+        for mb in batches:
+            seen.append(mb)
+            yield mb
+
+    trainer.state.batches = recording()
+    return trainer, seen
+
+
+def test_a_packed_step_is_the_padded_step(single_rank, sara_data):
+    """AES's terms are per token over non-padding tokens: a packed step (several samples per row,
+    padding only at the rows' ends) has the padded step's CE, variance and orthogonality terms and
+    gradients (fp32), with the coefficients set, large enough that each AES term moves the gradients
+    about as much as the CE does."""
+    runs = {}
+    for packing in ("false", "true"):
+        trainer, seen = _packing_trainer(sara_data, packing, **{
+            "aes.variance_coeff": 100.0, "aes.orthogonality_coeff": 1e5})
+        record = trainer.train_step()
+        grads = {n: p.main_grad.detach().clone()
+                 for n, p in trainer.chunks[0].module.named_parameters()}
+        runs[packing] = (record, grads, seen)
+    padded, padded_grads, padded_mbs = runs["false"]
+    packed, packed_grads, packed_mbs = runs["true"]
+    samples = [sorted(s for mb in mbs for s in zip(mb.languages, mb.sample_ids))
+               for mbs in (padded_mbs, packed_mbs)]
+    assert samples[0] == samples[1] and len(samples[0]) == 6
+    assert len(packed_mbs) < len(padded_mbs)
+    assert any(len(row[row >= 0].unique()) > 1 for mb in packed_mbs for row in mb.segment_ids)
+    assert packed.ce == pytest.approx(padded.ce, rel=1e-6)
+    for term in ("aes_variance", "aes_orthogonality"):
+        assert packed.terms[term] == pytest.approx(padded.terms[term], rel=1e-5), term
+        assert packed.terms[term] > 0
+    assert packed.grad_norm == pytest.approx(padded.grad_norm, rel=1e-5)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-7,
+                                   msg=name)
+
+
+def test_packed_calibration_is_the_padded_calibration(single_rank, sara_data):
+    """Unset coefficients are calibrated on the first global batch from token means over its
+    non-padding tokens: packed, the same layer means and coefficients as padded."""
+    runs = {}
+    for packing in ("false", "true"):
+        trainer, _ = _packing_trainer(sara_data, packing)
+        aes = trainer.state.aes
+        assert not aes.calibrated
+        means = []
+        calibrate_from = aes.calibrate_from
+        aes.calibrate_from = lambda m: (means.append(m), calibrate_from(m))
+        record = trainer.train_step()
+        runs[packing] = (means, aes.variance_coeff, aes.orthogonality_coeff, record)
+    (padded_means,), *padded_coeffs, padded = runs["false"]
+    (packed_means,), *packed_coeffs, packed = runs["true"]
+    assert packed_coeffs == padded_coeffs and all(c > 0 for c in packed_coeffs)
+    for term in ("variance", "orthogonality"):
+        assert sorted(packed_means[term]) == sorted(padded_means[term]) == [0, 1, 2, 3]
+        for layer, value in padded_means[term].items():
+            assert packed_means[term][layer] == pytest.approx(value, rel=1e-5), (term, layer)
+    assert packed.grad_norm == pytest.approx(padded.grad_norm, rel=1e-5)

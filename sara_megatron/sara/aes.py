@@ -31,6 +31,9 @@ micro-batch (single-forward use and tests).
 Self-calibration (as the authors): a coefficient left unset is set once, before the first step,
 to 10^round(log10(target / value)), value being the term's token mean over layers on the first
 global batch at the starting weights (`calibrate`). Set both coefficients to resume a run exactly.
+
+Sequence packing (`data.packing`) needs nothing more: both terms are per token, and a packed row
+marks its padding in the padding mask the router passes on (segment id -1).
 """
 
 from __future__ import annotations

@@ -21,12 +21,9 @@ def check_packing_config(cfg, arch, seq_length: int, *, use_te: bool,
                          context_parallel: int) -> None:
     """Refuse at start what packing does not support (each with the setting to change).
     `seq_length`: the rows' length (data.seq_length, or the shards')."""
-    d, s = cfg.data, cfg.sara
+    d = cfg.data
     if d.mock:
         raise ValueError("data.packing needs real shards: data.mock rows are full-length")
-    if s.objective == "aes":
-        raise NotImplementedError(
-            "sequence packing with sara.objective=aes is not implemented: set data.packing=false")
     if use_te:
         raise NotImplementedError(
             "sequence packing with Transformer Engine (the thd layout, "
