@@ -21,10 +21,16 @@ def torchrun_command(script, *args, nproc: int = 2) -> list[str]:
             "--master-port", str(free_port()), str(REPO / script), *map(str, args)]
 
 
+def environment(**extra: str) -> dict:
+    """The tests' subprocess environment: this one's, one thread per process, no library
+    warnings, and `extra`."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+
+
 def run(cmd, cwd, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
     """Run `cmd` with the tests' environment and return it, whatever its exit code (a hang shows
     as subprocess.TimeoutExpired)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = environment()
     return subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
 
@@ -92,7 +98,7 @@ class Background:
         self.cmd, self.folder, self.timeout = list(map(str, cmd)), Path(folder), timeout
         self.started = time.monotonic()
         self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+        env = environment(**(env or {}))
         self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=self._out,
                                      stderr=self._err, start_new_session=True)
         self._result = None

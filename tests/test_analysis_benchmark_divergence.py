@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import launch
+
 from sara_megatron.analysis.alignment_range import suggest_alignment_range
 from sara_megatron.analysis.benchmark_parallel_set import BenchmarkParallelSet
 from sara_megatron.analysis.divergence_plots import U_CURVE_SIZE
@@ -111,7 +113,7 @@ def transformers_sequence_means(model, token_ids):
 
 @pytest.mark.multiprocess
 def test_divergence_tool_on_a_benchmark_and_an_hf_folder(tmp_path, tiny_hf_model, shuffled_benchmarks):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = launch.environment()
     out = tmp_path
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools/routing_divergence.py"), "--benchmark", "global_mmlu",

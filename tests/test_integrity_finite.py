@@ -2,11 +2,12 @@
 norm or JS goes non-finite (JS negative: its inputs were) stops before the next save, naming the
 step and the terms, with the last good checkpoint untouched; the tools print these as one line."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+
+import launch
 
 from conftest import REPO
 
@@ -28,7 +29,7 @@ def test_a_non_finite_number_is_refused_naming_its_key(setting):
 
 
 def _train_py(*args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = launch.environment()
     return subprocess.run([sys.executable, str(REPO / "tools/train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

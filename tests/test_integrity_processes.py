@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 
+import launch
+
 from conftest import REPO
 
 from sara_megatron.distributed import free_port
@@ -45,8 +47,7 @@ def _processes_with(marker: str) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_kill_9_of_the_launcher_leaves_no_process_of_the_run(tmp_path):
     marker = f"SARA_TEST_RUN={uuid.uuid4().hex}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               SARA_TEST_RUN=marker.split("=")[1])
+    env = launch.environment(SARA_TEST_RUN=marker.split("=")[1])
     settings = {"model.preset": "qwen3_moe_tiny", "data.mock": "true", "data.seq_length": 32,
                 "data.micro_batch_size": 1, "data.global_batch_size": 2, "sara.layers": "all",
                 "optim.train_steps": 100000, "logging.json_log": tmp_path / "log.jsonl",

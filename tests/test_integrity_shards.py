@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+import launch
+
 from conftest import REPO
 
 from sara_megatron.data import shard_verification
@@ -135,7 +137,7 @@ def test_a_tool_names_the_damaged_shard_in_one_line_and_the_advice_repairs_it(sa
     file, not a traceback. Deleting the shard's marker and re-running shard_corpus.py, as the
     message says, rewrites it."""
     _flip_in_vocabulary(shards / "sw" / "sw-00000.bin")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = launch.environment()
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools/routing_divergence.py"), "--shards", str(shards),
          "--checkpoint", str(sara_data["checkpoint"]), "--model", "qwen3_moe_tiny",

@@ -1,11 +1,12 @@
 """The run's checks before anything is built: a missing input path is named with its key before
 the model is built, and every problem found is named in one error (training/preflight.py)."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+
+import launch
 
 from conftest import REPO
 
@@ -77,7 +78,7 @@ def test_every_problem_is_named_in_one_error(single_rank, tmp_path, no_model_bui
 def test_train_py_prints_a_missing_path_as_one_line(tmp_path, debug):
     """One line and exit 2; --debug adds the traceback above it."""
     args = [a for value in _mock_settings(**{"model.checkpoint": "nope"}) for a in ("--set", value)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = launch.environment()
     proc = subprocess.run([sys.executable, str(REPO / "tools/train.py"), *args,
                            *(["--debug"] if debug else [])], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

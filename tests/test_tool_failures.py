@@ -3,12 +3,13 @@ instead of hanging it in `destroy_distributed()`'s barrier, and bad flags are re
 time (exit 2, naming the flag), before any model is built or a process group started."""
 
 import json
-import os
 import subprocess
 import sys
 
 import psutil
 import pytest
+
+import launch
 
 from conftest import REPO
 
@@ -45,7 +46,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def _run(cmd, cwd, timeout):
     """(exit status, stdout + stderr); on a timeout kill the command and everything it started
     (torchrun starts its workers in sessions of their own) and fail."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = launch.environment()
     proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

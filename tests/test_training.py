@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import time
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import launch
 
 from conftest import REPO
 
@@ -211,7 +212,7 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, two_rank_runs, sara_d
     })
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_port()), str(REPO / "tools/train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = launch.environment()
     output = tmp_path / "killed.out"
     with open(output, "wb") as sink:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=sink,
