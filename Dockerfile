@@ -14,7 +14,7 @@ COPY benchmarks ./benchmarks
 
 # The container's torch, Transformer Engine and apex stay as they are: install our package and the
 # pure-Python dependencies only (with the specifiers of setup.py; tests/test_packaging.py keeps the two in step).
-RUN pip install --no-cache-dir "megatron-core==0.16.1" "transformers>=4.56" safetensors pyyaml "pydantic>=2" psutil \
+RUN pip install --no-cache-dir "megatron-core==0.16.1" "transformers>=4.56,<5.25" safetensors pyyaml "pydantic>=2" psutil \
         einops tensorboard datasets "openai>=1.40" aiohttp tqdm lingua-language-detector scipy matplotlib \
     && pip install --no-cache-dir --no-deps -e . \
     && python -c "import sara_megatron.kernels, megatron.core, transformer_engine"

@@ -26,7 +26,10 @@ setup(
         # when a matching torch is already present.
         "torch>=2.6",
         "triton",
-        "transformers>=4.56",
+        # <5.25: transformers 5.25 requires Hugging Face's `kernels` package, which this
+        # checkout's top-level `kernels/` shadows wherever the repository root is on sys.path
+        # (`python -m pytest`, `python -c` there): transformers' activations then fail to import.
+        "transformers>=4.56,<5.25",
         "safetensors",
         "numpy",
         "pyyaml",
