@@ -1,6 +1,7 @@
 """The chat client against a real HTTP server on 127.0.0.1 that injects faults: every fault kind
 is retried and counted, Retry-After is honoured, exhausted retries raise, the concurrency bound
-holds, and the API key travels in the Authorization header only."""
+holds, the API key travels in the Authorization header only, and OPENAI_API_KEY goes to OpenAI's
+own API only."""
 
 import asyncio
 import json
@@ -11,7 +12,8 @@ import pytest
 
 from sara_megatron.chat.cache import ReplyCache, request_key
 from sara_megatron.chat.client import (
-    PLACEHOLDER_API_KEY, ChatClient, ChatReply, ChatRequestFailed, ChatSettings,
+    PLACEHOLDER_API_KEY, ChatClient, ChatReply, ChatRequestFailed, ChatSettings, api_key_for,
+    check_api_key_env, is_openai_api,
 )
 from sara_megatron.chat.server import Fault, LocalChatServer
 
@@ -41,8 +43,14 @@ def run_requests(server, prompts, *, settings=SETTINGS, **client_kwargs):
 
 @pytest.fixture
 def api_key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    """A key for the local server, in a variable the requests name (OPENAI_API_KEY, set too,
+    must stay home)."""
+    monkeypatch.setenv("LOCAL_SERVER_KEY", FAKE_KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     return FAKE_KEY
+
+
+OPENAI_KEY = "sk-test-openai-only-0123456789NEVERSENT"
 
 
 def test_every_fault_kind_is_retried_and_counted(api_key):
@@ -117,7 +125,8 @@ def test_key_travels_only_in_the_authorization_header(api_key, caplog):
     caplog.set_level(logging.DEBUG)  # openai's and httpx's own debug logging included
     faults = [Fault.rate_limit(0.01), Fault.server_error(), None, Fault.server_error(401)]
     with LocalChatServer(echo, faults=faults) as server:
-        results, _ = run_requests(server, ["a", "b", "c"], backoff_base_s=0.01, concurrency=1)
+        results, _ = run_requests(server, ["a", "b", "c"], backoff_base_s=0.01, concurrency=1,
+                                  api_key_env="LOCAL_SERVER_KEY")
         recorded = list(server.requests)
     assert len(recorded) == 5
     for request in recorded:
@@ -139,6 +148,40 @@ def test_key_comes_from_the_environment_only(monkeypatch):
     assert reply.content == "echo: x"
     monkeypatch.setenv("MY_KEY", FAKE_KEY)
     assert FAKE_KEY not in repr(ChatClient("http://127.0.0.1:1/v1", api_key_env="MY_KEY"))
+    monkeypatch.delenv("MY_KEY")
+    with pytest.raises(ValueError, match="--api-key-env") as refused:
+        ChatClient("http://127.0.0.1:1/v1", api_key_env="MY_KEY")  # named, but not set
+    assert "MY_KEY" not in str(refused.value)
+
+
+def test_openai_key_goes_to_openai_only(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    monkeypatch.setenv("SAME_VALUE_NAMED", OPENAI_KEY)
+    with LocalChatServer(echo) as server:
+        run_requests(server, ["default"])
+        run_requests(server, ["a caller's default name"], api_key_env="OPENAI_API_KEY")
+        run_requests(server, ["named by the user"], api_key_env="SAME_VALUE_NAMED")
+        sent = [r.headers["Authorization"] for r in server.requests]
+    # No request carries the environment's OPENAI_API_KEY unless the user named a variable.
+    assert sent == [f"Bearer {PLACEHOLDER_API_KEY}"] * 2 + [f"Bearer {OPENAI_KEY}"]
+    # OpenAI's own API (no request sent: the key is only resolved).
+    assert api_key_for(None) == api_key_for("https://api.openai.com/v1") == OPENAI_KEY
+    for other in ("http://api.openai.com/v1", "https://api.openai.com.example.net/v1",
+                  "https://example.net/api.openai.com/v1", "https://api.openai.com:8443/v1",
+                  "https://eu.api.openai.com/v1", "http://127.0.0.1:8000/v1"):
+        assert not is_openai_api(other), other
+        assert api_key_for(other) == PLACEHOLDER_API_KEY
+    assert is_openai_api("https://API.OpenAI.com/v1") and is_openai_api(None)
+
+
+def test_api_key_env_names_a_variable_never_a_key():
+    check_api_key_env("http://127.0.0.1:8000/v1", "VLLM_KEY")
+    check_api_key_env(None, "OPENAI_API_KEY")
+    with pytest.raises(ValueError, match="sent only to OpenAI's API"):
+        check_api_key_env("http://127.0.0.1:8000/v1", "OPENAI_API_KEY")
+    with pytest.raises(ValueError, match="never the key itself") as refused:
+        check_api_key_env("http://127.0.0.1:8000/v1", FAKE_KEY)
+    assert FAKE_KEY not in str(refused.value)
 
 
 def test_reasoning_models_get_their_own_settings(api_key):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sara_megatron.chat.client import PLACEHOLDER_API_KEY
 from sara_megatron.chat.server import Fault, LocalChatServer, ServerReply
 from sara_megatron.construction.sources import load_anchor_samples
 from sara_megatron.prompts import math_prompt, multiple_choice_prompt
@@ -99,7 +100,8 @@ def test_answers_then_filter_keep_exactly_the_right_subset(tmp_path, capsys, mon
     for body in bodies:
         assert (body["model"], body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == \
             ("local-moe", 0.0, 1.0, 512, 7)
-    assert all(h.get("Authorization") == f"Bearer {SECRET}" for h in headers)
+    # OPENAI_API_KEY was in the environment; a server other than OpenAI's never saw it.
+    assert all(h.get("Authorization") == f"Bearer {PLACEHOLDER_API_KEY}" for h in headers)
 
     records = read_jsonl(answers)
     assert [r["id"] for r in records] == [s.id for s in SAMPLES]  # a complete file is in source order

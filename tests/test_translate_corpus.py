@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sara_megatron.chat.client import PLACEHOLDER_API_KEY
 from sara_megatron.chat.server import Fault, LocalChatServer
 from sara_megatron.construction.rule_translator import RuleTranslator
 from sara_megatron.construction.translation import TranslationConfig
@@ -130,8 +131,8 @@ def test_faults_are_retried_and_the_corpus_is_complete_and_correct(tmp_path):
     validated = validate_corpus([out / f"{lang}.jsonl" for lang in ("en", *TARGETS)], "en",
                                 strict=True)
     assert validated.summary()["kept"] == {"en": 12, "hi": 12, "sw": 12}
-    # The key was in play (Authorization header) and is nowhere else.
-    assert all(r.headers["Authorization"] == f"Bearer {FAKE_KEY}" for r in recorded)
+    # OPENAI_API_KEY was in the environment; a server other than OpenAI's never saw it.
+    assert all(r.headers["Authorization"] == f"Bearer {PLACEHOLDER_API_KEY}" for r in recorded)
     for path in out.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
@@ -270,7 +271,7 @@ def test_gpt5_family_requests(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, TOOL, "--input", str(tmp_path / "en.jsonl"),
                            "--languages", "hi", "--output", str(tmp_path / "x"), "--model",
                            "gpt-5-mini", "--temperature", "0.2"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "translate_corpus.py: error: --temperature" in proc.stderr
+    assert proc.returncode == 2 and "translate_corpus: error: --temperature" in proc.stderr
 
 
 @pytest.mark.multiprocess
@@ -280,7 +281,7 @@ def test_a_refused_key_stops_the_run(tmp_path):
         proc = run_tool(server, tmp_path / "en.jsonl", tmp_path / "corpus", "--no-progress")
         refused = len(server.requests)
     assert proc.returncode == 2 and refused <= 4  # at most one round of --concurrency requests
-    assert "translate_corpus.py: error: the server refused the requests (http_401)" in proc.stderr
+    assert "translate_corpus: error: the server refused the requests (http_401)" in proc.stderr
     assert FAKE_KEY not in proc.stderr + proc.stdout
     # Nothing listening at --base-url: one error line, not every pair failed one by one.
     with LocalChatServer(TRANSLATOR) as server:
@@ -322,7 +323,7 @@ def test_batch_end_to_end_and_resume_after_a_kill(tmp_path):
     assert "was rejected" in lines[-1].body["messages"][0]["content"]
     assert read_corpus(out) == expected_corpus(anchors) and read_failures(out) == []
     assert summary["translated"] == 12 and summary["requested"] == 13 and summary["retries"] == 1
-    assert all(r.headers["Authorization"] == f"Bearer {FAKE_KEY}" for r in lines)
+    assert all(r.headers["Authorization"] == f"Bearer {PLACEHOLDER_API_KEY}" for r in lines)
     for path in out.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path

@@ -14,8 +14,9 @@ raw output, gold, finish_reason, model, settings). A rerun of the same command a
 only for the samples not yet in the file. Samples whose request failed for good are listed in
 <output>.failures.jsonl (and asked again by a rerun). Then: tools/filter_correct.py.
 
-The API key is read from OPENAI_API_KEY only (none is needed for a local --base-url). The last line
-on stdout is one JSON object with the counts.
+OPENAI_API_KEY is sent to OpenAI's API only; another --base-url gets the key of the variable named
+by --api-key-env, or none. The last line on stdout is one JSON object with the counts; exit codes:
+docs/reliability.md.
 """
 
 import argparse
@@ -34,11 +35,15 @@ from sara_megatron.construction.sources import (
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="answer_anchors", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output", required=True, help="answers JSONL file (appended to; resumed)")
     p.add_argument("--model", required=True, help="model name the server knows")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
                                       "(vLLM); default: OpenAI")
+    p.add_argument("--api-key-env", metavar="NAME",
+                   help="the environment variable holding the key for --base-url (its name, never "
+                        "the key); without it only OpenAI's API gets a key (OPENAI_API_KEY)")
     p.add_argument("--language", default="en", help="anchor language: en or zh (default en)")
     p.add_argument("--sources", default="gsm8k,mmlu_prox", help="comma-separated: gsm8k, mmlu_prox")
     p.add_argument("--data-dir", help="read sources from local JSONL files in the hub's columns "
@@ -66,6 +71,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     from sara_megatron.chat import ChatSettings
+    from sara_megatron.chat.client import check_api_key_env
     from sara_megatron.data.languages import known_languages
 
     if args.language not in known_languages():
@@ -81,6 +87,10 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
     if args.max_retries < 0:
         p.error(f"--max-retries must be >= 0, got {args.max_retries}")
+    try:
+        check_api_key_env(args.base_url, args.api_key_env)
+    except ValueError as e:
+        p.error(str(e))
     if args.data_dir and not os.path.isdir(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: no such directory")
     folder = os.path.dirname(os.path.abspath(args.output))
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
     from sara_megatron.chat import ChatClient
 
     try:
-        client = ChatClient(args.base_url, concurrency=args.concurrency,
+        client = ChatClient(args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency,
                             max_retries=args.max_retries, timeout_s=args.timeout_s)
     except ValueError as e:  # no API key for OpenAI itself
         print(f"answer_anchors: error: {e}", file=sys.stderr)

@@ -33,7 +33,8 @@ from sara_megatron.io import atomic_open
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="filter_correct", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="answers JSONL file(s)")
     p.add_argument("--output", required=True, help="corpus JSONL file of the kept samples")
     p.add_argument("--dropped", help="side file listing each dropped sample and its reason "

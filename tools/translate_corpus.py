@@ -8,8 +8,9 @@
 sources and answers of the anchor, roles kept, contents translated) and translation_failures.jsonl
 (id, language, reason) for what did not pass the checks. Every reply is cached (SQLite) as it
 arrives: a rerun of the same command after a crash or kill requests only what is missing. The last
-stdout line is a JSON summary. The key comes from OPENAI_API_KEY only (none is needed for a
-self-hosted --base-url). Rules and formats: docs/construction.md.
+stdout line is a JSON summary. OPENAI_API_KEY is sent to OpenAI's API only; another --base-url
+gets the key of the variable named by --api-key-env, or none. Rules, formats and exit codes:
+docs/construction.md, docs/reliability.md.
 """
 
 import argparse
@@ -17,18 +18,22 @@ import json
 import os
 import sys
 
-from sara_megatron.chat.client import is_reasoning_model
+from sara_megatron.chat.client import check_api_key_env, is_reasoning_model
 from sara_megatron.construction.translation import TranslationConfig
 from sara_megatron.construction.translation_run import run_translation
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="translate_corpus", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", required=True, help="anchor-language corpus (JSONL, one language)")
     p.add_argument("--languages", required=True, help="target language codes, comma-separated")
     p.add_argument("--output", required=True, help="output folder of the parallel corpus")
     p.add_argument("--model", required=True, help="e.g. gpt-5-mini, or the model a vLLM server serves")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OpenAI's API)")
+    p.add_argument("--api-key-env", metavar="NAME",
+                   help="the environment variable holding the key for --base-url (its name, never "
+                        "the key); without it only OpenAI's API gets a key (OPENAI_API_KEY)")
     p.add_argument("--cache", help="reply cache (default: <output>/translations.sqlite)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at most")
     p.add_argument("--max-retries", type=int, default=6,
@@ -76,6 +81,10 @@ def parse_args(argv=None):
                 "(GPT-5 family / o-series); use --reasoning-effort")
     if args.prices is not None and not os.path.isfile(args.prices):
         p.error(f"--prices: no such file: {args.prices}")
+    try:
+        check_api_key_env(args.base_url, args.api_key_env)
+    except ValueError as e:
+        p.error(str(e))
     return p, args
 
 
@@ -90,7 +99,7 @@ def main(argv=None):
         top_p=args.top_p, max_tokens=args.max_tokens, reasoning_effort=args.reasoning_effort,
         seed=args.seed, prices_path=args.prices, timeout_s=args.timeout_s,
         batch_poll_s=args.batch_poll_s, extra_languages=tuple(args.extra_languages),
-        progress=not args.no_progress,
+        progress=not args.no_progress, api_key_env=args.api_key_env,
     )
     try:
         summary = run_translation(config)

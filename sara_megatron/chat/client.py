@@ -9,8 +9,13 @@ attempts do not multiply with ours. Ours retry what a later attempt can fix:
 - a 200 whose body does not parse, has no choices, or whose message content is null;
 
 with exponential backoff and jitter. 429 `insufficient_quota` and other 4xx are not retried.
-At most `concurrency` requests are in flight at once. The API key is read from the environment
-only and never printed, logged or stored: it travels in the Authorization header and nowhere else.
+At most `concurrency` requests are in flight at once.
+
+The key stays with its owner (`api_key_for`): `OPENAI_API_KEY` goes only to OpenAI's own API
+(https://api.openai.com, the default base URL); any other server gets the key of the variable
+the user named (`api_key_env`) or a placeholder that is no secret. A key is read from the
+environment only and never printed, logged or stored: it travels in the Authorization header
+and nowhere else.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
-# Sent to a self-hosted server (vLLM, the local test server) when the environment holds no key:
-# the client library insists on some key, and these servers do not check it.
-PLACEHOLDER_API_KEY = "no-key-for-a-self-hosted-server"
+OPENAI_API_HOST = "api.openai.com"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+# Sent to a server other than OpenAI's when the user named no key for it: the client library
+# insists on some key, and self-hosted servers (vLLM's docs use the same word) do not check it.
+PLACEHOLDER_API_KEY = "EMPTY"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # OpenAI's reasoning models (GPT-5 family, o-series) accept only the default temperature/top_p
 # and take `max_completion_tokens` and `reasoning_effort`.
@@ -137,9 +145,59 @@ class _Fatal(Exception):
         self.detail = detail
 
 
-def _is_openai_host(base_url: str | None) -> bool:
-    host = urlparse(base_url or OPENAI_BASE_URL).hostname or ""
-    return host == "openai.com" or host.endswith(".openai.com")
+def is_openai_api(base_url: str | None) -> bool:
+    """Whether `base_url` is OpenAI's own API (none given means OpenAI's): https, the host
+    api.openai.com, the standard port. Anything else, a look-alike host or plain http included,
+    is another server."""
+    if base_url is None:
+        return True
+    try:
+        url = urlparse(base_url)
+        port = url.port
+    except ValueError:  # an unreadable port
+        return False
+    return (url.scheme == "https" and (url.hostname or "") == OPENAI_API_HOST
+            and port in (None, 443))
+
+
+def check_api_key_env(base_url: str | None, api_key_env: str | None) -> None:
+    """Refuse an `--api-key-env` value a tool cannot use, without repeating it (a key pasted
+    there by mistake must not reach the terminal): not a variable name, or OPENAI_API_KEY named
+    for a server other than OpenAI's."""
+    if api_key_env is None:
+        return
+    if not _ENV_NAME.match(api_key_env):
+        raise ValueError("--api-key-env takes the name of an environment variable (letters, "
+                         "digits and _), never the key itself")
+    if api_key_env == OPENAI_KEY_ENV and not is_openai_api(base_url):
+        raise ValueError(f"--api-key-env {OPENAI_KEY_ENV}: that key is sent only to OpenAI's API "
+                         f"({OPENAI_BASE_URL}); put the key for {base_url} in a variable of "
+                         "another name and name that one")
+
+
+def api_key_for(base_url: str | None, api_key_env: str | None = None) -> str:
+    """The key to send to `base_url`.
+
+    - a variable named by `api_key_env` (other than OPENAI_API_KEY): its value, for any server;
+    - otherwise OpenAI's own API (`is_openai_api`): OPENAI_API_KEY, which must be set;
+    - otherwise: PLACEHOLDER_API_KEY. OPENAI_API_KEY is never sent to another server, even when
+      named (a caller's default of "OPENAI_API_KEY" must not leak it to a self-hosted one).
+
+    Raises ValueError when the key is required and absent; the message names the variable only.
+    """
+    if api_key_env is not None and api_key_env != OPENAI_KEY_ENV:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise ValueError("no API key: the variable named by --api-key-env is not set in the "
+                             "environment (or is empty)")
+        return key
+    if not is_openai_api(base_url):
+        return PLACEHOLDER_API_KEY
+    key = os.environ.get(OPENAI_KEY_ENV)
+    if not key:
+        raise ValueError(f"no API key: set {OPENAI_KEY_ENV} in the environment for OpenAI's API "
+                         "(or give the base URL of a self-hosted server)")
+    return key
 
 
 def parse_retry_after(headers) -> float | None:
@@ -194,7 +252,7 @@ class ChatClient:
     """Bounded, retrying chat completions (see the module docstring). Use within one event loop;
     `await client.aclose()` at the end."""
 
-    def __init__(self, base_url: str | None, *, api_key_env: str = "OPENAI_API_KEY",
+    def __init__(self, base_url: str | None, *, api_key_env: str | None = None,
                  concurrency: int = 16, max_retries: int = 6, timeout_s: float = 600.0,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 60.0):
         import openai
@@ -203,12 +261,7 @@ class ChatClient:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        api_key = os.environ.get(api_key_env) or None
-        if api_key is None:
-            if base_url is None or _is_openai_host(base_url):
-                raise ValueError(f"no API key: set {api_key_env} in the environment "
-                                 "(or give the base URL of a self-hosted server)")
-            api_key = PLACEHOLDER_API_KEY
+        api_key = api_key_for(base_url, api_key_env)
         self.base_url = base_url or OPENAI_BASE_URL
         self.concurrency = concurrency
         self.max_retries = max_retries

@@ -73,6 +73,7 @@ class TranslationConfig:
     batch_poll_s: float = 30.0
     extra_languages: tuple[str, ...] = ()
     progress: bool = True
+    api_key_env: str | None = None         # see chat.client.api_key_for
 
     @property
     def cache_file(self) -> str:
@@ -302,7 +303,8 @@ class TranslationRun:
             except ChatRequestFailed as e:
                 if e.reason in RUN_STOPPING_ERRORS:
                     raise RunRefused(f"the server refused the requests ({e.reason}): check the "
-                                     "key (OPENAI_API_KEY), --model and --base-url") from None
+                                     "key (OPENAI_API_KEY for OpenAI's API, else the variable "
+                                     "named by --api-key-env), --model and --base-url") from None
                 if e.reason in ("connection", "timeout") and self.client.stats.succeeded == 0:
                     raise RunRefused(f"no reply from {self.client.base_url} ({e.reason}, "
                                      f"{e.attempts} attempts): check --base-url") from None
@@ -338,7 +340,8 @@ class TranslationRun:
                 self.finish_job(job, outcomes)
                 progress.update(self)
 
-        self.client = ChatClient(self.config.base_url, concurrency=self.config.concurrency,
+        self.client = ChatClient(self.config.base_url, api_key_env=self.config.api_key_env,
+                                 concurrency=self.config.concurrency,
                                  max_retries=self.config.max_retries, timeout_s=self.config.timeout_s)
         try:
             await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))

@@ -117,7 +117,8 @@ async def _submit(run: TranslationRun, requests: list[PlannedRequest], name: str
 
 async def run_batches(run: TranslationRun, progress) -> None:
     config = run.config
-    run.client = ChatClient(config.base_url, concurrency=min(config.concurrency, 4),
+    run.client = ChatClient(config.base_url, api_key_env=config.api_key_env,
+                            concurrency=min(config.concurrency, 4),
                             max_retries=config.max_retries, timeout_s=config.timeout_s)
     try:
         await _rounds(run, progress)
