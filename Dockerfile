@@ -1,7 +1,7 @@
-# sara-megatron on NVIDIA's PyTorch container, which carries CUDA, NCCL, Transformer Engine and apex.
-# Build with the NGC PyTorch image as the base, e.g. its 25.04-py3 tag:
-#   docker build --build-arg BASE_IMAGE=<NGC pytorch image>:25.04-py3 -t sara-megatron .
-ARG BASE_IMAGE
+# sara-megatron on NVIDIA's PyTorch container (Python 3.12), which carries CUDA, NCCL, Transformer
+# Engine and apex. The default tag below or any newer one (Python 3.12):
+#   docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.11-py3 -t sara-megatron .
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.11-py3
 FROM ${BASE_IMAGE}
 
 WORKDIR /workspace/sara-megatron
@@ -14,7 +14,7 @@ COPY benchmarks ./benchmarks
 
 # The container's torch, Transformer Engine and apex stay as they are: install our package and the
 # pure-Python dependencies only (with the specifiers of setup.py; tests/test_packaging.py keeps the two in step).
-RUN pip install --no-cache-dir "megatron-core==0.16.1" "transformers>=4.56,<5.25" safetensors pyyaml "pydantic>=2" psutil \
+RUN pip install --no-cache-dir "megatron-core>=0.16.1,<0.20" "transformers>=4.56" safetensors pyyaml "pydantic>=2" psutil \
         einops tensorboard datasets "openai>=1.40" aiohttp tqdm lingua-language-detector scipy matplotlib \
     && pip install --no-cache-dir --no-deps -e . \
     && python -c "import sara_megatron.kernels, megatron.core, transformer_engine"

@@ -2,11 +2,15 @@
 
 from setuptools import find_packages, setup
 
-# `kernels/` lives at the top level (the user's layout) but is imported as `sara_megatron.kernels`:
-# a top-level package named `kernels` would shadow Hugging Face's `kernels` package.
+# The Triton kernels live in the top-level `kernels/` folder (the user's layout) and are imported as
+# `sara_megatron.kernels`. `kernels/` itself has no `__init__.py`: a regular top-level package named
+# `kernels` would shadow Hugging Face's `kernels` (which transformers imports) wherever the
+# repository root is on sys.path; a folder without one is only a namespace portion, which loses to
+# an installed regular package. The code sits one level down, in a regular package that is mapped.
+KERNELS_SOURCE = "kernels/sara_kernels"
 packages = find_packages(include=["sara_megatron", "sara_megatron.*"])
 packages += ["sara_megatron.kernels"] + [
-    "sara_megatron.kernels." + p for p in find_packages(where="kernels")
+    "sara_megatron.kernels." + p for p in find_packages(where=KERNELS_SOURCE)
 ]
 
 setup(
@@ -15,21 +19,20 @@ setup(
     description="Semantically Anchored Routing Alignment (SARA) for MoE LLMs on Megatron-Core",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"sara_megatron.kernels": "kernels"},
+    package_dir={"sara_megatron.kernels": KERNELS_SOURCE},
     # lm-eval task definitions ship beside the evaluation code (`lm_eval --include_path`).
     package_data={"sara_megatron.evaluation": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/_*_yaml",
                                               "lm_eval_tasks/*.py"]},
     install_requires=[
-        # The newest megatron-core that installs on Python 3.11; its APIs are read from this version.
-        "megatron-core==0.16.1",
+        # The tested range: 0.16.1 (the newest on Python 3.11) through 0.19.x (Python 3.12); every
+        # difference between them lives in sara_megatron/mcore_compat.py (docs/compatibility.md).
+        "megatron-core>=0.16.1,<0.20",
         # torch is pinned by the Makefile before this install; a range here never pulls a CUDA build
         # when a matching torch is already present.
         "torch>=2.6",
         "triton",
-        # <5.25: transformers 5.25 requires Hugging Face's `kernels` package, which this
-        # checkout's top-level `kernels/` shadows wherever the repository root is on sys.path
-        # (`python -m pytest`, `python -c` there): transformers' activations then fail to import.
-        "transformers>=4.56,<5.25",
+        # A floor only: 5.25 and later import Hugging Face's `kernels`, which nothing here shadows.
+        "transformers>=4.56",
         "safetensors",
         "numpy",
         "pyyaml",

@@ -7,8 +7,15 @@ from sara_megatron.models.context_parallel import context_parallel_positions, co
 
 
 @pytest.mark.parametrize("cp_size", [1, 2, 4])
-def test_slice_matches_megatron_layout(single_rank, cp_size):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+def test_slice_matches_megatron_layout(single_rank, cp_size, monkeypatch):
+    from sara_megatron.compat.megatron_versions import get_batch_on_this_cp_rank
+
+    # megatron-core 0.18+ asks torch.distributed for the group's size and rank instead of the
+    # group itself; answer for the stand-in groups, pass everything else through.
+    for name, of_fake in (("get_world_size", _FakeGroup.size), ("get_rank", _FakeGroup.rank)):
+        real = getattr(torch.distributed, name)
+        monkeypatch.setattr(torch.distributed, name, lambda group=None, _real=real, _of=of_fake:
+                            _of(group) if isinstance(group, _FakeGroup) else _real(group))
 
     tokens = torch.arange(3 * 32).view(3, 32)
     mask = torch.rand(3, 32) > 0.5

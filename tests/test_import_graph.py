@@ -15,7 +15,7 @@ import pytest
 from launch import REPO
 
 PACKAGE = "sara_megatron"
-SOURCE_ROOTS = {PACKAGE: REPO / "sara_megatron", f"{PACKAGE}.kernels": REPO / "kernels"}
+SOURCE_ROOTS = {PACKAGE: REPO / "sara_megatron", f"{PACKAGE}.kernels": REPO / "kernels" / "sara_kernels"}
 
 
 def module_files(roots: dict[str, Path]) -> dict[str, Path]:

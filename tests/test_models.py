@@ -56,9 +56,9 @@ def test_tiny_forward_backward(single_rank, preset):
 def test_a_deeper_model_after_a_shallower_one_logs_its_load_balancing(single_rank):
     """megatron's per-layer loss tracker is process-wide and sized by the first model that logs
     to it; a deeper model built later in the process logs every layer instead of failing."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from sara_megatron.compat.megatron_versions import aux_loss_values, forget_aux_losses
 
-    get_moe_layer_wise_logging_tracker().clear()
+    forget_aux_losses()
     arch = get_preset("qwen3_moe_tiny")
     b, s = 2, 8
     for num_layers in (1, arch.num_layers):
@@ -67,7 +67,7 @@ def test_a_deeper_model_after_a_shallower_one_logs_its_load_balancing(single_ran
         tokens = torch.randint(0, arch.vocab_size, (b, s))
         model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s),
               labels=tokens).mean().backward()
-    values = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"]
+    values = aux_loss_values("load_balancing_loss")
     assert values.numel() == arch.num_layers
     assert (values[1:] > 0).all()  # the deeper model's own layers were logged
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from sara_megatron.compat.megatron_versions import module_submodules
 from sara_megatron.models.architecture import MoEArchitecture
 from sara_megatron.models.context_parallel import ContextParallelDotProductAttention
 from sara_megatron.models.norms import SequenceParallelNorm
@@ -166,7 +167,7 @@ def layer_spec(arch: MoEArchitecture, config, use_te: bool):
         if arch.qk_layernorm:
             attn.q_layernorm = SequenceParallelNorm
             attn.k_layernorm = SequenceParallelNorm
-    spec.submodules.mlp.submodules.router = ObservedTopKRouter
+    module_submodules(spec.submodules.mlp).router = ObservedTopKRouter
     if arch.family == "phimoe":
         from sara_megatron.models.phimoe import customize_phimoe_layer_spec
 

@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel.layers import (
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
 
+from sara_megatron.compat.megatron_versions import module_submodules
 from sara_megatron.models.architecture import LongRopeScaling, MoEArchitecture
 from sara_megatron.models.context_parallel import ContextParallelDotProductAttention
 from sara_megatron.models.router import ObservedTopKRouter
@@ -136,8 +137,8 @@ class SparseMixerRouter(ObservedTopKRouter):
     plain softmax top-2 assignments, not the sparsemixer's picks. Observers see the raw logits.
     """
 
-    def __init__(self, config, pg_collection=None, *, jitter_eps: float = 0.01):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, *, jitter_eps: float = 0.01, **router_kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
         if self.topk != 2:
             raise ValueError(f"sparsemixer routing is top-2 only; moe_router_topk={self.topk}")
         unsupported = {
@@ -424,9 +425,8 @@ def customize_phimoe_layer_spec(spec, arch: MoEArchitecture, use_te: bool):
     """Swap in the sparsemixer router, o_proj bias and (only when the longrope mscales differ)
     the mscale-switching core attention."""
     _check_phimoe(arch)
-    mlp = spec.submodules.mlp
     if arch.router == "sparsemixer":
-        mlp.submodules.router = functools.partial(
+        module_submodules(spec.submodules.mlp).router = functools.partial(
             SparseMixerRouter, jitter_eps=arch.router_jitter_noise
         )
     attn = spec.submodules.self_attention.submodules

@@ -6,11 +6,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    get_moe_layer_wise_logging_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
+
+from sara_megatron.compat.megatron_versions import (
+    fit_aux_loss_tracker,
+    lb_reduce_group_has_dp,
+    lb_token_count_argument,
+)
 
 
 class ObservedTopKRouter(TopKRouter):
@@ -39,36 +42,34 @@ class ObservedTopKRouter(TopKRouter):
 
     def attach_and_log_load_balancing_loss(
         self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
-        reduce_group_has_dp=False, valid_token_count=None,
+        valid_token_count=None, **group_kwargs,
     ):
         """Megatron's, with the per-token-loss scale made independent of TP and CP.
 
-        megatron-core 0.16.1 scales each rank's share of the load-balancing loss by the rank's own
-        token count where the group's is right, so under sequence or context parallel the
-        gradient shrinks by 1/(TP·CP); this passes the group's count (docs/models.md).
+        The load-balancing gradient must be scaled by the micro-batch's token count over the
+        TP×CP group. megatron-core up to 0.18 uses this rank's count without a padding mask
+        (1/(TP·CP) too small under sequence or context parallel); 0.19 multiplies the count by
+        the group size, which with a padding mask multiplies a count that is already the
+        group's. This hands megatron whatever makes the scale the group's count on the
+        installed version (`compat.megatron_versions`, docs/compatibility.md).
+
+        Args:
+            group_kwargs: megatron's data-parallel flag for the reduce group, under whichever
+                name the installed version uses (`reduce_group_has_dp` / `needs_dp_avg`).
         """
-        if self.calculate_per_token_loss and not reduce_group_has_dp:
-            valid_token_count = _group_token_count(activation, valid_token_count, reduce_group)
+        if self.calculate_per_token_loss and not lb_reduce_group_has_dp(group_kwargs):
+            group_count = _group_token_count(activation, valid_token_count, reduce_group)
+            valid_token_count = lb_token_count_argument(group_count, reduce_group.size())
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        _fit_logging_tracker(aux_loss_name, num_layers)
+        fit_aux_loss_tracker(aux_loss_name, num_layers)
         return super().attach_and_log_load_balancing_loss(
             activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
-            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count,
+            valid_token_count=valid_token_count, **group_kwargs,
         )
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         return self.observe_and_attach(logits, padding_mask, probs), routing_map
-
-
-def _fit_logging_tracker(name: str, num_layers: int) -> None:
-    """Grow megatron's process-wide per-layer loss tracker to this model's layer count: it is sized
-    by the first model that logs to it, and a deeper model built later in the same process (a
-    test, a benchmark, an analysis beside training) would index past its end."""
-    entry = get_moe_layer_wise_logging_tracker().get(name)
-    if entry is not None and entry["values"].numel() < num_layers:
-        values = entry["values"]
-        entry["values"] = torch.cat([values, values.new_zeros(num_layers - values.numel())])
 
 
 def _group_token_count(activation, valid_token_count, reduce_group):
@@ -78,7 +79,7 @@ def _group_token_count(activation, valid_token_count, reduce_group):
     activation.shape[0]); every rank of the group holds as many tokens, so the total is that
     times the group size. With a padding mask it passes a 0-d tensor that is already the group's
     non-padding total: `get_tokens_per_expert_and_token_count` derives it from the per-expert
-    counts after all-reducing those in place over the group (megatron-core 0.16.1). The
+    counts after all-reducing those in place over the group (every version in range). The
     TP / CP runs in tests/test_training.py follow the single-rank one and catch a change.
     """
     if isinstance(valid_token_count, torch.Tensor):

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from sara_megatron.checkpointing import load_model_weights
+from sara_megatron.compat.megatron_versions import forget_aux_losses
 from sara_megatron.models.builder import ModelOptions, build_model
 from sara_megatron.sara import SaraRoutingLoss
 from sara_megatron.training.checkpoint import (
@@ -90,9 +91,7 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
     model_config = chunks[0].config
     # megatron's process-wide aux-loss tracker is sized by the first model that logs to it: a
     # model of more layers built later in the process (tests, benchmarks) would index past it.
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    get_moe_layer_wise_logging_tracker().clear()
+    forget_aux_losses()
     sara, aes, shifcon = _build_objectives(cfg, plan, chunks, model_config, process_groups)
     chunks = _wrap_ddp(cfg, chunks, model_config)
     optimizer = _build_optimizer(cfg, chunks, bf16)

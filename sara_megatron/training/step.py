@@ -20,6 +20,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from sara_megatron.compat.megatron_versions import (
+    LOAD_BALANCING_LOSS,
+    reduced_aux_loss_values,
+    zero_aux_losses,
+)
 from sara_megatron.models.context_parallel import context_parallel_slice
 from sara_megatron.models.flops import training_flops_per_token
 from sara_megatron.routing import observe_routers
@@ -154,12 +159,10 @@ def _prepare_aes(state: TrainState, cfg: TrainConfig, batch: GlobalBatch,
 def forward_backward(state: TrainState, cfg: TrainConfig, batch: GlobalBatch) -> list:
     """Forward and backward over the global batch's micro-batches (megatron's pipeline schedule),
     with the SARA or AES observer on the routers; the per-micro-batch CE sums, last stage only."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
     # The step's LB is read back from megatron's process-wide tracker: start it empty, so a
     # forward outside the step (the anchor passes of online priors and ShifCon, AES
     # calibration, another model in the same process) cannot add to this step's value.
-    clear_aux_losses_tracker()
+    zero_aux_losses()
     observer = state.sara if state.sara is not None else state.aes
     with (observe_routers(state.chunks, observer) if observer is not None
           else contextlib.nullcontext()):
@@ -247,11 +250,6 @@ def step_record(state: TrainState, cfg: TrainConfig, batch: GlobalBatch, reduced
     """The step's losses reduced over the ranks: CE, megatron's load-balancing loss, the SARA
     term per aligned layer, and the objective's own terms."""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
 
     arch = state.plan.arch
     # CE lives on the last pipeline stage: sum there, then over data × context parallel (CP
@@ -262,13 +260,9 @@ def step_record(state: TrainState, cfg: TrainConfig, batch: GlobalBatch, reduced
     dist.all_reduce(ce, group=ps.get_data_parallel_group(with_context_parallel=True))
     dist.all_reduce(ce, group=ps.get_pipeline_model_parallel_group())
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    lb = 0.0
-    if "load_balancing_loss" in tracker:
-        reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
-        values = tracker["load_balancing_loss"]["values"]
-        lb = float(values.sum() / arch.num_layers / len(batch.microbatches))
-    clear_aux_losses_tracker()
+    values = reduced_aux_loss_values(LOAD_BALANCING_LOSS)
+    lb = 0.0 if values is None else float(values.sum() / arch.num_layers / len(batch.microbatches))
+    zero_aux_losses()
 
     terms = {}
     if state.shifcon is not None:
