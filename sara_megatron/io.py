@@ -96,23 +96,52 @@ def drop_torn_last_line(path: str | os.PathLike) -> int:
     return keep
 
 
+def decode_utf8_line(data: bytes, path: str, line_no: int, error: type[Exception]) -> str:
+    """`data` (one line of a text input) as text; a byte that is not UTF-8 (a file saved as
+    latin-1 or cp1252, say) raises `error` naming the file, line and column, instead of the
+    decoder's bare byte position."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = len(data[:e.start].decode("utf-8", errors="replace")) + 1
+        raise error(f"{path}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at column "
+                    f"{column}); save the file as UTF-8") from None
+
+
+def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError):
+    """The JSON value of a file; a byte that is not UTF-8 or text that is not JSON raises `error`
+    naming the file and line."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    text = "".join(decode_utf8_line(line, path, line_no, error)
+                   for line_no, line in enumerate(data.splitlines(keepends=True), start=1))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
 def read_jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueError,
                        limit: int | None = None, complete_lines_only: bool = False
                        ) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file, the first `limit` at most.
 
-    A line that is not a JSON object raises `error` naming the file and line, so that a user can
-    open the file there. `complete_lines_only` skips a last line without its newline: a reader of a
-    file another process is still appending to must neither fail on nor cut that line.
+    A line that is not UTF-8 or not a JSON object raises `error` naming the file and line, so that
+    a user can open the file there. `complete_lines_only` skips a last line without its newline: a
+    reader of a file another process is still appending to (or one a kill cut short) must neither
+    fail on nor cut that line.
     """
     path = os.fspath(path)
     yielded = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    # Bytes, decoded line by line: a decoding error then knows its line.
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             if limit is not None and yielded >= limit:
                 return
-            if complete_lines_only and not line.endswith("\n"):
+            if complete_lines_only and not raw.endswith(b"\n"):
                 return
+            line = decode_utf8_line(raw, path, line_no, error)
             if not line.strip():
                 continue
             try:

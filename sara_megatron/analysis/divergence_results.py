@@ -17,7 +17,7 @@ import json
 import os
 from typing import Optional
 
-from sara_megatron.io import atomic_open
+from sara_megatron.io import atomic_open, read_json_file
 
 
 @dataclasses.dataclass
@@ -55,8 +55,7 @@ class DivergenceResult:
 
 
 def read_divergence(path: str | os.PathLike) -> DivergenceResult:
-    with open(path, encoding="utf-8") as f:
-        obj = json.load(f)
+    obj = read_json_file(path)
     try:
         layers = [int(x) for x in obj["layers"]]
         divergence = {lang: [float(v) for v in values]

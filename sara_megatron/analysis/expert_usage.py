@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from sara_megatron.analysis.plotting import new_figure, save_png
-from sara_megatron.io import atomic_open
+from sara_megatron.io import atomic_open, read_json_file
 
 HEATMAP_WIDTH, HEATMAP_HEIGHT = 1100, 640
 
@@ -74,8 +74,7 @@ def write_expert_usage(path: str | os.PathLike, usage: ExpertUsage) -> None:
 
 
 def read_expert_usage(path: str | os.PathLike) -> ExpertUsage:
-    with open(path, encoding="utf-8") as f:
-        obj = json.load(f)
+    obj = read_json_file(path)
     try:
         return ExpertUsage([int(x) for x in obj["layers"]], obj["anchor"], int(obj["top_k"]),
                            obj["mean_probability"], obj["selection_frequency"])

@@ -4,12 +4,12 @@ js_layer/<layer>, ...), several runs overlaid; and accuracy against checkpoint s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
 
 from sara_megatron.analysis.plotting import new_figure, save_png
+from sara_megatron.io import read_jsonl_objects
 
 DYNAMICS_WIDTH, DYNAMICS_HEIGHT = 1400, 420
 ACCURACY_PANEL_WIDTH, ACCURACY_HEIGHT = 480, 400
@@ -17,18 +17,15 @@ LAYER_PREFIX = "js_layer/"
 
 
 def read_json_log(path: str | os.PathLike) -> list[dict]:
-    """The records of a training JSON log, in step order (null values read as nan)."""
+    """The records of a training JSON log, in step order (null values read as nan). A last line
+    without its newline is left out: the run may still be writing it, or a kill cut it short."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                int(record["step"])
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a training log record: {err!r}") from None
-            records.append({k: (math.nan if v is None else v) for k, v in record.items()})
+    for number, record in read_jsonl_objects(path, complete_lines_only=True):
+        try:
+            int(record["step"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a training log record: {err!r}") from None
+        records.append({k: (math.nan if v is None else v) for k, v in record.items()})
     if not records:
         raise ValueError(f"{path}: no logged step")
     return sorted(records, key=lambda r: r["step"])

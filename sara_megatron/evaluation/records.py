@@ -17,7 +17,9 @@ import os
 from typing import Iterable, Mapping, Sequence
 
 from sara_megatron.data.languages import PAPER_ANCHOR_LANGUAGES, PAPER_TARGET_LANGUAGES
-from sara_megatron.io import drop_torn_last_line, read_jsonl_objects, write_json_atomic
+from sara_megatron.io import (
+    drop_torn_last_line, read_json_file, read_jsonl_objects, write_json_atomic,
+)
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"
@@ -78,11 +80,7 @@ def read_results(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, RESULTS_FILE)
-    with open(path, encoding="utf-8") as f:
-        try:
-            results = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON: {e}") from None
+    results = read_json_file(path)
     if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), dict):
         raise ValueError(f"{path}: not an evaluation results file (no \"benchmarks\" object)")
     return results
