@@ -11,8 +11,10 @@
 sara` is the expected one), which applies the model's chat template; --backend hf runs
 transformers in-process. Temperature 0.1, top-p 1, --runs runs with their own seeds; accuracy in
 percent, mean and sample std (ddof 1). Writes results.json, items.jsonl and table.md into
---output; a rerun with the same --output resumes, asking only unanswered items. A request that
-fails after its retries is never scored: the tool exits 1 and a rerun resumes.
+--output; a rerun with the same --output resumes, asking only unanswered items, and refuses a
+folder that holds another model's answers or answers to other benchmark data (their fingerprints
+are recorded; --restart starts the folder over). A request that fails after its retries is never
+scored: the tool exits 1 and a rerun resumes.
 """
 
 import argparse
@@ -21,9 +23,13 @@ import json
 import os
 import sys
 
+from sara_megatron.evaluation.backends import DEFAULT_MAX_PROMPT_CHARS
 from sara_megatron.evaluation.benchmarks import BENCHMARK_LANGUAGES
+from sara_megatron.evaluation.model_identity import (
+    check_hf_model_folder, hf_model_fingerprint, served_model_fingerprint,
+)
 from sara_megatron.evaluation.runner import (
-    PROTOCOLS, EvaluationIncomplete, EvaluationPlan, EvaluationRunner, SettingsMismatch, run_seed,
+    PROTOCOLS, EvaluationIncomplete, EvaluationPlan, EvaluationRunner, run_seed,
 )
 from sara_megatron.io import sha256_file
 from sara_megatron.prompts import PROMPT_VERSION, load_templates
@@ -42,14 +48,27 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=("openai", "hf"), required=True)
     p.add_argument("--base-url", help="openai: the server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", help="openai: the served model name")
+    p.add_argument("--model-revision",
+                   help="openai: what the served weights are (a checkpoint path, a commit, a tag); "
+                        "recorded with the served name so that a resume against another model "
+                        "served under the same name is refused")
+    p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
+                   help="openai: an item whose prompt has more characters is refused before any "
+                        "request (the served model's tokenizer is not here to count tokens)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="openai: the environment variable holding the key (none needed for vLLM)")
     p.add_argument("--model-dir", help="hf: an HF model folder (an exported checkpoint)")
     p.add_argument("--dtype", default="auto", help="hf: auto, float32, bfloat16 or float16")
     p.add_argument("--device", help="hf: cuda or cpu (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="hf: allow the model's code")
+    p.add_argument("--max-context-tokens", type=int,
+                   help="hf: the model's context in tokens (default: max_position_embeddings of "
+                        "its config.json); prompt tokens + --max-new-tokens must fit, else the "
+                        "item is refused before any forward")
     p.add_argument("--data-dir", help="read DIR/<benchmark>/<lang>.jsonl instead of the hub")
     p.add_argument("--output", required=True, help="folder for results.json, items.jsonl, table.md")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the answers already in --output and evaluate from the start")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="run r uses seed + r - 1")
     p.add_argument("--limit", type=int, help="the first N items of each benchmark and language")
@@ -97,9 +116,11 @@ def parse_args(argv=None):
             p.error("--backend hf needs --model-dir")
         if not os.path.isdir(args.model_dir):
             p.error(f"--model-dir: no such folder: {args.model_dir}")
-    for flag in ("runs", "concurrency", "max_new_tokens"):
+    for flag in ("runs", "concurrency", "max_new_tokens", "max_prompt_chars"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_context_tokens is not None and args.max_context_tokens < 1:
+        p.error(f"--max-context-tokens must be >= 1, got {args.max_context_tokens}")
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be >= 1, got {args.limit}")
     if args.max_retries < 0:
@@ -133,11 +154,17 @@ def parse_args(argv=None):
 
 
 def settings_of(args) -> dict:
-    """What results.json records; ANSWER_SETTINGS among them must match for a resume."""
-    model = (args.model if args.backend == "openai"
-             else os.path.basename(os.path.normpath(args.model_dir)))
+    """What results.json records; the model fingerprint and ANSWER_SETTINGS among them must match
+    for a resume."""
+    if args.backend == "openai":
+        model = args.model
+        fingerprint = served_model_fingerprint(args.model, args.model_revision)
+    else:
+        model = os.path.basename(os.path.normpath(args.model_dir))
+        fingerprint = hf_model_fingerprint(args.model_dir)
     return {
-        "backend": args.backend, "model": model,
+        "backend": args.backend, "model": model, "model_fingerprint": fingerprint,
+        "model_revision": args.model_revision,
         "base_url": args.base_url, "model_dir": args.model_dir,
         "protocol": args.protocol, "benchmarks": args.benchmarks, "languages": args.languages,
         "runs": args.runs, "seed": args.seed,
@@ -161,35 +188,42 @@ def build_backend(args):
         return OpenAIBackend(args.base_url, args.model, sampling, concurrency=args.concurrency,
                              chat_template_kwargs=args.chat_template_kwargs,
                              max_retries=args.max_retries, timeout_s=args.timeout_s,
-                             api_key_env=args.api_key_env)
+                             api_key_env=args.api_key_env, max_prompt_chars=args.max_prompt_chars)
     return HFBackend(args.model_dir, sampling, chat_template_kwargs=args.chat_template_kwargs,
                      dtype=args.dtype, device=args.device,
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code,
+                     max_context_tokens=args.max_context_tokens)
+
+
+def user_error(message) -> int:
+    """A problem with the inputs or the output folder: one line, exit 2."""
+    print(f"evaluate: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    p = args.parser
     try:
+        if args.backend == "hf":
+            check_hf_model_folder(args.model_dir)
         plan = EvaluationPlan(
             benchmarks=tuple(args.benchmarks), languages=tuple(args.languages), runs=args.runs,
             seed=args.seed, limit=args.limit, data_dir=args.data_dir,
             template_language=args.template_language, templates=args.templates_data,
             protocol=args.protocol)
-        backend = build_backend(args)
-        runner = EvaluationRunner(backend, plan, args.output, settings_of(args),
-                                  progress=not args.no_progress)
-    except ValueError as e:
-        p.error(str(e))
+        runner = EvaluationRunner(None, plan, args.output, settings_of(args),
+                                  progress=not args.no_progress, restart=args.restart)
+        runner.prepare()  # refuses another model's folder or changed benchmarks before loading
+        runner.use_backend(build_backend(args))
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # ModelFolderError too
+        return user_error(e)
     try:
         result = asyncio.run(runner.run())
-    except (SettingsMismatch, FileNotFoundError) as e:
-        p.error(str(e))
     except EvaluationIncomplete as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # bad benchmark data (names the file and line)
-        p.error(str(e))
+    except (ValueError, FileNotFoundError) as e:  # bad data (names the file and line), too long
+        return user_error(e)
     with open(os.path.join(args.output, "table.md"), encoding="utf-8") as f:
         print(f.read(), end="")
     if not result["complete"]:

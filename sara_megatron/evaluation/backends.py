@@ -34,13 +34,29 @@ class SamplingSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+# A served model's tokenizer is not at hand, so its limit is on characters: far above any real
+# benchmark prompt (BELEBELE's, the longest, are a few thousand), below what breaks a request.
+DEFAULT_MAX_PROMPT_CHARS = 1_000_000
+
+
 class GenerationBackend(Protocol):
     model: str
     concurrency: int
 
     async def generate(self, messages: list[dict], seed: int) -> str: ...
 
+    def prompt_too_long(self, messages: list[dict], reply_tokens: int | None = None) -> str | None:
+        """Why the prompt cannot fit the model's context with `reply_tokens` after it (default:
+        the most a generated reply may have), or None when it fits."""
+
+    def context_rule(self, reply_tokens: int | None = None) -> str:
+        """The rule `prompt_too_long` applies, in words."""
+
     async def aclose(self) -> None: ...
+
+
+def prompt_characters(messages: list[dict]) -> int:
+    return sum(len(m.get("content") or "") for m in messages)
 
 
 class OpenAIBackend:
@@ -51,10 +67,12 @@ class OpenAIBackend:
     def __init__(self, base_url: str, model: str, sampling: SamplingSettings, *,
                  concurrency: int = 32, chat_template_kwargs: dict | None = None,
                  max_retries: int = 6, timeout_s: float = 600.0,
-                 api_key_env: str = "OPENAI_API_KEY", backoff_base_s: float = 0.5):
+                 api_key_env: str = "OPENAI_API_KEY", backoff_base_s: float = 0.5,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS):
         from sara_megatron.chat.client import ChatClient
 
         self.model = model
+        self.max_prompt_chars = max_prompt_chars
         self.concurrency = concurrency
         self.sampling = sampling
         extra_body = {}
@@ -74,6 +92,14 @@ class OpenAIBackend:
         return ChatSettings(model=self.model, temperature=self.sampling.temperature,
                             top_p=self.sampling.top_p, max_tokens=self.sampling.max_new_tokens,
                             seed=seed, extra_body=self.extra_body)
+
+    def prompt_too_long(self, messages: list[dict], reply_tokens: int | None = None) -> str | None:
+        chars = prompt_characters(messages)
+        return f"{chars} characters" if chars > self.max_prompt_chars else None
+
+    def context_rule(self, reply_tokens: int | None = None) -> str:
+        return (f"a prompt of at most --max-prompt-chars {self.max_prompt_chars} characters (the "
+                "served model's tokenizer is not here to count tokens)")
 
     async def generate(self, messages: list[dict], seed: int) -> str:
         reply = await self.client.complete(messages, self.settings(seed))
@@ -104,7 +130,8 @@ class HFBackend:
 
     def __init__(self, model_dir: str | os.PathLike, sampling: SamplingSettings, *,
                  chat_template_kwargs: dict | None = None, dtype: str = "auto",
-                 device: str | None = None, trust_remote_code: bool = False):
+                 device: str | None = None, trust_remote_code: bool = False,
+                 max_context_tokens: int | None = None):
         import torch
         import transformers
 
@@ -121,6 +148,50 @@ class HFBackend:
             self.model_dir, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
         self.lm.to(self.device).eval()
         self._lock = threading.Lock()  # one forward at a time: the global RNG is seeded per item
+        self._set_context(max_context_tokens)
+
+    def _set_context(self, max_context_tokens: int | None) -> None:
+        """The context rule: prompt tokens (chat template applied) + the reply's must fit the
+        model's positions. A prompt with more characters than the context's tokens could hold
+        (each token at most the vocabulary's longest, in characters; times 4 for normalizers
+        that merge characters) is refused without being tokenized: tokenizing a 50 MB prompt
+        aborts the process inside the Rust tokenizer."""
+        positions = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
+        self.context_tokens = max_context_tokens or positions
+        self.context_source = (
+            "--max-context-tokens" if max_context_tokens
+            else f"max_position_embeddings in {os.path.join(self.model_dir, 'config.json')}")
+        if self.context_tokens is None:
+            self.max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS
+            return
+        longest_token = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 4 * self.context_tokens * max(longest_token, 1)
+
+    def context_rule(self, reply_tokens: int | None = None) -> str:
+        if self.context_tokens is None:
+            return (f"the model's config has no max_position_embeddings: a prompt of at most "
+                    f"{self.max_prompt_chars} characters (--max-context-tokens sets a limit in "
+                    "tokens)")
+        reply = (f"--max-new-tokens {self.sampling.max_new_tokens}" if reply_tokens is None
+                 else f"{reply_tokens} scored token(s)")
+        return (f"prompt tokens (chat template applied) + {reply} <= {self.context_tokens} "
+                f"({self.context_source})")
+
+    def prompt_too_long(self, messages: list[dict], reply_tokens: int | None = None) -> str | None:
+        chars = prompt_characters(messages)
+        if chars > self.max_prompt_chars:
+            if self.context_tokens is None:
+                return f"{chars} characters, more than {self.max_prompt_chars}"
+            return (f"{chars} characters, more than the {self.max_prompt_chars} that "
+                    f"{self.context_tokens} tokens can hold")
+        if self.context_tokens is None:
+            return None
+        tokens = len(self.tokenizer(self.chat_text(messages), add_special_tokens=False)
+                     ["input_ids"])
+        reply = self.sampling.max_new_tokens if reply_tokens is None else reply_tokens
+        if tokens + reply > self.context_tokens:
+            return f"{tokens} tokens + {reply} > {self.context_tokens}"
+        return None
 
     def chat_text(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,

@@ -11,10 +11,12 @@ instead of the hub: tests and clusters without network use it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 
-from sara_megatron.io import read_jsonl_objects
+from sara_megatron.io import read_jsonl_objects, sha256_file
 from sara_megatron.prompts import OPTION_LETTERS
 
 
@@ -123,25 +125,50 @@ def item_from_row(name: str, language: str, row: dict, index: int) -> BenchmarkI
         options=(), passage=None, gold=_number_text(row["answer_number"]))
 
 
-def _hub_rows(name: str, language: str, limit: int | None):
+def _hub_rows(name: str, language: str):
+    """Every row of the hub split (the whole split is downloaded whatever the limit, and the
+    fingerprint covers it all, as it covers all of a local file)."""
     import datasets
 
-    split = HUB_SPLIT if limit is None else f"{HUB_SPLIT}[:{limit}]"
     try:
         dataset = datasets.load_dataset(HUB_DATASETS[name], hub_config(name, language),
-                                        split=split)
+                                        split=HUB_SPLIT)
     except Exception as e:  # noqa: BLE001 - offline, gated, renamed: all say the same to a user
         raise BenchmarkDataError(
             f"{HUB_DATASETS[name]} ({hub_config(name, language)}): could not load it from the "
             f"hub ({type(e).__name__}: {e}); --data-dir reads local files in the hub's columns"
         ) from None
-    for index, row in enumerate(dataset):
-        yield index + 1, row
+    return list(dataset)
+
+
+def rows_fingerprint(rows) -> str:
+    """sha256 over the rows' canonical JSON, in order: the content of a hub split."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\n")
+    return "sha256-rows:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BenchmarkSource:
+    """The items of one benchmark and language, where they were read, and a fingerprint of that
+    source's whole content (a local file's sha256, or the hub rows'): a resume compares it."""
+
+    items: list[BenchmarkItem]
+    source: str
+    fingerprint: str
 
 
 def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None = None,
                    limit: int | None = None) -> list[BenchmarkItem]:
     """The items of one benchmark in one language, in the source's order (first `limit` rows)."""
+    return load_benchmark_source(name, language, data_dir, limit).items
+
+
+def load_benchmark_source(name: str, language: str, data_dir: str | os.PathLike | None = None,
+                          limit: int | None = None) -> BenchmarkSource:
+    """`load_benchmark`, with where the items came from and the source's fingerprint."""
     check_benchmark_language(name, language)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -150,10 +177,13 @@ def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None 
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no benchmark file {source} (expected "
                                     f"<data-dir>/{name}/{language}.jsonl in the hub's columns)")
+        fingerprint = "sha256:" + sha256_file(source)
         rows = read_jsonl_objects(source, BenchmarkDataError, limit)
     else:
         source = f"{HUB_DATASETS[name]} ({hub_config(name, language)})"
-        rows = _hub_rows(name, language, limit)
+        hub_rows = _hub_rows(name, language)
+        fingerprint = rows_fingerprint(hub_rows)
+        rows = enumerate(hub_rows[:limit], start=1)
     items, seen = [], {}
     for line_number, row in rows:
         try:
@@ -169,4 +199,4 @@ def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None 
         items.append(item)
     if not items:
         raise BenchmarkDataError(f"{source}: no items")
-    return items
+    return BenchmarkSource(items, source, fingerprint)

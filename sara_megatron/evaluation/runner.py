@@ -22,7 +22,10 @@ import sys
 from typing import Callable, Mapping, Sequence
 
 from sara_megatron.evaluation.backends import GenerationBackend, HFBackend
-from sara_megatron.evaluation.benchmarks import BENCHMARK_LANGUAGES, BenchmarkItem, load_benchmark
+from sara_megatron.evaluation.benchmarks import (
+    BENCHMARK_LANGUAGES, BenchmarkItem, load_benchmark_source,
+)
+from sara_megatron.evaluation.model_identity import fingerprint_changes
 from sara_megatron.evaluation.records import (
     ITEMS_FILE, RESULTS_FILE, TABLE_FILE, ItemRecordWriter, accuracy_summary, ordered_languages,
     read_item_records, read_results, record_key, render_table, write_results,
@@ -51,7 +54,25 @@ class EvaluationIncomplete(RuntimeError):
 
 
 class SettingsMismatch(ValueError):
-    """The output folder holds an evaluation made with other answer-changing settings."""
+    """The output folder holds an evaluation of another model, on other benchmark data, or with
+    other answer-changing settings."""
+
+
+class PromptsTooLong(ValueError):
+    """Items whose prompt cannot fit the model's context (named); refused before any request."""
+
+    def __init__(self, too_long: Sequence[tuple[BenchmarkItem, str]], rule: str):
+        shown = "; ".join(f"{i.benchmark}/{i.language} item {i.item_id} ({why})"
+                          for i, why in too_long[:MAX_NAMED_ITEMS])
+        more = (f"; and {len(too_long) - MAX_NAMED_ITEMS} more"
+                if len(too_long) > MAX_NAMED_ITEMS else "")
+        super().__init__(f"{len(too_long)} item(s) too long for the model's context, refused "
+                         f"before any request or forward: {shown}{more}; the rule: {rule}")
+        self.items = [item for item, _ in too_long]
+
+
+MAX_NAMED_ITEMS = 10
+REFUSAL_ADVICE = "use a new --output, or --restart (which discards the folder's answers)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,33 +120,66 @@ def _say(message: str) -> None:
 
 
 def check_resumable(output_dir: str, settings: Mapping) -> None:
-    """Refuse an output folder evaluated under other answer-changing settings."""
+    """Refuse an output folder evaluated with another model (`model_fingerprint`, when `settings`
+    has one), on other content of a benchmark file both read (`benchmark_sources`), or under
+    other answer-changing settings."""
     path = os.path.join(output_dir, RESULTS_FILE)
     if not os.path.exists(path):
         if os.path.exists(os.path.join(output_dir, ITEMS_FILE)):
             raise SettingsMismatch(f"{output_dir} has {ITEMS_FILE} but no {RESULTS_FILE}: cannot "
-                                   "tell which settings produced it; use a new --output")
+                                   f"tell which settings produced it; {REFUSAL_ADVICE}")
         return
     previous = read_results(path).get("settings", {})
+    if "model_fingerprint" in settings:
+        changes = fingerprint_changes(previous.get("model_fingerprint"),
+                                      settings["model_fingerprint"])
+        if changes:
+            raise SettingsMismatch(f"{output_dir} holds answers of another model "
+                                   f"({'; '.join(changes)}); {REFUSAL_ADVICE}")
+    before_sources = previous.get("benchmark_sources") or {}
+    changed_sources = [
+        f"{key} ({now['source']}): {before_sources[key]['fingerprint'][:19]}… -> "
+        f"{now['fingerprint'][:19]}…"
+        for key, now in (settings.get("benchmark_sources") or {}).items()
+        if key in before_sources and before_sources[key].get("fingerprint") != now["fingerprint"]]
+    if changed_sources:
+        raise SettingsMismatch(f"{output_dir} was scored on other benchmark data "
+                               f"({'; '.join(changed_sources)}); {REFUSAL_ADVICE}")
     changed = [k for k in ANSWER_SETTINGS if previous.get(k) != settings.get(k)]
     if changed:
         detail = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
         raise SettingsMismatch(f"{output_dir} was evaluated with other settings ({detail}); "
-                               "use a new --output, or the same settings to resume")
+                               f"use the same settings to resume, or {REFUSAL_ADVICE}")
+
+
+def discard_previous(output_dir: str) -> None:
+    """--restart: the folder's answers, results and table go; nothing else in it is touched."""
+    for name in (ITEMS_FILE, RESULTS_FILE, TABLE_FILE):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 class EvaluationRunner:
-    def __init__(self, backend: GenerationBackend, plan: EvaluationPlan, output_dir: str,
-                 settings: Mapping, *, progress: bool = True,
+    def __init__(self, backend: GenerationBackend | None, plan: EvaluationPlan, output_dir: str,
+                 settings: Mapping, *, progress: bool = True, restart: bool = False,
                  say: Callable[[str], None] = _say):
-        self.backend, self.plan, self.output_dir = backend, plan, os.fspath(output_dir)
+        """`backend` may come later (`use_backend`), after `prepare` has refused what it must
+        without loading a model. `restart`: ignore and replace the folder's earlier answers."""
+        self.plan, self.output_dir = plan, os.fspath(output_dir)
         self.settings = dict(settings)
-        self.progress, self.say = progress, say
-        if plan.protocol == "loglikelihood":
-            if not isinstance(backend, HFBackend):
-                raise NotImplementedError(
-                    "--protocol loglikelihood over a server (a completions endpoint with echo and "
-                    "logprobs) is not built; use --backend hf")
+        self.progress, self.say, self.restart = progress, say, restart
+        self.backend = None
+        self.items = None
+        if backend is not None:
+            self.use_backend(backend)
+
+    def use_backend(self, backend: GenerationBackend) -> None:
+        if self.plan.protocol == "loglikelihood" and not isinstance(backend, HFBackend):
+            raise NotImplementedError(
+                "--protocol loglikelihood over a server (a completions endpoint with echo and "
+                "logprobs) is not built; use --backend hf")
+        self.backend = backend
 
     # -- planning -----------------------------------------------------------------------------------
 
@@ -136,15 +190,60 @@ class EvaluationRunner:
             self.say(f"{name}: no {', '.join(skipped)} in this benchmark; skipped")
         return [lang for lang in self.plan.languages if lang in available]
 
-    def load_items(self) -> dict[str, dict[str, list[BenchmarkItem]]]:
-        items = {}
+    def load_items(self) -> tuple[dict[str, dict[str, list[BenchmarkItem]]], dict]:
+        """The items per benchmark and language, and the source and fingerprint of each file
+        read, keyed "benchmark/language"."""
+        items, sources = {}, {}
         for name in self.plan.benchmarks:
             if self.plan.protocol == "loglikelihood" and name not in MULTIPLE_CHOICE_BENCHMARKS:
                 self.say(f"{name}: not multiple choice, no log-likelihood protocol; skipped")
                 continue
-            items[name] = {lang: load_benchmark(name, lang, self.plan.data_dir, self.plan.limit)
-                           for lang in self.benchmark_languages(name)}
-        return items
+            items[name] = {}
+            for lang in self.benchmark_languages(name):
+                loaded = load_benchmark_source(name, lang, self.plan.data_dir, self.plan.limit)
+                items[name][lang] = loaded.items
+                sources[f"{name}/{lang}"] = {"source": loaded.source,
+                                             "fingerprint": loaded.fingerprint}
+        return items, sources
+
+    def prepare(self) -> None:
+        """Read the benchmarks and refuse a folder that holds another evaluation: before a model
+        is loaded or anything is written. Fingerprints of files an earlier run read and this one
+        does not are kept, so a later run that reads them again is still compared."""
+        if self.items is not None:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.items, sources = self.load_items()
+        results_path = os.path.join(self.output_dir, RESULTS_FILE)
+        earlier = {}
+        if not self.restart and os.path.exists(results_path):
+            earlier = read_results(results_path).get("settings", {}).get("benchmark_sources") or {}
+        self.settings["benchmark_sources"] = {**earlier, **sources}
+        if not self.restart:
+            check_resumable(self.output_dir, {**self.settings, "benchmark_sources": sources})
+
+    def check_prompt_lengths(self, items, done: Mapping) -> None:
+        """Every item still to ask must fit the model's context (the backend's rule), checked
+        before the first request or forward: an over-long item is never sent."""
+        too_long = getattr(self.backend, "prompt_too_long", None)
+        if too_long is None:
+            return
+        # Log-likelihood scores an option letter (a token, for the tokenizers we know) instead of
+        # a generated reply.
+        reply_tokens = 1 if self.plan.protocol == "loglikelihood" else None
+        refused = []
+        for name, per_language in items.items():
+            for lang, lang_items in per_language.items():
+                for item in lang_items:
+                    if all((name, lang, run, item.item_id) in done
+                           for run in range(1, self.plan.runs + 1)):
+                        continue
+                    why = too_long(item_messages(item, self.plan.item_template_language(lang),
+                                                 self.plan.templates), reply_tokens)
+                    if why is not None:
+                        refused.append((item, why))
+        if refused:
+            raise PromptsTooLong(refused, self.backend.context_rule(reply_tokens))
 
     # -- answering ----------------------------------------------------------------------------------
 
@@ -223,16 +322,24 @@ class EvaluationRunner:
         return benchmarks, complete
 
     async def run(self) -> dict:
-        os.makedirs(self.output_dir, exist_ok=True)
-        check_resumable(self.output_dir, self.settings)
-        items = self.load_items()
+        if self.backend is None:
+            raise ValueError("EvaluationRunner.run needs a backend (use_backend)")
+        self.prepare()
+        items = self.items
         items_path = os.path.join(self.output_dir, ITEMS_FILE)
         done = {}
-        if os.path.exists(items_path):
+        if not self.restart and os.path.exists(items_path):
             for record in read_item_records(items_path):
                 done.setdefault(record_key(record), record)
-            if done:
-                self.say(f"resuming: {len(done)} answered items in {items_path}")
+        try:
+            self.check_prompt_lengths(items, done)
+        except PromptsTooLong:
+            await self.backend.aclose()
+            raise
+        if self.restart:
+            discard_previous(self.output_dir)
+        elif done:
+            self.say(f"resuming: {len(done)} answered items in {items_path}")
         self.write_outputs(items, done)  # the settings are on disk before the first request
         failures = []
         try:
