@@ -13,6 +13,8 @@ import json
 import os
 from typing import IO, Iterator
 
+from sara_megatron.tool_errors import UserFacingError
+
 TMP_SUFFIX = ".partial"
 
 
@@ -68,6 +70,35 @@ def canonical_json(obj) -> str:
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with atomic_open(path, "w") as f:
         f.write(canonical_json(obj))
+
+
+class OutputFolderTaken(UserFacingError, ValueError):
+    """An output folder that holds what another run (other inputs or settings) or another
+    program made: the tool refuses it instead of mixing its output into it."""
+
+
+def check_output_plan(root: str | os.PathLike, plan_name: str, plan: dict, what: str, *,
+                      owner: str | None = None) -> None:
+    """Refuse the output folder `root` unless its `plan_name` file, the record of the inputs and
+    settings an earlier run wrote there, equals `plan` (then this run continues that one). A
+    folder without the record is taken as new; with `owner` (the tool's name) it must then be
+    empty too, so a tool that writes several files never mixes them with anybody else's. The
+    caller writes `plan` (`write_json_atomic`) before its first output."""
+    root = os.fspath(root)
+    path = os.path.join(root, plan_name)
+    if not os.path.exists(path):
+        if owner is not None and os.path.isdir(root) and os.listdir(root):
+            raise OutputFolderTaken(
+                f"{root} is not empty and was not made by {owner} (it has no {plan_name}): "
+                "write to a new or empty output folder")
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    if sha256_text(canonical_json(old)) != sha256_text(canonical_json(plan)):
+        differs = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        raise OutputFolderTaken(
+            f"{root} holds {what} made from other inputs or settings (differs in: "
+            f"{', '.join(differs)}); write to a new output directory or delete this one")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:

@@ -179,6 +179,13 @@ def test_command_line_tool(inputs, reference, tmp_path, capsys):
                     "--output", str(out), "--strict"])
     assert rc == 1 and "bad record (--strict)" in capsys.readouterr().err
     assert os.path.exists(out / "manifest.json")
+    # Another setting into the same folder: one line and exit 2, not a traceback.
+    rc = tool.main(["--corpus", str(inputs / "corpus"), "--tokenizer", str(inputs / "tokenizer"),
+                    "--output", str(out), "--seq-length", str(SEQ + 1), "--shard-size", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"shard_corpus.py: error: {out} holds shards made from other "
+                               "inputs or settings (differs in: seq_length); write to a new "
+                               "output directory or delete this one\n")
 
 
 @pytest.mark.parametrize("seq_length", [0, -3])

@@ -15,6 +15,7 @@ import sys
 from sara_megatron.data.chat_tokenization import check_seq_length
 from sara_megatron.data.corpus_sharding import ShardingConfig, ShardProgress, shard_corpus
 from sara_megatron.data.corpus_validation import CorpusError
+from sara_megatron.io import OutputFolderTaken
 from sara_megatron.tool_errors import check_writable_output, disk_full_error
 
 
@@ -93,6 +94,9 @@ def main(argv=None) -> int:
         return 1
     except FileNotFoundError as e:
         print(f"shard_corpus: {e}", file=sys.stderr)
+        return 2
+    except OutputFolderTaken as e:
+        print(f"shard_corpus.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         full = disk_full_error(e, args.output)

@@ -41,6 +41,7 @@ from sara_megatron.data.token_shards import (
 from sara_megatron.io import (
     atomic_open,
     canonical_json,
+    check_output_plan,
     sha256_text,
     write_json_atomic,
 )
@@ -157,20 +158,6 @@ def _write_shard(task: ShardTask, token_dtype: type, plan_digest: str) -> dict:
     return write_token_shard(config.output_dir, task.prefix, samples, token_dtype, plan_digest)
 
 
-def _check_output_dir(root: str, plan: dict, digest: str) -> None:
-    path = os.path.join(root, PLAN_NAME)
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
-    if sha256_text(canonical_json(old)) != digest:
-        differs = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-        raise ValueError(
-            f"{root} holds shards made from other inputs or settings (differs in: "
-            f"{', '.join(differs)}); write to a new output directory or delete this one"
-        )
-
-
 def shard_corpus(
     config: ShardingConfig, progress: Optional[Callable[[ShardProgress], None]] = None
 ) -> ShardingReport:
@@ -191,7 +178,7 @@ def shard_corpus(
     digest = sha256_text(canonical_json(plan))
     root = config.output_dir
     os.makedirs(root, exist_ok=True)
-    _check_output_dir(root, plan, digest)
+    check_output_plan(root, PLAN_NAME, plan, "shards")
     write_json_atomic(os.path.join(root, PLAN_NAME), plan)
     with atomic_open(os.path.join(root, ISSUES_NAME)) as f:
         for issue in corpus.issues:
