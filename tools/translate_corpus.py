@@ -6,9 +6,11 @@
 
 --output becomes a parallel corpus: <lang>.jsonl for the anchor language and each target (ids,
 sources and answers of the anchor, roles kept, contents translated) and translation_failures.jsonl
-(id, language, reason) for what did not pass the checks. Every reply is cached (SQLite) as it
-arrives: a rerun of the same command after a crash or kill requests only what is missing. The last
-stdout line is a JSON summary. OPENAI_API_KEY is sent to OpenAI's API only; another --base-url
+(id, language, reason) for what did not pass the checks. The folder is the tool's: a non-empty
+one it did not make from the same input and settings (translation_plan.json) is refused. Every
+reply is cached (SQLite) as it arrives: a rerun of the same command after a crash or kill
+requests only what is missing. The last stdout line is a JSON summary; the run exits 1 when a
+pair's requests failed or a language's rejected share passed --max-rejected-fraction. OPENAI_API_KEY is sent to OpenAI's API only; another --base-url
 gets the key of the variable named by --api-key-env, or none. Rules, formats and exit codes:
 docs/construction.md, docs/reliability.md.
 """
@@ -38,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at most")
     p.add_argument("--max-retries", type=int, default=6,
                    help="retries of a failed request, and of a reply that failed a check")
+    p.add_argument("--max-rejected-fraction", type=float, default=0.05,
+                   help="per target language: the share of pairs the translation checks may reject "
+                        "before the run fails (exit 1); default 0.05")
     p.add_argument("--dry-run", action="store_true",
                    help="print the number of requests and the estimated cost; send nothing")
     p.add_argument("--max-cost-usd", type=float,
@@ -74,6 +79,8 @@ def parse_args(argv=None):
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.max_retries < 0:
         p.error(f"--max-retries must be >= 0, got {args.max_retries}")
+    if not 0.0 <= args.max_rejected_fraction <= 1.0:
+        p.error(f"--max-rejected-fraction must be between 0 and 1, got {args.max_rejected_fraction}")
     if args.max_cost_usd is not None and args.max_cost_usd <= 0:
         p.error(f"--max-cost-usd must be > 0, got {args.max_cost_usd}")
     if is_reasoning_model(args.model) and (args.temperature is not None or args.top_p is not None):
@@ -100,15 +107,22 @@ def main(argv=None):
         seed=args.seed, prices_path=args.prices, timeout_s=args.timeout_s,
         batch_poll_s=args.batch_poll_s, extra_languages=tuple(args.extra_languages),
         progress=not args.no_progress, api_key_env=args.api_key_env,
+        max_rejected_fraction=args.max_rejected_fraction,
     )
     try:
         summary = run_translation(config)
-    except ValueError as e:  # bad input, language codes, price file, missing key
-        parser.error(str(e))
+    except ValueError as e:  # bad input, language codes, price file, missing key, a folder not ours
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)  # one line: no usage, it is no flag error
+        sys.exit(2)
     print(json.dumps(summary), flush=True)
+    # Exit 1: the corpus is written, but the run did not do all its work.
+    problems = summary.get("problems", [])
+    for problem in problems:
+        print(f"{parser.prog}: {problem}", file=sys.stderr)
     if summary.get("stopped"):
         print(f"{parser.prog}: stopped before --max-cost-usd {args.max_cost_usd} was passed; "
               "rerun with a higher limit to go on (the cache keeps what was paid for)", file=sys.stderr)
+    if problems or summary.get("stopped"):
         sys.exit(1)
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from sara_megatron.answers import last_boxed
@@ -41,11 +42,17 @@ from sara_megatron.data.corpus_format import (
     parse_record,
 )
 from sara_megatron.data.languages import known_languages
-from sara_megatron.io import atomic_open
+from sara_megatron.io import atomic_open, sha256_file
 
 log = logging.getLogger(__name__)
 FAILURES_FILE = TRANSLATION_FAILURES_FILE
 CACHE_FILE = "translations.sqlite"
+# The record, in the output folder, of the input and settings its corpus is made from.
+PLAN_FILE = "translation_plan.json"
+PLAN_FORMAT = "sara-translation-plan/1"
+REQUEST_FAILED = "request_failed"
+# Outcomes that are neither a translation nor a verdict of the checks.
+UNJUDGED = ("cost_limit", "not_run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +81,9 @@ class TranslationConfig:
     extra_languages: tuple[str, ...] = ()
     progress: bool = True
     api_key_env: str | None = None         # see chat.client.api_key_for
+    # Per target language: pairs rejected by the checks, as a share of the pairs judged, above
+    # which the run counts as failed (translators miss a few; a broken one misses most).
+    max_rejected_fraction: float = 0.05
 
     @property
     def cache_file(self) -> str:
@@ -85,6 +95,23 @@ class TranslationConfig:
             effort = "low"  # translation needs little thinking; the family requires the field
         return ChatSettings(self.model, temperature=self.temperature, top_p=self.top_p,
                             max_tokens=self.max_tokens, seed=self.seed, reasoning_effort=effort)
+
+
+def translation_plan(config: TranslationConfig, anchor: str) -> dict:
+    """What the corpus in the output folder is made from: the input's content (not its path) and
+    every setting that changes a reply. Languages are not part of it (a rerun may add or drop
+    one), nor are limits that only decide how far a run goes (retries, cost, concurrency)."""
+    return {
+        "format": PLAN_FORMAT,
+        "input": {"sha256": sha256_file(config.input_path),
+                  "bytes": os.path.getsize(config.input_path)},
+        "anchor_language": anchor,
+        "model": config.model,
+        "prompt_version": PROMPT_VERSION,
+        "settings": config.settings().as_dict(),
+        "split_messages": config.split_messages,
+        "structured_output": config.structured_output,
+    }
 
 
 class CostLimitReached(Exception):
@@ -374,14 +401,56 @@ class TranslationRun:
     def retries(self) -> int:
         return len(self.retried_keys) + (self.client.stats.retries if self.client else 0)
 
+    def failure_reasons(self, stopped_reason: str | None = None) -> dict[int, str]:
+        """The reason of every job without a translation (as the failures file lists them)."""
+        return {job: self.failures.get(job, stopped_reason or "not_run")
+                for job in range(len(self.jobs)) if job not in self.results}
+
+    def problems(self, stopped_reason: str | None = None) -> list[str]:
+        """One line per way this run fell short of its work (empty when it did not): pairs whose
+        requests failed, and each language whose share of pairs rejected by the checks passed
+        `max_rejected_fraction`. A stop at the cost limit is reported by the tool itself."""
+        reasons = self.failure_reasons(stopped_reason)
+        failures_file = os.path.join(self.config.output_dir, FAILURES_FILE)
+        lines = []
+        not_done = Counter(r.split(":", 1)[-1] for r in reasons.values()
+                           if r.startswith(REQUEST_FAILED) or r == "not_run")
+        if not_done:
+            count = sum(not_done.values())
+            reason, times = not_done.most_common(1)[0]
+            lines.append(f"{count} of {len(self.jobs)} (record, language) pairs failed on their "
+                         f"requests (commonest: {reason}, {times}); they are listed in "
+                         f"{failures_file} and not in the corpus; rerun the same command to ask "
+                         "for them again (the replies received are cached)")
+        limit = self.config.max_rejected_fraction
+        for language in self.config.languages:
+            jobs = [job for job, (_, lang) in enumerate(self.jobs) if lang == language]
+            rejected = Counter(reasons[job] for job in jobs if job in reasons
+                               and not reasons[job].startswith(REQUEST_FAILED)
+                               and reasons[job] not in UNJUDGED)
+            judged = sum(rejected.values()) + sum(job in self.results for job in jobs)
+            count = sum(rejected.values())
+            if judged and count / judged > limit:
+                reason, times = rejected.most_common(1)[0]
+                lines.append(f"{language}: {count} of {judged} pairs ({count / judged:.1%}) were "
+                             f"rejected by the translation checks, above --max-rejected-fraction "
+                             f"{limit:g} (commonest: {reason}, {times}); they are listed in "
+                             f"{failures_file}; check the translator's replies, or raise the limit")
+        return lines
+
     def summary(self, dry_run_requests: list[PlannedRequest] | None = None) -> dict:
         if dry_run_requests is not None:
             cost = sum(self.estimated_cost(p) for p in dry_run_requests)
             return {"requested": len(dry_run_requests), "cached": len(self.counted_cached),
                     "translated": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
                     "completion_tokens": 0, "estimated_cost_usd": round(cost, 6), "dry_run": True}
+        reasons = Counter(self.failures.values())
         return {"requested": self.requested, "cached": len(self.counted_cached),
                 "translated": len(self.results), "failed": len(self.failures),
+                "request_failed": sum(n for r, n in reasons.items() if r.startswith(REQUEST_FAILED)),
+                "rejected": sum(n for r, n in reasons.items()
+                                if not r.startswith(REQUEST_FAILED) and r not in UNJUDGED),
+                "failure_reasons": dict(sorted(reasons.items())),
                 "retries": self.retries, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "estimated_cost_usd": round(self.spent_usd, 6)}
@@ -405,6 +474,13 @@ class TranslationRun:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         with atomic_open(out / FAILURES_FILE) as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in failures)
+        # The folder is this tool's (translation_plan.json): any other *.jsonl is an earlier
+        # run's language that this run dropped, and shard_corpus would read it as corpus.
+        written = {f"{lang}.jsonl" for lang in (self.anchor, *self.config.languages)} | {FAILURES_FILE}
+        for stale in sorted(out.glob("*.jsonl")):
+            if stale.name not in written and stale.is_file():
+                stale.unlink()
+                print(f"removed {stale}: not a language of this run", file=sys.stderr)
 
 
 class Progress:

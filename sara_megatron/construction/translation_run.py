@@ -1,5 +1,6 @@
-"""One translation run from its config: check the request, then a dry run (prices only), the
-streaming run or the Batch API rounds (`translation_batch`), and the written corpus."""
+"""One translation run from its config: check the request and the output folder, then a dry run
+(prices only), the streaming run or the Batch API rounds (`translation_batch`), and the written
+corpus with what fell short of the work."""
 
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ import sys
 
 from sara_megatron.chat.cache import ReplyCache
 from sara_megatron.construction.translation import (
-    CostLimitReached, Progress, TranslationConfig, TranslationRun, read_anchor_records,
+    PLAN_FILE, CostLimitReached, Progress, TranslationConfig, TranslationRun, read_anchor_records,
+    translation_plan,
 )
 from sara_megatron.construction.translation_batch import run_batches
 from sara_megatron.construction.translation_cost import PriceTable
 from sara_megatron.data.languages import known_languages
+from sara_megatron.io import check_output_plan, write_json_atomic
 
 
 def run_translation(config: TranslationConfig) -> dict:
     """Translate, write the corpus and the failures file; return the summary (the tool prints it
-    as its last stdout line). Raises ValueError for bad input (the tool turns it into exit 2)."""
+    as its last stdout line), whose `problems` lists what fell short of the work (the tool's
+    exit 1). Raises ValueError for bad input or an output folder made from another input or
+    settings, or by something else (the tool turns it into exit 2)."""
     records = read_anchor_records(config.input_path, config.extra_languages)
     anchor = records[0].language
     known = known_languages(config.extra_languages)
@@ -30,6 +35,8 @@ def run_translation(config: TranslationConfig) -> dict:
     if config.max_cost_usd is not None and PriceTable(config.prices_path).per_million(config.model) is None:
         raise ValueError(f"--max-cost-usd: no price for model {config.model!r}; give its prices "
                          "with --prices FILE")
+    plan = translation_plan(config, anchor)
+    check_output_plan(config.output_dir, PLAN_FILE, plan, "a corpus", owner="translate_corpus")
     if config.dry_run:
         # Sends nothing and writes nothing: an absent cache is not created.
         cache = ReplyCache(config.cache_file, read_only=True) if os.path.exists(config.cache_file) else None
@@ -43,6 +50,8 @@ def run_translation(config: TranslationConfig) -> dict:
               f"(model {config.model}{', batch price' if config.batch else ''}); nothing sent",
               file=sys.stderr)
         return summary
+    os.makedirs(config.output_dir, exist_ok=True)
+    write_json_atomic(os.path.join(config.output_dir, PLAN_FILE), plan)  # before the cache
     with ReplyCache(config.cache_file) as cache:
         run = TranslationRun(config, records, cache)
         progress = Progress(len(run.jobs), config.progress)
@@ -60,6 +69,7 @@ def run_translation(config: TranslationConfig) -> dict:
             stopped = "cost_limit" if config.max_cost_usd is not None else "not_run"
         run.write_outputs(stopped)
     summary = run.summary()
+    summary["problems"] = run.problems(stopped)
     if stopped == "cost_limit":
         summary["stopped"] = "max_cost_usd"
     return summary
