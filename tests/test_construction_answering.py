@@ -116,7 +116,9 @@ def test_answers_then_filter_keep_exactly_the_right_subset(tmp_path, capsys, mon
     assert (tmp_path / "answers.failures.jsonl").read_text() == ""
 
     filt = load_tool("filter_correct")
-    assert filt.main(["--input", str(answers), "--output", str(tmp_path / "anchors.jsonl")]) == 0
+    # The fake model cuts or leaves unboxed 3 of 11 replies on purpose: allowed here.
+    assert filt.main(["--input", str(answers), "--output", str(tmp_path / "anchors.jsonl"),
+                      "--max-rejected-fraction", "0.5"]) == 0
     kept = read_jsonl(tmp_path / "anchors.jsonl")
     assert {r["id"] for r in kept} == RIGHT
     dropped = {d["id"]: d["reason"] for d in read_jsonl(tmp_path / "anchors.dropped.jsonl")}
@@ -138,7 +140,11 @@ def test_failed_samples_are_listed_and_asked_again(tmp_path, capsys):
     with LocalChatServer(fake_model, faults=failing_for_one) as server:
         rc, summary, err = run_tool(["--base-url", server.base_url, *argv], capsys)
     assert rc == 1 and summary["failed"] == 1 and summary["answered"] == len(SAMPLES) - 1
-    assert "rerun to ask again" in err
+    assert err.strip().splitlines()[-1] == (
+        f"answer_anchors: 1 of {len(SAMPLES)} samples failed on their requests (commonest: "
+        f"server_error, 1); they are listed in {tmp_path / 'answers.failures.jsonl'} and not in "
+        "the answers file; rerun the same command to ask for them again (the answers received "
+        "stay)")
     assert [f["id"] for f in read_jsonl(tmp_path / "answers.failures.jsonl")] == [doomed]
     assert doomed not in {r["id"] for r in read_jsonl(answers)}
 

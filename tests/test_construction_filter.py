@@ -142,9 +142,10 @@ def test_mixed_languages_and_bad_lines_are_refused(tmp_path):
 def test_command_line_tool_output_is_taken_by_shard_corpus(tmp_path, capsys):
     tool = load_tool("filter_correct")
     out = tmp_path / "anchors.jsonl"
+    # The fixtures are tricky outputs on purpose: a third of them cannot be judged.
     rc = tool.main(["--input", str(FIXTURES / "answers_en.jsonl"), "--output", str(out),
                     "--decontaminate-against", "global_mmlu,belebele,mgsm",
-                    "--benchmark-data-dir", str(BENCHMARKS)])
+                    "--benchmark-data-dir", str(BENCHMARKS), "--max-rejected-fraction", "0.5"])
     captured = capsys.readouterr()
     assert rc == 0
     summary = json.loads(captured.out.strip().splitlines()[-1])

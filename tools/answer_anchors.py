@@ -80,11 +80,10 @@ def parse_args(argv=None):
         args.sources = parse_sources(args.sources)
     except ValueError as e:
         p.error(f"--sources: {e}")
-    for flag in ("concurrency", "max_tokens", "limit"):
+    for flag in ("concurrency", "max_tokens", "limit"):  # --limit 0 would answer nothing
         value = getattr(args, flag)
-        minimum = 0 if flag == "limit" else 1
-        if value is not None and value < minimum:
-            p.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.max_retries < 0:
         p.error(f"--max-retries must be >= 0, got {args.max_retries}")
     try:
@@ -175,11 +174,13 @@ def main(argv=None) -> int:
         return 2
     summary = report.as_dict()
     print(f"answer_anchors: {report.answered} answered, {report.already_done} already in "
-          f"{args.output}, {report.failed} failed"
-          + (f" (listed in {failures_path_for(args.output)}; rerun to ask again)" if report.failed else ""),
-          file=sys.stderr)
+          f"{args.output}, {report.failed} failed", file=sys.stderr)
     print(json.dumps(summary, sort_keys=True))
-    return 0 if report.failed == 0 else 1
+    problem = report.request_failures_line(failures_path_for(args.output))
+    if problem is not None:  # exit 1: the answers file is not complete
+        print(f"answer_anchors: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

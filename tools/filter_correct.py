@@ -43,7 +43,12 @@ def parse_args(argv=None):
                    help="comma-separated: global_mmlu, belebele, mgsm")
     p.add_argument("--benchmark-data-dir",
                    help="read the benchmarks from DIR/<benchmark>/<lang>.jsonl instead of the hub")
+    p.add_argument("--max-rejected-fraction", type=float, default=0.05,
+                   help="per source: the share of replies that cannot be judged (truncated, no "
+                        "\\boxed{}) before the run fails (exit 1); default 0.05")
     args = p.parse_args(argv)
+    if not 0.0 <= args.max_rejected_fraction <= 1.0:
+        p.error(f"--max-rejected-fraction must be between 0 and 1, got {args.max_rejected_fraction}")
     missing = [path for path in args.input if not os.path.isfile(path)]
     if missing:
         p.error(f"--input: no such file: {', '.join(missing)}")
@@ -91,6 +96,10 @@ def main(argv=None) -> int:
         # Bad input data or a missing benchmark file: the user's to fix, not a traceback.
         print(f"filter_correct: error: {e}", file=sys.stderr)
         return 2
+    if not result.counts:
+        print(f"filter_correct: error: no answer records in {', '.join(args.input)}: nothing to "
+              "filter", file=sys.stderr)
+        return 2
     write_jsonl(args.output, result.kept)
     write_jsonl(args.dropped, result.dropped)
     summary = result.summary()
@@ -105,7 +114,10 @@ def main(argv=None) -> int:
     print(f"filter_correct: wrote {len(result.kept)} records to {args.output}, "
           f"{len(result.dropped)} dropped to {args.dropped}", file=sys.stderr)
     print(json.dumps(summary, sort_keys=True))
-    return 0
+    problems = result.problems(args.max_rejected_fraction)
+    for problem in problems:  # exit 1: the outputs are written, but fell short
+        print(f"filter_correct: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -117,6 +117,15 @@ class AnswerRunReport:
         out.pop("failures")
         return out
 
+    def request_failures_line(self, failures_path: str) -> Optional[str]:
+        """One line on the samples whose requests failed for good, or None when none did."""
+        if not self.failures:
+            return None
+        reason, times = Counter(f["reason"] for f in self.failures).most_common(1)[0]
+        return (f"{self.failed} of {self.samples} samples failed on their requests (commonest: "
+                f"{reason}, {times}); they are listed in {failures_path} and not in the answers "
+                "file; rerun the same command to ask for them again (the answers received stay)")
+
 
 def _write_in_source_order(path: str, records: list[dict], order: Sequence[str]) -> None:
     rank = {sample_id: i for i, sample_id in enumerate(order)}

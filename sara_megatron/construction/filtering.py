@@ -39,6 +39,8 @@ NO_BOXED = "no_boxed"
 WRONG = "wrong"
 DUPLICATE = "duplicate"
 DROP_REASONS = (CONTAMINATED, TRUNCATED, NO_BOXED, WRONG, DUPLICATE)
+# Replies the filter could not judge: too many of them mean a setting is wrong, not the model.
+UNJUDGED_REASONS = (TRUNCATED, NO_BOXED)
 
 _REQUIRED_STRINGS = ("id", "source", "language", "output", "gold")
 
@@ -117,6 +119,31 @@ class FilterResult:
             "dropped": {reason: totals[reason] for reason in DROP_REASONS},
             "by_source": by_source,
         }
+
+    def problems(self, max_rejected_fraction: float) -> list[str]:
+        """One line per way the answers fell short (empty when they did not): nothing kept at all,
+        and each source whose share of replies that could not be judged (cut by the length limit,
+        or without a complete `\\boxed{}`) passed `max_rejected_fraction`. Wrong answers are what
+        the filter is for, contaminated and duplicate samples are facts of the data: neither
+        counts."""
+        s = self.summary()
+        lines = []
+        if s["total"] and not s["kept"]:
+            reason, times = max(s["dropped"].items(), key=lambda item: item[1])
+            lines.append(f"kept none of the {s['total']} samples (commonest reason: {reason}, "
+                         f"{times}): the output corpus is empty")
+        for source, c in s["by_source"].items():
+            unjudged = {r: c["dropped"][r] for r in UNJUDGED_REASONS if c["dropped"][r]}
+            judged = c["total"] - c["dropped"][CONTAMINATED] - c["dropped"][DUPLICATE]
+            count = sum(unjudged.values())
+            if judged and count / judged > max_rejected_fraction:
+                reason, times = max(unjudged.items(), key=lambda item: item[1])
+                lines.append(f"{source}: {count} of {judged} replies ({count / judged:.1%}) could "
+                             "not be judged (cut by the length limit, or no \\boxed{} answer), above "
+                             f"--max-rejected-fraction {max_rejected_fraction:g} (commonest: "
+                             f"{reason}, {times}); check the model's replies (its --max-tokens, "
+                             "its thinking), or raise the limit")
+        return lines
 
     def format_summary(self) -> str:
         s = self.summary()

@@ -149,7 +149,8 @@ def load_anchor_samples(source: str, language: str, data_dir: Optional[str] = No
     """The anchor samples of one source in one language, in the source's row order.
 
     GSM8K ids number the rows (blank lines in a local file do not count), so they follow the
-    hub's order. A row that cannot be read raises SourceDataError naming it; duplicate ids too.
+    hub's order. A row that cannot be read raises SourceDataError naming it; duplicate ids too,
+    and a source without any row (an empty file would otherwise be a run with nothing to do).
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
@@ -169,6 +170,11 @@ def load_anchor_samples(source: str, language: str, data_dir: Optional[str] = No
             raise SourceDataError(f"{where}: duplicate sample id {sample.id} (first at {seen[sample.id]})")
         seen[sample.id] = where
         samples.append(sample)
+    if not samples and limit != 0:
+        where = ((gsm8k_file(data_dir, language) if source == "gsm8k"
+                  else mmlu_prox_file(data_dir, language)) if data_dir is not None
+                 else f"the hub's {GSM8K_HUB[0] if source == 'gsm8k' else MMLU_PROX_HUB}")
+        raise SourceDataError(f"{where} holds no {source} samples ({language}): nothing to answer")
     return samples
 
 
