@@ -115,7 +115,7 @@ def main(argv=None):
     try:
         path = write_report(inputs, args.out)
     except (ValueError, KeyError, OSError) as err:
-        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        print(f"report.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path}")
 
