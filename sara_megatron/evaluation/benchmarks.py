@@ -163,12 +163,14 @@ class BenchmarkSource:
 def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None = None,
                    limit: int | None = None) -> list[BenchmarkItem]:
     """The items of one benchmark in one language, in the source's order (first `limit` rows)."""
-    return load_benchmark_source(name, language, data_dir, limit).items
+    return load_benchmark_source(name, language, data_dir, limit, fingerprint=False).items
 
 
 def load_benchmark_source(name: str, language: str, data_dir: str | os.PathLike | None = None,
-                          limit: int | None = None) -> BenchmarkSource:
-    """`load_benchmark`, with where the items came from and the source's fingerprint."""
+                          limit: int | None = None, *, fingerprint: bool = True
+                          ) -> BenchmarkSource:
+    """`load_benchmark`, with where the items came from and the source's fingerprint (left
+    empty without `fingerprint`: it reads the whole source)."""
     check_benchmark_language(name, language)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -177,12 +179,12 @@ def load_benchmark_source(name: str, language: str, data_dir: str | os.PathLike 
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no benchmark file {source} (expected "
                                     f"<data-dir>/{name}/{language}.jsonl in the hub's columns)")
-        fingerprint = "sha256:" + sha256_file(source)
+        digest = "sha256:" + sha256_file(source) if fingerprint else ""
         rows = read_jsonl_objects(source, BenchmarkDataError, limit)
     else:
         source = f"{HUB_DATASETS[name]} ({hub_config(name, language)})"
         hub_rows = _hub_rows(name, language)
-        fingerprint = rows_fingerprint(hub_rows)
+        digest = rows_fingerprint(hub_rows) if fingerprint else ""
         rows = enumerate(hub_rows[:limit], start=1)
     items, seen = [], {}
     for line_number, row in rows:
@@ -199,4 +201,4 @@ def load_benchmark_source(name: str, language: str, data_dir: str | os.PathLike 
         items.append(item)
     if not items:
         raise BenchmarkDataError(f"{source}: no items")
-    return BenchmarkSource(items, source, fingerprint)
+    return BenchmarkSource(items, source, digest)
