@@ -98,6 +98,7 @@ def test_api_key_env_refusals_do_not_repeat_a_key(tmp_path):
     assert unset.returncode == 2 and unset.stderr.strip().splitlines()[-1] == (
         "translate_corpus: error: no API key: the variable named by --api-key-env is not set in "
         "the environment (or is empty)")
+    assert not (tmp_path / "c").exists()  # refused: nothing written
 
 
 def test_answer_anchors_sends_openai_key_nowhere_but_openai(tmp_path):

@@ -170,6 +170,22 @@ def test_translate_refuses_an_empty_input(tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_a_refused_run_leaves_no_folder_that_refuses_the_corrected_command(tmp_path):
+    write_anchors(tmp_path / "en.jsonl", 2)
+    out = tmp_path / "corpus"
+
+    def unknown_model(index, body):
+        return Fault.server_error(404) if body["model"] != "rule-translator" else None
+
+    with LocalChatServer(TRANSLATOR, faults=unknown_model) as server:
+        typo = translate(server, tmp_path / "en.jsonl", out, "--model", "rule-translater")
+        assert typo.returncode == 2 and "(http_404)" in last_line(typo)
+        assert not out.exists()
+        corrected = translate(server, tmp_path / "en.jsonl", out)
+    assert corrected.returncode == 0, corrected.stderr[-2000:]
+
+
+@pytest.mark.multiprocess
 def test_translate_refuses_a_folder_it_did_not_make(tmp_path):
     write_anchors(tmp_path / "en.jsonl", 2)
     foreign = tmp_path / "corpus"

@@ -19,6 +19,17 @@ from sara_megatron.data.languages import known_languages
 from sara_megatron.io import check_output_plan, write_json_atomic
 
 
+def _remove_new(paths: list[str]) -> None:
+    """Remove what this run created (files, the SQLite side files, then an emptied folder)."""
+    for path in paths:
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.isfile(name):
+                os.remove(name)
+    for path in paths:
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+
+
 def run_translation(config: TranslationConfig) -> dict:
     """Translate, write the corpus and the failures file; return the summary (the tool prints it
     as its last stdout line), whose `problems` lists what fell short of the work (the tool's
@@ -50,6 +61,8 @@ def run_translation(config: TranslationConfig) -> dict:
               f"(model {config.model}{', batch price' if config.batch else ''}); nothing sent",
               file=sys.stderr)
         return summary
+    made_here = [p for p in (config.output_dir, os.path.join(config.output_dir, PLAN_FILE),
+                             config.cache_file) if not os.path.exists(p)]
     os.makedirs(config.output_dir, exist_ok=True)
     write_json_atomic(os.path.join(config.output_dir, PLAN_FILE), plan)  # before the cache
     with ReplyCache(config.cache_file) as cache:
@@ -63,6 +76,13 @@ def run_translation(config: TranslationConfig) -> dict:
                 asyncio.run(run.run_streaming(progress))
         except CostLimitReached:
             stopped = "cost_limit"
+        except ValueError:
+            # Refused before any reply (a wrong model name, key or URL): leave nothing behind,
+            # or the corrected command would find a folder made with the wrong settings.
+            if run.requested == 0 and not cache.pending_batches():
+                cache.close()
+                _remove_new(made_here)
+            raise
         finally:
             progress.close()
         if len(run.results) + len(run.failures) < len(run.jobs) and stopped is None:
