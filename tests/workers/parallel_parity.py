@@ -11,7 +11,10 @@ launch runs many cases: the processes start once and each reference is built onc
 With objectives in a case (issue 19: aes, kl, js_entropy_normalised, shifcon) each objective's
 term alone is also run forward and backward on both sides (the CE output is multiplied by 0): its
 value, the squared norm of its whole gradient and each router's gradient, reduced over the ranks
-that hold them; "online" adds the online priors taken through the layout's schedule.
+that hold them; "online" adds the online priors taken through the layout's schedule;
+"load_balancing" is megatron's load-balancing loss alone under per-token loss (the training
+convention), whose gradient scale is the one megatron-core versions differ on, with the padding
+mask and without one ("load_balancing_unmasked": padding counted as tokens).
 """
 
 import argparse
@@ -23,6 +26,12 @@ import torch
 import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights, save_model_weights
+from sara_megatron.compat.megatron_versions import (
+    LOAD_BALANCING_LOSS,
+    aux_loss_values,
+    reduced_aux_loss_values,
+    zero_aux_losses,
+)
 from sara_megatron.distributed import (
     ParallelConfig,
     destroy_distributed,
@@ -136,7 +145,18 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
         chunk.zero_grad(set_to_none=True)
     handles = []
     set_batch = None
-    if objective == "shifcon":
+    observer = None
+    per_token = objective.startswith("load_balancing")
+    if per_token:
+        # Per-token loss as in training (the routers read it at construction, the schedule from
+        # the config: it then scales aux losses by the loss scale alone), and the routers'
+        # training branch, which adds the aux loss; the rest of the model stays in eval mode.
+        models[0].config.calculate_per_token_loss = True
+        for moe in _moe_layers(models):
+            moe.router.calculate_per_token_loss = True
+            moe.router.train()
+        zero_aux_losses()
+    elif objective == "shifcon":
         observer, set_batch = _shifcon(models[0].config.hidden_size, row_offset, tokens.shape[0])
         handles = observer.attach(models)
     elif objective == "aes":
@@ -148,19 +168,28 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
                                    sequence_parallel=models[0].config.sequence_parallel,
                                    process_groups=model_process_groups())
         observer.sequence_weight = 1.0  # Σ over sequences
+    # Under context parallel each rank feeds its part of every sequence, as in run_model.
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     seq_length = tokens.shape[1]
     positions = torch.arange(seq_length).expand_as(tokens)
+    tokens, padding, positions = (
+        context_parallel_slice(t, cp_rank, cp) for t in (tokens, padding, positions)
+    )
 
     def forward_step(data_iterator, chunk):
         tok, pad, pri = next(data_iterator)
         if set_batch is not None:
             set_batch(pad)
-        elif objective != "aes":
+        elif objective in ("kl", "js_entropy_normalised"):
             observer.set_batch(pri, segment_ids_from_padding_mask(pad))
-        out = chunk(tok, positions, causal_attention_mask(seq_length), labels=tok, padding_mask=pad)
+        out = chunk(tok, positions, causal_attention_mask(tok.shape[1]), labels=tok,
+                    padding_mask=None if objective == "load_balancing_unmasked" else pad)
+        if per_token:  # (loss sum, its token count, metrics)
+            return out, lambda t: ((t.float() * 0).sum(), torch.ones((), dtype=torch.int), {})
         return out, lambda t: ((t.float() * 0).sum(), {})
 
-    with observe_routers(models, observer) if objective != "shifcon" else contextlib.nullcontext():
+    with (observe_routers(models, observer) if observer is not None and objective != "shifcon"
+          else contextlib.nullcontext()):
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([(tokens, padding, priors)]),
             model=models, num_microbatches=1, seq_length=seq_length,
@@ -169,7 +198,14 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
     for handle in handles:
         handle.remove()
 
-    if objective == "shifcon":
+    if per_token:
+        models[0].config.calculate_per_token_loss = False
+        for moe in _moe_layers(models):
+            moe.router.calculate_per_token_loss = False
+            moe.router.eval()
+        values = (reduced_aux_loss_values if reduce else aux_loss_values)(LOAD_BALANCING_LOSS)
+        value = float(values.sum())
+    elif objective == "shifcon":
         value = float(observer.loss_sum)
     elif objective == "aes":
         value = sum(float(row[0] * -3.0 + row[2] * 50.0) for row in observer.stats.values())
@@ -181,9 +217,10 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
         owner = group is None or dist.get_rank(group) == 0
         value = sum(float(v) for v in observer.js_sum.values()) if owner else 0.0
     total = torch.tensor([value], dtype=torch.float64)
-    if reduce:
+    if reduce and not per_token:
         dist.all_reduce(total)
-    # Gradients: dense ones summed over data parallel, expert ones over expert data parallel,
+    # Gradients: dense ones summed over data × context parallel (CP ranks saw other tokens of the
+    # same sequences), expert ones over expert data parallel (which spans CP),
     # and parameters not split by TP (norms, routers: each TP rank saw other tokens) over TP;
     # each then counted once in the world's sum of squares.
     tp_group = ps.get_tensor_model_parallel_group()
@@ -194,7 +231,8 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
         if not reduce:
             return grad, True
         expert = not getattr(param, "allreduce", True)
-        group = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
+        group = (ps.get_expert_data_parallel_group() if expert
+                 else ps.get_data_parallel_group(with_context_parallel=True))
         dist.all_reduce(grad, group=group)
         owner = dist.get_rank(group) == 0
         if not getattr(param, "tensor_model_parallel", False) and dist.get_world_size(tp_group) > 1:
