@@ -175,8 +175,9 @@ def test_export_refuses_a_damaged_checkpoint_and_non_finite_weights(tmp_path, ca
         "inf) of 256; the weights diverged: export an earlier checkpoint")
     assert not (tmp_path / "out").exists()
 
-    _flip(ckpt / "common.pt", offset=64, count=1)
+    # (a weights-only save has no common.pt from megatron-core 0.19 on: damage a shard)
+    _flip(ckpt / "__0_0.distcp", offset=64, count=1)
     assert convert.main(export) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"convert_hf.py export: error: checkpoint {ckpt} is damaged: {ckpt}/common.pt: its "
+        f"convert_hf.py export: error: checkpoint {ckpt} is damaged: {ckpt}/__0_0.distcp: its "
         "sha256 differs from the manifest's (altered since it was saved)")

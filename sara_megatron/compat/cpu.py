@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16.1 on machines without CUDA (CPU tensors, gloo).
+"""Run megatron-core (0.16.1 through 0.19.x) on machines without CUDA (CPU tensors, gloo).
 
 megatron-core assumes CUDA in a handful of places. Each patch below names the megatron-core
 function it works around. `apply_cpu_compat()` does nothing when CUDA is available, so none of it
@@ -63,6 +63,19 @@ class _CudaDeviceToCpu(TorchFunctionMode):
             if len(args) == 1 and not kwargs:
                 return args[0]
         return func(*args, **kwargs)
+
+
+class _CpuStream:
+    """Stands in for `torch.cuda.current_stream()` on the CPU: every wait is already satisfied."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
 
 
 def _cpu_rng_tracker_class():
@@ -173,6 +186,10 @@ def apply_cpu_compat() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     # `pipeline_parallel.schedules` and the checkpoint code synchronise the device around timers.
     torch.cuda.synchronize = lambda *a, **k: None
+    # megatron-core 0.19's `param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync` makes
+    # the current stream wait for CUDA-graph events before reducing gradients; on the CPU work is
+    # ordered already and there is no stream.
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
 
     # `tensor_parallel.random.model_parallel_cuda_manual_seed` / `get_cuda_rng_tracker`: the
     # tracker snapshots CUDA generator states.

@@ -76,15 +76,18 @@ def lb_token_count_multiplied_by_group() -> bool:
     has_dp = ("reduce_group_has_dp" if "reduce_group_has_dp" in inspect.signature(
         TopKRouter.attach_and_log_load_balancing_loss).parameters else None)
     extra = {has_dp: False} if has_dp else {}
+    # The backward below creates the process-wide loss scale where none is set yet; megatron's
+    # schedule later copies its own into an existing one, so leave it as it was found.
+    saved_scale = MoEAuxLossAutoScaler.main_loss_backward_scale
     try:
         out = TopKRouter.attach_and_log_load_balancing_loss(
             router, activation, 1.0, aux_loss, name, group, valid_token_count=1, **extra
         )
         (grad,) = torch.autograd.grad(out.sum(), aux_loss)
+        scale = float(MoEAuxLossAutoScaler.main_loss_backward_scale)
     finally:
         _drop_tracker_entry(name)
-    scale = MoEAuxLossAutoScaler.main_loss_backward_scale
-    scale = 1.0 if scale is None else float(scale)
+        MoEAuxLossAutoScaler.main_loss_backward_scale = saved_scale
     multiplier = float(grad) / scale
     if multiplier not in (1.0, 2.0):
         raise RuntimeError(
