@@ -211,6 +211,7 @@ def test_bf16_import_and_sharded_export(hf_models, tmp_path):
     assert model.dtype == torch.bfloat16
 
 
+@pytest.mark.stack
 def test_layouts_round_trip_and_load_across_layouts(torchrun, hf_models, imported, tmp_path):
     """Under torchrun (2 ranks) import at TP=2, EP=2 and PP=2: each exports to the source bit for
     bit; each checkpoint loaded at a different layout gives the TP=EP=PP=1 import's logits (bit

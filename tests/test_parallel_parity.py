@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.stack
+
 LAYOUTS = {
     "ep2": {"ep": 2},
     "tp2_sp": {"tp": 2},

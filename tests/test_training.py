@@ -193,6 +193,7 @@ def test_two_microbatches_of_one_equal_one_of_two(single_rank, sara_data):
         torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.stack
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", KILL_MODES)
 def test_kill_and_resume_follows_the_same_losses(torchrun, two_rank_runs, sara_data, tmp_path,
@@ -279,6 +280,7 @@ def test_virtual_pipeline_trains_saves_and_resumes(two_rank_runs, resumed_runs):
     _assert_resumed_run_follows(two_rank_runs, resumed_runs, "vpp")
 
 
+@pytest.mark.stack
 def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, two_rank_runs,
                                                                   single_rank, sara_data,
                                                                   tmp_path):

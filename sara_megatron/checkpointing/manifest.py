@@ -41,6 +41,24 @@ class CheckpointDamagedError(UserFacingError, RuntimeError):
         self.folder = folder
 
 
+class CheckpointFormatError(UserFacingError, RuntimeError):
+    """A checkpoint in a format the installed megatron-core cannot read."""
+
+    def __init__(self, folder: str, message: str):
+        super().__init__(message)
+        self.folder = folder
+
+
+def check_checkpoint_format(folder: str | os.PathLike) -> None:
+    """Raise CheckpointFormatError where the installed megatron-core cannot read the checkpoint
+    in `folder` (one saved by a newer version's format), before anything of it is loaded."""
+    from sara_megatron.compat.megatron_versions import unreadable_checkpoint_reason
+
+    reason = unreadable_checkpoint_reason(folder)
+    if reason is not None:
+        raise CheckpointFormatError(os.fspath(folder), reason)
+
+
 def _is_bookkeeping(name: str) -> bool:
     return name == MANIFEST_FILE or name.endswith(".partial")
 
@@ -176,10 +194,12 @@ def _problems(folder: str, files: dict, names: list[str], rank: int, world: int
 
 
 def verify_checkpoint(folder: str | os.PathLike, collective: Optional[bool] = None) -> bool:
-    """Check every file of the checkpoint against its manifest; raises CheckpointDamagedError
-    naming the first damaged file. Returns False (after a warning) for a checkpoint without a
+    """Check that the installed megatron-core reads the checkpoint's format
+    (`check_checkpoint_format`) and every file of it against its manifest; raises
+    CheckpointDamagedError naming the first damaged file. Returns False (after a warning) for a checkpoint without a
     manifest. Collective like `write_checkpoint_manifest` (each rank hashes a share)."""
     folder = os.fspath(folder)
+    check_checkpoint_format(folder)
     rank, world = _group() if collective in (None, True) else (0, 1)
     files = read_manifest(folder)
     if files is None:

@@ -188,6 +188,41 @@ def fit_aux_loss_tracker(name: str, num_layers: int) -> None:
         _legacy_tracker()[name]["values"] = grown
 
 
+# --- checkpoints ------------------------------------------------------------------------------
+
+# megatron-core's file of a torch_dist checkpoint's common (non-tensor) state up to 0.18; 0.19
+# keeps that state inside the torch_dist files instead, and reads both.
+LEGACY_COMMON_STATE_FILE = "common.pt"
+
+
+def reads_common_state_inside_checkpoint() -> bool:
+    """Whether the installed megatron-core reads a checkpoint whose common state is inside its
+    torch_dist files (0.19 and later) and not in common.pt."""
+    from megatron.core.dist_checkpointing import serialization
+
+    return hasattr(serialization, "_legacy_common_state_exists")
+
+
+def unreadable_checkpoint_reason(folder) -> Optional[str]:
+    """Why the installed megatron-core cannot read the torch_dist checkpoint in `folder`, in one
+    sentence, or None where it can (or `folder` is no torch_dist checkpoint at all)."""
+    import os
+
+    from megatron.core import __version__ as version
+
+    if not os.path.isfile(os.path.join(folder, "metadata.json")):
+        return None
+    if os.path.exists(os.path.join(folder, LEGACY_COMMON_STATE_FILE)):
+        return None
+    if reads_common_state_inside_checkpoint():
+        return None
+    return (f"checkpoint {os.fspath(folder)} was saved by megatron-core 0.19 or later (its common "
+            f"state is inside the torch_dist files, there is no {LEGACY_COMMON_STATE_FILE}), "
+            f"which the installed megatron-core {version.split('+')[0]} cannot read: resume or "
+            f"export it with megatron-core 0.19 (Python 3.12), or start from a checkpoint saved "
+            f"by this version")
+
+
 # --- context parallel -------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from sara_megatron.checkpointing.manifest import (
     CheckpointDamagedError,
+    check_checkpoint_format,
     move_stamp,
     verify_checkpoint,
     write_checkpoint_manifest,
@@ -296,6 +297,7 @@ def read_training_state(checkpoint_dir: str) -> dict:
     that a resume can be checked before the model is loaded."""
     from megatron.core import dist_checkpointing
 
+    check_checkpoint_format(checkpoint_dir)
     common = dist_checkpointing.load_common_state_dict(checkpoint_dir)
     return {"trainer": common.get("trainer", {}), "scheduler": common.get("scheduler", {}),
             "param_groups": _saved_param_groups(common.get("optimizer", {}))}
