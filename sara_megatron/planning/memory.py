@@ -1,0 +1,278 @@
+"""Memory per GPU of a training layout: weights, gradients, optimizer state and activations.
+
+All figures are estimates from the formulas below, not measurements. Bytes per parameter, as
+the project's trainer sets megatron up (`training/state.py`: bf16 weights, fp32 gradient
+buffers, megatron's mixed-precision Adam with fp32 main weights):
+
+    weights 2 (bf16) + gradients 4 (fp32, `grad_reduce_in_fp32`)
+    + optimizer 12 (fp32 main weight, Adam m and v)
+
+The distributed optimizer shards the 12 optimizer bytes over the data-parallel group (dense
+parameters: DP = world / (TP·PP); expert parameters: expert DP = DP / EP, since the expert
+tensor-parallel size is TP); without it every rank keeps them all. This is Megatron-LM's own
+accounting (18 bytes, or 6 + 12/DP with the distributed optimizer).
+
+Activations: Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models"
+(2022), redone for these layers (GQA attention with a separate head width, gated experts, top-k
+routing). Bytes kept for backward per token of a micro-batch in one layer, bf16 (2 bytes) unless
+noted, t = TP with sequence parallel (megatron turns SP on whenever TP > 1), q = heads·kv_channels,
+kv = query_groups·kv_channels, k = top-k, F = expert FFN width, N = experts, a = heads, s = length:
+
+    attention  2h/t  input norm input          2h/t  QKV input (norm output, kept SP-sharded)
+               2(q+kv)/t  q/k norm inputs (qk-norm only)
+               2(q+2kv)/t  Q, K, V into the core attention
+               4a/t  softmax statistics (fp32, flash attention)   2q/t  output projection input
+               [unfused attention instead: softmax output 2·a·s/t bytes — the s² term]
+    MoE        2h/t  pre-MLP norm input        2h/t  router / dispatcher input
+               8N/t  router logits and probabilities (fp32)
+               2kh   the k routed copies of each token at its experts' ranks (the expert
+                     tensor-parallel all-gather makes them full width: not divided by t)
+               4kF/t fc1 output (gate; up)     2kF/t  fc2 input (SwiGLU output)
+               2kh/t fc2 output weighted by the routing probabilities
+    dropout is 0 in these models: no masks are kept.
+
+Routing is taken as balanced (each rank receives on average k copies of each of its tokens'
+worth); an unbalanced step raises the MoE terms on the busiest rank. Recompute: "selective"
+(megatron's core-attention recompute, the trainer's `model.recompute`) drops the s² term, which
+flash attention does not have anyway; "full" keeps only each layer's input (2h/t) plus one
+layer's activations while it is recomputed. The last stage also holds, for its one micro-batch,
+the final norm input (2h/t), bf16 logits (2V/t) and the fp32 softmax of megatron's
+vocab-parallel cross entropy (4V/t), V the padded vocabulary.
+
+Pipeline (1F1B): stage i holds the activations of min(PP − i, M) micro-batches at once, M the
+micro-batches of one step per data-parallel rank. A layout fits when every stage's total plus a
+reserve (CUDA context, NCCL buffers, allocator fragmentation, all-to-all temporaries: an assumed
+margin, not a measurement) is at most the GPU's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sara_megatron.models.architecture import MoEArchitecture
+from sara_megatron.planning.parameters import ParameterInfo, stage_parameters
+
+GB = 1e9  # decimal gigabytes, as GPU memory is sold (an "80 GB" H100 holds 79.6e9 usable bytes)
+RECOMPUTE_MODES = ("none", "selective", "full")
+ATTENTION_KINDS = ("flash", "unfused")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A parallel layout of `world` GPUs: world = TP · PP · DP, EP divides DP (CP = 1)."""
+
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def expert_dp(self) -> int:
+        return self.dp // self.ep
+
+    def __str__(self) -> str:
+        return f"TP={self.tp} PP={self.pp} EP={self.ep} DP={self.dp}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingShape:
+    """What besides the layout sets the memory: batch shape and the memory-relevant options.
+
+    Attributes:
+        seq_length: tokens per sequence.
+        micro_batch_size: sequences per micro-batch.
+        global_batch_size: sequences per optimizer step (sets the micro-batches in flight).
+        distributed_optimizer: optimizer state sharded over data parallel (the trainer's default).
+        recompute: "none", "selective" (the trainer's `model.recompute: true`) or "full".
+        attention: "flash" (Transformer Engine on GPU) or "unfused" (megatron's local spec).
+        reserve_gb: memory per GPU set aside for everything the formulas leave out (assumed).
+    """
+
+    seq_length: int = 2048
+    micro_batch_size: int = 1
+    global_batch_size: int = 256
+    distributed_optimizer: bool = True
+    recompute: str = "none"
+    attention: str = "flash"
+    reserve_gb: float = 6.0
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        for name in ("seq_length", "micro_batch_size", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reserve_gb < 0:
+            raise ValueError(f"reserve_gb must be >= 0, got {self.reserve_gb}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageMemory:
+    """Estimated bytes on one GPU of a pipeline stage."""
+
+    stage: int
+    dense_params: int
+    expert_params: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    micro_batches_in_flight: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutPlan:
+    """A layout, its busiest stage's memory, and whether it fits."""
+
+    layout: Layout
+    stages: list[StageMemory]
+    gpu_memory_gb: float
+    reserve_gb: float
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total + self.reserve_gb * GB <= self.gpu_memory_gb * GB
+
+
+def layer_activation_bytes_per_token(arch: MoEArchitecture, tp: int, seq_length: int,
+                                     attention: str = "flash", recompute: str = "none") -> float:
+    """Bytes one layer keeps for backward per token of a micro-batch (the module's formula)."""
+    h, t, k = arch.hidden_size, tp, arch.moe_router_topk
+    q = arch.num_attention_heads * arch.kv_channels
+    kv = arch.num_query_groups * arch.kv_channels
+    f, n, a = arch.moe_ffn_hidden_size, arch.num_experts, arch.num_attention_heads
+    attn = 2 * h / t + 2 * h / t + 2 * (q + 2 * kv) / t + 4 * a / t + 2 * q / t
+    if arch.qk_layernorm:
+        attn += 2 * (q + kv) / t
+    if attention == "unfused" and recompute == "none":
+        attn += 2 * a * seq_length / t
+    moe = 2 * h / t + 2 * h / t + 8 * n / t + 2 * k * h + 4 * k * f / t + 2 * k * f / t + 2 * k * h / t
+    return attn + moe
+
+
+def activation_bytes(arch: MoEArchitecture, layout: Layout, shape: TrainingShape,
+                     stage: int) -> tuple[float, int]:
+    """Activation bytes on a GPU of pipeline `stage`, and the micro-batches it holds at once."""
+    t, pp = layout.tp, layout.pp
+    tokens = shape.seq_length * shape.micro_batch_size
+    layers = arch.num_layers // pp
+    steps = max(1, shape.global_batch_size // (shape.micro_batch_size * layout.dp))
+    in_flight = min(pp - stage, steps)
+    full = layer_activation_bytes_per_token(arch, t, shape.seq_length, shape.attention,
+                                            shape.recompute)
+    if shape.recompute == "full":
+        per_micro = layers * 2 * arch.hidden_size / t
+        working = full  # one layer recomputed at a time
+    else:
+        per_micro, working = layers * full, 0.0
+    total = tokens * (in_flight * per_micro + working)
+    if stage == pp - 1:
+        vocab = arch.padded_vocab_size(t)
+        total += tokens * (2 * arch.hidden_size / t + (2 + 4) * vocab / t)
+    return total, in_flight
+
+
+def plan_layout(table: list[ParameterInfo], arch: MoEArchitecture, layout: Layout,
+                shape: TrainingShape, gpu_memory_gb: float) -> LayoutPlan:
+    """Memory of every pipeline stage of `layout` and whether the busiest fits.
+
+    Args:
+        table: `parameters.parameter_table` of the whole model.
+        arch: its architecture.
+        layout: the TP/PP/EP/DP layout.
+        shape: batch shape and options.
+        gpu_memory_gb: memory of one GPU in GB (1e9 bytes).
+
+    Returns:
+        The `LayoutPlan`.
+    """
+    stages = []
+    for counts in stage_parameters(table, arch, tp=layout.tp, ep=layout.ep, pp=layout.pp):
+        params = counts.total
+        if shape.distributed_optimizer:
+            optimizer = 12 * (counts.dense / layout.dp + counts.expert / layout.expert_dp)
+        else:
+            optimizer = 12 * params
+        acts, in_flight = activation_bytes(arch, layout, shape, counts.stage)
+        stages.append(StageMemory(
+            stage=counts.stage, dense_params=counts.dense, expert_params=counts.expert,
+            weights=2 * params, gradients=4 * params, optimizer=optimizer, activations=acts,
+            micro_batches_in_flight=in_flight,
+        ))
+    return LayoutPlan(layout, stages, gpu_memory_gb, shape.reserve_gb)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(arch: MoEArchitecture, gpus: int) -> list[Layout]:
+    """Every TP/PP/EP/DP layout of `gpus` GPUs the model allows (CP = 1).
+
+    TP divides the heads and query groups, PP the layers, EP the experts and the data-parallel
+    size (the expert tensor-parallel size is TP, so expert DP = DP / EP).
+    """
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    layouts = []
+    for tp in _divisors(gpus):
+        for pp in _divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            for ep in _divisors(dp):
+                try:
+                    arch.validate_parallel(tp=tp, ep=ep, pp=pp)
+                except ValueError:
+                    continue
+                layouts.append(Layout(tp=tp, pp=pp, ep=ep, dp=dp))
+    return layouts
+
+
+def plan_layouts(table: list[ParameterInfo], arch: MoEArchitecture, gpus: int,
+                 gpu_memory_gb: float, shape: TrainingShape) -> list[LayoutPlan]:
+    """`plan_layout` for every candidate layout of `gpus` GPUs, in (TP, PP, EP) order."""
+    if gpu_memory_gb <= 0:
+        raise ValueError(f"gpu memory must be > 0 GB, got {gpu_memory_gb}")
+    return [plan_layout(table, arch, layout, shape, gpu_memory_gb)
+            for layout in candidate_layouts(arch, gpus)]
+
+
+def format_plans(plans: list[LayoutPlan], arch_name: str, gpus: int, shape: TrainingShape,
+                 total_params: int) -> str:
+    """The planner's table: one row per layout, the busiest stage's memory in GB."""
+    first = plans[0] if plans else None
+    lines = [
+        f"{arch_name}: {total_params / 1e9:.2f}B parameters; {gpus} GPUs of "
+        f"{first.gpu_memory_gb if first else 0:g} GB; seq {shape.seq_length} × micro-batch "
+        f"{shape.micro_batch_size}, global batch {shape.global_batch_size}; "
+        f"{'distributed' if shape.distributed_optimizer else 'replicated'} optimizer; "
+        f"recompute {shape.recompute}; {shape.attention} attention; reserve {shape.reserve_gb:g} GB",
+        "ESTIMATES from the formulas in sara_megatron/planning/memory.py (GB = 1e9 bytes), "
+        "busiest pipeline stage:",
+        f"{'layout':<24}{'params/GPU':>12}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}"
+        f"{'total':>8}  fits",
+    ]
+    for plan in plans:
+        peak = plan.peak
+        lines.append(
+            f"{str(plan.layout):<24}{(peak.dense_params + peak.expert_params) / 1e9:>11.2f}B"
+            f"{peak.weights / GB:>9.1f}{peak.gradients / GB:>8.1f}{peak.optimizer / GB:>8.1f}"
+            f"{peak.activations / GB:>8.1f}{peak.total / GB:>8.1f}  "
+            f"{'yes' if plan.fits else 'no'}"
+        )
+    fitting = sum(p.fits for p in plans)
+    lines.append(f"{fitting} of {len(plans)} layouts fit.")
+    return "\n".join(lines)
