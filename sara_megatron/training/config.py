@@ -114,6 +114,9 @@ class ModelSection(_Section):
     # megatron's MoE token dispatcher: allgather | alltoall; None: alltoall on GPU, allgather on
     # CPU. AES's orthogonality term needs allgather (docs/objectives.md).
     token_dispatcher: Optional[str] = None
+    # Transformer Engine's layer spec: None = where TE and CUDA are there; false = the local spec
+    # even then (benchmarks/gpu_check.py compares the two); true fails without TE.
+    use_te: Optional[bool] = None
 
 
 class DataSection(_Section):

@@ -17,6 +17,7 @@ import os
 from typing import Any, Optional
 
 from sara_megatron.checkpointing import check_recorded_architecture
+from sara_megatron.model_folders import check_megatron_checkpoint
 from sara_megatron.models.architecture import MoEArchitecture, resolve_architecture
 from sara_megatron.models.longrope_padding import same_rope_regime
 from sara_megatron.sara import select_alignment_layers
@@ -175,7 +176,9 @@ def preflight(cfg: TrainConfig) -> RunPlan:
 
         # NotImplementedError (a feature not built) stops at once; a ValueError is a problem.
         _attempt(problems, lambda: check_packing_config(
-            cfg, arch, seq_length or 0, use_te=transformer_engine_available(),
+            cfg, arch, seq_length or 0,
+            use_te=(transformer_engine_available() if cfg.model.use_te is None
+                    else cfg.model.use_te),
             context_parallel=ps.get_context_parallel_world_size()))
     if steps:
         _check_schedule(cfg, steps, problems)
@@ -276,6 +279,7 @@ def _check_starting_checkpoint(cfg: TrainConfig, arch: MoEArchitecture,
             f"iteration folders (e.g. {iteration_dir(checkpoint, latest_iteration(checkpoint))})"
             ", or make it the run's checkpoint.save_dir to resume that run")
         return
+    _attempt(problems, lambda: check_megatron_checkpoint(checkpoint, "model.checkpoint"))
     _attempt(problems, lambda: check_recorded_architecture(arch, checkpoint))
 
 

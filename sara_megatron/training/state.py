@@ -127,6 +127,7 @@ def _build_model(cfg: TrainConfig, plan: RunPlan, bf16: bool) -> list:
         moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
         recompute=cfg.model.recompute,
         token_dispatcher=cfg.model.token_dispatcher,
+        use_te=cfg.model.use_te,
         seq_length=cfg.data.seq_length,
         calculate_per_token_loss=True,
     )
