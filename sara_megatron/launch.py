@@ -5,8 +5,17 @@ for ranks that are themselves waiting for it (in a collective it will never join
 hangs and the traceback, printed only after the `finally`, never shows. Instead the failing rank
 prints its traceback and exits non-zero at once; torchrun (or srun) then ends the other ranks.
 An error the user can fix (`tool_errors.UserFacingError`: a damaged shard or checkpoint, a
-non-finite run, an unwritable output, a full disk) is one line, `<tool>: error: <message>`,
-exit status 2.
+non-finite run, an unwritable output, a full disk, a setting that does not fit the model) is one
+line, `<tool>: error: <message>`, exit status 2; Ctrl-C is one line, `<tool>: interrupted`, exit
+status 130.
+
+One line for the whole job, not one per rank: every rank that meets the error exits with its
+status, but only the first to claim it in the launcher's key-value store prints (torchrun's agent
+serves one to every worker; a claim needs no collective, so it works whichever rank fails first,
+before or after the process group exists, while the others wait in a collective or meet the same
+error). Without a store to claim in (one process, or srun before the process group exists) the
+rank prints. `sara_megatron.torchrun` is the launcher side: torchrun itself reports any worker
+that exits non-zero with a traceback of its own and exits 1.
 
 No orphans: a process started by torchrun / srun dies with its launcher, and every process
 forked from a tool (megatron's checkpoint writer helpers, data-loader workers) dies with the
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import logging
 import os
 import signal
@@ -24,7 +34,7 @@ import sys
 import traceback
 from typing import Iterator, Optional
 
-from sara_megatron.distributed import read_launcher_env
+from sara_megatron.distributed import launcher_world_size, read_launcher_env
 from sara_megatron.tool_errors import UserFacingError, disk_full_error
 
 
@@ -52,28 +62,84 @@ def user_error_message(err: BaseException, output: Optional[str] = None) -> Opti
     return None
 
 
+USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
+
+_REPORT_KEY = "sara_megatron/reported"
+
+
+def _launcher_store():
+    """A client of the key-value store torchrun's agent serves to its workers, else the default
+    process group's store (srun, once the group exists), else None."""
+    import torch.distributed as dist
+
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_PORT" in env:
+        return dist.TCPStore(env.get("MASTER_ADDR", "127.0.0.1"), int(env["MASTER_PORT"]),
+                             is_master=False, timeout=datetime.timedelta(seconds=10))
+    if dist.is_initialized():
+        return dist.distributed_c10d._get_default_store()
+    return None
+
+
+def first_to_report() -> bool:
+    """Whether this process is the first of its job to report how the job ends (a user error,
+    an interrupt): True for one rank of a torchrun job, without waiting for any other rank;
+    True on every rank that asks where no store can be reached."""
+    if launcher_world_size() <= 1:
+        return True
+    try:
+        store = _launcher_store()
+        if store is None:
+            return True
+        env = os.environ
+        key = (f"{_REPORT_KEY}/{env.get('TORCHELASTIC_RUN_ID', '')}/"
+               f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+        return store.add(key, 1) == 1
+    except Exception:  # noqa: BLE001 - the store is gone (its host exited): say it here
+        return True
+
+
+def _report_once(line: str, debug: bool) -> None:
+    if first_to_report():
+        if debug:
+            traceback.print_exc()
+        print(line, file=sys.stderr)
+
+
 @contextlib.contextmanager
 def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
-                          output: Optional[str] = None, debug: bool = False) -> Iterator[None]:
+                          output: Optional[str] = None, debug: bool = False,
+                          resumable: bool = False) -> Iterator[None]:
     """Around a rank's work: on an exception, print it and end the process with status 1 (or
     the SystemExit's status), running no clean-up that could wait for other ranks. An error the
-    user can fix prints as `<tool>: error: <message>` and exits 2 (`debug`: after its traceback)."""
+    user can fix prints as `<tool>: error: <message>` and exits 2 (`debug`: after its traceback);
+    Ctrl-C prints `<tool>: interrupted` (`resumable`: and that the same command resumes) and
+    exits 130. Either is printed by one rank of the job (`first_to_report`); the others exit
+    with the same status without a word."""
+    tool = tool or os.path.basename(sys.argv[0])
     try:
         yield
     except BaseException as err:  # KeyboardInterrupt too: the barrier would hang it the same
         if isinstance(err, SystemExit) and err.code in (None, 0):
             raise
+        if isinstance(err, KeyboardInterrupt):
+            _report_once(interrupted_message(tool, resumable), debug)
+            _exit_now(INTERRUPTED_STATUS)
         message = user_error_message(err, output)
         if message is not None:
-            if debug:
-                traceback.print_exc()
-            print(f"{tool or os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-            _exit_now(2)
+            _report_once(f"{tool}: error: {message}", debug)
+            _exit_now(USER_ERROR_STATUS)
         print(f"rank {rank} failed; exiting without waiting for the other ranks:",
               file=sys.stderr)
         traceback.print_exc()
         code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1
         _exit_now(code)
+
+
+def interrupted_message(tool: str, resumable: bool = True) -> str:
+    """The line a tool prints when Ctrl-C ends it."""
+    return f"{tool}: interrupted" + ("; rerun the same command to resume" if resumable else "")
 
 
 _PR_SET_PDEATHSIG = 1

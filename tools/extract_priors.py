@@ -10,7 +10,11 @@ routing softmax over all experts. Every non-padding token counts (prompt and res
 after a kill skips the samples already stored. The store records the model's fingerprint (see
 sara_megatron/priors/fingerprint.py) and the anchor shards' fingerprint.
 A rank that fails prints its traceback and exits at once (torchrun then stops the others); a
-damaged shard or checkpoint, an unwritable --output or a full disk prints one line and exits 2.
+damaged shard or checkpoint, a folder that is not a Megatron-Core checkpoint, --layers or a
+layout outside the model, priors of another model, an unwritable --output or a full disk prints
+one line for the whole job and exits 2; Ctrl-C prints one line and exits 130 (rerun to resume).
+Start it with `python -m sara_megatron.torchrun` in place of `torchrun` for that line to be all
+the terminal shows, and the job's exit status.
 """
 
 import argparse
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
     exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank, "extract_priors.py", output=args.output, debug=args.debug):
+    with exit_at_once_on_error(rank, "extract_priors.py", output=args.output, debug=args.debug,
+                               resumable=True):
         run(args)
     destroy_distributed()  # only after success: its barrier needs every rank
     return 0

@@ -6,13 +6,15 @@
 λ_JS = 0 (`--set sara.lambda_js=0`) is the full fine-tuning baseline on the same code path.
 A rank that fails prints its traceback and exits at once (torchrun then stops the others); an
 error the user can fix (a bad setting, a damaged shard or checkpoint, a non-finite loss, an
-unwritable output, a full disk) prints one line, `train.py: error: ...`, and exits 2 (with
-its traceback too under --debug).
+unwritable output, a full disk) prints one line for the whole job, `train.py: error: ...`, and
+exits 2 (with its traceback too under --debug); Ctrl-C prints `train.py: interrupted; rerun the
+same command to resume` and exits 130. Start it with `python -m sara_megatron.torchrun` in place
+of `torchrun` for those to be all the terminal shows, and the job's exit status.
 """
 
 import argparse
 
-from sara_megatron.distributed import destroy_distributed
+from sara_megatron.distributed import destroy_distributed, launcher_world_size
 from sara_megatron.launch import (
     configure_logging,
     exit_at_once_on_error,
@@ -44,9 +46,9 @@ def main():
     exit_with_parent()
     rank = launcher_rank()
     configure_logging(rank)
-    with exit_at_once_on_error(rank, p.prog, debug=args.debug):
+    with exit_at_once_on_error(rank, p.prog, debug=args.debug, resumable=True):
         cfg = load_train_config(args.config, args.overrides)
-        check_before_start(cfg, rank)
+        check_before_start(cfg, rank, launcher_world_size())
         train(cfg, max_steps=args.max_steps)
     destroy_distributed()  # only after success: its barrier needs every rank
 

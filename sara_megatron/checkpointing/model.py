@@ -15,6 +15,7 @@ import torch
 
 from sara_megatron.checkpointing.manifest import verify_checkpoint, write_checkpoint_manifest
 from sara_megatron.checkpointing.record import architecture_record, read_metadata
+from sara_megatron.model_folders import check_megatron_checkpoint
 
 
 def _chunks(model) -> list:
@@ -43,7 +44,10 @@ def check_recorded_architecture(arch, checkpoint_dir: str | os.PathLike) -> None
     `sara_conversion.json`, written by import and carried into training saves). Tensor shapes do
     not catch it all: a norm epsilon, a rope scaling or a router setting load into the same
     shapes, and megatron loads a larger vocabulary's embedding into a smaller one's rows.
-    Checkpoints without a record (trained from a preset's random weights) are not checked."""
+    Checkpoints without a record (trained from a preset's random weights) are not checked; a
+    folder that is no Megatron-Core checkpoint (an HF model folder) is refused, named as what it
+    is (`model_folders.NotACheckpointError`)."""
+    check_megatron_checkpoint(checkpoint_dir)
     record = read_metadata(os.fspath(checkpoint_dir))
     recorded = (record or {}).get("architecture")
     if not recorded:
@@ -81,6 +85,7 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = 
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     chunks = _chunks(model)
+    check_megatron_checkpoint(checkpoint_dir)  # on every rank alike: before any collective
     verify_checkpoint(checkpoint_dir)  # collective: each rank hashes a share of the files
     arch = _built_architecture(chunks[0])
     if arch is not None:

@@ -19,6 +19,7 @@ import fnmatch
 import os
 from typing import Mapping
 
+from sara_megatron.model_folders import folder_kind
 from sara_megatron.file_stamps import FileStamp
 
 HF_MODEL_FILE_PATTERNS = (
@@ -27,11 +28,6 @@ HF_MODEL_FILE_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "*.tiktoken", "chat_template*",
 )
-
-# What marks a Megatron-Core checkpoint (torch_dist) and a training run's save folder.
-_TORCH_DIST_MARKERS = ("metadata.json", "common.pt", "sara_conversion.json")
-_TRAINING_SAVE_MARKER = "latest_checkpointed_iteration.txt"
-
 
 class ModelFolderError(ValueError):
     """A --model-dir that is not a Hugging Face model folder (says what it is instead)."""
@@ -42,20 +38,6 @@ def hf_model_files(model_dir: str) -> list[str]:
     return sorted(name for name in os.listdir(model_dir)
                   if os.path.isfile(os.path.join(model_dir, name))
                   and any(fnmatch.fnmatch(name, pattern) for pattern in HF_MODEL_FILE_PATTERNS))
-
-
-def folder_kind(path: str) -> str:
-    """"hf", "megatron" (a torch_dist checkpoint), "training-save" (a run's checkpoint folder
-    holding iter_* checkpoints) or "unknown"."""
-    names = set(os.listdir(path))
-    if "config.json" in names:
-        return "hf"
-    if (any(name.endswith(".distcp") for name in names)
-            or any(marker in names for marker in _TORCH_DIST_MARKERS)):
-        return "megatron"
-    if _TRAINING_SAVE_MARKER in names or any(name.startswith("iter_") for name in names):
-        return "training-save"
-    return "unknown"
 
 
 def check_hf_model_folder(model_dir: str) -> None:

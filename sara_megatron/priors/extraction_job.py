@@ -17,7 +17,13 @@ import torch.distributed as dist
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.checkpointing.record import ASSETS_DIR, kept_hf_config
 from sara_megatron.data.token_shards import TokenShards
-from sara_megatron.distributed import ParallelConfig, initialize_distributed, model_process_groups
+from sara_megatron.distributed import (
+    ParallelConfig,
+    initialize_distributed,
+    launcher_world_size,
+    model_process_groups,
+)
+from sara_megatron.model_folders import check_megatron_checkpoint
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import ModelOptions, build_model
 from sara_megatron.priors.extraction import ExtractionProgress, ExtractionSettings, extract_priors
@@ -29,7 +35,8 @@ from sara_megatron.tool_errors import UserFacingError
 
 
 class ExtractionInputError(UserFacingError, ValueError):
-    """Inputs that cannot go together: a model that cannot be named, shards of another tokenizer."""
+    """Inputs that cannot go together: a model that cannot be named, shards of another tokenizer,
+    layers or a parallel layout outside the model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +96,33 @@ def job_architecture(job: ExtractionJob):
     return resolve_architecture(config)
 
 
+def check_job_inputs(job: ExtractionJob):
+    """Every check of the job's flags against the model and the world, on every rank before any
+    collective (a rank that passed would wait for one that did not). Returns (layers, arch).
+
+    Raises:
+        ExtractionInputError: --layers outside the model, a layout that does not divide it or
+            the world size, or a model that cannot be named.
+        model_folders.NotACheckpointError: --checkpoint is not a Megatron-Core checkpoint.
+    """
+    check_megatron_checkpoint(job.checkpoint, "--checkpoint")
+    arch = job_architecture(job)
+    try:
+        arch.validate_parallel(tp=job.tp, ep=job.ep, pp=job.pp)
+        ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp).validate_world(launcher_world_size())
+    except ValueError as err:
+        raise ExtractionInputError(f"--tp {job.tp} --ep {job.ep} --pp {job.pp}: {err}") from None
+    try:
+        layers = parse_layer_selection(job.layers, arch.num_layers)
+    except ValueError as err:
+        raise ExtractionInputError(f"--layers {job.layers}: {err}") from None
+    return layers, arch
+
+
 def run_extraction_job(job: ExtractionJob) -> dict:
     """Collective: (re)initialise Megatron at the job's layout and extract the store; rank 0
     prints progress and a summary. Returns `extract_priors`' result."""
-    arch = job_architecture(job)
-    arch.validate_parallel(tp=job.tp, ep=job.ep, pp=job.pp)
-    layers = parse_layer_selection(job.layers, arch.num_layers)
+    layers, arch = check_job_inputs(job)
     shards = TokenShards(job.shards, verify=job.verify_shards)
     vocab = shards.vocab_size
     if vocab > arch.vocab_size:

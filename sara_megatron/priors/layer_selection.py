@@ -6,6 +6,17 @@ from __future__ import annotations
 from typing import Optional
 
 
+def format_layer_ranges(layers) -> str:
+    """Sorted layer indices as inclusive runs: [7, 8, 9, 12] -> "7..9, 12"."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{lo}..{hi}" if hi > lo else str(lo) for lo, hi in runs)
+
+
 def parse_layer_selection(text: Optional[str], num_layers: int) -> tuple[int, ...]:
     """Sorted unique layer indices; None, "" or "all" select every layer."""
     if text is None or text.strip() in ("", "all"):
@@ -28,5 +39,6 @@ def parse_layer_selection(text: Optional[str], num_layers: int) -> tuple[int, ..
             ) from None
     outside = sorted(i for i in layers if not 0 <= i < num_layers)
     if outside:
-        raise ValueError(f"layers {outside} are outside the model's 0..{num_layers - 1}")
+        raise ValueError(f"layers {format_layer_ranges(outside)} are outside the model's "
+                         f"0..{num_layers - 1} ({num_layers} layers)")
     return tuple(sorted(layers))

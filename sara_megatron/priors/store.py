@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from sara_megatron.io import sha256_file
+from sara_megatron.io import read_json_file, sha256_file
 from sara_megatron.priors.store_format import (
     SHARDS_DIR,
     STORE_FORMAT,
@@ -34,13 +34,14 @@ def _read_store_json(path: str) -> dict:
     """The store's store.json, refused unless it is a complete store of this format."""
     store_json = os.path.join(path, STORE_JSON)
     if not os.path.exists(store_json):
-        raise FileNotFoundError(f"{path} is not a prior store (no {STORE_JSON})")
-    with open(store_json, encoding="utf-8") as f:
-        store = json.load(f)
-    if store.get("format") != STORE_FORMAT:
-        raise PriorStoreError(f"{store_json}: format {store.get('format')!r}, "
-                              f"expected {STORE_FORMAT!r}")
-    if not store["complete"]:
+        raise PriorStoreError(f"{path} is not a prior store (no {STORE_JSON}): give the "
+                              "--output folder of tools/extract_priors.py")
+    store = read_json_file(store_json, PriorStoreError)
+    if not isinstance(store, dict) or store.get("format") != STORE_FORMAT:
+        found = store.get("format") if isinstance(store, dict) else type(store).__name__
+        raise PriorStoreError(f"{store_json}: format {found!r}, expected {STORE_FORMAT!r} "
+                              "(not a prior store written by tools/extract_priors.py)")
+    if not store.get("complete"):
         raise PriorStoreError(f"prior store {path} is incomplete: the extraction did not "
                               "finish (rerun tools/extract_priors.py to resume it)")
     return store

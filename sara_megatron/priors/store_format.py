@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sara_megatron.io import canonical_json, sha256_text
+from sara_megatron.tool_errors import UserFacingError
 
 STORE_FORMAT = "sara-prior-store/1"
 STORE_JSON = "store.json"
@@ -25,8 +26,9 @@ SHARDS_DIR = "shards"
 DTYPES = ("fp32", "bf16")
 
 
-class PriorStoreError(ValueError):
-    """A prior store that cannot be used as asked (wrong model, corrupt, incomplete)."""
+class PriorStoreError(UserFacingError, ValueError):
+    """A prior store that cannot be used as asked (wrong model or corpus, corrupt, incomplete):
+    the tools print it as one line."""
 
 
 class MissingPriorError(LookupError):
