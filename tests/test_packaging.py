@@ -61,6 +61,9 @@ def test_slurm_scripts_run_the_dockerfiles_image(script):
     (image,) = re.findall(r"^IMAGE=\$\{IMAGE:-(\S+)\}", text, flags=re.M)
     assert image.split(":")[0] == tag
     assert '--container-image="$IMAGE"' in text
+    # One rank that dies ends the step (the others would wait in a collective); IMAGE=none runs
+    # without pyxis/enroot (tests/test_slurm.py runs the recipe that way).
+    assert "srun --kill-on-bad-exit=1 " in text and '[ "$IMAGE" = none ]' in text
     assert f"--container-workdir={workdir}" in text
     (config,) = re.findall(r"^CONFIG=\$\{CONFIG:-(\S+)\}", text, flags=re.M)
     assert (ROOT / config).is_file(), config
