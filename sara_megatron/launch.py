@@ -35,7 +35,13 @@ import traceback
 from typing import Iterator, Optional
 
 from sara_megatron.distributed import launcher_world_size, read_launcher_env
-from sara_megatron.tool_errors import UserFacingError, disk_full_error
+from sara_megatron.tool_errors import (
+    INTERRUPTED_STATUS,
+    USER_ERROR_STATUS,
+    UserFacingError,
+    disk_full_error,
+    interrupted_message,
+)
 
 
 def launcher_rank() -> int:
@@ -61,9 +67,6 @@ def user_error_message(err: BaseException, output: Optional[str] = None) -> Opti
         return str(err.strerror) if isinstance(err, OSError) and err.strerror else str(err)
     return None
 
-
-USER_ERROR_STATUS = 2
-INTERRUPTED_STATUS = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 
 _REPORT_KEY = "sara_megatron/reported"
 
@@ -135,11 +138,6 @@ def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
         traceback.print_exc()
         code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1
         _exit_now(code)
-
-
-def interrupted_message(tool: str, resumable: bool = True) -> str:
-    """The line a tool prints when Ctrl-C ends it."""
-    return f"{tool}: interrupted" + ("; rerun the same command to resume" if resumable else "")
 
 
 _PR_SET_PDEATHSIG = 1

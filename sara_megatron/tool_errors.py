@@ -8,14 +8,43 @@ checkpoint, a run that went non-finite, an output folder that cannot be written,
 the folder that will hold it (or its nearest existing parent) must take a new file, and its file
 system must have free space. A full disk met later is reported by `disk_full_error` in plain
 words (errno 28, ENOSPC), whatever layer (numpy, torch's zip writer, megatron) hit it.
+
+Ctrl-C is no error: a tool says it was interrupted, in one line, and exits 130
+(`exit_on_interrupt`; the distributed tools through `launch.exit_at_once_on_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import sys
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional
+
+USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
+
+
+def interrupted_message(tool: str, resumable: bool = True) -> str:
+    """The line a tool prints when Ctrl-C ends it.
+
+    Args:
+        tool: the tool's name as it prints it.
+        resumable: the same command resumes the work (it says so).
+    """
+    return f"{tool}: interrupted" + ("; rerun the same command to resume" if resumable else "")
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(tool: str, resumable: bool = True) -> Iterator[None]:
+    """Around a one-process tool's work: Ctrl-C prints `interrupted_message` and exits 130,
+    without a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(interrupted_message(tool, resumable), file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_STATUS)
 
 
 class UserFacingError(Exception):

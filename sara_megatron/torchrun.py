@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from sara_megatron.launch import INTERRUPTED_STATUS, USER_ERROR_STATUS
+from sara_megatron.tool_errors import INTERRUPTED_STATUS, USER_ERROR_STATUS
 
 _QUIET_STATUSES = (USER_ERROR_STATUS, INTERRUPTED_STATUS)
 # torchrun's own log lines about a failed or interrupted worker and the shutdown of the others.

@@ -7,8 +7,8 @@
 `import` runs in one process or under torchrun (each rank converts and holds only its shard; the
 world size must fit the layout). `export` and `verify` run in one process; `export` refuses to
 start as one of several torchrun / srun processes (they would all write the same output).
-`verify` prints one JSON line and exits 1 when past its thresholds. Bad input exits 2 with the
-reason.
+`verify` prints one JSON line and, past its thresholds, one line naming each check that failed
+and its threshold, and exits 1. Bad input exits 2 with the reason.
 The logic lives in `sara_megatron.conversion`.
 """
 
@@ -98,14 +98,16 @@ def main(argv=None) -> int:
                                  dtype=args.dtype, max_shard_size=args.max_shard_size,
                                  hf_dir=args.hf_dir, read_batch_bytes=args.read_batch_mb * 2**20)
             return 0
-        from sara_megatron.conversion.verify import Thresholds, passes, verify_conversion
+        from sara_megatron.conversion.verify import Thresholds, failed_checks, verify_conversion
 
         result = verify_conversion(args.hf_dir, args.megatron_dir, seq_len=args.seq_len,
                                    batch=args.batch, seed=args.seed)
         print(json.dumps(result), flush=True)
-        ok = passes(result, Thresholds(args.max_abs_diff, args.min_argmax_agreement,
-                                       args.min_cosine))
-        return 0 if ok else 1
+        failed = failed_checks(result, Thresholds(args.max_abs_diff, args.min_argmax_agreement,
+                                                  args.min_cosine))
+        if failed:
+            print(f"{tool}: the models differ: {'; '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
     except ValueError as e:  # bad input (ConversionError, architecture and layout errors)
         print(f"{tool}: error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from sara_megatron.evaluation.runner import (
 )
 from sara_megatron.io import sha256_file
 from sara_megatron.prompts import PROMPT_VERSION, load_templates
+from sara_megatron.tool_errors import exit_on_interrupt
 
 
 def comma_list(text: str) -> list[str]:
@@ -203,6 +204,11 @@ def user_error(message) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with exit_on_interrupt("evaluate"):  # scored items are kept: the same command resumes
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     try:
         if args.backend == "hf":
             check_hf_model_folder(args.model_dir)

@@ -23,6 +23,7 @@ import sys
 from sara_megatron.chat.client import check_api_key_env, is_reasoning_model
 from sara_megatron.construction.translation import TranslationConfig
 from sara_megatron.construction.translation_run import run_translation
+from sara_megatron.tool_errors import exit_on_interrupt
 
 
 def parse_args(argv=None):
@@ -110,7 +111,8 @@ def main(argv=None):
         max_rejected_fraction=args.max_rejected_fraction,
     )
     try:
-        summary = run_translation(config)
+        with exit_on_interrupt(parser.prog):  # every reply is cached: the same command resumes
+            summary = run_translation(config)
     except ValueError as e:  # bad input, language codes, price file, missing key, a folder not ours
         print(f"{parser.prog}: error: {e}", file=sys.stderr)  # one line: no usage, it is no flag error
         sys.exit(2)

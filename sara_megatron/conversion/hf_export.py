@@ -46,6 +46,7 @@ from sara_megatron.conversion.safetensors_io import (
     plan_shards,
     shard_file_names,
 )
+from sara_megatron.model_folders import check_megatron_checkpoint
 from sara_megatron.tool_errors import disk_full_error
 
 _HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
@@ -205,6 +206,7 @@ def export_hf_checkpoint(
     started = time.perf_counter()
     refuse_multi_process_launch()
     megatron_dir = os.path.abspath(os.fspath(megatron_dir))
+    check_megatron_checkpoint(megatron_dir, "--megatron-dir")  # an HF or a run's folder: named
     output = meta.AtomicOutputDir(out, overwrite)
     output.check()
     hf_config, assets_dir, assets = checkpoint_source(megatron_dir, hf_dir and os.fspath(hf_dir))

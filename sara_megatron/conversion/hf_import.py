@@ -20,7 +20,6 @@ Single process (no launcher): the whole model in one process.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 
@@ -35,7 +34,7 @@ from sara_megatron.conversion import progress
 from sara_megatron.conversion.errors import ConversionError
 from sara_megatron.conversion.mapping import ModelMapping, build_mapping
 from sara_megatron.conversion.safetensors_io import SafetensorsCheckpoint
-from sara_megatron.io import sha256_file
+from sara_megatron.io import read_json_file, sha256_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -45,8 +44,7 @@ def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"no config.json in {hf_dir}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_file(path, ConversionError)  # a bad byte or line: named with the file
 
 
 def resolve_dtype(requested: str | None, reader: SafetensorsCheckpoint) -> torch.dtype:

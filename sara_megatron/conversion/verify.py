@@ -49,12 +49,24 @@ def logits_comparison(expected: torch.Tensor, got: torch.Tensor) -> dict:
     }
 
 
+def failed_checks(result: dict, thresholds: Thresholds) -> list[str]:
+    """One phrase per check `result` fails, naming the measure, its value, the threshold and
+    the flag that sets it (empty: the pair passes)."""
+    failed = []
+    if not result["max_abs_diff"] <= thresholds.max_abs_diff:
+        failed.append(f"max |logits difference| {result['max_abs_diff']:.3g} > --max-abs-diff "
+                      f"{thresholds.max_abs_diff:g}")
+    if not result["argmax_agreement"] >= thresholds.min_argmax_agreement:
+        failed.append(f"argmax agreement {result['argmax_agreement']:.4g} < "
+                      f"--min-argmax-agreement {thresholds.min_argmax_agreement:g}")
+    if thresholds.min_cosine is not None and not result["cosine"] >= thresholds.min_cosine:
+        failed.append(f"smallest per-position cosine {result['cosine']:.6g} < --min-cosine "
+                      f"{thresholds.min_cosine:g}")
+    return failed
+
+
 def passes(result: dict, thresholds: Thresholds) -> bool:
-    ok = result["max_abs_diff"] <= thresholds.max_abs_diff
-    ok = ok and result["argmax_agreement"] >= thresholds.min_argmax_agreement
-    if thresholds.min_cosine is not None:
-        ok = ok and result["cosine"] >= thresholds.min_cosine
-    return ok
+    return not failed_checks(result, thresholds)
 
 
 @torch.no_grad()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 
+from sara_megatron.io import read_json_file
 from sara_megatron.models.phimoe_longrope import PHI35_MOE_LONGROPE, LongRopeScaling
 
 SUPPORTED_FAMILIES = ("qwen3_moe", "phimoe")
@@ -343,8 +343,7 @@ def _read_config(config: dict | str | os.PathLike) -> dict:
     path = os.fspath(config)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_file(path)  # ValueError naming the file and line of a bad byte
 
 
 def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
