@@ -69,3 +69,48 @@ def test_slurm_scripts_run_the_dockerfiles_image(script):
     assert (ROOT / config).is_file(), config
     # The Dockerfile copies what the script runs.
     assert "COPY tools ./tools" in dockerfile and "COPY examples ./examples" in dockerfile
+
+
+def test_the_checkout_shadows_no_kernels_package():
+    """From the repository root (first on sys.path under `python -m pytest` or `python -c`), `import
+    kernels` finds Hugging Face's package, which transformers 5.25 and later import, and
+    transformers' activations load; the project's kernels are `sara_megatron.kernels`."""
+    import subprocess
+    import sys
+
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    code = ("import kernels, transformers.activations, sara_megatron.kernels as k; "
+            "print(getattr(kernels, '__file__', None)); print(k.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf_kernels, ours = proc.stdout.split()[-2:]
+    assert hf_kernels != "None" and not hf_kernels.startswith(str(ROOT / "kernels")), hf_kernels
+    assert ours == str(ROOT / "kernels" / "sara_kernels" / "__init__.py")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_non_editable_install_carries_the_kernels(tmp_path):
+    """The wheel holds `sara_megatron.kernels` (and no top-level `kernels`), and imports from it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True, timeout=600,
+                   capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("sara_megatron-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sara_megatron/kernels/routing_js.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, timeout=600, capture_output=True)
+    code = ("import sara_megatron.kernels as k; "
+            "from sara_megatron.kernels import sequence_routing_js_reference; print(k.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ,
+                                                       "PYTHONPATH": str(target)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(target / "sara_megatron" / "kernels" / "__init__.py")
