@@ -250,12 +250,19 @@ def plan_layouts(table: list[ParameterInfo], arch: MoEArchitecture, gpus: int,
             for layout in candidate_layouts(arch, gpus)]
 
 
+def _count(n: float) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_plans(plans: list[LayoutPlan], arch_name: str, gpus: int, shape: TrainingShape,
                  total_params: int) -> str:
     """The planner's table: one row per layout, the busiest stage's memory in GB."""
     first = plans[0] if plans else None
     lines = [
-        f"{arch_name}: {total_params / 1e9:.2f}B parameters; {gpus} GPUs of "
+        f"{arch_name}: {_count(total_params)} parameters; {gpus} GPUs of "
         f"{first.gpu_memory_gb if first else 0:g} GB; seq {shape.seq_length} × micro-batch "
         f"{shape.micro_batch_size}, global batch {shape.global_batch_size}; "
         f"{'distributed' if shape.distributed_optimizer else 'replicated'} optimizer; "
@@ -268,7 +275,7 @@ def format_plans(plans: list[LayoutPlan], arch_name: str, gpus: int, shape: Trai
     for plan in plans:
         peak = plan.peak
         lines.append(
-            f"{str(plan.layout):<24}{(peak.dense_params + peak.expert_params) / 1e9:>11.2f}B"
+            f"{str(plan.layout):<24}{_count(peak.dense_params + peak.expert_params):>12}"
             f"{peak.weights / GB:>9.1f}{peak.gradients / GB:>8.1f}{peak.optimizer / GB:>8.1f}"
             f"{peak.activations / GB:>8.1f}{peak.total / GB:>8.1f}  "
             f"{'yes' if plan.fits else 'no'}"
