@@ -76,3 +76,43 @@ def test_bench_tool_default_ep_fits_the_world():
     assert bench.fitting_ep(ParallelConfig(ep=2), world_size=8) == 2
     assert bench.fitting_ep(ParallelConfig(ep=4), world_size=6) == 2
     assert bench.fitting_ep(ParallelConfig(ep=2, tp=2), world_size=2) == 1  # dp 1
+
+
+def _sample_loader(packed: bool, **kw):
+    from sara_megatron.data.mock_batches import MockSampleLoader
+
+    args = dict(vocab_size=300, num_experts=8, prior_layers=(0, 1),
+                lengths=[(10, 40), (20, 90), (5, 30)], seq_length=128, micro_batch_size=2,
+                global_batch_size=8, packed=packed, seed=3)
+    args.update(kw)
+    return MockSampleLoader(**args)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sample_loader_steps_hold_the_same_samples_packed_or_padded(packed):
+    """A step's micro-batches name their count, carry one prior per sample, and hold exactly
+    the step's samples' tokens; packed and padded steps draw the same samples."""
+    loader = _sample_loader(packed)
+    seqs, _, priors = loader.step_samples(0)
+    step = loader.step(0)
+    assert {mb.step_micro_batches for mb in step} == {len(step)}
+    assert sum(int((~mb.padding_mask).sum()) for mb in step) == sum(len(x) for x in seqs)
+    assert sum(len(mb.sample_ids) for mb in step) == 8
+    for mb in step:
+        assert mb.priors.shape == (2, len(mb.sample_ids), 8)
+        assert (mb.segment_ids is not None) == packed
+        if packed:  # segment ids index the micro-batch's samples
+            assert int(mb.segment_ids.max()) == len(mb.sample_ids) - 1
+    assert torch.equal(torch.cat([mb.priors for mb in _sample_loader(False).step(0)], 1), priors)
+    # Same step, same samples; another step, others.
+    assert torch.equal(_sample_loader(packed).step(0)[0].tokens, step[0].tokens)
+    assert not torch.equal(loader.step(1)[0].tokens, step[0].tokens)
+    assert 0 < loader.fill_rate(0) <= 1
+
+
+def test_sample_loader_packs_into_fewer_rows():
+    padded, packed = _sample_loader(False), _sample_loader(True)
+    rows = sum(mb.tokens.shape[0] for mb in packed.step(0))
+    assert rows < 8 and packed.fill_rate(0) > padded.fill_rate(0)
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        _sample_loader(False, global_batch_size=7)
