@@ -245,3 +245,75 @@ def test_packed_calibration_is_the_padded_calibration(single_rank, sara_data):
         for layer, value in padded_means[term].items():
             assert packed_means[term][layer] == pytest.approx(value, rel=1e-5), (term, layer)
     assert packed.grad_norm == pytest.approx(padded.grad_norm, rel=1e-5)
+
+
+def test_authors_calibration_is_the_first_layer_and_its_router_rows(single_rank):
+    """aes.calibration: authors, against the released code's rule written out here: the first
+    MoE layer's routing-score variance (token mean, first micro-batch) and, for the
+    orthogonality, each of the router's first k weight rows projected onto the span of the other
+    rows (least squares, not QR), each coefficient 10^round(log10(target / value)). Both
+    candidates are measured whichever is used."""
+    import math
+
+    from sara_megatron.training import Trainer, load_train_config
+
+    cfg = load_train_config(None, [
+        "model.preset=qwen3_moe_tiny", "data.mock=true", "data.seq_length=16",
+        "data.micro_batch_size=2", "data.global_batch_size=4", "optim.train_steps=1",
+        "sara.layers=all", "sara.objective=aes", "aes.calibration=authors"])
+    trainer = Trainer(cfg)
+    model = trainer.chunks[0].module
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+    batches = trainer.state.batches
+
+    def recording(batches=batches):
+        for mb in batches:
+            seen.append(mb)
+            yield mb
+
+    trainer.state.batches = recording()
+    trainer.train_step()
+    aes = trainer.state.aes
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+
+    first = min(_moe_layers(model), key=lambda m: m.router.global_layer_index)
+    weight = first.router.weight.detach().double()  # [N, H]
+    k = first.router.topk
+    orthogonality = 0.0
+    for i in range(k):
+        others = torch.cat([weight[:i], weight[i + 1:]])
+        coefficients = torch.linalg.lstsq(others.t(), weight[i, :, None]).solution
+        orthogonality += float((others.t() @ coefficients).pow(2).sum()) / k
+
+    mb = seen[0]
+    kept = {}
+    hook = first.register_forward_pre_hook(lambda mod, args: kept.__setitem__("h", args[0]))
+    b, s = mb.tokens.shape
+    with torch.no_grad():
+        model(mb.tokens, torch.arange(s).expand(b, s), causal_attention_mask(s),
+              padding_mask=mb.padding_mask)
+    hook.remove()
+    hidden = kept["h"].reshape(-1, kept["h"].shape[-1]).float()
+    scores = torch.softmax(hidden @ first.router.weight.detach().float().t(), dim=-1)
+    valid = (~mb.padding_mask).t().reshape(-1)
+    variance = float(scores.var(dim=-1)[valid].mean())
+
+    values = aes.calibration_values
+    assert set(values) == {"measured", "authors"}
+    assert values["authors"]["variance"] == pytest.approx(variance, rel=1e-5)
+    assert values["authors"]["orthogonality"] == pytest.approx(orthogonality, rel=1e-6)
+    assert aes.variance_coeff == 10.0 ** round(math.log10(1e-3 / variance))
+    assert aes.orthogonality_coeff == 10.0 ** round(math.log10(1e-4 / orthogonality))
+    # The measured candidate reads every layer's expert outputs: another value.
+    assert values["measured"]["orthogonality"] != pytest.approx(orthogonality, rel=1e-2)
+
+
+def test_calibration_setting_is_checked():
+    from sara_megatron.training.config import ConfigError, load_train_config
+
+    assert load_train_config(None, []).aes.calibration == "measured"
+    with pytest.raises(ConfigError, match="aes.calibration must be one of measured, authors"):
+        load_train_config(None, ["aes.calibration=paper"])

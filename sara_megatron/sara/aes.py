@@ -28,9 +28,17 @@ w·Σ_t ℓ_t·T/N, i.e. after megatron's division by T, w times the mean of ℓ
 tokens, however the batch is cut into micro-batches. `token_weight=None` takes the mean over the
 micro-batch (single-forward use and tests).
 
-Self-calibration (as the authors): a coefficient left unset is set once, before the first step,
-to 10^round(log10(target / value)), value being the term's token mean over layers on the first
-global batch at the starting weights (`calibrate`). Set both coefficients to resume a run exactly.
+Self-calibration: a coefficient left unset is set once, before the first step, to
+10^round(log10(target / value)) (`power_of_ten`). Two ways to measure the value
+(`calibration`), both computed every time so the run log can show both candidates:
+
+- ``measured``: each term's token mean over layers on the first global batch at the starting
+  weights, the orthogonality measured on the experts' outputs, as it is trained;
+- ``authors``: what the authors' released code measures, at the first MoE layer only: the
+  variance's token mean on one micro-batch (the first of data-parallel rank 0), and the
+  orthogonality of the router weight rows (`router_rows_orthogonality`), not of expert outputs.
+
+Set both coefficients to resume a run exactly.
 
 Sequence packing (`data.packing`) needs nothing more: both terms are per token, and a packed row
 marks its padding in the padding mask the router passes on (segment id -1).
@@ -50,6 +58,40 @@ from sara_megatron.sara.reduction import all_reduce_identity_backward
 def routing_variance(logits: torch.Tensor) -> torch.Tensor:
     """[T] variance over experts of each token's fp32 routing softmax (unbiased, as torch.var)."""
     return torch.softmax(logits.float(), dim=-1).var(dim=-1)
+
+
+CALIBRATIONS = ("measured", "authors")
+
+
+def power_of_ten(target: float, value: float) -> float:
+    """The coefficient that brings `value` to `target` rounded to a power of ten:
+    10^round(log10(target / value)); 0 when the target is 0 or the value is not positive."""
+    if target == 0 or not value > 0:
+        return 0.0
+    return 10.0 ** round(math.log10(target / value))
+
+
+def router_rows_orthogonality(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The authors' calibration value for the orthogonality term, from a router's weight rows.
+
+    The released code calibrates on the router weight [N, H] in place of expert outputs: for each
+    of the first k rows w_i, the squared norm of its projection onto the span of the other N−1
+    rows, averaged over the k rows.
+
+    Args:
+        weight: the router weight, [N experts, H].
+        k: the router's top-k.
+
+    Returns:
+        A float64 scalar tensor.
+    """
+    rows = weight.detach().double()
+    total = rows.new_zeros(())
+    for i in range(min(k, rows.shape[0])):
+        others = torch.cat([rows[:i], rows[i + 1:]])  # [N-1, H]
+        basis, _ = torch.linalg.qr(others.t())  # [H, min(H, N-1)]
+        total = total + (basis.t() @ rows[i]).pow(2).sum()
+    return total / k
 
 
 def orthogonality_per_token(outputs: torch.Tensor) -> torch.Tensor:
@@ -72,7 +114,13 @@ class AesLoss:
     """Router observer (L_var) plus experts hooks (L_orth); see the module docstring."""
 
     def __init__(self, variance_coeff: Optional[float], orthogonality_coeff: Optional[float],
-                 variance_target: float = 1e-3, orthogonality_target: float = 1e-4):
+                 variance_target: float = 1e-3, orthogonality_target: float = 1e-4,
+                 calibration: str = "measured"):
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"AES calibration {calibration!r}: one of {', '.join(CALIBRATIONS)}")
+        self.calibration = calibration
+        self.calibration_values: dict[str, dict[str, float]] = {}
+        self._routers: dict[int, torch.nn.Module] = {}
         self.variance_coeff = variance_coeff
         self.orthogonality_coeff = orthogonality_coeff
         self.variance_target = variance_target
@@ -88,6 +136,7 @@ class AesLoss:
     def reset_stats(self) -> None:
         """Per layer: [Σ ℓ_var, tokens, Σ ℓ_orth, tokens] over this rank's share (for logging)."""
         self.stats: dict[int, torch.Tensor] = {}
+        self.first_call: dict[int, torch.Tensor] = {}  # layer -> [Σ ℓ_var, tokens], first call
 
     def _add_stats(self, layer: int, offset: int, value_sum, count) -> None:
         row = self.stats.setdefault(layer, torch.zeros(4, dtype=torch.float64,
@@ -110,6 +159,9 @@ class AesLoss:
         variance = torch.where(valid, routing_variance(flat), 0.0).sum()
         count = valid.sum()
         self._add_stats(layer, 0, variance, count)
+        if layer not in self.first_call:  # the first micro-batch this rank sends through it
+            self.first_call[layer] = torch.stack([variance.detach().double().cpu(),
+                                                  count.double().cpu()])
         if self.variance_coeff is None:  # measuring for calibration: nothing attached
             return None
         return -variance * self._scale(self.variance_coeff, count)
@@ -133,6 +185,7 @@ class AesLoss:
                             "megatron's allgather dispatcher is supported; set "
                             "model.token_dispatcher: allgather")
                     handles.append(module.experts.register_forward_hook(self._experts_hook(module)))
+                    self._routers[module.router.global_layer_index] = module.router
         return handles
 
     def _experts_hook(self, moe_layer):
@@ -218,16 +271,68 @@ class AesLoss:
         return {"variance": {i: float(table[i, 0] / table[i, 1]) for i in seen},
                 "orthogonality": {i: float(table[i, 2] / table[i, 3].clamp_min(1)) for i in seen}}
 
+    def authors_values(self, num_layers: int) -> dict[str, float]:
+        """The values the authors' calibration reads, at the first MoE layer of the model:
+        {"variance": token mean on data-parallel rank 0's first micro-batch since
+        `reset_stats`, "orthogonality": `router_rows_orthogonality` of its router}.
+        Collective over the world; `num_layers` bounds the layer indices."""
+        from megatron.core import parallel_state as ps
+
+        table = torch.zeros(max(num_layers, 1), 4, dtype=torch.float64)
+        if self._routers:
+            first = min(self._routers)
+            router = self._routers[first]
+            table[first, 2] = float(router_rows_orthogonality(router.weight, router.topk))
+            table[first, 3] = 1.0
+        dp_rank = ps.get_data_parallel_rank() if dist.is_initialized() else 0
+        if dp_rank == 0:
+            for layer, row in self.first_call.items():
+                table[layer, :2] = row
+        if dist.is_initialized():
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if torch.cuda.is_available() else torch.device("cpu"))
+            table = table.to(device)
+            dist.all_reduce(table)
+            table = table.cpu()
+        owned = [i for i in range(table.shape[0]) if table[i, 3] > 0]
+        if not owned:
+            return {"variance": 0.0, "orthogonality": 0.0}
+        first = owned[0]
+        return {"variance": float(table[first, 0] / table[first, 1].clamp_min(1)),
+                "orthogonality": float(table[first, 2] / table[first, 3])}
+
+    def calibrate(self, num_layers: int) -> dict[str, dict[str, float]]:
+        """Set unset coefficients by `self.calibration` from the statistics of a forward pass
+        since `reset_stats` (collective). Both ways are measured; returns
+        {way: {"variance": value, "orthogonality": value, "variance_coeff": c,
+        "orthogonality_coeff": c}} for logging, also kept in `calibration_values`."""
+        means = self.reduced_layer_means()
+        measured = {term: sum(v.values()) / max(len(v), 1) for term, v in means.items()}
+        result = {}
+        for way, values in (("measured", measured), ("authors", self.authors_values(num_layers))):
+            result[way] = dict(values, variance_coeff=power_of_ten(self.variance_target,
+                                                                   values["variance"]),
+                               orthogonality_coeff=power_of_ten(self.orthogonality_target,
+                                                                values["orthogonality"]))
+        self.calibration_values = result
+        if self.calibration == "measured":
+            self.calibrate_from(means)
+        else:
+            if self.variance_coeff is None:
+                self.variance_coeff = result["authors"]["variance_coeff"]
+            if self.orthogonality_coeff is None:
+                self.orthogonality_coeff = result["authors"]["orthogonality_coeff"]
+        return result
+
     def calibrate_from(self, means: dict[str, dict[int, float]]) -> None:
         """Set unset coefficients to 10^round(log10(target / layer-mean value))."""
-        def power_of_ten(target, values):
-            value = sum(values) / max(len(values), 1)
-            if target == 0 or value <= 0:
-                return 0.0
-            return 10.0 ** round(math.log10(target / value))
+        def layer_mean(values):
+            values = list(values)
+            return sum(values) / max(len(values), 1)
 
         if self.variance_coeff is None:
-            self.variance_coeff = power_of_ten(self.variance_target, means["variance"].values())
+            self.variance_coeff = power_of_ten(self.variance_target,
+                                               layer_mean(means["variance"].values()))
         if self.orthogonality_coeff is None:
             self.orthogonality_coeff = power_of_ten(self.orthogonality_target,
-                                                    means["orthogonality"].values())
+                                                    layer_mean(means["orthogonality"].values()))

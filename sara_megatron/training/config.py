@@ -181,11 +181,22 @@ class SaraSection(_Section):
 class AesSection(_Section):
     """AES (Guo et al., 2025): λ_LB·LB − variance_coeff·Var(routing scores) +
     orthogonality_coeff·L_orth on every MoE layer. A coefficient left unset is self-calibrated on
-    the first step: 10^round(log10(target / that step's value)), as the authors do."""
+    the first step: 10^round(log10(target / value)), the value measured as `calibration` says."""
     variance_coeff: Optional[Annotated[Float, AT_LEAST_0]] = None
     orthogonality_coeff: Optional[Annotated[Float, AT_LEAST_0]] = None
     variance_target: Annotated[Float, AT_LEAST_0] = 1e-3
     orthogonality_target: Annotated[Float, AT_LEAST_0] = 1e-4
+    # How an unset coefficient's value is measured: "measured" (every layer's term on the first
+    # global batch) | "authors" (the released code's: the first MoE layer's variance on one
+    # micro-batch, the orthogonality of its router weight rows). docs/objectives.md
+    calibration: str = "measured"
+
+    @pydantic.field_validator("calibration")
+    @classmethod
+    def _known_calibration(cls, value: str) -> str:
+        from sara_megatron.sara.aes import CALIBRATIONS
+
+        return _one_of(CALIBRATIONS, value)
 
 
 class ShifconSection(_Section):

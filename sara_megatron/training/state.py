@@ -151,7 +151,7 @@ def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config, pro
 
         a = cfg.aes
         aes = AesLoss(a.variance_coeff, a.orthogonality_coeff, a.variance_target,
-                      a.orthogonality_target)
+                      a.orthogonality_target, calibration=a.calibration)
         aes.attach(chunks)
     if cfg.sara.objective == "shifcon":  # the ShifCon baseline (docs/objectives.md)
         from sara_megatron.sara.shifcon import ShifconObjective

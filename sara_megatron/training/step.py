@@ -144,8 +144,13 @@ def _prepare_aes(state: TrainState, cfg: TrainConfig, batch: GlobalBatch,
         aes.reset_stats()
         with torch.no_grad(), observe_routers(state.chunks, aes):
             _run_schedule(state, cfg, batch, forward_only=True)
-        aes.calibrate_from(aes.reduced_layer_means())
+        ways = aes.calibrate(state.plan.arch.num_layers)
         if dist.get_rank() == 0:
+            for way, v in ways.items():  # both candidates, whichever is used
+                log.info("AES calibration %s%s: variance %.4g -> aes.variance_coeff=%g, "
+                         "orthogonality %.4g -> aes.orthogonality_coeff=%g", way,
+                         " (used)" if way == aes.calibration else "", v["variance"],
+                         v["variance_coeff"], v["orthogonality"], v["orthogonality_coeff"])
             log.info("AES coefficients calibrated: aes.variance_coeff=%g "
                      "aes.orthogonality_coeff=%g (set them to resume exactly)",
                      aes.variance_coeff, aes.orthogonality_coeff)
