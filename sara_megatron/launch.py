@@ -85,29 +85,52 @@ def _launcher_store():
     return None
 
 
-def first_to_report() -> bool:
+def _report_key() -> str:
+    env = os.environ
+    return (f"{_REPORT_KEY}/{env.get('TORCHELASTIC_RUN_ID', '')}/"
+            f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+
+
+def first_to_report(status: int) -> bool:
     """Whether this process is the first of its job to report how the job ends (a user error,
-    an interrupt): True for one rank of a torchrun job, without waiting for any other rank;
-    True on every rank that asks where no store can be reached."""
+    an interrupt), recording `status` for the other ranks (`reported_status`): True for one rank
+    of a torchrun job, without waiting for any other rank; True on every rank that asks where no
+    store can be reached."""
     if launcher_world_size() <= 1:
         return True
     try:
         store = _launcher_store()
         if store is None:
             return True
-        env = os.environ
-        key = (f"{_REPORT_KEY}/{env.get('TORCHELASTIC_RUN_ID', '')}/"
-               f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}")
-        return store.add(key, 1) == 1
+        if store.add(_report_key(), 1) != 1:
+            return False
+        store.set(_report_key() + "/status", str(status))
+        return True
     except Exception:  # noqa: BLE001 - the store is gone (its host exited): say it here
         return True
 
 
-def _report_once(line: str, debug: bool) -> None:
-    if first_to_report():
+def reported_status() -> Optional[int]:
+    """The status another rank of the job reported its end with (`first_to_report`), else None.
+    A rank whose collective broke because that rank exited ends with it, without a word."""
+    if launcher_world_size() <= 1:
+        return None
+    try:
+        store = _launcher_store()
+        key = _report_key() + "/status"
+        if store is None or not store.check([key]):
+            return None
+        return int(store.get(key))
+    except Exception:  # noqa: BLE001 - no store, no report: the error is this rank's own
+        return None
+
+
+def _report_once(line: str, status: int, debug: bool) -> None:
+    if first_to_report(status):
         if debug:
             traceback.print_exc()
         print(line, file=sys.stderr)
+    _exit_now(status)
 
 
 @contextlib.contextmanager
@@ -119,7 +142,8 @@ def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
     user can fix prints as `<tool>: error: <message>` and exits 2 (`debug`: after its traceback);
     Ctrl-C prints `<tool>: interrupted` (`resumable`: and that the same command resumes) and
     exits 130. Either is printed by one rank of the job (`first_to_report`); the others exit
-    with the same status without a word."""
+    with the same status without a word, also when what they meet is a broken collective (the
+    reporting rank left it)."""
     tool = tool or os.path.basename(sys.argv[0])
     try:
         yield
@@ -127,12 +151,13 @@ def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
         if isinstance(err, SystemExit) and err.code in (None, 0):
             raise
         if isinstance(err, KeyboardInterrupt):
-            _report_once(interrupted_message(tool, resumable), debug)
-            _exit_now(INTERRUPTED_STATUS)
+            _report_once(interrupted_message(tool, resumable), INTERRUPTED_STATUS, debug)
         message = user_error_message(err, output)
         if message is not None:
-            _report_once(f"{tool}: error: {message}", debug)
-            _exit_now(USER_ERROR_STATUS)
+            _report_once(f"{tool}: error: {message}", USER_ERROR_STATUS, debug)
+        status = reported_status()  # a peer's collective broke because a reporting rank left
+        if status is not None:
+            _exit_now(status)
         print(f"rank {rank} failed; exiting without waiting for the other ranks:",
               file=sys.stderr)
         traceback.print_exc()

@@ -14,10 +14,12 @@ from sara_megatron.distributed import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun_command(script, *args, nproc: int = 2) -> list[str]:
-    """`python -m torch.distributed.run` of `script` (a path, or one relative to the repository)
-    with `nproc` local processes on a free port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+def torchrun_command(script, *args, nproc: int = 2,
+                     launcher: str = "torch.distributed.run") -> list[str]:
+    """`python -m torch.distributed.run` (or `launcher`, e.g. "sara_megatron.torchrun") of
+    `script` (a path, or one relative to the repository) with `nproc` local processes on a free
+    port."""
+    return [sys.executable, "-m", launcher, "--nproc-per-node", str(nproc),
             "--master-port", str(free_port()), str(REPO / script), *map(str, args)]
 
 
