@@ -108,7 +108,7 @@ def gpu_profile(name: str) -> Profile:
         sequence_tokens=4096,
         whole_step=(28, 16384, 128),
         reps=10,
-        compile_budget_s=120.0,
+        compile_budget_s=75.0,
         train=(
             TrainShape("qwen3_30b_a3b", "qwen3_moe", 2, 4096, 1, 16, 3.0, 2, 4, 2, 240),
             TrainShape("phi35_moe", "phi35_moe", 2, 4096, 1, 16, 3.0, 2, 4, 2, 240),
@@ -571,9 +571,39 @@ def numeric_step(save_weights: str | None, load_weights: str | None) -> dict:
             "tf32": False}
 
 
-def _run_worker(out_dir: str, name: str, worker_args: list[str], timeout: float,
-                env: dict | None = None) -> dict:
-    """Run this script as a worker; its JSON result, or an error with the log's tail."""
+@dataclasses.dataclass
+class Worker:
+    """A worker process of this script, started; `finish()` waits for its result."""
+
+    name: str
+    proc: subprocess.Popen
+    result_path: str
+    log_path: str
+    started: float
+    timeout: float
+
+    def finish(self, timeout: float | None = None) -> dict:
+        """Its JSON result, or an error with the log's tail (killed past its time)."""
+        left = self.timeout - (time.perf_counter() - self.started)
+        try:
+            code = self.proc.wait(timeout=max(1.0, min(left, timeout or left)))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = "timeout"
+        wall = time.perf_counter() - self.started
+        if code == 0 and os.path.exists(self.result_path):
+            with open(self.result_path) as handle:
+                return {**json.load(handle), "wall_s": wall}
+        with open(self.log_path) as handle:
+            tail = handle.read()[-2000:]
+        return {"error": f"worker {self.name} ended with {code} after {wall:.0f} s",
+                "log_tail": tail, "wall_s": wall}
+
+
+def start_worker(out_dir: str, name: str, worker_args: list[str], timeout: float,
+                 env: dict | None = None) -> Worker:
+    """Start this script as a worker (`--worker ...`), its output in DIR/workers/<name>.log."""
     result_path = os.path.join(out_dir, "workers", f"{name}.json")
     log_path = os.path.join(out_dir, "workers", f"{name}.log")
     os.makedirs(os.path.dirname(result_path), exist_ok=True)
@@ -581,22 +611,16 @@ def _run_worker(out_dir: str, name: str, worker_args: list[str], timeout: float,
         os.remove(result_path)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *worker_args,
            "--worker-out", result_path]
-    started = time.perf_counter()
     with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, **(env or {})}, cwd=ROOT)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    wall = time.perf_counter() - started
-    if code == 0 and os.path.exists(result_path):
-        with open(result_path) as handle:
-            return {**json.load(handle), "wall_s": wall}
-    with open(log_path) as handle:
-        tail = handle.read()[-2000:]
-    return {"error": f"worker {name} ended with {code} after {wall:.0f} s", "log_tail": tail,
-            "wall_s": wall}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, cwd=ROOT)
+    return Worker(name, proc, result_path, log_path, time.perf_counter(), timeout)
+
+
+def _run_worker(out_dir: str, name: str, worker_args: list[str], timeout: float,
+                env: dict | None = None) -> dict:
+    """Run a worker to its end: its JSON result, or an error with the log's tail."""
+    return start_worker(out_dir, name, worker_args, timeout, env).finish()
 
 
 def training_step(profile: Profile, out_dir: str, deadline: float, use_te: bool | None = None,
@@ -632,15 +656,25 @@ def training_step(profile: Profile, out_dir: str, deadline: float, use_te: bool 
 # --- e. numeric check --------------------------------------------------------------------------
 
 
-def numeric_check(out_dir: str, deadline: float) -> dict:
-    """The CPU side in a process that cannot see the GPU, then the device side; on a machine
-    without a GPU both sides in one process (two Trainers)."""
+def _numeric_args(out_dir: str) -> list[str]:
     weights = os.path.join(out_dir, "workers", "numeric_weights.pt")
-    sides = ["numeric", "--save-weights", weights, "--load-weights", weights]
+    return ["numeric", "--save-weights", weights, "--load-weights", weights]
+
+
+def start_numeric_cpu(out_dir: str, timeout: float) -> Worker:
+    """The numeric check's CPU side, in a process that cannot see the GPU: on a GPU machine it
+    runs beside the kernel sections (it needs a few of the 16 cores, no GPU)."""
+    return start_worker(out_dir, "numeric_cpu", [*_numeric_args(out_dir), "--sides", "cpu"],
+                        timeout, env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "4"})
+
+
+def numeric_check(out_dir: str, deadline: float, cpu_side: Worker | None = None) -> dict:
+    """The CPU side (`cpu_side`, started earlier) then the device side from its weights; on a
+    machine without a GPU both sides in one process (two Trainers)."""
+    sides = _numeric_args(out_dir)
     if torch.cuda.is_available():
-        left = deadline - time.perf_counter()
-        cpu = _run_worker(out_dir, "numeric_cpu", [*sides, "--sides", "cpu"], min(180, left),
-                          env={"CUDA_VISIBLE_DEVICES": ""})
+        cpu_side = cpu_side or start_numeric_cpu(out_dir, 180)
+        cpu = cpu_side.finish(timeout=max(1.0, deadline - time.perf_counter()))
         cpu = cpu.get("cpu", cpu)
         if "error" in cpu:
             return {"cpu": cpu, "passes": False}
@@ -887,17 +921,22 @@ def main(argv=None) -> int:
               "on_gpu": on_gpu, "budget_s": args.budget_s,
               "note": None if on_gpu else ("no CUDA: every section at tiny shapes on the CPU; "
                                            "a smoke test of the command, not a measurement")}
+    # The numeric check's CPU side needs no GPU: on a GPU machine it runs beside the kernels.
+    numeric_cpu = start_numeric_cpu(args.out, 240) if on_gpu else None
     _section(report, "environment", deadline, lambda: environment(profile), path)
     copy_GBps = (report["environment"].get("copy_bandwidth") or {}).get("GBps") or float("nan")
     te_status = report["environment"].get("transformer_engine") or transformer_engine_status()
     _section(report, "kernel_contract", deadline, lambda: kernel_contract(profile), path)
     _section(report, "kernel_benchmark", deadline,
              lambda: kernel_benchmark(profile, copy_GBps, time.perf_counter()), path)
-    # The CPU reference of the numeric check before the big models: it is short.
-    _section(report, "numeric_check", deadline, lambda: numeric_check(args.out, deadline), path)
     _section(report, "training_step", deadline,
              lambda: training_step(profile, args.out, deadline,
                                    use_te=False if te_status["available"] else None), path)
+    _section(report, "numeric_check", deadline,
+             lambda: numeric_check(args.out, deadline, numeric_cpu), path)
+    if numeric_cpu is not None and numeric_cpu.proc.poll() is None:  # skipped: do not leave it
+        numeric_cpu.proc.kill()
+        numeric_cpu.proc.wait()
     _section(report, "transformer_engine", deadline,
              lambda: transformer_engine(profile, args.out, deadline, te_status), path)
     report = {key: report[key] for key in (*[k for k in report if k not in SECTIONS], *SECTIONS)}
