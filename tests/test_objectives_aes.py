@@ -47,6 +47,45 @@ def test_orthogonality_matches_gram_schmidt():
     assert torch.all(orthogonality_per_token(outputs[:, :1]) == 0)  # top-1: no other expert
 
 
+def _orthogonality_by_qr(outputs):
+    """The plain QR form of the orthogonality value (no guard for zero slots)."""
+    t, k, _ = outputs.shape
+    total = outputs.new_zeros(t)
+    for i in range(k):
+        others = torch.cat([outputs[:, :i], outputs[:, i + 1:]], dim=1)
+        basis, _ = torch.linalg.qr(others.transpose(1, 2))
+        total = total + torch.einsum("thj,th->tj", basis, outputs[:, i]).pow(2).sum(-1)
+    return total / k
+
+
+def test_a_zero_slot_keeps_value_and_gradient_finite():
+    """An all-zero expert-output slot (an undispatched padding token) made the QR's backward NaN,
+    even for a token masked out after the QR. Now: finite forward and gradient, the zero slot
+    spans nothing (Gram–Schmidt's value), the other tokens' values are the plain QR's exactly."""
+    g = torch.Generator().manual_seed(3)
+    normal = torch.randn(6, 3, 16, generator=g)
+    assert torch.equal(orthogonality_per_token(normal), _orthogonality_by_qr(normal))
+
+    outputs = normal.clone()
+    outputs[2, 1] = 0.0  # a real token with one zero slot
+    outputs[4] = 0.0  # a padding token: every slot zero
+    outputs.requires_grad_(True)
+    valid = torch.tensor([True, True, True, True, False, True])
+    plain = torch.where(valid, _orthogonality_by_qr(outputs), 0.0).sum()
+    plain.backward()
+    assert not torch.isfinite(outputs.grad).all()  # what the guard is for
+    outputs.grad = None
+    values = orthogonality_per_token(outputs)
+    torch.where(valid, values, 0.0).sum().backward()
+    assert torch.isfinite(values).all() and torch.isfinite(outputs.grad).all()
+    keep = torch.tensor([0, 1, 3, 5])
+    assert torch.equal(values.detach()[keep], _orthogonality_by_qr(normal)[keep])
+    torch.testing.assert_close(values.detach()[[2, 4]],
+                               torch.stack([_gram_schmidt_projection(outputs.detach()[2:3, [0, 2]])[0]
+                                            * 2 / 3, torch.tensor(0.0)]))
+    assert outputs.grad[4].abs().sum() == 0 and outputs.grad[2].abs().sum() > 0
+
+
 @pytest.fixture(scope="module")
 def model(single_rank):
     torch.manual_seed(0)

@@ -96,17 +96,50 @@ def router_rows_orthogonality(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 def orthogonality_per_token(outputs: torch.Tensor) -> torch.Tensor:
     """[T] mean over i of ‖projection of outputs[:, i] onto span(outputs[:, j≠i])‖², for
-    outputs [T, k, H] (fp32 math). k = 1 has no other expert: 0."""
-    t, k, _ = outputs.shape
+    outputs [T, k, H] (fp32 math). k = 1 has no other expert: 0.
+
+    A token with an all-zero slot (a padding token the dispatcher did not send, an expert that
+    output nothing) would make the QR's backward divide by zero, NaN even where the token is
+    masked out afterwards: such tokens bypass the QR (it sees a fixed well-conditioned stand-in)
+    and take the value from `_orthogonality_zero_safe`, in which a zero slot spans nothing. Other
+    tokens' values are the QR's, unchanged."""
+    t, k, h = outputs.shape
     if k < 2:
         return outputs.new_zeros(t)
     outputs = outputs.float()
+    degenerate = (outputs == 0).all(-1).any(-1)  # [T]
+    stand_in = torch.eye(k, h, dtype=outputs.dtype, device=outputs.device)
+    safe = torch.where(degenerate[:, None, None], stand_in, outputs)
     total = outputs.new_zeros(t)
     for i in range(k):
-        others = torch.cat([outputs[:, :i], outputs[:, i + 1:]], dim=1)  # [T, k-1, H]
+        others = torch.cat([safe[:, :i], safe[:, i + 1:]], dim=1)  # [T, k-1, H]
         basis, _ = torch.linalg.qr(others.transpose(1, 2))  # [T, H, k-1], orthonormal columns
-        coefficients = torch.einsum("thj,th->tj", basis, outputs[:, i])
+        coefficients = torch.einsum("thj,th->tj", basis, safe[:, i])
         total = total + coefficients.pow(2).sum(-1)
+    total = torch.where(degenerate, 0.0, total / k)
+    if bool(degenerate.any()):
+        index = degenerate.nonzero()[:, 0]
+        total = total.index_put((index,), _orthogonality_zero_safe(outputs[index]))
+    return total
+
+
+def _orthogonality_zero_safe(outputs: torch.Tensor) -> torch.Tensor:
+    """[T] the same projection value by Gram–Schmidt, a zero vector contributing no direction
+    (its normalisation guarded so the gradient stays finite). For the few degenerate tokens."""
+    t, k, _ = outputs.shape
+    total = outputs.new_zeros(t)
+    for i in range(k):
+        basis = []
+        for j in range(k):
+            if j == i:
+                continue
+            v = outputs[:, j]
+            for u in basis:
+                v = v - (u * v).sum(-1, keepdim=True) * u
+            norm = v.norm(dim=-1, keepdim=True)
+            nonzero = norm > 0
+            basis.append(torch.where(nonzero, v / torch.where(nonzero, norm, 1.0), 0.0))
+        total = total + sum((u * outputs[:, i]).sum(-1).pow(2) for u in basis)
     return total / k
 
 
