@@ -286,3 +286,17 @@ def test_convert_hf_verify_names_the_failed_check_and_its_threshold():
         "argmax agreement 0.75 < --min-argmax-agreement 1",
         "smallest per-position cosine 0.99 < --min-cosine 0.999"]
     assert failed_checks(result, Thresholds(0.5, 0.5, None)) == []
+
+
+def test_shard_corpus_checks_the_tokenizer_before_reading_the_corpus(tmp_path, monkeypatch):
+    import sara_megatron.data.corpus_sharding as sharding
+    from sara_megatron.data.corpus_sharding import ShardingConfig, shard_corpus
+
+    def corpus_read(*args, **kwargs):
+        raise AssertionError("the corpus was read before the tokenizer was checked")
+
+    monkeypatch.setattr(sharding, "validate_corpus", corpus_read)
+    config = ShardingConfig((str(tmp_path / "corpus"),), str(tmp_path / "shards"),
+                            str(tmp_path / "no-tokenizer"), seq_length=64)
+    with pytest.raises(FileNotFoundError, match="no-tokenizer: no such folder"):
+        shard_corpus(config)

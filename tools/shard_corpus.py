@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         print(f"shard_corpus: bad record (--strict): {e}", file=sys.stderr)
         return 1
     except FileNotFoundError as e:
-        print(f"shard_corpus: {e}", file=sys.stderr)
+        print(f"shard_corpus.py: error: {e}", file=sys.stderr)
         return 2
     except OutputFolderTaken as e:
         print(f"shard_corpus.py: error: {e}", file=sys.stderr)

@@ -164,12 +164,13 @@ def shard_corpus(
     start = time.perf_counter()
     check_seq_length(config.seq_length)  # before anything is validated, loaded or written
     known = known_languages(config.extra_languages)
+    # The tokenizer first: a missing one is named before the whole corpus has been read.
+    _init_worker(config, known)
     corpus = validate_corpus(config.corpus_paths, config.anchor_language, known, config.strict,
                              config.duplicates)
     if config.anchor_language not in corpus.records:
         raise ValueError(f"the corpus has no valid records in the anchor language "
                          f"{config.anchor_language!r}\n{corpus.format_summary()}")
-    _init_worker(config, known)
     tokenizer = _WORKER["tokenizer"]
     from megatron.core.datasets.indexed_dataset import DType
 
