@@ -220,6 +220,45 @@ def test_a_packed_step_is_the_padded_step(single_rank, sara_data, vectors_file):
                                    msg=name)
 
 
+def test_the_term_averages_over_the_contrasted_sequences(single_rank, sara_data, vectors_file,
+                                                        monkeypatch):
+    """With data.languages: all the batch holds anchor-language samples, which are not
+    contrasted: what the term adds to the loss (after megatron's division by the loss tokens) is
+    λ_con times the mean over the contrasted sequences, the logged value."""
+    from megatron.core.transformer.moe import moe_utils
+
+    coeff = 0.5
+    trainer = _trainer(sara_data, vectors_file, **{"shifcon.contrastive_coeff": coeff,
+                                                   "data.global_batch_size": 8})
+    attached = []
+    scaler = moe_utils.MoEAuxLossAutoScaler
+    apply = scaler.apply
+
+    def recording_apply(activation, loss):
+        if activation.dim() == 3:  # [S, B, H]: ShifCon's term on layer b's input
+            attached.append(float(loss))
+        return apply(activation, loss)
+
+    monkeypatch.setattr(scaler, "apply", recording_apply)
+    seen = []
+    batches = trainer.state.batches
+
+    def recording(batches=batches):
+        for mb in batches:
+            seen.append(mb)
+            yield mb
+
+    trainer.state.batches = recording()
+    record, _ = _step(trainer)
+    languages = [lang for mb in seen for lang in mb.languages]
+    assert "en" in languages and len(attached) == len(seen)
+    contrasted = sum(lang != "en" for lang in languages)
+    assert contrasted < len(languages)
+    loss_tokens = float(sum(mb.loss_mask.sum() for mb in seen))
+    assert sum(attached) / loss_tokens == pytest.approx(
+        coeff * record.terms["shifcon_contrastive"], rel=1e-5)
+
+
 def test_settings_are_checked(single_rank, sara_data, vectors_file):
     from sara_megatron.training.config import ConfigError, load_train_config
 

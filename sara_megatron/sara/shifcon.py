@@ -234,6 +234,11 @@ class ShifconObjective:
         self._anchors = anchors
         self._positive_offset = positive_offset
 
+    def contrasted_in(self, microbatches) -> int:
+        """The number of samples of `microbatches` the contrastive term averages over: those
+        not in the anchor language."""
+        return sum(lang != self.anchor_language for mb in microbatches for lang in mb.languages)
+
     def _shift(self, layer: int, hidden: torch.Tensor, sign: float) -> torch.Tensor:
         """Each token shifted by its sample's language vectors (padding of packed rows: not)."""
         anchor = self.vectors.at(self.anchor_language, layer)

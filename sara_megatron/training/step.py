@@ -114,7 +114,14 @@ def prepare_batch(state: TrainState, cfg: TrainConfig, microbatches: list) -> Gl
     if state.shifcon is not None:  # the anchor forward of this step (no gradient, no shift)
         features = state.shifcon.anchor_features(state.chunks, microbatches, state.device)
         state.shifcon_anchors = {id(mb): f for mb, f in zip(microbatches, features)}
-        state.shifcon.sequence_weight = float(batch.loss_tokens / batch.sequences.clamp_min(1))
+        from megatron.core import parallel_state as ps
+
+        # mean over the contrasted sequences: anchor-language samples (data.languages: all)
+        # are in the batch but not in the term
+        contrasted = torch.tensor([float(state.shifcon.contrasted_in(microbatches))],
+                                  dtype=torch.float64, device=state.device)
+        dist.all_reduce(contrasted, group=ps.get_data_parallel_group())
+        state.shifcon.sequence_weight = float(batch.loss_tokens / contrasted.clamp_min(1))
         state.shifcon.reset_stats()
     if state.aes is not None:
         _prepare_aes(state, cfg, batch, float(batch.loss_tokens / batch.tokens.clamp_min(1)))
