@@ -221,6 +221,42 @@ def test_dry_run_sends_nothing_and_estimates(tmp_path):
     assert read_corpus(out) == expected_corpus(anchors)
 
 
+@pytest.mark.multiprocess
+def test_samples_over_the_context_limit_are_refused_before_any_request(tmp_path):
+    anchors = write_anchors(tmp_path / "short.jsonl", 3)
+    # ~50k tokens at 4 bytes a token: over the 32768 of a model not in the built-in table.
+    long = [{**synthetic_record(f"long-{i}", "en", 100 + i), "id": f"long-{i}"} for i in range(12)]
+    for record in long:
+        record["messages"][0]["content"] = "word " * 40_000
+    (tmp_path / "en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in anchors + long))
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"rule-translator": {"input": 1.0, "output": 4.0}}))
+    out = tmp_path / "corpus"
+    with LocalChatServer(TRANSLATOR) as server:
+        proc = run_tool(server, tmp_path / "en.jsonl", out, "--no-progress")
+        assert proc.returncode == 2 and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "translate_corpus: error: 12 sample(s) too long for the model's context, refused "
+            "before any request: long-0 (~"), lines
+        named = [f"long-{i} (" for i in range(12) if f"long-{i} (" in lines[0]]
+        assert len(named) == 10 and ", and 2 more;" in lines[0] and "32768" in lines[0]
+        assert server.requests == [] and not out.exists()
+        # --dry-run counts them and prices the rest only.
+        dry = summary_of(run_tool(server, tmp_path / "en.jsonl", out, "--dry-run",
+                                  "--prices", str(prices)))
+        short = summary_of(run_tool(server, tmp_path / "short.jsonl", out, "--dry-run",
+                                    "--prices", str(prices)))
+        assert dry["over_context_limit"] == 12 and short["over_context_limit"] == 0
+        assert dry["requested"] == short["requested"] == 6
+        assert dry["estimated_cost_usd"] == short["estimated_cost_usd"] < 0.01
+        # A higher limit lets them through.
+        proc = run_tool(server, tmp_path / "en.jsonl", out, "--dry-run",
+                        "--max-context-tokens", "1000000")
+        assert summary_of(proc)["over_context_limit"] == 0
+        assert server.requests == [] and not out.exists()
+
+
 def test_max_cost_stops_before_the_limit_and_a_rerun_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     anchors = write_anchors(tmp_path / "en.jsonl", 10)

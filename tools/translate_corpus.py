@@ -63,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--reasoning-effort", help="reasoning models (default there: low)")
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    p.add_argument("--max-context-tokens", type=int,
+                   help="tokens a request may hold, prompt + expected reply, estimated at 4 UTF-8 "
+                        "bytes a token (default: the model's context window, 32768 for a model "
+                        "not in the built-in table); a run with a longer sample is refused before "
+                        "any request, --dry-run counts them")
     p.add_argument("--extra-languages", nargs="*", default=[],
                    help="language codes beyond en zh hi ne bn te sw")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,6 +87,8 @@ def parse_args(argv=None):
         p.error(f"--max-retries must be >= 0, got {args.max_retries}")
     if not 0.0 <= args.max_rejected_fraction <= 1.0:
         p.error(f"--max-rejected-fraction must be between 0 and 1, got {args.max_rejected_fraction}")
+    if args.max_context_tokens is not None and args.max_context_tokens < 1:
+        p.error(f"--max-context-tokens must be >= 1, got {args.max_context_tokens}")
     if args.max_cost_usd is not None and args.max_cost_usd <= 0:
         p.error(f"--max-cost-usd must be > 0, got {args.max_cost_usd}")
     if is_reasoning_model(args.model) and (args.temperature is not None or args.top_p is not None):
@@ -109,6 +116,7 @@ def main(argv=None):
         batch_poll_s=args.batch_poll_s, extra_languages=tuple(args.extra_languages),
         progress=not args.no_progress, api_key_env=args.api_key_env,
         max_rejected_fraction=args.max_rejected_fraction,
+        max_context_tokens=args.max_context_tokens,
     )
     try:
         with exit_on_interrupt(parser.prog):  # every reply is cached: the same command resumes

@@ -31,7 +31,7 @@ from sara_megatron.chat.client import ChatClient, ChatRequestFailed, ChatSetting
 from sara_megatron.construction.translation_checks import (
     LanguageIdentifier, check_finish_reason, check_translation,
 )
-from sara_megatron.construction.translation_cost import PriceTable, estimate_tokens
+from sara_megatron.construction.translation_cost import PriceTable, context_tokens, estimate_tokens
 from sara_megatron.construction.translation_wire import (
     PROMPT_VERSION, message_key, parse_reply, response_format, system_instructions, user_content,
 )
@@ -84,6 +84,18 @@ class TranslationConfig:
     # Per target language: pairs rejected by the checks, as a share of the pairs judged, above
     # which the run counts as failed (translators miss a few; a broken one misses most).
     max_rejected_fraction: float = 0.05
+    # Tokens a request may hold, prompt + expected reply (default: the model's context window,
+    # `translation_cost.context_tokens`); a sample with a longer request is refused.
+    max_context_tokens: int | None = None
+
+    @property
+    def context_limit(self) -> int:
+        return self.max_context_tokens or context_tokens(self.model)
+
+    @property
+    def context_source(self) -> str:
+        return ("--max-context-tokens" if self.max_context_tokens
+                else f"the context window of {self.model}; --max-context-tokens sets another")
 
     @property
     def cache_file(self) -> str:
@@ -116,6 +128,28 @@ def translation_plan(config: TranslationConfig, anchor: str) -> dict:
 
 class CostLimitReached(Exception):
     pass
+
+
+MAX_NAMED_SAMPLES = 10
+CONTEXT_RULE = ("a request's estimated tokens (UTF-8 bytes / 4 of its system and user messages, "
+                "plus the expected reply: the source's tokens times the target language's "
+                "expansion, and reasoning) must not pass")
+
+
+class SamplesTooLong(ValueError):
+    """Samples with a request that cannot fit the model's context (named); refused before any
+    request, as nothing could be paid for them."""
+
+    def __init__(self, too_long: list[tuple[str, int]], config: TranslationConfig):
+        shown = ", ".join(f"{sample_id} (~{tokens} tokens)"
+                          for sample_id, tokens in too_long[:MAX_NAMED_SAMPLES])
+        more = (f", and {len(too_long) - MAX_NAMED_SAMPLES} more"
+                if len(too_long) > MAX_NAMED_SAMPLES else "")
+        super().__init__(f"{len(too_long)} sample(s) too long for the model's context, refused "
+                         f"before any request: {shown}{more}; the rule: {CONTEXT_RULE} "
+                         f"{config.context_limit} ({config.context_source}); shorten or drop "
+                         "them from --input, or raise --max-context-tokens")
+        self.samples = [sample_id for sample_id, _ in too_long]
 
 
 class RunRefused(ValueError):
@@ -284,10 +318,27 @@ class TranslationRun:
         self.spent_usd += self.prices.cost(self.config.model, reply.prompt_tokens,
                                            reply.completion_tokens, batch=self.config.batch)
 
-    def estimated_cost(self, planned: PlannedRequest) -> float:
-        prompt, completion = estimate_tokens(
+    def estimated_tokens(self, planned: PlannedRequest) -> tuple[int, int]:
+        """(prompt, completion) tokens expected for a request (`estimate_tokens`)."""
+        return estimate_tokens(
             planned.messages[0]["content"], planned.messages[1]["content"], planned.unit.language,
             self.settings.reasoning_effort, is_reasoning_model(self.config.model))
+
+    def over_context(self) -> list[tuple[str, int]]:
+        """(sample id, estimated tokens of its longest request) of every sample, in input order,
+        with a request (first attempt, any target language) above `config.context_limit`."""
+        limit = self.config.context_limit
+        longest: dict[int, int] = {}
+        for job, units in self.units.items():
+            for unit in units:
+                tokens = sum(self.estimated_tokens(self.plan(unit, 0, None)))
+                if tokens > limit:
+                    r = self.jobs[job][0]
+                    longest[r] = max(longest.get(r, 0), tokens)
+        return [(self.records[r].sample_id, tokens) for r, tokens in sorted(longest.items())]
+
+    def estimated_cost(self, planned: PlannedRequest) -> float:
+        prompt, completion = self.estimated_tokens(planned)
         return self.prices.cost(self.config.model, prompt, completion, batch=self.config.batch)
 
     def reserve(self, planned: PlannedRequest) -> float:

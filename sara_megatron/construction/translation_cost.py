@@ -10,6 +10,11 @@ the source's tokens times an expansion factor of the target language (Indic scri
 tokens for the same text), plus the hidden reasoning tokens of a reasoning model (a share of the
 reply by `reasoning_effort`). After the run, the reported cost is from the usage the server
 returned, not from this estimate.
+
+The context limit: a sample is sent only if each of its requests fits the model's context window,
+counted by the same estimate (the prompt's tokens plus the expected reply's, reasoning included),
+since the served model's tokenizer is not at hand. The windows of the models in the price table
+are below; a model not there (a self-hosted one) gets `DEFAULT_CONTEXT_TOKENS`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ DEFAULT_PRICES_PER_MILLION = {
     "gpt-4o": (2.50, 10.0),
     "gpt-4o-mini": (0.15, 0.60),
 }
+# Tokens of prompt + reply a request may hold (the providers' context windows).
+CONTEXT_TOKENS = {
+    "gpt-5": 400_000, "gpt-5-mini": 400_000, "gpt-5-nano": 400_000,
+    "gpt-4.1": 1_047_576, "gpt-4.1-mini": 1_047_576, "gpt-4.1-nano": 1_047_576,
+    "gpt-4o": 128_000, "gpt-4o-mini": 128_000,
+}
+DEFAULT_CONTEXT_TOKENS = 32_768
 BATCH_DISCOUNT = 0.5
 OUTPUT_EXPANSION = {"hi": 2.0, "ne": 2.0, "bn": 2.0, "te": 2.5, "sw": 1.3, "en": 1.0, "zh": 1.0}
 REASONING_SHARE = {"none": 0.0, "minimal": 0.0, "low": 0.5, "medium": 1.5, "high": 3.0}
@@ -36,6 +48,17 @@ _DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 def approx_tokens(text: str) -> int:
     return max(1, len(text.encode("utf-8")) // 4)
+
+
+def _by_model(table: dict, model: str):
+    """`model`'s entry: the name as given, without a provider prefix, or without a date suffix."""
+    name = model.split("/")[-1]
+    return table.get(model) or table.get(name) or table.get(_DATE_SUFFIX.sub("", name))
+
+
+def context_tokens(model: str) -> int:
+    """The context window of `model` in tokens (`DEFAULT_CONTEXT_TOKENS` for one not known)."""
+    return _by_model(CONTEXT_TOKENS, model) or DEFAULT_CONTEXT_TOKENS
 
 
 class PriceTable:
@@ -54,9 +77,7 @@ class PriceTable:
                                      "'output' (USD per million tokens)") from None
 
     def per_million(self, model: str) -> tuple[float, float] | None:
-        name = model.split("/")[-1]
-        return self.prices.get(model) or self.prices.get(name) or \
-            self.prices.get(_DATE_SUFFIX.sub("", name))
+        return _by_model(self.prices, model)
 
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
         price = self.per_million(model)

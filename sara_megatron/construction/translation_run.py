@@ -10,8 +10,8 @@ import sys
 
 from sara_megatron.chat.cache import ReplyCache
 from sara_megatron.construction.translation import (
-    PLAN_FILE, CostLimitReached, Progress, TranslationConfig, TranslationRun, read_anchor_records,
-    translation_plan,
+    PLAN_FILE, CostLimitReached, Progress, SamplesTooLong, TranslationConfig, TranslationRun,
+    read_anchor_records, translation_plan,
 )
 from sara_megatron.construction.translation_batch import run_batches
 from sara_megatron.construction.translation_cost import PriceTable
@@ -34,7 +34,8 @@ def run_translation(config: TranslationConfig) -> dict:
     """Translate, write the corpus and the failures file; return the summary (the tool prints it
     as its last stdout line), whose `problems` lists what fell short of the work (the tool's
     exit 1). Raises ValueError for bad input or an output folder made from another input or
-    settings, or by something else (the tool turns it into exit 2)."""
+    settings, or by something else (the tool turns it into exit 2); `SamplesTooLong` for samples
+    whose requests cannot fit the model's context (`--dry-run` counts them instead, unpriced)."""
     records = read_anchor_records(config.input_path, config.extra_languages)
     anchor = records[0].language
     known = known_languages(config.extra_languages)
@@ -48,25 +49,34 @@ def run_translation(config: TranslationConfig) -> dict:
                          "with --prices FILE")
     plan = translation_plan(config, anchor)
     check_output_plan(config.output_dir, PLAN_FILE, plan, "a corpus", owner="translate_corpus")
+    run = TranslationRun(config, records, None)
+    too_long = run.over_context()
     if config.dry_run:
         # Sends nothing and writes nothing: an absent cache is not created.
         cache = ReplyCache(config.cache_file, read_only=True) if os.path.exists(config.cache_file) else None
-        run = TranslationRun(config, records, cache)
-        planned = run.dry_run_plan()
+        run.cache = cache
+        skipped = {sample_id for sample_id, _ in too_long}
+        planned = [p for p in run.dry_run_plan()
+                   if records[run.jobs[p.unit.job][0]].sample_id not in skipped]
         if cache is not None:
             cache.close()
         summary = run.summary(dry_run_requests=planned)
+        summary["over_context_limit"] = len(too_long)
+        over = (f"; {len(too_long)} sample(s) over the context limit {config.context_limit} "
+                "tokens, not priced: a run refuses them" if too_long else "")
         print(f"dry run: {summary['requested']} request(s) to send ({summary['cached']} cached "
               f"replies used), estimated cost ${summary['estimated_cost_usd']:.4f} "
-              f"(model {config.model}{', batch price' if config.batch else ''}); nothing sent",
-              file=sys.stderr)
+              f"(model {config.model}{', batch price' if config.batch else ''}){over}; "
+              "nothing sent", file=sys.stderr)
         return summary
+    if too_long:
+        raise SamplesTooLong(too_long, config)
     made_here = [p for p in (config.output_dir, os.path.join(config.output_dir, PLAN_FILE),
                              config.cache_file) if not os.path.exists(p)]
     os.makedirs(config.output_dir, exist_ok=True)
     write_json_atomic(os.path.join(config.output_dir, PLAN_FILE), plan)  # before the cache
     with ReplyCache(config.cache_file) as cache:
-        run = TranslationRun(config, records, cache)
+        run.cache = cache
         progress = Progress(len(run.jobs), config.progress)
         stopped = None
         try:
