@@ -24,6 +24,7 @@ process that forked it (Linux's parent-death signal, `exit_with_parent`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import datetime
@@ -131,6 +132,20 @@ def _report_once(line: str, status: int, debug: bool) -> None:
             traceback.print_exc()
         print(line, file=sys.stderr)
     _exit_now(status)
+
+
+class ToolArgumentParser(argparse.ArgumentParser):
+    """The argument parser of a tool every rank runs: a flag error (argparse's own, or
+    `error(...)` called after parsing, before `exit_at_once_on_error` is entered) prints the
+    usage and `<prog>: error: <message>` once for the job, from the first rank to claim the
+    report (`first_to_report`; a rank-0-only rule could lose the line when torchrun ends rank 0
+    on another rank's exit), and every rank exits 2."""
+
+    def error(self, message: str):
+        if first_to_report(USER_ERROR_STATUS):
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_STATUS)
 
 
 @contextlib.contextmanager

@@ -88,6 +88,17 @@ def test_layers_outside_the_model_before_the_process_group(sara_data, tmp_path):
     assert not (tmp_path / "priors").exists()
 
 
+@pytest.mark.multiprocess
+def test_a_flag_error_is_printed_once_for_the_job(tmp_path):
+    """argparse's errors come before `exit_at_once_on_error`: the tools' parser prints them once
+    (launch.ToolArgumentParser), and every rank exits 2."""
+    proc = _launch("tools/extract_priors.py", "--shards", tmp_path, "--checkpoint",
+                   tmp_path / "no-such-checkpoint", "--output", tmp_path / "priors", cwd=tmp_path)
+    line = _one_line_job(proc, "extract_priors.py", "--checkpoint")
+    assert line.endswith("no-such-checkpoint: no such directory")
+    assert (proc.stdout + proc.stderr).count("usage: extract_priors.py") == 1
+
+
 def test_priors_of_another_corpus_after_the_process_group(sara_data, tmp_path):
     """Every rank meets it in the preflight, after the process group started."""
     foreign = tmp_path / "priors"

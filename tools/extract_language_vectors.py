@@ -23,6 +23,7 @@ from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.data.token_shards import TokenShards
 from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
 from sara_megatron.launch import (
+    ToolArgumentParser,
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
@@ -36,7 +37,7 @@ from sara_megatron.training.config import ConfigError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shards", required=True, help="token shard directory (tools/shard_corpus.py)")
     p.add_argument("--checkpoint", required=True, help="Megatron checkpoint directory (torch_dist)")
     p.add_argument("--model", help="preset name or HF config.json (default: the checkpoint's)")

@@ -23,6 +23,7 @@ import sys
 
 from sara_megatron.distributed import destroy_distributed
 from sara_megatron.launch import (
+    ToolArgumentParser,
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
@@ -34,7 +35,7 @@ from sara_megatron.tool_errors import check_writable_output
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shards", required=True, help="token shard directory (tools/shard_corpus.py)")
     p.add_argument("--checkpoint", required=True, help="Megatron checkpoint directory (torch_dist)")
     p.add_argument("--model",

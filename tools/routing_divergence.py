@@ -43,6 +43,7 @@ from sara_megatron.distributed import (
     model_process_groups,
 )
 from sara_megatron.launch import (
+    ToolArgumentParser,
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
@@ -57,7 +58,7 @@ BENCHMARKS = ("global_mmlu", "belebele", "mgsm")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--shards", help="token shard folder (tools/shard_corpus.py)")
     data.add_argument("--benchmark", choices=BENCHMARKS, help="an evaluation benchmark as the "

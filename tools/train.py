@@ -16,6 +16,7 @@ import argparse
 
 from sara_megatron.distributed import destroy_distributed, launcher_world_size
 from sara_megatron.launch import (
+    ToolArgumentParser,
     configure_logging,
     exit_at_once_on_error,
     exit_with_parent,
@@ -26,7 +27,7 @@ from sara_megatron.training.output_checks import check_before_start
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="run YAML (see examples/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-5 (repeatable)")
