@@ -553,7 +553,9 @@ def test_export_names_checkpoint_config_mismatches(imported, tmp_path):
         export_hf_checkpoint(mcore, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
-    with pytest.raises(ConversionError, match="not a Megatron-Core distributed checkpoint"):
+    from sara_megatron.model_folders import NotACheckpointError
+
+    with pytest.raises(NotACheckpointError, match="is not a Megatron-Core checkpoint"):
         export_hf_checkpoint(tmp_path, tmp_path / "hf", hf_dir=mcore / "hf_assets")
 
 

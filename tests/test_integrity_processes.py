@@ -101,9 +101,9 @@ def test_outputs_are_checked_writable_before_any_compute(sara_data, tmp_path, ca
 
     with pytest.raises(OutputNotWritableError, match=rf"checkpoint\.save_dir {READ_ONLY}/run: "
                                                      rf"cannot write in {READ_ONLY}"):
-        check_before_start(load_train_config(None, [f"checkpoint.save_dir={READ_ONLY}/run"]), 0)
+        check_before_start(load_train_config(None, [f"checkpoint.save_dir={READ_ONLY}/run"]), 0, 1)
     with pytest.raises(OutputNotWritableError, match=r"logging\.json_log"):
-        check_before_start(load_train_config(None, [f"logging.json_log={READ_ONLY}/a.jsonl"]), 0)
+        check_before_start(load_train_config(None, [f"logging.json_log={READ_ONLY}/a.jsonl"]), 0, 1)
 
     shards, ckpt = str(sara_data["shards"]), str(sara_data["checkpoint"])
     with pytest.raises(SystemExit) as exit_:

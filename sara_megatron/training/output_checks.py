@@ -39,7 +39,7 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int) -> None:
                               f"{err}"]) from None
 
 
-def check_before_start(cfg: TrainConfig, rank: int, world_size: int = 1) -> None:
+def check_before_start(cfg: TrainConfig, rank: int, world_size: int) -> None:
     """The parallel layout (every rank), then settings only rank 0 uses (the metrics writer's),
     checked before the model is built; those on rank 0 only: its json_log folder need not exist
     on other nodes."""

@@ -18,7 +18,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from sara_megatron.distributed import destroy_distributed
 from sara_megatron.io import write_json_atomic
-from sara_megatron.launch import configure_logging, launcher_rank
+from sara_megatron.launch import configure_logging, launcher_rank, launcher_world_size
 from sara_megatron.training import load_train_config, train
 from sara_megatron.training.output_checks import check_before_start
 
@@ -29,7 +29,7 @@ def run_case(case: dict, out_dir: Path, rank: int) -> dict:
         overrides.append(f"logging.json_log={out_dir / (case['name'] + '.jsonl')}")
     MoEAuxLossAutoScaler.main_loss_backward_scale = None  # as in a fresh process
     cfg = load_train_config(None, overrides)
-    check_before_start(cfg, rank)
+    check_before_start(cfg, rank, launcher_world_size())
     result = train(cfg, max_steps=case.get("max_steps"))
     if rank != 0:  # the JSON log is rank 0's
         return {}
