@@ -158,6 +158,25 @@ def test_strict_run_stops_at_the_bad_record(inputs, tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
+def test_a_language_with_no_record_left_is_refused(inputs, tmp_path, capsys):
+    """A target language whose every record lost its anchor (files of another corpus beside
+    this one's) is not dropped without a word: one line naming it and why, exit 2, no output."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("en.jsonl", "hi.jsonl"):
+        (corpus / name).write_text((inputs / "corpus" / name).read_text())
+    orphans = [line.replace('"id": "', '"id": "other-') for line in
+               (inputs / "corpus" / "sw.jsonl").read_text().splitlines() if line.strip()]
+    (corpus / "sw.jsonl").write_text("\n".join(orphans) + "\n")
+    rc = load_tool().main(["--corpus", str(corpus), "--tokenizer", str(inputs / "tokenizer"),
+                           "--output", str(tmp_path / "out"), "--seq-length", str(SEQ)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("shard_corpus.py: error: no record of sw (missing_anchor 24) is left "
+                             "after validation (anchor language 'en'); the first: "), err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def load_tool():
     spec = importlib.util.spec_from_file_location("shard_corpus_tool",
                                                   REPO / "tools" / "shard_corpus.py")

@@ -15,8 +15,7 @@ import sys
 from sara_megatron.data.chat_tokenization import check_seq_length
 from sara_megatron.data.corpus_sharding import ShardingConfig, ShardProgress, shard_corpus
 from sara_megatron.data.corpus_validation import CorpusError
-from sara_megatron.io import OutputFolderTaken
-from sara_megatron.tool_errors import check_writable_output, disk_full_error
+from sara_megatron.tool_errors import UserFacingError, check_writable_output, disk_full_error
 
 
 def parse_args(argv=None):
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"shard_corpus.py: error: {e}", file=sys.stderr)
         return 2
-    except OutputFolderTaken as e:
+    except UserFacingError as e:  # a folder of another run, a language with nothing left, ...
         print(f"shard_corpus.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -27,6 +27,7 @@ from sara_megatron.data.chat_tokenization import (
 )
 from sara_megatron.data.corpus_validation import RecordRef, ValidatedCorpus, validate_corpus
 from sara_megatron.data.languages import known_languages
+from sara_megatron.tool_errors import UserFacingError
 from sara_megatron.data.token_shards import (
     ISSUES_NAME,
     MANIFEST_NAME,
@@ -158,6 +159,40 @@ def _write_shard(task: ShardTask, token_dtype: type, plan_digest: str) -> dict:
     return write_token_shard(config.output_dir, task.prefix, samples, token_dtype, plan_digest)
 
 
+class LanguageLostError(UserFacingError, ValueError):
+    """A language of the corpus that has no record left once the bad ones are rejected."""
+
+
+def check_every_language_kept(corpus: ValidatedCorpus) -> None:
+    """Refuse a corpus in which the anchor language, or a language whose records were all
+    rejected, has nothing left: sharding it would drop the language without a word (a target
+    language whose anchors are missing: a corpus folder mixing two runs, or anchors from another
+    input).
+
+    Raises:
+        LanguageLostError: naming each such language and its commonest rejection reasons.
+    """
+    import collections
+
+    lost = sorted({i.language for i in corpus.issues if i.language} - set(corpus.records))
+    if corpus.anchor_language not in corpus.records and corpus.anchor_language not in lost:
+        lost.insert(0, corpus.anchor_language)
+    if not lost:
+        return
+    parts, first = [], None
+    for language in lost:
+        issues = [i for i in corpus.issues if i.language == language]
+        reasons = collections.Counter(i.reason for i in issues)
+        why = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3)) or "no records"
+        parts.append(f"{language} ({why})")
+        first = first or (issues[0] if issues else None)
+    example = f"; the first: {first}" if first else ""
+    raise LanguageLostError(
+        f"no record of {'; '.join(parts)} is left after validation (anchor language "
+        f"{corpus.anchor_language!r}){example}: fix the corpus, or leave that language's files "
+        f"out of the input")
+
+
 def shard_corpus(
     config: ShardingConfig, progress: Optional[Callable[[ShardProgress], None]] = None
 ) -> ShardingReport:
@@ -168,9 +203,7 @@ def shard_corpus(
     _init_worker(config, known)
     corpus = validate_corpus(config.corpus_paths, config.anchor_language, known, config.strict,
                              config.duplicates)
-    if config.anchor_language not in corpus.records:
-        raise ValueError(f"the corpus has no valid records in the anchor language "
-                         f"{config.anchor_language!r}\n{corpus.format_summary()}")
+    check_every_language_kept(corpus)
     tokenizer = _WORKER["tokenizer"]
     from megatron.core.datasets.indexed_dataset import DType
 
