@@ -95,21 +95,27 @@ def _resume_common(name, steps, out):
 
 
 def _two_rank_cases(data):
-    """Every 2-rank run of this module that needs no process of its own."""
+    """The 2-rank runs of this module that need no process of their own, less `_stack_cases`."""
     cases = [
         _case(data, "sara", **EP2, **{"logging.tensorboard_dir": "{out}/tb"}),
         _case(data, "fft", **EP2, **{"sara.lambda_js": 0}),
         _case(data, "plain", **EP2, **{"sara.lambda_js": 0, "data.prior_store": None}),
         _case(data, "pp2", **{"parallel.pp": 2}),
     ]
-    for mode, overrides in KILL_MODES.items():
-        cases.append(_case(data, f"kill_reference_{mode}", **EP2, **overrides,
-                           **{"optim.train_steps": KILL_STEPS}))
     for name, r in RESUMES.items():
         cases.append(_case(data, f"{name}_reference", **{"parallel.pp": 2,
                                                          "optim.train_steps": r["steps"]}))
         cases.append(_case(data, f"{name}_saved", max_steps=r["stop_at"],
                            **{**r["saved_at"], **_resume_common(name, r["steps"], "{out}")}))
+    return cases
+
+
+def _stack_cases(data):
+    """The 2-rank runs of the tests marked `stack` (the kill -9 references, TP=2 and CP=2), in a
+    launch of their own so that `make test-latest` starts only these."""
+    cases = [_case(data, f"kill_reference_{mode}", **EP2, **overrides,
+                   **{"optim.train_steps": KILL_STEPS})
+             for mode, overrides in KILL_MODES.items()]
     for layout, sizes in TWO_RANK_LAYOUTS.items():
         cases.append(_case(data, layout, **{**sizes, "optim.train_steps": LAYOUT_STEPS}))
     return cases
@@ -118,6 +124,12 @@ def _two_rank_cases(data):
 @pytest.fixture(scope="module")
 def two_rank_runs(torchrun_cases, sara_data):
     return torchrun_cases(RUNS_WORKER, "--cases", json.dumps(_two_rank_cases(sara_data)),
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def stack_runs(torchrun_cases, sara_data):
+    return torchrun_cases(RUNS_WORKER, "--cases", json.dumps(_stack_cases(sara_data)),
                           timeout=900)
 
 
@@ -196,13 +208,13 @@ def test_two_microbatches_of_one_equal_one_of_two(single_rank, sara_data):
 @pytest.mark.stack
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", KILL_MODES)
-def test_kill_and_resume_follows_the_same_losses(torchrun, two_rank_runs, sara_data, tmp_path,
+def test_kill_and_resume_follows_the_same_losses(torchrun, stack_runs, sara_data, tmp_path,
                                                  mode):
     """The killed run and its resume are processes of their own (a real kill -9, a real restart);
     the uninterrupted reference is a run of the shared launch. Padded and packed
     (data.packing: the resumed run's steps must pack the same samples into the same rows)."""
     steps = KILL_STEPS
-    full = two_rank_runs.result(f"kill_reference_{mode}")["records"]
+    full = stack_runs.result(f"kill_reference_{mode}")["records"]
     assert [r["step"] for r in full] == list(range(1, steps + 1))
 
     log = tmp_path / "killed.jsonl"
@@ -281,7 +293,7 @@ def test_virtual_pipeline_trains_saves_and_resumes(two_rank_runs, resumed_runs):
 
 
 @pytest.mark.stack
-def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, two_rank_runs,
+def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, stack_runs,
                                                                   single_rank, sara_data,
                                                                   tmp_path):
     """TP=2 with sequence parallel and CP=2 (each rank holds two of four chunks of every sequence)
@@ -298,7 +310,7 @@ def test_sequence_and_context_parallel_follow_the_single_rank_run(torchrun, two_
     train(load_train_config(None, _config_args(sara_data, **{"optim.train_steps": steps,
                                                              "logging.json_log": log})))
     single = _read_log(log)
-    splits = {layout: two_rank_runs.result(layout)["records"] for layout in TWO_RANK_LAYOUTS}
+    splits = {layout: stack_runs.result(layout)["records"] for layout in TWO_RANK_LAYOUTS}
     # TP=2 × PP=2 needs 4 ranks: a launch of its own.
     splits["tp2_pp2"] = _train(torchrun, sara_data, tmp_path, "tp2_pp2", nproc=4,
                                **{"parallel.tp": 2, "parallel.pp": 2, "optim.train_steps": steps})
