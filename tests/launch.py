@@ -134,3 +134,18 @@ class Background:
     def _read(file) -> str:
         file.seek(0)
         return file.read().decode(errors="replace")
+
+
+def record_micro_batches(trainer) -> list:
+    """Make `trainer` hand every micro-batch it takes to the returned list as well (in order), so
+    a test can read what a step trained on."""
+    seen = []
+    batches = trainer.state.batches
+
+    def recording():
+        for mb in batches:
+            seen.append(mb)
+            yield mb
+
+    trainer.state.batches = recording()
+    return seen

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import launch
+
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
 from sara_megatron.routing import observe_routers
@@ -221,16 +223,7 @@ def _packing_trainer(data, packing: str, **extra):
               # LB is a statistic of each micro-batch's tokens, which packing regroups
               "model.moe_aux_loss_coeff": 0.0, **extra}
     trainer = Trainer(load_train_config(None, [f"{k}={v}" for k, v in values.items()]))
-    seen = []
-    batches = trainer.state.batches
-
-    def recording(batches=batches):
-        for mb in batches:
-            seen.append(mb)
-            yield mb
-
-    trainer.state.batches = recording()
-    return trainer, seen
+    return trainer, launch.record_micro_batches(trainer)
 
 
 def test_a_packed_step_is_the_padded_step(single_rank, sara_data):
@@ -303,15 +296,7 @@ def test_authors_calibration_is_the_first_layer_and_its_router_rows(single_rank)
     trainer = Trainer(cfg)
     model = trainer.chunks[0].module
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    seen = []
-    batches = trainer.state.batches
-
-    def recording(batches=batches):
-        for mb in batches:
-            seen.append(mb)
-            yield mb
-
-    trainer.state.batches = recording()
+    seen = launch.record_micro_batches(trainer)
     trainer.train_step()
     aes = trainer.state.aes
     with torch.no_grad():

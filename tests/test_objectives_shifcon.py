@@ -190,15 +190,7 @@ def test_a_packed_step_is_the_padded_step(single_rank, sara_data, vectors_file):
         trainer = _trainer(sara_data, vectors_file, **{
             "data.packing": packing, "data.seq_length": 128, "data.micro_batch_size": 4,
             "shifcon.contrastive_coeff": 0.5})
-        seen = []
-        batches = trainer.state.batches
-
-        def recording(batches=batches, seen=seen):
-            for mb in batches:
-                seen.append(mb)
-                yield mb
-
-        trainer.state.batches = recording()
+        seen = launch.record_micro_batches(trainer)
         record, grads = _step(trainer)
         runs[packing] = (record, grads, seen)
     padded, padded_grads, (padded_mb,) = runs["false"]
@@ -240,15 +232,7 @@ def test_the_term_averages_over_the_contrasted_sequences(single_rank, sara_data,
         return apply(activation, loss)
 
     monkeypatch.setattr(scaler, "apply", recording_apply)
-    seen = []
-    batches = trainer.state.batches
-
-    def recording(batches=batches):
-        for mb in batches:
-            seen.append(mb)
-            yield mb
-
-    trainer.state.batches = recording()
+    seen = launch.record_micro_batches(trainer)
     record, _ = _step(trainer)
     languages = [lang for mb in seen for lang in mb.languages]
     assert "en" in languages and len(attached) == len(seen)
