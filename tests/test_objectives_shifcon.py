@@ -11,12 +11,11 @@ import launch
 
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import ModelOptions, build_model, causal_attention_mask
-from sara_megatron.sara.shifcon import (
+from sara_megatron.sara.shifcon import ShifconObjective, transformer_layers
+from sara_megatron.sara.shifcon_vectors import (
     LanguageVectors,
-    ShifconObjective,
     load_language_vectors,
     save_language_vectors,
-    transformer_layers,
 )
 
 LAYERS = (1, 3)
@@ -65,6 +64,30 @@ def test_language_vectors_are_mean_hidden_states(single_rank, sara_data, vectors
             torch.testing.assert_close(vectors.vectors[language][i],
                                        (sums[layer] / tokens_seen).float(), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(vectors.vectors["en"], vectors.vectors["sw"])
+
+
+def test_extraction_takes_its_process_groups(single_rank, sara_data, vectors_file):
+    """The library pass, called with the groups its tool hands it, gives the tool's file; with no
+    groups it is one process alone, and it reads no global parallel state of its own."""
+    import inspect
+
+    from sara_megatron.checkpointing import load_model_weights
+    from sara_megatron.data.token_shards import TokenShards
+    from sara_megatron.distributed import model_process_groups
+    from sara_megatron.sara import shifcon_extraction
+
+    assert "parallel_state" not in inspect.getsource(shifcon_extraction)
+    written = load_language_vectors(str(vectors_file))
+    shards = TokenShards(sara_data["shards"])
+    model = build_model(get_preset("qwen3_moe_tiny"))
+    load_model_weights(model, str(sara_data["checkpoint"]))
+    for groups in (model_process_groups(), None):
+        results = shifcon_extraction.extract_language_vectors(
+            [model], shards, LAYERS, ["en", "sw"], 5, torch.device("cpu"), process_groups=groups)
+        for language in ("en", "sw"):
+            vectors, tokens = results[language]
+            assert tokens == written.tokens[language]
+            torch.testing.assert_close(vectors, written.vectors[language], rtol=1e-5, atol=1e-6)
 
 
 def _random_vectors(hidden, languages=("en", "hi"), equal=False):

@@ -21,7 +21,12 @@ import torch.distributed as dist
 
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.data.token_shards import TokenShards
-from sara_megatron.distributed import ParallelConfig, destroy_distributed, initialize_distributed
+from sara_megatron.distributed import (
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+    model_process_groups,
+)
 from sara_megatron.launch import (
     ToolArgumentParser,
     configure_logging,
@@ -31,7 +36,8 @@ from sara_megatron.launch import (
 )
 from sara_megatron.models.builder import ModelOptions, build_model
 from sara_megatron.priors import parse_layer_selection
-from sara_megatron.sara.shifcon import LanguageVectors, extract_language_vectors, save_language_vectors
+from sara_megatron.sara.shifcon_extraction import extract_language_vectors
+from sara_megatron.sara.shifcon_vectors import LanguageVectors, save_language_vectors
 from sara_megatron.tool_errors import check_writable_output
 from sara_megatron.training.config import ConfigError
 
@@ -102,7 +108,8 @@ def main(argv=None) -> int:
                 bar = bars.setdefault(language, tqdm(total=steps, desc=language, file=sys.stderr))
                 bar.update(step - bar.n)
         results = extract_language_vectors([model], shards, layers, languages,
-                                           args.micro_batch_size, device, progress)
+                                           args.micro_batch_size, device, progress,
+                                           process_groups=model_process_groups())
         fingerprint = [_fingerprint(args.checkpoint) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(fingerprint, src=0)
         if dist.get_rank() == 0:

@@ -1,7 +1,8 @@
 """ShifCon (Zhang et al., 2025) as a baseline objective: shift, contrast, shift back.
 
     language vectors   v_lang[l] = mean hidden state entering layer l over every non-padding
-                       token of the language's samples (an offline pass, `extract_language_vectors`)
+                       token of the language's samples (an offline pass,
+                       `sara/shifcon_extraction.py`; the file: `sara/shifcon_vectors.py`)
     shift              entering layer a:  h ← h + (v_anchor[a] − v_lang[a])   (non-anchor samples)
     shift back         entering layer b:  h ← h − (v_anchor[b] − v_lang[b])
     contrast           on the mean-pooled (non-padding) hidden state entering layer b — the last
@@ -36,83 +37,34 @@ with the same grouping a packed step equals the padded one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from sara_megatron.io import commit_file, temporary_path
 from sara_megatron.routing.capture import (
     local_token_segment_ids,
     routing_reduction_group,
     segment_ids_from_padding_mask,
 )
 from sara_megatron.sara.reduction import all_reduce_identity_backward
-
-FORMAT = "sara-language-vectors-1"
-
-
-# --- language vectors on disk --------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LanguageVectors:
-    layers: tuple[int, ...]  # global 0-based layer whose input each row describes
-    vectors: dict[str, torch.Tensor]  # language -> [len(layers), H] fp32
-    anchor_language: str
-    model_fingerprint: str
-    tokens: dict[str, int]  # language -> tokens averaged
-
-    def at(self, language: str, layer: int) -> torch.Tensor:
-        if language not in self.vectors:
-            raise KeyError(f"no language vector for {language!r} (have {sorted(self.vectors)})")
-        if layer not in self.layers:
-            raise KeyError(f"language vectors hold layers {list(self.layers)}, not {layer}")
-        return self.vectors[language][self.layers.index(layer)]
-
-
-def save_language_vectors(path: str, vectors: LanguageVectors) -> None:
-    """One safetensors file (tensors named by language, metadata as JSON), written atomically."""
-    from safetensors.torch import save_file
-
-    metadata = {"format": FORMAT, "layers": json.dumps(list(vectors.layers)),
-                "anchor_language": vectors.anchor_language,
-                "model_fingerprint": vectors.model_fingerprint,
-                "tokens": json.dumps(vectors.tokens)}
-    tmp = temporary_path(path)
-    save_file({lang: v.float().clone().contiguous() for lang, v in vectors.vectors.items()}, tmp,
-              metadata=metadata)
-    commit_file(tmp, path)
-
-
-def load_language_vectors(path: str) -> LanguageVectors:
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"language vectors {path}: no such file "
-                                "(tools/extract_language_vectors.py writes it)")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a language-vector file of format {FORMAT} "
-                             f"(format {metadata.get('format')!r})")
-        vectors = {name: f.get_tensor(name) for name in f.keys()}
-    return LanguageVectors(tuple(json.loads(metadata["layers"])), vectors,
-                           metadata["anchor_language"], metadata["model_fingerprint"],
-                           json.loads(metadata["tokens"]))
+from sara_megatron.sara.shifcon_vectors import LanguageVectors
 
 
 # --- hooks on transformer layers -----------------------------------------------------------------
 
 
 def transformer_layers(chunks) -> dict[int, torch.nn.Module]:
-    """{global 0-based layer: TransformerLayer} of this rank's model chunks."""
+    """The TransformerLayers of this rank's model chunks by global layer.
+
+    Args:
+        chunks: This rank's model chunks.
+
+    Returns:
+        {global 0-based layer: TransformerLayer} of the layers this rank holds.
+    """
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     return {m.layer_number - 1: m for chunk in chunks for m in chunk.modules()
@@ -127,7 +79,16 @@ def _replace_hidden(args, kwargs, fn):
     return args, kwargs
 
 
-def _hidden(args, kwargs) -> torch.Tensor:
+def layer_input(args, kwargs) -> torch.Tensor:
+    """The [S, B, H] hidden states a TransformerLayer's forward pre-hook (with kwargs) sees.
+
+    Args:
+        args: The positional arguments of the layer's forward.
+        kwargs: Its keyword arguments.
+
+    Returns:
+        The `hidden_states` argument, by keyword or the first positional one.
+    """
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
@@ -143,9 +104,22 @@ def _local_segments(segment_ids: torch.Tensor, num_tokens: int, device,
     return local
 
 
-def _local_valid(padding_mask: torch.Tensor, num_tokens: int, device,
+def local_valid_tokens(padding_mask: torch.Tensor, num_tokens: int, device,
                  process_groups: Optional[ProcessGroupCollection]) -> torch.Tensor:
-    """[S_local, B] True = a real token, from the model input's [B, S] padding mask (CP-local)."""
+    """Which tokens a layer on this rank sees are real ones.
+
+    Args:
+        padding_mask: [B, S] the model input's padding mask (CP-local, True = padding).
+        num_tokens: S_local·B, the tokens the layer saw (S_local: S / TP under sequence parallel).
+        device: Where the result goes.
+        process_groups: Megatron's groups; None is one process alone.
+
+    Returns:
+        [S_local, B] bool, True = a real token, in the layer's order.
+
+    Raises:
+        ValueError: The mask does not describe `num_tokens` tokens.
+    """
     ids = torch.where(padding_mask.to(device), -1, 0)
     return (_local_segments(ids, num_tokens, device, process_groups) >= 0).reshape(
         -1, padding_mask.shape[0])
@@ -270,7 +244,7 @@ class ShifconObjective:
     def _shift_back_hook(self, module, args, kwargs):
         if self._languages is None:
             return None
-        hidden = _hidden(args, kwargs)
+        hidden = layer_input(args, kwargs)
         if self._anchor_pass is not None:  # the anchor forward: record, nothing else
             pooled, _ = self._pool(hidden.detach())
             self._anchor_pass[self._anchor_index] = pooled
@@ -368,94 +342,3 @@ def _gather_rows(rows: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     dist.all_gather(parts, padded, group=group)
     rank = dist.get_rank(group)
     return torch.cat([part[:n] for part, n in zip(parts, counts)]), sum(counts[:rank])
-
-
-# --- the offline pass ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def extract_language_vectors(chunks, shards, layers: Sequence[int], languages: Sequence[str],
-                             micro_batch_size: int, device, progress=None) -> dict:
-    """{language: ([len(layers), H] mean hidden state entering each layer, tokens)} over every
-    non-padding token of each language's samples. Collective over the world (any layout): data
-    parallel ranks take every DP-th sample, pipeline stages their own layers, TP×CP ranks their
-    part of each sequence; sums are all-reduced over the world before the division."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from sara_megatron.data.batch import pack_tokens
-    from sara_megatron.distributed import model_process_groups
-    from sara_megatron.models.builder import causal_attention_mask
-    from sara_megatron.models.context_parallel import context_parallel_slice
-
-    process_groups = model_process_groups()  # this offline pass is its tool's top
-
-    modules = transformer_layers(chunks)
-    position = {layer: i for i, layer in enumerate(layers)}
-    hidden_size = chunks[0].config.hidden_size
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    tp = ps.get_tensor_model_parallel_world_size()
-    multiple = 2 * cp * tp if cp > 1 else tp
-    for chunk in chunks:
-        chunk.eval()
-    results = {}
-    for language in languages:
-        samples = shards.samples(language)
-        mine = samples[dp_rank::dp]
-        steps = -(-len(samples) // (dp * micro_batch_size))
-        sums = torch.zeros(len(layers), hidden_size, dtype=torch.float64, device=device)
-        counts = torch.zeros(len(layers), dtype=torch.float64, device=device)
-        state = {}
-
-        def hook(module, args, kwargs):
-            hidden = _hidden(args, kwargs)
-            valid = _local_valid(state["padding"], hidden.shape[0] * hidden.shape[1], hidden.device,
-                                 process_groups)
-            row = position[module.layer_number - 1]
-            sums[row] += (hidden.double() * valid.unsqueeze(-1)).sum((0, 1))
-            counts[row] += valid.sum()
-
-        handles = [modules[layer].register_forward_pre_hook(hook, with_kwargs=True)
-                   for layer in layers if layer in modules]
-        try:
-            for step in range(steps):
-                chunk_samples = mine[step * micro_batch_size:(step + 1) * micro_batch_size]
-                sequences = [shards.tokens(s) for s in chunk_samples]
-                sequences += [np.zeros(0, dtype=np.int64)] * (micro_batch_size - len(sequences))
-                longest = max(max(len(s) for s in sequences), 1)
-                length = torch.tensor([-(-longest // multiple) * multiple], device=device)
-                dist.all_reduce(length, op=dist.ReduceOp.MAX)
-                packed = pack_tokens(sequences, [0] * len(sequences), seq_length=int(length))
-                tokens, padding = packed.tokens.to(device), packed.padding_mask.to(device)
-                positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-                if cp > 1:
-                    tokens, padding, positions = (context_parallel_slice(t, cp_rank, cp)
-                                                  for t in (tokens, padding, positions))
-
-                def forward_step(data_iterator, model, tokens=tokens, padding=padding,
-                                 positions=positions):
-                    next(data_iterator)
-                    state["padding"] = padding
-                    out = model(tokens, positions, causal_attention_mask(tokens.shape[1], device),
-                                labels=tokens)
-                    return out, lambda t: (t.float().sum() * 0, torch.ones((), dtype=torch.int), {})
-
-                get_forward_backward_func()(
-                    forward_step_func=forward_step,
-                    data_iterator=[iter([0]) for _ in chunks] if len(chunks) > 1 else iter([0]),
-                    model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1,
-                    seq_length=int(length), micro_batch_size=micro_batch_size, forward_only=True,
-                )
-                if progress:
-                    progress(language, step + 1, steps)
-        finally:
-            for handle in handles:
-                handle.remove()
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-        if torch.any(counts == 0):
-            raise ValueError(f"language {language}: no token reached layers "
-                             f"{[layers[i] for i in torch.nonzero(counts == 0)[:, 0].tolist()]}")
-        results[language] = ((sums / counts.unsqueeze(-1)).float().cpu(), int(counts[0].item()))
-    return results

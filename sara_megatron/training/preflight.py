@@ -65,7 +65,7 @@ class RunPlan:
     data_epochs: int  # passes over the samples the loader holds (enough for train_steps)
     languages: list[str]  # the training languages, resolved ([] with data.mock)
     samples: int  # training samples of one epoch (0 with data.mock)
-    language_vectors: Any = None  # ShifCon's (sara.shifcon.LanguageVectors), loaded
+    language_vectors: Any = None  # ShifCon's (sara.shifcon_vectors.LanguageVectors), loaded
     resume: Optional[ResumePoint] = None
 
 
@@ -297,7 +297,7 @@ def _check_objective(cfg: TrainConfig, problems: list[str]) -> bool:
 
 def _shifcon_vectors(cfg: TrainConfig, arch: MoEArchitecture, bad_paths: set[str],
                      problems: list[str]):
-    from sara_megatron.sara.shifcon import load_language_vectors
+    from sara_megatron.sara.shifcon_vectors import load_language_vectors
 
     s = cfg.shifcon
     if s.shift_back_layer >= arch.num_layers:

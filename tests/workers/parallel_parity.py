@@ -117,7 +117,8 @@ SHIFCON_LANGUAGES = ["hi", "en", "hi", "hi"]  # one per batch row; en is the anc
 
 def _shifcon(hidden_size, row_offset, rows):
     """ShifCon with fixed random vectors and anchors (the same on every rank); rows summed."""
-    from sara_megatron.sara.shifcon import LanguageVectors, ShifconObjective
+    from sara_megatron.sara.shifcon import ShifconObjective
+    from sara_megatron.sara.shifcon_vectors import LanguageVectors
 
     g = torch.Generator().manual_seed(5)
     vectors = LanguageVectors((1, 3), {lang: torch.randn(2, hidden_size, generator=g)
