@@ -122,24 +122,12 @@ def parse_args(argv=None):
     return args
 
 
-class ProgressBar:
-    def __init__(self, total: int, disable: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc="answer_anchors", unit="sample", disable=disable,
-                        file=sys.stderr, dynamic_ncols=True)
-
-    def __call__(self, p) -> None:
-        self.bar.set_postfix(done=p.done, resumed=p.skipped, failed=p.failed, retries=p.retries,
-                             refresh=False)
-        self.bar.update(p.done + p.failed - self.bar.n)  # redraws at most every mininterval
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 async def run(args, samples, client):
-    bar = ProgressBar(len(samples), disable=args.no_progress)
+    from sara_megatron.jobs import ProgressBar
+
+    bar = ProgressBar("answer_anchors", "sample", len(samples), enabled=not args.no_progress,
+                      postfix=lambda c: dict(done=c.skipped + c.done, resumed=c.skipped,
+                                             failed=c.failed, retries=client.stats.retries))
     try:
         return await answer_samples(samples, client, args.settings, args.output,
                                     template_language=args.template_language,

@@ -18,7 +18,6 @@ depend on arrival order, concurrency or kills.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -27,7 +26,8 @@ from collections import Counter
 from typing import Callable, Mapping, Optional, Sequence
 
 from sara_megatron.construction.sources import AnchorSample
-from sara_megatron.io import atomic_open, drop_torn_last_line, read_jsonl_objects
+from sara_megatron.io import atomic_open
+from sara_megatron.jobs import FailurePolicy, JobPool, JsonlRecord, PoolCounts
 
 
 class AnswersFileError(ValueError):
@@ -64,20 +64,9 @@ def failures_path_for(output: str | os.PathLike) -> str:
     return stem + ".failures.jsonl"
 
 
-def read_existing_answers(path: str | os.PathLike, settings_dict: dict,
-                          prompt_version: str) -> list[dict]:
-    """The complete records already in `path` (none when it does not exist).
-
-    A last line without its newline is what a kill mid-write leaves: it is cut off (the file is
-    truncated to the last complete line). Any other unreadable line, or a record made with other
-    settings or another prompt version, raises AnswersFileError.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        return []
-    drop_torn_last_line(path)
-    records = []
-    for line_no, record in read_jsonl_objects(path, AnswersFileError):
+def _answer_check(settings_dict: dict, prompt_version: str):
+    """The check of one row of an answers file this run continues (see `answers_record`)."""
+    def check(path: str, line_no: int, record: dict) -> None:
         if not isinstance(record.get("id"), str):
             raise AnswersFileError(f"{path}:{line_no}: not an answer record")
         if record.get("settings") != settings_dict or record.get("prompt_version") != prompt_version:
@@ -85,17 +74,24 @@ def read_existing_answers(path: str | os.PathLike, settings_dict: dict,
                 f"{path}:{line_no}: answered with other settings or prompts "
                 f"({record.get('settings')}, prompt version {record.get('prompt_version')}); "
                 "write to another --output, or rerun with the settings it was made with")
-        records.append(record)
-    return records
+    return check
 
 
-@dataclasses.dataclass
-class AnswerProgress:
-    total: int
-    done: int = 0
-    skipped: int = 0  # already in the file before this run
-    failed: int = 0
-    retries: int = 0
+def answers_record(path: str | os.PathLike, settings_dict: dict, prompt_version: str) -> JsonlRecord:
+    """The answers file as a job record, keyed by sample id.
+
+    Args:
+        path: The answers JSONL file (need not exist).
+        settings_dict: `ChatSettings.as_dict()` of this run; every row must have been made with it.
+        prompt_version: `prompts.PROMPT_VERSION`; every row must have been made with it.
+
+    Returns:
+        A `JsonlRecord` whose `load` cuts a torn last line (what a kill mid-write leaves) and
+        raises AnswersFileError for any other unreadable line, or a row made with other settings
+        or another prompt version.
+    """
+    return JsonlRecord(path, key=lambda record: record["id"],
+                       check=_answer_check(settings_dict, prompt_version), error=AnswersFileError)
 
 
 @dataclasses.dataclass
@@ -139,12 +135,28 @@ async def answer_samples(samples: Sequence[AnchorSample], client, settings,
                          output: str | os.PathLike, *, template_language: str = "en",
                          templates: Optional[Mapping] = None,
                          failures_path: Optional[str] = None,
-                         on_progress: Optional[Callable[[AnswerProgress], None]] = None,
+                         on_progress: Optional[Callable[[PoolCounts], None]] = None,
                          workers: Optional[int] = None) -> AnswerRunReport:
     """Answer every sample not yet in `output`; append each reply as it arrives.
 
-    `client` is a `sara_megatron.chat.ChatClient` (it bounds the requests in flight and retries);
-    `workers` (default: the client's concurrency) is how many samples are handed to it at once.
+    Args:
+        samples: The anchor samples (unique ids), in source order.
+        client: A `sara_megatron.chat.ChatClient` (it bounds the requests in flight and retries).
+        settings: The `ChatSettings` of every request.
+        output: The answers JSONL file, appended to and resumed from.
+        template_language: The prompt template's language.
+        templates: Translated templates (`prompts.load_templates`), for a language other than en.
+        failures_path: Where the samples whose requests failed for good are listed (default:
+            `failures_path_for(output)`).
+        on_progress: Called with the pool's `PoolCounts` after each sample.
+        workers: Samples handed to the client at once (default: its concurrency).
+
+    Returns:
+        The `AnswerRunReport`.
+
+    Raises:
+        AnswersFileError: `output` holds a line this run cannot continue.
+        ValueError: Sample ids are not unique.
     """
     from sara_megatron.chat import ChatRequestFailed
     from sara_megatron.prompts import PROMPT_VERSION
@@ -156,58 +168,37 @@ async def answer_samples(samples: Sequence[AnchorSample], client, settings,
     if len(set(ids)) != len(ids):
         raise ValueError("sample ids are not unique")
     settings_dict = settings.as_dict()
-    existing = read_existing_answers(output, settings_dict, PROMPT_VERSION)
-    done_ids = {r["id"] for r in existing}
-    pending = [s for s in samples if s.id not in done_ids]
-    progress = AnswerProgress(total=len(samples), skipped=len(samples) - len(pending))
-    progress.done = progress.skipped
     finish_reasons: Counter = Counter()
-    failures: list[dict] = []
     retries_before = client.stats.retries
     tokens_before = (client.stats.prompt_tokens, client.stats.completion_tokens)
-    queue: asyncio.Queue = asyncio.Queue()
-    for sample in pending:
-        queue.put_nowait(sample)
 
-    with open(output, "a", encoding="utf-8", newline="\n") as out:
-        async def worker():
-            while True:
-                try:
-                    sample = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                messages = prompt_messages(sample, template_language, templates)
-                try:
-                    reply = await client.complete(messages, settings)
-                except ChatRequestFailed as e:
-                    failures.append({"id": sample.id, "source": sample.source, "reason": e.reason,
-                                     "attempts": e.attempts})
-                    progress.failed += 1
-                else:
-                    record = answer_record(sample, messages, reply, settings, PROMPT_VERSION)
-                    # One write of one whole line, flushed and synced before the next: a kill
-                    # loses at most the replies still in flight.
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    out.flush()
-                    os.fsync(out.fileno())
-                    finish_reasons[reply.finish_reason] += 1
-                    progress.done += 1
-                progress.retries = client.stats.retries - retries_before
-                if on_progress is not None:
-                    on_progress(progress)
+    async def answer(sample: AnchorSample, attempt) -> dict:
+        messages = prompt_messages(sample, template_language, templates)
+        reply = await client.complete(messages, settings)
+        return answer_record(sample, messages, reply, settings, PROMPT_VERSION)
 
-        count = min(workers or client.concurrency, max(len(pending), 1))
-        await asyncio.gather(*(worker() for _ in range(count)))
+    def answered(sample: AnchorSample, record: dict) -> None:
+        finish_reasons[record["finish_reason"]] += 1
 
+    with answers_record(output, settings_dict, PROMPT_VERSION) as record:
+        record.load()
+        # A sample whose request failed for good is listed, not written: a rerun asks again.
+        pool = JobPool(workers or client.concurrency, FailurePolicy.CONTINUE,
+                       failures=(ChatRequestFailed,), record=record, key=lambda s: s.id,
+                       progress=on_progress)
+        result = await pool.run(samples, answer, on_result=answered)
+    failures = [{"id": f.job.id, "source": f.job.source, "reason": f.reason,
+                 "attempts": f.error.attempts} for f in result.failures]
+    counts = result.counts
     complete = not failures
-    if complete and pending:
-        _write_in_source_order(output, read_existing_answers(output, settings_dict, PROMPT_VERSION), ids)
+    if complete and counts.done:
+        _write_in_source_order(output, list(record.done.values()), ids)
     with atomic_open(failures_path) as f:
         for failure in failures:
             f.write(json.dumps(failure, ensure_ascii=False) + "\n")
     return AnswerRunReport(
-        samples=len(samples), already_done=progress.skipped,
-        answered=len(pending) - len(failures), failed=len(failures),
+        samples=len(samples), already_done=counts.skipped,
+        answered=counts.done, failed=counts.failed,
         retries=client.stats.retries - retries_before,
         prompt_tokens=client.stats.prompt_tokens - tokens_before[0],
         completion_tokens=client.stats.completion_tokens - tokens_before[1],

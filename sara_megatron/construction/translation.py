@@ -43,6 +43,7 @@ from sara_megatron.data.corpus_format import (
 )
 from sara_megatron.data.languages import known_languages
 from sara_megatron.io import atomic_open, sha256_file
+from sara_megatron.jobs import Attempt, FailurePolicy, Halt, JobFailure, JobPool, ProgressBar, Rejected
 
 log = logging.getLogger(__name__)
 FAILURES_FILE = TRANSLATION_FAILURES_FILE
@@ -126,8 +127,8 @@ def translation_plan(config: TranslationConfig, anchor: str) -> dict:
     }
 
 
-class CostLimitReached(Exception):
-    pass
+class CostLimitReached(Halt):
+    """A request would pass `max_cost_usd`: the run stops before sending it."""
 
 
 MAX_NAMED_SAMPLES = 10
@@ -363,66 +364,107 @@ class TranslationRun:
         record = self.records[self.jobs[job][0]]
         self.results[job] = [translated[message_key(i, m.role)] for i, m in enumerate(record.messages)]
 
-    async def translate_unit(self, unit: Unit, in_flight: dict) -> tuple[str, object]:
-        while True:
-            state, value = self.walk(unit)
-            if state != "request":
-                return state, value
-            planned = value
-            if planned.key in in_flight:  # the same request already on its way for another job
-                await in_flight[planned.key]
-                continue
-            estimate = self.reserve(planned)
-            future = asyncio.get_running_loop().create_future()
-            in_flight[planned.key] = future
-            try:
-                reply = await self.client.complete(planned.messages, planned.settings)
-                self.store(planned, reply)
-            except ChatRequestFailed as e:
-                if e.reason in RUN_STOPPING_ERRORS:
-                    raise RunRefused(f"the server refused the requests ({e.reason}): check the "
-                                     "key (OPENAI_API_KEY for OpenAI's API, else the variable "
-                                     "named by --api-key-env), --model and --base-url") from None
-                if e.reason in ("connection", "timeout") and self.client.stats.succeeded == 0:
-                    raise RunRefused(f"no reply from {self.client.base_url} ({e.reason}, "
-                                     f"{e.attempts} attempts): check --base-url") from None
-                return "failed", f"request_failed:{e.reason}"
-            finally:
-                self.in_flight_usd -= estimate
-                del in_flight[planned.key]
-                future.set_result(None)
+    async def attempt_unit(self, unit: Unit, attempt: Attempt, in_flight: dict) -> dict:
+        """One attempt of a unit: its reply from the cache, or from one request; then the checks.
+
+        Args:
+            unit: The texts of one request.
+            attempt: Which attempt (its number and the previous attempt's rejection, which the
+                stricter instruction names); the pool's RETRY_STRICTER drives them, so the
+                attempts go as `walk` follows them through the cache.
+            in_flight: Request key -> future of the requests on their way: a unit whose request
+                is the same as another's waits for that reply instead of paying again.
+
+        Returns:
+            The translated texts by key.
+
+        Raises:
+            Rejected: The checks refused the reply (the pool asks the next attempt).
+            ChatRequestFailed: The request failed after the client's retries (this unit fails).
+            RunRefused: A failure every request would meet (key, model, URL).
+            CostLimitReached: The request would pass `max_cost_usd` (the pool halts).
+        """
+        planned = self.plan(unit, attempt.number, attempt.rejection)
+        reply = self.cache.get(planned.key)
+        while reply is None and planned.key in in_flight:
+            await in_flight[planned.key]
+            reply = self.cache.get(planned.key)
+        if reply is None:
+            reply = await self._request(planned, in_flight)
+        elif planned.key not in self.fresh_keys:
+            self.counted_cached.add(planned.key)
+        rejection, parsed = self.judge(unit, reply)
+        if rejection is None:
+            return parsed
+        if planned.key in self.fresh_keys and attempt.number < self.config.max_retries:
+            self.retried_keys.add(planned.key)
+        raise Rejected(rejection)
+
+    async def _request(self, planned: PlannedRequest, in_flight: dict):
+        """Send one request (its cost booked first), store the reply; see `attempt_unit`."""
+        estimate = self.reserve(planned)
+        future = asyncio.get_running_loop().create_future()
+        in_flight[planned.key] = future
+        try:
+            reply = await self.client.complete(planned.messages, planned.settings)
+            self.store(planned, reply)
+            return reply
+        except ChatRequestFailed as e:
+            if e.reason in RUN_STOPPING_ERRORS:
+                raise RunRefused(f"the server refused the requests ({e.reason}): check the "
+                                 "key (OPENAI_API_KEY for OpenAI's API, else the variable "
+                                 "named by --api-key-env), --model and --base-url") from None
+            if e.reason in ("connection", "timeout") and self.client.stats.succeeded == 0:
+                raise RunRefused(f"no reply from {self.client.base_url} ({e.reason}, "
+                                 f"{e.attempts} attempts): check --base-url") from None
+            raise
+        finally:
+            self.in_flight_usd -= estimate
+            del in_flight[planned.key]
+            future.set_result(None)
 
     async def run_streaming(self, progress) -> None:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for job in range(len(self.jobs)):
-            queue.put_nowait(job)
-        in_flight: dict = {}
-        stop = False
+        """Translate every job with requests as they are needed (one pool of `concurrency` units).
 
-        async def worker():
-            nonlocal stop
-            while not stop:
-                try:
-                    job = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                outcomes = await asyncio.gather(
-                    *(self.translate_unit(u, in_flight) for u in self.units[job]),
-                    return_exceptions=True)
-                errors = [o for o in outcomes if isinstance(o, BaseException)]
-                if any(isinstance(e, CostLimitReached) for e in errors):
-                    stop = True
-                    return
-                if errors:
-                    raise errors[0]
-                self.finish_job(job, outcomes)
-                progress.update(self)
+        A unit whose reply is rejected is asked again with a stricter instruction, up to
+        `max_retries` times (FailurePolicy.RETRY_STRICTER); a failed request fails its job; the
+        cost limit stops the pool (jobs not reached stay without outcome). A job ends when its
+        last unit does.
+
+        Args:
+            progress: Called after each unit ends (`progress_bar`).
+
+        Raises:
+            RunRefused: See `attempt_unit`.
+        """
+        units = [(job, i) for job in range(len(self.jobs)) for i in range(len(self.units[job]))]
+        outcomes: dict[int, dict[int, tuple[str, object]]] = {}
+        in_flight: dict = {}
+
+        def ended(job_unit, outcome) -> None:
+            job, i = job_unit
+            outcomes.setdefault(job, {})[i] = outcome
+            if len(outcomes[job]) == len(self.units[job]):
+                self.finish_job(job, [outcomes[job][k] for k in range(len(self.units[job]))])
+
+        def failed(failure: JobFailure) -> None:
+            reason = (f"{REQUEST_FAILED}:{failure.reason}"
+                      if isinstance(failure.error, ChatRequestFailed) else failure.reason)
+            ended(failure.job, ("failed", reason))
+
+        async def work(job_unit, attempt: Attempt) -> dict:
+            job, i = job_unit
+            return await self.attempt_unit(self.units[job][i], attempt, in_flight)
 
         self.client = ChatClient(self.config.base_url, api_key_env=self.config.api_key_env,
                                  concurrency=self.config.concurrency,
                                  max_retries=self.config.max_retries, timeout_s=self.config.timeout_s)
+        pool = JobPool(self.config.concurrency, FailurePolicy.RETRY_STRICTER,
+                       failures=(ChatRequestFailed,), max_attempts=self.config.max_retries + 1,
+                       progress=progress)
         try:
-            await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+            await pool.run(units, work, on_result=lambda u, texts: ended(u, ("done", texts)),
+                           on_failure=failed)
         finally:
             await self.client.aclose()
 
@@ -534,27 +576,12 @@ class TranslationRun:
                 print(f"removed {stale}: not a language of this run", file=sys.stderr)
 
 
-class Progress:
-    """A tqdm bar over jobs with done / cached / failed / retries / cost (on stderr)."""
-
-    def __init__(self, total: int, enabled: bool, initial: int = 0):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="job",
-                        desc="translate", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-
-    def update(self, run: TranslationRun, status: str | None = None) -> None:
-        done = len(run.results) + len(run.failures)
-        postfix = {"done": len(run.results), "cached": len(run.counted_cached),
-                   "failed": len(run.failures), "retries": run.retries,
-                   "cost": f"${run.spent_usd:.4f}"}
-        if status:
-            postfix["batch"] = status
-        self.bar.set_postfix(postfix, refresh=False)
-        if done > self.bar.n:
-            self.bar.update(done - self.bar.n)  # redraws at most every mininterval
-        elif status:
-            self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
+def progress_bar(run: TranslationRun, enabled: bool) -> ProgressBar:
+    """The translation's progress line on stderr: jobs ended, and done / cached / failed /
+    retries / cost (and a batch's state when `--batch` polls one)."""
+    return ProgressBar(
+        "translate", "job", len(run.jobs), enabled=enabled, mininterval=0.5,
+        position=lambda _: len(run.results) + len(run.failures),
+        postfix=lambda _: {"done": len(run.results), "cached": len(run.counted_cached),
+                           "failed": len(run.failures), "retries": run.retries,
+                           "cost": f"${run.spent_usd:.4f}"})

@@ -66,7 +66,7 @@ async def _collect(run: TranslationRun, batch_id: str, keys: list[str], progress
         batch = await client.retrieve_batch(batch_id)
         counts = getattr(batch, "request_counts", None)
         done = f"{getattr(counts, 'completed', 0)}/{getattr(counts, 'total', 0)}" if counts else ""
-        progress.update(run, f"{batch_id} {batch.status} {done}".strip())
+        progress(None, f"{batch_id} {batch.status} {done}".strip())
         if batch.status in FINAL_STATES:
             break
         await asyncio.sleep(run.config.batch_poll_s)
@@ -136,7 +136,7 @@ async def _rounds(run: TranslationRun, progress) -> None:
     round_index = 0
     while True:
         run.resolve_from_cache()
-        progress.update(run)
+        progress(None)
         requests = list(_next_requests(run).values())
         if not requests:
             return

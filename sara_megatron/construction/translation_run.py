@@ -10,8 +10,8 @@ import sys
 
 from sara_megatron.chat.cache import ReplyCache
 from sara_megatron.construction.translation import (
-    PLAN_FILE, CostLimitReached, Progress, SamplesTooLong, TranslationConfig, TranslationRun,
-    read_anchor_records, translation_plan,
+    PLAN_FILE, CostLimitReached, SamplesTooLong, TranslationConfig, TranslationRun,
+    progress_bar, read_anchor_records, translation_plan,
 )
 from sara_megatron.construction.translation_batch import run_batches
 from sara_megatron.construction.translation_cost import PriceTable
@@ -77,7 +77,7 @@ def run_translation(config: TranslationConfig) -> dict:
     write_json_atomic(os.path.join(config.output_dir, PLAN_FILE), plan)  # before the cache
     with ReplyCache(config.cache_file) as cache:
         run.cache = cache
-        progress = Progress(len(run.jobs), config.progress)
+        progress = progress_bar(run, config.progress)
         stopped = None
         try:
             if config.batch:

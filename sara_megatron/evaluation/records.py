@@ -11,15 +11,13 @@ writing; reading ignores (and the writer cuts off) such a torn last line.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Iterable, Mapping, Sequence
 
 from sara_megatron.data.languages import PAPER_ANCHOR_LANGUAGES, PAPER_TARGET_LANGUAGES
-from sara_megatron.io import (
-    drop_torn_last_line, read_json_file, read_jsonl_objects, write_json_atomic,
-)
+from sara_megatron.io import read_json_file, read_jsonl_objects, write_json_atomic
+from sara_megatron.jobs import JsonlRecord
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"
@@ -31,39 +29,42 @@ def record_key(record: Mapping) -> tuple[str, str, int, str]:
     return (record["benchmark"], record["language"], int(record["run"]), str(record["item_id"]))
 
 
+def _check_item_record(path: str, line_number: int, record: Mapping) -> None:
+    missing = [k for k in ITEM_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path}:{line_number}: missing {', '.join(missing)}")
+
+
 def read_item_records(path: str | os.PathLike) -> list[dict]:
     """The records of an items.jsonl; a torn last line (no newline) is left out, not cut: the
-    evaluation writing the file may still be running."""
+    evaluation writing the file may still be running.
+
+    Raises:
+        ValueError: A line that is not a JSON object, or a record missing one of `ITEM_KEYS`.
+    """
     records = []
     for line_number, record in read_jsonl_objects(path, complete_lines_only=True):
-        missing = [k for k in ITEM_KEYS if k not in record]
-        if missing:
-            raise ValueError(f"{os.fspath(path)}:{line_number}: missing {', '.join(missing)}")
+        _check_item_record(os.fspath(path), line_number, record)
         records.append(record)
     return records
 
 
-class ItemRecordWriter:
-    """Appends item records to items.jsonl, one flushed line each."""
+class ItemRecordWriter(JsonlRecord):
+    """items.jsonl as a job record: `append` (or `write`) adds one flushed line of the
+    `ITEM_KEYS` of a record (not fsynced: an evaluation records many items a second); `load` reads the file back (a torn last line cut off first),
+    keyed by `record_key`, first record of a key winning.
+
+    Args:
+        path: The items.jsonl file (need not exist; created by `open`, which `JobPool.run` calls, or the first write).
+    """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        if os.path.exists(self.path):
-            drop_torn_last_line(self.path)
-        self._file = open(self.path, "a", encoding="utf-8", newline="\n")
+        super().__init__(path, key=record_key, check=_check_item_record, fields=ITEM_KEYS,
+                         fsync=False)
 
     def write(self, record: Mapping) -> None:
-        self._file.write(json.dumps({k: record[k] for k in ITEM_KEYS}, ensure_ascii=False) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        """Append one item record (`append`)."""
+        self.append(record)
 
 
 def accuracy_summary(run_accuracies: Sequence[float], n: int) -> dict:

@@ -28,10 +28,11 @@ from sara_megatron.evaluation.benchmarks import (
 from sara_megatron.evaluation.model_identity import fingerprint_changes
 from sara_megatron.evaluation.records import (
     ITEMS_FILE, RESULTS_FILE, TABLE_FILE, ItemRecordWriter, accuracy_summary, ordered_languages,
-    read_item_records, read_results, record_key, render_table, write_results,
+    read_results, render_table, write_results,
 )
 from sara_megatron.evaluation.tasks import MULTIPLE_CHOICE_BENCHMARKS, item_messages, score_output
 from sara_megatron.io import atomic_open
+from sara_megatron.jobs import FailurePolicy, JobPool, ProgressBar
 from sara_megatron.prompts import OPTION_LETTERS
 
 PROTOCOLS = ("generate", "loglikelihood")
@@ -261,36 +262,6 @@ class EvaluationRunner:
         extracted, correct = score_output(item, output)
         return output, extracted, correct
 
-    async def _answer_jobs(self, jobs, writer: ItemRecordWriter, done: dict, bar) -> list:
-        from sara_megatron.chat.client import ChatRequestFailed
-
-        pending = iter(jobs)
-        failures: list[tuple[tuple, BaseException]] = []
-
-        async def worker():
-            while not failures:
-                job = next(pending, None)
-                if job is None:
-                    return
-                item, run = job
-                key = (item.benchmark, item.language, run, item.item_id)
-                try:
-                    output, extracted, correct = await self.answer(item, run)
-                except ChatRequestFailed as e:
-                    failures.append((key, e))  # the other workers stop taking new items
-                    return
-                record = dict(benchmark=item.benchmark, language=item.language, run=run,
-                              item_id=item.item_id, output=output, extracted=extracted,
-                              gold=item.gold, correct=bool(correct))
-                writer.write(record)
-                done[key] = record
-                if bar is not None:
-                    bar.update(1)
-
-        workers = max(1, min(self.backend.concurrency, len(jobs)))
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        return failures
-
     # -- results ------------------------------------------------------------------------------------
 
     def summarize(self, items, done: Mapping) -> tuple[dict, bool]:
@@ -327,49 +298,58 @@ class EvaluationRunner:
         self.prepare()
         items = self.items
         items_path = os.path.join(self.output_dir, ITEMS_FILE)
-        done = {}
-        if not self.restart and os.path.exists(items_path):
-            for record in read_item_records(items_path):
-                done.setdefault(record_key(record), record)
-        try:
-            self.check_prompt_lengths(items, done)
-        except PromptsTooLong:
-            await self.backend.aclose()
-            raise
-        if self.restart:
-            discard_previous(self.output_dir)
-        elif done:
-            self.say(f"resuming: {len(done)} answered items in {items_path}")
-        self.write_outputs(items, done)  # the settings are on disk before the first request
-        failures = []
-        try:
-            failures = await self._answer_all(items, done, items_path)
-        finally:
-            await self.backend.aclose()
+        with ItemRecordWriter(items_path) as record:
+            if not self.restart:
+                record.load()
+            done = record.done
+            try:
+                self.check_prompt_lengths(items, done)
+            except PromptsTooLong:
+                await self.backend.aclose()
+                raise
+            if self.restart:
+                discard_previous(self.output_dir)
+            elif done:
+                self.say(f"resuming: {len(done)} answered items in {items_path}")
+            self.write_outputs(items, done)  # the settings are on disk before the first request
+            failures = []
+            try:
+                failures = await self._answer_all(items, record)
+            finally:
+                await self.backend.aclose()
         benchmarks, complete = self.write_outputs(items, done)
         if failures:
             raise EvaluationIncomplete(failures)
         return {"settings": self.settings, "benchmarks": benchmarks, "complete": complete}
 
-    async def _answer_all(self, items, done, items_path) -> list:
-        failures = []
-        with ItemRecordWriter(items_path) as writer:
-            for name, per_language in items.items():
-                jobs = [(item, run) for lang, lang_items in per_language.items()
-                        for run in range(1, self.plan.runs + 1) for item in lang_items
-                        if (name, lang, run, item.item_id) not in done]
-                total = sum(len(v) for v in per_language.values()) * self.plan.runs
-                bar = None
-                if self.progress:
-                    from tqdm import tqdm
+    async def _answer_all(self, items, record: ItemRecordWriter) -> list:
+        """Ask every (item, run) not in `record`, benchmark by benchmark; the first request that
+        fails after the client's retries stops the run (STOP: the requests in flight end and
+        are kept). Returns [(key, error)] of the failed requests."""
+        from sara_megatron.chat.client import ChatRequestFailed
 
-                    bar = tqdm(total=total, initial=total - len(jobs), desc=name, unit="item",
-                               file=sys.stderr, dynamic_ncols=True)
-                try:
-                    failures = await self._answer_jobs(jobs, writer, done, bar)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                if failures:
-                    break
-        return failures
+        def key(job) -> tuple:
+            item, run = job
+            return (item.benchmark, item.language, run, item.item_id)
+
+        async def answer(job, attempt) -> dict:
+            item, run = job
+            output, extracted, correct = await self.answer(item, run)
+            return dict(benchmark=item.benchmark, language=item.language, run=run,
+                        item_id=item.item_id, output=output, extracted=extracted,
+                        gold=item.gold, correct=bool(correct))
+
+        for name, per_language in items.items():
+            jobs = [(item, run) for lang_items in per_language.values()
+                    for run in range(1, self.plan.runs + 1) for item in lang_items]
+            bar = ProgressBar(name, "item", len(jobs), enabled=self.progress,
+                              initial=sum(key(job) in record.done for job in jobs))
+            pool = JobPool(self.backend.concurrency, FailurePolicy.STOP,
+                           failures=(ChatRequestFailed,), record=record, key=key, progress=bar)
+            try:
+                report = await pool.run(jobs, answer)
+            finally:
+                bar.close()
+            if report.failures:
+                return [(key(f.job), f.error) for f in report.failures]
+        return []
