@@ -183,7 +183,11 @@ class JsonlRecord:
             self._file = open(self.path, "a", encoding="utf-8", newline="\n")
 
     def append(self, row: Mapping) -> None:
-        """Write one row as one line, flushed (and fsynced) before returning."""
+        """Write one row as one line, flushed (and fsynced) before returning.
+
+        Args:
+            row: A JSON-able mapping (its `fields`, when the record has them).
+        """
         self.open()
         if self.fields is not None:
             row = {k: row[k] for k in self.fields}
@@ -194,6 +198,7 @@ class JsonlRecord:
         self.done.setdefault(self.key(row), dict(row))
 
     def close(self) -> None:
+        """Close the file (every row is already written)."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -213,6 +218,7 @@ class ProgressBar:
         unit: What one step counts ("sample", "job", "item").
         total: Steps in all.
         enabled: False draws nothing.
+        initial: Steps already done at the start.
         mininterval: Seconds between redraws at most.
         position: The bar's position from the pool's counts (default: `counts.finished`).
         postfix: The `name=value` fields shown after the bar, from the pool's counts.
@@ -243,6 +249,7 @@ class ProgressBar:
             self.bar.refresh()
 
     def close(self) -> None:
+        """End the line."""
         self.bar.close()
 
 

@@ -50,12 +50,33 @@ _REASONING_MODEL = re.compile(r"^(?:[\w.-]+/)?(?:gpt-5|o1|o3|o4)(?:$|[-.:])")
 
 
 def is_reasoning_model(model: str) -> bool:
+    """Whether a model is one of OpenAI's reasoning models (GPT-5 family, o-series).
+
+    Args:
+        model: The model name, with or without a `provider/` prefix.
+
+    Returns:
+        True for a name such as `gpt-5-mini`, `o3` or `openai/o4-mini`.
+    """
     return bool(_REASONING_MODEL.match(model))
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatSettings:
-    """The request settings of a chat completion (besides the messages)."""
+    """The request settings of a chat completion (besides the messages).
+
+    Attributes:
+        model: The model name the server knows.
+        temperature, top_p: Sampling; None leaves the server's default (reasoning models
+            accept only that).
+        max_tokens: Completion token limit (sent as `max_completion_tokens` to reasoning models).
+        seed: The request's seed.
+        reasoning_effort: For reasoning models ("minimal", "low", "medium", "high").
+        extra_body: Fields merged into the request body (e.g. vLLM's `chat_template_kwargs`).
+
+    Raises:
+        ValueError: temperature or top_p for a reasoning model, or max_tokens below 1.
+    """
 
     model: str
     temperature: float | None = None
@@ -73,7 +94,11 @@ class ChatSettings:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
     def request_kwargs(self) -> dict:
-        """What goes to `client.chat.completions.create` besides `messages`."""
+        """The request's parameters besides `messages`.
+
+        Returns:
+            The keyword arguments of `client.chat.completions.create` (`extra_body` as a dict).
+        """
         kwargs: dict[str, Any] = {"model": self.model}
         if is_reasoning_model(self.model):
             if self.max_tokens is not None:
@@ -91,12 +116,25 @@ class ChatSettings:
         return kwargs
 
     def as_dict(self) -> dict:
-        """Every field, for cache keys and run records."""
+        """Every field, for cache keys and run records.
+
+        Returns:
+            field name -> value.
+        """
         return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatReply:
+    """One chat completion.
+
+    Attributes:
+        content: The assistant message's text.
+        finish_reason: "stop", "length", ... ("stop" when the server sent none).
+        prompt_tokens, completion_tokens: From the reply's usage (0 when absent).
+        attempts: HTTP requests it took (1 without a retry).
+    """
+
     content: str
     finish_reason: str
     prompt_tokens: int
@@ -107,7 +145,13 @@ class ChatReply:
 class ChatRequestFailed(RuntimeError):
     """Retries exhausted, or an error no retry can fix. `reason` names the last failure
     (`rate_limit`, `server_error`, `timeout`, `connection`, `unparsable_body`, `no_choices`,
-    `null_content`, `http_<status>`, `insufficient_quota`); `attempts` counts the requests sent."""
+    `null_content`, `http_<status>`, `insufficient_quota`); `attempts` counts the requests sent.
+
+    Args:
+        reason: The last failure's name (above).
+        attempts: Requests sent.
+        detail: More about it (an HTTP status, an exception's class), shown in the message.
+    """
 
     def __init__(self, reason: str, attempts: int, detail: str = ""):
         super().__init__(f"request failed after {attempts} attempt(s): {reason}"
@@ -146,9 +190,15 @@ class _Fatal(Exception):
 
 
 def is_openai_api(base_url: str | None) -> bool:
-    """Whether `base_url` is OpenAI's own API (none given means OpenAI's): https, the host
-    api.openai.com, the standard port. Anything else, a look-alike host or plain http included,
-    is another server."""
+    """Whether a base URL is OpenAI's own API.
+
+    Args:
+        base_url: The endpoint; None means OpenAI's.
+
+    Returns:
+        True for https, the host api.openai.com and the standard port. Anything else, a
+        look-alike host or plain http included, is another server.
+    """
     if base_url is None:
         return True
     try:
@@ -162,8 +212,16 @@ def is_openai_api(base_url: str | None) -> bool:
 
 def check_api_key_env(base_url: str | None, api_key_env: str | None) -> None:
     """Refuse an `--api-key-env` value a tool cannot use, without repeating it (a key pasted
-    there by mistake must not reach the terminal): not a variable name, or OPENAI_API_KEY named
-    for a server other than OpenAI's."""
+    there by mistake must not reach the terminal).
+
+    Args:
+        base_url: The endpoint (None: OpenAI's).
+        api_key_env: The value of `--api-key-env`, or None.
+
+    Raises:
+        ValueError: Not a variable name, or OPENAI_API_KEY named for a server other than
+            OpenAI's.
+    """
     if api_key_env is None:
         return
     if not _ENV_NAME.match(api_key_env):
@@ -176,14 +234,20 @@ def check_api_key_env(base_url: str | None, api_key_env: str | None) -> None:
 
 
 def api_key_for(base_url: str | None, api_key_env: str | None = None) -> str:
-    """The key to send to `base_url`.
+    """The key to send to a server.
 
-    - a variable named by `api_key_env` (other than OPENAI_API_KEY): its value, for any server;
+    Args:
+        base_url: The endpoint (None: OpenAI's).
+        api_key_env: The variable the user named for the key, or None.
+
+    Returns:
+        - a variable named by `api_key_env` (other than OPENAI_API_KEY): its value, for any server;
     - otherwise OpenAI's own API (`is_openai_api`): OPENAI_API_KEY, which must be set;
     - otherwise: PLACEHOLDER_API_KEY. OPENAI_API_KEY is never sent to another server, even when
       named (a caller's default of "OPENAI_API_KEY" must not leak it to a self-hosted one).
 
-    Raises ValueError when the key is required and absent; the message names the variable only.
+    Raises:
+        ValueError: The key is required and absent; the message names the variable only.
     """
     if api_key_env is not None and api_key_env != OPENAI_KEY_ENV:
         key = os.environ.get(api_key_env)
@@ -201,8 +265,15 @@ def api_key_for(base_url: str | None, api_key_env: str | None = None) -> str:
 
 
 def parse_retry_after(headers) -> float | None:
-    """Seconds a 429/503 asks to wait: `retry-after-ms`, else `retry-after` (seconds or an HTTP
-    date); None when absent or unreadable."""
+    """How long a 429 or 503 asks to wait.
+
+    Args:
+        headers: The response headers (a mapping with `get`).
+
+    Returns:
+        Seconds (>= 0) from `retry-after-ms`, else `retry-after` (seconds or an HTTP date);
+        None when absent or unreadable.
+    """
     value = headers.get("retry-after-ms")
     if value is not None:
         try:
@@ -250,7 +321,19 @@ def _classify(exc: BaseException) -> Exception:
 
 class ChatClient:
     """Bounded, retrying chat completions (see the module docstring). Use within one event loop;
-    `await client.aclose()` at the end."""
+    `await client.aclose()` at the end (or `async with`).
+
+    Args:
+        base_url: The endpoint (None: OpenAI's).
+        api_key_env: The variable holding the key for `base_url` (`api_key_for`).
+        concurrency: Requests in flight at most (>= 1).
+        max_retries: Further attempts after the first (>= 0).
+        timeout_s: Per request.
+        backoff_base_s, backoff_max_s: The exponential backoff's first and largest ceiling.
+
+    Raises:
+        ValueError: concurrency < 1, max_retries < 0, or no key where one is required.
+    """
 
     def __init__(self, base_url: str | None, *, api_key_env: str | None = None,
                  concurrency: int = 16, max_retries: int = 6, timeout_s: float = 600.0,
@@ -277,6 +360,7 @@ class ChatClient:
         return f"ChatClient(base_url={self.base_url!r}, concurrency={self.concurrency})"
 
     async def aclose(self) -> None:
+        """Close the HTTP connections."""
         await self._client.close()
 
     async def __aenter__(self) -> "ChatClient":
@@ -288,6 +372,18 @@ class ChatClient:
     # -- chat completions -------------------------------------------------------------------------
 
     async def complete(self, messages: list[dict], settings: ChatSettings) -> ChatReply:
+        """One chat completion, retried as the module docstring says.
+
+        Args:
+            messages: The chat, `[{"role": ..., "content": ...}, ...]`.
+            settings: The request's `ChatSettings`.
+
+        Returns:
+            The `ChatReply`.
+
+        Raises:
+            ChatRequestFailed: Retries exhausted, or an error no retry fixes.
+        """
         kwargs = settings.request_kwargs()
         body = {"messages": messages, **{k: v for k, v in kwargs.items() if k != "extra_body"}}
         body.update(kwargs.get("extra_body") or {})
@@ -319,11 +415,35 @@ class ChatClient:
     # -- Batch API (files + batches), for --batch runs ----------------------------------------------
 
     async def upload_batch_file(self, data: bytes, filename: str = "requests.jsonl") -> str:
+        """Upload a Batch API request file.
+
+        Args:
+            data: The JSONL bytes, one request a line.
+            filename: The name it is uploaded under.
+
+        Returns:
+            The file id.
+
+        Raises:
+            ChatRequestFailed: As `complete`.
+        """
         async def send():
             return (await self._client.files.create(file=(filename, data), purpose="batch")).id
         return (await self._with_retries(send))[0]
 
     async def create_batch(self, input_file_id: str, metadata: dict | None = None) -> str:
+        """Create a chat-completions batch (24 h window) from an uploaded file.
+
+        Args:
+            input_file_id: From `upload_batch_file`.
+            metadata: Stored with the batch.
+
+        Returns:
+            The batch id.
+
+        Raises:
+            ChatRequestFailed: As `complete`.
+        """
         async def send():
             batch = await self._client.batches.create(
                 input_file_id=input_file_id, endpoint="/v1/chat/completions",
@@ -332,11 +452,33 @@ class ChatClient:
         return (await self._with_retries(send))[0]
 
     async def retrieve_batch(self, batch_id: str):
+        """A batch's current state.
+
+        Args:
+            batch_id: From `create_batch`.
+
+        Returns:
+            The openai library's `Batch` (status, request_counts, output and error file ids).
+
+        Raises:
+            ChatRequestFailed: As `complete`.
+        """
         async def send():
             return await self._client.batches.retrieve(batch_id)
         return (await self._with_retries(send))[0]
 
     async def file_text(self, file_id: str) -> str:
+        """A file's content (a batch's output or error file).
+
+        Args:
+            file_id: The file's id.
+
+        Returns:
+            Its text.
+
+        Raises:
+            ChatRequestFailed: As `complete`.
+        """
         async def send():
             return (await self._client.files.content(file_id)).text
         return (await self._with_retries(send))[0]

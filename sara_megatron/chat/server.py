@@ -29,6 +29,8 @@ from aiohttp import web
 
 @dataclasses.dataclass(frozen=True)
 class ServerReply:
+    """What the responder answers: the assistant content and the finish reason."""
+
     content: str
     finish_reason: str = "stop"
 
@@ -46,41 +48,78 @@ class Fault:
 
     @classmethod
     def rate_limit(cls, retry_after_s: float = 1.0) -> "Fault":
+        """A 429 asking to wait.
+
+        Args:
+            retry_after_s: The `Retry-After` header's seconds.
+
+        Returns:
+            The fault.
+        """
         return cls("rate_limit", retry_after_s=retry_after_s, status=429)
 
     @classmethod
     def server_error(cls, status: int = 500) -> "Fault":
+        """An error status (any: 5xx, or a 4xx such as 401).
+
+        Args:
+            status: The HTTP status sent.
+
+        Returns:
+            The fault.
+        """
         return cls("server_error", status=status)
 
     @classmethod
     def drop_connection(cls) -> "Fault":
+        """A fault that closes the socket without any response."""
         return cls("drop_connection")
 
     @classmethod
     def garbage_body(cls) -> "Fault":
+        """A 200 whose JSON body is cut short."""
         return cls("garbage_body")
 
     @classmethod
     def no_choices(cls) -> "Fault":
+        """A 200 completion with an empty `choices` list."""
         return cls("no_choices")
 
     @classmethod
     def null_content(cls) -> "Fault":
+        """A 200 completion whose message content is null."""
         return cls("null_content")
 
     @classmethod
     def slow(cls, delay_s: float) -> "Fault":
-        """Answer normally, but only after `delay_s` (past the client's timeout: a timeout)."""
+        """Answer normally, but late.
+
+        Args:
+            delay_s: Seconds before the reply (past the client's timeout: a timeout).
+
+        Returns:
+            The fault.
+        """
         return cls("slow", delay_s=delay_s)
 
     @classmethod
     def reply(cls, content: str, finish_reason: str = "stop") -> "Fault":
-        """A 200 with this content instead of the responder's."""
+        """A 200 with this content instead of the responder's.
+
+        Args:
+            content: The assistant content (a wrong script, a lost box, ...).
+            finish_reason: The choice's finish reason (e.g. "length" for a cut reply).
+
+        Returns:
+            The fault.
+        """
         return cls("reply", content=content, finish_reason=finish_reason)
 
 
 @dataclasses.dataclass
 class RecordedRequest:
+    """One request the server received (see the field comments)."""
+
     index: int              # position among chat requests (batch lines included)
     path: str               # "/v1/chat/completions", or "batch" for a line of a batch
     body: dict | None
@@ -94,7 +133,14 @@ FaultPlan = Callable[[int, dict], "Fault | None"] | Sequence["Fault | None"] | N
 
 
 def approx_tokens(text: str) -> int:
-    """A token count for the usage block: about 4 UTF-8 bytes per token."""
+    """A token count for the usage block.
+
+    Args:
+        text: Any text.
+
+    Returns:
+        Its UTF-8 bytes / 4, at least 1.
+    """
     return max(1, len(text.encode("utf-8")) // 4)
 
 
@@ -103,7 +149,20 @@ def _error_body(message: str, kind: str, code: str | None = None) -> dict:
 
 
 class LocalChatServer:
-    """`with LocalChatServer(responder) as server: ... server.base_url ...`"""
+    """`with LocalChatServer(responder) as server: ... server.base_url ...`
+
+    Args:
+        responder: request body -> the assistant content (a str or a `ServerReply`).
+        faults: By request index (0-based over chat requests and batch lines): a list of
+            `Fault` or None, or a function `(index, body) -> Fault | None`.
+        latency_s: Added before every chat reply.
+        port: 0 picks a free one (`port` holds it once started).
+        batch_delay_s: Time from a batch's creation to its completion.
+
+    Attributes:
+        requests: Every `RecordedRequest`, in arrival order.
+        max_in_flight: The most chat requests in the server at once.
+    """
 
     def __init__(self, responder: Responder, *, faults: FaultPlan = None, latency_s: float = 0.0,
                  port: int = 0, batch_delay_s: float = 0.0):
@@ -126,11 +185,20 @@ class LocalChatServer:
 
     @property
     def base_url(self) -> str:
+        """The OpenAI base URL to give a client (`http://127.0.0.1:<port>/v1`)."""
         return f"http://127.0.0.1:{self.port}/v1"
 
     # -- life cycle ---------------------------------------------------------------------------------
 
     def start(self) -> "LocalChatServer":
+        """Serve in a background thread; returns once the port is bound.
+
+        Returns:
+            self.
+
+        Raises:
+            OSError: The port could not be bound.
+        """
         started = threading.Event()
         errors: list[BaseException] = []
 
@@ -170,6 +238,7 @@ class LocalChatServer:
         self.port = self._runner.addresses[0][1]
 
     def stop(self) -> None:
+        """Stop serving and join the thread."""
         if self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
@@ -184,6 +253,7 @@ class LocalChatServer:
     # -- bookkeeping --------------------------------------------------------------------------------
 
     def outcomes(self) -> list[str]:
+        """The outcome of every request so far ("ok" or a fault's name), in arrival order."""
         with self._lock:
             return [r.outcome for r in self.requests]
 
