@@ -53,10 +53,16 @@ def _closing_brace(text: str, open_index: int) -> Optional[int]:
 
 
 def last_boxed(text: Optional[str]) -> Optional[str]:
-    """Content (stripped) of the last complete `\\boxed{...}` / `\\fbox{...}`; None when none.
+    """The content (stripped) of the last complete `\\boxed{...}` / `\\fbox{...}`.
 
     Boxes inside a box belong to the outer one; an unclosed box (a truncated output) is skipped,
     so an earlier complete box still counts.
+
+    Args:
+        text: A model's output (None or empty: no box).
+
+    Returns:
+        The box's content, or None when there is no complete box.
     """
     if not text:
         return None
@@ -118,8 +124,11 @@ def normalize_choice(answer: Optional[str],
                      options: Optional[Sequence[str]] = None) -> Optional[str]:
     """The option letter ("A".."J") an answer names, or None when it names none.
 
-    With `options`, letters beyond the last option are refused, and an answer that is the text
-    of exactly one option (case, spacing and LaTeX wrappers aside) names that option.
+    Args:
+        answer: The extracted answer (e.g. a box's content), or None.
+        options: The item's option texts, in letter order. With them, letters beyond the last
+            option are refused, and an answer that is the text of exactly one option (case,
+            spacing and LaTeX wrappers aside) names that option.
     """
     if answer is None:
         return None
@@ -224,6 +233,9 @@ def normalize_number(answer: Optional[str]) -> Optional[float]:
     without the sign), `\\text{...}`, a trailing full stop, a leading `x =`, trailing unit words
     (`18 dollars`, `18 \\text{ cm}`); thousands separators (`,` in 3-digit or Indian grouping,
     thin spaces, `{,}`); fractions (`\\frac`, `\\dfrac`, `\\tfrac`, `a/b`, mixed `3 1/2`).
+
+    Args:
+        answer: The extracted answer, or None.
     """
     if answer is None:
         return None
@@ -263,21 +275,36 @@ def normalize_number(answer: Optional[str]) -> Optional[float]:
 
 
 def numbers_equal(a: Optional[float], b: Optional[float], rel_tol: float = 1e-6) -> bool:
-    """a == b within `rel_tol` of the larger magnitude (0 equals only 0); NaN equals nothing."""
+    """Whether two numbers are equal within a relative tolerance.
+
+    Args:
+        a, b: The numbers (None equals nothing).
+        rel_tol: Of the larger magnitude (0 equals only 0; NaN equals nothing).
+    """
     if a is None or b is None:
         return False
     return a == b or math.isclose(a, b, rel_tol=rel_tol, abs_tol=0.0)
 
 
 def is_choice_gold(gold: str) -> bool:
-    """A multiple-choice gold answer is one letter A-J."""
+    """Whether a gold answer is a multiple-choice one: one letter A-J.
+
+    Args:
+        gold: The gold answer.
+    """
     return len(gold.strip()) == 1 and gold.strip().upper() in CHOICE_LETTERS
 
 
 def answer_is_correct(extracted: Optional[str], gold: str,
                       options: Optional[Sequence[str]] = None) -> bool:
-    """Whether an extracted answer (e.g. `last_boxed(output)`) equals the gold answer: option
-    letters when the gold is a letter A-J, numbers otherwise."""
+    """Whether an extracted answer equals the gold answer: option letters when the gold is a
+    letter A-J, numbers otherwise.
+
+    Args:
+        extracted: The answer found in the output (e.g. `last_boxed(output)`), or None (wrong).
+        gold: The gold answer.
+        options: The item's option texts, for `normalize_choice`.
+    """
     if extracted is None:
         return False
     if is_choice_gold(gold):

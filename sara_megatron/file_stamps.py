@@ -34,13 +34,21 @@ STAMP_FORMAT = "sara-file-stamp/1"
 
 
 def file_identity(path: str) -> dict:
-    """What a stamp entry must match for the file to count as unchanged."""
+    """What a stamp entry must match for the file to count as unchanged.
+
+    Args:
+        path: The file.
+
+    Returns:
+        Its size, mtime_ns, ctime_ns and inode.
+    """
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
             "inode": st.st_ino}
 
 
 def stamp_folder() -> str:
+    """The folder of the stamps (see the module docstring for the variables it reads)."""
     folder = os.environ.get("SARA_VERIFY_CACHE")
     if not folder:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -49,14 +57,27 @@ def stamp_folder() -> str:
 
 
 def stamp_path(target: str) -> str:
-    """Where the stamp of `target` (a shard's path prefix, a checkpoint folder) lives."""
+    """Where the stamp of a target lives.
+
+    Args:
+        target: A shard's path prefix or a checkpoint folder.
+
+    Returns:
+        A file in `stamp_folder()` named by the sha256 of the target's real path.
+    """
     real = os.path.realpath(target)
     return os.path.join(stamp_folder(), hashlib.sha256(real.encode("utf-8")).hexdigest()[:40]
                         + ".json")
 
 
 class FileStamp:
-    """The stamp of `target`: hashes of files named relative to `base`."""
+    """The stamp of one target: hashes of files named relative to `base`. An absent or
+    unreadable stamp starts empty.
+
+    Args:
+        target: A shard's path prefix or a checkpoint folder.
+        base: The folder the entries' names are relative to.
+    """
 
     def __init__(self, target: str, base: str):
         self.target = os.path.realpath(target)
@@ -74,7 +95,14 @@ class FileStamp:
             pass  # none yet, or unreadable: everything is hashed again
 
     def lookup(self, name: str) -> Optional[dict]:
-        """The entry of `name` when the file is unchanged since it was stamped, else None."""
+        """The entry of a file when it is unchanged since it was stamped.
+
+        Args:
+            name: The file, relative to `base`.
+
+        Returns:
+            The entry (identity, sha256, other facts), or None.
+        """
         entry = self.entries.get(name)
         if not isinstance(entry, dict):
             return None
@@ -87,8 +115,15 @@ class FileStamp:
         return entry
 
     def record(self, name: str, identity: dict, sha256: Optional[str] = None, **extra) -> None:
-        """Remember facts about the file as it was when `identity` was read (before reading it:
-        a write meanwhile leaves the entry stale). Facts about the same identity are merged."""
+        """Remember facts about a file as it was when `identity` was read (before reading it:
+        a write meanwhile leaves the entry stale). Facts about the same identity are merged.
+
+        Args:
+            name: The file, relative to `base`.
+            identity: Its `file_identity`, taken before the facts were computed.
+            sha256: Its hex digest, when known.
+            **extra: Other facts (e.g. a shard's validated token count).
+        """
         entry = self.entries.get(name)
         same = isinstance(entry, dict) and all(entry.get(k) == v for k, v in identity.items())
         entry = dict(entry) if same else dict(identity)
@@ -99,7 +134,14 @@ class FileStamp:
         self.changed = True
 
     def sha256(self, name: str) -> str:
-        """The file's sha256: remembered when unchanged, else computed (and remembered)."""
+        """A file's sha256: remembered when unchanged, else computed (and remembered).
+
+        Args:
+            name: The file, relative to `base`.
+
+        Returns:
+            The hex digest.
+        """
         entry = self.lookup(name)
         if entry is not None and isinstance(entry.get("sha256"), str):
             return entry["sha256"]

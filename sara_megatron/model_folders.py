@@ -24,11 +24,14 @@ class NotACheckpointError(UserFacingError, ValueError):
 
 
 def folder_kind(path: str | os.PathLike) -> str:
-    """"hf" (a Hugging Face model folder), "megatron" (a torch_dist checkpoint), "training-save"
-    (a run's checkpoint folder holding iter_* checkpoints) or "unknown".
+    """What kind of model folder a path is.
 
     Args:
-        path: an existing folder.
+        path: An existing folder.
+
+    Returns:
+        "hf" (a Hugging Face model folder), "megatron" (a torch_dist checkpoint),
+        "training-save" (a run's checkpoint folder holding iter_* checkpoints) or "unknown".
     """
     names = set(os.listdir(path))
     if "config.json" in names:
@@ -42,7 +45,11 @@ def folder_kind(path: str | os.PathLike) -> str:
 
 
 def newest_iteration_folder(path: str | os.PathLike) -> str:
-    """The newest `iter_*` folder of a run's checkpoint folder, or a placeholder for one."""
+    """The newest `iter_*` folder of a run's checkpoint folder, or a placeholder for one.
+
+    Args:
+        path: A run's checkpoint folder.
+    """
     iterations = sorted(name for name in os.listdir(path) if name.startswith("iter_")
                         and not name.endswith(".tmp") and os.path.isdir(os.path.join(path, name)))
     return os.path.join(os.fspath(path), iterations[-1] if iterations else "iter_NNNNNNN")

@@ -88,7 +88,14 @@ _NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven
 
 
 def format_options(options: Sequence[str]) -> str:
-    """The options as the paper writes them: one per line, "A) text"."""
+    """The options as the paper writes them: one per line, "A) text".
+
+    Args:
+        options: 2 to 10 option texts, in letter order.
+
+    Raises:
+        ValueError: Fewer than 2 or more than 10 options.
+    """
     if not 2 <= len(options) <= len(OPTION_LETTERS):
         raise ValueError(f"a question needs 2 to {len(OPTION_LETTERS)} options, got {len(options)}")
     return "\n".join(f"{letter}) {text}" for letter, text in zip(OPTION_LETTERS, options))
@@ -131,26 +138,73 @@ def _option_slots(options: Sequence[str], template_language: str) -> dict[str, s
 
 def multiple_choice_prompt(question: str, options: Sequence[str], template_language: str = "en",
                            templates: Mapping | None = None) -> str:
-    """Table 8 (Global-MMLU; MMLU-ProX with up to ten options)."""
+    """The multiple-choice prompt, Table 8 (Global-MMLU; MMLU-ProX with up to ten options).
+
+    Args:
+        question: The question.
+        options: 2 to 10 option texts, in letter order.
+        template_language: The template's language ("en", or one of `templates`).
+        templates: Translated templates (`load_templates`); None: the English ones.
+
+    Returns:
+        The prompt text (it asks for the letter in `\\boxed{}`).
+
+    Raises:
+        ValueError: A bad number of options, or no template for the language.
+    """
     slots = {"question": question, **_option_slots(options, template_language)}
     return _fill(_template("multiple_choice", template_language, templates), slots)
 
 
 def passage_prompt(passage: str, question: str, options: Sequence[str],
                    template_language: str = "en", templates: Mapping | None = None) -> str:
-    """Table 9 (BELEBELE: a FLORES passage, then the question)."""
+    """The reading prompt, Table 9 (BELEBELE: a FLORES passage, then the question).
+
+    Args:
+        passage: The passage.
+        question: The question.
+        options: 2 to 10 option texts, in letter order.
+        template_language: The template's language ("en", or one of `templates`).
+        templates: Translated templates (`load_templates`); None: the English ones.
+
+    Returns:
+        The prompt text.
+
+    Raises:
+        ValueError: A bad number of options, or no template for the language.
+    """
     slots = {"passage": passage, "question": question, **_option_slots(options, template_language)}
     return _fill(_template("passage", template_language, templates), slots)
 
 
 def math_prompt(question: str, template_language: str = "en",
                 templates: Mapping | None = None) -> str:
-    """Table 10 (MGSM, GSM8K)."""
+    """The math prompt, Table 10 (MGSM, GSM8K).
+
+    Args:
+        question: The question.
+        template_language: The template's language ("en", or one of `templates`).
+        templates: Translated templates (`load_templates`); None: the English ones.
+
+    Returns:
+        The prompt text (it asks for the number in `\\boxed{}`).
+
+    Raises:
+        ValueError: No template for the language.
+    """
     return _fill(_template("math", template_language, templates), {"question": question})
 
 
 def validate_templates(templates: Mapping) -> None:
-    """Raise ValueError unless `templates` maps language -> {kind: text with the kind's slots}."""
+    """Check a templates object.
+
+    Args:
+        templates: language -> {kind: text}.
+
+    Raises:
+        ValueError: Not that shape, an unknown kind, a text without its kind's slots or
+            without `\\boxed{}`.
+    """
     if not isinstance(templates, Mapping) or not templates:
         raise ValueError("templates must be a non-empty object: language -> {kind: template}")
     for language, kinds in templates.items():
@@ -178,6 +232,7 @@ _TEMPLATE_ID_PREFIX = "prompt-template-"
 
 
 def templates_corpus_records() -> list[dict]:
+    """The English templates as corpus records, one a kind, the template as both turns."""
     return [{"id": _TEMPLATE_ID_PREFIX + kind, "lang": "en", "source": TEMPLATE_CORPUS_SOURCE,
              "messages": [{"role": "user", "content": text},
                           {"role": "assistant", "content": text}]}
@@ -185,14 +240,28 @@ def templates_corpus_records() -> list[dict]:
 
 
 def write_templates_corpus(path: str | os.PathLike) -> None:
-    """Write the English templates as a corpus JSONL that tools/translate_corpus.py translates."""
+    """Write the English templates as a corpus JSONL that tools/translate_corpus.py translates.
+
+    Args:
+        path: The JSONL file written.
+    """
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for record in templates_corpus_records():
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def templates_from_corpus(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """The templates in a translate_corpus output folder (<lang>.jsonl): language -> kind -> text."""
+    """The templates in a translate_corpus output folder.
+
+    Args:
+        folder: The folder (its `<lang>.jsonl` files are read).
+
+    Returns:
+        language -> kind -> text.
+
+    Raises:
+        ValueError: A line that is not JSON, or no template record at all.
+    """
     templates: dict[str, dict[str, str]] = {}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".jsonl"):
@@ -219,6 +288,15 @@ def load_templates(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     """Read translated templates: a JSON file {"templates": {"hi": {"multiple_choice": ...}}}
     (a bare {"hi": {...}} object too), or the output folder of tools/translate_corpus.py run on
     `write_templates_corpus`'s file. English is added when missing.
+
+    Args:
+        path: The JSON file or the folder.
+
+    Returns:
+        language -> kind -> text, checked by `validate_templates`.
+
+    Raises:
+        ValueError: Unreadable JSON or templates that do not pass `validate_templates`.
     """
     if os.path.isdir(path):
         templates = templates_from_corpus(path)

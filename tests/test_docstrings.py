@@ -20,6 +20,11 @@ PACKAGE = REPO / "sara_megatron"
 CHECKED = [
     "chat",
     "jobs.py",
+    "io.py",
+    "file_stamps.py",
+    "answers.py",
+    "prompts.py",
+    "model_folders.py",
 ]
 # A summary that names what is returned (Google: "the Returns section may be omitted if the
 # docstring starts with Returns or Yields and the opening sentence describes the value").
