@@ -25,6 +25,7 @@ CHECKED = [
     "answers.py",
     "prompts.py",
     "model_folders.py",
+    "checkpointing",
 ]
 # A summary that names what is returned (Google: "the Returns section may be omitted if the
 # docstring starts with Returns or Yields and the opening sentence describes the value").

@@ -34,7 +34,12 @@ MANIFEST_FORMAT = "sara-checkpoint-manifest/1"
 
 
 class CheckpointDamagedError(UserFacingError, RuntimeError):
-    """A checkpoint file is missing, cut short or altered since the checkpoint was saved."""
+    """A checkpoint file is missing, cut short or altered since the checkpoint was saved.
+
+    Args:
+        folder: The checkpoint folder.
+        message: The one line the user sees.
+    """
 
     def __init__(self, folder: str, message: str):
         super().__init__(message)
@@ -42,7 +47,12 @@ class CheckpointDamagedError(UserFacingError, RuntimeError):
 
 
 class CheckpointFormatError(UserFacingError, RuntimeError):
-    """A checkpoint in a format the installed megatron-core cannot read."""
+    """A checkpoint in a format the installed megatron-core cannot read.
+
+    Args:
+        folder: The checkpoint folder.
+        message: The one line the user sees.
+    """
 
     def __init__(self, folder: str, message: str):
         super().__init__(message)
@@ -50,8 +60,15 @@ class CheckpointFormatError(UserFacingError, RuntimeError):
 
 
 def check_checkpoint_format(folder: str | os.PathLike) -> None:
-    """Raise CheckpointFormatError where the installed megatron-core cannot read the checkpoint
-    in `folder` (one saved by a newer version's format), before anything of it is loaded."""
+    """Refuse a checkpoint the installed megatron-core cannot read, before anything of it is
+    loaded.
+
+    Args:
+        folder: The checkpoint folder.
+
+    Raises:
+        CheckpointFormatError: It was saved in a newer version's format.
+    """
     from sara_megatron.compat.megatron_versions import unreadable_checkpoint_reason
 
     reason = unreadable_checkpoint_reason(folder)
@@ -64,8 +81,14 @@ def _is_bookkeeping(name: str) -> bool:
 
 
 def checkpoint_files(folder: str) -> list[str]:
-    """Every file of the checkpoint, relative to it, in sorted order (the manifest and files
-    still being written left out)."""
+    """Every file of a checkpoint (the manifest and files still being written left out).
+
+    Args:
+        folder: The checkpoint folder.
+
+    Returns:
+        Paths relative to `folder`, sorted.
+    """
     out = []
     for dirpath, _, names in os.walk(folder):
         for name in names:
@@ -121,7 +144,12 @@ def _save_stamp(folder: str, shares: list[dict]) -> None:
 
 def move_stamp(old_folder: str, new_folder: str) -> None:
     """Carry the verification stamp of a folder renamed (a save's staging folder published):
-    its files are the same files."""
+    its files are the same files.
+
+    Args:
+        old_folder: The folder's former path.
+        new_folder: Its path now.
+    """
     old = FileStamp(old_folder, old_folder)
     if old.entries:
         new = FileStamp(new_folder, new_folder)
@@ -135,9 +163,14 @@ def move_stamp(old_folder: str, new_folder: str) -> None:
 
 
 def write_checkpoint_manifest(folder: str, collective: Optional[bool] = None) -> None:
-    """Hash every file of `folder` and write its manifest. Collective over the default process
-    group when one exists (rank 0 lists and writes, every rank hashes a share), unless
-    `collective=False` (one process does it all)."""
+    """Hash every file of a checkpoint and write its manifest.
+
+    Args:
+        folder: The checkpoint folder, complete.
+        collective: None or True: collective over the default process group when one exists
+            (rank 0 lists and writes, every rank hashes a share); False: this process does it
+            all.
+    """
     rank, world = _group() if collective in (None, True) else (0, 1)
     names = checkpoint_files(folder) if rank == 0 else None
     if world > 1:
@@ -153,8 +186,18 @@ def write_checkpoint_manifest(folder: str, collective: Optional[bool] = None) ->
 
 
 def read_manifest(folder: str) -> Optional[dict]:
-    """The manifest's file entries, None when the checkpoint has none (older than manifests);
-    raises CheckpointDamagedError for one that cannot be read."""
+    """A checkpoint's manifest.
+
+    Args:
+        folder: The checkpoint folder.
+
+    Returns:
+        Its file entries (name -> {"bytes", "sha256"}), or None when the checkpoint has no
+        manifest (older than manifests).
+
+    Raises:
+        CheckpointDamagedError: A manifest that cannot be read.
+    """
     path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.exists(path):
         return None
@@ -195,9 +238,20 @@ def _problems(folder: str, files: dict, names: list[str], rank: int, world: int
 
 def verify_checkpoint(folder: str | os.PathLike, collective: Optional[bool] = None) -> bool:
     """Check that the installed megatron-core reads the checkpoint's format
-    (`check_checkpoint_format`) and every file of it against its manifest; raises
-    CheckpointDamagedError naming the first damaged file. Returns False (after a warning) for a checkpoint without a
-    manifest. Collective like `write_checkpoint_manifest` (each rank hashes a share)."""
+    (`check_checkpoint_format`) and every file of it against its manifest.
+
+    Args:
+        folder: The checkpoint folder.
+        collective: As `write_checkpoint_manifest` (each rank hashes a share).
+
+    Returns:
+        True when every file matches; False (after a warning) for a checkpoint without a
+        manifest.
+
+    Raises:
+        CheckpointFormatError: A format the installed megatron-core cannot read.
+        CheckpointDamagedError: Naming the first damaged file.
+    """
     folder = os.fspath(folder)
     check_checkpoint_format(folder)
     rank, world = _group() if collective in (None, True) else (0, 1)

@@ -31,7 +31,13 @@ def _sharded_state_dict(model) -> dict:
 
 
 def save_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
-    """Collective: every rank of the world calls it with its model shard."""
+    """Save a model's weights as a torch_dist checkpoint, then its manifest. Collective: every
+    rank of the world calls it with its model shard.
+
+    Args:
+        model: This rank's model chunks (a module or a list of virtual-pipeline chunks).
+        checkpoint_dir: The checkpoint folder (created).
+    """
     from megatron.core import dist_checkpointing
 
     os.makedirs(checkpoint_dir, exist_ok=True)
@@ -46,7 +52,16 @@ def check_recorded_architecture(arch, checkpoint_dir: str | os.PathLike) -> None
     shapes, and megatron loads a larger vocabulary's embedding into a smaller one's rows.
     Checkpoints without a record (trained from a preset's random weights) are not checked; a
     folder that is no Megatron-Core checkpoint (an HF model folder) is refused, named as what it
-    is (`model_folders.NotACheckpointError`)."""
+    is (`model_folders.NotACheckpointError`).
+
+    Args:
+        arch: The model's architecture (`models.architecture.MoEArchitecture`).
+        checkpoint_dir: The checkpoint folder.
+
+    Raises:
+        ValueError: The architectures differ (each differing field named).
+        NotACheckpointError: A folder that is no Megatron-Core checkpoint.
+    """
     check_megatron_checkpoint(checkpoint_dir)
     record = read_metadata(os.fspath(checkpoint_dir))
     recorded = (record or {}).get("architecture")
@@ -79,8 +94,21 @@ def _built_architecture(chunk):
 
 @torch.no_grad()
 def load_model_weights(model, checkpoint_dir: str | os.PathLike, strict: bool = True) -> None:
-    """Collective: load this rank's shards of every tensor into `model` (any layout), after
-    `check_recorded_architecture` on the architecture the model was built from."""
+    """Load this rank's shards of every tensor into a model (any layout), after the files'
+    check (`verify_checkpoint`) and `check_recorded_architecture` on the architecture the model
+    was built from. Collective.
+
+    Args:
+        model: This rank's model chunks (a module or a list of virtual-pipeline chunks).
+        checkpoint_dir: The checkpoint folder.
+        strict: Raise for a tensor of the model the checkpoint lacks (tensors the checkpoint
+            holds beyond the model's are fine either way).
+
+    Raises:
+        RuntimeError: With `strict`, tensors the checkpoint lacks.
+        CheckpointDamagedError, CheckpointFormatError, NotACheckpointError, ValueError: As the
+            checks above.
+    """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 

@@ -24,19 +24,37 @@ class CheckpointRecordError(ValueError):
 
 
 def architecture_record(arch) -> dict:
+    """The architecture a checkpoint records: every field of `arch` but its HF config.
+
+    Args:
+        arch: A `models.architecture.MoEArchitecture`.
+    """
     record = dataclasses.asdict(arch)
     record.pop("hf_config", None)
     return record
 
 
 def kept_hf_config(checkpoint: str) -> str | None:
-    """The HF config.json the converter kept beside a checkpoint's weights; None without one (a
-    checkpoint not made by tools/convert_hf.py: its model must then be named)."""
+    """The HF config.json the converter kept beside a checkpoint's weights.
+
+    Args:
+        checkpoint: The checkpoint folder.
+
+    Returns:
+        Its path, or None (a checkpoint not made by tools/convert_hf.py: its model must then
+        be named).
+    """
     path = os.path.join(checkpoint, ASSETS_DIR, "config.json")
     return path if os.path.isfile(path) else None
 
 
 def write_metadata(folder: str, record: dict) -> None:
+    """Write a checkpoint's record (format and version added) beside its weights.
+
+    Args:
+        folder: The checkpoint folder.
+        record: What to record (e.g. {"architecture": `architecture_record(arch)`}).
+    """
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, **record}
     with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, sort_keys=False)
@@ -44,6 +62,17 @@ def write_metadata(folder: str, record: dict) -> None:
 
 
 def read_metadata(folder: str) -> dict | None:
+    """A checkpoint's record.
+
+    Args:
+        folder: The checkpoint folder.
+
+    Returns:
+        The record, or None when the checkpoint has none.
+
+    Raises:
+        CheckpointRecordError: Another format, or a newer format version.
+    """
     path = os.path.join(folder, METADATA_FILE)
     if not os.path.exists(path):
         return None
