@@ -1,0 +1,87 @@
+"""LoRA adapters (sara_megatron.peft.lora) on one rank: zero-initialised B leaves the base model's
+outputs; an adapted model equals its base with the merged weights W + (alpha/r)·B·A written in;
+only adapters and the router are trainable."""
+
+import pytest
+import torch
+
+from sara_megatron.models.architecture import get_preset
+from sara_megatron.models.builder import build_model, causal_attention_mask
+from sara_megatron.peft import LoraSettings, adapters_disabled, apply_lora
+
+ALL_TARGETS = ("attention_qkv", "attention_proj", "experts_fc1", "experts_fc2")
+
+
+def _logits(model, tokens):
+    s = tokens.shape[1]
+    positions = torch.arange(s).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, causal_attention_mask(s))
+
+
+def _model_and_tokens(preset="qwen3_moe_tiny"):
+    torch.manual_seed(0)
+    arch = get_preset(preset)
+    model = build_model(arch).eval()
+    tokens = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, tokens
+
+
+@pytest.mark.parametrize("expert_adapters", ["per_expert", "shared"])
+@pytest.mark.parametrize("preset", ["qwen3_moe_tiny", "phi35_moe_tiny"])
+def test_zero_initialised_b_gives_the_base_model(single_rank, preset, expert_adapters):
+    model, tokens = _model_and_tokens(preset)
+    base = _logits(model, tokens)
+    apply_lora([model], LoraSettings(rank=4, alpha=8, targets=ALL_TARGETS,
+                                     expert_adapters=expert_adapters, router="lora"))
+    assert torch.equal(_logits(model, tokens), base)
+
+
+def _merge_into(merged, adapted):
+    """`merged` (a second build of the base) with W + (alpha/r)·B·A written into every adapted
+    weight of `adapted`."""
+    weights = dict(merged.named_parameters())
+    scale = None
+    for name, module in adapted.named_modules():
+        adapter = getattr(module, "lora", None)
+        if adapter is None or not hasattr(adapter, "a"):
+            continue
+        scale = adapter.scale
+        with torch.no_grad():
+            weights[f"{name}.weight"] += adapter.scale * adapter.b @ adapter.a
+    assert scale is not None
+    return merged
+
+
+@pytest.mark.parametrize("router", ["full", "lora"])
+@pytest.mark.parametrize("expert_adapters", ["per_expert", "shared"])
+def test_adapted_model_equals_its_merged_weights(single_rank, expert_adapters, router):
+    model, tokens = _model_and_tokens()
+    base_model, _ = _model_and_tokens()  # the same seed: the same weights
+    merged, _ = _model_and_tokens()
+    apply_lora([model], LoraSettings(rank=4, alpha=8, targets=ALL_TARGETS, b_init_std=0.05,
+                                     expert_adapters=expert_adapters, router=router))
+    adapted = _logits(model, tokens)
+    assert (adapted - _logits(base_model, tokens)).abs().max() > 1e-3  # the adapters act
+    torch.testing.assert_close(adapted, _logits(_merge_into(merged, model), tokens),
+                               rtol=1e-5, atol=1e-5)
+    with adapters_disabled([model]):
+        assert torch.equal(_logits(model, tokens), _logits(base_model, tokens))
+
+
+def test_only_adapters_and_router_are_trainable(single_rank):
+    model, _ = _model_and_tokens()
+    names = apply_lora([model], LoraSettings(rank=4, targets=("attention_qkv", "experts_fc2")))
+    layers = model.decoder.layers
+    expected = []
+    for i, layer in enumerate(layers):
+        expected += [f"chunk0.decoder.layers.{i}.self_attention.linear_qkv.lora_a",
+                     f"chunk0.decoder.layers.{i}.self_attention.linear_qkv.lora_b",
+                     f"chunk0.decoder.layers.{i}.mlp.router.weight"]
+        expected += [f"chunk0.decoder.layers.{i}.mlp.experts.local_experts.{j}.linear_fc2.{f}"
+                     for j in range(layer.mlp.experts.num_local_experts) for f in ("lora_a", "lora_b")]
+    assert sorted(names) == sorted(expected)
+    qkv = layers[0].self_attention.linear_qkv
+    assert qkv.lora_a.shape == (4, qkv.input_size)
+    assert qkv.lora_b.shape == (qkv.output_size_per_partition, 4)
+    assert not qkv.weight.requires_grad
