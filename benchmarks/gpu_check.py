@@ -469,7 +469,8 @@ def measure_training(shape: TrainShape, layouts: list[str], use_te: bool | None)
     cfg = load_train_config(CONFIG, _trainer_overrides(shape, 6 * per_run + 10, use_te))
     trainer = Trainer(cfg)
     state = trainer.state
-    sara = state.sara
+    objectives = state.objectives  # SARA's, at λ_JS 1.5 and 0 (FFT); none: plain
+    sara = objectives[0].loss if objectives else None
     on_gpu = torch.cuda.is_available()
     arch = trainer.arch
     result = {"preset": shape.preset, "num_layers": arch.num_layers,
@@ -489,7 +490,7 @@ def measure_training(shape: TrainShape, layouts: list[str], use_te: bool | None)
             global_batch_size=shape.global_batch, packed=layout == "packed",
             length_scale=shape.length_scale, seed=cfg.seed)
         for objective in ("sara", "fft", "plain"):
-            state.sara = None if objective == "plain" else sara
+            state.objectives = [] if objective == "plain" else objectives
             if sara is not None:
                 sara.coeff = 1.5 if objective == "sara" else 0.0
             trainer.batches = iter(loader)  # every objective sees the same samples
@@ -510,7 +511,7 @@ def measure_training(shape: TrainShape, layouts: list[str], use_te: bool | None)
                                "grad_norm": records[0].grad_norm},
                 "timed_steps": len(timed),
             }
-    state.sara = sara
+    state.objectives = objectives
     del trainer, state
     runs = result["runs"]
     for layout in layouts:

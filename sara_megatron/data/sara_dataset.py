@@ -130,6 +130,9 @@ class SaraMicroBatch:
     # is the anchor of sample_ids[k] (-1 = padding). None unpacked or without anchor rows.
     anchor_position_ids: Optional[torch.Tensor] = None
     anchor_segment_ids: Optional[torch.Tensor] = None
+    # What the run's objectives prepared for this micro-batch in this step, by objective name
+    # (training.objectives: ShifCon's contrastive targets); empty from the loader.
+    objective_inputs: dict = dataclasses.field(default_factory=dict)
 
     _TENSORS = ("tokens", "labels", "loss_mask", "padding_mask", "priors", "prior_rows",
                 "anchor_tokens", "anchor_padding_mask", "position_ids", "segment_ids",

@@ -51,6 +51,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from sara_megatron.sara.reduction import all_reduce_identity_backward
 
@@ -148,10 +149,24 @@ class AesLoss:
 
     def __init__(self, variance_coeff: Optional[float], orthogonality_coeff: Optional[float],
                  variance_target: float = 1e-3, orthogonality_target: float = 1e-4,
-                 calibration: str = "measured"):
+                 calibration: str = "measured",
+                 process_groups: Optional[ProcessGroupCollection] = None):
+        """Args:
+            variance_coeff: w_var; None: calibrated (`calibrate`) before it attaches anything.
+            orthogonality_coeff: w_orth; None: calibrated likewise.
+            variance_target: The variance term's target value for the calibration.
+            orthogonality_target: The orthogonality term's target value for the calibration.
+            calibration: How an unset coefficient's value is measured, one of CALIBRATIONS.
+            process_groups: Megatron's groups (the authors' calibration reads data-parallel
+                rank 0's first micro-batch); None is one process alone.
+
+        Raises:
+            ValueError: An unknown calibration.
+        """
         if calibration not in CALIBRATIONS:
             raise ValueError(f"AES calibration {calibration!r}: one of {', '.join(CALIBRATIONS)}")
         self.calibration = calibration
+        self.process_groups = process_groups
         self.calibration_values: dict[str, dict[str, float]] = {}
         self._routers: dict[int, torch.nn.Module] = {}
         self.variance_coeff = variance_coeff
@@ -202,7 +217,17 @@ class AesLoss:
     # --- L_orth: hooks on the experts ----------------------------------------------------------
 
     def attach(self, chunks) -> list:
-        """Register the orthogonality hook on every MoE layer of `chunks`; returns the handles."""
+        """Register the orthogonality hook on every MoE layer of `chunks`.
+
+        Args:
+            chunks: This rank's bare model chunks.
+
+        Returns:
+            The hook handles.
+
+        Raises:
+            ValueError: A MoE layer uses another token dispatcher than allgather.
+        """
         from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
         handles = []
@@ -212,10 +237,10 @@ class AesLoss:
                     if not isinstance(module.token_dispatcher, MoEAllGatherTokenDispatcher):
                         # The slots are read in the allgather dispatcher's token space; the
                         # alltoall one (megatron's GPU default) would need its inverse exchange.
-                        raise NotImplementedError(
-                            "AES orthogonality term with the "
-                            f"{type(module.token_dispatcher).__name__} (issue 19 item 1): only "
-                            "megatron's allgather dispatcher is supported; set "
+                        # The trainer's preflight refuses it before a model is built.
+                        raise ValueError(
+                            "the AES orthogonality term reads the allgather token dispatcher's "
+                            f"tokens, not the {type(module.token_dispatcher).__name__}'s: set "
                             "model.token_dispatcher: allgather")
                     handles.append(module.experts.register_forward_hook(self._experts_hook(module)))
                     self._routers[module.router.global_layer_index] = module.router
@@ -309,15 +334,14 @@ class AesLoss:
         {"variance": token mean on data-parallel rank 0's first micro-batch since
         `reset_stats`, "orthogonality": `router_rows_orthogonality` of its router}.
         Collective over the world; `num_layers` bounds the layer indices."""
-        from megatron.core import parallel_state as ps
-
         table = torch.zeros(max(num_layers, 1), 4, dtype=torch.float64)
         if self._routers:
             first = min(self._routers)
             router = self._routers[first]
             table[first, 2] = float(router_rows_orthogonality(router.weight, router.topk))
             table[first, 3] = 1.0
-        dp_rank = ps.get_data_parallel_rank() if dist.is_initialized() else 0
+        dp_rank = (dist.get_rank(self.process_groups.dp) if self.process_groups is not None
+                   else 0)
         if dp_rank == 0:
             for layer, row in self.first_call.items():
                 table[layer, :2] = row

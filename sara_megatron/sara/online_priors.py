@@ -37,6 +37,10 @@ from sara_megatron.models.context_parallel import context_parallel_slice
 from sara_megatron.routing import capture_routing
 from sara_megatron.routing.forward_inputs import forward_inputs
 
+# Where SARA's anchor priors come from (`sara.priors`): the offline prior store, or the anchor
+# forward of each step (this module).
+PRIOR_SOURCES = ("store", "online")
+
 
 @dataclasses.dataclass
 class AnchorRowsView:

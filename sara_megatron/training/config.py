@@ -149,10 +149,12 @@ class SaraSection(_Section):
     last_layer: Optional[Annotated[Int, AT_LEAST_0]] = None
     layer_seed: Int = 0
     impl: str = "auto"  # routing-JS implementation: auto | triton | reference
-    # Objectives and variants of issue 19 (docs/objectives.md):
+    # Objectives and variants (docs/objectives.md):
     divergence: str = "js"  # js | kl | js_entropy_normalised (the last two: reference path)
     priors: str = "store"  # store (data.prior_store) | online (anchor forward in the same step)
-    objective: str = "sara"  # sara (lambda_js 0 = FFT) | aes | shifcon
+    # sara (lambda_js 0 = FFT) | aes | shifcon, or another registered objective
+    # (training.objectives)
+    objective: str = "sara"
 
     @pydantic.field_validator("impl", "divergence", "priors", "objective")
     @classmethod
@@ -160,10 +162,11 @@ class SaraSection(_Section):
         # The choices live with their implementations (imported when a config is checked).
         from sara_megatron.kernels.routing_js import IMPLEMENTATIONS
         from sara_megatron.kernels.routing_js_reference import DIVERGENCES
-        from sara_megatron.sara.objectives import OBJECTIVES, PRIOR_SOURCES
+        from sara_megatron.sara.online_priors import PRIOR_SOURCES
+        from sara_megatron.training.objectives import registered_objectives
 
         choices = {"impl": IMPLEMENTATIONS, "divergence": DIVERGENCES, "priors": PRIOR_SOURCES,
-                   "objective": OBJECTIVES}
+                   "objective": tuple(registered_objectives())}
         return _one_of(choices[info.field_name], value)
 
     @pydantic.model_validator(mode="after")
@@ -256,6 +259,49 @@ class TrainConfig(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     seed: Int = 1234
+    # The sections objectives register with themselves (`Objective.Section`), by key, parsed;
+    # written in the file as top-level sections like the ones above (`section`).
+    objective_settings: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _objective_sections(cls, data: Any) -> Any:
+        """Parse the sections registered objectives bring (not declared above) with their own
+        models; unknown keys in them are refused like everywhere else."""
+        if not isinstance(data, dict):
+            return data
+        from sara_megatron.training.objectives import objective_sections
+
+        data = dict(data)
+        settings = {}
+        for key, section in objective_sections().items():
+            if key in cls.model_fields:
+                continue
+            raw = data.pop(key, None)
+            try:
+                settings[key] = section.model_validate({} if raw is None else raw)
+            except pydantic.ValidationError as err:
+                raise ValueError(config_error_message(err, prefix=(key,))) from None
+        data["objective_settings"] = settings
+        return data
+
+    def section(self, key: str) -> BaseModel:
+        """A config section by its key, declared here or registered by an objective.
+
+        Args:
+            key: The section's key (`aes`, `shifcon`, or an objective's own `section`).
+
+        Returns:
+            The parsed section.
+
+        Raises:
+            KeyError: No section has that key.
+        """
+        if key in self.objective_settings:
+            return self.objective_settings[key]
+        if key in _sections():
+            return getattr(self, key)
+        raise KeyError(f"no config section {key!r}")
 
     @pydantic.field_validator("parallel")
     @classmethod
@@ -268,13 +314,26 @@ class TrainConfig(_Section):
 
     @pydantic.model_validator(mode="after")
     def _combinations(self) -> "TrainConfig":
-        from sara_megatron.sara.objectives import check_objective_setting
+        from sara_megatron.training.objectives import objective_class
 
-        check_objective_setting(self)
+        sara = self.sara
+        if self.model.token_dispatcher not in (None, "allgather", "alltoall"):
+            raise ValueError(f"model.token_dispatcher must be allgather or alltoall (or unset), "
+                             f"got {self.model.token_dispatcher!r}")
+        if sara.divergence != "js" and sara.impl == "triton":
+            raise ValueError(f"sara.divergence {sara.divergence} runs the PyTorch reference; the "
+                             "fused kernel (sara.impl triton) computes JS only: set sara.impl "
+                             "auto")
+        if sara.priors == "online" and sara.objective != "sara":
+            raise ValueError(f"sara.priors online feeds the SARA term; sara.objective is "
+                             f"{sara.objective}")
+        objective_class(sara.objective).check_config(self)  # each objective's own rules
         return self
 
     def to_dict(self) -> dict:
-        return self.model_dump()
+        """Every setting as plain data (the sections objectives register included)."""
+        return {**self.model_dump(),
+                **{key: section.model_dump() for key, section in self.objective_settings.items()}}
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -330,10 +389,19 @@ _KIND = {"int": "an integer", "float": "a number", "bool": "true or false", "str
 
 
 def _sections() -> dict[str, type]:
-    """Section name -> its class (a pydantic model, or ParallelConfig, a dataclass)."""
-    return {name: field.annotation for name, field in TrainConfig.model_fields.items()
-            if isinstance(field.annotation, type)
-            and (issubclass(field.annotation, BaseModel) or dataclasses.is_dataclass(field.annotation))}
+    """Section name -> its class (a pydantic model, or ParallelConfig, a dataclass), those that
+    registered objectives bring included."""
+    from sara_megatron.training.objectives import objective_sections
+
+    declared = {name: field.annotation for name, field in TrainConfig.model_fields.items()
+                if isinstance(field.annotation, type)
+                and (issubclass(field.annotation, BaseModel)
+                     or dataclasses.is_dataclass(field.annotation))}
+    return {**objective_sections(), **declared}
+
+
+def _top_level_keys() -> list[str]:
+    return sorted((set(TrainConfig.model_fields) - {"objective_settings"}) | set(_sections()))
 
 
 def _known_keys(cls: type) -> list[str]:
@@ -342,14 +410,22 @@ def _known_keys(cls: type) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(cls))
 
 
-def config_error_message(err: pydantic.ValidationError) -> str:
+def config_error_message(err: pydantic.ValidationError, prefix: tuple[str, ...] = ()) -> str:
     """Every problem pydantic found, one clause each, naming its dotted key: unknown keys with the
-    known ones of their section, type errors in the config's words, range checks as written."""
+    known ones of their section, type errors in the config's words, range checks as written.
+
+    Args:
+        err: What pydantic raised.
+        prefix: The keys of the section that was validated (empty: the whole config).
+
+    Returns:
+        One line.
+    """
     sections = _sections()
     unknown: dict[tuple, list[str]] = {}
     problems = []
     for error in err.errors(include_url=False):
-        loc = tuple(str(part) for part in error["loc"])
+        loc = prefix + tuple(str(part) for part in error["loc"])
         key, kind, value = ".".join(loc), error["type"], error.get("input")
         if kind in ("extra_forbidden", "unexpected_keyword_argument"):
             unknown.setdefault(loc[:-1], []).append(key)
@@ -367,6 +443,6 @@ def config_error_message(err: pydantic.ValidationError) -> str:
         else:
             problems.append(f"{key}: {error['msg']}")
     for where, keys in unknown.items():
-        known = _known_keys(sections[where[0]]) if where else sorted(TrainConfig.model_fields)
+        known = _known_keys(sections[where[0]]) if where else _top_level_keys()
         problems.insert(0, f"unknown config key(s) {', '.join(keys)}; known: {', '.join(known)}")
     return "; ".join(problems)

@@ -1,7 +1,7 @@
 """Everything a run's settings must pass before anything is built, in one call.
 
-`preflight(cfg)` checks the paths first (a missing `model.checkpoint` used to build the model and
-then fail inside megatron's dist_checkpointing), then the settings against the model, the data
+`preflight(cfg)` checks the paths first (so that a missing `model.checkpoint` is named before
+anything would read it), then the settings against the model, the data
 and, when the run resumes, the checkpoint. It raises one `PreflightError` naming every problem it
 found, or returns the `RunPlan` those checks resolved (architecture, aligned layers, schedule
 length, resume point), from which `training.state.build_state` builds the run. A damaged file
@@ -30,6 +30,7 @@ from sara_megatron.training.checkpoint import (
     resume_iteration,
 )
 from sara_megatron.training.config import TrainConfig
+from sara_megatron.training.objectives import PreflightChecks, objective_class
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class RunPlan:
     data_epochs: int  # passes over the samples the loader holds (enough for train_steps)
     languages: list[str]  # the training languages, resolved ([] with data.mock)
     samples: int  # training samples of one epoch (0 with data.mock)
-    language_vectors: Any = None  # ShifCon's (sara.shifcon_vectors.LanguageVectors), loaded
+    # what the objective's preflight resolved for its build (ShifCon: its LanguageVectors)
+    objective_inputs: Any = None
     resume: Optional[ResumePoint] = None
 
 
@@ -108,11 +110,18 @@ def data_stream(cfg: TrainConfig, plan: RunPlan) -> dict:
 
 
 def sara_settings(cfg: TrainConfig, plan: RunPlan) -> dict:
-    """What the SARA term is: saved with every checkpoint; a resume that changes it warns. The
-    objective, divergence and prior source are recorded when not the paper's (so that
-    checkpoints of plain SARA runs keep their record)."""
-    settings = {"lambda_js": cfg.sara.lambda_js if plan.sara_term else 0.0,
-                "alignment_layers": list(plan.alignment_layers) if plan.sara_term else []}
+    """What the run's objective is: saved with every checkpoint; a resume that changes it warns.
+
+    Args:
+        cfg: The run's config.
+        plan: Its `RunPlan`.
+
+    Returns:
+        The objective's own record (`Objective.checkpoint_record`: λ_JS and the aligned layers,
+        0 and none without a SARA term), then the objective, divergence and prior source where
+        not the paper's (so that checkpoints of plain SARA runs keep their record).
+    """
+    settings = objective_class(cfg.sara.objective).checkpoint_record(cfg, plan)
     for key, paper in (("objective", "sara"), ("divergence", "js"), ("priors", "store")):
         if getattr(cfg.sara, key) != paper:
             settings[key] = getattr(cfg.sara, key)
@@ -148,13 +157,10 @@ def preflight(cfg: TrainConfig) -> RunPlan:
                         f"data parallel = {d.micro_batch_size} × {dp_size}")
 
     layers: list[int] = []
-    vectors = None
     if arch is not None:
         layers = _attempt(problems, lambda: select_alignment_layers(
             arch.num_layers, cfg.sara.layers, family=arch.family, first=cfg.sara.first_layer,
             last=cfg.sara.last_layer, seed=cfg.sara.layer_seed)) or []
-        if cfg.sara.objective == "shifcon" and "shifcon.language_vectors" not in bad_paths:
-            vectors = _shifcon_vectors(cfg, arch, bad_paths, problems)
 
     dataset = None
     if not d.mock and not {"data.shards_dir", "data.prior_store"} & bad_paths:
@@ -165,16 +171,16 @@ def preflight(cfg: TrainConfig) -> RunPlan:
         if arch is not None:
             _check_truncation(cfg, dataset, problems)
             _check_rope_regime(cfg, arch, dataset.shards.seq_length, problems)
-        if vectors is not None:
-            _check_shifcon_languages(cfg, vectors, dataset, problems)
         steps, epochs = _schedule_length(cfg, len(dataset), problems)
+    # the objective's own rules, and what its build needs (ShifCon: its language vectors)
+    objective_inputs = objective_class(cfg.sara.objective).preflight(
+        cfg, PreflightChecks(problems, bad_paths, arch, dataset))
     if seq_length:
         _check_sequence_split(seq_length, problems)
     if d.packing and arch is not None:
         from sara_megatron.models.builder import transformer_engine_available
         from sara_megatron.training.packed_step import check_packing_config
 
-        # NotImplementedError (a feature not built) stops at once; a ValueError is a problem.
         _attempt(problems, lambda: check_packing_config(
             cfg, arch, seq_length or 0,
             use_te=(transformer_engine_available() if cfg.model.use_te is None
@@ -189,7 +195,7 @@ def preflight(cfg: TrainConfig) -> RunPlan:
     plan = RunPlan(arch, layers, sara_term, dp_rank, dp_size,
                    d.global_batch_size // per_step, steps or 0, epochs,
                    list(dataset.languages) if dataset is not None else [],
-                   len(dataset) if dataset is not None else 0, vectors)
+                   len(dataset) if dataset is not None else 0, objective_inputs)
     # Collective (resume_iteration agrees on the newest intact checkpoint): every rank gets here.
     plan.resume = _resume_point(cfg, "checkpoint.save_dir" in bad_paths)
     if plan.resume is not None and arch is not None:
@@ -202,14 +208,9 @@ def preflight(cfg: TrainConfig) -> RunPlan:
 
 
 def _attempt(problems: list[str], check):
-    """check()'s result, or None with its ValueError recorded as a problem."""
-    try:
-        return check()
-    except UserFacingError:
-        raise  # a damaged file: its own error, at once
-    except ValueError as err:
-        problems.append(str(err))
-        return None
+    """check()'s result, or None with its ValueError recorded as a problem (a damaged file's
+    UserFacingError stops at once)."""
+    return PreflightChecks(problems, set()).attempt(check)
 
 
 def _rank() -> int:
@@ -246,9 +247,7 @@ def _check_paths(cfg: TrainConfig, problems: list[str]) -> set[str]:
             bad.add("data.shards_dir")
         need("data.shards_dir", d.shards_dir, "the token shards, as tools/shard_corpus.py writes them")
     need("data.prior_store", d.prior_store, "the anchor priors, as tools/extract_priors.py writes them")
-    if cfg.sara.objective == "shifcon":
-        need("shifcon.language_vectors", cfg.shifcon.language_vectors,
-             "as tools/extract_language_vectors.py writes it", folder=False)
+    objective_class(cfg.sara.objective).check_paths(cfg, need)
     save_dir = cfg.checkpoint.save_dir
     if save_dir and os.path.exists(save_dir) and not os.path.isdir(save_dir):
         problems.append(f"checkpoint.save_dir {save_dir} is a file, not a folder")
@@ -284,35 +283,12 @@ def _check_starting_checkpoint(cfg: TrainConfig, arch: MoEArchitecture,
 
 
 def _check_objective(cfg: TrainConfig, problems: list[str]) -> bool:
-    """Whether the SARA term is built; what the objective needs that the config lacks."""
-    d, s = cfg.data, cfg.sara
-    has_priors = bool(d.prior_store or d.mock or s.priors == "online")
-    if s.objective == "sara" and not has_priors and s.lambda_js > 0:
-        problems.append("sara.lambda_js > 0 needs data.prior_store (the anchor priors), or "
-                        "data.mock")
+    """Whether the SARA term is built (objective sara, with priors to read)."""
+    d = cfg.data
     if d.mock and not (cfg.optim.train_steps and d.seq_length):
         problems.append("data.mock needs optim.train_steps and data.seq_length")
-    return s.objective == "sara" and has_priors
-
-
-def _shifcon_vectors(cfg: TrainConfig, arch: MoEArchitecture, bad_paths: set[str],
-                     problems: list[str]):
-    from sara_megatron.sara.shifcon_vectors import load_language_vectors
-
-    s = cfg.shifcon
-    if s.shift_back_layer >= arch.num_layers:
-        problems.append(f"shifcon.shift_back_layer {s.shift_back_layer} is past the model's "
-                        f"{arch.num_layers} layers")
-    vectors = _attempt(problems, lambda: load_language_vectors(s.language_vectors))
-    if vectors is not None and cfg.model.checkpoint and "model.checkpoint" not in bad_paths:
-        from sara_megatron.priors import prior_anchor_fingerprints
-
-        accepted = prior_anchor_fingerprints(cfg.model.checkpoint, vectors.model_fingerprint)
-        if vectors.model_fingerprint not in accepted:
-            problems.append(f"language vectors {s.language_vectors} come from another model "
-                            f"({vectors.model_fingerprint}) than model.checkpoint "
-                            f"{cfg.model.checkpoint}")
-    return vectors
+    objective = objective_class(cfg.sara.objective)
+    return objective.name == "sara" and objective.builds_term(cfg)
 
 
 # --- the data ---------------------------------------------------------------------------------
@@ -372,17 +348,6 @@ def _check_rope_regime(cfg: TrainConfig, arch: MoEArchitecture, shards_length: i
             f"rope factors than the anchor priors in {d.prior_store} were extracted with. Leave "
             f"data.seq_length unset (the shards' length), or shard with a seq_length on the "
             f"same side of the switch")
-
-
-def _check_shifcon_languages(cfg: TrainConfig, vectors, dataset, problems: list[str]) -> None:
-    """The vectors must be keyed by these shards' anchor and cover every training language."""
-    path = cfg.shifcon.language_vectors
-    if vectors.anchor_language != dataset.shards.anchor_language:
-        problems.append(f"language vectors {path} are {vectors.anchor_language!r}-anchored, the "
-                        f"shards anchor on {dataset.shards.anchor_language!r}")
-    missing = [lang for lang in dataset.languages if lang not in vectors.vectors]
-    if missing:
-        problems.append(f"language vectors {path} have no vector for {missing}")
 
 
 def _schedule_length(cfg: TrainConfig, samples_per_epoch: int,

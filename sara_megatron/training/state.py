@@ -16,13 +16,13 @@ import torch
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.compat.megatron_versions import forget_aux_losses
 from sara_megatron.models.builder import ModelOptions, build_model
-from sara_megatron.sara import SaraRoutingLoss
 from sara_megatron.training.checkpoint import (
     check_optimizer_layout,
     load_training_checkpoint,
     save_training_checkpoint,
 )
 from sara_megatron.training.config import TrainConfig
+from sara_megatron.training.objectives import Objective, objective_class
 from sara_megatron.training.preflight import (
     RunPlan,
     data_stream,
@@ -69,21 +69,29 @@ class TrainState:
     loader: Any
     batches: Iterator
     checkpointer: Checkpointer
-    sara: Optional[SaraRoutingLoss] = None  # the SARA term (λ_JS = 0: the same code path)
-    aes: Any = None  # sara.aes.AesLoss, sara.objective aes
-    shifcon: Any = None  # sara.shifcon.ShifconObjective, sara.objective shifcon
-    # this step's (pooled anchors gathered over DP, offset of this rank's samples), by micro-batch
-    shifcon_anchors: dict = dataclasses.field(default_factory=dict)
+    # the run's objectives (training.objectives): the one sara.objective names, when it builds
+    # a term (SARA at λ_JS = 0 with priors: the same code path as λ_JS > 0)
+    objectives: list[Objective] = dataclasses.field(default_factory=list)
     process_groups: Any = None  # megatron's ProcessGroupCollection, for what runs collectives
     iteration: int = 0
     consumed_samples: int = 0
 
 
 def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainState:
-    """The run's state for a config that passed `preflight` (which made `plan`); `process_groups`:
-    megatron's (distributed.model_process_groups), None for one process. The model is built
-    first: its random initialisation draws from the generator `initialize_distributed` seeded,
-    before anything else does."""
+    """The run's state for a config that passed `preflight`.
+
+    The model is built first: its random initialisation draws from the generator
+    `initialize_distributed` seeded, before anything else does. The objective the config names
+    attaches its hooks to the bare chunks before they are wrapped for data parallel.
+
+    Args:
+        cfg: The run's config.
+        plan: What `preflight` returned for it.
+        process_groups: Megatron's (`distributed.model_process_groups()`); None for one process.
+
+    Returns:
+        The `TrainState`, resumed from `plan.resume` when set.
+    """
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
     bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
@@ -92,7 +100,7 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
     # megatron's process-wide aux-loss tracker is sized by the first model that logs to it: a
     # model of more layers built later in the process (tests, benchmarks) would index past it.
     forget_aux_losses()
-    sara, aes, shifcon = _build_objectives(cfg, plan, chunks, model_config, process_groups)
+    objectives = _build_objectives(cfg, plan, chunks, model_config, process_groups)
     chunks = _wrap_ddp(cfg, chunks, model_config)
     optimizer = _build_optimizer(cfg, chunks, bf16)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -105,13 +113,13 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
         # The distributed / fp16 optimizer holds its own fp32 copies of the parameters.
         optimizer.reload_model_params()
     consumed = resume.consumed_samples if resume is not None else 0
-    loader = _build_loader(cfg, plan, consumed, device, anchor_rows=(
-        cfg.sara.priors == "online" or shifcon is not None))
+    loader = _build_loader(cfg, plan, consumed, device,
+                           anchor_rows=objective_class(cfg.sara.objective).needs_anchor_rows(cfg))
     checkpointer = Checkpointer(cfg.checkpoint.save_dir, cfg.checkpoint.save_interval,
                                 {**data_stream(cfg, plan), "sara": sara_settings(cfg, plan)},
                                 cfg.model.checkpoint)
     state = TrainState(plan, device, chunks, model_config, optimizer, scheduler, loader,
-                       iter(loader), checkpointer, sara, aes, shifcon,
+                       iter(loader), checkpointer, objectives,
                        iteration=resume.iteration if resume is not None else 0,
                        consumed_samples=consumed, process_groups=process_groups)
     if resume is not None:
@@ -136,32 +144,14 @@ def _build_model(cfg: TrainConfig, plan: RunPlan, bf16: bool) -> list:
             for i in range(vpp or 1)]
 
 
-def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config, process_groups):
-    """(SARA term, AES, ShifCon): the one the config's objective names; AES and ShifCon attach
-    their hooks to the bare model chunks."""
-    sara = aes = shifcon = None
-    if plan.sara_term:
-        sara = SaraRoutingLoss(
-            plan.alignment_layers, cfg.sara.lambda_js,
-            sequence_parallel=model_config.sequence_parallel, impl=cfg.sara.impl,
-            divergence=cfg.sara.divergence, process_groups=process_groups,
-        )
-    if cfg.sara.objective == "aes":  # the AES baseline: no SARA term (docs/objectives.md)
-        from sara_megatron.sara.aes import AesLoss
-
-        a = cfg.aes
-        aes = AesLoss(a.variance_coeff, a.orthogonality_coeff, a.variance_target,
-                      a.orthogonality_target, calibration=a.calibration)
-        aes.attach(chunks)
-    if cfg.sara.objective == "shifcon":  # the ShifCon baseline (docs/objectives.md)
-        from sara_megatron.sara.shifcon import ShifconObjective
-
-        s = cfg.shifcon
-        shifcon = ShifconObjective(plan.language_vectors, s.shift_layer, s.shift_back_layer,
-                                   s.contrastive_coeff, s.temperature,
-                                   process_groups=process_groups)
-        shifcon.attach(chunks)
-    return sara, aes, shifcon
+def _build_objectives(cfg: TrainConfig, plan: RunPlan, chunks, model_config,
+                      process_groups) -> list[Objective]:
+    """The objective the config names, its hooks attached to the bare model chunks; none when it
+    builds no term (SARA without priors: plain fine-tuning)."""
+    cls = objective_class(cfg.sara.objective)
+    if not cls.builds_term(cfg):
+        return []
+    return [cls.build(cfg, plan, chunks, model_config, process_groups)]
 
 
 def _wrap_ddp(cfg: TrainConfig, chunks, model_config) -> list:

@@ -4,8 +4,9 @@ losses into a `StepRecord`.
 
 Losses follow megatron's per-token convention (`calculate_per_token_loss`): the CE is summed over
 response tokens and every gradient is divided once by the global batch's token count, so the
-update does not depend on how the global batch is cut into micro-batches. The SARA term is
-attached inside the aligned MoE layers (`SaraRoutingLoss`); λ_JS = 0 runs the very same code.
+update does not depend on how the global batch is cut into micro-batches. The objectives' terms
+(training.objectives) are attached inside the model by their own hooks and router observers; the
+step calls each objective at the same points and knows none by name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import math
 import time
 
@@ -31,15 +31,10 @@ from sara_megatron.routing import observe_routers
 from sara_megatron.tool_errors import UserFacingError
 from sara_megatron.training.checkpoint import iteration_dir, latest_iteration
 from sara_megatron.training.config import TrainConfig
+from sara_megatron.training.objectives import StepContext
+from sara_megatron.training.objectives.sara import JS_ROUNDOFF
 from sara_megatron.training.packed_step import model_inputs, next_step_micro_batches, sequences_in
 from sara_megatron.training.state import TrainState
-
-log = logging.getLogger(__name__)
-
-# JS is >= 0; the reference sums of p·log(p/m) may land a few ulps below zero. Values above
-# -JS_ROUNDOFF are logged as 0; anything lower means its inputs were not finite (the reference
-# masks NaN probabilities to 0, which can leave a negative sum instead of a NaN).
-JS_ROUNDOFF = 1e-5
 
 
 class NonFiniteError(UserFacingError, RuntimeError):
@@ -61,7 +56,8 @@ class StepRecord:
     # Model matmul FLOPs of the step (every position, padding too: it is computed) per second
     # and GPU (rank); see sara_megatron.models.flops.
     tflops_per_gpu: float = float("nan")
-    # The objective's own terms beyond ce / lb / js (AES: aes_variance, aes_orthogonality).
+    # The objectives' own terms beyond ce / lb / js (AES: aes_variance, aes_orthogonality;
+    # ShifCon: shifcon_contrastive), by their `ObjectiveMetrics` names.
     terms: dict = dataclasses.field(default_factory=dict)
 
 
@@ -94,37 +90,29 @@ def fetch_microbatches(state: TrainState, num_microbatches: int) -> list:
 
 
 def prepare_batch(state: TrainState, cfg: TrainConfig, microbatches: list) -> GlobalBatch:
-    """The global counts, and each objective's inputs for these micro-batches: online priors,
-    ShifCon's anchor features (anchor forwards without gradient), SARA's and ShifCon's sequence
-    weights, AES's calibration on the first step and token weight."""
-    if cfg.sara.priors == "online":  # the anchor forward of this step (no gradient)
-        from sara_megatron.sara.online_priors import online_anchor_priors
+    """The global counts, and each objective's preparation for these micro-batches.
 
-        priors = online_anchor_priors(state.chunks, microbatches, state.plan.alignment_layers,
-                                      state.plan.arch.num_experts, state.device,
-                                      process_groups=state.process_groups)
-        microbatches = [dataclasses.replace(mb, priors=p) for mb, p in zip(microbatches, priors)]
-    batch = GlobalBatch(microbatches, *_global_counts(microbatches, state.device))
-    if state.sara is not None:
-        state.sara.sequence_weight = float(batch.loss_tokens / batch.sequences.clamp_min(1))
-        state.sara.reset_stats()
+    Zeroes the gradients, then calls every objective's `prepare_step` in turn (anchor forwards
+    without gradient, calibration on the first step, weights from the counts).
+
+    Args:
+        state: The run's state.
+        cfg: The run's config.
+        microbatches: This rank's micro-batches of the step, on the device.
+
+    Returns:
+        The `GlobalBatch`, its micro-batches carrying what the objectives added to them.
+    """
+    counts = _global_counts(microbatches, state.device)
     for chunk in state.chunks:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    if state.shifcon is not None:  # the anchor forward of this step (no gradient, no shift)
-        features = state.shifcon.anchor_features(state.chunks, microbatches, state.device)
-        state.shifcon_anchors = {id(mb): f for mb, f in zip(microbatches, features)}
-        from megatron.core import parallel_state as ps
-
-        # mean over the contrasted sequences: anchor-language samples (data.languages: all)
-        # are in the batch but not in the term
-        contrasted = torch.tensor([float(state.shifcon.contrasted_in(microbatches))],
-                                  dtype=torch.float64, device=state.device)
-        dist.all_reduce(contrasted, group=ps.get_data_parallel_group())
-        state.shifcon.sequence_weight = float(batch.loss_tokens / contrasted.clamp_min(1))
-        state.shifcon.reset_stats()
-    if state.aes is not None:
-        _prepare_aes(state, cfg, batch, float(batch.loss_tokens / batch.tokens.clamp_min(1)))
+    batch = GlobalBatch(microbatches, *counts)
+    step = StepContext(state.chunks, microbatches, *counts, state.device, state.plan,
+                       state.process_groups,
+                       lambda: _run_schedule(state, cfg, batch, forward_only=True))
+    for objective in state.objectives:
+        batch.microbatches = step.microbatches = objective.prepare_step(step)
     return batch
 
 
@@ -142,42 +130,30 @@ def _global_counts(microbatches, device) -> tuple[torch.Tensor, torch.Tensor, to
     return counts[0], counts[1], counts[2]
 
 
-def _prepare_aes(state: TrainState, cfg: TrainConfig, batch: GlobalBatch,
-                 token_weight: float) -> None:
-    """Calibrate AES's unset coefficients on this (the first) global batch with a forward pass
-    that attaches nothing, then set the step's token weight (see sara.aes)."""
-    aes = state.aes
-    if not aes.calibrated:
-        aes.reset_stats()
-        with torch.no_grad(), observe_routers(state.chunks, aes):
-            _run_schedule(state, cfg, batch, forward_only=True)
-        ways = aes.calibrate(state.plan.arch.num_layers)
-        if dist.get_rank() == 0:
-            for way, v in ways.items():  # both candidates, whichever is used
-                log.info("AES calibration %s%s: variance %.4g -> aes.variance_coeff=%g, "
-                         "orthogonality %.4g -> aes.orthogonality_coeff=%g", way,
-                         " (used)" if way == aes.calibration else "", v["variance"],
-                         v["variance_coeff"], v["orthogonality"], v["orthogonality_coeff"])
-            log.info("AES coefficients calibrated: aes.variance_coeff=%g "
-                     "aes.orthogonality_coeff=%g (set them to resume exactly)",
-                     aes.variance_coeff, aes.orthogonality_coeff)
-    aes.reset_stats()
-    aes.token_weight = token_weight
-
-
 # --- forward and backward ---------------------------------------------------------------------
 
 
 def forward_backward(state: TrainState, cfg: TrainConfig, batch: GlobalBatch) -> list:
     """Forward and backward over the global batch's micro-batches (megatron's pipeline schedule),
-    with the SARA or AES observer on the routers; the per-micro-batch CE sums, last stage only."""
+    with every objective's router observer on the routers.
+
+    Args:
+        state: The run's state.
+        cfg: The run's config.
+        batch: What `prepare_batch` returned.
+
+    Returns:
+        The per-micro-batch CE sums ({"ce": [2] tensor of sum and tokens}), last stage only.
+    """
     # The step's LB is read back from megatron's process-wide tracker: start it empty, so a
     # forward outside the step (the anchor passes of online priors and ShifCon, AES
     # calibration, another model in the same process) cannot add to this step's value.
     zero_aux_losses()
-    observer = state.sara if state.sara is not None else state.aes
-    with (observe_routers(state.chunks, observer) if observer is not None
-          else contextlib.nullcontext()):
+    with contextlib.ExitStack() as observing:
+        for objective in state.objectives:
+            observer = objective.router_observer()
+            if observer is not None:
+                observing.enter_context(observe_routers(state.chunks, observer))
         return _run_schedule(state, cfg, batch, forward_only=False)
 
 
@@ -214,14 +190,8 @@ def forward_step(state: TrainState, data_iterator, model):
         )
     # Positions, attention mask and segment ids; per sample when the rows are packed.
     inputs = model_inputs(mb, padding_mask, cp_rank, cp_size)
-    if state.sara is not None:
-        state.sara.set_batch(mb.priors, inputs.segment_ids, packed=inputs.packed)
-    if state.shifcon is not None:
-        # (the step's pooled anchors over data parallel, where this rank's samples start)
-        entry = state.shifcon_anchors.get(id(mb))
-        anchors, offset = entry if entry is not None else (None, 0)
-        state.shifcon.set_batch(mb.languages, padding_mask, anchors, offset,
-                                segment_ids=inputs.segment_ids if inputs.packed else None)
+    for objective in state.objectives:
+        objective.set_micro_batch(mb, inputs, padding_mask)
     # The padding mask keeps padding out of megatron's load-balancing statistics and its token
     # count (and out of z-loss and expert-bias counts); nothing else reads it.
     with inputs.rope(model):
@@ -259,8 +229,21 @@ def _stage_padding_mask(state: TrainState, model, padding_mask: torch.Tensor) ->
 
 def step_record(state: TrainState, cfg: TrainConfig, batch: GlobalBatch, reduced: list,
                 lr: float, grad_norm, started: float) -> StepRecord:
-    """The step's losses reduced over the ranks: CE, megatron's load-balancing loss, the SARA
-    term per aligned layer, and the objective's own terms."""
+    """The step's losses reduced over the ranks (collective).
+
+    Args:
+        state: The run's state, after the optimizer step.
+        cfg: The run's config.
+        batch: The step's `GlobalBatch`.
+        reduced: What `forward_backward` returned.
+        lr: The learning rate the step used.
+        grad_norm: The optimizer's gradient norm, or None.
+        started: `time.perf_counter()` at the step's start.
+
+    Returns:
+        A `StepRecord`: CE, megatron's load-balancing loss, and each objective's metrics (SARA's
+        `js` and its values per aligned layer in their own fields, the others in `terms`).
+    """
     from megatron.core import parallel_state as ps
 
     arch = state.plan.arch
@@ -276,21 +259,19 @@ def step_record(state: TrainState, cfg: TrainConfig, batch: GlobalBatch, reduced
     lb = 0.0 if values is None else float(values.sum() / arch.num_layers / len(batch.microbatches))
     zero_aux_losses()
 
-    terms = {}
-    if state.shifcon is not None:
-        terms = {"shifcon_contrastive": state.shifcon.reduced_mean()}
-    if state.aes is not None:
-        means = state.aes.reduced_layer_means()
-        terms = {f"aes_{name}": sum(v.values()) / max(len(v), 1) for name, v in means.items()}
-    js_layers = state.sara.reduced_layer_means(arch.num_layers) if state.sara else {}
-    js_layers = {layer: 0.0 if -JS_ROUNDOFF < v < 0 else v for layer, v in js_layers.items()}
+    terms, js_layers = {}, {}
+    for objective in state.objectives:
+        metrics = objective.metrics(arch.num_layers)
+        terms.update(metrics.terms)
+        js_layers.update(metrics.per_layer)
+    js = terms.pop("js", 0.0)
     elapsed = time.perf_counter() - started
     s = batch.seq_length
     return StepRecord(
         step=state.iteration,
         ce=float(ce[0] / ce[1].clamp_min(1)),
         lb=lb,
-        js=sum(js_layers.values()) / len(js_layers) if js_layers else 0.0,
+        js=js,
         js_per_layer=js_layers,
         lr=lr,
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),

@@ -1,0 +1,136 @@
+"""The ShifCon baseline as a training objective (`sara.shifcon.ShifconObjective`: shift, contrast,
+shift back; Zhang et al., 2025), settings in the `shifcon:` section.
+
+Before each step the anchor rows go forward without gradient and without shift; each
+micro-batch then carries its contrastive targets (`objective_inputs["shifcon"]`: the step's pooled
+anchors gathered over data parallel, and where this rank's samples start among them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from sara_megatron.training.objectives.base import (
+    Objective,
+    ObjectiveMetrics,
+    PreflightChecks,
+    StepContext,
+    register_objective,
+)
+
+
+@register_objective
+class ShifconTrainingObjective(Objective):
+    """ShifCon (`sara.objective: shifcon`)."""
+
+    name = "shifcon"
+    section = "shifcon"
+
+    def __init__(self, term, process_groups):
+        """Args:
+            term: The `sara.shifcon.ShifconObjective`, its hooks attached.
+            process_groups: Megatron's groups; None is one process alone.
+        """
+        self.term = term
+        self.process_groups = process_groups
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        s = cfg.shifcon
+        missing = [k for k in ("language_vectors", "shift_layer", "shift_back_layer")
+                   if getattr(s, k) is None]
+        if missing:
+            raise ValueError(f"sara.objective shifcon needs "
+                             f"{', '.join('shifcon.' + k for k in missing)}")
+        if s.shift_layer >= s.shift_back_layer:
+            raise ValueError(f"shifcon.shift_layer ({s.shift_layer}) must come before "
+                             f"shifcon.shift_back_layer ({s.shift_back_layer})")
+        if cfg.data.prior_store or cfg.data.mock:
+            raise ValueError("sara.objective shifcon reads no anchor priors and needs real "
+                             "shards: leave data.prior_store unset and data.mock false")
+
+    @classmethod
+    def check_paths(cls, cfg, need) -> None:
+        need("shifcon.language_vectors", cfg.shifcon.language_vectors,
+             "as tools/extract_language_vectors.py writes it", folder=False)
+
+    @classmethod
+    def preflight(cls, cfg, checks: PreflightChecks):
+        """The language vectors, loaded: of the starting model, within its layers, keyed by the
+        shards' anchor and covering every training language."""
+        if checks.arch is None or "shifcon.language_vectors" in checks.bad_paths:
+            return None
+        from sara_megatron.sara.shifcon_vectors import load_language_vectors
+
+        s, problems = cfg.shifcon, checks.problems
+        if s.shift_back_layer >= checks.arch.num_layers:
+            problems.append(f"shifcon.shift_back_layer {s.shift_back_layer} is past the model's "
+                            f"{checks.arch.num_layers} layers")
+        vectors = checks.attempt(lambda: load_language_vectors(s.language_vectors))
+        if vectors is None:
+            return None
+        if cfg.model.checkpoint and "model.checkpoint" not in checks.bad_paths:
+            from sara_megatron.priors import prior_anchor_fingerprints
+
+            accepted = prior_anchor_fingerprints(cfg.model.checkpoint, vectors.model_fingerprint)
+            if vectors.model_fingerprint not in accepted:
+                problems.append(f"language vectors {s.language_vectors} come from another model "
+                                f"({vectors.model_fingerprint}) than model.checkpoint "
+                                f"{cfg.model.checkpoint}")
+        dataset = checks.dataset
+        if dataset is not None:
+            if vectors.anchor_language != dataset.shards.anchor_language:
+                problems.append(f"language vectors {s.language_vectors} are "
+                                f"{vectors.anchor_language!r}-anchored, the shards anchor on "
+                                f"{dataset.shards.anchor_language!r}")
+            missing = [lang for lang in dataset.languages if lang not in vectors.vectors]
+            if missing:
+                problems.append(f"language vectors {s.language_vectors} have no vector for "
+                                f"{missing}")
+        return vectors
+
+    @classmethod
+    def needs_anchor_rows(cls, cfg) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, cfg, plan, chunks, model_config, process_groups) -> "ShifconTrainingObjective":
+        from sara_megatron.sara.shifcon import ShifconObjective
+
+        s = cfg.shifcon
+        term = ShifconObjective(plan.objective_inputs, s.shift_layer, s.shift_back_layer,
+                                s.contrastive_coeff, s.temperature, process_groups=process_groups)
+        term.attach(chunks)
+        return cls(term, process_groups)
+
+    def prepare_step(self, step: StepContext) -> list:
+        """The anchor forward of this step (no gradient, no shift): each micro-batch gets its
+        contrastive targets; the term's weight T / C (C: contrasted sequences of the global
+        batch; anchor-language samples are in the batch but not in the term)."""
+        term = self.term
+        features = term.anchor_features(step.chunks, step.microbatches, step.device)
+        microbatches = [dataclasses.replace(mb, objective_inputs={**mb.objective_inputs,
+                                                                  self.name: f})
+                        for mb, f in zip(step.microbatches, features)]
+        contrasted = torch.tensor([float(term.contrasted_in(microbatches))],
+                                  dtype=torch.float64, device=step.device)
+        if self.process_groups is not None:
+            dist.all_reduce(contrasted, group=self.process_groups.dp)
+        term.sequence_weight = float(step.loss_tokens / contrasted.clamp_min(1))
+        term.reset_stats()
+        return microbatches
+
+    def set_micro_batch(self, mb, inputs, padding_mask) -> None:
+        # (the step's pooled anchors over data parallel, where this rank's samples start); None
+        # on a stage without the shift-back layer: shift only
+        entry = mb.objective_inputs.get(self.name)
+        anchors, offset = entry if entry is not None else (None, 0)
+        self.term.set_batch(mb.languages, padding_mask, anchors, offset,
+                            segment_ids=inputs.segment_ids if inputs.packed else None)
+
+    def metrics(self, num_layers: int) -> ObjectiveMetrics:
+        """`shifcon_contrastive`: the mean InfoNCE term over the contrasted sequences."""
+        return ObjectiveMetrics({"shifcon_contrastive": self.term.reduced_mean()})
