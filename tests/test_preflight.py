@@ -86,3 +86,30 @@ def test_train_py_prints_a_missing_path_as_one_line(tmp_path, debug):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "train.py: error: model.checkpoint nope: no such folder"), proc.stderr[-3000:]
     assert ("Traceback" in proc.stderr) == debug
+
+
+def test_combinations_not_built_are_refused_in_one_line_each(single_rank, tmp_path,
+                                                             no_model_built):
+    """AES with the alltoall dispatcher (megatron's GPU default) and packing with Transformer
+    Engine are refused before anything is built, one line each naming the feature and the
+    setting to change, beside the other problems."""
+    from sara_megatron.training import Trainer, load_train_config
+    from sara_megatron.training.preflight import PreflightError
+
+    with pytest.raises(PreflightError) as err:
+        Trainer(load_train_config(None, _mock_settings(**{
+            "sara.objective": "aes", "model.token_dispatcher": "alltoall"})))
+    assert err.value.problems == [
+        "sara.objective aes with the alltoall token dispatcher is not supported (its "
+        "orthogonality term reads the allgather dispatcher's tokens): set "
+        "model.token_dispatcher: allgather"]
+
+    settings = _mock_settings(**{"data.mock": False, "data.shards_dir": tmp_path / "shards",
+                                 "data.packing": True, "model.use_te": True})
+    with pytest.raises(PreflightError) as err:
+        Trainer(load_train_config(None, settings))
+    assert ("data.packing with Transformer Engine is not supported: set data.packing=false, or "
+            "model.use_te=false (the local spec)") in err.value.problems
+    assert any(p.startswith(f"data.shards_dir {tmp_path / 'shards'}: no such folder")
+               for p in err.value.problems)
+    assert all("\n" not in p and "issue" not in p for p in err.value.problems)

@@ -20,15 +20,23 @@ log = logging.getLogger(__name__)
 def check_packing_config(cfg, arch, seq_length: int, *, use_te: bool,
                          context_parallel: int) -> None:
     """Refuse at start what packing does not support (each with the setting to change).
-    `seq_length`: the rows' length (data.seq_length, or the shards')."""
+
+    Args:
+        cfg: The run's `TrainConfig`.
+        arch: The model's `MoEArchitecture`.
+        seq_length: The rows' length (data.seq_length, or the shards').
+        use_te: Whether the model is built with Transformer Engine's layer spec.
+        context_parallel: The context-parallel size.
+
+    Raises:
+        ValueError: One line naming what packing does not support and the setting to change.
+    """
     d = cfg.data
     if d.mock:
         raise ValueError("data.packing needs real shards: data.mock rows are full-length")
     if use_te:
-        raise NotImplementedError(
-            "sequence packing with Transformer Engine (the thd layout, "
-            "models.packed_attention.thd_packed_inputs) is not wired into the trainer yet: "
-            "set data.packing=false, or run the local spec")
+        raise ValueError("data.packing with Transformer Engine is not supported: set "
+                         "data.packing=false, or model.use_te=false (the local spec)")
     check_packing_supported(arch, seq_length, use_te=use_te,
                             context_parallel=context_parallel)
 
