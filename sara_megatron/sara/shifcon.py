@@ -127,8 +127,18 @@ def local_valid_tokens(padding_mask: torch.Tensor, num_tokens: int, device,
 
 def segment_mean_pool(hidden: torch.Tensor, segments: torch.Tensor, num_segments: int,
                       group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[S, B, H] hidden, [S·B] segment ids (-1 = padding) -> ([n, H] fp32 mean of each
-    segment's hidden states, [n] token counts), summed over the TP×CP group first."""
+    """The mean hidden state of each segment, summed over the TP×CP group first.
+
+    Args:
+        hidden: [S, B, H] hidden states.
+        segments: [S·B] segment id of each token in `hidden`'s order, -1 = padding.
+        num_segments: n, the number of segments.
+        group: The group a sequence's tokens are spread over (identity backward); None: one
+            rank.
+
+    Returns:
+        ([n, H] fp32 mean of each segment's hidden states, [n] token counts).
+    """
     flat = hidden.reshape(-1, hidden.shape[-1]).float()
     valid = (segments >= 0).to(torch.float32)
     index = segments.clamp_min(0)
@@ -143,7 +153,17 @@ def segment_mean_pool(hidden: torch.Tensor, segments: torch.Tensor, num_segments
 
 def info_nce(features: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor,
              temperature: float) -> torch.Tensor:
-    """[B] −log softmax_j(cos(features_b, anchors_j) / τ)[positives_b]."""
+    """The InfoNCE loss of each feature against its positive among the anchors.
+
+    Args:
+        features: [B, H] the samples' representations.
+        anchors: [A, H] the candidates (positives and negatives).
+        positives: [B] int64 index of each sample's positive in `anchors`.
+        temperature: τ > 0.
+
+    Returns:
+        [B] fp32 −log softmax_j(cos(features_b, anchors_j) / τ)[positives_b].
+    """
     logits = F.normalize(features.float(), dim=-1) @ F.normalize(anchors.float(), dim=-1).t()
     return F.cross_entropy(logits / temperature, positives, reduction="none")
 
@@ -154,6 +174,17 @@ class ShifconObjective:
     def __init__(self, vectors: LanguageVectors, shift_layer: int, shift_back_layer: int,
                  coeff: float, temperature: float,
                  process_groups: Optional[ProcessGroupCollection] = None):
+        """Args:
+            vectors: The language vectors, holding both layers.
+            shift_layer: a, the global 0-based layer whose input is shifted.
+            shift_back_layer: b > a, whose input is contrasted and shifted back.
+            coeff: λ_con >= 0.
+            temperature: τ > 0.
+            process_groups: Megatron's groups; None is one process alone.
+
+        Raises:
+            ValueError: Layers out of order or missing from `vectors`, or a bad λ_con or τ.
+        """
         if not 0 <= shift_layer < shift_back_layer:
             raise ValueError(f"shifcon needs 0 <= shift_layer < shift_back_layer, got "
                              f"{shift_layer}, {shift_back_layer}")
@@ -189,11 +220,21 @@ class ShifconObjective:
     def set_batch(self, languages: Sequence[str], padding_mask: torch.Tensor,
                   anchors: Optional[torch.Tensor] = None, positive_offset: int = 0,
                   segment_ids: Optional[torch.Tensor] = None) -> None:
-        """languages of the micro-batch's n samples; padding mask [B, S] (CP-local, True =
-        padding); anchors [n_all, H]: the pooled anchor representations the samples are
-        contrasted with (sample k's positive is anchors[positive_offset + k]); None: shift only,
-        no contrastive term. segment_ids [B, S] (CP-local, -1 = padding): packed rows, token ->
-        its sample; None: one sample per row (the rows' samples are the n)."""
+        """Take one micro-batch's samples before its forward.
+
+        Args:
+            languages: The languages of the micro-batch's n samples.
+            padding_mask: [B, S] bool, CP-local, True = padding.
+            anchors: [n_all, H] the pooled anchor representations the samples are contrasted
+                with (sample k's positive is anchors[positive_offset + k]); None: shift only,
+                no contrastive term.
+            positive_offset: Where this rank's samples start in `anchors`.
+            segment_ids: [B, S] int64, CP-local, -1 = padding: packed rows, token -> its sample;
+                None: one sample per row (the rows' samples are the n).
+
+        Raises:
+            ValueError: The segment ids name more samples than `languages` has.
+        """
         self._languages = list(languages)
         if segment_ids is None:
             self._segments = segment_ids_from_padding_mask(padding_mask)
@@ -226,6 +267,14 @@ class ShifconObjective:
         return hidden + sign * per_token  # [S, B, H]
 
     def attach(self, chunks) -> list:
+        """Register the shift and shift-back hooks on the layers a and b `chunks` hold.
+
+        Args:
+            chunks: This rank's bare model chunks.
+
+        Returns:
+            The hook handles.
+        """
         layers = transformer_layers(chunks)
         handles = []
         if self.shift_layer in layers:
@@ -288,10 +337,19 @@ class ShifconObjective:
 
     def anchor_features(self, chunks, microbatches, device
                         ) -> list[Optional[tuple[torch.Tensor, int]]]:
-        """Per micro-batch: the pooled anchor representations entering layer b of its samples,
-        gathered over data parallel in rank order ([n_all, H]; packed micro-batches hold varying
-        numbers of samples per rank), and the offset of this rank's samples in them; None on
-        stages without layer b. Collective."""
+        """The anchor forward of a step (no gradient, no shift). Collective.
+
+        Args:
+            chunks: This rank's model chunks.
+            microbatches: The step's micro-batches, with anchor rows.
+            device: Where the model runs.
+
+        Returns:
+            Per micro-batch: ([n_all, H] the pooled anchor representations entering layer b of
+            its samples, gathered over data parallel in rank order (packed micro-batches hold
+            varying numbers of samples per rank), the offset of this rank's samples in them);
+            None on stages without layer b.
+        """
         from sara_megatron.sara.online_priors import run_anchor_forward
 
         pooled: dict[int, torch.Tensor] = {}
