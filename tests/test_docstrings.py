@@ -26,6 +26,10 @@ CHECKED = [
     "prompts.py",
     "model_folders.py",
     "checkpointing",
+    "training/objectives",
+    "sara/shifcon.py",
+    "sara/shifcon_vectors.py",
+    "sara/shifcon_extraction.py",
 ]
 # A summary that names what is returned (Google: "the Returns section may be omitted if the
 # docstring starts with Returns or Yields and the opening sentence describes the value").

@@ -212,6 +212,7 @@ class ShifconObjective:
         self.reset_stats()
 
     def reset_stats(self) -> None:
+        """Start the logged sums (loss, contrasted sequences) from zero."""
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.sequences = torch.zeros((), dtype=torch.float64)
 
@@ -250,8 +251,12 @@ class ShifconObjective:
         self._positive_offset = positive_offset
 
     def contrasted_in(self, microbatches) -> int:
-        """The number of samples of `microbatches` the contrastive term averages over: those
-        not in the anchor language."""
+        """The number of samples the contrastive term averages over: those not in the anchor
+        language.
+
+        Args:
+            microbatches: Micro-batches with `languages`.
+        """
         return sum(lang != self.anchor_language for mb in microbatches for lang in mb.languages)
 
     def _shift(self, layer: int, hidden: torch.Tensor, sign: float) -> torch.Tensor:
@@ -379,7 +384,8 @@ class ShifconObjective:
         return out
 
     def reduced_mean(self) -> float:
-        """Mean contrastive loss over the contrasted sequences since `reset_stats` (collective)."""
+        """The mean contrastive loss over the contrasted sequences since `reset_stats`
+        (collective over the world)."""
         device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                   else torch.device("cpu"))
         table = torch.stack([self.loss_sum, self.sequences]).to(device)

@@ -23,12 +23,15 @@ __all__ = ["AesObjective", "Objective", "ObjectiveMetrics", "PreflightChecks", "
 
 
 def registered_objectives() -> dict[str, type[Objective]]:
-    """name -> class of every registered objective (the built-in ones first)."""
+    """The registry, name -> class of every registered objective (the built-in ones first)."""
     return dict(_REGISTRY)
 
 
 def objective_class(name: str) -> type[Objective]:
     """The class `sara.objective: <name>` selects.
+
+    Args:
+        name: A `sara.objective` value.
 
     Raises:
         ValueError: No objective has that name.
@@ -40,6 +43,6 @@ def objective_class(name: str) -> type[Objective]:
 
 
 def objective_sections() -> dict[str, type]:
-    """section key -> pydantic model of the sections objectives register themselves."""
+    """The sections objectives register themselves: section key -> its pydantic model."""
     return {o.section: o.Section for o in registered_objectives().values()
             if o.Section is not None}

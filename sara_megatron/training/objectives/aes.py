@@ -42,12 +42,29 @@ class AesObjective(Objective):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        """Refuse a prior store (AES reads no priors).
+
+        Args:
+            cfg: The `TrainConfig` being loaded.
+
+        Raises:
+            ValueError: data.prior_store is set.
+        """
         if cfg.data.prior_store:
             raise ValueError("sara.objective aes reads no anchor priors: leave data.prior_store "
                              "unset")
 
     @classmethod
     def preflight(cls, cfg, checks: PreflightChecks):
+        """Refuse a token dispatcher other than allgather (the GPU default is alltoall).
+
+        Args:
+            cfg: The run's `TrainConfig`.
+            checks: Where the problem goes.
+
+        Returns:
+            None: the build reads the config only.
+        """
         dispatcher = cfg.model.token_dispatcher or ("alltoall" if torch.cuda.is_available()
                                                     else "allgather")
         if dispatcher != "allgather":
@@ -59,6 +76,18 @@ class AesObjective(Objective):
 
     @classmethod
     def build(cls, cfg, plan, chunks, model_config, process_groups) -> "AesObjective":
+        """The AES loss, its orthogonality hooks on every MoE layer of `chunks`.
+
+        Args:
+            cfg: The run's `TrainConfig`.
+            plan: Its `RunPlan`.
+            chunks: This rank's bare model chunks.
+            model_config: megatron's TransformerConfig (unused).
+            process_groups: Megatron's groups; None is one process alone.
+
+        Returns:
+            The objective.
+        """
         from sara_megatron.sara.aes import AesLoss
 
         a = cfg.aes
@@ -69,11 +98,19 @@ class AesObjective(Objective):
         return cls(loss, plan.arch.num_layers)
 
     def router_observer(self):
+        """The AES loss, whose variance term rides on every router."""
         return self.loss
 
     def prepare_step(self, step: StepContext) -> list:
         """Calibrate unset coefficients on this (the first) global batch with a forward pass
-        that attaches nothing, then set the step's token weight T / N (see sara.aes)."""
+        that attaches nothing, then set the step's token weight T / N (see sara.aes).
+
+        Args:
+            step: The step.
+
+        Returns:
+            The micro-batches, unchanged.
+        """
         aes = self.loss
         if not aes.calibrated:
             aes.reset_stats()
@@ -94,7 +131,15 @@ class AesObjective(Objective):
         return step.microbatches
 
     def metrics(self, num_layers: int) -> ObjectiveMetrics:
-        """`aes_variance`, `aes_orthogonality`: each term's token mean, averaged over layers."""
+        """Both terms over the step's tokens (collective).
+
+        Args:
+            num_layers: The model's layer count (unused: the loss knows its layers).
+
+        Returns:
+            terms `aes_variance`, `aes_orthogonality`: each term's token mean, averaged over
+            layers.
+        """
         means = self.loss.reduced_layer_means()
         return ObjectiveMetrics({f"aes_{name}": sum(v.values()) / max(len(v), 1)
                                  for name, v in means.items()})

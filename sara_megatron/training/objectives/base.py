@@ -128,7 +128,10 @@ class Objective:
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """Refuse, at config load, settings of `cfg` (a `TrainConfig`) that cannot run together.
+        """Refuse, at config load, settings that cannot run together.
+
+        Args:
+            cfg: The `TrainConfig` being loaded.
 
         Raises:
             ValueError: One line naming the settings to change.
@@ -136,7 +139,13 @@ class Objective:
 
     @classmethod
     def check_paths(cls, cfg, need: Callable[..., None]) -> None:
-        """Name the input paths the objective reads, as `need(key, path, what, folder=True)`."""
+        """Name the input paths the objective reads.
+
+        Args:
+            cfg: The run's `TrainConfig`.
+            need: Called as need(key, path, what, folder=True) for each path; preflight names
+                a missing one with its key.
+        """
 
     @classmethod
     def preflight(cls, cfg, checks: PreflightChecks) -> Any:
@@ -154,17 +163,29 @@ class Objective:
 
     @classmethod
     def builds_term(cls, cfg) -> bool:
-        """Whether the run builds this term at all (SARA without priors at λ_JS = 0: no)."""
+        """Whether the run builds this term at all (SARA without priors at λ_JS = 0: no).
+
+        Args:
+            cfg: The run's `TrainConfig`.
+        """
         return True
 
     @classmethod
     def needs_anchor_rows(cls, cfg) -> bool:
-        """Whether each micro-batch must carry its samples' anchor rows (anchor forwards)."""
+        """Whether each micro-batch must carry its samples' anchor rows (anchor forwards).
+
+        Args:
+            cfg: The run's `TrainConfig`.
+        """
         return False
 
     @classmethod
     def checkpoint_record(cls, cfg, plan) -> dict:
         """What every checkpoint records of the term, compared (with a warning) on resume.
+
+        Args:
+            cfg: The run's `TrainConfig`.
+            plan: Its `RunPlan`.
 
         Returns:
             JSON-able settings, written under the checkpoint's `sara` record.
@@ -220,6 +241,9 @@ class Objective:
 
         Args:
             num_layers: The model's layer count.
+
+        Returns:
+            The metrics; none by default.
         """
         return ObjectiveMetrics()
 
@@ -255,5 +279,9 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 
 
 def unregister_objective(name: str) -> None:
-    """Forget the objective registered as `name` (a plugin's or a test's; a no-op if none)."""
+    """Forget a registered objective (a plugin's or a test's).
+
+    Args:
+        name: Its `sara.objective` name; a name not registered is a no-op.
+    """
     _REGISTRY.pop(name, None)

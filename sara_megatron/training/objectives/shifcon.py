@@ -39,6 +39,14 @@ class ShifconTrainingObjective(Objective):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        """Refuse missing settings, layers out of order, priors or mock data.
+
+        Args:
+            cfg: The `TrainConfig` being loaded.
+
+        Raises:
+            ValueError: Naming the settings to change.
+        """
         s = cfg.shifcon
         missing = [k for k in ("language_vectors", "shift_layer", "shift_back_layer")
                    if getattr(s, k) is None]
@@ -54,13 +62,27 @@ class ShifconTrainingObjective(Objective):
 
     @classmethod
     def check_paths(cls, cfg, need) -> None:
+        """The language-vector file.
+
+        Args:
+            cfg: The run's `TrainConfig`.
+            need: Preflight's check of one path.
+        """
         need("shifcon.language_vectors", cfg.shifcon.language_vectors,
              "as tools/extract_language_vectors.py writes it", folder=False)
 
     @classmethod
     def preflight(cls, cfg, checks: PreflightChecks):
-        """The language vectors, loaded: of the starting model, within its layers, keyed by the
-        shards' anchor and covering every training language."""
+        """Load the language vectors and check them: of the starting model, within its layers,
+        keyed by the shards' anchor and covering every training language.
+
+        Args:
+            cfg: The run's `TrainConfig`.
+            checks: The architecture and training samples, and where the problems go.
+
+        Returns:
+            The `LanguageVectors`, or None when they could not be read.
+        """
         if checks.arch is None or "shifcon.language_vectors" in checks.bad_paths:
             return None
         from sara_megatron.sara.shifcon_vectors import load_language_vectors
@@ -94,10 +116,27 @@ class ShifconTrainingObjective(Objective):
 
     @classmethod
     def needs_anchor_rows(cls, cfg) -> bool:
+        """Whether anchor rows are needed: always, the contrastive targets come from them.
+
+        Args:
+            cfg: The run's `TrainConfig`.
+        """
         return True
 
     @classmethod
     def build(cls, cfg, plan, chunks, model_config, process_groups) -> "ShifconTrainingObjective":
+        """The shift / shift-back hooks on layers a and b of `chunks` and the contrastive term.
+
+        Args:
+            cfg: The run's `TrainConfig`.
+            plan: Its `RunPlan` (`objective_inputs`: the language vectors).
+            chunks: This rank's bare model chunks.
+            model_config: megatron's TransformerConfig (unused).
+            process_groups: Megatron's groups; None is one process alone.
+
+        Returns:
+            The objective.
+        """
         from sara_megatron.sara.shifcon import ShifconObjective
 
         s = cfg.shifcon
@@ -109,7 +148,14 @@ class ShifconTrainingObjective(Objective):
     def prepare_step(self, step: StepContext) -> list:
         """The anchor forward of this step (no gradient, no shift): each micro-batch gets its
         contrastive targets; the term's weight T / C (C: contrasted sequences of the global
-        batch; anchor-language samples are in the batch but not in the term)."""
+        batch; anchor-language samples are in the batch but not in the term).
+
+        Args:
+            step: The step.
+
+        Returns:
+            The micro-batches, each with `objective_inputs["shifcon"]`.
+        """
         term = self.term
         features = term.anchor_features(step.chunks, step.microbatches, step.device)
         microbatches = [dataclasses.replace(mb, objective_inputs={**mb.objective_inputs,
@@ -124,6 +170,13 @@ class ShifconTrainingObjective(Objective):
         return microbatches
 
     def set_micro_batch(self, mb, inputs, padding_mask) -> None:
+        """Hand the term the micro-batch's languages, segments and contrastive targets.
+
+        Args:
+            mb: The `SaraMicroBatch`, with `objective_inputs["shifcon"]`.
+            inputs: Its `ModelInputs` on this CP rank.
+            padding_mask: [B, S_cp] bool, True = padding.
+        """
         # (the step's pooled anchors over data parallel, where this rank's samples start); None
         # on a stage without the shift-back layer: shift only
         entry = mb.objective_inputs.get(self.name)
@@ -132,5 +185,12 @@ class ShifconTrainingObjective(Objective):
                             segment_ids=inputs.segment_ids if inputs.packed else None)
 
     def metrics(self, num_layers: int) -> ObjectiveMetrics:
-        """`shifcon_contrastive`: the mean InfoNCE term over the contrasted sequences."""
+        """The contrastive term over the step's contrasted sequences (collective).
+
+        Args:
+            num_layers: The model's layer count (unused).
+
+        Returns:
+            terms {"shifcon_contrastive": the mean InfoNCE term}.
+        """
         return ObjectiveMetrics({"shifcon_contrastive": self.term.reduced_mean()})
