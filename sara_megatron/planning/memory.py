@@ -12,6 +12,15 @@ parameters: DP = world / (TP·PP); expert parameters: expert DP = DP / EP, since
 tensor-parallel size is TP); without it every rank keeps them all. This is Megatron-LM's own
 accounting (18 bytes, or 6 + 12/DP with the distributed optimizer).
 
+LoRA (`planning.lora`): only the trained parameters (the adapters, and the router when trained
+fully) have gradients and optimizer state; megatron's DDP gives a gradient buffer, and its
+optimizer a main weight and moments, only to parameters that require gradients. With P the
+parameters a rank holds (frozen base and adapters) and T ⊂ P the trained ones:
+
+    weights 2·P (bf16)   gradients 4·T   optimizer 12·T, or 12·(T_dense/DP + T_expert/(DP/EP))
+
+Per-expert adapters are expert parameters; shared expert adapters are dense ones.
+
 Activations: Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models"
 (2022), redone for these layers (GQA attention with a separate head width, gated experts, top-k
 routing). Bytes kept for backward per token of a micro-batch in one layer, bf16 (2 bytes) unless
@@ -29,7 +38,12 @@ kv = query_groups·kv_channels, k = top-k, F = expert FFN width, N = experts, a 
                      tensor-parallel all-gather makes them full width: not divided by t)
                4kF/t fc1 output (gate; up)     2kF/t  fc2 input (SwiGLU output)
                2kh/t fc2 output weighted by the routing probabilities
-    dropout is 0 in these models: no masks are kept.
+    LoRA       2r·n  the adapters' A x outputs, kept for B's gradient: n adapted linears a
+                     token passes in a layer (1 per adapted attention linear and router LoRA,
+                     k per adapted expert linear); not divided by t (A's output is whole on
+                     every TP rank). The adapters' inputs are the base layers' inputs, already
+                     counted.
+    dropout is 0 in these models (and LoRA dropout is taken as 0): no masks are kept.
 
 Routing is taken as balanced (each rank receives on average k copies of each of its tokens'
 worth); an unbalanced step raises the MoE terms on the busiest rank. Recompute: "selective"
@@ -50,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 
 from sara_megatron.models.architecture import MoEArchitecture
+from sara_megatron.planning.lora import LoraSpec, adapted_linears_per_token
 from sara_megatron.planning.parameters import ParameterInfo, stage_parameters
 
 GB = 1e9  # decimal gigabytes, as GPU memory is sold (an "80 GB" H100 holds 79.6e9 usable bytes)
@@ -114,11 +129,13 @@ class TrainingShape:
 
 @dataclasses.dataclass(frozen=True)
 class StageMemory:
-    """Estimated bytes on one GPU of a pipeline stage."""
+    """Estimated bytes on one GPU of a pipeline stage (`trainable_params` of the
+    `dense_params + expert_params` it holds get gradients and optimizer state)."""
 
     stage: int
     dense_params: int
     expert_params: int
+    trainable_params: int
     weights: float
     gradients: float
     optimizer: float
@@ -149,8 +166,10 @@ class LayoutPlan:
 
 
 def layer_activation_bytes_per_token(arch: MoEArchitecture, tp: int, seq_length: int,
-                                     attention: str = "flash", recompute: str = "none") -> float:
-    """Bytes one layer keeps for backward per token of a micro-batch (the module's formula)."""
+                                     attention: str = "flash", recompute: str = "none",
+                                     lora: LoraSpec | None = None) -> float:
+    """Bytes one layer keeps for backward per token of a micro-batch (the module's formula;
+    `lora` adds its adapters' outputs)."""
     h, t, k = arch.hidden_size, tp, arch.moe_router_topk
     q = arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
@@ -161,11 +180,12 @@ def layer_activation_bytes_per_token(arch: MoEArchitecture, tp: int, seq_length:
     if attention == "unfused" and recompute == "none":
         attn += 2 * a * seq_length / t
     moe = 2 * h / t + 2 * h / t + 8 * n / t + 2 * k * h + 4 * k * f / t + 2 * k * f / t + 2 * k * h / t
-    return attn + moe
+    adapters = 0.0 if lora is None else 2 * lora.rank * adapted_linears_per_token(arch, lora)
+    return attn + moe + adapters
 
 
 def activation_bytes(arch: MoEArchitecture, layout: Layout, shape: TrainingShape,
-                     stage: int) -> tuple[float, int]:
+                     stage: int, lora: LoraSpec | None = None) -> tuple[float, int]:
     """Activation bytes on a GPU of pipeline `stage`, and the micro-batches it holds at once."""
     t, pp = layout.tp, layout.pp
     tokens = shape.seq_length * shape.micro_batch_size
@@ -173,7 +193,7 @@ def activation_bytes(arch: MoEArchitecture, layout: Layout, shape: TrainingShape
     steps = max(1, shape.global_batch_size // (shape.micro_batch_size * layout.dp))
     in_flight = min(pp - stage, steps)
     full = layer_activation_bytes_per_token(arch, t, shape.seq_length, shape.attention,
-                                            shape.recompute)
+                                            shape.recompute, lora)
     if shape.recompute == "full":
         per_micro = layers * 2 * arch.hidden_size / t
         working = full  # one layer recomputed at a time
@@ -187,30 +207,35 @@ def activation_bytes(arch: MoEArchitecture, layout: Layout, shape: TrainingShape
 
 
 def plan_layout(table: list[ParameterInfo], arch: MoEArchitecture, layout: Layout,
-                shape: TrainingShape, gpu_memory_gb: float) -> LayoutPlan:
+                shape: TrainingShape, gpu_memory_gb: float,
+                lora: LoraSpec | None = None) -> LayoutPlan:
     """Memory of every pipeline stage of `layout` and whether the busiest fits.
 
     Args:
-        table: `parameters.parameter_table` of the whole model.
+        table: `parameters.parameter_table` of the whole model, or for LoRA
+            `lora.lora_parameter_table` of it (which marks what is trained).
         arch: its architecture.
         layout: the TP/PP/EP/DP layout.
         shape: batch shape and options.
         gpu_memory_gb: memory of one GPU in GB (1e9 bytes).
+        lora: the LoRA configuration the table was made with (adds its adapters' activations),
+            or None for full fine-tuning.
 
     Returns:
         The `LayoutPlan`.
     """
     stages = []
     for counts in stage_parameters(table, arch, tp=layout.tp, ep=layout.ep, pp=layout.pp):
-        params = counts.total
         if shape.distributed_optimizer:
-            optimizer = 12 * (counts.dense / layout.dp + counts.expert / layout.expert_dp)
+            optimizer = 12 * (counts.trainable_dense / layout.dp
+                              + counts.trainable_expert / layout.expert_dp)
         else:
-            optimizer = 12 * params
-        acts, in_flight = activation_bytes(arch, layout, shape, counts.stage)
+            optimizer = 12 * counts.trainable
+        acts, in_flight = activation_bytes(arch, layout, shape, counts.stage, lora)
         stages.append(StageMemory(
             stage=counts.stage, dense_params=counts.dense, expert_params=counts.expert,
-            weights=2 * params, gradients=4 * params, optimizer=optimizer, activations=acts,
+            trainable_params=counts.trainable, weights=2 * counts.total,
+            gradients=4 * counts.trainable, optimizer=optimizer, activations=acts,
             micro_batches_in_flight=in_flight,
         ))
     return LayoutPlan(layout, stages, gpu_memory_gb, shape.reserve_gb)
@@ -242,11 +267,12 @@ def candidate_layouts(arch: MoEArchitecture, gpus: int) -> list[Layout]:
 
 
 def plan_layouts(table: list[ParameterInfo], arch: MoEArchitecture, gpus: int,
-                 gpu_memory_gb: float, shape: TrainingShape) -> list[LayoutPlan]:
+                 gpu_memory_gb: float, shape: TrainingShape,
+                 lora: LoraSpec | None = None) -> list[LayoutPlan]:
     """`plan_layout` for every candidate layout of `gpus` GPUs, in (TP, PP, EP) order."""
     if gpu_memory_gb <= 0:
         raise ValueError(f"gpu memory must be > 0 GB, got {gpu_memory_gb}")
-    return [plan_layout(table, arch, layout, shape, gpu_memory_gb)
+    return [plan_layout(table, arch, layout, shape, gpu_memory_gb, lora)
             for layout in candidate_layouts(arch, gpus)]
 
 
@@ -258,8 +284,13 @@ def _count(n: float) -> str:
 
 
 def format_plans(plans: list[LayoutPlan], arch_name: str, gpus: int, shape: TrainingShape,
-                 total_params: int) -> str:
-    """The planner's table: one row per layout, the busiest stage's memory in GB."""
+                 total_params: int, lora: LoraSpec | None = None,
+                 trainable_params: int | None = None) -> str:
+    """The planner's table: one row per layout, the busiest stage's memory in GB.
+
+    With `lora`, a line names the configuration and its trained parameters
+    (`trainable_params`, whole model), and a column gives the trained parameters per GPU.
+    """
     first = plans[0] if plans else None
     lines = [
         f"{arch_name}: {_count(total_params)} parameters; {gpus} GPUs of "
@@ -267,16 +298,23 @@ def format_plans(plans: list[LayoutPlan], arch_name: str, gpus: int, shape: Trai
         f"{shape.micro_batch_size}, global batch {shape.global_batch_size}; "
         f"{'distributed' if shape.distributed_optimizer else 'replicated'} optimizer; "
         f"recompute {shape.recompute}; {shape.attention} attention; reserve {shape.reserve_gb:g} GB",
+    ]
+    if lora is not None:
+        lines.append(f"{lora.describe()}: {_count(trainable_params or 0)} trained parameters "
+                     f"({trainable_params or 0:,}), the rest frozen (bf16, no gradient or "
+                     "optimizer state)")
+    lines += [
         "ESTIMATES from the formulas in sara_megatron/planning/memory.py (GB = 1e9 bytes), "
         "busiest pipeline stage:",
-        f"{'layout':<24}{'params/GPU':>12}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}"
-        f"{'total':>8}  fits",
+        f"{'layout':<24}{'params/GPU':>12}" + (f"{'trained/GPU':>12}" if lora else "")
+        + f"{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total':>8}  fits",
     ]
     for plan in plans:
         peak = plan.peak
         lines.append(
             f"{str(plan.layout):<24}{_count(peak.dense_params + peak.expert_params):>12}"
-            f"{peak.weights / GB:>9.1f}{peak.gradients / GB:>8.1f}{peak.optimizer / GB:>8.1f}"
+            + (f"{_count(peak.trainable_params):>12}" if lora else "")
+            + f"{peak.weights / GB:>9.1f}{peak.gradients / GB:>8.1f}{peak.optimizer / GB:>8.1f}"
             f"{peak.activations / GB:>8.1f}{peak.total / GB:>8.1f}  "
             f"{'yes' if plan.fits else 'no'}"
         )

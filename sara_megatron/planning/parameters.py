@@ -57,6 +57,8 @@ class ParameterInfo:
         layer: the global 0-based layer, or None for the embedding, final norm and output layer.
         stage: "first" / "last" for parameters outside the layers, None for layer parameters.
         vocab: whether dim 0 is the padded vocabulary.
+        trainable: whether it gets gradients and optimizer state (all of them in full
+            fine-tuning; the adapters and maybe the router under LoRA, `planning.lora`).
     """
 
     name: str
@@ -66,6 +68,7 @@ class ParameterInfo:
     layer: int | None
     stage: str | None
     vocab: bool
+    trainable: bool = True
 
     def numel_per_rank(self, arch: MoEArchitecture, tp: int) -> int:
         """Elements one TP rank holds (the vocabulary padded for `tp`)."""
@@ -89,15 +92,23 @@ class StageParameters:
             replicated over data parallel.
         expert: parameters of the routed experts on this rank: replicated over expert data
             parallel only.
+        trainable_dense, trainable_expert: the part of `dense` / `expert` that is trained (gets
+            gradients and optimizer state): all of it in full fine-tuning.
     """
 
     stage: int
     dense: int
     expert: int
+    trainable_dense: int
+    trainable_expert: int
 
     @property
     def total(self) -> int:
         return self.dense + self.expert
+
+    @property
+    def trainable(self) -> int:
+        return self.trainable_dense + self.trainable_expert
 
 
 def build_meta_model(arch: MoEArchitecture):
@@ -181,17 +192,20 @@ def stage_parameters(
         ValueError: when a size does not divide the model (heads, experts, layers).
     """
     arch.validate_parallel(tp=tp, ep=ep, pp=pp)
-    dense, expert = [0] * pp, [0] * pp
+    # [stage][expert?][trainable?]
+    counts = [[[0, 0], [0, 0]] for _ in range(pp)]
     for info in table:
-        n = info.numel_per_rank(arch, tp)
-        s = stage_of(info, arch, pp)
-        if info.expert:
-            expert[s] += n  # exact: every expert has the same shapes and EP divides N
-        else:
-            dense[s] += n
-    return [StageParameters(s, dense[s], expert[s] // ep) for s in range(pp)]
+        # exact for experts: every expert has the same shapes and EP divides N
+        counts[stage_of(info, arch, pp)][info.expert][info.trainable] += \
+            info.numel_per_rank(arch, tp)
+    return [StageParameters(s, dense=sum(c[0]), expert=sum(c[1]) // ep,
+                            trainable_dense=c[0][1], trainable_expert=c[1][1] // ep)
+            for s, c in enumerate(counts)]
 
 
-def total_parameters(table: list[ParameterInfo], arch: MoEArchitecture) -> int:
-    """Parameters of the whole model (vocabulary padded for TP = 1)."""
-    return sum(info.numel_per_rank(arch, 1) for info in table)
+def total_parameters(table: list[ParameterInfo], arch: MoEArchitecture,
+                     trainable_only: bool = False) -> int:
+    """Parameters of the whole model (vocabulary padded for TP = 1); only the trained ones
+    when `trainable_only`."""
+    return sum(info.numel_per_rank(arch, 1) for info in table
+               if info.trainable or not trainable_only)

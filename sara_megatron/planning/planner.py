@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from sara_megatron.models.architecture import MoEArchitecture
+from sara_megatron.planning.lora import LoraSpec, lora_parameter_table
 from sara_megatron.planning.memory import (
     GB,
     Layout,
@@ -18,7 +19,13 @@ from sara_megatron.planning.parameters import build_meta_model, parameter_table,
 
 @dataclasses.dataclass
 class PlannerResult:
-    """The planner's answer for one model and job size."""
+    """The planner's answer for one model and job size.
+
+    Attributes:
+        total_params: parameters of the whole model, LoRA adapters included.
+        trainable_params: the trained ones (all of them without `lora`).
+        lora: the LoRA configuration planned, or None for full fine-tuning.
+    """
 
     name: str
     arch: MoEArchitecture
@@ -27,9 +34,12 @@ class PlannerResult:
     total_params: int
     plans: list[LayoutPlan]
     conversion: dict[str, dict] = dataclasses.field(default_factory=dict)
+    trainable_params: int | None = None
+    lora: LoraSpec | None = None
 
     def text(self) -> str:
-        lines = [format_plans(self.plans, self.name, self.gpus, self.shape, self.total_params)]
+        lines = [format_plans(self.plans, self.name, self.gpus, self.shape, self.total_params,
+                              self.lora, self.trainable_params)]
         for layout, check in self.conversion.items():
             lines.append(f"conversion at {layout}: {check['hf_tensors']} hub tensors and "
                          f"{check['megatron_tensors']} Megatron tensors map one to one over "
@@ -40,6 +50,8 @@ class PlannerResult:
         return {
             "model": self.name,
             "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "lora": None if self.lora is None else dataclasses.asdict(self.lora),
             "gpus": self.gpus,
             "shape": dataclasses.asdict(self.shape),
             "estimate": "formulas of sara_megatron/planning/memory.py; GB = 1e9 bytes",
@@ -57,7 +69,8 @@ class PlannerResult:
 
 def plan_model(name: str, arch: MoEArchitecture, gpus: int, gpu_memory_gb: float,
                shape: TrainingShape, only: Layout | None = None,
-               check_conversion: bool = False) -> PlannerResult:
+               check_conversion: bool = False, lora: LoraSpec | None = None,
+               smallest: bool = False) -> PlannerResult:
     """Plan `arch` on `gpus` GPUs of `gpu_memory_gb` GB.
 
     Args:
@@ -69,16 +82,27 @@ def plan_model(name: str, arch: MoEArchitecture, gpus: int, gpu_memory_gb: float
         only: plan this layout alone (it must divide the job and the model).
         check_conversion: also check the converter's mapping at full size at every planned
             layout that fits (`conversion_check.check_conversion_at_layout`).
+        lora: plan a LoRA run (frozen base, trained adapters and router) instead of full
+            fine-tuning.
+        smallest: plan the smallest job of 1 ... `gpus` GPUs that has a layout that fits
+            (`gpus` itself when none does).
 
     Returns:
         The `PlannerResult`.
 
     Raises:
-        ValueError: when no layout divides the job, or `only` is not one of them.
+        ValueError: when no layout divides the job, or `only` is not one of them, or the LoRA
+            configuration does not fit the model.
     """
     model = build_meta_model(arch)
-    table = parameter_table(model)
-    plans = plan_layouts(table, arch, gpus, gpu_memory_gb, shape)
+    base_table = parameter_table(model)
+    table = base_table if lora is None else lora_parameter_table(base_table, arch, lora)
+    if smallest:
+        for size in range(1, gpus + 1):
+            if any(p.fits for p in plan_layouts(table, arch, size, gpu_memory_gb, shape, lora)):
+                gpus = size
+                break
+    plans = plan_layouts(table, arch, gpus, gpu_memory_gb, shape, lora)
     if only is not None:
         plans = [p for p in plans if p.layout == only]
         if not plans:
@@ -87,7 +111,9 @@ def plan_model(name: str, arch: MoEArchitecture, gpus: int, gpu_memory_gb: float
                              "and DP, and TP·PP·DP the GPUs)")
     if not plans:
         raise ValueError(f"no TP/PP/EP layout of {gpus} GPUs divides this model")
-    result = PlannerResult(name, arch, gpus, shape, total_parameters(table, arch), plans)
+    result = PlannerResult(name, arch, gpus, shape, total_parameters(table, arch), plans,
+                           trainable_params=total_parameters(table, arch, trainable_only=True),
+                           lora=lora)
     if check_conversion:
         from sara_megatron.planning.conversion_check import (
             check_conversion_at_layout,
