@@ -15,6 +15,9 @@ is printed beside its ratio to FFT:
     sara                λ_JS 1.5, offline priors (the store)
     sara_kl, sara_jsen  the divergence variants (PyTorch reference path)
     sara_online         online priors: the anchor forward of every micro-batch in the step
+    sara_half           offline priors, layers 0..1 of 4 aligned
+    sara_online_half    online priors, layers 0..1 of 4 aligned (the anchor forward stops after
+                        layer 1)
     aes                 AES (variance + orthogonality, self-calibrated)
     shifcon             ShifCon (shift 1 → 3, InfoNCE against the anchors' forward)
 
@@ -36,6 +39,9 @@ VARIANTS = {
     "sara_kl": ["sara.divergence=kl"],
     "sara_jsen": ["sara.divergence=js_entropy_normalised"],
     "sara_online": ["sara.priors=online", "data.prior_store=null"],
+    "sara_half": ["sara.layers=range", "sara.first_layer=0", "sara.last_layer=1"],
+    "sara_online_half": ["sara.priors=online", "data.prior_store=null", "sara.layers=range",
+                         "sara.first_layer=0", "sara.last_layer=1"],
     "aes": ["sara.objective=aes", "data.prior_store=null"],
     "shifcon": ["sara.objective=shifcon", "data.prior_store=null",
                 "shifcon.language_vectors={work}/language_vectors.safetensors",

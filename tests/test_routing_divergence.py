@@ -67,16 +67,16 @@ def test_batches_hold_sequences_of_like_length(single_rank, phi_shards, monkeypa
     module = importlib.import_module("sara_megatron.analysis.routing_divergence")
 
     padded = []
-    real_pack = module.pack_tokens
+    real_lay_out = module.lay_out_rows
 
-    def recording_pack(token_lists, prompt_lengths, seq_length):
-        padded.append((seq_length, sorted(len(t) for t in token_lists)))
-        return real_pack(token_lists, prompt_lengths, seq_length=seq_length)
+    def recording_lay_out(rows, seq_length, packed):
+        padded.append((seq_length, sorted(len(t) for row in rows for t in row)))
+        return real_lay_out(rows, seq_length, packed)
 
     torch.manual_seed(0)
     model = build_model(get_preset("qwen3_moe_tiny"))
     alone = routing_divergence(model, phi_shards, [0, 1], batch_size=1)
-    monkeypatch.setattr(module, "pack_tokens", recording_pack)
+    monkeypatch.setattr(module, "lay_out_rows", recording_lay_out)
     paired = routing_divergence(model, phi_shards, [0, 1], batch_size=2)
     torch.testing.assert_close(torch.tensor(alone["hi"]), torch.tensor(paired["hi"]),
                                rtol=0, atol=1e-6)

@@ -9,29 +9,25 @@ entropies, then averaged), so layers of different routing sharpness compare fair
 each language's expert usage.
 
 Runs on the current parallel state without pipeline parallel (every rank feeds the same batch; TP
-and EP ranks agree on the result). Batches are padded as prior extraction pads them
-(`models.longrope_padding`): with Phi-3 longrope, a sample is measured under the rope factors
-training uses for it, whichever samples share its batch.
+and EP ranks agree on the result). The forward is the forward runner's
+(`routing/forward_runner.py`), as prior extraction's is: batches are padded alike (with Phi-3
+longrope, a sample is measured under the rope factors training uses for it, whichever samples
+share its batch), and the forward stops after the last measured layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
 from sara_megatron.analysis.parallel_set import ParallelSequence, as_parallel_set
-from sara_megatron.data.batch import pack_tokens
 from sara_megatron.kernels.routing_js_reference import js_divergence_from_mean
-from sara_megatron.models.builder import causal_attention_mask
-from sara_megatron.models.longrope_padding import (
-    check_rope_regime,
-    longrope_switch,
-    regime_padded_length,
-)
-from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
+from sara_megatron.routing import capture_routing
 from sara_megatron.routing.capture import masked_segment_sums, routing_reduction_group
+from sara_megatron.routing.forward_runner import ForwardRunner, lay_out_rows
 
 
 @dataclasses.dataclass
@@ -46,7 +42,7 @@ def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, ba
                       ) -> dict[str, SequenceRouting]:
     """group id -> the sequence's routing per layer."""
     device = next(model.parameters()).device
-    switch = longrope_switch([model])
+    runner = ForwardRunner([model], device, process_groups, train_length=data.seq_length)
     out = {}
     # Longest first, so a batch pads to the length of sequences like its own, not to the set's
     # longest; a sequence's routing does not depend on its batch-mates (causal attention).
@@ -55,15 +51,21 @@ def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, ba
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         token_lists = [tokens_of[id(s)] for s in chunk]
-        length = regime_padded_length(max(len(seq) for seq in token_lists), 1, data.seq_length,
-                                      switch)
-        check_rope_regime(length, data.seq_length, switch, 1)
-        packed = pack_tokens(token_lists, [s.prompt_length for s in chunk], seq_length=length)
-        tokens = packed.tokens.to(device)
-        b, s = tokens.shape
-        with capture_routing(model, segment_ids_from_padding_mask(packed.padding_mask),
-                             layers=layers, process_groups=process_groups) as cap:
-            model(tokens, torch.arange(s, device=device).expand(b, s), causal_attention_mask(s, device))
+        # every rank feeds the same batch: no agreement over ranks needed
+        length = runner.padded_length(max(len(seq) for seq in token_lists), agree=False)
+        rows = lay_out_rows([[seq] for seq in token_lists], length, packed=False)
+        b = len(chunk)
+        captured = {}
+
+        @contextlib.contextmanager
+        def observe(index, inputs, rows):
+            with capture_routing(model, inputs.segment_ids, layers=layers,
+                                 process_groups=process_groups) as capture:
+                yield
+            captured.update(capture.records)
+
+        runner.run([rows], observe, stop_after=max(layers))
+        cap = captured
         means = torch.stack([cap[layer].seq_mean for layer in layers], dim=1)  # [B, L, N]
         selections = None
         if top_k is not None:

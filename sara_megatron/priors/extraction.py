@@ -13,7 +13,8 @@ Works at any TP/EP/PP/DP layout, through megatron's pipeline schedule (forward o
   uses (`models/packed_attention.py`); the routing capture reduces per segment id, so every
   sample's prior is its own sequence mean, equal to its unpacked extraction. Without packing a row
   holds one sample.
-- A step is padded to its longest row, except where the position encoding depends on the
+- The forward, its padding and its layout are the forward runner's (`routing/forward_runner.py`,
+  shared with the other forward-only passes). A step is padded to its longest row, except where the position encoding depends on the
   padded length: Phi-3 longrope gives every position the long factors once the padded length
   passes `original_max_position_embeddings` (as transformers does per batch). Training pads every
   batch to the shards' seq_length, so when that is past the switch a step is padded past it too:
@@ -30,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import math
 import time
 from typing import Callable, Optional, Sequence
 
@@ -40,18 +39,12 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from sara_megatron.data.packing import first_fit_decreasing, pack_rows_tokens
+from sara_megatron.data.packing import first_fit_decreasing
 from sara_megatron.data.token_shards import ShardedSample, TokenShards
-from sara_megatron.models.builder import causal_attention_mask
-from sara_megatron.models.packed_attention import packed_attention_mask, packed_rope
-from sara_megatron.models.longrope_padding import (
-    check_rope_regime,
-    longrope_switch,
-    regime_padded_length,
-)
 from sara_megatron.priors.store_writer import PriorStoreWriter
 from sara_megatron.routing import capture_routing
 from sara_megatron.routing.capture import check_process_groups
+from sara_megatron.routing.forward_runner import ForwardRows, ForwardRunner, lay_out_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +67,6 @@ class ExtractionProgress:
     mean_nll: float  # next-token loss of this step's anchors: a loaded-the-right-weights check
     elapsed_s: float
     fill_rate: float = 1.0  # real tokens over the row tokens run so far (all replicas)
-
-
-@dataclasses.dataclass(frozen=True)
-class _MicroBatch:
-    index: int
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    positions: torch.Tensor  # [B, S], restarting at 0 for each sample
-    segments: torch.Tensor  # [B, S], the sample's index in the step, -1 = padding
-    packed: bool  # several samples per row: block-diagonal mask, per-sample RoPE
 
 
 def _device() -> torch.device:
@@ -136,52 +119,32 @@ def _plan_rows(samples: list[ShardedSample], capacity: int, settings: Extraction
     return rows
 
 
-def _run_step(models, microbatches: list[_MicroBatch], seq_length: int, layers: Sequence[int],
+def _run_step(runner: ForwardRunner, microbatches: list[ForwardRows], layers: Sequence[int],
               num_segments: int, process_groups: Optional[ProcessGroupCollection]):
     """Forward the micro-batches; returns this stage's {(mb, layer): ([n, N] sequence means,
     [n] token counts)} over the step's n samples (0 for those of other micro-batches) and the
     (NLL sum, token count) of each micro-batch on the last stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     records, nll = {}, []
-    device = _device()
-    causal = causal_attention_mask(seq_length, device=device)
 
-    def loss_func(mb: _MicroBatch, per_token_loss):
-        segments = mb.segments.to(per_token_loss.device)
+    def loss(index, rows: ForwardRows, per_token_loss):
+        segments = rows.segment_ids.to(per_token_loss.device)
         has_next = torch.zeros_like(segments, dtype=torch.float32)
         has_next[:, :-1] = ((segments[:, :-1] >= 0) & (segments[:, 1:] == segments[:, :-1])).float()
         total = (per_token_loss.float() * has_next).sum()
         nll.append((total.item(), has_next.sum().item()))
-        return total, {}
+        return total
 
-    def forward_step(data_iterator, chunk):
-        mb = next(data_iterator)
-        tokens, labels = mb.tokens.to(device), mb.labels.to(device)
-        segments, positions = mb.segments.to(device), mb.positions.to(device)
-        mask = packed_attention_mask(segments) if mb.packed else causal
-        rope = packed_rope(chunk, positions) if mb.packed else contextlib.nullcontext()
-        with capture_routing(chunk, segments, layers=layers, keep_probs=False,
-                             num_segments=num_segments, process_groups=process_groups) as capture, \
-                rope:
-            out = chunk(tokens, positions, mask, labels=labels)
+    @contextlib.contextmanager
+    def observe(index, inputs, rows):
+        with capture_routing(runner.chunks, inputs.segment_ids, layers=layers, keep_probs=False,
+                             num_segments=num_segments, process_groups=process_groups) as capture:
+            yield
         # Keep the [B, N] means and counts only: the per-token logits would pile up over the
         # step's micro-batches ([T, N] per layer each).
         for layer, record in capture.records.items():
-            records[(mb.index, layer)] = (record.seq_mean, record.token_count)
-        return out, functools.partial(loss_func, mb)
+            records[(index, layer)] = (record.seq_mean, record.token_count)
 
-    iterators = [iter(microbatches) for _ in models]
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(models) > 1 else iterators[0],
-            model=models,
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=microbatches[0].tokens.shape[0],
-            forward_only=True,
-        )
+    runner.run(microbatches, observe, loss=loss)
     return records, nll
 
 
@@ -198,8 +161,8 @@ def extract_priors(
     caller); None is one process alone."""
     check_process_groups(process_groups, "prior extraction")
     models = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in models:
-        chunk.eval()  # deterministic routing: no jitter, no sparsemixer sampling
+    runner = ForwardRunner(models, _device(), process_groups, train_length=shards.seq_length,
+                           pad_multiple=settings.pad_multiple)
     layers = tuple(settings.layers)
     position = {layer: i for i, layer in enumerate(layers)}
     num_experts = writer.metadata.num_experts
@@ -212,7 +175,7 @@ def extract_priors(
     dist.barrier()  # everyone has read the finished set before anyone writes a new shard
     pending = [s for s in anchors if s.meta.sample_id not in done]
     dp, dp_rank = _size_and_rank(process_groups, "dp")
-    tp, tp_rank = _size_and_rank(process_groups, "tp")
+    _, tp_rank = _size_and_rank(process_groups, "tp")
     pp, pp_rank = _size_and_rank(process_groups, "pp")
     mine = _deal(pending, dp, dp_rank)
     is_writer = tp_rank == 0 and pp_rank == 0
@@ -220,8 +183,6 @@ def extract_priors(
     capacity = shards.seq_length  # a packed row holds at most what training pads a sample to
     step_rows = _step_rows(_plan_rows(mine, capacity, settings), per_step)
     steps = _world_max(len(step_rows))
-    multiple = math.lcm(settings.pad_multiple, tp)
-    switch = longrope_switch(models)
 
     start = time.perf_counter()
     done_samples = done_tokens = row_tokens = 0
@@ -234,17 +195,12 @@ def extract_priors(
         row_sequences = [[shards.tokens(mine[i])[:capacity] for i in row] for row in rows]
         lengths = [len(seq) for row in row_sequences for seq in row]
         longest = max([sum(len(seq) for seq in row) for row in row_sequences] + [0])
-        seq_length = _world_max(regime_padded_length(longest, multiple, shards.seq_length, switch))
-        check_rope_regime(seq_length, shards.seq_length, switch, multiple)
-        packed = pack_rows_tokens(row_sequences, [[0] * len(row) for row in rows], seq_length)
-        microbatches = []
-        for m in range(settings.num_microbatches):
-            part = slice(m * mbs, (m + 1) * mbs)
-            microbatches.append(_MicroBatch(m, packed.tokens[part], packed.labels[part],
-                                            packed.position_ids[part], packed.segment_ids[part],
-                                            settings.packing))
+        seq_length = runner.padded_length(longest)
+        laid = lay_out_rows(row_sequences, seq_length, settings.packing)
+        microbatches = [laid.part(slice(m * mbs, (m + 1) * mbs))
+                        for m in range(settings.num_microbatches)]
         n = max(len(chunk), 1)  # a replica out of samples still reduces a (zero) row
-        records, nll = _run_step(models, microbatches, seq_length, layers, n, process_groups)
+        records, nll = _run_step(runner, microbatches, layers, n, process_groups)
 
         priors = torch.zeros(n, len(layers), num_experts, device=_device())
         counts = torch.zeros(n, len(layers), device=_device())

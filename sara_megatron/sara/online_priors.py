@@ -8,9 +8,11 @@ capture gives each aligned layer's sequence-mean routing [B, N] of every anchor.
 priors JS is taken against: priors that follow the model as it trains, with no extraction pass
 and no store. At step 0 they equal the store's priors (same weights, same samples).
 
-As in extraction the anchor forward runs in eval mode (deterministic routing: no jitter, no
-sparsemixer sampling) and pads like the training batch; with causal attention and right padding
-the padding does not change a sequence's routing. Each stage fills the rows of its own layers
+The anchor forward runs through the forward runner (`routing/forward_runner.py`, as prior
+extraction does): eval mode (deterministic routing: no jitter, no sparsemixer sampling), rows
+padded like the training batch (with causal attention and right padding the padding does not
+change a sequence's routing), and it stops after the last aligned layer — the layers past it,
+the final norm and the output layer feed nothing the priors read. Each stage fills the rows of its own layers
 (the rest stay 0 and are never read there: `SaraRoutingLoss` reads the layers it routes).
 
 Packed batches (`data.packing`, docs/packing.md) carry their samples' anchors packed by the same
@@ -33,9 +35,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from sara_megatron.models.context_parallel import context_parallel_slice
 from sara_megatron.routing import capture_routing
-from sara_megatron.routing.forward_inputs import forward_inputs
+from sara_megatron.routing.forward_runner import ForwardRows, ForwardRunner
 
 # Where SARA's anchor priors come from (`sara.priors`): the offline prior store, or the anchor
 # forward of each step (this module).
@@ -81,62 +82,56 @@ def anchor_row_count(microbatches, device) -> int:
     return rows
 
 
-@torch.no_grad()
-def run_anchor_forward(chunks, microbatches, device, observe, process_groups=None) -> None:
-    """Forward the anchor rows of `microbatches` through megatron's schedule without gradient,
-    in eval mode; `observe(index, segment_ids, samples)` gives a context manager active around
-    micro-batch `index`'s forward on this stage (segment ids [R, S_local], CP-local, -1 =
-    padding, numbering its `samples` anchors). `process_groups`: megatron's (the
-    context-parallel group splits the rows); None: one process."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+def run_anchor_forward(chunks, microbatches, device, observe, process_groups=None,
+                       stop_after: Optional[int] = None) -> None:
+    """Forward the anchor rows of `microbatches` through the forward runner, without gradient,
+    in eval mode.
 
+    Args:
+        chunks: this rank's model chunks.
+        microbatches: the step's micro-batches (with anchor rows: `SaraDataConfig.anchor_rows`).
+        device: where the rows run.
+        observe: `observe(index, segment_ids, samples)` gives a context manager active around
+            micro-batch `index`'s forward on this stage (segment ids [R, S_local], CP-local,
+            -1 = padding, numbering its `samples` anchors).
+        process_groups: megatron's (the context-parallel group splits the rows); None: one
+            process.
+        stop_after: run the layers 0..stop_after only (what the observers read); None: all.
+
+    Raises:
+        ValueError: a micro-batch without anchor rows.
+    """
     if any(mb.anchor_tokens is None for mb in microbatches):
         raise ValueError("the anchor forward needs batches with anchor rows "
                          "(SaraDataConfig.anchor_rows)")
-    cp_group = process_groups.cp if process_groups is not None else None
-    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
-    cp_rank = dist.get_rank(cp_group) if cp_size > 1 else 0
     rows = anchor_row_count(microbatches, device)
     views = [anchor_rows_view(mb, rows) for mb in microbatches]
-
-    def forward_step(data_iterator, model):
-        index, view = next(data_iterator)
-        tokens, padding = view.tokens.to(device), view.padding_mask.to(device)
-        position_ids, segment_ids = (None if t is None else t.to(device)
-                                     for t in (view.position_ids, view.segment_ids))
-        inputs = forward_inputs(tokens, context_parallel_slice(padding, cp_rank, cp_size),
-                                position_ids, segment_ids, cp_rank, cp_size)
-        tokens = context_parallel_slice(tokens, cp_rank, cp_size)
-        with observe(index, inputs.segment_ids, view.samples), inputs.rope(model):
-            # Labels only so the last stage returns a per-token loss (ignored) instead of logits.
-            out = model(tokens, inputs.positions, inputs.attention_mask, labels=tokens)
-        return out, lambda t: (t.float().sum() * 0, torch.ones((), dtype=torch.int), {})
-
-    modes = [chunk.training for chunk in chunks]
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        iterators = [iter(enumerate(views)) for _ in chunks]
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(views),
-            seq_length=views[0].tokens.shape[1],
-            micro_batch_size=rows,
-            forward_only=True,
-        )
-    finally:
-        for chunk, mode in zip(chunks, modes):
-            chunk.train(mode)
+    batches = [ForwardRows(v.tokens, v.padding_mask, v.segment_ids, v.position_ids,
+                           packed=v.segment_ids is not None, samples=v.samples) for v in views]
+    runner = ForwardRunner(chunks, device, process_groups)
+    runner.run(batches, lambda index, inputs, view: observe(index, inputs.segment_ids,
+                                                            view.samples),
+               stop_after=stop_after)
 
 
 def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device,
                          process_groups=None) -> list[torch.Tensor]:
-    """[L_sel, B, N] fp32 anchor priors of each micro-batch (`SaraMicroBatch` with anchor rows;
-    B: its rows, packed its samples, in their order) for this stage's layers among `layers`;
-    collective over the model-parallel ranks (`process_groups`: megatron's, None for one process
-    alone)."""
+    """The anchor priors of each micro-batch, from a forward of its anchor rows.
+
+    Collective over the model-parallel ranks.
+
+    Args:
+        chunks: this rank's model chunks.
+        microbatches: `SaraMicroBatch`es with anchor rows.
+        layers: the aligned layers (global, 0-based); the forward stops after the last.
+        num_experts: N.
+        device: where the forward runs.
+        process_groups: megatron's; None for one process alone.
+
+    Returns:
+        Per micro-batch, [L_sel, B, N] fp32 sequence-mean routing (B: its rows; packed, its
+        samples in their order) for this stage's layers among `layers` (other rows 0).
+    """
     position = {layer: i for i, layer in enumerate(layers)}
     priors = {}
 
@@ -150,5 +145,7 @@ def online_anchor_priors(chunks, microbatches, layers, num_experts: int, device,
         for layer, record in capture.records.items():
             priors[index][position[layer]] = record.seq_mean.float()
 
-    run_anchor_forward(chunks, microbatches, device, observe, process_groups)
+    # Layers past the last aligned one feed nothing the priors read: the forward stops there.
+    run_anchor_forward(chunks, microbatches, device, observe, process_groups,
+                       stop_after=max(layers))
     return [priors[i] for i in range(len(microbatches))]
