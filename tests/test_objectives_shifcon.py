@@ -27,7 +27,7 @@ def vectors_file(sara_data, tmp_path_factory):
     launch.run_checked(launch.torchrun_command(
         "tools/extract_language_vectors.py", "--shards", sara_data["shards"], "--checkpoint",
         sara_data["checkpoint"], "--model", "qwen3_moe_tiny", "--output", out, "--layers", "1,3",
-        "--micro-batch-size", "5", nproc=1), cwd=out.parent)
+        "--micro-batch-size", "5", "--normalisation", "token_mean", nproc=1), cwd=out.parent)
     return out
 
 
@@ -38,6 +38,7 @@ def test_language_vectors_are_mean_hidden_states(single_rank, sara_data, vectors
     vectors = load_language_vectors(str(vectors_file))
     shards = TokenShards(sara_data["shards"])
     assert vectors.layers == LAYERS and vectors.anchor_language == "en"
+    assert vectors.normalisation == "token_mean"  # as asked of the tool (its default: sentence_l2)
     assert sorted(vectors.vectors) == sorted(shards.languages)
     model = build_model(get_preset("qwen3_moe_tiny"))
     load_model_weights(model, str(sara_data["checkpoint"]))
@@ -83,7 +84,8 @@ def test_extraction_takes_its_process_groups(single_rank, sara_data, vectors_fil
     load_model_weights(model, str(sara_data["checkpoint"]))
     for groups in (model_process_groups(), None):
         results = shifcon_extraction.extract_language_vectors(
-            [model], shards, LAYERS, ["en", "sw"], 5, torch.device("cpu"), process_groups=groups)
+            [model], shards, LAYERS, ["en", "sw"], 5, torch.device("cpu"), process_groups=groups,
+            normalisation="token_mean")
         for language in ("en", "sw"):
             vectors, tokens = results[language]
             assert tokens == written.tokens[language]

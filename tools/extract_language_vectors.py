@@ -7,8 +7,10 @@
 
 Runs every sample of every language of the token shards (prompt and response; padding left out)
 through the model before fine-tuning and averages, per language, the hidden state entering each
-chosen layer (HF's 0-based `model.layers.i`). The output is one safetensors file: a [layers, H]
-fp32 tensor per language, with the layers, the anchor language and the model's fingerprint in
+chosen layer (HF's 0-based `model.layers.i`): by default each sample's mean L2-normalised, then
+averaged over the language's samples, as ShifCon's authors do (`--normalisation token_mean`: the
+mean over every token). The output is one safetensors file: a [layers, H] fp32 tensor per
+language, with the layers, the anchor language, the normalisation and the model's fingerprint in
 its metadata. Training with sara.objective shifcon reads it (docs/objectives.md).
 """
 
@@ -36,7 +38,7 @@ from sara_megatron.launch import (
 )
 from sara_megatron.models.builder import ModelOptions, build_model
 from sara_megatron.priors import parse_layer_selection
-from sara_megatron.sara.shifcon_extraction import extract_language_vectors
+from sara_megatron.sara.shifcon_extraction import NORMALISATIONS, extract_language_vectors
 from sara_megatron.sara.shifcon_vectors import LanguageVectors, save_language_vectors
 from sara_megatron.tool_errors import check_writable_output
 from sara_megatron.training.config import ConfigError
@@ -55,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--normalisation", choices=NORMALISATIONS, default="sentence_l2",
+                   help="sentence_l2 (default, as ShifCon's authors compute them): each sample's "
+                        "mean hidden state L2-normalised, then averaged per language; "
+                        "token_mean: the mean over every token of the language")
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (sums stay fp64)")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error the user can fix too")
@@ -109,15 +115,17 @@ def main(argv=None) -> int:
                 bar.update(step - bar.n)
         results = extract_language_vectors([model], shards, layers, languages,
                                            args.micro_batch_size, device, progress,
-                                           process_groups=model_process_groups())
+                                           process_groups=model_process_groups(),
+                                           normalisation=args.normalisation)
         fingerprint = [_fingerprint(args.checkpoint) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(fingerprint, src=0)
         if dist.get_rank() == 0:
             save_language_vectors(args.output, LanguageVectors(
                 tuple(layers), {lang: v for lang, (v, _) in results.items()},
                 shards.anchor_language, fingerprint[0],
-                {lang: n for lang, (_, n) in results.items()}))
-            print(f"extract_language_vectors: {len(results)} languages x {len(layers)} layers "
+                {lang: n for lang, (_, n) in results.items()}, args.normalisation))
+            print(f"extract_language_vectors: {len(results)} languages x {len(layers)} layers, "
+                  f"{args.normalisation} "
                   f"({', '.join(f'{k}: {n} tokens' for k, (_, n) in results.items())}) -> "
                   f"{args.output}")
     destroy_distributed()

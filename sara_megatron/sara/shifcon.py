@@ -370,7 +370,9 @@ class ShifconObjective:
                 self._anchor_pass = self._anchor_index = None
                 self._languages = None
 
-        run_anchor_forward(chunks, microbatches, device, observe, self.process_groups)
+        # Nothing past layer b's input is read: the anchor forward stops at layer b.
+        run_anchor_forward(chunks, microbatches, device, observe, self.process_groups,
+                           stop_after=self.shift_back_layer)
         group = self.process_groups.dp if self.process_groups is not None else None
         out = []
         for index in range(len(microbatches)):

@@ -27,6 +27,10 @@ class LanguageVectors:
         anchor_language: The language the others are shifted towards.
         model_fingerprint: The fingerprint of the checkpoint the vectors were taken from.
         tokens: language -> the number of tokens averaged.
+        normalisation: How the hidden states made each vector (`sara/shifcon_extraction.py`):
+            "sentence_l2" (each sample's token mean L2-normalised, then averaged over samples,
+            as ShifCon's authors do) or "token_mean" (the mean over every token). A file written
+            before the normalisation was recorded holds token means.
     """
 
     layers: tuple[int, ...]
@@ -34,6 +38,7 @@ class LanguageVectors:
     anchor_language: str
     model_fingerprint: str
     tokens: dict[str, int]
+    normalisation: str = "token_mean"
 
     def at(self, language: str, layer: int) -> torch.Tensor:
         """One language's vector entering one layer.
@@ -67,7 +72,7 @@ def save_language_vectors(path: str, vectors: LanguageVectors) -> None:
     metadata = {"format": FORMAT, "layers": json.dumps(list(vectors.layers)),
                 "anchor_language": vectors.anchor_language,
                 "model_fingerprint": vectors.model_fingerprint,
-                "tokens": json.dumps(vectors.tokens)}
+                "tokens": json.dumps(vectors.tokens), "normalisation": vectors.normalisation}
     tmp = temporary_path(path)
     save_file({lang: v.float().clone().contiguous() for lang, v in vectors.vectors.items()}, tmp,
               metadata=metadata)
@@ -100,4 +105,5 @@ def load_language_vectors(path: str) -> LanguageVectors:
         vectors = {name: f.get_tensor(name) for name in f.keys()}
     return LanguageVectors(tuple(json.loads(metadata["layers"])), vectors,
                            metadata["anchor_language"], metadata["model_fingerprint"],
-                           json.loads(metadata["tokens"]))
+                           json.loads(metadata["tokens"]),
+                           metadata.get("normalisation", "token_mean"))
