@@ -30,6 +30,7 @@ CHECKED = [
     "sara/shifcon.py",
     "sara/shifcon_vectors.py",
     "sara/shifcon_extraction.py",
+    "construction",
 ]
 # A summary that names what is returned (Google: "the Returns section may be omitted if the
 # docstring starts with Returns or Yields and the opening sentence describes the value").

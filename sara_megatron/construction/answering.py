@@ -36,7 +36,13 @@ class AnswersFileError(ValueError):
 
 def prompt_messages(sample: AnchorSample, template_language: str = "en",
                     templates: Optional[Mapping] = None) -> list[dict]:
-    """The paper's prompt for `sample`, as chat messages (one user turn)."""
+    """The paper's prompt for a sample, as chat messages (one user turn).
+
+    Args:
+        sample: The anchor sample (with options: the multiple-choice prompt, else the math one).
+        template_language: The template's language.
+        templates: Translated templates (`prompts.load_templates`), for a language other than en.
+    """
     from sara_megatron.prompts import math_prompt, multiple_choice_prompt
 
     if sample.options:
@@ -48,6 +54,16 @@ def prompt_messages(sample: AnchorSample, template_language: str = "en",
 
 def answer_record(sample: AnchorSample, messages: list[dict], reply, settings,
                   prompt_version: str) -> dict:
+    """The record of one answer: a line of the answers file (the fields the module docstring
+    lists).
+
+    Args:
+        sample: The anchor sample.
+        messages: The prompt messages sent.
+        reply: The `ChatReply`.
+        settings: The request's `ChatSettings`.
+        prompt_version: `prompts.PROMPT_VERSION`.
+    """
     return {
         "id": sample.id, "source": sample.source, "language": sample.language,
         "question": sample.question, "options": list(sample.options), "gold": sample.gold,
@@ -59,6 +75,11 @@ def answer_record(sample: AnchorSample, messages: list[dict], reply, settings,
 
 
 def failures_path_for(output: str | os.PathLike) -> str:
+    """The failures file beside an answers file: `answers.jsonl` -> `answers.failures.jsonl`.
+
+    Args:
+        output: The answers file.
+    """
     output = os.fspath(output)
     stem = output[:-len(".jsonl")] if output.endswith(".jsonl") else output
     return stem + ".failures.jsonl"
@@ -96,6 +117,21 @@ def answers_record(path: str | os.PathLike, settings_dict: dict, prompt_version:
 
 @dataclasses.dataclass
 class AnswerRunReport:
+    """What one `answer_samples` run did (its counts are the tool's summary line).
+
+    Attributes:
+        samples: Samples given.
+        already_done: Samples the answers file held before the run.
+        answered: Samples answered by this run.
+        failed: Samples whose requests failed for good.
+        retries: Requests retried by the client.
+        prompt_tokens, completion_tokens: Usage of this run's replies.
+        finish_reasons: finish reason -> replies.
+        failures: {"id", "source", "reason", "attempts"} of each failed sample.
+        complete: Every sample has its answer in the file.
+        elapsed_s: Wall time of the run.
+    """
+
     samples: int
     already_done: int
     answered: int
@@ -109,12 +145,20 @@ class AnswerRunReport:
     elapsed_s: float
 
     def as_dict(self) -> dict:
+        """The fields, `failures` left out (they are in the failures file)."""
         out = dataclasses.asdict(self)
         out.pop("failures")
         return out
 
     def request_failures_line(self, failures_path: str) -> Optional[str]:
-        """One line on the samples whose requests failed for good, or None when none did."""
+        """The line on the samples whose requests failed for good (the tool's exit-1 line).
+
+        Args:
+            failures_path: The failures file, named in the line.
+
+        Returns:
+            The line, or None when no request failed.
+        """
         if not self.failures:
             return None
         reason, times = Counter(f["reason"] for f in self.failures).most_common(1)[0]

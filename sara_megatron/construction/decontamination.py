@@ -31,7 +31,15 @@ def _is_cjk(ch: str) -> bool:
 
 
 def normalized_words(text: str) -> list[str]:
-    """Word tokens for overlap checks (see the module docstring for the rules)."""
+    """The word tokens of a text for overlap checks (see the module docstring for the rules).
+
+    Args:
+        text: A question.
+
+    Returns:
+        NFKC, case-folded tokens: runs of letters and digits (native digits as ASCII), each
+        CJK character its own token.
+    """
     text = unicodedata.normalize("NFKC", text).casefold()
     tokens: list[str] = []
     word: list[str] = []
@@ -55,12 +63,23 @@ def normalized_words(text: str) -> list[str]:
 
 
 def word_ngrams(tokens: Sequence[str], n: int = NGRAM_SIZE) -> Iterable[str]:
+    """The n-grams of a token list.
+
+    Args:
+        tokens: From `normalized_words`.
+        n: Tokens an n-gram.
+
+    Yields:
+        Each n-gram, its tokens joined by one space (none when there are fewer than n tokens).
+    """
     for i in range(len(tokens) - n + 1):
         yield " ".join(tokens[i:i + n])
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkQuestion:
+    """Which benchmark item an indexed n-gram comes from."""
+
     benchmark: str
     language: str
     item_id: str
@@ -76,7 +95,14 @@ class Contamination:
 
 
 class ContaminationIndex:
-    """The n-grams of benchmark questions, per language, each pointing at one benchmark item."""
+    """The n-grams of benchmark questions, per language, each pointing at one benchmark item.
+
+    Args:
+        n: Tokens an n-gram (>= 1); a question shorter than that is matched whole.
+
+    Raises:
+        ValueError: n < 1.
+    """
 
     def __init__(self, n: int = NGRAM_SIZE):
         if n < 1:
@@ -89,6 +115,14 @@ class ContaminationIndex:
         self.questions: collections.Counter = collections.Counter()  # (benchmark, language) -> count
 
     def add(self, benchmark: str, language: str, item_id: str, question: str) -> None:
+        """Index one benchmark question (one without any word is skipped).
+
+        Args:
+            benchmark: The benchmark's name.
+            language: The question's language.
+            item_id: The item's id in the benchmark.
+            question: Its text.
+        """
         tokens = normalized_words(question)
         if not tokens:
             return
@@ -104,10 +138,19 @@ class ContaminationIndex:
 
     @property
     def languages(self) -> set[str]:
+        """The languages with an indexed question."""
         return {language for _, language in self.questions}
 
     def match(self, language: str, question: str) -> Optional[Contamination]:
-        """The first benchmark question `question` overlaps, or None."""
+        """The first benchmark question a question overlaps.
+
+        Args:
+            language: The question's language (only that language's benchmarks are compared).
+            question: The question's text.
+
+        Returns:
+            The `Contamination`, or None.
+        """
         tokens = normalized_words(question)
         whole = self._short.get(language, {}).get(" ".join(tokens))
         if whole is not None:
@@ -125,7 +168,17 @@ class ContaminationIndex:
 
 
 def parse_benchmarks(text: str) -> tuple[str, ...]:
-    """`global_mmlu,belebele,mgsm` -> a tuple; ValueError naming an unknown name."""
+    """Read a `--benchmarks` value.
+
+    Args:
+        text: Comma-separated names, e.g. `global_mmlu,belebele,mgsm`.
+
+    Returns:
+        The names, first occurrence order, duplicates dropped.
+
+    Raises:
+        ValueError: None given, or an unknown name (named).
+    """
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [n for n in names if n not in DECONTAMINATION_BENCHMARKS]
     if not names or unknown:
@@ -137,8 +190,18 @@ def parse_benchmarks(text: str) -> tuple[str, ...]:
 def build_index(benchmarks: Sequence[str], languages: Iterable[str],
                 data_dir: Optional[str] = None, limit: Optional[int] = None,
                 n: int = NGRAM_SIZE) -> tuple[ContaminationIndex, list[str]]:
-    """Index the questions of `benchmarks` in `languages` through `load_benchmark` (the hub, or
-    `data_dir`). Returns the index and notes on (benchmark, language) pairs that do not exist."""
+    """Index the questions of benchmarks through `evaluation.benchmarks.load_benchmark`.
+
+    Args:
+        benchmarks: Benchmark names (`parse_benchmarks`).
+        languages: The languages to index.
+        data_dir: Local benchmark files (None: the hub).
+        limit: The first `limit` items of each benchmark and language.
+        n: Tokens an n-gram.
+
+    Returns:
+        The index, and notes on (benchmark, language) pairs that do not exist.
+    """
     from sara_megatron.evaluation.benchmarks import BENCHMARK_LANGUAGES, load_benchmark
 
     index = ContaminationIndex(n)

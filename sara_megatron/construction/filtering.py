@@ -50,7 +50,18 @@ class AnswerRecordError(ValueError):
 
 
 def check_answer_record(obj, where: str) -> dict:
-    """Raise AnswerRecordError unless `obj` has the fields the filter reads."""
+    """Check that a parsed line has the fields the filter reads.
+
+    Args:
+        obj: The parsed line.
+        where: `file:line`, for the message.
+
+    Returns:
+        `obj`, unchanged.
+
+    Raises:
+        AnswerRecordError: A field missing or of the wrong type (named).
+    """
     if not isinstance(obj, dict):
         raise AnswerRecordError(f"{where}: a record must be a JSON object")
     for key in _REQUIRED_STRINGS:
@@ -70,6 +81,18 @@ def check_answer_record(obj, where: str) -> dict:
 
 
 def read_answer_records(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
+    """The records of answers files, in file and line order.
+
+    Args:
+        paths: Answers JSONL files (`answer_anchors.py`'s output).
+
+    Yields:
+        Each record, checked by `check_answer_record`.
+
+    Raises:
+        AnswerRecordError: A line that is not a JSON object or lacks a field (a torn last line
+            included: here it is an error to fix, not a sample to skip).
+    """
     for path in paths:
         # A run killed mid-write leaves at most a torn last line; the answering tool drops it on
         # resume, and here it is an error to fix, not a sample to skip.
@@ -78,7 +101,15 @@ def read_answer_records(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
 
 
 def judge(record: dict) -> tuple[Optional[str], Optional[str]]:
-    """(drop reason or None when correct, the extracted answer)."""
+    """Judge one answer.
+
+    Args:
+        record: An answer record.
+
+    Returns:
+        (drop reason: `truncated`, `no_boxed` or `wrong`, or None when correct; the answer
+        extracted from the output, or None).
+    """
     if record.get("finish_reason") == "length":
         return TRUNCATED, last_boxed(record["output"])
     extracted = last_boxed(record["output"])
@@ -90,7 +121,15 @@ def judge(record: dict) -> tuple[Optional[str], Optional[str]]:
 
 
 def corpus_record(record: dict) -> dict:
-    """The kept sample as a parallel-corpus record (`data/corpus_format.py`)."""
+    """The kept sample as a parallel-corpus record (`data/corpus_format.py`).
+
+    Args:
+        record: An answer record judged correct.
+
+    Returns:
+        {"id", "lang", "source", "answer", "messages"}: the prompt, then the reply as the
+        assistant turn.
+    """
     messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
     messages.append({"role": "assistant", "content": record["output"]})
     return {"id": record["id"], "lang": record["language"], "source": record["source"],
@@ -99,11 +138,14 @@ def corpus_record(record: dict) -> dict:
 
 @dataclasses.dataclass
 class FilterResult:
+    """What `filter_answers` kept and dropped (see the field comments)."""
+
     kept: list[dict]  # corpus records, in input order
     dropped: list[dict]  # {id, source, language, reason, extracted, gold, ...}
     counts: dict[str, collections.Counter]  # source -> Counter(total, kept, <reason>...)
 
     def summary(self) -> dict:
+        """The counts: total, kept and dropped by reason, overall and by source."""
         by_source = {}
         for source, c in sorted(self.counts.items()):
             by_source[source] = {
@@ -125,7 +167,14 @@ class FilterResult:
         and each source whose share of replies that could not be judged (cut by the length limit,
         or without a complete `\\boxed{}`) passed `max_rejected_fraction`. Wrong answers are what
         the filter is for, contaminated and duplicate samples are facts of the data: neither
-        counts."""
+        counts.
+
+        Args:
+            max_rejected_fraction: The largest share of unjudged replies a source may have.
+
+        Returns:
+            The lines (the tool prints each and exits 1 when there is any).
+        """
         s = self.summary()
         lines = []
         if s["total"] and not s["kept"]:
@@ -146,6 +195,7 @@ class FilterResult:
         return lines
 
     def format_summary(self) -> str:
+        """The summary as lines for a person: kept of total, then per source."""
         s = self.summary()
         lines = [f"kept {s['kept']} of {s['total']} samples"]
         for source, c in s["by_source"].items():
@@ -158,7 +208,19 @@ class FilterResult:
 def filter_answers(records: Iterable[dict],
                    contamination: Optional[ContaminationIndex] = None) -> FilterResult:
     """Judge every answer record; the kept ones become corpus records checked against the corpus
-    format (a record the format rejects is a bug here, so it raises)."""
+    format (a record the format rejects is a bug here, so it raises).
+
+    Args:
+        records: Answer records (`read_answer_records`), of one anchor language.
+        contamination: Benchmark n-grams; a record overlapping one is dropped as contaminated.
+
+    Returns:
+        The `FilterResult`.
+
+    Raises:
+        AnswerRecordError: Records of several languages, or a kept record the corpus format
+            rejects.
+    """
     known = known_languages()
     kept, dropped = [], []
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

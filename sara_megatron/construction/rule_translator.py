@@ -34,7 +34,14 @@ _VOWEL_SIGNS = {"a": "ा", "i": "ि", "u": "ु", "e": "े", "o": "ो"}
 
 
 def to_devanagari(word: str) -> str:
-    """A word of consonant-vowel syllables (`kalo`) in Devanagari (`कालो`)."""
+    """A word of consonant-vowel syllables (`kalo`) in Devanagari (`कालो`).
+
+    Args:
+        word: Latin consonant-vowel pairs of the synthetic corpus.
+
+    Raises:
+        ValueError: A word not made of those syllables.
+    """
     if len(word) % 2 or any(word[i] not in _CONSONANTS or word[i + 1] not in _VOWEL_SIGNS
                             for i in range(0, len(word), 2)):
         raise ValueError(f"{word!r} is not made of the synthetic corpus's syllables")
@@ -42,7 +49,11 @@ def to_devanagari(word: str) -> str:
 
 
 def reorder_words(text: str) -> str:
-    """The word-order change: words in reverse order, a final punctuation token kept last."""
+    """The word-order change: words in reverse order, a final punctuation token kept last.
+
+    Args:
+        text: Space-separated words.
+    """
     words = text.split()
     if len(words) > 1 and not words[-1][0].isalnum():
         return " ".join(words[-2::-1] + [words[-1]])
@@ -50,6 +61,10 @@ def reorder_words(text: str) -> str:
 
 
 class RuleTranslator:
+    """The demo's translator: a lexicon swap of the synthetic corpus's words (hi: into
+    Devanagari; sw: then the word order reversed). An instance is a `LocalChatServer` responder.
+    """
+
     def __init__(self):
         anchor_words = _word_list(ANCHOR)
         self.lexicons = {}
@@ -60,6 +75,15 @@ class RuleTranslator:
             self.lexicons[target] = dict(zip(anchor_words, words))
 
     def translate(self, text: str, target: str) -> str:
+        """The translation of a text.
+
+        Args:
+            text: Anchor-language words (unknown words are kept).
+            target: "hi" or "sw".
+
+        Raises:
+            ValueError: Another target.
+        """
         if target not in self.lexicons:
             raise ValueError(f"the rule translator knows only {', '.join(TARGETS)}, not {target!r}")
         lexicon = self.lexicons[target]
@@ -67,7 +91,14 @@ class RuleTranslator:
         return reorder_words(swapped) if target == "sw" else swapped
 
     def __call__(self, body: dict) -> str:
-        """The server's responder: one chat request in, the translation in the request's shape."""
+        """The server's responder: one chat request in, the translation in the request's shape.
+
+        Args:
+            body: The chat request's body (`translation_wire.read_request` reads it).
+
+        Returns:
+            The translation: a JSON object of the texts by key, or the one plain text.
+        """
         target, texts = read_request(body)
         if isinstance(texts, dict):
             return json.dumps({k: self.translate(v, target) for k, v in texts.items()},
@@ -76,11 +107,19 @@ class RuleTranslator:
 
 
 def rule_translator_server(port: int = 0) -> LocalChatServer:
-    """The server, not yet started: `with rule_translator_server() as server: server.base_url`."""
+    """The server, not yet started: `with rule_translator_server() as server: server.base_url`.
+
+    Args:
+        port: 0 picks a free one.
+
+    Returns:
+        A `LocalChatServer` answering with a `RuleTranslator`.
+    """
     return LocalChatServer(RuleTranslator(), port=port)
 
 
 def main():
+    """`python -m sara_megatron.construction.rule_translator [--port N]`: serve until Ctrl-C."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args()

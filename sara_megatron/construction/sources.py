@@ -41,6 +41,8 @@ class SourceDataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AnchorSample:
+    """One question of an anchor source, with its gold answer (see the field comments)."""
+
     id: str
     source: str  # "gsm8k" or "mmlu_prox"
     language: str
@@ -50,16 +52,32 @@ class AnchorSample:
 
     @property
     def is_multiple_choice(self) -> bool:
+        """Whether it has options (MMLU-ProX)."""
         return bool(self.options)
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; SourceDataError names a bad line."""
+    """The rows of a local source file.
+
+    Args:
+        path: A JSONL file in the hub's columns.
+
+    Returns:
+        An iterator of (line number, object), one a non-blank line; a bad line raises
+        SourceDataError naming it.
+    """
     return read_jsonl_objects(path, SourceDataError)
 
 
 def gsm8k_gold(answer: str) -> str:
-    """The final answer after GSM8K's `####` marker, thousands separators dropped ("1,000" -> "1000")."""
+    """The final answer after GSM8K's `####` marker, thousands separators dropped ("1,000" -> "1000").
+
+    Args:
+        answer: GSM8K's `answer` column (the worked solution, then `#### <number>`).
+
+    Raises:
+        ValueError: No marker, or no number after it.
+    """
     if "####" not in answer:
         raise ValueError("no '####' final-answer marker in the answer")
     gold = answer.rsplit("####", 1)[1].strip().replace(",", "")
@@ -69,6 +87,19 @@ def gsm8k_gold(answer: str) -> str:
 
 
 def gsm8k_sample(index: int, row: dict, language: str) -> AnchorSample:
+    """A GSM8K row as an anchor sample.
+
+    Args:
+        index: The row's position (the id is `gsm8k-train-<index>`).
+        row: The row, in the hub's columns (`question`, `answer`).
+        language: The row's language.
+
+    Returns:
+        The `AnchorSample` (no options; the gold answer from `gsm8k_gold`).
+
+    Raises:
+        ValueError: A column missing or unreadable.
+    """
     question, answer = row.get("question"), row.get("answer")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("'question' must be a non-empty string")
@@ -79,6 +110,19 @@ def gsm8k_sample(index: int, row: dict, language: str) -> AnchorSample:
 
 
 def mmlu_prox_sample(row: dict, language: str) -> AnchorSample:
+    """An MMLU-ProX row as an anchor sample.
+
+    Args:
+        row: The row, in the hub's columns (`question_id`, `question`, `option_0` ..
+            `option_9`, `answer`, `answer_index`).
+        language: The row's language.
+
+    Returns:
+        The `AnchorSample` (id `mmluprox-<language>-<question_id>`; 2 to 10 options).
+
+    Raises:
+        ValueError: A column missing or unreadable, or an answer that is no option's letter.
+    """
     question_id = row.get("question_id")
     if isinstance(question_id, bool) or not isinstance(question_id, (int, str)) or \
             str(question_id).strip() == "":
@@ -113,11 +157,23 @@ def _hub_rows(path: str, config: str, split: str) -> Iterable[dict]:
 
 
 def gsm8k_file(data_dir: str | os.PathLike, language: str) -> str:
+    """The local GSM8K file: `<data_dir>/gsm8k/train.jsonl` (en) or `train.<language>.jsonl`.
+
+    Args:
+        data_dir: The `--data-dir` folder.
+        language: The sample language.
+    """
     name = "train.jsonl" if language == "en" else f"train.{language}.jsonl"
     return os.path.join(os.fspath(data_dir), "gsm8k", name)
 
 
 def mmlu_prox_file(data_dir: str | os.PathLike, language: str) -> str:
+    """The local MMLU-ProX file: `<data_dir>/mmlu_prox/<language>.jsonl`.
+
+    Args:
+        data_dir: The `--data-dir` folder.
+        language: The sample language.
+    """
     return os.path.join(os.fspath(data_dir), "mmlu_prox", f"{language}.jsonl")
 
 
@@ -149,8 +205,23 @@ def load_anchor_samples(source: str, language: str, data_dir: Optional[str] = No
     """The anchor samples of one source in one language, in the source's row order.
 
     GSM8K ids number the rows (blank lines in a local file do not count), so they follow the
-    hub's order. A row that cannot be read raises SourceDataError naming it; duplicate ids too,
-    and a source without any row (an empty file would otherwise be a run with nothing to do).
+    hub's order.
+
+    Args:
+        source: "gsm8k" or "mmlu_prox".
+        language: The anchor language.
+        data_dir: Local files in the hub's columns (None: the hub).
+        limit: The first `limit` samples (None: all).
+        mmlu_prox_split: The MMLU-ProX split on the hub.
+
+    Returns:
+        The samples.
+
+    Raises:
+        ValueError: An unknown source or a negative limit.
+        FileNotFoundError: No local file for the source and language.
+        SourceDataError: A row that cannot be read (named), a duplicate id, or a source
+            without any row (an empty file would otherwise be a run with nothing to do).
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
@@ -179,7 +250,17 @@ def load_anchor_samples(source: str, language: str, data_dir: Optional[str] = No
 
 
 def parse_sources(text: str) -> tuple[str, ...]:
-    """`gsm8k,mmlu_prox` -> ("gsm8k", "mmlu_prox"); ValueError naming an unknown one."""
+    """Read a `--sources` value.
+
+    Args:
+        text: Comma-separated names, e.g. `gsm8k,mmlu_prox`.
+
+    Returns:
+        The names, first occurrence order, duplicates dropped.
+
+    Raises:
+        ValueError: None given, or an unknown name.
+    """
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [n for n in names if n not in SOURCES]
     if not names or unknown:

@@ -58,6 +58,9 @@ UNJUDGED = ("cost_limit", "not_run")
 
 @dataclasses.dataclass(frozen=True)
 class TranslationConfig:
+    """Everything one translation run is asked (the tool's flags; see the field comments and
+    `tools/translate_corpus.py --help` for each)."""
+
     input_path: str
     output_dir: str
     languages: tuple[str, ...]
@@ -91,18 +94,22 @@ class TranslationConfig:
 
     @property
     def context_limit(self) -> int:
+        """The tokens a request may hold (`max_context_tokens`, else the model's window)."""
         return self.max_context_tokens or context_tokens(self.model)
 
     @property
     def context_source(self) -> str:
+        """Where `context_limit` comes from, in words for a message."""
         return ("--max-context-tokens" if self.max_context_tokens
                 else f"the context window of {self.model}; --max-context-tokens sets another")
 
     @property
     def cache_file(self) -> str:
+        """The reply cache: `cache_path`, else `<output_dir>/translations.sqlite`."""
         return self.cache_path or os.path.join(self.output_dir, CACHE_FILE)
 
     def settings(self) -> ChatSettings:
+        """The requests' `ChatSettings` (a reasoning model's effort defaults to "low")."""
         effort = self.reasoning_effort
         if effort is None and is_reasoning_model(self.model):
             effort = "low"  # translation needs little thinking; the family requires the field
@@ -113,7 +120,15 @@ class TranslationConfig:
 def translation_plan(config: TranslationConfig, anchor: str) -> dict:
     """What the corpus in the output folder is made from: the input's content (not its path) and
     every setting that changes a reply. Languages are not part of it (a rerun may add or drop
-    one), nor are limits that only decide how far a run goes (retries, cost, concurrency)."""
+    one), nor are limits that only decide how far a run goes (retries, cost, concurrency).
+
+    Args:
+        config: The run's config.
+        anchor: The input's language.
+
+    Returns:
+        The plan, written to `translation_plan.json` and compared by `io.check_output_plan`.
+    """
     return {
         "format": PLAN_FORMAT,
         "input": {"sha256": sha256_file(config.input_path),
@@ -139,7 +154,12 @@ CONTEXT_RULE = ("a request's estimated tokens (UTF-8 bytes / 4 of its system and
 
 class SamplesTooLong(ValueError):
     """Samples with a request that cannot fit the model's context (named); refused before any
-    request, as nothing could be paid for them."""
+    request, as nothing could be paid for them.
+
+    Args:
+        too_long: (sample id, estimated tokens) of each, in input order (the first 10 named).
+        config: The run's config (its context limit and where it comes from are named).
+    """
 
     def __init__(self, too_long: list[tuple[str, int]], config: TranslationConfig):
         shown = ", ".join(f"{sample_id} (~{tokens} tokens)"
@@ -170,11 +190,22 @@ class Unit:
 
     @property
     def keys(self) -> list[str]:
+        """The texts' keys, in message order."""
         return list(self.texts)
 
 
 @dataclasses.dataclass(frozen=True)
 class PlannedRequest:
+    """One request of a unit's attempt, as sent and as cached.
+
+    Attributes:
+        unit: The texts it carries.
+        attempt: 0 for the first, then each stricter retry.
+        key: Its cache key (`chat.cache.request_key`).
+        messages: The system and user messages.
+        settings: Its `ChatSettings` (with structured output: the response format).
+    """
+
     unit: Unit
     attempt: int
     key: str
@@ -190,8 +221,18 @@ class PlannedRequest:
 
 
 def read_anchor_records(path: str, extra_languages=()) -> list[ParallelRecord]:
-    """The input corpus; one language, valid records, unique ids. Raises ValueError naming the
-    first problem (file:line)."""
+    """The input corpus: one language, valid records, unique ids.
+
+    Args:
+        path: The anchor corpus JSONL (`data/corpus_format.py`).
+        extra_languages: Language codes accepted beside the known ones.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        ValueError: The first problem, named by file:line (or an empty file).
+    """
     known = known_languages(extra_languages)
     records, seen = [], set()
     with open(path, encoding="utf-8") as f:
@@ -215,6 +256,16 @@ def read_anchor_records(path: str, extra_languages=()) -> list[ParallelRecord]:
 
 
 def record_dict(record: ParallelRecord, language: str, contents: list[str] | None = None) -> dict:
+    """A corpus line of a record in one language.
+
+    Args:
+        record: The anchor record.
+        language: The line's language code.
+        contents: The translated message contents, in message order (None: the record's own).
+
+    Returns:
+        {"id", "lang", "source", "answer" (when the record has one), "messages"}.
+    """
     messages = [{"role": m.role, "content": m.content if contents is None else contents[i]}
                 for i, m in enumerate(record.messages)]
     out = {"id": record.sample_id, "lang": language, "source": record.source}
@@ -225,6 +276,16 @@ def record_dict(record: ParallelRecord, language: str, contents: list[str] | Non
 
 
 class TranslationRun:
+    """The state of one translation run: its jobs (record, target language), the units they
+    send, the outcomes and the counts of the summary. `run_streaming` or the Batch API rounds
+    (`translation_batch.run_batches`) drive it; `write_outputs` writes the corpus.
+
+    Args:
+        config: The run's config.
+        records: The anchor records (`read_anchor_records`).
+        cache: The reply cache (None until the run opens it; a dry run may have none).
+    """
+
     def __init__(self, config: TranslationConfig, records: list[ParallelRecord],
                  cache: ReplyCache | None):
         self.config = config
@@ -260,6 +321,16 @@ class TranslationRun:
         return [Unit(job, language, texts)]
 
     def plan(self, unit: Unit, attempt: int, rejection: str | None) -> PlannedRequest:
+        """The request of one attempt of a unit.
+
+        Args:
+            unit: The texts to send.
+            attempt: 0 for the first, then each stricter retry (part of the cache key).
+            rejection: Why the previous attempt was rejected (named in the instructions).
+
+        Returns:
+            The `PlannedRequest`.
+        """
         keys = unit.keys if len(unit.texts) > 1 else None
         boxed = None
         if rejection in ("lost_boxed", "wrong_boxed"):
@@ -276,7 +347,15 @@ class TranslationRun:
         return PlannedRequest(unit, attempt, key, messages, settings)
 
     def judge(self, unit: Unit, reply) -> tuple[str | None, dict | None]:
-        """(rejection reason or None, the translated texts by key)."""
+        """Check one reply of a unit (`translation_checks`).
+
+        Args:
+            unit: The texts that were sent.
+            reply: The reply (a `ChatReply` or `CachedReply`).
+
+        Returns:
+            (rejection reason or None, the translated texts by key or None).
+        """
         reason = check_finish_reason(reply.finish_reason)
         if reason is not None:
             return reason, None
@@ -290,8 +369,15 @@ class TranslationRun:
         return None, parsed
 
     def walk(self, unit: Unit) -> tuple[str, object]:
-        """Follow a unit through the cache: ("done", texts), ("failed", reason) or
-        ("request", PlannedRequest) for the first attempt whose reply is missing."""
+        """Follow a unit through the cache, attempt after attempt, as far as replies are stored.
+
+        Args:
+            unit: The texts to send.
+
+        Returns:
+            ("done", texts), ("failed", reason) or ("request", PlannedRequest) for the first
+            attempt whose reply is missing.
+        """
         rejection = None
         for attempt in range(self.config.max_retries + 1):
             planned = self.plan(unit, attempt, rejection)
@@ -310,6 +396,12 @@ class TranslationRun:
         return "failed", rejection
 
     def store(self, planned: PlannedRequest, reply) -> None:
+        """Commit a fresh reply to the cache and count its tokens and cost.
+
+        Args:
+            planned: The request it answers.
+            reply: The `ChatReply` (or a batch line's `CachedReply`).
+        """
         self.cache.put(planned.key, reply, model=self.config.model,
                        language=planned.unit.language, attempt=planned.attempt)
         self.fresh_keys.add(planned.key)
@@ -320,14 +412,26 @@ class TranslationRun:
                                            reply.completion_tokens, batch=self.config.batch)
 
     def estimated_tokens(self, planned: PlannedRequest) -> tuple[int, int]:
-        """(prompt, completion) tokens expected for a request (`estimate_tokens`)."""
+        """The tokens expected for a request (`translation_cost.estimate_tokens`).
+
+        Args:
+            planned: The request.
+
+        Returns:
+            (prompt tokens, completion tokens).
+        """
         return estimate_tokens(
             planned.messages[0]["content"], planned.messages[1]["content"], planned.unit.language,
             self.settings.reasoning_effort, is_reasoning_model(self.config.model))
 
     def over_context(self) -> list[tuple[str, int]]:
-        """(sample id, estimated tokens of its longest request) of every sample, in input order,
-        with a request (first attempt, any target language) above `config.context_limit`."""
+        """The samples too long for the model's context.
+
+        Returns:
+            (sample id, estimated tokens of its longest request) of every sample, in input
+            order, with a request (first attempt, any target language) above
+            `config.context_limit`.
+        """
         limit = self.config.context_limit
         longest: dict[int, int] = {}
         for job, units in self.units.items():
@@ -339,11 +443,27 @@ class TranslationRun:
         return [(self.records[r].sample_id, tokens) for r, tokens in sorted(longest.items())]
 
     def estimated_cost(self, planned: PlannedRequest) -> float:
+        """The USD a request is expected to cost (0 for a model without a price).
+
+        Args:
+            planned: The request.
+        """
         prompt, completion = self.estimated_tokens(planned)
         return self.prices.cost(self.config.model, prompt, completion, batch=self.config.batch)
 
     def reserve(self, planned: PlannedRequest) -> float:
-        """Book a request's estimated cost, or raise CostLimitReached if it would pass the limit."""
+        """Book a request's estimated cost before it is sent.
+
+        Args:
+            planned: The request.
+
+        Returns:
+            The estimate booked (the caller releases it when the reply is in).
+
+        Raises:
+            CostLimitReached: The spent, the booked and this estimate would pass
+                `max_cost_usd`.
+        """
         estimate = self.estimated_cost(planned)
         limit = self.config.max_cost_usd
         if limit is not None and self.spent_usd + self.in_flight_usd + estimate > limit:
@@ -354,6 +474,12 @@ class TranslationRun:
     # -- jobs ---------------------------------------------------------------------------------------
 
     def finish_job(self, job: int, outcomes: list[tuple[str, object]]) -> None:
+        """Record a job's outcome: its translation, or the first of its units' failure reasons.
+
+        Args:
+            job: The job's index.
+            outcomes: Each unit's ("done", texts) or ("failed", reason), in unit order.
+        """
         failed = [reason for state, reason in outcomes if state == "failed"]
         if failed:
             self.failures[job] = failed[0]
@@ -492,17 +618,29 @@ class TranslationRun:
 
     @property
     def retries(self) -> int:
+        """Requests asked again: fresh replies rejected with attempts left, and the client's."""
         return len(self.retried_keys) + (self.client.stats.retries if self.client else 0)
 
     def failure_reasons(self, stopped_reason: str | None = None) -> dict[int, str]:
-        """The reason of every job without a translation (as the failures file lists them)."""
+        """The reason of every job without a translation (as the failures file lists them).
+
+        Args:
+            stopped_reason: The reason of jobs never reached (`cost_limit`; default `not_run`).
+        """
         return {job: self.failures.get(job, stopped_reason or "not_run")
                 for job in range(len(self.jobs)) if job not in self.results}
 
     def problems(self, stopped_reason: str | None = None) -> list[str]:
         """One line per way this run fell short of its work (empty when it did not): pairs whose
         requests failed, and each language whose share of pairs rejected by the checks passed
-        `max_rejected_fraction`. A stop at the cost limit is reported by the tool itself."""
+        `max_rejected_fraction`. A stop at the cost limit is reported by the tool itself.
+
+        Args:
+            stopped_reason: As `failure_reasons`.
+
+        Returns:
+            The lines (the tool prints each and exits 1 when there is any).
+        """
         reasons = self.failure_reasons(stopped_reason)
         failures_file = os.path.join(self.config.output_dir, FAILURES_FILE)
         lines = []
@@ -532,6 +670,15 @@ class TranslationRun:
         return lines
 
     def summary(self, dry_run_requests: list[PlannedRequest] | None = None) -> dict:
+        """The counts the tool prints as its last stdout line.
+
+        Args:
+            dry_run_requests: For a dry run, the requests it would send (priced, not sent).
+
+        Returns:
+            requested, cached, translated, failed (request_failed, rejected, by reason),
+            retries, tokens and the estimated cost in USD.
+        """
         if dry_run_requests is not None:
             cost = sum(self.estimated_cost(p) for p in dry_run_requests)
             return {"requested": len(dry_run_requests), "cached": len(self.counted_cached),
@@ -549,6 +696,12 @@ class TranslationRun:
                 "estimated_cost_usd": round(self.spent_usd, 6)}
 
     def write_outputs(self, stopped_reason: str | None = None) -> None:
+        """Write the corpus (`<anchor>.jsonl` and one file per target language, in input
+        order), the failures file, and remove `.jsonl` files of languages this run dropped.
+
+        Args:
+            stopped_reason: As `failure_reasons`.
+        """
         out = Path(self.config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_open(out / f"{self.anchor}.jsonl") as f:
@@ -578,7 +731,15 @@ class TranslationRun:
 
 def progress_bar(run: TranslationRun, enabled: bool) -> ProgressBar:
     """The translation's progress line on stderr: jobs ended, and done / cached / failed /
-    retries / cost (and a batch's state when `--batch` polls one)."""
+    retries / cost (and a batch's state when `--batch` polls one).
+
+    Args:
+        run: The run whose counts are shown.
+        enabled: False draws nothing (`--no-progress`).
+
+    Returns:
+        The `jobs.ProgressBar`.
+    """
     return ProgressBar(
         "translate", "job", len(run.jobs), enabled=enabled, mininterval=0.5,
         position=lambda _: len(run.results) + len(run.failures),

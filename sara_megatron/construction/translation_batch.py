@@ -116,6 +116,16 @@ async def _submit(run: TranslationRun, requests: list[PlannedRequest], name: str
 
 
 async def run_batches(run: TranslationRun, progress) -> None:
+    """Run the translation through Batch API rounds (see the module docstring).
+
+    Args:
+        run: The run, its cache open.
+        progress: The progress line (`translation.progress_bar`), shown each poll.
+
+    Raises:
+        CostLimitReached: The next round would pass `max_cost_usd`.
+        RunRefused: A Batch API request the client's retries did not fix.
+    """
     config = run.config
     run.client = ChatClient(config.base_url, api_key_env=config.api_key_env,
                             concurrency=min(config.concurrency, 4),

@@ -76,7 +76,11 @@ def _without_boxes(text: str) -> str:
 
 def prose(text: str) -> str:
     """The natural-language part of `text`: without code, math, boxes, URLs and LaTeX commands
-    (their brace arguments, e.g. the words of `\\text{…}`, stay)."""
+    (their brace arguments, e.g. the words of `\\text{…}`, stay).
+
+    Args:
+        text: A source or translated text.
+    """
     text = _CODE_BLOCK.sub(" ", text)
     text = _without_boxes(text)
     text = _MATH.sub(" ", text)
@@ -91,7 +95,15 @@ def _in_script(ch: str, script: str) -> bool:
 
 
 def script_share(text: str, script: str) -> float | None:
-    """Share of the letters of `prose(text)` written in `script`; None when it has no letters."""
+    """The share of a text's letters written in a script.
+
+    Args:
+        text: A translated text (its `prose` is counted).
+        script: A key of `SCRIPT_RANGES` ("Devanagari", "Han", ...).
+
+    Returns:
+        The share in [0, 1], or None when the prose has no letters.
+    """
     letters = [ch for ch in prose(text) if unicodedata.category(ch).startswith("L")]
     if not letters:
         return None
@@ -99,6 +111,13 @@ def script_share(text: str, script: str) -> float | None:
 
 
 def boxed_answers_match(source_box: str, translated_box: str) -> bool:
+    """Whether a translation kept the boxed answer: the same text (spacing aside), the same
+    option letter, or the same number.
+
+    Args:
+        source_box: The source's last box content.
+        translated_box: The translation's last box content.
+    """
     if " ".join(source_box.split()) == " ".join(translated_box.split()):
         return True
     if is_choice_gold(source_box):
@@ -107,7 +126,11 @@ def boxed_answers_match(source_box: str, translated_box: str) -> bool:
 
 
 class LanguageIdentifier:
-    """lingua's detector, built once for the languages of a run that it knows."""
+    """lingua's detector, built once for the languages of a run that it knows.
+
+    Args:
+        languages: The run's language codes (those lingua does not know are never named).
+    """
 
     def __init__(self, languages: Iterable[str]):
         from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
@@ -123,7 +146,15 @@ class LanguageIdentifier:
                           if len(known) >= 2 else None)
 
     def other_language(self, text: str, target: str) -> str | None:
-        """The code of another language the text is confidently in, else None."""
+        """The code of another language the text is confidently in.
+
+        Args:
+            text: A translated text (its prose; too few words are never judged).
+            target: The language it should be in.
+
+        Returns:
+            That other language's code, or None.
+        """
         words = prose(text).split()
         if self._detector is None or len(words) < MIN_WORDS_FOR_IDENTIFICATION:
             return None
@@ -141,7 +172,17 @@ def _same_text(a: str, b: str) -> bool:
 
 def check_translation(source: str, translation: str, language: str,
                       identifier: LanguageIdentifier | None = None) -> str | None:
-    """The rejection reason of one translated text, or None when it passes."""
+    """The rejection reason of one translated text, or None when it passes.
+
+    Args:
+        source: The anchor-language text.
+        translation: Its translation.
+        language: The target language.
+        identifier: Tells languages of one script apart (en, sw); None skips that check.
+
+    Returns:
+        `empty`, `lost_boxed`, `wrong_boxed`, `wrong_script`, `wrong_language`, `copy`, or None.
+    """
     if not translation.strip():
         return "empty"
     source_box = last_boxed(source)
@@ -165,6 +206,14 @@ def check_translation(source: str, translation: str, language: str,
 
 
 def check_finish_reason(finish_reason: str) -> str | None:
+    """The rejection reason a reply's finish reason gives.
+
+    Args:
+        finish_reason: The reply's.
+
+    Returns:
+        `truncated` (length), `content_filter`, or None.
+    """
     if finish_reason == "length":
         return "truncated"
     if finish_reason == "content_filter":

@@ -47,6 +47,11 @@ _DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 
 def approx_tokens(text: str) -> int:
+    """An estimate of a text's tokens: its UTF-8 bytes / 4, at least 1.
+
+    Args:
+        text: Any text.
+    """
     return max(1, len(text.encode("utf-8")) // 4)
 
 
@@ -57,11 +62,25 @@ def _by_model(table: dict, model: str):
 
 
 def context_tokens(model: str) -> int:
-    """The context window of `model` in tokens (`DEFAULT_CONTEXT_TOKENS` for one not known)."""
+    """The context window of a model in tokens (`DEFAULT_CONTEXT_TOKENS` for one not known).
+
+    Args:
+        model: The model name (a provider prefix or a date suffix is ignored).
+    """
     return _by_model(CONTEXT_TOKENS, model) or DEFAULT_CONTEXT_TOKENS
 
 
 class PriceTable:
+    """USD per million tokens, input and output, by model: the built-in prices and a file's.
+
+    Args:
+        overrides_path: A JSON file `{model: {"input": usd, "output": usd}}` whose entries
+            replace or add to the built-in ones.
+
+    Raises:
+        ValueError: A file that is not that shape.
+    """
+
     def __init__(self, overrides_path: str | os.PathLike | None = None):
         self.prices = dict(DEFAULT_PRICES_PER_MILLION)
         if overrides_path is not None:
@@ -77,9 +96,27 @@ class PriceTable:
                                      "'output' (USD per million tokens)") from None
 
     def per_million(self, model: str) -> tuple[float, float] | None:
+        """A model's prices.
+
+        Args:
+            model: The model name (a provider prefix or a date suffix is ignored).
+
+        Returns:
+            (input, output) USD per million tokens, or None for a model without a price.
+        """
         return _by_model(self.prices, model)
 
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        """What a request costs.
+
+        Args:
+            model: The model name.
+            prompt_tokens, completion_tokens: The request's usage.
+            batch: At the Batch API's price (half).
+
+        Returns:
+            USD (0 for a model without a price).
+        """
         price = self.per_million(model)
         if price is None:
             return 0.0
@@ -89,7 +126,18 @@ class PriceTable:
 
 def estimate_tokens(system: str, user: str, target_language: str,
                     reasoning_effort: str | None, reasoning_model: bool) -> tuple[int, int]:
-    """(prompt tokens, completion tokens) expected for one request."""
+    """The tokens expected for one translation request.
+
+    Args:
+        system: The system message.
+        user: The user message (the texts to translate).
+        target_language: Decides the reply's expansion over the source (`OUTPUT_EXPANSION`).
+        reasoning_effort: A reasoning model's effort (its thinking adds `REASONING_SHARE`).
+        reasoning_model: Whether the model thinks before it answers.
+
+    Returns:
+        (prompt tokens, completion tokens).
+    """
     prompt = approx_tokens(system) + approx_tokens(user) + 8
     reply = int(approx_tokens(user) * OUTPUT_EXPANSION.get(target_language, 1.5))
     if reasoning_model:

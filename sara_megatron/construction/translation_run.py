@@ -31,11 +31,20 @@ def _remove_new(paths: list[str]) -> None:
 
 
 def run_translation(config: TranslationConfig) -> dict:
-    """Translate, write the corpus and the failures file; return the summary (the tool prints it
-    as its last stdout line), whose `problems` lists what fell short of the work (the tool's
-    exit 1). Raises ValueError for bad input or an output folder made from another input or
-    settings, or by something else (the tool turns it into exit 2); `SamplesTooLong` for samples
-    whose requests cannot fit the model's context (`--dry-run` counts them instead, unpriced)."""
+    """Translate, write the corpus and the failures file.
+
+    Args:
+        config: The run's config.
+
+    Returns:
+        The summary (the tool prints it as its last stdout line), whose `problems` lists what
+        fell short of the work (the tool's exit 1).
+
+    Raises:
+        ValueError: Bad input, or an output folder made from another input or settings, or by
+            something else (the tool's exit 2); `SamplesTooLong` for samples whose requests
+            cannot fit the model's context (`--dry-run` counts them instead, unpriced).
+    """
     records = read_anchor_records(config.input_path, config.extra_languages)
     anchor = records[0].language
     known = known_languages(config.extra_languages)

@@ -43,17 +43,39 @@ _RETRY_NOTES = {
 
 
 def language_name(code: str) -> str:
+    """The English name of a language code ("hi" -> "Hindi"); the code itself when unknown.
+
+    Args:
+        code: An ISO 639-1 code.
+    """
     return LANGUAGE_NAMES.get(code, code)
 
 
 def message_key(index: int, role: str) -> str:
+    """The key of a record's message in a request: `<index>_<role>` (e.g. `0_user`).
+
+    Args:
+        index: The message's position in the record.
+        role: Its role.
+    """
     return f"{index}_{role}"
 
 
 def system_instructions(source_language: str, target_language: str, keys: list[str] | None,
                         rejection: str | None = None, boxed: str | None = None) -> str:
-    """The system message. `keys`: the JSON keys when several texts travel together, else None.
-    `rejection`: why the previous attempt was rejected (a stricter retry)."""
+    """The system message of a translation request.
+
+    Args:
+        source_language: The anchor language's code.
+        target_language: The target language's code (named in a `Target language:` line the
+            server side reads back, `read_request`).
+        keys: The JSON keys when several texts travel together, else None (plain text).
+        rejection: Why the previous attempt was rejected (a stricter retry names it), or None.
+        boxed: The source's box content, named when the rejection was a lost or wrong box.
+
+    Returns:
+        The instructions, one rule a line.
+    """
     target = language_name(target_language)
     shape = (f"a JSON object with exactly the keys {', '.join(json.dumps(k) for k in keys)}, "
              "each value the translation of that key's text" if keys else
@@ -87,14 +109,28 @@ def system_instructions(source_language: str, target_language: str, keys: list[s
 
 
 def user_content(texts: dict[str, str]) -> str:
-    """One text as itself; several as a JSON object (in the given key order)."""
+    """The user message of a request.
+
+    Args:
+        texts: key -> source text, in message order.
+
+    Returns:
+        One text as itself; several as a JSON object (in the given key order).
+    """
     if len(texts) == 1:
         return next(iter(texts.values()))
     return json.dumps(texts, ensure_ascii=False, indent=1)
 
 
 def response_format(keys: list[str]) -> dict:
-    """Structured output for a JSON-shaped request: an object with exactly these string keys."""
+    """Structured output for a JSON-shaped request: an object with exactly these string keys.
+
+    Args:
+        keys: The request's keys.
+
+    Returns:
+        The `response_format` request field (a strict JSON schema).
+    """
     return {"type": "json_schema", "json_schema": {
         "name": "translation", "strict": True,
         "schema": {"type": "object", "properties": {k: {"type": "string"} for k in keys},
@@ -119,8 +155,13 @@ def _escape_source_commands(text: str, sources: list[str]) -> str:
 
 def parse_reply(content: str, keys: list[str], sources: list[str] | None = None) -> dict[str, str] | None:
     """The translated texts by key, or None when the reply does not have the request's shape.
-    `sources`: the source texts, whose LaTeX commands are read as such even when the reply's JSON
-    left their backslash single."""
+
+    Args:
+        content: The reply's content.
+        keys: The request's keys (one key: the reply is the plain text).
+        sources: The source texts, whose LaTeX commands are read as such even when the reply's
+            JSON left their backslash single.
+    """
     if len(keys) == 1:
         return {keys[0]: content.strip()}
     text = _escape_source_commands(content.strip(), sources or [])
@@ -143,8 +184,18 @@ def parse_reply(content: str, keys: list[str], sources: list[str] | None = None)
 
 
 def read_request(body: dict) -> tuple[str, dict[str, str] | str]:
-    """The server side of the contract: (target language code, the texts: a dict by key when the
-    user message is a JSON object of strings, else the plain text)."""
+    """The server side of the contract: what a translation request asks.
+
+    Args:
+        body: The chat request's body.
+
+    Returns:
+        (target language code, the texts: a dict by key when the user message is a JSON
+        object of strings, else the plain text).
+
+    Raises:
+        ValueError: A system message without the `Target language:` line.
+    """
     messages = body.get("messages", [])
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     match = TARGET_LINE.search(system)
