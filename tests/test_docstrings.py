@@ -31,7 +31,10 @@ CHECKED = [
     "sara/shifcon_vectors.py",
     "sara/shifcon_extraction.py",
     "construction",
+    "evaluation",
 ]
+# Rewritten elsewhere; checked once that lands.
+NOT_YET = {"evaluation/backends.py"}
 # A summary that names what is returned (Google: "the Returns section may be omitted if the
 # docstring starts with Returns or Yields and the opening sentence describes the value").
 NAMES_ITS_VALUE = re.compile(r"^(The|A|An|Whether|Returns|Yields|How|What|Which|Where|Why|When)\b")
@@ -44,7 +47,7 @@ def checked_files() -> list[Path]:
     for name in CHECKED:
         path = PACKAGE / name
         files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
-    return files
+    return [f for f in files if str(f.relative_to(PACKAGE)) not in NOT_YET]
 
 
 def section(doc: str, name: str) -> str | None:

@@ -22,6 +22,8 @@ from sara_megatron.prompts import OPTION_LETTERS
 
 @dataclass(frozen=True)
 class BenchmarkItem:
+    """One benchmark question in one language (see the field comments)."""
+
     benchmark: str
     language: str
     # The same question has the same item_id in every language (Global-MMLU: sample_id;
@@ -65,6 +67,15 @@ class BenchmarkDataError(ValueError):
 
 
 def check_benchmark_language(name: str, language: str) -> None:
+    """Refuse an unknown benchmark, or a language it does not have.
+
+    Args:
+        name: "global_mmlu", "belebele" or "mgsm".
+        language: The language code.
+
+    Raises:
+        ValueError: Naming what is known.
+    """
     if name not in BENCHMARK_LANGUAGES:
         raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_LANGUAGES)})")
     if language not in BENCHMARK_LANGUAGES[name]:
@@ -73,10 +84,23 @@ def check_benchmark_language(name: str, language: str) -> None:
 
 
 def hub_config(name: str, language: str) -> str:
+    """The hub dataset config of a benchmark's language (BELEBELE's `hin_Deva`, else the code).
+
+    Args:
+        name: "global_mmlu", "belebele" or "mgsm".
+        language: The language code.
+    """
     return BELEBELE_CONFIGS[language] if name == "belebele" else language
 
 
 def benchmark_file(data_dir: str | os.PathLike, name: str, language: str) -> str:
+    """The local file of a benchmark's language: `<data_dir>/<name>/<language>.jsonl`.
+
+    Args:
+        data_dir: The `--data-dir` folder.
+        name: "global_mmlu", "belebele" or "mgsm".
+        language: The language code.
+    """
     return os.path.join(os.fspath(data_dir), name, f"{language}.jsonl")
 
 
@@ -95,7 +119,20 @@ def _number_text(value) -> str:
 
 
 def item_from_row(name: str, language: str, row: dict, index: int) -> BenchmarkItem:
-    """One hub row -> a BenchmarkItem; raises ValueError on a missing column or a bad answer."""
+    """One row, in the hub's columns (`REQUIRED_COLUMNS`), as an item.
+
+    Args:
+        name: "global_mmlu", "belebele" or "mgsm".
+        language: The language code.
+        row: The row.
+        index: Its 0-based position (MGSM's item id).
+
+    Returns:
+        The `BenchmarkItem`.
+
+    Raises:
+        ValueError: A missing column or a bad answer.
+    """
     missing = [c for c in REQUIRED_COLUMNS[name] if row.get(c) is None]
     if missing:
         raise ValueError(f"missing column(s): {', '.join(missing)}")
@@ -142,7 +179,14 @@ def _hub_rows(name: str, language: str):
 
 
 def rows_fingerprint(rows) -> str:
-    """sha256 over the rows' canonical JSON, in order: the content of a hub split."""
+    """The fingerprint of a hub split's content.
+
+    Args:
+        rows: The split's rows, in order.
+
+    Returns:
+        `sha256-rows:` + the sha256 over the rows' canonical JSON lines.
+    """
     h = hashlib.sha256()
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
@@ -162,15 +206,40 @@ class BenchmarkSource:
 
 def load_benchmark(name: str, language: str, data_dir: str | os.PathLike | None = None,
                    limit: int | None = None) -> list[BenchmarkItem]:
-    """The items of one benchmark in one language, in the source's order (first `limit` rows)."""
+    """The items of one benchmark in one language, in the source's order.
+
+    Args:
+        name: "global_mmlu", "belebele" or "mgsm".
+        language: The language code.
+        data_dir: Local files in the hub's columns (None: the hub).
+        limit: The first `limit` rows (None: all).
+
+    Raises:
+        As `load_benchmark_source`.
+    """
     return load_benchmark_source(name, language, data_dir, limit, fingerprint=False).items
 
 
 def load_benchmark_source(name: str, language: str, data_dir: str | os.PathLike | None = None,
                           limit: int | None = None, *, fingerprint: bool = True
                           ) -> BenchmarkSource:
-    """`load_benchmark`, with where the items came from and the source's fingerprint (left
-    empty without `fingerprint`: it reads the whole source)."""
+    """`load_benchmark`, with where the items came from and the source's fingerprint.
+
+    Args:
+        name: "global_mmlu", "belebele" or "mgsm".
+        language: The language code.
+        data_dir: Local files in the hub's columns (None: the hub).
+        limit: The first `limit` rows (None: all).
+        fingerprint: Compute the fingerprint (it reads the whole source); False leaves it "".
+
+    Returns:
+        The `BenchmarkSource`.
+
+    Raises:
+        ValueError: An unknown benchmark or language, or a limit below 1.
+        FileNotFoundError: No local file.
+        BenchmarkDataError: A row that cannot be read (file:line), or the hub unreachable.
+    """
     check_benchmark_language(name, language)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")

@@ -34,14 +34,26 @@ class ModelFolderError(ValueError):
 
 
 def hf_model_files(model_dir: str) -> list[str]:
-    """The top-level files of an HF model folder that the fingerprint covers, sorted."""
+    """The top-level files of an HF model folder that the fingerprint covers, sorted.
+
+    Args:
+        model_dir: The folder.
+    """
     return sorted(name for name in os.listdir(model_dir)
                   if os.path.isfile(os.path.join(model_dir, name))
                   and any(fnmatch.fnmatch(name, pattern) for pattern in HF_MODEL_FILE_PATTERNS))
 
 
 def check_hf_model_folder(model_dir: str) -> None:
-    """Refuse, naming what it is, a folder `--backend hf` cannot load."""
+    """Refuse, naming what it is, a folder `--backend hf` cannot load.
+
+    Args:
+        model_dir: The `--model-dir` folder.
+
+    Raises:
+        ModelFolderError: A Megatron-Core checkpoint, a training run's folder, a folder without
+            config.json, or one without weights.
+    """
     kind = folder_kind(model_dir)
     needed = ("--backend hf needs a Hugging Face model folder (config.json, safetensors weights, "
               "the tokenizer)")
@@ -66,7 +78,14 @@ def check_hf_model_folder(model_dir: str) -> None:
 
 
 def hf_model_fingerprint(model_dir: str) -> dict:
-    """{"backend": "hf", "files": {name: sha256}} over `hf_model_files`."""
+    """The fingerprint of an HF model folder (hashes remembered by `file_stamps`).
+
+    Args:
+        model_dir: The folder.
+
+    Returns:
+        {"backend": "hf", "files": {name: sha256}} over `hf_model_files`.
+    """
     model_dir = os.fspath(model_dir)
     stamp = FileStamp(model_dir, model_dir)
     files = {name: stamp.sha256(name) for name in hf_model_files(model_dir)}
@@ -75,12 +94,23 @@ def hf_model_fingerprint(model_dir: str) -> dict:
 
 
 def served_model_fingerprint(model: str, revision: str | None) -> dict:
+    """The fingerprint of a served model: its name and the revision the user gave.
+
+    Args:
+        model: The served model's name.
+        revision: `--model-revision`, or None.
+    """
     return {"backend": "openai", "model": model, "revision": revision}
 
 
 def fingerprint_changes(previous: Mapping | None, current: Mapping) -> list[str]:
     """What differs between two model fingerprints, one phrase per difference (empty: the same
-    model)."""
+    model).
+
+    Args:
+        previous: The fingerprint a results file recorded (None: none recorded).
+        current: This run's.
+    """
     if not previous:
         return ["the folder's results record no model fingerprint"]
     if previous.get("backend") != current.get("backend"):

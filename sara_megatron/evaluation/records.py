@@ -26,6 +26,11 @@ ITEM_KEYS = ("benchmark", "language", "run", "item_id", "output", "extracted", "
 
 
 def record_key(record: Mapping) -> tuple[str, str, int, str]:
+    """The key of an item record: (benchmark, language, run, item_id).
+
+    Args:
+        record: An item record (`run` read as int, `item_id` as str).
+    """
     return (record["benchmark"], record["language"], int(record["run"]), str(record["item_id"]))
 
 
@@ -38,6 +43,12 @@ def _check_item_record(path: str, line_number: int, record: Mapping) -> None:
 def read_item_records(path: str | os.PathLike) -> list[dict]:
     """The records of an items.jsonl; a torn last line (no newline) is left out, not cut: the
     evaluation writing the file may still be running.
+
+    Args:
+        path: The items.jsonl.
+
+    Returns:
+        The records, in file order.
 
     Raises:
         ValueError: A line that is not a JSON object, or a record missing one of `ITEM_KEYS`.
@@ -63,12 +74,24 @@ class ItemRecordWriter(JsonlRecord):
                          fsync=False)
 
     def write(self, record: Mapping) -> None:
-        """Append one item record (`append`)."""
+        """Append one item record (`append`).
+
+        Args:
+            record: A mapping with every `ITEM_KEYS` field.
+        """
         self.append(record)
 
 
 def accuracy_summary(run_accuracies: Sequence[float], n: int) -> dict:
-    """Mean and sample standard deviation (ddof 1; None for a single run) of per-run accuracies."""
+    """The summary of a language's runs.
+
+    Args:
+        run_accuracies: Accuracy of each run, in percent.
+        n: Items a run.
+
+    Returns:
+        {"runs", "mean", "std": sample standard deviation (ddof 1; None for one run), "n"}.
+    """
     runs = [float(a) for a in run_accuracies]
     mean = sum(runs) / len(runs)
     std = (math.sqrt(sum((a - mean) ** 2 for a in runs) / (len(runs) - 1))
@@ -77,7 +100,14 @@ def accuracy_summary(run_accuracies: Sequence[float], n: int) -> dict:
 
 
 def read_results(path: str | os.PathLike) -> dict:
-    """A results.json (or the folder holding one)."""
+    """A results.json (or the folder holding one).
+
+    Args:
+        path: The file or its folder.
+
+    Raises:
+        ValueError: Not JSON, or no "benchmarks" object.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, RESULTS_FILE)
@@ -89,8 +119,15 @@ def read_results(path: str | os.PathLike) -> dict:
 
 def write_results(folder: str | os.PathLike, settings: Mapping, benchmarks: Mapping,
                   complete: bool = True) -> None:
-    """`complete` is False while some requested (benchmark, language) is not fully answered: those
-    are absent from `benchmarks` until a rerun finishes them."""
+    """Write results.json crash-safely.
+
+    Args:
+        folder: The output folder.
+        settings: The evaluation's settings (what a resume compares).
+        benchmarks: benchmark -> language -> `accuracy_summary`.
+        complete: False while some requested (benchmark, language) is not fully answered:
+            those are absent from `benchmarks` until a rerun finishes them.
+    """
     write_json_atomic(os.path.join(os.fspath(folder), RESULTS_FILE),
                       {"settings": dict(settings), "benchmarks": benchmarks, "complete": complete})
 
@@ -100,8 +137,18 @@ BENCHMARK_TITLES = {"global_mmlu": "Global-MMLU", "belebele": "BELEBELE", "mgsm"
 
 def table_row(benchmark: str, label: str, per_language: Mapping,
               languages: Sequence[str]) -> str:
-    """One Markdown row of the Table-1 shape: `mean ± std` per language (– where absent) and
-    the mean over the languages the row has."""
+    """One Markdown row of the Table-1 shape.
+
+    Args:
+        benchmark: The benchmark's name (shown by its title).
+        label: The model column's text.
+        per_language: language -> `accuracy_summary`.
+        languages: The columns, in order.
+
+    Returns:
+        The row: `mean ± std` per language (– where absent) and the mean over the languages
+        the row has.
+    """
     cells, means = [], []
     for language in languages:
         entry = per_language.get(language)
@@ -118,7 +165,14 @@ def table_row(benchmark: str, label: str, per_language: Mapping,
 
 def render_table(benchmarks: Mapping, languages: Sequence[str], label: str,
                  runs: int | None = None) -> str:
-    """Markdown table like the paper's Table 1: one row per benchmark, languages as columns."""
+    """A Markdown table like the paper's Table 1: one row per benchmark, languages as columns.
+
+    Args:
+        benchmarks: benchmark -> language -> `accuracy_summary`.
+        languages: The columns, in order (`ordered_languages`).
+        label: The model column's text.
+        runs: Runs per language, named in the note under the table.
+    """
     header = ["Benchmark", "Model", *languages, "Avg."]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, per_language in benchmarks.items():
@@ -135,6 +189,10 @@ LANGUAGE_ORDER = (*PAPER_TARGET_LANGUAGES, *PAPER_ANCHOR_LANGUAGES)
 
 
 def ordered_languages(languages: Iterable[str]) -> list[str]:
-    """Languages in the paper's column order; others after them, sorted."""
+    """The languages in the paper's column order; others after them, sorted.
+
+    Args:
+        languages: Language codes (duplicates allowed).
+    """
     unique = set(languages)
     return [l for l in LANGUAGE_ORDER if l in unique] + sorted(unique - set(LANGUAGE_ORDER))

@@ -43,7 +43,11 @@ ANSWER_SETTINGS = ("model", "protocol", "temperature", "top_p", "top_k", "max_ne
 
 
 class EvaluationIncomplete(RuntimeError):
-    """Some requests failed after their retries; nothing of theirs was scored."""
+    """Some requests failed after their retries; nothing of theirs was scored.
+
+    Args:
+        failures: ((benchmark, language, run, item_id), error) of each, at least one.
+    """
 
     def __init__(self, failures: Sequence[tuple[tuple, BaseException]]):
         first_key, first_error = failures[0]
@@ -60,7 +64,12 @@ class SettingsMismatch(ValueError):
 
 
 class PromptsTooLong(ValueError):
-    """Items whose prompt cannot fit the model's context (named); refused before any request."""
+    """Items whose prompt cannot fit the model's context (named); refused before any request.
+
+    Args:
+        too_long: (item, why) of each, the first 10 named.
+        rule: The backend's rule, in words.
+    """
 
     def __init__(self, too_long: Sequence[tuple[BenchmarkItem, str]], rule: str):
         shown = "; ".join(f"{i.benchmark}/{i.language} item {i.item_id} ({why})"
@@ -78,6 +87,24 @@ REFUSAL_ADVICE = "use a new --output, or --restart (which discards the folder's 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationPlan:
+    """What to evaluate.
+
+    Attributes:
+        benchmarks: Benchmark names.
+        languages: Language codes (a benchmark without one skips it).
+        runs: Runs per language (each its own seed).
+        seed: The first run's seed (`run_seed`).
+        limit: The first `limit` items of each benchmark and language.
+        data_dir: Local benchmark files (None: the hub).
+        template_language: "en", or "native": each language's own translated template.
+        templates: Translated templates (`prompts.load_templates`).
+        protocol: "generate" (a reply, its box scored) or "loglikelihood" (the likeliest
+            option letter).
+
+    Raises:
+        ValueError: An unknown protocol, runs < 1, or native templates missing a language.
+    """
+
     benchmarks: tuple[str, ...]
     languages: tuple[str, ...]
     runs: int = 3
@@ -103,15 +130,32 @@ class EvaluationPlan:
                                  f"templates for {', '.join(missing)}")
 
     def item_template_language(self, language: str) -> str:
+        """The template language of a language's items: itself when native, else "en".
+
+        Args:
+            language: The items' language.
+        """
         return language if self.template_language == "native" else "en"
 
 
 def run_seed(base_seed: int, run: int) -> int:
+    """The seed of a run: `base_seed + run - 1`.
+
+    Args:
+        base_seed: The plan's seed.
+        run: The run's number, from 1.
+    """
     return base_seed + run - 1
 
 
 def item_seed(base_seed: int, run: int, item: BenchmarkItem) -> int:
-    """A 31-bit seed for one (run, item): stable across reruns, processes and machines."""
+    """A 31-bit seed for one (run, item): stable across reruns, processes and machines.
+
+    Args:
+        base_seed: The plan's seed.
+        run: The run's number, from 1.
+        item: The item (its benchmark, language and id enter the hash).
+    """
     text = f"{run_seed(base_seed, run)}/{item.benchmark}/{item.language}/{item.item_id}"
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") >> 1
 
@@ -123,7 +167,15 @@ def _say(message: str) -> None:
 def check_resumable(output_dir: str, settings: Mapping) -> None:
     """Refuse an output folder evaluated with another model (`model_fingerprint`, when `settings`
     has one), on other content of a benchmark file both read (`benchmark_sources`), or under
-    other answer-changing settings."""
+    other answer-changing settings.
+
+    Args:
+        output_dir: The output folder.
+        settings: This run's settings.
+
+    Raises:
+        SettingsMismatch: Naming what differs (or items without a results file).
+    """
     path = os.path.join(output_dir, RESULTS_FILE)
     if not os.path.exists(path):
         if os.path.exists(os.path.join(output_dir, ITEMS_FILE)):
@@ -154,7 +206,11 @@ def check_resumable(output_dir: str, settings: Mapping) -> None:
 
 
 def discard_previous(output_dir: str) -> None:
-    """--restart: the folder's answers, results and table go; nothing else in it is touched."""
+    """--restart: the folder's answers, results and table go; nothing else in it is touched.
+
+    Args:
+        output_dir: The output folder.
+    """
     for name in (ITEMS_FILE, RESULTS_FILE, TABLE_FILE):
         path = os.path.join(output_dir, name)
         if os.path.exists(path):
@@ -162,6 +218,21 @@ def discard_previous(output_dir: str) -> None:
 
 
 class EvaluationRunner:
+    """One evaluation: the plan's items over a backend, into an output folder (see the module
+    docstring).
+
+    Args:
+        backend: Where replies come from; may come later (`use_backend`), after `prepare` has
+            refused what it must without loading a model.
+        plan: The `EvaluationPlan`.
+        output_dir: The output folder.
+        settings: What results.json records and a resume compares (`ANSWER_SETTINGS`, the
+            model's fingerprint).
+        progress: Draw a progress line per benchmark.
+        restart: Ignore and replace the folder's earlier answers.
+        say: Where one-line notes go (default: stderr, prefixed `evaluate:`).
+    """
+
     def __init__(self, backend: GenerationBackend | None, plan: EvaluationPlan, output_dir: str,
                  settings: Mapping, *, progress: bool = True, restart: bool = False,
                  say: Callable[[str], None] = _say):
@@ -176,6 +247,14 @@ class EvaluationRunner:
             self.use_backend(backend)
 
     def use_backend(self, backend: GenerationBackend) -> None:
+        """Set the backend.
+
+        Args:
+            backend: The backend.
+
+        Raises:
+            NotImplementedError: The log-likelihood protocol over a server.
+        """
         if self.plan.protocol == "loglikelihood" and not isinstance(backend, HFBackend):
             raise NotImplementedError(
                 "--protocol loglikelihood over a server (a completions endpoint with echo and "
@@ -185,6 +264,11 @@ class EvaluationRunner:
     # -- planning -----------------------------------------------------------------------------------
 
     def benchmark_languages(self, name: str) -> list[str]:
+        """The plan's languages a benchmark has (the others named in a note).
+
+        Args:
+            name: The benchmark.
+        """
         available = BENCHMARK_LANGUAGES[name]
         skipped = [lang for lang in self.plan.languages if lang not in available]
         if skipped:
@@ -225,7 +309,15 @@ class EvaluationRunner:
 
     def check_prompt_lengths(self, items, done: Mapping) -> None:
         """Every item still to ask must fit the model's context (the backend's rule), checked
-        before the first request or forward: an over-long item is never sent."""
+        before the first request or forward: an over-long item is never sent.
+
+        Args:
+            items: benchmark -> language -> items.
+            done: The answered items, by `record_key` (skipped).
+
+        Raises:
+            PromptsTooLong: Naming the items.
+        """
         too_long = getattr(self.backend, "prompt_too_long", None)
         if too_long is None:
             return
@@ -249,6 +341,19 @@ class EvaluationRunner:
     # -- answering ----------------------------------------------------------------------------------
 
     async def answer(self, item: BenchmarkItem, run: int) -> tuple[str, str | None, bool]:
+        """Ask the backend about one item in one run and score the reply.
+
+        Args:
+            item: The item.
+            run: The run's number (its seed, `item_seed`).
+
+        Returns:
+            (the output: the reply, or the options' log-likelihoods as JSON; the extracted
+            answer or None; whether it is correct).
+
+        Raises:
+            ChatRequestFailed: A server request that failed after its retries.
+        """
         messages = item_messages(item, self.plan.item_template_language(item.language),
                                  self.plan.templates)
         if self.plan.protocol == "loglikelihood":
@@ -266,7 +371,15 @@ class EvaluationRunner:
 
     def summarize(self, items, done: Mapping) -> tuple[dict, bool]:
         """Per benchmark and language: run accuracies (percent), mean, std (ddof 1), n; only
-        languages whose every run is fully answered. Returns (benchmarks, everything complete)."""
+        languages whose every run is fully answered.
+
+        Args:
+            items: benchmark -> language -> items.
+            done: The answered item records, by `record_key`.
+
+        Returns:
+            (benchmark -> language -> `accuracy_summary`, whether everything is complete).
+        """
         benchmarks, complete = {}, True
         for name, per_language in items.items():
             for lang, lang_items in per_language.items():
@@ -284,6 +397,15 @@ class EvaluationRunner:
         return benchmarks, complete
 
     def write_outputs(self, items, done) -> tuple[dict, bool]:
+        """Write results.json and table.md from the answered items.
+
+        Args:
+            items: benchmark -> language -> items.
+            done: The answered item records, by `record_key`.
+
+        Returns:
+            As `summarize`.
+        """
         benchmarks, complete = self.summarize(items, done)
         write_results(self.output_dir, self.settings, benchmarks, complete=complete)
         languages = ordered_languages(lang for per in items.values() for lang in per)
@@ -293,6 +415,17 @@ class EvaluationRunner:
         return benchmarks, complete
 
     async def run(self) -> dict:
+        """Prepare, ask every item not yet answered, write the results (the backend is closed
+        at the end).
+
+        Returns:
+            {"settings", "benchmarks", "complete"}.
+
+        Raises:
+            ValueError: No backend; as `prepare` and `check_prompt_lengths`.
+            EvaluationIncomplete: Requests failed after their retries (what was answered is
+                written; a rerun resumes).
+        """
         if self.backend is None:
             raise ValueError("EvaluationRunner.run needs a backend (use_backend)")
         self.prepare()

@@ -19,9 +19,17 @@ import numpy as np
 
 
 def paired_t_test(treatment: Sequence[float], baseline: Sequence[float]) -> dict:
-    """Paired t-test over matched scores. Keys: t, df, n, mean_difference, p_one_tailed
-    (H1: treatment > baseline), p_two_tailed. Zero spread of the differences gives t = ±inf
-    (or nan when every difference is 0) and the matching limits of p."""
+    """Paired t-test over matched scores.
+
+    Args:
+        treatment: The treatment's scores (e.g. per-language means), at least 2.
+        baseline: The baseline's, in the same order.
+
+    Returns:
+        t, df, n, mean_difference, p_one_tailed (H1: treatment > baseline), p_two_tailed.
+        Zero spread of the differences gives t = ±inf (or nan when every difference is 0) and
+        the matching limits of p.
+    """
     from scipy.stats import t as t_distribution
 
     if len(treatment) != len(baseline):
@@ -61,8 +69,13 @@ def _paired_flags(treatment_correct: Sequence[bool], baseline_correct: Sequence[
 def mcnemar_exact(treatment_correct: Sequence[bool], baseline_correct: Sequence[bool]) -> dict:
     """Exact McNemar test over paired items (binomial on the discordant pairs).
 
-    Keys: n, treatment_only (treatment right, baseline wrong), baseline_only, p_one_tailed
-    (H1: treatment better), p_two_tailed.
+    Args:
+        treatment_correct: Per item, whether the treatment was right.
+        baseline_correct: The baseline's, item for item.
+
+    Returns:
+        n, treatment_only (treatment right, baseline wrong), baseline_only, p_one_tailed
+        (H1: treatment better), p_two_tailed.
     """
     from scipy.stats import binom
 
@@ -86,7 +99,19 @@ def paired_bootstrap_ci(treatment_scores: Sequence[float], baseline_scores: Sequ
 
     Each entry is one item's score in [0, 1] (1/0 for one run, the fraction of runs right for
     several); items are resampled with replacement, keeping each item's pair together.
-    Keys: n, difference, low, high, confidence, resamples.
+
+    Args:
+        treatment_scores: Per item, the treatment's score.
+        baseline_scores: The baseline's, item for item.
+        confidence: The interval's level, in (0, 1).
+        resamples: Bootstrap resamples.
+        seed: The resampling's seed.
+
+    Returns:
+        n, difference, low, high, confidence, resamples.
+
+    Raises:
+        ValueError: A confidence outside (0, 1), or score lists that do not pair up.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -119,7 +144,22 @@ def item_level_comparison(treatment_records: Sequence[dict], baseline_records: S
 
     McNemar pairs each item's answers in the lowest run number both have (one answer per item
     keeps the pairs independent); the bootstrap scores each item by its fraction of runs right over
-    the runs both have, and resamples items. Raises ValueError when no item is shared.
+    the runs both have, and resamples items.
+
+    Args:
+        treatment_records: The treatment's item records (items.jsonl).
+        baseline_records: The baseline's.
+        benchmark: The benchmark compared.
+        languages: The languages pooled (None: all).
+        resamples: Bootstrap resamples.
+        seed: The resampling's seed.
+
+    Returns:
+        items (shared), items_only_in_treatment, items_only_in_baseline, mcnemar
+        (`mcnemar_exact`), bootstrap (`paired_bootstrap_ci`).
+
+    Raises:
+        ValueError: No item is shared.
     """
     wanted = None if languages is None else set(languages)
 

@@ -29,7 +29,11 @@ class ComparisonError(UserFacingError, ValueError):
 
 
 def results_folder(path: str) -> str:
-    """The folder of a results.json, or `path` itself when it is the folder."""
+    """The folder of a results.json, or `path` itself when it is the folder.
+
+    Args:
+        path: A results.json or its folder.
+    """
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
@@ -43,8 +47,25 @@ def compare_results(
     seed: int = 0,
     note: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """The paired t-test of `benchmark` over `languages` (default: every language both results
-    have), with "benchmark", "languages" and, when both folders hold items, "item_level"."""
+    """Compare two evaluations on one benchmark.
+
+    Args:
+        treatment: Its results.json or folder.
+        baseline: Its results.json or folder.
+        benchmark: The benchmark compared.
+        languages: The languages (default: every language both results have).
+        resamples: Bootstrap resamples of the item-level comparison.
+        seed: Their seed.
+        note: Where remarks go (an unfinished evaluation, items missing); default: a warning.
+
+    Returns:
+        The paired t-test (`significance.paired_t_test`) over the languages' means, with
+        "benchmark", "languages" and, when both folders hold items, "item_level"
+        (`significance.item_level_comparison`).
+
+    Raises:
+        ComparisonError: A results file unreadable, or the benchmark or a language missing.
+    """
     note = note or log.warning
     try:
         results = {"--treatment": read_results(treatment), "--baseline": read_results(baseline)}
@@ -86,7 +107,11 @@ def compare_results(
 
 
 def format_significance(result: dict) -> str:
-    """The result of `paired_t_test` or `compare_results` as a few lines of text."""
+    """The result of `paired_t_test` or `compare_results` as a few lines of text.
+
+    Args:
+        result: That result.
+    """
     where = (f"{result['benchmark']} over {', '.join(result['languages'])}: "
              if "benchmark" in result else "")
     lines = [
@@ -111,7 +136,12 @@ def format_significance(result: dict) -> str:
 
 
 def finite_or_null(value):
-    """Strict JSON: t is ±inf or nan when every language moved by the same amount."""
+    """A float for strict JSON: ±inf and nan (t when every language moved by the same amount)
+    become None; anything else is returned as it is.
+
+    Args:
+        value: A number (or anything).
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

@@ -18,7 +18,13 @@ MULTIPLE_CHOICE_BENCHMARKS = ("global_mmlu", "belebele")
 
 def item_prompt(item: BenchmarkItem, template_language: str = "en",
                 templates: Mapping | None = None) -> str:
-    """The user message for `item`; `template_language` names the instructions' language."""
+    """The user message for an item: the paper's prompt of its kind (passage, choices, math).
+
+    Args:
+        item: The benchmark item.
+        template_language: The instructions' language ("en", or one of `templates`).
+        templates: Translated templates (`prompts.load_templates`); None: English.
+    """
     if item.benchmark == "belebele":
         return passage_prompt(item.passage or "", item.question, item.options,
                               template_language, templates)
@@ -29,11 +35,25 @@ def item_prompt(item: BenchmarkItem, template_language: str = "en",
 
 def item_messages(item: BenchmarkItem, template_language: str = "en",
                   templates: Mapping | None = None) -> list[dict]:
-    """The chat the model sees: the prompt as the one user turn (its chat template does the rest)."""
+    """The chat the model sees: the prompt as the one user turn (its chat template does the rest).
+
+    Args:
+        item: The benchmark item.
+        template_language: The instructions' language ("en", or one of `templates`).
+        templates: Translated templates (`prompts.load_templates`); None: English.
+    """
     return [{"role": "user", "content": item_prompt(item, template_language, templates)}]
 
 
 def score_output(item: BenchmarkItem, output: str) -> tuple[str | None, bool]:
-    """(the last \\boxed{} content or None, whether it is the gold answer)."""
+    """Score one reply.
+
+    Args:
+        item: The benchmark item.
+        output: The model's reply.
+
+    Returns:
+        (the last \\boxed{} content or None, whether it is the gold answer).
+    """
     extracted = last_boxed(output)
     return extracted, answer_is_correct(extracted, item.gold, item.options or None)
