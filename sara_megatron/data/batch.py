@@ -18,6 +18,8 @@ import torch
 
 @dataclasses.dataclass
 class PackedTokens:
+    """Right-padded token rows of a batch (shapes in the field comments)."""
+
     tokens: torch.Tensor  # [B, S] int64, padding = pad_id
     labels: torch.Tensor  # [B, S] int64, pad_id where there is no next token
     loss_mask: torch.Tensor  # [B, S] float32, 1 = predict a response token
@@ -26,7 +28,13 @@ class PackedTokens:
 
 
 def padded_length(lengths: Sequence[int], seq_length: Optional[int], multiple_of: int = 1) -> int:
-    """The batch's S: `seq_length` if given, else the longest row rounded up to `multiple_of`."""
+    """The batch's S: `seq_length` if given, else the longest row rounded up to `multiple_of`.
+
+    Args:
+        lengths: Tokens of each row.
+        seq_length: A fixed length, or None.
+        multiple_of: What S is rounded up to (e.g. the TP or CP degree's multiple).
+    """
     if seq_length is not None:
         return seq_length
     longest = max(lengths, default=1)
@@ -40,7 +48,18 @@ def pack_tokens(
     multiple_of: int = 1,
     pad_id: int = 0,
 ) -> PackedTokens:
-    """Right-pad `sequences` to a common length; longer ones are cut at `seq_length`."""
+    """Right-pad sequences to a common length; longer ones are cut at `seq_length`.
+
+    Args:
+        sequences: Token ids of each sample, [n_i] each.
+        prompt_lengths: Tokens before each sample's response (not predicted).
+        seq_length: A fixed S, or None (`padded_length`).
+        multiple_of: What S is rounded up to.
+        pad_id: The padding id.
+
+    Returns:
+        The `PackedTokens` ([B, S] rows).
+    """
     lengths = [min(len(s), seq_length) if seq_length else len(s) for s in sequences]
     s = padded_length(lengths, seq_length, multiple_of)
     b = len(sequences)

@@ -45,19 +45,40 @@ class PackedStepPlan:
     dp_size: int
 
     def rank_micro_batches(self, dp_rank: int) -> list[tuple[int, ...]]:
-        """This data-parallel rank's micro-batches (row indices), in schedule order."""
+        """A data-parallel rank's micro-batches.
+
+        Args:
+            dp_rank: The rank, in 0..dp_size-1.
+
+        Returns:
+            Its micro-batches (row indices, -1 = empty row), in schedule order.
+
+        Raises:
+            ValueError: A rank outside the range.
+        """
         if not 0 <= dp_rank < self.dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{self.dp_size - 1}")
         return list(self.micro_batches[dp_rank::self.dp_size])
 
     @property
     def micro_batches_per_rank(self) -> int:
+        """Micro-batches each rank takes in this step (the same on every rank)."""
         return len(self.micro_batches) // self.dp_size
 
 
 def first_fit_decreasing(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
-    """Rows of sample indices: longest first into the first row with room; each row in index
-    order. Lengths above `seq_length` count as `seq_length` (the sample is cut)."""
+    """Bin-pack samples into rows: longest first into the first row with room.
+
+    Args:
+        lengths: Tokens of each sample (above `seq_length` counts as `seq_length`: it is cut).
+        seq_length: A row's tokens (>= 1).
+
+    Returns:
+        Rows of sample indices, each row in index order.
+
+    Raises:
+        ValueError: seq_length < 1.
+    """
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
     sizes = [min(max(int(n), 0), seq_length) for n in lengths]
@@ -78,7 +99,18 @@ def first_fit_decreasing(lengths: Sequence[int], seq_length: int) -> list[list[i
 
 def spread_rows(rows: list[list[int]], min_rows: int) -> list[list[int]]:
     """Move samples out of the fullest rows (most samples first, then lowest index) into new rows
-    until there are `min_rows`; needs at least `min_rows` samples."""
+    until there are `min_rows`.
+
+    Args:
+        rows: Rows of sample indices.
+        min_rows: Rows wanted.
+
+    Returns:
+        The new rows (the input is not changed).
+
+    Raises:
+        ValueError: Fewer samples than `min_rows`.
+    """
     rows = [list(row) for row in rows]
     if sum(len(row) for row in rows) < min_rows:
         raise ValueError(f"{sum(len(r) for r in rows)} samples cannot fill {min_rows} rows")
@@ -90,7 +122,20 @@ def spread_rows(rows: list[list[int]], min_rows: int) -> list[list[int]]:
 
 def plan_packed_step(lengths: Sequence[int], seq_length: int, micro_batch_size: int,
                      dp_size: int) -> PackedStepPlan:
-    """The packing of one global batch whose samples have `lengths` tokens (see module doc)."""
+    """The packing of one global batch (see the module docstring).
+
+    Args:
+        lengths: Tokens of each sample of the step, in stream order.
+        seq_length: A row's tokens.
+        micro_batch_size: Rows a micro-batch.
+        dp_size: Data-parallel ranks (each gets as many micro-batches).
+
+    Returns:
+        The `PackedStepPlan`.
+
+    Raises:
+        ValueError: Sizes below 1, or fewer samples than ranks.
+    """
     if micro_batch_size < 1 or dp_size < 1:
         raise ValueError(f"micro_batch_size and dp_size must be >= 1, got {micro_batch_size}, "
                          f"{dp_size}")
@@ -110,13 +155,24 @@ def plan_packed_step(lengths: Sequence[int], seq_length: int, micro_batch_size: 
 
 
 def fill_rate(lengths: Sequence[int], rows: int, seq_length: int) -> float:
-    """Real tokens over the tokens of `rows` rows of `seq_length` (cut samples count cut)."""
+    """The share of real tokens in packed rows.
+
+    Args:
+        lengths: Tokens of each sample (cut samples count cut).
+        rows: Rows used.
+        seq_length: A row's tokens.
+
+    Returns:
+        Real tokens over rows * seq_length.
+    """
     real = sum(min(int(n), seq_length) for n in lengths)
     return real / max(rows * seq_length, 1)
 
 
 @dataclasses.dataclass
 class PackedRows:
+    """Packed rows of samples, ready for the forward (shapes in the field comments)."""
+
     tokens: torch.Tensor  # [R, S] int64, padding = pad_id
     labels: torch.Tensor  # [R, S] int64: the next token of the same sample, else pad_id
     loss_mask: torch.Tensor  # [R, S] float32: 1 where the label is a response token
@@ -129,7 +185,20 @@ def pack_rows_tokens(rows: Sequence[Sequence[np.ndarray]], prompt_lengths: Seque
                      seq_length: int, pad_id: int = 0) -> PackedRows:
     """Lay out rows of samples (token arrays, each row's in order) in [R, seq_length]. Segment
     ids number the samples row by row: row 0's first sample is 0, and so on. A sample longer
-    than `seq_length` is cut to it; a row whose samples do not fit is refused."""
+    than `seq_length` is cut to it; a row whose samples do not fit is refused.
+
+    Args:
+        rows: Per row, its samples' token ids ([n_i] each), in order.
+        prompt_lengths: Per row, each sample's tokens before its response.
+        seq_length: S, a row's tokens.
+        pad_id: The padding id.
+
+    Returns:
+        The `PackedRows` ([R, S]).
+
+    Raises:
+        ValueError: A row whose samples do not fit.
+    """
     r = len(rows)
     tokens = np.full((r, seq_length), pad_id, dtype=np.int64)
     labels = np.full((r, seq_length), pad_id, dtype=np.int64)

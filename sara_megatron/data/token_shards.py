@@ -42,6 +42,9 @@ ISSUES_NAME = "corpus_issues.jsonl"
 
 @dataclasses.dataclass(frozen=True)
 class SampleMeta:
+    """The metadata of one stored sample (a line of a shard's `.samples.jsonl`; see the field
+    comments)."""
+
     sample_id: str
     language: str
     prompt_length: int  # tokens before the response: the loss mask starts here
@@ -50,18 +53,36 @@ class SampleMeta:
     source: str
 
     def to_json(self) -> dict:
+        """The `.samples.jsonl` line: {"id", "lang", "prompt_length", "token_count",
+        "truncated", "source"}."""
         return {"id": self.sample_id, "lang": self.language, "prompt_length": self.prompt_length,
                 "token_count": self.token_count, "truncated": self.truncated,
                 "source": self.source}
 
     @classmethod
     def from_json(cls, obj: dict) -> "SampleMeta":
+        """The metadata of a `.samples.jsonl` line.
+
+        Args:
+            obj: The parsed line (`to_json`'s shape).
+
+        Returns:
+            The `SampleMeta`.
+        """
         return cls(obj["id"], obj["lang"], int(obj["prompt_length"]), int(obj["token_count"]),
                    bool(obj["truncated"]), obj["source"])
 
 
 def shard_prefix(language: str, index: int) -> str:
-    """Path of a shard relative to the output directory, without extension."""
+    """The path of a shard relative to the output directory, without extension.
+
+    Args:
+        language: The shard's language.
+        index: Its number within the language.
+
+    Returns:
+        `<language>/<language>-<index:05d>`.
+    """
     return f"{language}/{language}-{index:05d}"
 
 
@@ -71,6 +92,12 @@ def _paths(root: str, prefix: str) -> dict[str, str]:
 
 
 def marker_path(root: str, prefix: str) -> str:
+    """The completion marker of a shard: `<root>/<prefix>.done.json`.
+
+    Args:
+        root: The output directory.
+        prefix: The shard's `shard_prefix`.
+    """
     return os.path.join(root, prefix) + ".done.json"
 
 
@@ -81,7 +108,19 @@ def write_token_shard(
     token_dtype: type,
     plan_digest: str,
 ) -> dict:
-    """Write one shard (atomically) and its completion marker; returns the marker."""
+    """Write one shard (atomically) and its completion marker.
+
+    Args:
+        root: The output directory.
+        prefix: The shard's `shard_prefix`.
+        samples: (metadata, token ids [token_count]) of each sample, in order.
+        token_dtype: The numpy dtype of the stored ids.
+        plan_digest: The digest of the sharding plan (a marker of another plan is rewritten).
+
+    Returns:
+        The marker: the plan digest, the prefix, counts (samples, tokens, truncated, no
+        response tokens), and each file's sha256 and bytes.
+    """
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -117,7 +156,13 @@ def write_token_shard(
 
 
 def read_complete_marker(root: str, prefix: str, plan_digest: str) -> Optional[dict]:
-    """The shard's marker if the shard is complete for this plan, else None (rewrite it)."""
+    """The shard's marker if the shard is complete for this plan, else None (rewrite it).
+
+    Args:
+        root: The output directory.
+        prefix: The shard's `shard_prefix`.
+        plan_digest: This run's plan digest.
+    """
     try:
         with open(marker_path(root, prefix), encoding="utf-8") as f:
             marker = json.load(f)
@@ -132,12 +177,21 @@ def read_complete_marker(root: str, prefix: str, plan_digest: str) -> Optional[d
 
 
 def language_fingerprint(markers: Sequence[dict]) -> str:
-    """sha256 over a language's shard contents: tokens, index and per-sample metadata."""
+    """The fingerprint of a language's shard contents: tokens, index and per-sample metadata.
+
+    Args:
+        markers: The language's shard markers (each with its content "sha256"), in order.
+
+    Returns:
+        `sha256:` + the sha256 of their hashes' canonical JSON.
+    """
     return "sha256:" + sha256_text(canonical_json([m["sha256"] for m in markers]))
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardedSample:
+    """Where a sample is stored: its metadata, the shard's index in its language, its row."""
+
     meta: SampleMeta
     shard: int  # index into the language's shard list
     row: int
@@ -148,7 +202,15 @@ class TokenShards:
 
     Each language's shards are checked when first used (`samples`): structure and token ids
     always; with `verify` (the default) also every file's sha256 against the manifest, remembered
-    for unchanged files by a stamp (`file_stamps`). A damaged shard raises ShardDamagedError."""
+    for unchanged files by a stamp (`file_stamps`). A damaged shard raises ShardDamagedError.
+
+    Args:
+        root: The shard directory (`tools/shard_corpus.py`'s output).
+        verify: Check the files' sha256 against the manifest.
+
+    Raises:
+        FileNotFoundError: No manifest (not a shard directory, or sharding unfinished).
+    """
 
     def __init__(self, root: str | os.PathLike, verify: bool = True):
         self.root = os.fspath(root)
@@ -170,28 +232,37 @@ class TokenShards:
 
     @property
     def anchor_language(self) -> str:
+        """The corpus's anchor language."""
         return self.manifest["anchor_language"]
 
     @property
     def seq_length(self) -> int:
+        """The length samples were cut to."""
         return self.manifest["seq_length"]
 
     @property
     def languages(self) -> list[str]:
+        """Every language, the anchor included."""
         return list(self.manifest["languages"])
 
     @property
     def target_languages(self) -> list[str]:
+        """The languages but the anchor."""
         return [lang for lang in self.languages if lang != self.anchor_language]
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (every stored id is below it)."""
         return int(self.manifest["tokenizer"]["vocab_size"])
 
     def language_fingerprint(self, language: str) -> str:
         """The fingerprint of a language's shards, derived from the sha256 of their files as
         they are on disk (verified against the manifest unless verification is off), never
-        copied from the manifest: a store of priors records what it was computed from."""
+        copied from the manifest: a store of priors records what it was computed from.
+
+        Args:
+            language: A language of the corpus.
+        """
         self.check_language(language)
         hashes = [h if h is not None else shard_content_hashes(self.root, shard)
                   for h, shard in zip(self._checked[language],
@@ -205,7 +276,15 @@ class TokenShards:
         return self.manifest["languages"][language]
 
     def check_language(self, language: str) -> None:
-        """Check the language's shards once (see the class doc); raises ShardDamagedError."""
+        """Check the language's shards once (see the class doc).
+
+        Args:
+            language: A language of the corpus.
+
+        Raises:
+            ShardDamagedError: A damaged shard.
+            KeyError: A language not in the corpus.
+        """
         if language in self._checked and (not self.verify_hashes
                                           or None not in self._checked[language]):
             return
@@ -224,7 +303,14 @@ class TokenShards:
             self.verify_hashes = verify_hashes
 
     def samples(self, language: str) -> list[ShardedSample]:
-        """Every sample of `language` in shard order, with its metadata."""
+        """The samples of a language.
+
+        Args:
+            language: A language of the corpus.
+
+        Returns:
+            Every sample in shard order, with its metadata (its shards checked first).
+        """
         if language not in self._samples:
             self.check_language(language)
             out = []
@@ -240,7 +326,11 @@ class TokenShards:
         return self._samples[language]
 
     def tokens(self, sample: ShardedSample) -> np.ndarray:
-        """The sample's token ids (a read-only view into the memory-mapped .bin)."""
+        """A sample's token ids (a read-only view into the memory-mapped .bin).
+
+        Args:
+            sample: From `samples`.
+        """
         key = (sample.meta.language, sample.shard)
         dataset = self._datasets.get(key)
         if dataset is None:
