@@ -27,6 +27,8 @@ from sara_megatron.data.sara_dataset import SaraDataLoader, SaraMicroBatch
 
 
 class PackedKey(NamedTuple):
+    """What the packed sampler hands the dataset for one sample (see the field comments)."""
+
     index: int  # dataset index of the sample
     row: int  # row of the micro-batch it sits in
     step_micro_batches: int  # micro-batches of this rank in the step
@@ -35,7 +37,21 @@ class PackedKey(NamedTuple):
 class PackedStepSampler:
     """Batch sampler of one data-parallel rank: each step takes the next `global_batch_size`
     positions of the global sample order (as the padded run's step does) and yields the rank's
-    micro-batches of their packing. `consumed_samples` resumes at a step boundary."""
+    micro-batches of their packing. `consumed_samples` resumes at a step boundary.
+
+    Args:
+        order: The global sample order (epochs, shuffle).
+        total_samples: Samples of the whole run (epochs x dataset).
+        lengths: Tokens of each dataset sample.
+        seq_length: A row's tokens.
+        global_batch_size: Samples a step, a multiple of micro_batch_size x dp_size.
+        micro_batch_size: Rows a micro-batch.
+        dp_rank, dp_size: This data-parallel rank and the number of ranks.
+        consumed_samples: Samples of the run already taken, a multiple of global_batch_size.
+
+    Raises:
+        ValueError: The batch sizes or consumed_samples do not divide as stated, or a bad rank.
+    """
 
     def __init__(self, order: GlobalSampleOrder, total_samples: int, lengths: Sequence[int],
                  seq_length: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
@@ -57,10 +73,18 @@ class PackedStepSampler:
         self.consumed_samples = consumed_samples
 
     def steps(self) -> int:
+        """The whole steps left from `consumed_samples` on."""
         return max(0, (self.total_samples - self.consumed_samples) // self.global_batch_size)
 
     def step_plan(self, position: int):
-        """(dataset indices, plan) of the step starting at global position `position`."""
+        """The packing of one step.
+
+        Args:
+            position: The step's first position in the global sample order.
+
+        Returns:
+            (the step's dataset indices, its `packing.PackedStepPlan`).
+        """
         indices = [self.order[p] for p in range(position, position + self.global_batch_size)]
         plan = plan_packed_step([self.lengths[i] for i in indices], self.seq_length,
                                 self.micro_batch_size, self.dp_size)
@@ -80,7 +104,11 @@ class PackedStepSampler:
 
 class PackedSamples(torch.utils.data.Dataset):
     """`SaraTrainingSamples` indexed by `PackedKey`: item -> (key, the sample's item). The
-    wrapped dataset's `shards`, `languages` and `samples` read through."""
+    wrapped dataset's `shards`, `languages` and `samples` read through.
+
+    Args:
+        training_samples: The `SaraTrainingSamples`, priors attached.
+    """
 
     def __init__(self, training_samples):
         self.training_samples = training_samples
@@ -96,7 +124,20 @@ class PackedSamples(torch.utils.data.Dataset):
 
 
 class PackedBatchCollator:
-    """collate_fn of the packed loader: [micro_batch_size, seq_length] rows of whole samples."""
+    """collate_fn of the packed loader: [micro_batch_size, seq_length] rows of whole samples.
+
+    Args:
+        seq_length: S, a row's tokens.
+        rows_per_micro_batch: R, rows a micro-batch.
+        pad_id: The padding id.
+        store: The prior store read per batch, or None.
+        prior_layers: The global layers of the priors' rows.
+        prior_table_digest: The digest of the prior table the rows index, or None.
+        anchor_rows: `anchor_rows.AnchorRows` (sample id -> its anchor's tokens), or None.
+
+    Raises:
+        ValueError: Both a store and a table digest.
+    """
 
     def __init__(self, seq_length: int, rows_per_micro_batch: int, pad_id: int, store,
                  prior_layers: Sequence[int], prior_table_digest: Optional[str] = None,
@@ -142,8 +183,16 @@ class PackedBatchCollator:
 
 
 def packed_fill_rate(sampler: PackedStepSampler, steps: int) -> tuple[float, float]:
-    """(packed, padded) fill rate — real tokens over computed tokens — of the next `steps`
-    steps of `sampler` (the plan only; no token is read)."""
+    """The fill rate (real tokens over computed tokens) of the next steps, packed and padded
+    (the plan only; no token is read).
+
+    Args:
+        sampler: The packed sampler.
+        steps: Steps to plan (at most those left).
+
+    Returns:
+        (packed fill rate, padded fill rate).
+    """
     real = packed_rows = padded_rows = 0
     position = sampler.consumed_samples
     for _ in range(min(steps, sampler.steps())):
@@ -159,7 +208,26 @@ def packed_fill_rate(sampler: PackedStepSampler, steps: int) -> tuple[float, flo
 def packed_layout(config, dataset, order: GlobalSampleOrder, global_batch_size: Optional[int],
                   dp_rank: int, dp_size: int, consumed_samples: int, seq_length: int, store,
                   prior_layers, table):
-    """(batch sampler, dataset, collate_fn) of the packed loader."""
+    """The parts of the packed loader.
+
+    Args:
+        config: The `SaraDataConfig`.
+        dataset: The training samples, priors attached.
+        order: The global sample order.
+        global_batch_size: Samples a step (required).
+        dp_rank, dp_size: This data-parallel rank and the number of ranks.
+        consumed_samples: Samples of the run already taken.
+        seq_length: A row's tokens.
+        store: The prior store read per batch, or None.
+        prior_layers: The global layers of the priors' rows.
+        table: The prior table the batches index, or None.
+
+    Returns:
+        (batch sampler, dataset, collate_fn).
+
+    Raises:
+        ValueError: No global_batch_size.
+    """
     if global_batch_size is None:
         raise ValueError("data packing plans whole global batches: pass global_batch_size")
     anchor_rows = None
@@ -182,7 +250,24 @@ def build_packed_batch_loader(config, shards, dataset, store=None, prior_layers:
                               pin_memory: bool = False,
                               global_batch_size: Optional[int] = None) -> SaraDataLoader:
     """`sara_dataset.build_batch_loader` for `config.packing`: the packed micro-batches of each
-    global batch of `global_batch_size` samples."""
+    global batch of `global_batch_size` samples.
+
+    Args:
+        config: The `SaraDataConfig` (with `packing`).
+        shards: The token shards.
+        dataset: The training samples, priors attached.
+        store: The prior store read per batch, or None.
+        prior_layers: The global layers of the priors' rows.
+        table: The prior table the batches index, or None.
+        dp_rank, dp_size: This data-parallel rank and the number of ranks.
+        consumed_samples: Samples of the run already taken.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin the batches' memory.
+        global_batch_size: Samples a step (required).
+
+    Returns:
+        The `SaraDataLoader` of packed micro-batches.
+    """
     order = GlobalSampleOrder(len(dataset), config.seed, config.shuffle)
     sampler, packed_dataset, collate = packed_layout(
         config, dataset, order, global_batch_size, dp_rank, dp_size, consumed_samples,

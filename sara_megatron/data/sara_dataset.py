@@ -54,23 +54,67 @@ class PriorRows(Protocol):
 
     digest: str
 
-    def rows(self, sample_ids: Iterable[str]) -> np.ndarray: ...
+    def rows(self, sample_ids: Iterable[str]) -> np.ndarray:
+        """The table rows of samples' anchor priors.
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor: ...
+        Args:
+            sample_ids: The samples.
+
+        Returns:
+            [n] int64 row indices.
+        """
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """A batch's priors.
+
+        Args:
+            rows: [B] int64 row indices (`rows`).
+
+        Returns:
+            [L_sel, B, N] float32, on the table's device.
+        """
 
 
 class StoredPriors(Protocol):
     """What the loader reads of a prior store per batch (`priors.store.PriorStore`)."""
 
-    def layer_selection(self, layers: Optional[Sequence[int]]) -> Union[slice, np.ndarray]: ...
+    def layer_selection(self, layers: Optional[Sequence[int]]) -> Union[slice, np.ndarray]:
+        """Which stored layers to read.
 
-    def stored_row(self, sample_id: str, selection: Union[slice, np.ndarray]) -> np.ndarray: ...
+        Args:
+            layers: Global layer numbers (None: all stored).
 
-    def stack(self, rows: Sequence[np.ndarray]) -> torch.Tensor: ...
+        Returns:
+            An index into the stored layer axis.
+        """
+
+    def stored_row(self, sample_id: str, selection: Union[slice, np.ndarray]) -> np.ndarray:
+        """One sample's stored prior.
+
+        Args:
+            sample_id: The sample.
+            selection: From `layer_selection`.
+
+        Returns:
+            [L_sel, N].
+        """
+
+    def stack(self, rows: Sequence[np.ndarray]) -> torch.Tensor:
+        """A batch's priors from its samples' rows.
+
+        Args:
+            rows: [L_sel, N] each (`stored_row`).
+
+        Returns:
+            [L_sel, B, N] float32.
+        """
 
 
 @dataclasses.dataclass(frozen=True)
 class SaraDataConfig:
+    """The training data: shards, priors, languages and the loader's settings (see the field
+    comments; the run config's `data` section)."""
+
     shards_dir: str
     prior_store: Optional[str] = None  # None: no priors (plain fine-tuning)
     prior_layers: Optional[Sequence[int]] = None  # global layers for the JS loss; None: all stored
@@ -102,6 +146,8 @@ class SaraDataConfig:
 
 @dataclasses.dataclass
 class SaraMicroBatch:
+    """One micro-batch of the training loader (shapes in the field comments)."""
+
     tokens: torch.Tensor  # [B, S] int64
     labels: torch.Tensor  # [B, S] int64: next token
     loss_mask: torch.Tensor  # [B, S] float32: 1 where the label is a response token
@@ -143,15 +189,29 @@ class SaraMicroBatch:
         return dataclasses.replace(self, **changes)
 
     def pin_memory(self) -> "SaraMicroBatch":  # called by DataLoader(pin_memory=True)
+        """A copy of this batch with every tensor in pinned memory."""
         return self._map(lambda t: t.pin_memory())
 
     def to(self, device, non_blocking: bool = False) -> "SaraMicroBatch":
+        """A copy of this batch with every tensor on a device.
+
+        Args:
+            device: The device.
+            non_blocking: Copy asynchronously (from pinned memory).
+        """
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def with_priors(self, table: Optional[PriorRows]) -> "SaraMicroBatch":
-        """This batch with `priors` [L_sel, B, N] gathered from `table` (the loader's
+        """A copy of this batch with `priors` [L_sel, B, N] gathered from `table` (the loader's
         `prior_table`) and placed beside the tokens. A batch whose priors are already there
-        (the per-batch store read) or that has none comes back as it is."""
+        (the per-batch store read) or that has none comes back as it is.
+
+        Args:
+            table: The loader's `prior_table`.
+
+        Raises:
+            ValueError: No table for a batch of table rows, or another table than the batch's.
+        """
         if self.priors is not None or self.prior_rows is None:
             return self
         if table is None:
@@ -169,6 +229,19 @@ class SaraMicroBatch:
 
 
 def resolve_languages(shards: TokenShards, languages: Union[str, Sequence[str]]) -> list[str]:
+    """The training languages a config names.
+
+    Args:
+        shards: The token shards.
+        languages: "targets" (every language but the anchor), "all", a list of codes, or one
+            code as a string.
+
+    Returns:
+        The codes, in order.
+
+    Raises:
+        ValueError: A language the shards do not have, or none chosen.
+    """
     if languages == "targets":
         chosen = shards.target_languages
     elif languages == "all":
@@ -189,7 +262,12 @@ class SaraTrainingSamples(torch.utils.data.Dataset):
     """The samples of the training languages as one indexable list (language order, then shard
     order). Item i -> (sample, token ids, its prior), the prior being its anchor's PriorTable row
     (an int, looked up by sample id once, in `attach_prior_table`), or its stored prior row read
-    by sample id beside the tokens (`attach_prior_store`), or None."""
+    by sample id beside the tokens (`attach_prior_store`), or None.
+
+    Args:
+        shards: The token shards.
+        languages: The training languages (`resolve_languages`).
+    """
 
     def __init__(self, shards: TokenShards, languages: Sequence[str]):
         self.shards = shards
@@ -201,9 +279,20 @@ class SaraTrainingSamples(torch.utils.data.Dataset):
         self.prior_rows: Optional[list[int]] = None
 
     def attach_prior_table(self, table: PriorRows) -> None:
+        """Look up every sample's prior row in a table, once.
+
+        Args:
+            table: The prior table.
+        """
         self.prior_rows = table.rows(s.meta.sample_id for s in self.samples).tolist()
 
     def attach_prior_store(self, store: StoredPriors, layers: Optional[Sequence[int]]) -> None:
+        """Read each sample's prior from a store beside its tokens.
+
+        Args:
+            store: The prior store.
+            layers: Global layer numbers (None: all stored).
+        """
         self.store = store
         self._selection = store.layer_selection(layers)
 
@@ -223,7 +312,19 @@ class SaraTrainingSamples(torch.utils.data.Dataset):
 
 class SaraBatchCollator:
     """DataLoader collate_fn: packs the tokens, and beside them the same samples' prior table
-    rows (`prior_table_digest` given) or stacked stored priors (`store` given)."""
+    rows (`prior_table_digest` given) or stacked stored priors (`store` given).
+
+    Args:
+        seq_length: S, the rows' length.
+        pad_id: The padding id.
+        store: The prior store read per batch, or None.
+        prior_layers: The global layers of the priors' rows.
+        prior_table_digest: The digest of the prior table the rows index, or None.
+        anchor_rows: `anchor_rows.AnchorRows` (sample id -> its anchor's tokens), or None.
+
+    Raises:
+        ValueError: Both a store and a table digest.
+    """
 
     def __init__(self, seq_length: int, pad_id: int, store: Optional[StoredPriors],
                  prior_layers: Sequence[int], prior_table_digest: Optional[str] = None,
@@ -260,7 +361,12 @@ class SaraBatchCollator:
 
 class SaraDataLoader(torch.utils.data.DataLoader):
     """torch's DataLoader of SaraMicroBatch, plus the PriorTable its batches' `prior_rows`
-    index (None without priors or with the per-batch store read)."""
+    index (None without priors or with the per-batch store read).
+
+    Args:
+        *args, **kwargs: torch's DataLoader's.
+        prior_table: The table the batches' `prior_rows` index.
+    """
 
     def __init__(self, *args, prior_table: Optional[PriorRows] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -275,7 +381,23 @@ def build_batch_loader(config: SaraDataConfig, shards: TokenShards,
     """This data-parallel rank's micro-batches of `dataset`, one sample per row, from
     `consumed_samples` on (global count), its priors already attached
     (`priors.loader.build_sara_data_loader`): batches carry rows of `table` or the `store`'s rows
-    of `prior_layers`, or no priors. The packed form is `data.packed_loader`'s."""
+    of `prior_layers`, or no priors. The packed form is `data.packed_loader`'s.
+
+    Args:
+        config: The data config (batch size, epochs, seed, shuffle, anchor rows, ...).
+        shards: The token shards.
+        dataset: The training samples, priors attached.
+        store: The prior store read per batch, or None.
+        prior_layers: The global layers of the priors' rows.
+        table: The prior table the batches index, or None.
+        dp_rank, dp_size: This data-parallel rank and the number of ranks.
+        consumed_samples: Samples of the whole run already taken (a resume starts after them).
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin the batches' memory.
+
+    Returns:
+        The `SaraDataLoader`.
+    """
     order = GlobalSampleOrder(len(dataset), config.seed, config.shuffle)
     sampler = RankMicroBatchSampler(order, config.epochs * len(dataset), config.micro_batch_size,
                                     dp_rank, dp_size, consumed_samples)
