@@ -26,11 +26,26 @@ from sara_megatron.data.token_shards import TokenShards
 
 
 class AnchorRows:
+    """The anchor-language token rows of a corpus, by sample id: calling it with a sample id
+    gives that sample's anchor token ids ([n]).
+
+    Args:
+        shards: The token shards (their anchor language is read).
+    """
+
     def __init__(self, shards: TokenShards):
         self.shards = shards
         self._index = {s.meta.sample_id: s for s in shards.samples(shards.anchor_language)}
 
     def check_covers(self, sample_ids: Iterable[str]) -> None:
+        """Refuse training samples without an anchor row.
+
+        Args:
+            sample_ids: The training samples.
+
+        Raises:
+            ValueError: Naming how many lack one, and the first five.
+        """
         missing = [i for i in dict.fromkeys(sample_ids) if i not in self._index]
         if missing:
             raise ValueError(
@@ -43,7 +58,15 @@ class AnchorRows:
 
 
 def anchor_rows_for(shards: TokenShards, sample_ids: Iterable[str]) -> AnchorRows:
-    """The anchor rows of `shards`, checked to cover every one of `sample_ids`."""
+    """The anchor rows of a corpus, checked to cover every training sample.
+
+    Args:
+        shards: The token shards.
+        sample_ids: The training samples.
+
+    Raises:
+        ValueError: As `AnchorRows.check_covers`.
+    """
     rows = AnchorRows(shards)
     rows.check_covers(sample_ids)
     return rows
@@ -54,7 +77,16 @@ def pack_anchor_rows(anchors: Sequence[np.ndarray], seq_length: int, pad_id: int
     """The anchors of one packed micro-batch's samples (in its segment order) packed into rows
     of `seq_length` by first-fit decreasing, with segment ids renumbered so that segment k is
     `anchors[k]` (pack_rows_tokens numbers them row by row). No loss mask: the anchor forward
-    trains nothing."""
+    trains nothing.
+
+    Args:
+        anchors: The anchors' token ids ([n_k] each), in the micro-batch's segment order.
+        seq_length: S, a row's tokens.
+        pad_id: The padding id.
+
+    Returns:
+        The `PackedRows` ([R_a, S]).
+    """
     rows = first_fit_decreasing([len(a) for a in anchors], seq_length)
     packed = pack_rows_tokens([[anchors[i] for i in row] for row in rows],
                               [[0] * len(row) for row in rows], seq_length, pad_id)

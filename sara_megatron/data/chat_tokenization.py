@@ -26,7 +26,21 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     """The model's HF tokenizer (`AutoTokenizer`); `chat_template` (Jinja text) replaces its
     own. A folder is read as it is; any other name is a hub id, read from the local HF cache
     unless `allow_download` — a mistyped path must not turn into a network fetch (which stalls,
-    then blames the connection, on an offline cluster)."""
+    then blames the connection, on an offline cluster).
+
+    Args:
+        name_or_path: A tokenizer folder or a hub id.
+        trust_remote_code: Run the model's own tokenizer code.
+        chat_template: Jinja text replacing the tokenizer's chat template.
+        allow_download: Let a hub id be fetched.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        FileNotFoundError: A path that is no folder, or a hub id not in the cache.
+        ValueError: A tokenizer without a chat template (and none given).
+    """
     from transformers import AutoTokenizer
 
     source = os.fspath(name_or_path)
@@ -56,8 +70,15 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of what decides the token ids: vocabulary/merges (or the whole fast-tokenizer
-    JSON), added tokens and the chat template."""
+    """The fingerprint of what decides the token ids: vocabulary/merges (or the whole
+    fast-tokenizer JSON), added tokens and the chat template.
+
+    Args:
+        tokenizer: An HF tokenizer.
+
+    Returns:
+        `sha256:` + the hex digest.
+    """
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -71,16 +92,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedSample:
+    """One record's token ids and where its response starts (see the field comments)."""
+
     token_ids: np.ndarray  # int64 [n], n <= seq_length
     prompt_length: int  # tokens before the response (loss mask starts here), <= n
     untruncated_length: int
 
     @property
     def truncated(self) -> bool:
+        """Whether tokens were cut at the sequence length."""
         return self.untruncated_length > len(self.token_ids)
 
     @property
     def response_length(self) -> int:
+        """The tokens kept after the prompt (the loss is on them)."""
         return len(self.token_ids) - self.prompt_length
 
 
@@ -90,7 +115,15 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def render_conversation(tokenizer, record: ParallelRecord) -> tuple[str, str]:
-    """(prompt text ending in the assistant header, full conversation text)."""
+    """A record through the tokenizer's chat template.
+
+    Args:
+        tokenizer: An HF tokenizer with a chat template.
+        record: The record.
+
+    Returns:
+        (prompt text ending in the assistant header, full conversation text).
+    """
     prompt = tokenizer.apply_chat_template(
         record.chat(record.prompt_messages), tokenize=False, add_generation_prompt=True
     )
@@ -100,13 +133,34 @@ def render_conversation(tokenizer, record: ParallelRecord) -> tuple[str, str]:
 
 def check_seq_length(seq_length: int) -> None:
     """A sample keeps at most `seq_length` tokens: below 1 nothing would be left to train on (and
-    a negative one would silently cut tokens from the end instead)."""
+    a negative one would silently cut tokens from the end instead).
+
+    Args:
+        seq_length: The value to check.
+
+    Raises:
+        ValueError: Not a positive integer.
+    """
     is_count = isinstance(seq_length, numbers.Integral) and not isinstance(seq_length, bool)
     if not is_count or seq_length < 1:
         raise ValueError(f"seq_length must be a positive number of tokens, got {seq_length!r}")
 
 
 def tokenize_record(tokenizer, record: ParallelRecord, seq_length: int) -> TokenizedSample:
+    """A record's token ids, cut at `seq_length`, and its prompt length (the tokens the prompt
+    and the full conversation share).
+
+    Args:
+        tokenizer: An HF tokenizer with a chat template.
+        record: The record.
+        seq_length: Tokens kept at most (>= 1).
+
+    Returns:
+        The `TokenizedSample`.
+
+    Raises:
+        ValueError: A bad seq_length.
+    """
     check_seq_length(seq_length)
     prompt_text, full_text = render_conversation(tokenizer, record)
     prompt_ids = _encode(tokenizer, prompt_text)

@@ -41,7 +41,14 @@ REJECTION_REASONS = (
 
 
 class RecordError(ValueError):
-    """A record that cannot be used; `reason` is one of REJECTION_REASONS."""
+    """A record that cannot be used.
+
+    Args:
+        reason: One of REJECTION_REASONS.
+        message: What is wrong.
+        sample_id: The record's id, when it could be read.
+        language: Its language, when it could be read.
+    """
 
     def __init__(self, reason: str, message: str, sample_id: Optional[str] = None,
                  language: Optional[str] = None):
@@ -53,12 +60,17 @@ class RecordError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ChatMessage:
+    """One message of a record: its role ("system", "user", "assistant") and text."""
+
     role: str
     content: str
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelRecord:
+    """One corpus record: a sample in one language (its messages end with the assistant's
+    response; `answer` is the gold answer where the source has one)."""
+
     sample_id: str
     language: str
     messages: tuple[ChatMessage, ...]
@@ -67,14 +79,20 @@ class ParallelRecord:
 
     @property
     def prompt_messages(self) -> tuple[ChatMessage, ...]:
+        """Every message but the response."""
         return self.messages[:-1]
 
     @property
     def response(self) -> ChatMessage:
+        """The last message: the assistant's response (the loss is on it)."""
         return self.messages[-1]
 
     def chat(self, messages: Optional[tuple[ChatMessage, ...]] = None) -> list[dict]:
-        """Messages as the dicts `apply_chat_template` takes."""
+        """The messages as the dicts `apply_chat_template` takes.
+
+        Args:
+            messages: Which messages (default: all of the record's).
+        """
         return [{"role": m.role, "content": m.content} for m in (messages or self.messages)]
 
 
@@ -106,7 +124,18 @@ def _check_encodable(text: str, field: str, sample_id: Optional[str] = None,
 
 
 def parse_record(line: str, known_languages: frozenset[str]) -> ParallelRecord:
-    """Parse and check one JSONL line; raises RecordError naming the first problem."""
+    """Parse and check one JSONL line.
+
+    Args:
+        line: The line.
+        known_languages: The language codes accepted (`languages.known_languages`).
+
+    Returns:
+        The `ParallelRecord`.
+
+    Raises:
+        RecordError: Naming the first problem.
+    """
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:

@@ -50,6 +50,8 @@ from sara_megatron.io import (
 
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
+    """What `tools/shard_corpus.py` is asked (see the field comments and the tool's --help)."""
+
     corpus_paths: tuple[str, ...]
     output_dir: str
     tokenizer: str  # HF tokenizer name or directory (the model's)
@@ -69,17 +71,22 @@ class ShardingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ShardTask:
+    """One shard to write: its language, number and records."""
+
     language: str
     index: int
     records: tuple[RecordRef, ...]
 
     @property
     def prefix(self) -> str:
+        """The shard's `token_shards.shard_prefix`."""
         return shard_prefix(self.language, self.index)
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardProgress:
+    """What the progress callback gets after each shard (see the field comments)."""
+
     shards_done: int
     shards_total: int
     tokens_written: int  # by this run (resumed shards not counted)
@@ -91,6 +98,8 @@ class ShardProgress:
 
 @dataclasses.dataclass
 class ShardingReport:
+    """What one sharding run did: the manifest written, the validated corpus and the counts."""
+
     manifest: dict
     corpus: ValidatedCorpus
     shards_written: int
@@ -101,6 +110,18 @@ class ShardingReport:
 
 
 def plan_shards(corpus: ValidatedCorpus, shard_size: int) -> list[ShardTask]:
+    """Cut each language's records into shards.
+
+    Args:
+        corpus: The validated corpus.
+        shard_size: Samples a shard (>= 1).
+
+    Returns:
+        The tasks, language by language.
+
+    Raises:
+        ValueError: shard_size < 1.
+    """
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
     tasks = []
@@ -169,6 +190,9 @@ def check_every_language_kept(corpus: ValidatedCorpus) -> None:
     language whose anchors are missing: a corpus folder mixing two runs, or anchors from another
     input).
 
+    Args:
+        corpus: The validated corpus.
+
     Raises:
         LanguageLostError: naming each such language and its commonest rejection reasons.
     """
@@ -196,6 +220,22 @@ def check_every_language_kept(corpus: ValidatedCorpus) -> None:
 def shard_corpus(
     config: ShardingConfig, progress: Optional[Callable[[ShardProgress], None]] = None
 ) -> ShardingReport:
+    """Validate the corpus, tokenize it and write the token shards and their manifest;
+    a rerun into the same folder resumes (complete shards of the same plan are kept).
+
+    Args:
+        config: The sharding config.
+        progress: Called after each shard with a `ShardProgress`.
+
+    Returns:
+        The `ShardingReport`.
+
+    Raises:
+        ValueError: A bad seq_length or shard size, an invalid corpus (strict), an output
+            folder of another plan (`io.OutputFolderTaken`), or a language with no record
+            left (`LanguageLostError`).
+        FileNotFoundError: A missing tokenizer or corpus file.
+    """
     start = time.perf_counter()
     check_seq_length(config.seq_length)  # before anything is validated, loaded or written
     known = known_languages(config.extra_languages)

@@ -27,7 +27,17 @@ _CODE_PATTERN = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 
 
 def known_languages(extra: Iterable[str] = ()) -> frozenset[str]:
-    """The paper's codes plus `extra`; each extra code must look like a language code."""
+    """The paper's codes plus extra ones.
+
+    Args:
+        extra: Further codes (ISO 639 with an optional subtag, e.g. "ta" or "zh-Hant").
+
+    Returns:
+        The known codes.
+
+    Raises:
+        ValueError: An extra code that does not look like a language code.
+    """
     extra = tuple(extra)
     bad = [code for code in extra if not _CODE_PATTERN.match(code)]
     if bad:

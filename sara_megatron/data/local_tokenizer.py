@@ -26,6 +26,15 @@ def build_local_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, voca
     Ids stay below `vocab_size`, so a model with that vocabulary can embed every token. At most
     `limit_alphabet` distinct characters are kept; rarer ones become `<unk>` (texts in several
     scripts need more than the default).
+
+    Args:
+        texts: The training texts.
+        out_dir: Where the tokenizer is saved.
+        vocab_size: Ids stay below it.
+        limit_alphabet: Distinct characters kept.
+
+    Returns:
+        The transformers tokenizer (`PreTrainedTokenizerFast`).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

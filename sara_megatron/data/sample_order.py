@@ -15,6 +15,18 @@ import numpy as np
 
 
 class GlobalSampleOrder:
+    """The order samples are taken in over epochs: `order[position]` is the dataset index at a
+    global position (epoch = position // num_samples), each epoch its own permutation.
+
+    Args:
+        num_samples: Samples in the dataset (>= 1).
+        seed: The permutations' seed (with the epoch).
+        shuffle: False keeps dataset order.
+
+    Raises:
+        ValueError: An empty dataset.
+    """
+
     def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
         if num_samples < 1:
             raise ValueError("the dataset is empty")
@@ -24,6 +36,14 @@ class GlobalSampleOrder:
         self._epoch, self._permutation = -1, None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        """One epoch's order.
+
+        Args:
+            epoch: The epoch, from 0.
+
+        Returns:
+            [num_samples] dataset indices.
+        """
         if epoch != self._epoch:
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch])
@@ -39,6 +59,15 @@ class GlobalSampleOrder:
 
 
 def check_dp_rank(dp_rank: int, dp_size: int) -> None:
+    """Refuse a data-parallel rank outside 0..dp_size-1.
+
+    Args:
+        dp_rank: The rank.
+        dp_size: The number of ranks.
+
+    Raises:
+        ValueError: Outside.
+    """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
 
@@ -46,7 +75,19 @@ def check_dp_rank(dp_rank: int, dp_size: int) -> None:
 def check_rank_position(micro_batch_size: int, dp_rank: int, dp_size: int,
                         consumed_samples: int) -> int:
     """Refuse a data-parallel rank outside its group, or a resume point that is not a whole number
-    of steps; returns the samples one step consumes over data parallel."""
+    of steps.
+
+    Args:
+        micro_batch_size: Samples a micro-batch.
+        dp_rank, dp_size: This data-parallel rank and the number of ranks.
+        consumed_samples: Samples of the run already taken.
+
+    Returns:
+        The samples one step consumes over data parallel (micro_batch_size x dp_size).
+
+    Raises:
+        ValueError: A bad rank, or consumed_samples not a multiple of that.
+    """
     check_dp_rank(dp_rank, dp_size)
     step = micro_batch_size * dp_size
     if consumed_samples % step:
@@ -56,7 +97,20 @@ def check_rank_position(micro_batch_size: int, dp_rank: int, dp_size: int,
 
 
 class RankMicroBatchSampler:
-    """Batch sampler (for torch's DataLoader) of one data-parallel rank's micro-batches."""
+    """Batch sampler (for torch's DataLoader) of one data-parallel rank's micro-batches: each
+    step takes the next micro_batch_size x dp_size positions of the global order, this rank
+    its slice; a last incomplete step is dropped.
+
+    Args:
+        order: The global sample order.
+        total_samples: Samples of the whole run (epochs x dataset).
+        micro_batch_size: Samples a micro-batch.
+        dp_rank, dp_size: This data-parallel rank and the number of ranks.
+        consumed_samples: Samples of the run already taken (a resume starts after them).
+
+    Raises:
+        ValueError: As `check_rank_position`.
+    """
 
     def __init__(self, order: GlobalSampleOrder, total_samples: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int = 0):
