@@ -41,7 +41,11 @@ from sara_megatron.data.languages import known_languages as default_known_langua
 
 
 class CorpusError(ValueError):
-    """Raised in strict mode for the first bad record (message starts with `file:line:`)."""
+    """Raised in strict mode for the first bad record (message starts with `file:line:`).
+
+    Args:
+        issue: The record's `CorpusIssue`.
+    """
 
     def __init__(self, issue: "CorpusIssue"):
         super().__init__(str(issue))
@@ -50,6 +54,8 @@ class CorpusError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CorpusIssue:
+    """One rejected record: why (a `REJECTION_REASONS` entry), where, and what it was."""
+
     reason: str
     path: str
     line: int
@@ -73,6 +79,14 @@ class RecordRef:
     length: int  # bytes of the line, newline included
 
     def read(self, known: frozenset[str]) -> ParallelRecord:
+        """The record, read again from its file.
+
+        Args:
+            known: The accepted language codes.
+
+        Returns:
+            The `ParallelRecord`.
+        """
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             raw = f.read(self.length)
@@ -81,6 +95,8 @@ class RecordRef:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusFile:
+    """An input file as read: its path, sha256, bytes and lines."""
+
     path: str
     sha256: str
     size: int
@@ -89,6 +105,9 @@ class CorpusFile:
 
 @dataclasses.dataclass
 class ValidatedCorpus:
+    """The outcome of `validate_corpus`: the kept records by language (as references into the
+    files), the rejected ones, and the files read."""
+
     anchor_language: str
     known_languages: frozenset[str]
     files: list[CorpusFile]
@@ -103,6 +122,7 @@ class ValidatedCorpus:
         return [self.anchor_language, *others] if self.anchor_language in self.records else others
 
     def summary(self) -> dict:
+        """The counts: lines, blank lines, records read, kept by language, rejected by reason."""
         rejected = collections.Counter(issue.reason for issue in self.issues)
         kept = {lang: len(refs) for lang, refs in sorted(self.records.items())}
         return {
@@ -116,6 +136,14 @@ class ValidatedCorpus:
         }
 
     def format_summary(self, examples_per_reason: int = 5) -> str:
+        """The summary as lines for a person, with examples of each rejection.
+
+        Args:
+            examples_per_reason: Issues shown per reason.
+
+        Returns:
+            The text.
+        """
         s = self.summary()
         lines = [
             f"corpus: {len(self.files)} file(s), {s['records_read']} records "
@@ -134,8 +162,15 @@ class ValidatedCorpus:
 
 
 def expand_corpus_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Files as given; a directory stands for its *.jsonl files in sorted order, less the side
-    files that are not corpus records (`CORPUS_SIDE_FILES`)."""
+    """The corpus files of the paths given.
+
+    Args:
+        paths: Files, or directories standing for their *.jsonl files in sorted order, less the
+            side files that are not corpus records (`CORPUS_SIDE_FILES`).
+
+    Returns:
+        The files, in order.
+    """
     out = []
     for p in paths:
         p = os.fspath(p)
@@ -171,6 +206,24 @@ def validate_corpus(
     strict: bool = False,
     duplicates: str = "first",
 ) -> ValidatedCorpus:
+    """Read and check every record of a parallel corpus (see the module docstring for the
+    rules); a bad record is rejected and listed, or, `strict`, refused.
+
+    Args:
+        paths: Corpus files or folders (`expand_corpus_paths`).
+        anchor_language: The anchor language's code.
+        known_languages: The accepted codes (default: `languages.known_languages()`).
+        strict: Raise on the first bad record instead of listing it.
+        duplicates: Differing copies of one (id, lang): "reject" them all, or keep the
+            "first" / "last"; identical copies are dropped and counted either way.
+
+    Returns:
+        The `ValidatedCorpus`.
+
+    Raises:
+        ValueError: An unknown anchor language or duplicates policy.
+        CorpusError: With `strict`, the first bad record.
+    """
     known = known_languages or default_known_languages()
     if anchor_language not in known:
         raise ValueError(f"anchor language {anchor_language!r} is not a known language code")

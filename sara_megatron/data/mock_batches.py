@@ -27,7 +27,21 @@ from sara_megatron.data.sara_dataset import SaraMicroBatch
 
 class MockSaraLoader:
     """Iterable of `SaraMicroBatch` like `SaraDataLoader` (its `prior_table` is None: the priors
-    ride in the batches)."""
+    ride in the batches).
+
+    Args:
+        vocab_size: Token ids are drawn from [0, vocab_size).
+        num_experts: The priors' last dimension.
+        prior_layers: The aligned layers (one prior row each); empty for no priors.
+        seq_length: The rows' length (>= 2).
+        micro_batch_size: Rows a micro-batch.
+        dp_rank, dp_size: This data-parallel rank and the number of ranks.
+        consumed_samples: Samples of the run already taken (a resume starts after them).
+        seed: The random stream (with the batch index and the rank).
+
+    Raises:
+        ValueError: seq_length < 2, or as `sample_order.check_rank_position`.
+    """
 
     prior_table = None
 
@@ -57,6 +71,15 @@ class MockSaraLoader:
         self.seed = seed
 
     def batch(self, index: int) -> SaraMicroBatch:
+        """One micro-batch of this rank: random tokens, a quarter of each row prompt, flat
+        Dirichlet priors [L_sel, B, N].
+
+        Args:
+            index: The batch's number (the same index gives the same batch).
+
+        Returns:
+            The `SaraMicroBatch`.
+        """
         rng = np.random.default_rng([self.seed, index, self.dp_rank])
         b, s = self.micro_batch_size, self.seq_length
         rows = rng.integers(0, self.vocab_size, size=(b, s), dtype=np.int64)
@@ -133,7 +156,14 @@ class MockSampleLoader:
         self.seed = seed
 
     def step_samples(self, index: int) -> tuple[list[np.ndarray], list[int], Optional[torch.Tensor]]:
-        """Step `index`'s samples: token arrays, prompt lengths and priors [L_sel, G, N]."""
+        """A step's samples.
+
+        Args:
+            index: The step's number.
+
+        Returns:
+            (token arrays, prompt lengths, priors [L_sel, G, N] or None).
+        """
         rng = np.random.default_rng([self.seed, index])
         picks = rng.integers(0, len(self.lengths), size=self.global_batch_size)
         prompts, totals = [], []
@@ -150,7 +180,14 @@ class MockSampleLoader:
         return seqs, prompts, priors
 
     def step(self, index: int) -> list[SaraMicroBatch]:
-        """Step `index`'s micro-batches."""
+        """A step's micro-batches.
+
+        Args:
+            index: The step's number.
+
+        Returns:
+            The `SaraMicroBatch`es, packed or padded as configured.
+        """
         seqs, prompts, priors = self.step_samples(index)
         s, b = self.seq_length, self.micro_batch_size
         out = []
@@ -173,7 +210,15 @@ class MockSampleLoader:
         return out
 
     def fill_rate(self, index: int) -> float:
-        """Real tokens over computed tokens of step `index` (packed or padded, as configured)."""
+        """The share of real tokens in a step's computed tokens (packed or padded, as
+        configured).
+
+        Args:
+            index: The step's number.
+
+        Returns:
+            Real tokens over computed tokens.
+        """
         seqs, _, _ = self.step_samples(index)
         lengths = [len(x) for x in seqs]
         if not self.packed:

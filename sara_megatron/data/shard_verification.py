@@ -34,6 +34,12 @@ class ShardDamagedError(UserFacingError, ValueError):
 
 
 def shard_paths(root: str, prefix: str) -> dict[str, str]:
+    """The files of a shard: {"bin", "idx", "samples"} -> path.
+
+    Args:
+        root: The shard directory.
+        prefix: The shard's prefix (`token_shards.shard_prefix`).
+    """
     base = os.path.join(root, prefix)
     return {"bin": base + ".bin", "idx": base + ".idx", "samples": base + ".samples.jsonl"}
 
@@ -48,8 +54,17 @@ def _damaged(root: str, prefix: str, path: str, what: str) -> ShardDamagedError:
 
 
 def read_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray]:
-    """(token dtype, sequence lengths, sequence byte offsets) of a Megatron `.idx` file; raises
-    ValueError saying what does not fit."""
+    """Read a Megatron `.idx` file.
+
+    Args:
+        idx_path: The file.
+
+    Returns:
+        (token dtype, sequence lengths [n], sequence byte offsets [n]).
+
+    Raises:
+        ValueError: Saying what does not fit.
+    """
     size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
         header = f.read(_HEADER)
@@ -81,8 +96,22 @@ def _token_range(bin_path: str, dtype: np.dtype) -> tuple[int, int]:
 
 def check_shard(root: str, shard: dict, vocab_size: int, check_hash: bool = True
                 ) -> dict[str, str] | None:
-    """Check one shard (`shard`: its manifest entry). Returns the sha256 of each of its files
-    (all equal to the manifest's) when `check_hash`, else None."""
+    """Check one shard: its files present, index and token ids sound, and with `check_hash`
+    their sha256 against the manifest (remembered for unchanged files).
+
+    Args:
+        root: The shard directory.
+        shard: The shard's manifest entry.
+        vocab_size: Every token id must be below it.
+        check_hash: Compare the files' sha256 with the manifest's.
+
+    Returns:
+        The sha256 of each of its files (all equal to the manifest's) when `check_hash`, else
+        None.
+
+    Raises:
+        ShardDamagedError: Naming the file and what is wrong.
+    """
     prefix = shard["prefix"]
     paths = shard_paths(root, prefix)
     for path in paths.values():
@@ -112,7 +141,12 @@ def check_shard(root: str, shard: dict, vocab_size: int, check_hash: bool = True
 
 def shard_content_hashes(root: str, shard: dict) -> dict[str, str]:
     """The sha256 of each file of a shard as it is on disk (remembered for unchanged files),
-    compared with nothing."""
+    compared with nothing.
+
+    Args:
+        root: The shard directory.
+        shard: The shard's manifest entry.
+    """
     paths = shard_paths(root, shard["prefix"])
     stamp = FileStamp(os.path.join(root, shard["prefix"]), os.path.dirname(paths["bin"]))
     try:

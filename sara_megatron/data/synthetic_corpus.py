@@ -24,7 +24,17 @@ def _word_list(language: str, size: int = 60) -> list[str]:
 
 
 def synthetic_record(sample_id: str, language: str, index: int, max_words: int = 40) -> dict:
-    """One record; the same `index` gives parallel content in every language."""
+    """One synthetic corpus record.
+
+    Args:
+        sample_id: Its id.
+        language: Its language (the word list's).
+        index: The same index gives parallel content in every language.
+        max_words: The longest response, in words.
+
+    Returns:
+        A corpus record: a question, and a response ending in `\\boxed{answer}`.
+    """
     rng = random.Random(f"sample-{index}")  # content depends on the sample, not the language
     words = _word_list(language)
     q = [words[rng.randrange(len(words))] for _ in range(rng.randint(3, max_words // 2))]
@@ -48,7 +58,17 @@ def write_synthetic_corpus(
     languages: Sequence[str] = ("en", "hi", "sw"),
     max_words: int = 40,
 ) -> list[str]:
-    """One `{lang}.jsonl` per language with `num_samples` parallel records; returns the paths."""
+    """Write a parallel synthetic corpus.
+
+    Args:
+        out_dir: The folder (created).
+        num_samples: Records per language.
+        languages: One `{lang}.jsonl` each.
+        max_words: The longest response, in words.
+
+    Returns:
+        The paths written.
+    """
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for lang in languages:
@@ -62,7 +82,14 @@ def write_synthetic_corpus(
 
 
 def corpus_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """All message texts of JSONL corpus files (to train a local tokenizer on)."""
+    """The message texts of JSONL corpus files (to train a local tokenizer on).
+
+    Args:
+        paths: Corpus files.
+
+    Returns:
+        Every message's content, in file order.
+    """
     texts = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
