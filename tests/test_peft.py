@@ -85,3 +85,55 @@ def test_only_adapters_and_router_are_trainable(single_rank):
     assert qkv.lora_a.shape == (4, qkv.input_size)
     assert qkv.lora_b.shape == (qkv.output_size_per_partition, 4)
     assert not qkv.weight.requires_grad
+
+
+def _lora_trainer(tmp_path=None, **overrides):
+    """A one-process LoRA Trainer on the tiny model (random base from the seed), mock data."""
+    from sara_megatron.training import Trainer, load_train_config
+
+    values = {"model.preset": "qwen3_moe_tiny", "data.mock": True, "data.seq_length": 32,
+              "sara.layers": "all", "optim.train_steps": 2, "optim.lr": 1e-2,
+              "data.micro_batch_size": 2, "data.global_batch_size": 4, "peft.method": "lora",
+              "peft.rank": 4, **overrides}
+    if tmp_path is not None:
+        values["checkpoint.save_dir"] = tmp_path / "ckpt"
+    return Trainer(load_train_config(None, [f"{k}={v}" for k, v in values.items()]))
+
+
+@pytest.mark.parametrize("router", ["full", "frozen"])
+def test_a_step_changes_only_the_adapters_and_the_router(single_rank, router):
+    trainer = _lora_trainer(**{"peft.router": router})
+    module = trainer.chunks[0].module
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer.train_step()
+    trainer.train_step()  # B is zero before the first step: A moves from the second on
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    adapters = {n for n in before if n.endswith(("lora_a", "lora_b"))}
+    routers = {n for n in before if n.endswith("mlp.router.weight")}
+    assert adapters and changed >= adapters
+    assert changed == adapters | (routers if router == "full" else set())
+    # The optimizer holds state for the trainable parameters only.
+    held = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    assert held == sum(before[n].numel() for n in adapters | (routers if router == "full" else set()))
+
+
+def test_checkpoint_holds_adapters_and_router_only_and_refuses_another_base(single_rank,
+                                                                           tmp_path):
+    from megatron.core import dist_checkpointing
+
+    from sara_megatron.training.preflight import PreflightError
+
+    trainer = _lora_trainer(tmp_path)
+    trainer.run()
+    folder = tmp_path / "ckpt" / "iter_0000002"
+    saved = dist_checkpointing.load_common_state_dict(str(folder))
+    assert saved["trainer"]["peft"]["base_fingerprint"] == "random-init:qwen3_moe_tiny:1234"
+    keys = {t.key for t in dist_checkpointing.load_tensors_metadata(str(folder)).values()}
+    model_keys = {k for k in keys if not k.startswith("optimizer")}
+    assert model_keys and all(k.endswith(("lora_a", "lora_b", "router.weight"))
+                              for k in model_keys), sorted(model_keys)
+    # Resuming onto another base (here: another seed's random base) is refused in one line.
+    with pytest.raises(PreflightError) as err:
+        _lora_trainer(tmp_path, seed=7, **{"optim.train_steps": 4})
+    base = [p for p in err.value.problems if "trained on base" in p]
+    assert len(base) == 1 and "\n" not in base[0], err.value.problems

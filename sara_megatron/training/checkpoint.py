@@ -138,13 +138,19 @@ def _model_key(index: int, num_chunks: int) -> str:
     return "model" if num_chunks == 1 else f"model{index}"
 
 
-def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+def _trainable_names(module) -> set:
+    return {name for name, param in module.named_parameters() if param.requires_grad}
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool, trainable_only: bool = False) -> dict:
     state = {}
     for i, chunk in enumerate(chunks):
         key = _model_key(i, len(chunks))
-        state[key] = chunk.module.sharded_state_dict(prefix="") if hasattr(chunk, "module") else (
-            chunk.sharded_state_dict(prefix="")
-        )
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        state[key] = module.sharded_state_dict(prefix="")
+        if trainable_only:  # LoRA: the frozen base is model.checkpoint's, not saved again
+            keep = _trainable_names(module)
+            state[key] = {k: v for k, v in state[key].items() if k in keep}
     # Every chunk's sharded tensors, nested per chunk: the chunks of a virtual-pipeline rank use
     # the same local names (decoder.layers.0. ...) for other global layers, so one flat dict would
     # keep only the last chunk's, and the optimizer would find no tensor for the others' params.
@@ -157,9 +163,12 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
 
 def save_training_checkpoint(
     save_dir: str, iteration: int, chunks, optimizer, scheduler, extra: dict,
-    conversion_source: Optional[str] = None,
+    conversion_source: Optional[str] = None, trainable_only: bool = False,
 ) -> str:
     """Collective. Returns the folder of the checkpoint written.
+
+    trainable_only: save only the parameters that train (LoRA adapters and router) with the
+    optimizer state; the frozen base stays where it was loaded from.
 
     conversion_source: the converted checkpoint training started from; its conversion metadata
     and HF assets (config, tokenizer) are carried into every save, so `convert_hf.py export`
@@ -175,7 +184,7 @@ def save_training_checkpoint(
             shutil.rmtree(staging)
         os.makedirs(staging)
     dist.barrier()
-    state = _sharded_state(chunks, optimizer, is_loading=False)
+    state = _sharded_state(chunks, optimizer, is_loading=False, trainable_only=trainable_only)
     state["scheduler"] = scheduler.state_dict()
     state["trainer"] = dict(extra, iteration=iteration, optimizer_parts=_optimizer_parts(optimizer),
                             optimizer_kinds=_optimizer_kinds(optimizer))
@@ -321,8 +330,13 @@ def _saved_param_groups(node) -> list[dict]:
 
 
 @torch.no_grad()
-def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) -> dict:
-    """Collective. Restores model, optimizer and schedule; returns the trainer's extra state."""
+def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler,
+                             trainable_only: bool = False) -> dict:
+    """Collective. Restores model, optimizer and schedule; returns the trainer's extra state.
+
+    trainable_only: the checkpoint holds only the trained parameters (LoRA); the rest of the
+    model is left as it is (the base, loaded before).
+    """
     from megatron.core import dist_checkpointing
 
     saved = dist_checkpointing.load_common_state_dict(checkpoint_dir).get("trainer", {})
@@ -332,11 +346,15 @@ def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler) 
     settings = [{k: g[k] for k in PARAM_GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
 
     # Common (non-sharded) entries saved beside the shards come back in the loaded dict.
-    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), checkpoint_dir)
+    loaded = dist_checkpointing.load(
+        _sharded_state(chunks, optimizer, is_loading=True, trainable_only=trainable_only),
+        checkpoint_dir)
     for i, chunk in enumerate(chunks):
         module = chunk.module if hasattr(chunk, "module") else chunk
         missing, _ = module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
+        if trainable_only:
+            missing = [k for k in missing if k in _trainable_names(module)]
         if missing:
             raise RuntimeError(f"checkpoint {checkpoint_dir} lacks tensors: {missing}")
     optimizer.load_state_dict(loaded["optimizer"])

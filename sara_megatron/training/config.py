@@ -213,6 +213,54 @@ class ShifconSection(_Section):
     temperature: Annotated[Float, ABOVE_0] = 0.05
 
 
+def _targets(value: Any) -> Any:
+    """A list of LoRA targets, or the same as comma-separated text (`--set peft.targets=a,b`)."""
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+class PeftSection(_Section):
+    """Parameter-efficient fine-tuning (docs/peft.md). `method: null` trains every parameter;
+    `lora` freezes the base and trains adapters (sara_megatron.peft.lora) and the router as
+    `router` says."""
+    method: Optional[str] = None  # null (full fine-tuning) | lora
+    rank: Annotated[Int, AT_LEAST_1] = 16
+    alpha: Annotated[Float, ABOVE_0] = 32.0  # the update is scaled by alpha / rank
+    dropout: Annotated[Float, FRACTION_BELOW_1] = 0.0
+    targets: Annotated[list[str], BeforeValidator(_targets)] = Field(
+        default_factory=lambda: ["attention_qkv", "attention_proj", "experts_fc1", "experts_fc2"])
+    expert_adapters: str = "per_expert"  # per_expert | shared (one pair per layer)
+    router: str = "full"  # full (trained) | lora (frozen + adapter) | frozen
+    # sara.priors online: the anchor forward with the adapters (adapted) or without (base).
+    online_priors: str = "adapted"
+
+    @pydantic.field_validator("method", "expert_adapters", "router", "online_priors")
+    @classmethod
+    def _known_choice(cls, value, info: pydantic.ValidationInfo):
+        from sara_megatron.peft.lora import EXPERT_ADAPTERS, ROUTER_MODES
+
+        choices = {"method": ("lora",), "expert_adapters": EXPERT_ADAPTERS,
+                   "router": ROUTER_MODES, "online_priors": ("adapted", "base")}
+        return value if value is None and info.field_name == "method" else _one_of(
+            choices[info.field_name], value)
+
+    @pydantic.field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        from sara_megatron.peft.lora import LORA_TARGETS
+
+        if not value:
+            raise ValueError(f"must name at least one of {', '.join(LORA_TARGETS)}")
+        for target in value:
+            _one_of(LORA_TARGETS, target)
+        return list(dict.fromkeys(value))
+
+    @property
+    def lora(self) -> bool:
+        return self.method == "lora"
+
+
 class OptimSection(_Section):
     lr: Annotated[Float, AT_LEAST_0] = 2e-5
     min_lr: Annotated[Float, AT_LEAST_0] = 0.0
@@ -256,6 +304,7 @@ class TrainConfig(_Section):
     aes: AesSection = Field(default_factory=AesSection)
     shifcon: ShifconSection = Field(default_factory=ShifconSection)
     optim: OptimSection = Field(default_factory=OptimSection)
+    peft: PeftSection = Field(default_factory=PeftSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     seed: Int = 1234

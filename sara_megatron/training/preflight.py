@@ -148,6 +148,8 @@ def preflight(cfg: TrainConfig) -> RunPlan:
     if arch is not None and cfg.model.checkpoint and "model.checkpoint" not in bad_paths:
         _check_starting_checkpoint(cfg, arch, problems)
     sara_term = _check_objective(cfg, problems)
+    if cfg.peft.lora:
+        _check_peft(cfg, problems)
 
     d = cfg.data
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -200,6 +202,12 @@ def preflight(cfg: TrainConfig) -> RunPlan:
     plan.resume = _resume_point(cfg, "checkpoint.save_dir" in bad_paths)
     if plan.resume is not None and arch is not None:
         _attempt(problems, lambda: check_recorded_architecture(arch, plan.resume.checkpoint_dir))
+        from sara_megatron.peft.runs import resume_problem
+
+        peft_problem = resume_problem(plan.resume.saved.get("trainer", {}), cfg,
+                                      plan.resume.checkpoint_dir)
+        if peft_problem:
+            problems.append(peft_problem)
         if steps and (dataset is not None or d.mock):
             _check_resume(cfg, plan, problems)
     if problems:
@@ -289,6 +297,28 @@ def _check_objective(cfg: TrainConfig, problems: list[str]) -> bool:
         problems.append("data.mock needs optim.train_steps and data.seq_length")
     objective = objective_class(cfg.sara.objective)
     return objective.name == "sara" and objective.builds_term(cfg)
+
+
+def _check_peft(cfg: TrainConfig, problems: list[str]) -> None:
+    """The LoRA combinations not built (docs/peft.md)."""
+    from sara_megatron.models.builder import transformer_engine_available
+
+    p = cfg.peft
+    use_te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
+    if use_te:
+        problems.append("peft.method lora adapts megatron's local layer spec only, not Transformer "
+                        "Engine's fused layers: set model.use_te false")
+    if "shared_experts" in p.targets:
+        problems.append(f"peft.targets shared_experts: model {cfg.model.preset} has no shared "
+                        "experts")
+    if cfg.sara.objective == "aes" and p.router == "lora":
+        problems.append("sara.objective aes with peft.router lora: AES's orthogonality "
+                        "calibration reads the router weight, which the adapter leaves out; use "
+                        "peft.router full or frozen")
+    if p.online_priors == "base" and cfg.sara.priors != "online":
+        problems.append("peft.online_priors base chooses the model of the online anchor "
+                        "forward: it needs sara.priors online")
+
 
 
 # --- the data ---------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import torch
 from sara_megatron.checkpointing import load_model_weights
 from sara_megatron.compat.megatron_versions import forget_aux_losses
 from sara_megatron.models.builder import ModelOptions, build_model
+from sara_megatron.peft import apply_lora
+from sara_megatron.peft.runs import lora_settings, peft_record
 from sara_megatron.training.checkpoint import (
     check_optimizer_layout,
     load_training_checkpoint,
@@ -40,6 +42,9 @@ class Checkpointer:
     save_interval: int  # steps; 0 = only at the end
     record: dict  # data stream and SARA settings
     conversion_source: Optional[str]  # model.checkpoint, whose conversion record saves carry
+    # LoRA: only the trained parameters (adapters, router) and their optimizer state are saved;
+    # the base stays in model.checkpoint.
+    trainable_only: bool = False
 
     def due(self, iteration: int) -> bool:
         return bool(self.save_dir and self.save_interval and iteration % self.save_interval == 0)
@@ -52,7 +57,7 @@ class Checkpointer:
         save_training_checkpoint(
             self.save_dir, state.iteration, state.chunks, state.optimizer, state.scheduler,
             dict(consumed_samples=state.consumed_samples, **self.record),
-            conversion_source=self.conversion_source,
+            conversion_source=self.conversion_source, trainable_only=self.trainable_only,
         )
 
 
@@ -96,6 +101,12 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
               else torch.device("cpu"))
     bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else torch.cuda.is_available()
     chunks = _build_model(cfg, plan, bf16)
+    if cfg.peft.lora:
+        # The base weights first, then the adapters on them: the base loads as into a bare
+        # model, and a resume restores only what training changes (adapters, router).
+        if cfg.model.checkpoint:
+            load_model_weights(chunks, cfg.model.checkpoint)
+        apply_lora(chunks, lora_settings(cfg))
     model_config = chunks[0].config
     # megatron's process-wide aux-loss tracker is sized by the first model that logs to it: a
     # model of more layers built later in the process (tests, benchmarks) would index past it.
@@ -108,23 +119,26 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
     scheduler = OptimizerParamScheduler(optimizer, **scheduler_settings(cfg, plan.train_steps))
 
     resume = plan.resume
-    if resume is None and cfg.model.checkpoint:
+    if resume is None and cfg.model.checkpoint and not cfg.peft.lora:
         load_model_weights([c.module for c in chunks], cfg.model.checkpoint)
         # The distributed / fp16 optimizer holds its own fp32 copies of the parameters.
         optimizer.reload_model_params()
     consumed = resume.consumed_samples if resume is not None else 0
     loader = _build_loader(cfg, plan, consumed, device,
                            anchor_rows=objective_class(cfg.sara.objective).needs_anchor_rows(cfg))
-    checkpointer = Checkpointer(cfg.checkpoint.save_dir, cfg.checkpoint.save_interval,
-                                {**data_stream(cfg, plan), "sara": sara_settings(cfg, plan)},
-                                cfg.model.checkpoint)
+    record = {**data_stream(cfg, plan), "sara": sara_settings(cfg, plan)}
+    if cfg.peft.lora:
+        record["peft"] = peft_record(cfg)
+    checkpointer = Checkpointer(cfg.checkpoint.save_dir, cfg.checkpoint.save_interval, record,
+                                cfg.model.checkpoint, trainable_only=cfg.peft.lora)
     state = TrainState(plan, device, chunks, model_config, optimizer, scheduler, loader,
                        iter(loader), checkpointer, objectives,
                        iteration=resume.iteration if resume is not None else 0,
                        consumed_samples=consumed, process_groups=process_groups)
     if resume is not None:
         check_optimizer_layout(resume.checkpoint_dir, resume.saved.get("trainer", {}), optimizer)
-        load_training_checkpoint(resume.checkpoint_dir, chunks, optimizer, scheduler)
+        load_training_checkpoint(resume.checkpoint_dir, chunks, optimizer, scheduler,
+                                 trainable_only=cfg.peft.lora)
     return state
 
 

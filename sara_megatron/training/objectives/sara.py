@@ -8,8 +8,10 @@ code (the FFT baseline); without priors at λ_JS = 0 no term is built at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+from sara_megatron.peft import adapters_disabled
 from sara_megatron.sara import SaraRoutingLoss
 from sara_megatron.training.objectives.base import (
     Objective,
@@ -32,13 +34,16 @@ class SaraObjective(Objective):
     name = "sara"
     section = "sara"
 
-    def __init__(self, loss: SaraRoutingLoss, online_priors: bool):
+    def __init__(self, loss: SaraRoutingLoss, online_priors: bool, base_priors: bool = False):
         """Args:
             loss: The router observer computing the term.
             online_priors: Whether the priors come from an anchor forward in each step.
+            base_priors: Run that anchor forward with every LoRA adapter switched off (the base
+                model's routing; `peft.online_priors: base`).
         """
         self.loss = loss
         self.online_priors = online_priors
+        self.base_priors = base_priors
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -125,7 +130,8 @@ class SaraObjective(Objective):
             sequence_parallel=model_config.sequence_parallel, impl=cfg.sara.impl,
             divergence=cfg.sara.divergence, process_groups=process_groups,
         )
-        return cls(loss, cfg.sara.priors == "online")
+        return cls(loss, cfg.sara.priors == "online",
+                   base_priors=cfg.peft.lora and cfg.peft.online_priors == "base")
 
     def router_observer(self):
         """The SARA loss, which attaches its term on the aligned routers."""
@@ -145,9 +151,12 @@ class SaraObjective(Objective):
         if self.online_priors:
             from sara_megatron.sara.online_priors import online_anchor_priors
 
-            priors = online_anchor_priors(step.chunks, microbatches, step.plan.alignment_layers,
-                                          step.plan.arch.num_experts, step.device,
-                                          process_groups=step.process_groups)
+            with (adapters_disabled(step.chunks) if self.base_priors
+                  else contextlib.nullcontext()):
+                priors = online_anchor_priors(step.chunks, microbatches,
+                                              step.plan.alignment_layers,
+                                              step.plan.arch.num_experts, step.device,
+                                              process_groups=step.process_groups)
             microbatches = [dataclasses.replace(mb, priors=p)
                             for mb, p in zip(microbatches, priors)]
         self.loss.sequence_weight = float(step.loss_tokens / step.sequences.clamp_min(1))
