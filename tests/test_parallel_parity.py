@@ -24,6 +24,8 @@ PRESETS = ["qwen3_moe_tiny", "phi35_moe_tiny"]
 OBJECTIVE_PRESET = "qwen3_moe_tiny"
 OBJECTIVE_LAYOUTS = ["ep2", "pp2", "tp2_sp"]
 OBJECTIVES = ["aes", "kl", "js_entropy_normalised", "shifcon", "online"]
+# LoRA adapters (per expert with a router adapter; shared per layer with the router trained).
+LORA = ["lora", "lora_shared"]
 # The layouts that split a micro-batch's tokens over ranks (sequence and context parallel), where
 # megatron-core versions scale the load-balancing gradient differently (docs/compatibility.md).
 LOAD_BALANCING_LAYOUTS = ["tp2_sp", "cp2", "tp2_sp_cp2"]
@@ -36,7 +38,7 @@ def _cases(nproc: int) -> list[dict]:
     def objectives(preset, layout):
         if preset != OBJECTIVE_PRESET:
             return []
-        return ((OBJECTIVES if layout in OBJECTIVE_LAYOUTS else [])
+        return ((OBJECTIVES + LORA if layout in OBJECTIVE_LAYOUTS else [])
                 + (LOAD_BALANCING if layout in LOAD_BALANCING_LAYOUTS else []))
 
     return [{"name": f"{preset}-{layout}", "preset": preset, **parallel,
@@ -126,3 +128,19 @@ def test_load_balancing_gradient_matches_single_rank(layout_result, layout, term
         scale = max(abs(v) for v in want)
         assert scale > 0, layer
         assert max(abs(a - b) for a, b in zip(got["routers"][layer], want)) <= 1e-4 * scale, layer
+
+
+@pytest.mark.parametrize("variant", LORA)
+@pytest.mark.parametrize("layout", OBJECTIVE_LAYOUTS)
+def test_lora_loss_and_adapter_gradients_match_single_rank(layout_result, layout, variant):
+    """LoRA under EP=2, PP=2 and TP=2 with sequence parallel: the adapted model's loss and every
+    adapter's gradient (column B and row A gathered from their TP shards, expert adapters from
+    their EP ranks, shared ones and the trained routers reduced as training reduces them) equal
+    the single-rank ones."""
+    got = layout_result(OBJECTIVE_PRESET, layout)["lora"][variant]
+    assert got["loss"] == pytest.approx(got["ref_loss"], rel=1e-5)
+    assert got["names"] == got["ref_names"]
+    assert any(n.endswith("router.weight") for n in got["names"]) == (variant == "lora_shared")
+    for name, scale in got["ref_max"].items():
+        assert scale > 0, name
+        assert got["max_diff"][name] <= 1e-5 * scale + 1e-9, (name, got["max_diff"][name], scale)

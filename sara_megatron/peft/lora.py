@@ -132,6 +132,11 @@ class _Adapter:
     b: torch.nn.Parameter
     scale: float
     dropout: float
+    # The adapter's global name ("layer3.expert5.linear_fc1", "layer3.experts.shared.linear_fc2",
+    # "layer0.linear_qkv", "layer0.router"): layout-independent, seeds its initialisation.
+    name: str = ""
+    column: Optional[bool] = None  # column-parallel (B split by rows), row (A by columns); None: router
+    gated: bool = False  # B's rows are [gate shard; up shard] (linear_fc1 of a gated unit)
     enabled: bool = True
 
 
@@ -334,13 +339,14 @@ def _adapt_linear(linear, settings: LoraSettings, name: str, gated: bool = False
                                tp_dim=None if column else 1)
     linear.lora_b = _parameter(b, linear.weight, sequence_parallel=partial_b,
                                tp_dim=0 if column else None)
-    _attach(linear, linear.lora_a, linear.lora_b, settings, column)
+    _attach(linear, linear.lora_a, linear.lora_b, settings, column, name, gated)
     linear.sharded_state_dict = _linear_sharded_state_dict(linear, column, gated)
 
 
-def _attach(linear, a, b, settings: LoraSettings, column: bool) -> None:
+def _attach(linear, a, b, settings: LoraSettings, column: bool, name: str, gated: bool) -> None:
     # A plain attribute (not a Module): `lora` adds no state-dict entries of its own.
-    object.__setattr__(linear, "lora", _Adapter(a, b, settings.scale, settings.dropout))
+    object.__setattr__(linear, "lora", _Adapter(a, b, settings.scale, settings.dropout, name,
+                                                column, gated and column))
     linear.register_forward_hook(_column_hook if column else _row_hook)
 
 
@@ -352,8 +358,8 @@ def _adapt_shared_experts_linears(experts, settings: LoraSettings, layer: int, g
             continue
         first = getattr(experts.local_experts[0], fc)
         column = _check_local_linear(first, f"layer {layer} experts.{fc}")
-        a, b = _factors_for(first, column, gated and column, settings,
-                            f"layer{layer}.experts.shared.{fc}")
+        name = f"layer{layer}.experts.shared.{fc}"
+        a, b = _factors_for(first, column, gated and column, settings, name)
         _, tp = _group_rank_size(first.tp_group)
         partial_a = column and tp > 1
         partial_b = (not column) and first.explicit_expert_comm and tp > 1
@@ -366,7 +372,7 @@ def _adapt_shared_experts_linears(experts, settings: LoraSettings, layer: int, g
         setattr(experts, f"{fc}_lora_a", pa)
         setattr(experts, f"{fc}_lora_b", pb)
         for expert in experts.local_experts:
-            _attach(getattr(expert, fc), pa, pb, settings, column)
+            _attach(getattr(expert, fc), pa, pb, settings, column, name, gated)
     experts.sharded_state_dict = _experts_sharded_state_dict(experts, gated)
 
 
@@ -377,7 +383,7 @@ def _adapt_router(router, settings: LoraSettings, layer: int) -> None:
     router.lora_a = _parameter(a, router.weight, sequence_parallel=sp, tp_dim=None)
     router.lora_b = _parameter(b, router.weight, sequence_parallel=sp, tp_dim=None)
     object.__setattr__(router, "lora", _Adapter(router.lora_a, router.lora_b, settings.scale,
-                                               settings.dropout))
+                                               settings.dropout, f"layer{layer}.router"))
     router.gating = _router_gating(router, router.gating)
 
 
@@ -476,6 +482,27 @@ def lora_parameter_names(chunks: Iterable[torch.nn.Module]) -> list[str]:
     """
     return [f"chunk{i}.{name}" for i, chunk in enumerate(chunks)
             for name, param in chunk.named_parameters() if param.requires_grad]
+
+
+def adapters(chunks: Iterable[torch.nn.Module]) -> list[tuple[torch.nn.Module, _Adapter]]:
+    """Every adapter of `chunks` once, with a module it adapts (a shared expert adapter: its
+    first local expert's linear), in module order.
+
+    Args:
+        chunks: adapted model chunks, bare or DDP-wrapped.
+
+    Returns:
+        (module, adapter) pairs; `adapter.name` is the global name, `adapter.a` / `adapter.b` this
+        rank's shards (see the module docstring for their layout).
+    """
+    seen, found = set(), []
+    for chunk in chunks:
+        for module in chunk.modules():
+            adapter = getattr(module, "lora", None)
+            if isinstance(adapter, _Adapter) and id(adapter.a) not in seen:
+                seen.add(id(adapter.a))
+                found.append((module, adapter))
+    return found
 
 
 @contextlib.contextmanager

@@ -15,6 +15,12 @@ that hold them; "online" adds the online priors taken through the layout's sched
 "load_balancing" is megatron's load-balancing loss alone under per-token loss (the training
 convention), whose gradient scale is the one megatron-core versions differ on, with the padding
 mask and without one ("load_balancing_unmasked": padding counted as tokens).
+
+"lora" / "lora_shared" (`LORA_VARIANTS`): a fresh model on the same weights gets LoRA adapters
+(B initialised non-zero so that every factor has a gradient) and runs the CE forward and backward;
+its loss and every adapter's (and trained router's) gradient, reduced as megatron's DDP and
+finalize_model_grads reduce them and gathered to whole tensors, are compared with the single
+rank's.
 """
 
 import argparse
@@ -42,6 +48,7 @@ from sara_megatron.io import write_json_atomic
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import build_model, causal_attention_mask
 from sara_megatron.models.context_parallel import context_parallel_slice
+from sara_megatron.peft import LoraSettings, adapters, apply_lora
 from sara_megatron.routing import capture_routing, segment_ids_from_padding_mask
 
 BATCH, SEQ = 4, 16
@@ -257,6 +264,64 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
     return float(total), float(squares), routers
 
 
+LORA_VARIANTS = {
+    "lora": dict(expert_adapters="per_expert", router="lora"),
+    "lora_shared": dict(expert_adapters="shared", router="full"),
+}
+
+
+def _lora_model(arch, ckpt: str, variant: str):
+    model = build_model(arch)
+    load_model_weights(model, ckpt)
+    apply_lora([model], LoraSettings(
+        rank=4, alpha=8.0, seed=3, b_init_std=0.05,
+        targets=("attention_qkv", "attention_proj", "experts_fc1", "experts_fc2"),
+        **LORA_VARIANTS[variant]))
+    model.eval()
+    return model
+
+
+def lora_gradients(models, reduce: bool) -> dict:
+    """{global adapter name + ".lora_a"/".lora_b", "layerN.router.weight": whole gradient} of
+    this rank's adapters: summed over data parallel (expert adapters over expert data parallel),
+    over TP where megatron's finalize_model_grads sums (the `sequence_parallel` mark), and the TP
+    shards gathered (column B by rows, [gate; up] for linear_fc1; row A by columns)."""
+    from megatron.core import parallel_state as ps
+
+    def reduced(param):
+        grad = (param.grad if param.grad is not None else torch.zeros_like(param)).double().clone()
+        if reduce:
+            expert = not getattr(param, "allreduce", True)
+            dist.all_reduce(grad, group=ps.get_expert_data_parallel_group() if expert
+                            else ps.get_data_parallel_group(with_context_parallel=True))
+            if getattr(param, "sequence_parallel", False):
+                dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+        return grad
+
+    def whole(grad, group, dim, gated):
+        size = dist.get_world_size(group) if reduce else 1
+        if dim is None or size == 1:
+            return grad
+        parts = [torch.empty_like(grad) for _ in range(size)]
+        dist.all_gather(parts, grad.contiguous(), group=group)
+        if gated:
+            halves = [part.chunk(2, 0) for part in parts]
+            return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+        return torch.cat(parts, dim)
+
+    grads = {}
+    for module, adapter in adapters(models):
+        group = getattr(module, "tp_group", None)
+        grads[adapter.name + ".lora_a"] = whole(reduced(adapter.a), group,
+                                                1 if adapter.column is False else None, False)
+        grads[adapter.name + ".lora_b"] = whole(reduced(adapter.b), group,
+                                                0 if adapter.column else None, adapter.gated)
+    for moe in _moe_layers(models):
+        if moe.router.weight.requires_grad:
+            grads[f"layer{moe.router.global_layer_index}.router.weight"] = reduced(moe.router.weight)
+    return grads
+
+
 def _merge_rows(gathered):
     merged = {}
     for part in gathered:
@@ -288,12 +353,18 @@ def reference(preset: str, objectives: list[str], ckpt: str) -> dict:
     torch.manual_seed(99)  # the same priors on every rank
     priors = torch.distributions.Dirichlet(torch.full((arch.num_experts,), 0.5)).sample(
         (len(layers), BATCH))
-    terms = [o for o in objectives if o != "online"]
+    terms = [o for o in objectives if o != "online" and o not in LORA_VARIANTS]
     ref_objectives = {o: run_objective(model, tokens, padding, priors, o, reduce=False)
                       for o in terms}
     save_model_weights(model, ckpt)
+    lora = {}
+    for variant in [o for o in objectives if o in LORA_VARIANTS]:
+        adapted = _lora_model(arch, ckpt, variant)
+        lora_sums, _ = run_model(adapted, tokens, labels, padding, layers)
+        lora[variant] = ((lora_sums[0] / lora_sums[1]).item(),
+                         lora_gradients([adapted], reduce=False))
     return {"arch": arch, "layers": layers, "batch": (tokens, labels, padding), "sums": sums,
-            "routing": routing, "priors": priors, "objectives": ref_objectives}
+            "routing": routing, "priors": priors, "objectives": ref_objectives, "lora": lora}
 
 
 def run_layout(ref: dict, case: dict, ckpt: str):
@@ -314,7 +385,7 @@ def run_layout(ref: dict, case: dict, ckpt: str):
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
     sums, routing = run_model(model, tokens[rows], labels[rows], padding[rows], layers)
-    terms = [o for o in objectives if o != "online"]
+    terms = [o for o in objectives if o != "online" and o not in LORA_VARIANTS]
     layout_objectives = {o: run_objective(model, tokens[rows], padding[rows], priors[:, rows], o,
                                           row_offset=rows.start)
                          for o in terms}
@@ -339,6 +410,25 @@ def run_layout(ref: dict, case: dict, ckpt: str):
                   for i, layer in enumerate(layers) if layer in routing}
     gathered_online = [None] * dist.get_world_size()
     dist.all_gather_object(gathered_online, online)
+    lora = {}
+    for variant in [o for o in objectives if o in LORA_VARIANTS]:
+        adapted = _lora_model(arch, ckpt, variant)
+        lora_sums, _ = run_model(adapted, tokens[rows], labels[rows], padding[rows], layers)
+        lora_total = lora_sums if lora_sums is not None else torch.zeros(2)
+        dist.all_reduce(lora_total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(lora_total, group=ps.get_pipeline_model_parallel_group())
+        grads = lora_gradients([adapted], reduce=True)
+        gathered_grads = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered_grads, grads)
+        merged = {name: grad for part in gathered_grads for name, grad in part.items()}
+        ref_loss, ref_grads = ref["lora"][variant]
+        lora[variant] = {
+            "ref_loss": ref_loss, "loss": (lora_total[0] / lora_total[1]).item(),
+            "names": sorted(merged), "ref_names": sorted(ref_grads),
+            "max_diff": {n: (merged[n] - ref_grads[n]).abs().max().item()
+                         for n in ref_grads if n in merged},
+            "ref_max": {n: g.abs().max().item() for n, g in ref_grads.items()},
+        }
 
     # Loss lives on the last stage (zeros elsewhere): sum over data (and context) parallel and
     # pipeline.
@@ -362,6 +452,7 @@ def run_layout(ref: dict, case: dict, ckpt: str):
         "routing": {str(k): v for k, v in layout_routing.items()},
         "layers_by_rank": [sorted(part) for part in gathered],
         "objectives": objective_results,
+        "lora": lora,
         "online_priors": {str(layer): [row for start in sorted(parts) for row in parts[start]]
                           for layer, parts in _merge_rows(gathered_online).items()},
     }
@@ -371,7 +462,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cases", required=True,
                    help="JSON list of {name, preset, tp, ep, pp, cp, objectives}; objectives among "
-                        "aes, kl, js_entropy_normalised, shifcon, online")
+                        "aes, kl, js_entropy_normalised, shifcon, online, lora, lora_shared")
     p.add_argument("--out-dir", required=True, help="<name>.json per case, written as each ends")
     args = p.parse_args()
     cases = json.loads(args.cases)
