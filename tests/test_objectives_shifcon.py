@@ -278,3 +278,23 @@ def test_settings_are_checked(single_rank, sara_data, vectors_file):
                                  "shifcon.shift_layer=3", "shifcon.shift_back_layer=1"])
     with pytest.raises(ValueError, match="needs layer 2"):
         _trainer(sara_data, vectors_file, **{"shifcon.shift_back_layer": 2})
+
+
+def test_shifcon_trains_lora_adapters(single_rank, sara_data, vectors_file):
+    """ShifCon with LoRA: the contrastive term's gradient reaches the adapters (a step at
+    contrastive_coeff 0 gives other adapter gradients) and the base weights get none."""
+    def step(coeff):
+        trainer = _trainer(sara_data, vectors_file, **{"peft.method": "lora",
+                                                       "shifcon.contrastive_coeff": coeff})
+        record = trainer.train_step()
+        module = trainer.chunks[0].module
+        assert all(n.endswith(("lora_a", "lora_b", "router.weight"))
+                   for n, p in module.named_parameters() if p.requires_grad)
+        return record, {n: p.main_grad.detach().clone() for n, p in module.named_parameters()
+                        if p.requires_grad}
+
+    zero, zero_grads = step(0)
+    shifcon, grads = step(1.0)
+    assert shifcon.terms["shifcon_contrastive"] > 0
+    lora_b = [n for n in grads if n.endswith("lora_b")]
+    assert lora_b and any(not torch.equal(grads[n], zero_grads[n]) for n in lora_b)
