@@ -108,7 +108,8 @@ def paired_bootstrap_ci(treatment_scores: Sequence[float], baseline_scores: Sequ
         seed: The resampling's seed.
 
     Returns:
-        n, difference, low, high, confidence, resamples.
+        n, difference, low, high, confidence, resamples, p_one_tailed (the share of
+        resampled differences <= 0: the bootstrap's one-tailed p for H1 treatment > baseline).
 
     Raises:
         ValueError: A confidence outside (0, 1), or score lists that do not pair up.
@@ -134,7 +135,53 @@ def paired_bootstrap_ci(treatment_scores: Sequence[float], baseline_scores: Sequ
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return {"n": n, "difference": float(differences.mean()), "low": float(low),
-            "high": float(high), "confidence": confidence, "resamples": resamples}
+            "high": float(high), "confidence": confidence, "resamples": resamples,
+            "p_one_tailed": float(np.mean(means <= 0.0))}
+
+
+def minimum_detectable_effect(difference_std: float, n: int, alpha: float = 0.05,
+                              power: float = 0.8) -> float:
+    """The smallest true mean difference a one-tailed paired t-test over `n` pairs detects with
+    probability `power` at level `alpha`, when the pairs' differences have standard deviation
+    `difference_std` (in the units of the scores; the observed one stands in for the true one).
+
+    Solved exactly on the noncentral t distribution: the test rejects when t > t_{1-alpha, n-1},
+    and under a true difference d, t follows a noncentral t with n - 1 degrees of freedom and
+    noncentrality d·sqrt(n)/difference_std.
+
+    Args:
+        difference_std: Standard deviation of the paired differences (sample, ddof 1).
+        n: Number of pairs (e.g. training seeds), at least 2.
+        alpha: One-tailed significance level.
+        power: The probability of rejecting that the effect must reach.
+
+    Returns:
+        The effect, in the scores' units; 0 for a zero spread (any difference is seen).
+
+    Raises:
+        ValueError: n < 2, a negative or non-finite spread, not 0 < alpha < power < 1.
+    """
+    from scipy.optimize import brentq
+    from scipy.stats import nct
+    from scipy.stats import t as t_distribution
+
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {n}")
+    if not (math.isfinite(difference_std) and difference_std >= 0.0):
+        raise ValueError(f"the standard deviation must be finite and >= 0, got {difference_std}")
+    if not (0.0 < alpha < power < 1.0):
+        raise ValueError(f"need 0 < alpha < power < 1, got alpha {alpha} and power {power}")
+    if difference_std == 0.0:
+        return 0.0
+    df = n - 1
+    critical = float(t_distribution.ppf(1.0 - alpha, df))
+
+    def shortfall(noncentrality: float) -> float:
+        return float(nct.sf(critical, df, noncentrality)) - power
+
+    # The power grows with the noncentrality; at critical + 40 it is 1 for any df >= 1.
+    noncentrality = brentq(shortfall, 0.0, critical + 40.0, xtol=1e-10)
+    return noncentrality * difference_std / math.sqrt(n)
 
 
 def item_level_comparison(treatment_records: Sequence[dict], baseline_records: Sequence[dict],
