@@ -15,8 +15,8 @@ from sara_megatron.answers import normalize_number
 from sara_megatron.evaluation.records import read_item_records, read_results
 from sara_megatron.experiment.base_model import BaseSettings, base_key
 from sara_megatron.experiment.task import (
-    ANCHOR, FINE_TUNE_PEOPLE, LANGUAGES, PEOPLE, TARGETS, TaskSettings, item_keys, lookup_items,
-    math_items, world_facts)
+    ANCHOR, LANGUAGES, TARGETS, TaskSettings, fine_tune_people, held_out_people, item_keys,
+    lookup_items, math_items, world_facts, world_people)
 from sara_megatron.experiment.task_files import task_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,30 +31,65 @@ def test_translations_keep_the_answer_and_differ_in_surface():
         for lang in LANGUAGES:
             response = task_record(item, lang)["messages"][-1]["content"]
             boxed = re.findall(r"\\boxed\{([^}]*)\}", response)[-1]
-            if item.kind == "math":  # native digits in bn still read as the same number
+            if item.kind == "math":
                 assert normalize_number(boxed) == float(item.answer)
             else:
                 assert boxed == item.answer
-    # bn writes Bengali digits, te Telugu script with ASCII digits, sw Latin letters
+    # bn in Bengali script, te in Telugu script, sw in Latin letters; numbers in ASCII digits in
+    # every language (the base computes in them)
     sample = items[0]
-    assert re.search("[০-৯]", sample.question("bn")) and not re.search("[0-9]", sample.question("bn"))
+    numbers = re.findall("[0-9]+", sample.question(ANCHOR))
+    for lang in LANGUAGES:
+        assert re.findall("[0-9]+", sample.question(lang)) == numbers
+        assert not re.search("[০-৯]", task_record(sample, lang)["messages"][-1]["content"])
+    assert re.search("[\u0980-\u09ff]", sample.question("bn"))
     assert re.search("[\u0c00-\u0c7f]", sample.question("te"))
     assert sample.question("sw").isascii()
 
 
 def test_world_and_splits():
     settings = TaskSettings()
-    facts = world_facts(settings.world_seed)
-    for attribute in facts[PEOPLE[0]]:  # each value held by two of the eight people
-        values = [facts[p][attribute] for p in PEOPLE]
-        assert all(values.count(v) == 2 for v in set(values))
-    held_out = math_items(settings, 30, "eval")
+    people = world_people(settings)
+    facts = world_facts(settings.world_seed, settings.people)
+    assert set(facts) == set(people) and len(people) == settings.people == 44
+    for attribute in facts[people[0]]:  # each of the four values held by 11 of the 44 people
+        values = [facts[p][attribute] for p in people]
+        assert sorted(values.count(v) for v in set(values)) == [11] * 4
+    held_out = math_items(settings, 100, "eval")
     train = math_items(settings, 500, "finetune", exclude=item_keys(held_out))
     assert not item_keys(held_out) & item_keys(train)
-    assert math_items(settings, 30, "eval") == held_out  # deterministic
-    tuned = lookup_items(settings, "finetune", 2, FINE_TUNE_PEOPLE)
-    assert {dict(i.slots)["p"] for i in tuned} == set(FINE_TUNE_PEOPLE)
-    assert len({i.item_id for i in tuned}) == len(tuned) == 2 * len(FINE_TUNE_PEOPLE) * 3
+    assert math_items(settings, 100, "eval") == held_out  # deterministic
+    tuned = lookup_items(settings, "finetune", 2, fine_tune_people(settings))
+    assert {dict(i.slots)["p"] for i in tuned} == set(fine_tune_people(settings))
+    assert len({i.item_id for i in tuned}) == len(tuned) == 2 * settings.fine_tune_people * 3
+    # the transfer set: at least 100 lookups per language about people fine-tuning never names
+    transfer = lookup_items(settings, "eval", people=held_out_people(settings))
+    assert len(transfer) >= 100
+    assert not {dict(i.slots)["p"] for i in transfer} & set(fine_tune_people(settings))
+    with pytest.raises(ValueError):
+        TaskSettings(people=45)
+
+
+def test_base_corpus_shows_every_target_but_no_target_fact():
+    """The base reads every target language (stories and lookup questions), and every fact in
+    the anchor only: no target-language record holds a fact sentence or an answer."""
+    from sara_megatron.experiment.task import FACT_WORDS, render_sentence
+    from sara_megatron.experiment.task_files import base_corpus_records
+
+    task = TaskSettings(people=12, fine_tune_people=4)
+    records = base_corpus_records(math_items(task, 5, "base"), math_items(task, 3, "text"),
+                                  task, fact_copies=2)
+    facts = world_facts(task.world_seed, task.people)
+    for lang in TARGETS:
+        texts = [m["content"] for r in records[lang] for m in r["messages"]]
+        assert len(records[lang]) == 3 + 12 * 3  # stories + every lookup question
+        for person, attributes in facts.items():
+            for attribute, value in attributes.items():
+                fact = render_sentence(FACT_WORDS[attribute], lang, {"p": person, "v": value})
+                assert not any(fact in t for t in texts)
+        assert not any("boxed" in t for t in texts)
+    anchor_facts = [r for r in records[ANCHOR] if r["id"].startswith("fact-")]
+    assert len(anchor_facts) == 2 * 12 * 3
 
 
 def test_base_key_follows_settings():
@@ -90,7 +125,7 @@ def _accuracy_rows(report: str) -> dict:
 
 @launch.early_launch("reduced_experiment")
 def reduced_experiment_command(folder):
-    """The reduced experiment starts with the session (about 4 minutes, mostly one core busy)."""
+    """The reduced experiment starts with the session (about 5 minutes on two idle cores)."""
     return {"cmd": [sys.executable, REPO / "tools" / "experiment.py", "--reduced", "--work",
                     folder / "exp"], "cwd": REPO, "timeout": 900}
 
@@ -122,28 +157,108 @@ def test_reduced_experiment_report_parses_back(reduced_experiment):
             for lang, entry in per_language.items():
                 mean, std = rows[(titles[benchmark], name)][lang]
                 assert mean == pytest.approx(entry["mean"], abs=0.006)
-                assert (std is None) == (entry["std"] is None)  # one seed: no spread
-                # the accuracy is the share of that language's items answered right
+                assert (std is None) == (entry["std"] is None) == (name == "base")  # seeds: spread
+                # the accuracy is the share of that language's items answered right, over seeds
                 mine = [r for r in records if r["benchmark"] == benchmark and r["language"] == lang]
-                assert len(mine) == entry["n"]
+                assert len(mine) == entry["n"] * len(entry["runs"])
                 assert entry["mean"] == pytest.approx(100 * sum(r["correct"] for r in mine) / len(mine))
-    # a method's merged folder is its seed's evaluation
-    seed = read_results(work / "runs" / "sara-s1" / "eval")["benchmarks"]
+    # a method's merged folder holds its seeds' evaluations, run r = seed r
     merged = read_results(folders["SARA"])["benchmarks"]
+    seeds = [read_results(work / "runs" / f"sara-s{s}" / "eval")["benchmarks"] for s in (1, 2)]
     assert {b: {l: e["runs"] for l, e in p.items()} for b, p in merged.items()} == \
-        {b: {l: e["runs"] for l, e in p.items()} for b, p in seed.items()}
-    # the verdict's difference is the mean over targets of SARA's accuracies minus FFT's
-    fft = read_results(folders["FFT"])["benchmarks"]
-    verdict = report.split("## Verdict", 1)[1]
-    line = next(l for l in verdict.splitlines() if l.startswith("- arithmetic") and "SARA" in l)
-    difference = sum(merged["mgsm"][t]["mean"] - fft["mgsm"][t]["mean"] for t in TARGETS) / len(TARGETS)
-    if abs(difference) < 1e-9:
-        assert "tied" in line
-    else:
-        stated = float(re.search(r"(-?\d+\.\d+) points", line).group(1))
-        assert stated == pytest.approx(abs(difference), abs=0.006)
-        assert ("behind" in line) == (difference < 0)
-    assert "### Wall time" in verdict and "base:train" in verdict
+        {b: {l: [seed[b][l]["runs"][0] for seed in seeds] for l in p} for b, p in seeds[0].items()}
+    assert "### Wall time" in report and "base:train" in report
+
+
+def _held_out_accuracy_by_seed(folder, benchmark, languages, held_out):
+    """seed -> percent right over the held-out items of `languages`, recomputed from items.jsonl."""
+    by_seed = {}
+    for r in read_item_records(folder / "items.jsonl"):
+        if r["benchmark"] == benchmark and r["language"] in languages and r["item_id"] in held_out:
+            by_seed.setdefault(r["run"], []).append(r["correct"])
+    return {seed: 100 * sum(flags) / len(flags) for seed, flags in by_seed.items()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_reduced_experiment_summary_holds_the_numbers_the_report_states(reduced_experiment):
+    """summary.json: exactly its fields; each method's accuracy, retention and paired t-test
+    recomputed from the evaluation files; the verdict follows the numbers; report.md states
+    the summary's numbers."""
+    from scipy import stats
+
+    from sara_megatron.evaluation.significance import minimum_detectable_effect
+    from sara_megatron.experiment.run import held_out_items, reduced_settings
+
+    work = reduced_experiment
+    summary = json.loads((work / "summary.json").read_text())
+    assert set(summary) == {"seeds", "items_per_language", "aligned_layers", "methods", "verdict",
+                            "stage_seconds"}
+    settings = reduced_settings()
+    assert summary["seeds"] == settings.seeds == 2
+    math, transfer, seen = held_out_items(settings)
+    assert summary["items_per_language"] == {
+        "mgsm": {"held_out": len(math), "seen_in_finetuning": 0},
+        "global_mmlu": {"held_out": len(transfer), "seen_in_finetuning": len(seen)}}
+    # the aligned layers are the base's divergence file's suggested range, and SARA trained them
+    suggested = json.loads((work / "divergence" / "base.json").read_text())["suggested_range"]
+    layers = summary["aligned_layers"]["layers"]
+    assert layers == list(range(suggested["first_layer"], suggested["last_layer"] + 1))
+    sara_config = (work / "runs" / "sara-s1" / "train.yaml").read_text()
+    assert "divergence/base.json" in sara_config
+    held_out = {"mgsm": {str(i) for i in range(len(math))},
+                "global_mmlu": {i.item_id for i in transfer}}
+    base_anchor = _held_out_accuracy_by_seed(work / "eval" / "base", "global_mmlu", {ANCHOR},
+                                             held_out["global_mmlu"])[1]
+    accuracy = {}
+    for name, folder in (("FFT", "fft"), ("SARA", "sara")):
+        entry = summary["methods"][name]
+        for benchmark in ("mgsm", "global_mmlu"):
+            by_seed = _held_out_accuracy_by_seed(work / "eval" / folder, benchmark, set(TARGETS),
+                                                 held_out[benchmark])
+            assert sorted(by_seed) == [1, 2]
+            accuracy[name, benchmark] = by_seed
+            assert entry["target_accuracy"][benchmark] == pytest.approx(sum(by_seed.values()) / 2)
+        anchor = _held_out_accuracy_by_seed(work / "eval" / folder, "global_mmlu", {ANCHOR},
+                                            held_out["global_mmlu"])
+        assert entry["anchor_retention"] == pytest.approx(sum(anchor.values()) / 2 / base_anchor)
+        assert entry["divergence_ratio"] > 0
+    sara = summary["methods"]["SARA"]
+    lines = summary["verdict"].splitlines()
+    assert len(lines) == 2
+    for benchmark, line in zip(("mgsm", "global_mmlu"), lines):
+        c = sara["tests_against_fft"][benchmark]
+        ours, theirs = accuracy["SARA", benchmark], accuracy["FFT", benchmark]
+        differences = [ours[s] - theirs[s] for s in (1, 2)]
+        assert c["difference"] == pytest.approx(sum(differences) / 2)
+        if differences[0] != differences[1]:
+            expected = stats.ttest_rel([ours[1], ours[2]], [theirs[1], theirs[2]],
+                                       alternative="greater")
+            assert c["paired_t"]["p_one_tailed"] == pytest.approx(expected.pvalue)
+            std = abs(differences[0] - differences[1]) / 2 ** 0.5
+            assert sara["minimum_detectable_effect"][benchmark] == pytest.approx(
+                minimum_detectable_effect(std, 2))
+        for key in ("mcnemar", "bootstrap"):
+            assert 0.0 <= c[key]["p_one_tailed"] <= 1.0
+        retentions = [summary["methods"][m]["anchor_retention"] for m in ("SARA", "FFT")]
+        if benchmark == "global_mmlu" and min(retentions) < 0.9:
+            assert "void" in line and "forgetting" in line
+        elif abs(c["difference"]) < 1e-9:
+            assert "tied" in line
+        else:
+            assert ("behind" in line) == (c["difference"] < 0)
+            assert f"{abs(c['difference']):.2f} points" in line
+    # the report's verdict section is the summary's: its sentences and its numbers
+    verdict = (work / "report.md").read_text().split("## Verdict", 1)[1]
+    for line in lines:
+        assert f"- {line}" in verdict
+    for name in ("FFT", "SARA"):
+        entry = summary["methods"][name]
+        row = next(l for l in verdict.splitlines() if l.startswith(f"| {name} |"))
+        assert f"{entry['target_accuracy']['mgsm']:.2f}" in row
+        assert f"{entry['anchor_retention']:.2f}" in row
+    for stage in ("base:train", "train:sara-s2", "evaluate:fft-s1", "divergence:base"):
+        assert summary["stage_seconds"][stage] > 0
 
 
 @pytest.mark.multiprocess
@@ -161,7 +276,7 @@ def test_reduced_experiment_base_model_learned_the_anchor(reduced_experiment):
 @pytest.mark.slow
 def test_reduced_experiment_reuses_the_cached_base(reduced_experiment, capsys, monkeypatch):
     from sara_megatron.experiment import base_model as base_module
-    from sara_megatron.experiment.run import reduced_settings
+    from sara_megatron.experiment.run import held_out_items, reduced_settings
 
     (folder,) = (reduced_experiment / "base").iterdir()
     done = json.loads((folder / "done.json").read_text())
@@ -171,7 +286,8 @@ def test_reduced_experiment_reuses_the_cached_base(reduced_experiment, capsys, m
     settings = reduced_settings()
     assert base_module.base_key(settings.base) == folder.name
     assert base_module.base_key(settings.base, "another version") != folder.name
-    held_out = math_items(settings.base.task, settings.eval_math_items, "eval")
+    math, transfer, _ = held_out_items(settings)
+    held_out = math + transfer
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
     model = base_module.ensure_base_model(reduced_experiment, settings.base, held_out)
     assert model.cached and model.folder == folder
@@ -179,3 +295,88 @@ def test_reduced_experiment_reuses_the_cached_base(reduced_experiment, capsys, m
     assert "cached" in capsys.readouterr().out
     # nothing was rebuilt: every file of the cached model (its logs included) is as it was
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before
+
+
+def _write_items(folder, flags):
+    """items.jsonl from {(benchmark, language, run): [correct, ...]} (item ids by benchmark)."""
+    from sara_megatron.evaluation.records import ItemRecordWriter
+
+    folder.mkdir(parents=True)
+    with ItemRecordWriter(folder / "items.jsonl") as writer:
+        for (benchmark, language, run), correct in flags.items():
+            prefix = "" if benchmark == "mgsm" else "h"
+            for i, ok in enumerate(correct):
+                writer.write(dict(benchmark=benchmark, language=language, run=run,
+                                  item_id=f"{prefix}{i}", output="", extracted="", gold="",
+                                  correct=bool(ok)))
+            if benchmark == "global_mmlu":  # a seen item, always right: left out of every number
+                writer.write(dict(benchmark=benchmark, language=language, run=run, item_id="s0",
+                                  output="", extracted="", gold="", correct=True))
+
+
+def test_summary_numbers_and_void_lookups_when_the_anchor_is_forgotten(tmp_path):
+    """write_summary on hand-made evaluations: accuracies over held-out target items, retention,
+    the divergence ratio in the aligned range, the paired t over seeds and its minimum detectable
+    effect; SARA's lookups are void (it kept half the anchor's facts), its arithmetic is not."""
+    import types
+
+    from scipy import stats
+
+    from sara_megatron.analysis.divergence_results import DivergenceResult, write_divergence
+    from sara_megatron.evaluation.significance import minimum_detectable_effect
+    from sara_megatron.experiment.summary import write_summary
+    from sara_megatron.experiment.tool_runs import StepTimer
+
+    ten = lambda k: [1] * k + [0] * (10 - k)  # noqa: E731
+    flags = {"base": {("mgsm", lang, 1): ten(9 if lang == ANCHOR else 1) for lang in LANGUAGES}}
+    flags["base"].update({("global_mmlu", lang, 1): ten(10 if lang == ANCHOR else 3)
+                          for lang in LANGUAGES})
+    right = {"FFT": {1: (4, 3), 2: (6, 3)}, "SARA": {1: (5, 6), 2: (8, 4)}}  # (mgsm, lookups)
+    for name, seeds in right.items():
+        flags[name] = {}
+        for seed, (math_k, lookup_k) in seeds.items():
+            for lang in TARGETS:
+                flags[name][("mgsm", lang, seed)] = ten(math_k)
+                flags[name][("global_mmlu", lang, seed)] = ten(lookup_k)
+            flags[name][("mgsm", ANCHOR, seed)] = ten(9)
+            flags[name][("global_mmlu", ANCHOR, seed)] = ten(10 if name == "FFT" else 5)
+    folders = {}
+    for name, table in flags.items():
+        _write_items(tmp_path / name, table)
+        folders[name] = tmp_path / name
+    curves = {"before": [0.4, 0.2, 0.1, 0.5], "FFT": [0.4, 0.3, 0.3, 0.5],
+              "SARA": [0.4, 0.1, 0.05, 0.5]}
+    divergences = {}
+    for name, curve in curves.items():
+        divergences[name] = tmp_path / f"{name}.json"
+        write_divergence(divergences[name], DivergenceResult(
+            [0, 1, 2, 3], {lang: curve for lang in TARGETS}, anchor=ANCHOR,
+            suggested_range={"first_layer": 1, "last_layer": 2, "alpha": 0.5, "window": 3,
+                             "rule": "r"}))
+    timer = StepTimer()
+    timer.add("base:train", 3.0)
+    held_out = {"mgsm": {str(i) for i in range(10)}, "global_mmlu": {f"h{i}" for i in range(10)}}
+    items = {"mgsm": {"held_out": 10, "seen_in_finetuning": 0},
+             "global_mmlu": {"held_out": 10, "seen_in_finetuning": 1}}
+    summary = write_summary(tmp_path / "summary.json", folders, divergences, held_out, items,
+                            types.SimpleNamespace(seeds=2), timer, baseline="FFT",
+                            base_name="base", aligned=(1, 2), range_file=divergences["before"])
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["aligned_layers"]["layers"] == [1, 2]
+    fft, sara = summary["methods"]["FFT"], summary["methods"]["SARA"]
+    assert fft["target_accuracy"] == {"mgsm": 50.0, "global_mmlu": 30.0}  # the seen item left out
+    assert sara["target_accuracy"] == {"mgsm": 65.0, "global_mmlu": 50.0}
+    assert (fft["anchor_retention"], sara["anchor_retention"]) == (1.0, 0.5)
+    assert sara["divergence_ratio"] == pytest.approx(0.075 / 0.15)
+    assert fft["divergence_ratio"] == pytest.approx(0.3 / 0.15)
+    c = sara["tests_against_fft"]["mgsm"]
+    assert c["difference"] == pytest.approx(15.0)
+    expected = stats.ttest_rel([50, 80], [40, 60], alternative="greater")
+    assert c["paired_t"]["p_one_tailed"] == pytest.approx(expected.pvalue)
+    assert sara["minimum_detectable_effect"]["mgsm"] == pytest.approx(
+        minimum_detectable_effect(stats.tstd([10, 20]), 2))
+    assert c["mcnemar"]["items"] == 30  # the held-out target items, first seed
+    arithmetic, lookups = summary["verdict"].splitlines()
+    assert "ahead of FFT by 15.00 points, not significantly" in arithmetic
+    assert "void" in lookups and "SARA's anchor retention 0.50" in lookups
+    assert "FFT's" not in lookups  # FFT kept the anchor's facts

@@ -33,10 +33,11 @@ class BaseSettings:
     task: TaskSettings = TaskSettings()
     shape: ModelShape = ModelShape()
     math_items: int = 3000
-    lookup_copies: int = 100  # each of the 24 fact questions this many times
-    text_items: int = 150  # parallel plain-text samples in every language
+    lookup_copies: int = 30  # each of the world's fact questions this many times (anchor)
+    fact_copies: int = 10  # each fact stated as anchor text this many times
+    text_items: int = 150  # parallel plain-text story samples in every language
     seq_length: int = 128
-    train_steps: int = 800
+    train_steps: int = 1200
     batch_size: int = 16
     lr: float = 4e-3
     min_lr: float = 2e-4
@@ -133,7 +134,7 @@ def ensure_base_model(work: Path, settings: BaseSettings, held_out: list,
     task_items = (math_items(settings.task, settings.math_items, "base", exclude)
                   + lookup_items(settings.task, "base", settings.lookup_copies))
     text_items = math_items(settings.task, settings.text_items, "text", exclude)
-    records = base_corpus_records(task_items, text_items, settings.task.world_seed)
+    records = base_corpus_records(task_items, text_items, settings.task, settings.fact_copies)
     write_corpus(folder / "corpus", records)
     build_tokenizer(tokenizer_texts(records, held_out), folder / "tokenizer",
                     settings.shape.vocab_size)

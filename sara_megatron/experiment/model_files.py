@@ -13,7 +13,7 @@ from typing import Iterable
 class ModelShape:
     """A Qwen3-MoE small enough to train from scratch on two CPU cores in minutes."""
     hidden_size: int = 96
-    num_layers: int = 4
+    num_layers: int = 8  # deep enough to have middle layers between the ends of a U-curve
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 24

@@ -7,14 +7,14 @@ Stages, each a user-facing tool in a subprocess (logs in <work>/logs/):
 1. held-out items -> <work>/data/benchmarks/{mgsm,global_mmlu}/<lang>.jsonl
 2. the base model (base_model.py; cached by content hash under <work>/base/)
 3. the fine-tuning corpus -> token shards with the base's tokenizer (tools/shard_corpus.py);
-   anchor priors from the base model (tools/extract_priors.py); the base model is evaluated
-   beside them (tools/evaluate.py --backend hf)
+   then, side by side: the base's routing divergence on those shards
+   (tools/routing_divergence.py; its suggested range, read off the U-curve, is every method's
+   `sara.layers`), the anchor priors (tools/extract_priors.py) and the base's evaluation
+   (tools/evaluate.py --backend hf)
 4. per method and seed: tools/train.py -> tools/convert_hf.py export -> tools/evaluate.py
-   --backend hf, then for the first seed the routing divergence (tools/routing_divergence.py);
-   the base's divergence runs among them
-5. the divergence results gathered in the report's order (the base, then each method)
-6. each method's seeds merged into one evaluation folder (run r = seed r), tools/report.py, and
-   the verdict appended to report.md (verdict.py)
+   --backend hf, then for the first seed the routing divergence
+5. each method's seeds merged into one evaluation folder (run r = seed r), tools/report.py,
+   summary.json (summary.py) and the verdict appended to report.md from it (verdict.py)
 """
 
 from __future__ import annotations
@@ -30,18 +30,26 @@ from pathlib import Path
 from sara_megatron.experiment.base_model import BaseSettings, ensure_base_model
 from sara_megatron.experiment.merge import merge_seed_evaluations
 from sara_megatron.experiment.task import (
-    ANCHOR, FINE_TUNE_PEOPLE, LANGUAGES, TaskSettings, item_keys, lookup_items, math_items)
+    ANCHOR, LANGUAGES, TaskSettings, fine_tune_people, held_out_people, item_keys, lookup_items,
+    math_items)
 from sara_megatron.experiment.task_files import (
     LOOKUP_BENCHMARK, MATH_BENCHMARK, parallel_corpus_records, write_benchmarks, write_corpus)
 from sara_megatron.experiment.tool_runs import (
     StepTimer, latest_checkpoint, run_parallel, run_tool, write_train_config)
+from sara_megatron.sara.layers import read_layer_range_file
 
-# ShifCon shifts entering layer 1 and back entering layer 3 of the 4-layer model.
-SHIFCON_LAYERS = (1, 3)
-# Each method: its label in the report and the training settings that make it.
+# ShifCon shifts entering layer 2 and back entering layer 6 of the 8-layer model.
+SHIFCON_LAYERS = (2, 6)
+# Each method: its label in the report and the training settings that make it. "RANGE" is the
+# base model's divergence file (the alignment range read off its U-curve), "FIRST"/"LAST" that
+# range's ends, "SEED" the run's training seed.
 METHODS = {
     "fft": ("FFT", {"sara": {"lambda_js": 0.0}}),
     "sara": ("SARA", {"sara": {"lambda_js": "LAMBDA"}}),
+    "sara_all": ("SARA-a", {"sara": {"lambda_js": "LAMBDA", "layers": "all"}}),
+    "sara_random": ("SARA-r", {"sara": {"lambda_js": "LAMBDA", "layers": "random",
+                                        "first_layer": "FIRST", "last_layer": "LAST",
+                                        "layer_seed": "SEED"}}),
     "sara_online": ("SARA (online priors)", {"sara": {"lambda_js": "LAMBDA", "priors": "online"}}),
     "aes": ("AES", {"sara": {"lambda_js": 0.0, "objective": "aes"}}),
     "shifcon": ("ShifCon", {"sara": {"lambda_js": 0.0, "objective": "shifcon"},
@@ -49,25 +57,33 @@ METHODS = {
                                         "shift_layer": SHIFCON_LAYERS[0],
                                         "shift_back_layer": SHIFCON_LAYERS[1]}}),
 }
+# The paper's Table 2 ablations of the layer choice: run only when asked for (--methods).
+ABLATIONS = ("sara_all", "sara_random")
 BASELINE_METHOD = "fft"
 LANGUAGE_VECTORS = "language_vectors.safetensors"
+BASE_DIVERGENCE = "divergence/base.json"
 # A work folder carries this file; only such a folder (or an empty one) is cleared.
 MARKER = ".sara_experiment"
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentSettings:
+    """The comparison's settings (the base model's are `base`)."""
     base: BaseSettings = BaseSettings()
-    eval_math_items: int = 30  # per language; the lookups are always the world's 24 facts
+    eval_math_items: int = 100  # held-out arithmetic items per language
     finetune_math_items: int = 300
-    finetune_lookup_copies: int = 25  # of each fact question about FINE_TUNE_PEOPLE
+    finetune_lookup_copies: int = 10  # of each fact question about the fine-tuning people
     finetune_steps: int = 60
-    finetune_batch_size: int = 16  # samples of target language per step
-    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 16  # samples per step (every language, the anchor included)
+    # A twentieth of the base's peak lr, the anchor's copies in the mix: fine-tuning adapts the
+    # targets without erasing what the base knows in the anchor (the paper fine-tunes a
+    # pretrained model at 2e-5).
+    finetune_lr: float = 2e-4
+    finetune_languages: str = "all"  # "all": the anchor's samples train too; "targets": not
     lambda_js: float = 1.5
-    seeds: int = 3
+    seeds: int = 5
     methods: tuple = ("fft", "sara", "aes")
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24  # the longest worked answer is 22 tokens, then the end token
     jobs: int = 2  # fine-tuning runs at once (each one process)
 
 
@@ -86,18 +102,26 @@ def prepare_work_folder(work: Path) -> None:
 
 
 def finetune_config(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
-                    run_dir: Path) -> dict:
-    overrides = json.loads(json.dumps(METHODS[method][1])
-                           .replace('"LAMBDA"', repr(settings.lambda_js))
-                           .replace('"VECTORS"', json.dumps(str(work / "data" / LANGUAGE_VECTORS))))
-    sara = {"lambda_js": 0.0, "layers": "all", **overrides["sara"]}
+                    run_dir: Path, aligned: tuple[int, int]) -> dict:
+    """tools/train.py's config of one fine-tuning run; `aligned` is the (first, last) alignment
+    range of the base's divergence file, which the method reads as `sara.layers: <file>`."""
+    replacements = {'"LAMBDA"': repr(settings.lambda_js),
+                    '"VECTORS"': json.dumps(str(work / "data" / LANGUAGE_VECTORS)),
+                    '"FIRST"': str(aligned[0]), '"LAST"': str(aligned[1]),
+                    '"SEED"': str(1000 + seed)}
+    text = json.dumps(METHODS[method][1])
+    for key, value in replacements.items():
+        text = text.replace(key, value)
+    overrides = json.loads(text)
+    sara = {"lambda_js": 0.0, "layers": str(work / BASE_DIVERGENCE), **overrides["sara"]}
     uses_store = sara["lambda_js"] > 0 and sara.get("priors", "store") == "store"
     return {
         "model": {"preset": str(base.folder / "hf_init"), "checkpoint": str(base.checkpoint)},
         "parallel": {"tp": 1, "pp": 1, "ep": 1},
         "data": {"shards_dir": str(work / "data" / "shards"),
                  "prior_store": str(work / "data" / "priors") if uses_store else None,
-                 "languages": "targets", "seq_length": settings.base.seq_length,
+                 "languages": settings.finetune_languages,
+                 "seq_length": settings.base.seq_length,
                  "micro_batch_size": settings.finetune_batch_size,
                  "global_batch_size": settings.finetune_batch_size},
         "sara": sara,
@@ -120,10 +144,10 @@ def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: Exp
 
 
 def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
-                          timer: StepTimer) -> Path:
+                          aligned: tuple[int, int], timer: StepTimer) -> Path:
     run_dir = work / "runs" / f"{method}-s{seed}"
-    config = write_train_config(run_dir / "train.yaml",
-                                finetune_config(work, settings, base, method, seed, run_dir))
+    config = write_train_config(run_dir / "train.yaml", finetune_config(
+        work, settings, base, method, seed, run_dir, aligned))
     run_tool(f"train:{method}-s{seed}", "train.py", ["--config", str(config)], work, timer)
     run_tool(f"export:{method}-s{seed}", "convert_hf.py",
              ["export", "--megatron-dir", str(latest_checkpoint(run_dir / "checkpoints")),
@@ -141,8 +165,24 @@ def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer) -> Pat
     return out
 
 
+def held_out_items(settings: ExperimentSettings):
+    """(arithmetic, lookups about the held-out people, lookups about the fine-tuning people): the
+    evaluation's items. Only the fine-tuning people's lookups are seen in fine-tuning."""
+    task = settings.base.task
+    return (math_items(task, settings.eval_math_items, "eval"),
+            lookup_items(task, "eval", people=held_out_people(task)),
+            lookup_items(task, "eval", people=fine_tune_people(task)))
+
+
 def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
-    """Everything; returns the path of report.md."""
+    """Everything; returns the path of report.md (summary.json beside it).
+
+    Raises:
+        ValueError: unknown methods, or no FFT baseline among them; a work folder the experiment
+            did not make.
+        StepFailed: a tool exited non-zero.
+    """
+    from sara_megatron.experiment.summary import write_summary
     from sara_megatron.experiment.verdict import append_verdict
 
     unknown = [m for m in settings.methods if m not in METHODS]
@@ -154,31 +194,34 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
     prepare_work_folder(work)
     timer = StepTimer()
 
-    # 1. Held-out items (the base and the fine-tuning corpus never see them).
+    # 1. The evaluation's items: held-out arithmetic, lookups about the held-out people (the
+    # transfer set) and, after them, the fine-tuning people's (seen in fine-tuning).
     task = settings.base.task
-    held_out_math = math_items(task, settings.eval_math_items, "eval")
-    held_out_lookup = lookup_items(task, "eval")
-    write_benchmarks(work / "data" / "benchmarks", held_out_math, held_out_lookup)
-    held_out = held_out_math + held_out_lookup
+    eval_math, eval_held_out_lookups, eval_seen_lookups = held_out_items(settings)
+    write_benchmarks(work / "data" / "benchmarks", eval_math,
+                     eval_held_out_lookups + eval_seen_lookups)
+    held_out_ids = {MATH_BENCHMARK: {str(i) for i in range(len(eval_math))},
+                    LOOKUP_BENCHMARK: {i.item_id for i in eval_held_out_lookups}}
 
     # 2. The base model.
     t0 = time.time()
-    base = ensure_base_model(work, settings.base, held_out, timer, settings.jobs)
+    base = ensure_base_model(work, settings.base, eval_math + eval_held_out_lookups, timer,
+                             settings.jobs)
     timer.add("base model (total)", time.time() - t0)
 
-    # 3. The fine-tuning corpus, its shards and the anchor priors; the base's evaluation needs
-    # none of them and runs beside (`jobs` stages at a time: most stages use one core).
-    exclude = item_keys(held_out)
+    # 3. The fine-tuning corpus and its shards; then the anchor priors, the base's routing
+    # divergence (its U-curve gives the alignment range) and the base's evaluation, `jobs` at a
+    # time (most stages use one core).
     finetune_items = (
-        math_items(task, settings.finetune_math_items, "finetune", exclude)
-        + lookup_items(task, "finetune", settings.finetune_lookup_copies, FINE_TUNE_PEOPLE))
+        math_items(task, settings.finetune_math_items, "finetune", item_keys(eval_math))
+        + lookup_items(task, "finetune", settings.finetune_lookup_copies, fine_tune_people(task)))
     write_corpus(work / "data" / "finetune", parallel_corpus_records(finetune_items))
+    run_tool("shard", "shard_corpus.py",
+             ["--corpus", "data/finetune", "--tokenizer", str(base.tokenizer_dir), "--output",
+              "data/shards", "--anchor-language", ANCHOR, "--seq-length",
+              str(settings.base.seq_length)], work, timer)
 
-    def prepare_finetune_data():
-        run_tool("shard", "shard_corpus.py",
-                 ["--corpus", "data/finetune", "--tokenizer", str(base.tokenizer_dir), "--output",
-                  "data/shards", "--anchor-language", ANCHOR, "--seq-length",
-                  str(settings.base.seq_length)], work, timer)
+    def anchor_statistics():
         run_tool("extract_priors", "extract_priors.py",
                  ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
                   str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
@@ -188,28 +231,30 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
                       str(base.folder / "hf_init"), "--output", f"data/{LANGUAGE_VECTORS}",
                       "--layers", ",".join(map(str, SHIFCON_LAYERS))], work, timer)
 
-    run_parallel([prepare_finetune_data,
+    run_parallel([lambda: divergence("base", base.hf_dir, work, timer), anchor_statistics,
                   lambda: evaluate("evaluate:base", base.hf_dir, work / "eval" / "base", work,
                                    settings, timer)], settings.jobs)
+    aligned = read_layer_range_file(str(work / BASE_DIVERGENCE))
+    print(f"[experiment] alignment range from the base's U-curve: layers "
+          f"{aligned[0]}..{aligned[1]}", flush=True)
 
     # 4. Every fine-tuning run (`jobs` at a time), each method's first seed followed by its
-    # routing divergence; the base's divergence last, filling a free slot.
+    # routing divergence.
     def finetune_job(method: str, seed: int):
-        run_dir = finetune_and_evaluate(work, settings, base, method, seed, timer)
+        run_dir = finetune_and_evaluate(work, settings, base, method, seed, aligned, timer)
         if seed == 1:
             return METHODS[method][0], divergence(method, run_dir / "hf", work, timer)
         return None
 
     jobs = [(lambda m=m, s=s: finetune_job(m, s))
             for s in range(1, settings.seeds + 1) for m in settings.methods]
-    jobs.append(lambda: ("before", divergence("base", base.hf_dir, work, timer)))
     finished = dict(result for result in run_parallel(jobs, settings.jobs) if result is not None)
 
     # 5. Routing divergence: the base, then each method's first seed (the report's order).
-    divergences = {"before": finished["before"]}
+    divergences = {"before": work / BASE_DIVERGENCE}
     divergences.update({METHODS[m][0]: finished[METHODS[m][0]] for m in settings.methods})
 
-    # 6. Merge seeds, write the report, append the verdict.
+    # 6. Merge seeds, write the report, the summary and the verdict (read from the summary).
     evaluations = {"base": work / "eval" / "base"}
     for method in settings.methods:
         folder = work / "eval" / method
@@ -227,9 +272,16 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
     report_args += ["--baseline", METHODS[BASELINE_METHOD][0]]
     run_tool("report", "report.py", report_args, work, timer)
     timer.add("total", time.time() - started)
+    items = {MATH_BENCHMARK: {"held_out": len(eval_math), "seen_in_finetuning": 0},
+             LOOKUP_BENCHMARK: {"held_out": len(eval_held_out_lookups),
+                                "seen_in_finetuning": len(eval_seen_lookups)}}
+    summary = write_summary(
+        work / "summary.json", evaluations, divergences, held_out_ids, items, settings, timer,
+        baseline=METHODS[BASELINE_METHOD][0], base_name="base", aligned=aligned,
+        range_file=work / BASE_DIVERGENCE)
     report = work / "report.md"
-    append_verdict(report, evaluations, settings, timer, baseline=METHODS[BASELINE_METHOD][0],
-                   base_name="base", base=base, machine=machine_description())
+    append_verdict(report, summary, evaluations["base"], settings, base=base,
+                   machine=machine_description(), cpu_seconds=timer.cpu_seconds)
     return report
 
 
@@ -243,10 +295,19 @@ def machine_description() -> str:
 
 
 def reduced_settings() -> ExperimentSettings:
-    """The test suite's version: one seed, FFT and SARA, a shorter base training, few items."""
-    # Operands 1..4: an arithmetic the base learns in 200 steps.
-    base = dataclasses.replace(BaseSettings(), task=TaskSettings(max_operand=4), math_items=800,
-                               lookup_copies=30, text_items=40, train_steps=200)
+    """The test suite's version: a small world, two seeds, FFT and SARA, a short base training,
+    few items (about the same path as the full run, minutes on two cores)."""
+    # Operands 1..4 and 12 people: what a 4-layer base learns in 200 steps.
+    base = dataclasses.replace(
+        BaseSettings(), task=TaskSettings(max_operand=4, people=12, fine_tune_people=4),
+        shape=dataclasses.replace(BaseSettings().shape, num_layers=4),
+        math_items=800, lookup_copies=30, fact_copies=4, text_items=40, train_steps=200)
     return ExperimentSettings(base=base, eval_math_items=12, finetune_math_items=48,
-                              finetune_lookup_copies=4, finetune_steps=8,
-                              seeds=1, methods=("fft", "sara"), jobs=2)
+                              finetune_lookup_copies=4, finetune_steps=8, finetune_lr=1e-3,
+                              seeds=2, methods=("fft", "sara"), jobs=2)
+
+
+def quick_settings() -> ExperimentSettings:
+    """`--quick`: the full run's base model (the same cache key) and items, FFT and SARA only,
+    over three seeds instead of five; a first look, not the powered comparison."""
+    return dataclasses.replace(ExperimentSettings(), seeds=3, methods=("fft", "sara"))

@@ -10,16 +10,19 @@ Two kinds of short reasoning items, each answered in `\\boxed{}`:
 
 Languages (real codes, so the project's benchmark readers and language checks take them):
 `en` is the anchor; `sw` swaps the lexicon and reverses each sentence's word order; `bn` swaps it
-into Bengali script and writes Bengali digits; `te` swaps it into Telugu script and moves each
-sentence's first word to its end. Every translation is exact by construction: the same item in
-every language has the same answer, and the words differ in tokens as real languages do.
+into Bengali script; `te` swaps it into Telugu script and moves each sentence's first word to its
+end. Numbers are ASCII digits in every language (Bengali text often writes them so; native
+digits would be a script the base never learns to compute in, a language that tests nothing).
+Every translation is exact by construction: the same item in every language has the same answer,
+and the words differ in tokens as real languages do.
 
-The world has 8 people x 3 attributes = 24 facts; a lookup's options are the attribute's four
-values in a fixed order, so answering is recalling the fact. The base model learns all 24 in the
-anchor. The fine-tuning corpus asks only about `FINE_TUNE_PEOPLE`; the evaluation asks all 24
-questions in every language, so the other people's facts reach a target language only through
-what the model knows in the anchor. Arithmetic items are drawn at random; the held-out ones are
-kept out of every training set.
+The world has `TaskSettings.people` people (at most 44) x 3 attributes; a lookup's options are
+the attribute's four values in a fixed order, so answering is recalling the fact. The base model
+learns every fact in the anchor. The fine-tuning corpus asks only about the first
+`TaskSettings.fine_tune_people` of them; the evaluation asks about the others (the held-out
+transfer set) in every language, so their facts reach a target language only through what the
+model knows in the anchor. Arithmetic items are drawn at random; the held-out ones are kept out
+of every training set.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ ANCHOR = "en"
 TARGETS = ("sw", "bn", "te")
 LANGUAGES = (ANCHOR, *TARGETS)
 
-PEOPLE = ("ana", "ben", "eva", "max", "lia", "sam", "zoe", "tom")
-FINE_TUNE_PEOPLE = PEOPLE[:4]
+# Every name the world can use; TaskSettings.people takes the first N.
+PEOPLE = ("ana", "ben", "eva", "max", "lia", "sam", "zoe", "tom", "ida", "leo", "mia", "noa",
+          "ola", "pia", "rex", "ted", "uma", "val", "wes", "yan", "kai", "jon", "lou", "ray",
+          "amy", "bob", "cal", "dan", "eli", "fay", "gus", "hal", "ivy", "jay", "kim", "liz",
+          "ned", "oti", "pam", "ros", "sid", "tia", "vic", "ulf")
 OBJECTS = ("apples", "books", "coins", "pens", "eggs", "cups")
 ATTRIBUTES = {
     "city": ("rome", "oslo", "lima", "cairo"),
@@ -68,7 +74,6 @@ _SCRIPT = {
     "bn": {"consonants": "কমনপরসতলবদ", "vowel_signs": ("া", "ি", "ু", "ো")},
     "te": {"consonants": "కమనపరసతలబద", "vowel_signs": ("ా", "ి", "ు", "ొ")},
 }
-_NATIVE_DIGITS = {"bn": "০১২৩৪৫৬৭৮৯"}
 
 
 def _pseudo_words(language: str) -> dict[str, str]:
@@ -96,8 +101,7 @@ _LEXICONS = {lang: _pseudo_words(lang) for lang in TARGETS}
 
 
 def _number(value: int, language: str) -> str:
-    digits = _NATIVE_DIGITS.get(language)
-    return "".join(digits[int(d)] for d in str(value)) if digits else str(value)
+    return str(value)  # ASCII digits in every language (the module docstring says why)
 
 
 def render_sentence(words, language: str, slots: dict) -> str:
@@ -150,23 +154,43 @@ class TaskItem:
         return f"{render_sentence(self.fact, language, dict(self.slots))} \\boxed{{{self.answer}}}"
 
 
-def world_facts(seed: int = 0) -> dict[str, dict[str, str]]:
-    """person -> attribute -> value: the small world every lookup asks about (fixed by `seed`)."""
+def world_people(settings: "TaskSettings") -> tuple[str, ...]:
+    """The world's people: the first `settings.people` names."""
+    return PEOPLE[:settings.people]
+
+
+def fine_tune_people(settings: "TaskSettings") -> tuple[str, ...]:
+    """The people whose facts the fine-tuning corpus asks about in every language."""
+    return PEOPLE[:settings.fine_tune_people]
+
+
+def held_out_people(settings: "TaskSettings") -> tuple[str, ...]:
+    """The others: their facts reach a target language only through the anchor."""
+    return PEOPLE[settings.fine_tune_people:settings.people]
+
+
+def world_facts(seed: int = 0, people: int = len(PEOPLE)) -> dict[str, dict[str, str]]:
+    """person -> attribute -> value: the world every lookup asks about (fixed by `seed`), for the
+    first `people` names."""
     rng = random.Random(f"sara-experiment-world-{seed}")
-    facts = {p: {} for p in PEOPLE}
+    names = PEOPLE[:people]
+    facts = {p: {} for p in names}
     for attribute, values in ATTRIBUTES.items():
-        # Each value held by the same number of people: no answer is right by its frequency alone.
-        assignment = [values[i % len(values)] for i in range(len(PEOPLE))]
+        # Each value held by as many people as the others (one more for some when the number of
+        # people is not a multiple of four): no answer is right by its frequency alone.
+        assignment = [values[i % len(values)] for i in range(len(names))]
         rng.shuffle(assignment)
-        for person, value in zip(PEOPLE, assignment):
+        for person, value in zip(names, assignment):
             facts[person][attribute] = value
     return facts
 
 
-def math_item(item_id: str, rng: random.Random, max_operand: int) -> TaskItem:
+def math_item(item_id: str, rng: random.Random, max_operand: int,
+              people=PEOPLE[:8]) -> TaskItem:
+    """One arithmetic story; its people are the first eight names whatever the world's size."""
     story = rng.choice(sorted(STORIES))
     sentences, op = STORIES[story]
-    p, q = rng.sample(PEOPLE, 2)
+    p, q = rng.sample(people, 2)
     a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
     if op == "-" and b > a:
         a, b = b, a
@@ -188,9 +212,11 @@ def lookup_item(item_id: str, person: str, attribute: str, facts: dict) -> TaskI
 
 
 def lookup_items(settings: "TaskSettings", split: str, copies: int = 1,
-                 people=PEOPLE) -> list[TaskItem]:
-    """Every (person, attribute) question about `people`, `copies` times (distinct ids)."""
-    facts = world_facts(settings.world_seed)
+                 people=None) -> list[TaskItem]:
+    """Every (person, attribute) question about `people` (default: the whole world), `copies`
+    times (distinct ids)."""
+    facts = world_facts(settings.world_seed, settings.people)
+    people = world_people(settings) if people is None else people
     return [lookup_item(f"{split}-lookup-{p}-{a}" + (f"-{k}" if copies > 1 else ""), p, a, facts)
             for k in range(copies) for p in people for a in sorted(ATTRIBUTES)]
 
@@ -201,6 +227,13 @@ class TaskSettings:
     seed: int = 0
     max_operand: int = 9
     world_seed: int = 0
+    people: int = 44  # 44 x 3 facts: 36 x 3 = 108 held out with 8 fine-tuning people
+    fine_tune_people: int = 8
+
+    def __post_init__(self):
+        if not 0 < self.fine_tune_people < self.people <= len(PEOPLE):
+            raise ValueError(f"the world needs 0 < fine_tune_people < people <= {len(PEOPLE)}, "
+                             f"got {self.fine_tune_people} and {self.people}")
 
 
 def _item_key(item: TaskItem) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 from sara_megatron.evaluation.benchmarks import BenchmarkItem
 from sara_megatron.evaluation.tasks import item_prompt
 from sara_megatron.experiment.task import (
-    ANCHOR, FACT_WORDS, LANGUAGES, TaskItem, render_sentence, world_facts)
+    ANCHOR, FACT_WORDS, LANGUAGES, TaskItem, TaskSettings, lookup_items, render_sentence,
+    world_facts)
 from sara_megatron.io import atomic_open
 
 MATH_BENCHMARK, LOOKUP_BENCHMARK = "mgsm", "global_mmlu"
@@ -64,18 +65,23 @@ def write_corpus(folder: Path, by_language: dict[str, list[dict]]) -> list[str]:
     return paths
 
 
-def base_corpus_records(task_items: list[TaskItem], text_items: list[TaskItem],
-                        world_seed: int, languages=LANGUAGES) -> dict[str, list[dict]]:
-    """The base model's data: the task in the anchor only, every world fact stated in the anchor,
-    and a little parallel plain text (arithmetic story sentences, no answers) in every language."""
+def base_corpus_records(task_items: list[TaskItem], text_items: list[TaskItem], task: TaskSettings,
+                        fact_copies: int = 1, languages=LANGUAGES) -> dict[str, list[dict]]:
+    """The base model's data: the task in the anchor only, every world fact stated in the anchor
+    (`fact_copies` times), and plain text in every language — the story sentences of
+    `text_items` and every lookup question, neither with its answer — so the base has read the
+    targets' words (as a pretrained model has read some of every language) without being shown
+    a target-language answer or fact."""
     records = {lang: [] for lang in languages}
     records[ANCHOR] += [task_record(i, ANCHOR) for i in task_items]
-    for person, attributes in world_facts(world_seed).items():
-        for attribute, value in attributes.items():
-            records[ANCHOR].append(text_record(
-                f"fact-{person}-{attribute}", ANCHOR,
-                render_sentence(FACT_WORDS[attribute], ANCHOR, {"p": person, "v": value})))
-    for item in text_items:
+    for copy in range(fact_copies):
+        for person, attributes in world_facts(task.world_seed, task.people).items():
+            for attribute, value in attributes.items():
+                records[ANCHOR].append(text_record(
+                    f"fact-{person}-{attribute}-{copy}", ANCHOR,
+                    render_sentence(FACT_WORDS[attribute], ANCHOR, {"p": person, "v": value})))
+    questions = lookup_items(task, "text")
+    for item in list(text_items) + questions:
         for lang in languages:
             records[lang].append(text_record(f"text-{item.item_id}", lang, item.question(lang)))
     return records

@@ -1,16 +1,18 @@
-"""The experiment's closing sections, appended to the report tools/report.py wrote: whether the
-base model learned the task in the anchor only, a verdict per method against FFT written from the
-numbers (on the target languages, where the paper claims the gain), the settings, and the wall
-time of each stage on this machine."""
+"""The experiment's closing sections, appended to the report tools/report.py wrote, written from
+summary.json (summary.py) so the report's numbers are the summary's: the verdict per method
+against FFT on the held-out items of the target languages, each method's accuracy, anchor
+retention and routing divergence, the tests with the minimum detectable effect next to the
+observed difference; then whether the base model learned the task in the anchor only (from its
+evaluation, the numbers of the report's accuracy table), the settings, and the wall time of
+each stage on this machine."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
-from sara_megatron.evaluation.records import ITEMS_FILE, read_item_records, read_results
-from sara_megatron.evaluation.significance import item_level_comparison, paired_t_test
+from sara_megatron.evaluation.records import read_results
+from sara_megatron.experiment.summary import ALPHA, POWER, RETENTION_FLOOR
 from sara_megatron.experiment.task import ANCHOR, TARGETS
 from sara_megatron.experiment.task_files import LOOKUP_BENCHMARK, MATH_BENCHMARK
 from sara_megatron.io import atomic_open
@@ -18,44 +20,56 @@ from sara_megatron.io import atomic_open
 CHANCE = {MATH_BENCHMARK: 0.0, LOOKUP_BENCHMARK: 25.0}  # percent
 TITLES = {MATH_BENCHMARK: "arithmetic (MGSM layout)",
           LOOKUP_BENCHMARK: "lookups (Global-MMLU layout)"}
-SIGNIFICANCE_LEVEL = 0.05
 PARALLEL_STAGES = ("train", "export", "evaluate", "divergence")
 
 
-def compare(method: dict, baseline: dict, method_items, baseline_items, benchmark: str) -> dict:
-    """Target-language comparison of one benchmark: per-language means, the paired t-test over
-    the targets, McNemar and the bootstrap interval over the targets' items."""
-    languages = [lang for lang in TARGETS if lang in method[benchmark] and lang in baseline[benchmark]]
-    ours = [method[benchmark][lang]["mean"] for lang in languages]
-    theirs = [baseline[benchmark][lang]["mean"] for lang in languages]
-    result = {"languages": languages, "method": ours, "baseline": theirs,
-              "difference": sum(ours) / len(ours) - sum(theirs) / len(theirs),
-              "t_test": paired_t_test(ours, theirs)}
-    result["item_level"] = item_level_comparison(method_items, baseline_items, benchmark,
-                                                 languages, resamples=10_000)
-    return result
+def _number(value, digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def sentence(name: str, baseline: str, benchmark: str, c: dict) -> str:
-    t, item = c["t_test"], c["item_level"]
-    b, mcnemar = item["bootstrap"], item["mcnemar"]["p_one_tailed"]
-    diff = c["difference"]
-    evidence = (f"paired t-test over the {len(c['languages'])} target languages t = {t['t']:.3f}, "
-                f"one-tailed p = {t['p_one_tailed']:.3g}; McNemar over {item['items']} items "
-                f"one-tailed p = {mcnemar:.3g}; bootstrap difference {b['difference']:.2f} points "
-                f"[95% CI {b['low']:.2f}, {b['high']:.2f}]")
-    significant = (t["p_one_tailed"] < SIGNIFICANCE_LEVEL and mcnemar < SIGNIFICANCE_LEVEL
-                   and b["low"] > 0)
-    if math.isclose(diff, 0.0, abs_tol=1e-9):
-        claim = f"**{name} tied {baseline}**"
-    elif diff > 0 and significant:
-        claim = f"**{name} beat {baseline}** by {diff:.2f} points, significant at 5% on all three tests"
-    elif diff > 0:
-        claim = (f"**{name} was ahead of {baseline} by {diff:.2f} points, not significantly** "
-                 "(at least one test above 5%, or the interval includes 0)")
-    else:
-        claim = f"**{name} did not beat {baseline}**: {-diff:.2f} points behind"
-    return f"- {TITLES.get(benchmark, benchmark)}: {claim} ({evidence})."
+def summary_lines(summary: dict) -> list[str]:
+    """The verdict, the per-method table and the tests, every number from `summary`."""
+    methods = summary["methods"]
+    layers = summary["aligned_layers"]["layers"]
+    items = summary["items_per_language"]
+    lines = ["", "## Verdict", "",
+             f"On the held-out items of the target languages ({', '.join(TARGETS)}), each "
+             f"method's {summary['seeds']} seed(s) against FFT's. 'Significant' needs the paired "
+             f"t-test over seeds, McNemar and the bootstrap all at {ALPHA} one-tailed (H1: method "
+             "> FFT) and a bootstrap interval above 0.", ""]
+    lines += [f"- {sentence}" for sentence in summary["verdict"].splitlines()]
+    lines += ["", f"Items per language: arithmetic {items[MATH_BENCHMARK]['held_out']} held out; "
+              f"lookups {items[LOOKUP_BENCHMARK]['held_out']} held out (facts of people the "
+              f"fine-tuning corpus never asks about) and "
+              f"{items[LOOKUP_BENCHMARK]['seen_in_finetuning']} seen in fine-tuning (not in "
+              "these numbers). Aligned layers "
+              f"{layers[0]}..{layers[-1]}: {summary['aligned_layers']['how_chosen']}.", "",
+              "| method | arithmetic (targets) | held-out lookups (targets) | anchor retention | "
+              "divergence in the aligned range / base's |", "|---|---|---|---|---|"]
+    for name, m in methods.items():
+        retention = m["anchor_retention"]
+        flag = "" if retention is None or retention >= RETENTION_FLOOR else " (below floor)"
+        lines.append(f"| {name} | {_number(m['target_accuracy'][MATH_BENCHMARK])} | "
+                     f"{_number(m['target_accuracy'][LOOKUP_BENCHMARK])} | "
+                     f"{_number(retention)}{flag} | {_number(m['divergence_ratio'])} |")
+    lines += ["", f"Accuracy in percent, mean over seeds; anchor retention = anchor accuracy on "
+              f"the held-out facts over the base's (the lookup comparison is void below "
+              f"{RETENTION_FLOOR:.2f}); divergence: first seed.", "",
+              "| benchmark | method | difference to FFT | paired t (p) | McNemar p | "
+              "bootstrap 95% CI (p) | minimum detectable effect |", "|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        for benchmark, c in m.get("tests_against_fft", {}).items():
+            t, boot = c["paired_t"], c["bootstrap"]
+            lines.append(
+                f"| {TITLES[benchmark]} | {name} | {c['difference']:+.2f} | "
+                f"{_number(t['t'], 3)} ({_number(t['p_one_tailed'], 3)}) | "
+                f"{c['mcnemar']['p_one_tailed']:.3g} | [{boot['low']:.2f}, {boot['high']:.2f}] "
+                f"({boot['p_one_tailed']:.3g}) | "
+                f"{_number(c['minimum_detectable_effect']['points'])} |")
+    lines += ["", f"The minimum detectable effect: the true difference the one-tailed paired "
+              f"t-test over seeds would find with probability {POWER} at {ALPHA}, given the "
+              "observed spread of the seeds' differences.", ""]
+    return lines
 
 
 def base_lines(base: dict) -> list[str]:
@@ -76,45 +90,25 @@ def base_lines(base: dict) -> list[str]:
     return lines
 
 
-def append_verdict(report: Path, evaluations: dict[str, Path], settings, timer, baseline: str,
-                   base_name: str, base, machine: str) -> dict:
-    """Append the sections to `report`; returns the comparisons (method -> benchmark -> dict)."""
-    results = {name: read_results(folder)["benchmarks"] for name, folder in evaluations.items()}
-    items = {name: read_item_records(Path(folder) / ITEMS_FILE)
-             for name, folder in evaluations.items()}
-    comparisons: dict = {}
-    lines = ["", "## Verdict", "",
-             f"Measured on the held-out items in the target languages ({', '.join(TARGETS)}), "
-             f"each method's {settings.seeds} seed(s) against {baseline}'s. 'Significant' needs "
-             "all three tests at 5% one-tailed (H1: method > baseline) and a bootstrap interval "
-             "above 0.", ""]
-    for name in results:
-        if name in (baseline, base_name):
-            continue
-        comparisons[name] = {}
-        for benchmark in (MATH_BENCHMARK, LOOKUP_BENCHMARK):
-            if benchmark not in results[name] or benchmark not in results[baseline]:
-                continue
-            c = compare(results[name], results[baseline], items[name], items[baseline], benchmark)
-            comparisons[name][benchmark] = c
-            lines.append(sentence(name, baseline, benchmark, c))
-    lines += ["", "The lookups ask about every person of the small world; the fine-tuning corpus "
-              "asks only about some of them, so the others' facts reach a target language only "
-              "through what the base model knows in the anchor: the transfer SARA's routing "
-              "alignment is meant to help.", "",
-              "### The base model", ""]
-    lines += base_lines(results[base_name])
+def append_verdict(report: Path, summary: dict, base_evaluation: Path, settings, base,
+                   machine: str, cpu_seconds: dict[str, float]) -> None:
+    """Append the closing sections to `report`: `summary_lines(summary)`, the base model's
+    anchor and target accuracy (from its evaluation folder), the settings and the wall time
+    (`summary["stage_seconds"]`, with each tool's CPU seconds)."""
+    lines = summary_lines(summary)
+    lines += ["### The base model", ""]
+    lines += base_lines(read_results(base_evaluation)["benchmarks"])
     lines += ["", f"Base model folder `base/{base.folder.name}` "
               f"({'from the cache' if base.cached else 'trained in this run'}).", "",
               "### Settings", "", "```", *_settings_lines(settings), "```", "",
               "### Wall time", "", f"Machine: {machine}.", "",
               "| stage | wall s | CPU s |", "|---|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} | "
-              + (f"{timer.cpu_seconds[stage]:.0f}" if stage in timer.cpu_seconds else "–") + " |"
-              for stage, seconds in timer.seconds.items()]
-    cpu_total = sum(timer.cpu_seconds.values())
+              + (f"{cpu_seconds[stage]:.0f}" if stage in cpu_seconds else "–") + " |"
+              for stage, seconds in summary["stage_seconds"].items()]
+    cpu_total = sum(cpu_seconds.values())
     # Fine-tuning chains and divergence runs go `jobs` at a time; the rest one after another.
-    parallel = sum(v for k, v in timer.cpu_seconds.items() if k.split(":")[0] in PARALLEL_STAGES)
+    parallel = sum(v for k, v in cpu_seconds.items() if k.split(":")[0] in PARALLEL_STAGES)
     idle_estimate = (cpu_total - parallel) + parallel / max(1, min(settings.jobs, 2))
     lines += ["", f"CPU time of all tools together: {cpu_total:.0f} s. On two otherwise idle cores "
               f"that is about {idle_estimate / 60:.1f} min of wall time (the stages that run "
@@ -125,7 +119,6 @@ def append_verdict(report: Path, evaluations: dict[str, Path], settings, timer, 
     text = report.read_text(encoding="utf-8")
     with atomic_open(report) as f:
         f.write(text + "\n".join(lines))
-    return comparisons
 
 
 def _settings_lines(settings) -> list[str]:
