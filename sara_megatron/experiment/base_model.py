@@ -32,8 +32,8 @@ from sara_megatron.io import write_json_atomic
 class BaseSettings:
     task: TaskSettings = TaskSettings()
     shape: ModelShape = ModelShape()
-    math_items: int = 3000
-    lookup_copies: int = 30  # each of the world's fact questions this many times (anchor)
+    math_items: int = 2000  # the arithmetic is learnt from fewer items than the facts
+    lookup_copies: int = 50  # each of the world's fact questions this many times (anchor)
     fact_copies: int = 10  # each fact stated as anchor text this many times
     text_items: int = 150  # parallel plain-text story samples in every language
     seq_length: int = 128
