@@ -127,7 +127,7 @@ def _accuracy_rows(report: str) -> dict:
 def reduced_experiment_command(folder):
     """The reduced experiment starts with the session (about 5 minutes on two idle cores)."""
     return {"cmd": [sys.executable, REPO / "tools" / "experiment.py", "--reduced", "--work",
-                    folder / "exp"], "cwd": REPO, "timeout": 900}
+                    folder / "exp"], "cwd": REPO, "timeout": 1200}
 
 
 @pytest.fixture(scope="module")
