@@ -238,6 +238,9 @@ def test_reduced_experiment_summary_holds_the_numbers_the_report_states(reduced_
             std = abs(differences[0] - differences[1]) / 2 ** 0.5
             assert sara["minimum_detectable_effect"][benchmark] == pytest.approx(
                 minimum_detectable_effect(std, 2))
+        else:  # no spread across seeds: nothing to size an effect by
+            assert sara["minimum_detectable_effect"][benchmark] is None
+            assert "did not vary" in line
         for key in ("mcnemar", "bootstrap"):
             assert 0.0 <= c[key]["p_one_tailed"] <= 1.0
         retentions = [summary["methods"][m]["anchor_retention"] for m in ("SARA", "FFT")]

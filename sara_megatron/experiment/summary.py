@@ -87,7 +87,9 @@ def compare_to_baseline(method_records, baseline_records, benchmark: str,
         std = math.sqrt(sum((d - difference) ** 2 for d in differences) / (len(seeds) - 1))
         result["paired_t"] = {"over": f"{len(seeds)} seeds", "t": _finite(t["t"]),
                               "p_one_tailed": _finite(t["p_one_tailed"])}
-        mde = minimum_detectable_effect(std, len(seeds), ALPHA, POWER)
+        # Seeds whose differences did not vary give no spread to size an effect by (the t-test
+        # is undefined too): no minimum detectable effect rather than a misleading 0.
+        mde = minimum_detectable_effect(std, len(seeds), ALPHA, POWER) if std > 0 else None
     else:
         result["paired_t"] = {"over": "1 seed", "t": None, "p_one_tailed": None}
         std = mde = None
@@ -124,8 +126,12 @@ def classify(method: str, baseline: str, benchmark: str, c: dict, void: str | No
         claim = f"{method} was ahead of {baseline} by {diff:.2f} points, not significantly"
     else:
         claim = f"{method} did not beat {baseline}: {-diff:.2f} points behind"
-    power = ("no minimum detectable effect (one seed)" if mde is None else
-             f"this run could detect {mde:.2f} points (one-tailed alpha {ALPHA}, power {POWER})")
+    if mde is not None:
+        power = f"this run could detect {mde:.2f} points (one-tailed alpha {ALPHA}, power {POWER})"
+    elif t["t"] is None and t["over"] == "1 seed":
+        power = "no minimum detectable effect (one seed)"
+    else:
+        power = "no minimum detectable effect (the seeds' differences did not vary)"
     return f"{title}: {claim}; {power}."
 
 
