@@ -7,7 +7,7 @@ import torch
 
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import build_model, causal_attention_mask
-from sara_megatron.peft import LoraSettings, adapters_disabled, apply_lora
+from sara_megatron.peft import LoraSettings, adapters, adapters_disabled, apply_lora
 
 ALL_TARGETS = ("attention_qkv", "attention_proj", "experts_fc1", "experts_fc2")
 
@@ -187,3 +187,29 @@ def test_aes_trains_the_adapters(single_rank):
     lora_b = [n for n in grads if n.endswith("lora_b")]
     assert lora_b and any(not torch.equal(grads[n], zero_grads[n]) for n in lora_b)
     assert any(not torch.equal(grads[n], zero_grads[n]) for n in grads if "router" in n)
+
+
+def test_online_base_priors_leave_the_adapters_out(single_rank, sara_data):
+    """sara.priors online with peft.online_priors base: the anchor forward routes as the base
+    model does (the priors equal those of the same model with B = 0) while the adapters act on
+    the training forward; `adapted` takes the adapted model's routing."""
+    from sara_megatron.training.step import fetch_microbatches, prepare_batch
+
+    def priors(online_priors, zero_b):
+        trainer = _lora_trainer(**{
+            "data.mock": False, "model.checkpoint": sara_data["checkpoint"],
+            "data.shards_dir": sara_data["shards"], "data.seq_length": 64,
+            "sara.priors": "online", "peft.online_priors": online_priors})
+        gen = torch.Generator().manual_seed(0)
+        for module, adapter in adapters(trainer.chunks):
+            with torch.no_grad():
+                adapter.b.copy_(torch.zeros_like(adapter.b) if zero_b
+                                else torch.randn(adapter.b.shape, generator=gen) * 0.5)
+        state = trainer.state
+        microbatches = fetch_microbatches(state, state.plan.num_microbatches)
+        batch = prepare_batch(state, trainer.cfg, microbatches)
+        return torch.cat([mb.priors.flatten() for mb in batch.microbatches])
+
+    base = priors("base", zero_b=False)
+    torch.testing.assert_close(base, priors("adapted", zero_b=True), rtol=0, atol=1e-6)
+    assert (priors("adapted", zero_b=False) - base).abs().max() > 1e-4
