@@ -128,8 +128,9 @@ def _stack_cases(data):
 
 @pytest.fixture(scope="module")
 def two_rank_runs(torchrun_cases, sara_data):
+    # 10 runs (LoRA-SARA and its λ_JS = 0 twin included) on a shared 2-core machine.
     return torchrun_cases(RUNS_WORKER, "--cases", json.dumps(_two_rank_cases(sara_data)),
-                          timeout=900)
+                          timeout=1200)
 
 
 @pytest.fixture(scope="module")
