@@ -52,7 +52,7 @@ from sara_megatron.launch import (
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import build_model
 from sara_megatron.priors import parse_layer_selection
-from sara_megatron.tool_errors import check_writable_output
+from sara_megatron.tool_errors import UserFacingError, check_writable_output
 
 BENCHMARKS = ("global_mmlu", "belebele", "mgsm")
 
@@ -89,6 +89,11 @@ def parse_args():
     p.add_argument("--range-window", type=int, default=DEFAULT_WINDOW,
                    help=f"odd moving-average width in layers; 1 = none (default {DEFAULT_WINDOW})")
     p.add_argument("--plot", help="write the U-curve with the suggested range here (PNG)")
+    p.add_argument("--language-vectors",
+                   help="the base model's language vectors over contiguous layers "
+                        "(tools/extract_language_vectors.py, sentence_l2): also suggest "
+                        "ShifCon's shift_layer / shift_back_layer from their subspace distance "
+                        "(printed and saved in the JSON as shift_area; docs/analysis.md)")
     p.add_argument("--expert-usage", help="also measure each language's expert usage and write "
                    "it here (JSON)")
     p.add_argument("--usage-plots", help="folder for one expert-usage heatmap PNG per layer of "
@@ -115,6 +120,8 @@ def parse_args():
         p.error(f"--shards {args.shards}: no such directory")
     if args.data_dir and not os.path.isdir(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: no such directory")
+    if args.language_vectors and not os.path.isfile(args.language_vectors):
+        p.error(f"--language-vectors {args.language_vectors}: no such file")
     for flag in ("json", "plot", "expert_usage"):
         path = getattr(args, flag)
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -229,6 +236,22 @@ def run(args, rank):
               f"= min + {found.alpha:g} x (max - min))")
     except ValueError as err:  # e.g. measured layers with gaps
         print(f"no suggested alignment range: {err}")
+    if args.language_vectors:
+        from sara_megatron.analysis.shift_area import shift_area_from_vectors
+        from sara_megatron.sara.shifcon_vectors import load_language_vectors
+
+        vectors = load_language_vectors(args.language_vectors)
+        if vectors.normalisation != "sentence_l2":
+            raise UserFacingError(f"--language-vectors {args.language_vectors} holds "
+                                  f"{vectors.normalisation} vectors; the shift area needs "
+                                  "sentence_l2 ones (tools/extract_language_vectors.py "
+                                  "--normalisation sentence_l2, its default)")
+        area = shift_area_from_vectors(vectors, args.range_alpha, args.range_window,
+                                       num_layers=args.arch.num_layers)
+        result.shift_area = area.to_json()
+        print(f"suggested ShifCon area: shift_layer {area.shift_layer}, shift_back_layer "
+              f"{area.shift_back_layer} (subspace distance of the language vectors, "
+              f"{args.language_vectors})")
     if args.json:
         write_divergence(args.json, result)
     if args.plot:

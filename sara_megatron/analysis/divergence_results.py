@@ -5,9 +5,12 @@ from it.
      "divergence": {"hi": [JS per layer], ...},  mean over parallel groups of JS(anchor ‖ target)
      "normalized_divergence": {...},             optional: JS / mean entropy of the two
      "anchor": "en", "source": {...},            what was measured (checkpoint, data), optional
-     "suggested_range": {"first_layer": 7, "last_layer": 34, "alpha": .., "window": .., ...}}
+     "suggested_range": {"first_layer": 7, "last_layer": 34, "alpha": .., "window": .., ...},
+     "shift_area": {"shift_layer": 12, "shift_back_layer": 15, "distance": {...}, ...}}
 
-`suggested_range` is what training reads as `sara.layers: <file>` (see `alignment_range`).
+`suggested_range` is what training reads as `sara.layers: <file>` (see `alignment_range`);
+`shift_area`, optional, is ShifCon's suggested area from the base model's language vectors
+(`analysis/shift_area.py`, `--language-vectors`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class DivergenceResult:
     anchor: Optional[str] = None
     source: dict = dataclasses.field(default_factory=dict)
     suggested_range: Optional[dict] = None
+    shift_area: Optional[dict] = None  # ShiftArea.to_json(), when language vectors were given
 
     @property
     def languages(self) -> list[str]:
@@ -51,6 +55,8 @@ class DivergenceResult:
             out["source"] = self.source
         if self.suggested_range is not None:
             out["suggested_range"] = self.suggested_range
+        if self.shift_area is not None:
+            out["shift_area"] = self.shift_area
         return out
 
 
@@ -67,7 +73,7 @@ def read_divergence(path: str | os.PathLike) -> DivergenceResult:
             raise ValueError(f"{path}: {lang} has {len(values)} values for {len(layers)} layers")
     return DivergenceResult(layers, divergence, obj.get("normalized_divergence"),
                             obj.get("anchor"), obj.get("source") or {},
-                            obj.get("suggested_range"))
+                            obj.get("suggested_range"), obj.get("shift_area"))
 
 
 def write_divergence(path: str | os.PathLike, result: DivergenceResult) -> None:

@@ -110,6 +110,7 @@ def divergence_section(inputs: ReportInputs, out_dir: str) -> list[str]:
               f"below {rule['threshold']:.4g} = min + {rule['alpha']:g} × (max − min). Train with "
               f"`sara.layers: {inputs.divergence[baseline]}` (or `sara.first_layer: {aligned[0]}`, "
               f"`sara.last_layer: {aligned[1]}`).", ""]
+    lines += shift_area_lines(base, baseline)
     plot_u_curve(base, os.path.join(out_dir, "divergence_u_curve.png"), aligned=aligned,
                  normalized=inputs.normalized, title=f"{baseline}: layer-wise routing divergence")
     lines += _image("divergence_u_curve.png", f"U-curve of {baseline}")
@@ -125,6 +126,31 @@ def divergence_section(inputs: ReportInputs, out_dir: str) -> list[str]:
                          f"{ratios[name]:.4f} |")
         lines.append("")
     return lines
+
+
+def shift_area_lines(result, name: str) -> list[str]:
+    """The report's lines on ShifCon's suggested area, when the divergence result holds one.
+
+    Args:
+        result: A `DivergenceResult`; its `shift_area` comes from
+            `tools/routing_divergence.py --language-vectors` (`analysis/shift_area.py`).
+        name: The result's name in the report.
+
+    Returns:
+        Markdown lines: the suggested layers, the rule and the per-layer distance table; none
+        when the result holds no area.
+    """
+    area = result.shift_area
+    if not area:
+        return []
+    lines = ["### Suggested ShifCon area", "",
+             f"`shifcon.shift_layer: {area['shift_layer']}`, `shifcon.shift_back_layer: "
+             f"{area['shift_back_layer']}` (from `{name}`): the valley of the subspace distance "
+             "between each target language's L2-normalised sentence-mean representation and "
+             f"the anchor's, by the rule above (window {area['window']}, threshold "
+             f"{area['threshold']:.4g} = min + {area['alpha']:g} × (max − min)).", ""]
+    lines += divergence_markdown_table(area["layers"], {"distance": area["distance"]})
+    return lines + [""]
 
 
 def expert_usage_section(inputs: ReportInputs, out_dir: str) -> list[str]:
