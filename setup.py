@@ -60,7 +60,8 @@ setup(
         # lm-evaluation-harness: our benchmark tasks ship as lm-eval task definitions; the tests
         # check that lm-eval and our runner score the same replies alike.
         "lmeval": ["lm-eval==0.4.13", "tenacity", "accelerate"],
-        "dev": ["pytest", "pytest-timeout", "lm-eval==0.4.13", "tenacity", "accelerate"],
+        # peft: the tests load the exported LoRA adapter (PEFT's layout) with transformers + peft.
+        "dev": ["pytest", "pytest-timeout", "lm-eval==0.4.13", "tenacity", "accelerate", "peft"],
         "wandb": ["wandb"],
     },
 )

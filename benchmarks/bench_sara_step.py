@@ -91,8 +91,10 @@ def main():
     destroy_distributed()  # only after success: its barrier needs every rank
 
 
-def run(args) -> None:
-    """Collective: the three step-time measurements; rank 0 prints (and writes) the result."""
+def data_and_model_overrides(args) -> list[str]:
+    """Config overrides of the data (--mock, or the demo's --work) and of the model and batch
+    flags given (also benchmarks/bench_lora.py's; a flag it lacks counts as not given), with
+    logging and checkpoint saving off, then --set's."""
     if args.mock:
         base = ["data.mock=true", "model.checkpoint=null", "data.shards_dir=null",
                 "data.prior_store=null", "sara.layers=all"]
@@ -100,13 +102,18 @@ def run(args) -> None:
         work = os.path.abspath(args.work)
         base = [f"model.preset={work}/hf", f"model.checkpoint={work}/base",
                 f"data.shards_dir={work}/shards", f"data.prior_store={work}/priors"]
-    for key, value in (("model.preset", args.preset), ("model.num_layers", args.num_layers),
-                       ("data.seq_length", args.seq_length),
-                       ("data.micro_batch_size", args.micro_batch),
-                       ("data.global_batch_size", args.global_batch), ("parallel.ep", args.ep)):
+    for key, flag in (("model.preset", "preset"), ("model.num_layers", "num_layers"),
+                      ("data.seq_length", "seq_length"), ("data.micro_batch_size", "micro_batch"),
+                      ("data.global_batch_size", "global_batch"), ("parallel.ep", "ep")):
+        value = getattr(args, flag, None)
         if value is not None:
             base.append(f"{key}={value}")
-    base += ["logging.log_interval=1000000", "checkpoint.save_dir=null", *args.set]
+    return base + ["logging.log_interval=1000000", "checkpoint.save_dir=null", *args.set]
+
+
+def run(args) -> None:
+    """Collective: the three step-time measurements; rank 0 prints (and writes) the result."""
+    base = data_and_model_overrides(args)
     if args.ep is None and not any(item.startswith("parallel.ep=") for item in args.set):
         ep = fitting_ep(load_train_config(CONFIG, base).parallel, read_launcher_env().world_size)
         base.append(f"parallel.ep={ep}")

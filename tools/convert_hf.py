@@ -2,11 +2,18 @@
 
     python tools/convert_hf.py import --hf-dir HF --out MCORE [--tp N --ep N --pp N] [--dtype bf16|fp32]
     python tools/convert_hf.py export --megatron-dir MCORE --out HF2
+    python tools/convert_hf.py export --megatron-dir LORA_CKPT --out HF2 --merge-adapters [--base-dir BASE]
+    python tools/convert_hf.py export --megatron-dir LORA_CKPT --out ADAPTER --peft-adapter
     python tools/convert_hf.py verify --hf-dir HF --megatron-dir MCORE [--seq-len N --batch N]
 
 `import` runs in one process or under torchrun (each rank converts and holds only its shard; the
 world size must fit the layout). `export` and `verify` run in one process; `export` refuses to
 start as one of several torchrun / srun processes (they would all write the same output).
+A LoRA run's checkpoint holds the adapters and the trained router only: `--merge-adapters`
+writes the base (the checkpoint the run recorded, or --base-dir of the same fingerprint) with
+W + (alpha/r)·B·A merged in; `--peft-adapter` writes the adapters (attention; Qwen3-MoE's experts
+on transformers' fused expert parameters) and a trained router (as a module to save) in PEFT's
+layout (docs/peft.md).
 `verify` prints one JSON line and, past its thresholds, one line naming each check that failed
 and its threshold, and exits 1. Bad input exits 2 with the reason.
 The logic lives in `sara_megatron.conversion`.
@@ -48,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--read-batch-mb", type=int, default=512,
                      help="Megatron tensors read per batch, in MiB (bounds export memory)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    lora = exp.add_mutually_exclusive_group()
+    lora.add_argument("--merge-adapters", action="store_true",
+                      help="--megatron-dir is a LoRA checkpoint: write its base with the adapters "
+                           "merged (W + alpha/r·B·A) and the trained router")
+    lora.add_argument("--peft-adapter", action="store_true",
+                      help="--megatron-dir is a LoRA checkpoint: write adapter_config.json and "
+                           "adapter_model.safetensors in PEFT's layout (attention and Qwen3-MoE "
+                           "expert adapters; a trained router as a module to save)")
+    exp.add_argument("--base-dir", default=None,
+                     help="the LoRA checkpoint's base, when not where the run recorded it (its "
+                          "fingerprint must be the recorded one)")
 
     ver = sub.add_parser("verify", help="logits of transformers' model vs ours on the same tokens")
     ver.add_argument("--hf-dir", required=True)
@@ -91,12 +109,25 @@ def main(argv=None) -> int:
                                  dtype=args.dtype, overwrite=args.overwrite)
             destroy_distributed()
             return 0
+        if args.command == "export" and args.peft_adapter:
+            from sara_megatron.conversion.lora_export import export_peft_adapter
+
+            export_peft_adapter(args.megatron_dir, args.out, base_dir=args.base_dir,
+                                overwrite=args.overwrite, dtype=args.dtype, hf_dir=args.hf_dir)
+            return 0
         if args.command == "export":
             from sara_megatron.conversion.hf_export import export_hf_checkpoint
+            from sara_megatron.conversion.lora_export import export_merged
 
-            export_hf_checkpoint(args.megatron_dir, args.out, overwrite=args.overwrite,
-                                 dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                 hf_dir=args.hf_dir, read_batch_bytes=args.read_batch_mb * 2**20)
+            options = dict(overwrite=args.overwrite, dtype=args.dtype,
+                           max_shard_size=args.max_shard_size, hf_dir=args.hf_dir,
+                           read_batch_bytes=args.read_batch_mb * 2**20)
+            if args.merge_adapters:
+                export_merged(args.megatron_dir, args.out, base_dir=args.base_dir, **options)
+            elif args.base_dir:
+                raise ValueError("--base-dir goes with --merge-adapters or --peft-adapter")
+            else:
+                export_hf_checkpoint(args.megatron_dir, args.out, **options)
             return 0
         from sara_megatron.conversion.verify import Thresholds, failed_checks, verify_conversion
 

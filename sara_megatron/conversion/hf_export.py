@@ -19,6 +19,10 @@ The folder gets `config.json` (the imported HF config, dtype updated), the other
 
 The checkpoint's files are checked against its manifest first (`checkpointing.manifest`), and
 a tensor holding NaN or inf is refused, naming it, before the output is published.
+
+A LoRA run's checkpoint holds only the adapters and the trained router: it is refused here,
+and `conversion.lora_export.export_merged` exports it through this function (`weights_dir` its
+base, `adapt` merging the adapters into each batch).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 import re
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -119,6 +124,19 @@ def is_optimizer_state(key: str) -> bool:
     return _OPTIMIZER_STATE.match(key) is not None
 
 
+def trainer_record(checkpoint_dir: str) -> dict:
+    """The "trainer" entry a training checkpoint saves beside its tensors ({} for others)."""
+    from megatron.core import dist_checkpointing
+
+    record = (dist_checkpointing.load_common_state_dict(checkpoint_dir) or {}).get("trainer", {})
+    return record if isinstance(record, dict) else {}
+
+
+def has_lora_record(checkpoint_dir: str) -> bool:
+    """Whether a Megatron checkpoint is a LoRA run's (adapters only, the base elsewhere)."""
+    return (trainer_record(checkpoint_dir).get("peft") or {}).get("method") == "lora"
+
+
 def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
     """Raise naming missing / unexpected / wrongly shaped Megatron tensors (optimizer state is
     not a weight and is skipped)."""
@@ -199,8 +217,18 @@ def export_hf_checkpoint(
     max_shard_size: str | int = "5GB",
     hf_dir: str | os.PathLike | None = None,
     read_batch_bytes: int = 512 * 2**20,
+    weights_dir: str | os.PathLike | None = None,
+    adapt: Callable[[ModelMapping], Callable[[list, list], list]] | None = None,
 ) -> dict:
-    """Write an HF folder `out` from the Megatron checkpoint `megatron_dir`; returns a summary."""
+    """Write an HF folder `out` from the Megatron checkpoint `megatron_dir`; returns a summary.
+
+    Args:
+        weights_dir: where the weights are read, when not in `megatron_dir` (a LoRA run's
+            base); config and assets still come from `megatron_dir` when it carries them.
+        adapt: given the model's mapping, returns what turns each batch of tensors read from
+            `weights_dir` into the ones to write: `f(batch mappings, tensors) -> tensors`
+            (merging LoRA adapters). Checked before any tensor is read or written.
+    """
     from sara_megatron.models.architecture import from_hf_config
 
     started = time.perf_counter()
@@ -209,18 +237,27 @@ def export_hf_checkpoint(
     check_megatron_checkpoint(megatron_dir, "--megatron-dir")  # an HF or a run's folder: named
     output = meta.AtomicOutputDir(out, overwrite)
     output.check()
-    hf_config, assets_dir, assets = checkpoint_source(megatron_dir, hf_dir and os.fspath(hf_dir))
+    ensure_process_group()
+    weights_dir = os.path.abspath(os.fspath(weights_dir)) if weights_dir else megatron_dir
+    if adapt is None and has_lora_record(megatron_dir):
+        raise ConversionError(f"{megatron_dir} holds LoRA adapters only (the base is "
+                              "elsewhere): export it with --merge-adapters (a merged model) or "
+                              "--peft-adapter (the adapters in PEFT's layout)")
+    source = megatron_dir if hf_dir or read_metadata(megatron_dir) else weights_dir
+    hf_config, assets_dir, assets = checkpoint_source(source, hf_dir and os.fspath(hf_dir))
     arch = from_hf_config(hf_config)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out_dtype = DTYPES.get(dtype)
 
-    ensure_process_group()
-    tensors = checkpoint_tensor_metadata(megatron_dir)
+    tensors = checkpoint_tensor_metadata(weights_dir)
     padded = tuple(tensors[EMBEDDING].global_shape)[0] if EMBEDDING in tensors else None
     mapping = build_mapping(arch, padded)
-    check_checkpoint(mapping, tensors, where=f"Megatron checkpoint {megatron_dir}")
-    verify_checkpoint(megatron_dir)  # before any tensor data is read
+    check_checkpoint(mapping, tensors, where=f"Megatron checkpoint {weights_dir}")
+    adapt_batch = adapt(mapping) if adapt is not None else None
+    verify_checkpoint(weights_dir)  # before any tensor data is read
+    if weights_dir != megatron_dir:
+        verify_checkpoint(megatron_dir)
 
     specs: list[TensorSpec] = []
     for m in mapping.mappings:
@@ -237,7 +274,10 @@ def export_hf_checkpoint(
         remaining = {f: len(s) for f, s in zip(files, shards)}
         shard_specs = dict(zip(files, shards))
         for batch in _batches(mapping.mappings, tensors, read_batch_bytes):
-            for m, tensor in zip(batch, _load_batch(megatron_dir, batch, tensors)):
+            loaded = _load_batch(weights_dir, batch, tensors)
+            if adapt_batch is not None:
+                loaded = adapt_batch(batch, loaded)
+            for m, tensor in zip(batch, loaded):
                 for name, value in m.split(tensor).items():
                     check_finite_tensor(f"{name} (checkpoint key {m.key})", value, megatron_dir)
                     file = file_of[name]
