@@ -65,10 +65,10 @@ class TimedBackend:
         self.inner, self.model, self.concurrency = inner, inner.model, inner.concurrency
         self.request_s = 0.0
 
-    async def generate(self, messages, seed):
+    async def generate(self, messages, seed, language=None):
         start = time.perf_counter()
         try:
-            return await self.inner.generate(messages, seed)
+            return await self.inner.generate(messages, seed, language)
         finally:
             self.request_s += time.perf_counter() - start
 

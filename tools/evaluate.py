@@ -15,6 +15,11 @@ percent, mean and sample std (ddof 1). Writes results.json, items.jsonl and tabl
 folder that holds another model's answers or answers to other benchmark data (their fingerprints
 are recorded; --restart starts the folder over). A request that fails after its retries is never
 scored: the tool exits 1 and a rerun resumes.
+
+A ShifCon run's export carries its shift (shifcon.json, docs/objectives.md): --backend hf applies
+it, each item shifted by its language as in training. A server cannot apply it (stock vLLM has no
+such hook): --backend openai with --model-revision naming a ShifCon export is refused unless
+--no-shift says to evaluate the model unshifted; --no-shift does the same with --backend hf.
 """
 
 import argparse
@@ -66,6 +71,9 @@ def parse_args(argv=None):
                    help="hf: the model's context in tokens (default: max_position_embeddings of "
                         "its config.json); prompt tokens + --max-new-tokens must fit, else the "
                         "item is refused before any forward")
+    p.add_argument("--no-shift", action="store_true",
+                   help="evaluate a ShifCon export without its per-language shift (outside the "
+                        "regime it was trained in); needed to evaluate one through a server")
     p.add_argument("--data-dir", help="read DIR/<benchmark>/<lang>.jsonl instead of the hub")
     p.add_argument("--output", required=True, help="folder for results.json, items.jsonl, table.md")
     p.add_argument("--restart", action="store_true",
@@ -154,6 +162,36 @@ def parse_args(argv=None):
     return args
 
 
+def shift_of(args):
+    """The ShifCon shift to apply (`sara.language_shift.LanguageShift`) or None; records in
+    `args.shifcon_shift` what is done ("applied", "not applied (--no-shift)" or None: not a
+    ShifCon model). Raises ValueError for a served ShifCon export without --no-shift."""
+    from sara_megatron.sara.language_shift import has_shift_sidecar, read_shift_sidecar
+
+    folder = args.model_dir if args.backend == "hf" else args.model_revision
+    args.shifcon_shift = None
+    if not folder or not os.path.isdir(folder) or not has_shift_sidecar(folder):
+        return None
+    if args.no_shift:
+        args.shifcon_shift = "not applied (--no-shift)"
+        return None
+    if args.backend == "openai":
+        raise ValueError(f"{folder} is a ShifCon export: its hidden states are shifted per "
+                         "language, which a server (stock vLLM) cannot do; evaluate it with "
+                         "--backend hf, or pass --no-shift to evaluate it unshifted")
+    shift = read_shift_sidecar(folder)
+    missing = [lang for lang in args.languages
+               if lang != shift.anchor_language and lang not in shift.languages]
+    if missing:
+        raise ValueError(f"{folder} is a ShifCon export with language vectors of "
+                         f"{', '.join(shift.languages)}: none for {', '.join(missing)}; leave "
+                         "those out of --languages, or pass --no-shift")
+    args.shifcon_shift = "applied"
+    print(f"evaluate: {shift.describe()} (per item's language; --no-shift: none)",
+          file=sys.stderr)
+    return shift
+
+
 def settings_of(args) -> dict:
     """What results.json records; the model fingerprint and ANSWER_SETTINGS among them must match
     for a resume."""
@@ -176,11 +214,12 @@ def settings_of(args) -> dict:
         "templates_sha256": sha256_file(args.templates) if args.templates else None,
         "prompt_version": PROMPT_VERSION,
         "chat_template_kwargs": args.chat_template_kwargs or None,
+        "shifcon_shift": getattr(args, "shifcon_shift", None),
         "accuracy": "percent; std is the sample standard deviation (ddof 1) over runs",
     }
 
 
-def build_backend(args):
+def build_backend(args, shift=None):
     from sara_megatron.evaluation.backends import HFBackend, OpenAIBackend, SamplingSettings
 
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -193,7 +232,7 @@ def build_backend(args):
     return HFBackend(args.model_dir, sampling, chat_template_kwargs=args.chat_template_kwargs,
                      dtype=args.dtype, device=args.device,
                      trust_remote_code=args.trust_remote_code,
-                     max_context_tokens=args.max_context_tokens)
+                     max_context_tokens=args.max_context_tokens, shift=shift)
 
 
 def user_error(message) -> int:
@@ -212,6 +251,7 @@ def _evaluate(args) -> int:
     try:
         if args.backend == "hf":
             check_hf_model_folder(args.model_dir)
+        shift = shift_of(args)
         plan = EvaluationPlan(
             benchmarks=tuple(args.benchmarks), languages=tuple(args.languages), runs=args.runs,
             seed=args.seed, limit=args.limit, data_dir=args.data_dir,
@@ -220,7 +260,7 @@ def _evaluate(args) -> int:
         runner = EvaluationRunner(None, plan, args.output, settings_of(args),
                                   progress=not args.no_progress, restart=args.restart)
         runner.prepare()  # refuses another model's folder or changed benchmarks before loading
-        runner.use_backend(build_backend(args))
+        runner.use_backend(build_backend(args, shift))
     except (ValueError, FileNotFoundError, NotImplementedError) as e:  # ModelFolderError too
         return user_error(e)
     try:

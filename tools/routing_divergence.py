@@ -16,6 +16,8 @@ whose moving average (width --range-window) of the mean divergence over language
 <= min + --range-alpha * (max - min) (docs/analysis.md); it is printed, saved in the JSON (which
 training takes as `sara.layers: <file>`) and shaded on the plot. A benchmark item is the prompt
 the model is evaluated on, in the model's chat template; groups are its item id across languages.
+A ShifCon run's checkpoint or export (shifcon.json) is measured shifted per language, as it was
+trained; --no-shift measures it unshifted.
 Under torchrun, a rank that fails prints its traceback and exits at once.
 """
 
@@ -52,6 +54,7 @@ from sara_megatron.launch import (
 from sara_megatron.models.architecture import resolve_architecture
 from sara_megatron.models.builder import build_model
 from sara_megatron.priors import parse_layer_selection
+from sara_megatron.sara.language_shift import has_shift_sidecar, read_shift_sidecar
 from sara_megatron.tool_errors import UserFacingError, check_writable_output
 
 BENCHMARKS = ("global_mmlu", "belebele", "mgsm")
@@ -102,6 +105,8 @@ def parse_args():
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of --shards on first open (structure and token "
                         "ids are checked)")
+    p.add_argument("--no-shift", action="store_true",
+                   help="a ShifCon checkpoint or export: measure it without its per-language shift")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error the user can fix too")
     args = p.parse_args()
@@ -210,13 +215,20 @@ def run(args, rank):
     model = build_model(args.arch)
     kind = load_analysis_weights(model, args.checkpoint)
     data, source = load_parallel_set(args)
+    shift = None
+    if has_shift_sidecar(args.checkpoint):
+        shift = None if args.no_shift else read_shift_sidecar(args.checkpoint)
+        source["shifcon_shift"] = "applied" if shift is not None else "not applied (--no-shift)"
+        if rank == 0:
+            print(f"{shift.describe()}, per language" if shift is not None
+                  else "ShifCon checkpoint measured without its shift (--no-shift)")
     targets = args.languages
     languages = [data.anchor_language, *(targets or data.target_languages)]
     bar = tqdm(total=len(languages), desc="languages routed", disable=rank != 0)
     analysis = routing_analysis(model, data, args.layers, targets, args.batch_size,
                                 top_k=args.arch.moe_router_topk if args.expert_usage else None,
                                 progress=lambda language: bar.update(1),
-                                process_groups=model_process_groups())
+                                process_groups=model_process_groups(), shift=shift)
     bar.close()
     if rank != 0:
         return

@@ -8,6 +8,10 @@ Beside it: the entropy-normalised JS (per group, JS divided by the mean of the t
 entropies, then averaged), so layers of different routing sharpness compare fairly, and on request
 each language's expert usage.
 
+A ShifCon model (`shift`, read from its checkpoint or export by `sara.language_shift`) is measured
+as it was trained: each language's sequences with its hidden states shifted by that language's
+vectors, the anchor's unshifted.
+
 Runs on the current parallel state without pipeline parallel (every rank feeds the same batch; TP
 and EP ranks agree on the result). The forward is the forward runner's
 (`routing/forward_runner.py`), as prior extraction's is: batches are padded alike (with Phi-3
@@ -115,12 +119,17 @@ def routing_analysis(
     top_k: Optional[int] = None,
     progress=None,
     process_groups=None,
+    shift=None,
 ) -> RoutingAnalysis:
     """Per-layer divergence of each target language from the anchor on a parallel set (or token
     shards), plain and entropy-normalised; with `top_k`, also each language's expert usage (mean
     dense routing probability and top-k selection share per expert). Eval mode; the model's mode
     is restored afterwards. `progress(language)` is called after each language's passes.
-    `process_groups`: megatron's (`distributed.model_process_groups()`); None for one process."""
+    `process_groups`: megatron's (`distributed.model_process_groups()`); None for one process.
+    `shift`: a ShifCon run's `language_shift.LanguageShift`, applied per language; None: none."""
+    from sara_megatron.sara.language_shift import shifted
+    from sara_megatron.sara.shifcon import transformer_layers
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = as_parallel_set(data)
@@ -135,8 +144,9 @@ def routing_analysis(
     try:
         routing = {}
         for language in [data.anchor_language, *targets]:
-            routing[language] = _sequence_routing(model, data, data.sequences(language), layers,
-                                                  batch_size, top_k, process_groups)
+            with shifted(transformer_layers([model]), shift, language):
+                routing[language] = _sequence_routing(model, data, data.sequences(language),
+                                                      layers, batch_size, top_k, process_groups)
             if progress is not None:
                 progress(language)
     finally:

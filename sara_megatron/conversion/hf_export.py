@@ -15,7 +15,9 @@ names where config.json and the tokenizer come from.
 
 The folder gets `config.json` (the imported HF config, dtype updated), the other HF assets
 (tokenizer, generation config, ...) and `model.safetensors` or shards with
-`model.safetensors.index.json`; padded vocabulary rows are dropped.
+`model.safetensors.index.json`; padded vocabulary rows are dropped. A ShifCon run's checkpoint
+carries its shift (`shifcon.json` and `shifcon/`, sara.language_shift): it is copied along, so that
+evaluation can shift the exported model as training did.
 
 The checkpoint's files are checked against its manifest first (`checkpointing.manifest`), and
 a tensor holding NaN or inf is refused, naming it, before the output is published.
@@ -52,6 +54,7 @@ from sara_megatron.conversion.safetensors_io import (
     shard_file_names,
 )
 from sara_megatron.model_folders import check_megatron_checkpoint
+from sara_megatron.sara.language_shift import copy_shift_sidecar
 from sara_megatron.tool_errors import disk_full_error
 
 _HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
@@ -305,6 +308,7 @@ def export_hf_checkpoint(
             for k in keys:
                 config[k] = name
         meta.copy_assets(assets_dir, [a for a in assets if a != "config.json"], output.partial)
+        shifted = copy_shift_sidecar(megatron_dir, output.partial)
         with open(os.path.join(output.partial, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -323,7 +327,9 @@ def export_hf_checkpoint(
         "tensors": len(specs),
         "bytes": sum(s.nbytes for s in specs),
         "seconds": round(time.perf_counter() - started, 2),
+        "shifcon_shift": shifted,
     }
     progress("export", f"wrote {summary['tensors']} tensors in {len(files)} file(s) to "
-                       f"{output.out} in {summary['seconds']}s")
+                       f"{output.out} in {summary['seconds']}s"
+                       + (" with its ShifCon shift (shifcon.json)" if shifted else ""))
     return summary

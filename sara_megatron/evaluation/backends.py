@@ -4,6 +4,11 @@ Both take the chat (one user turn) and a seed per (run, item), and return the re
 template is the model's: the server applies it (vLLM: `vllm serve <export dir>`), or the in-process
 backend does with the tokenizer's `apply_chat_template`; `chat_template_kwargs` (e.g. Qwen3's
 `{"enable_thinking": false}`) reach it either way.
+
+Each request names its item's language: the in-process backend of a ShifCon export
+(`sara.language_shift`) shifts the model's hidden states by that language's vectors, as training
+did; a server cannot, and ignores it (tools/evaluate.py refuses a served ShifCon export unless told
+to evaluate it unshifted).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class GenerationBackend(Protocol):
     model: str
     concurrency: int
 
-    async def generate(self, messages: list[dict], seed: int) -> str: ...
+    async def generate(self, messages: list[dict], seed: int,
+                       language: str | None = None) -> str: ...
 
     def prompt_too_long(self, messages: list[dict], reply_tokens: int | None = None) -> str | None:
         """Why the prompt cannot fit the model's context with `reply_tokens` after it (default:
@@ -101,7 +107,8 @@ class OpenAIBackend:
         return (f"a prompt of at most --max-prompt-chars {self.max_prompt_chars} characters (the "
                 "served model's tokenizer is not here to count tokens)")
 
-    async def generate(self, messages: list[dict], seed: int) -> str:
+    async def generate(self, messages: list[dict], seed: int,
+                       language: str | None = None) -> str:
         reply = await self.client.complete(messages, self.settings(seed))
         return reply.content
 
@@ -124,14 +131,17 @@ def _torch_dtype(name: str):
 class HFBackend:
     """transformers in-process, for small models and tests. One item at a time, each sampled after
     seeding with its own (run, item) seed: a reply does not depend on which items run beside it or
-    in which order."""
+    in which order.
+
+    `shift`: a ShifCon export's shift (`language_shift.read_shift_sidecar(model_dir)`); each
+    request's hidden states are then shifted by its language, as in training. None: no shift."""
 
     concurrency = 1
 
     def __init__(self, model_dir: str | os.PathLike, sampling: SamplingSettings, *,
                  chat_template_kwargs: dict | None = None, dtype: str = "auto",
                  device: str | None = None, trust_remote_code: bool = False,
-                 max_context_tokens: int | None = None):
+                 max_context_tokens: int | None = None, shift=None):
         import torch
         import transformers
 
@@ -147,6 +157,13 @@ class HFBackend:
         self.lm = transformers.AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
         self.lm.to(self.device).eval()
+        self.shift = shift
+        self._layers = {}
+        if shift is not None:
+            from sara_megatron.sara.language_shift import check_shift_fits, hf_decoder_layers
+
+            self._layers = hf_decoder_layers(self.lm)
+            check_shift_fits(shift, len(self._layers), self.model_dir)
         self._lock = threading.Lock()  # one forward at a time: the global RNG is seeded per item
         self._set_context(max_context_tokens)
 
@@ -204,7 +221,13 @@ class HFBackend:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor([ids], device=self.device)
 
-    def generate_sync(self, messages: list[dict], seed: int) -> str:
+    def language_shift(self, language: str | None):
+        """Context: the model's forward shifted for `language` (nothing without a shift)."""
+        from sara_megatron.sara.language_shift import shifted
+
+        return shifted(self._layers, self.shift, language)
+
+    def generate_sync(self, messages: list[dict], seed: int, language: str | None = None) -> str:
         import torch
 
         input_ids = self._encode(self.chat_text(messages))
@@ -217,24 +240,26 @@ class HFBackend:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
             if s.top_k is not None:
                 kwargs["top_k"] = s.top_k
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), self.language_shift(language):
             torch.manual_seed(seed)
             out = self.lm.generate(input_ids=input_ids,
                                    attention_mask=torch.ones_like(input_ids), **kwargs)
         return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
-    async def generate(self, messages: list[dict], seed: int) -> str:
-        return await asyncio.to_thread(self.generate_sync, messages, seed)
+    async def generate(self, messages: list[dict], seed: int,
+                       language: str | None = None) -> str:
+        return await asyncio.to_thread(self.generate_sync, messages, seed, language)
 
-    def continuation_logprobs(self, messages: list[dict],
-                              continuations: Sequence[str]) -> list[float]:
+    def continuation_logprobs(self, messages: list[dict], continuations: Sequence[str],
+                              language: str | None = None) -> list[float]:
         """Sum of the log-probabilities of each continuation's tokens right after the chat's
-        generation prompt (context and continuation tokenized apart, as lm-eval does)."""
+        generation prompt (context and continuation tokenized apart, as lm-eval does), the model
+        shifted for `language` when the backend has a shift."""
         import torch
 
         context = self._encode(self.chat_text(messages))
         scores = []
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), self.language_shift(language):
             for continuation in continuations:
                 target = self._encode(continuation)
                 ids = torch.cat([context, target], dim=1)

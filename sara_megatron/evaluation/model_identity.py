@@ -6,7 +6,8 @@ both "export"), so a resume is matched on content:
 
 - hf backend: the sha256 of every file transformers reads to answer — the weights
   (`*.safetensors`, `*.bin` and their index), `config.json`, `generation_config.json` (the default
-  top-k lives there) and the tokenizer and chat template files. Hashes are remembered in the
+  top-k lives there), the tokenizer and chat template files, and a ShifCon export's `shifcon.json`
+  (which records its language vectors' sha256). Hashes are remembered in the
   verification stamps (`file_stamps`), so a resume of unchanged weights reads none of them again.
 - openai backend: the served model's name and the revision the user states (`--model-revision`);
   the served weights are out of reach, so that revision is the only thing that tells two models
@@ -26,7 +27,7 @@ HF_MODEL_FILE_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
     "config.json", "generation_config.json",
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-    "*.tiktoken", "chat_template*",
+    "*.tiktoken", "chat_template*", "shifcon.json",
 )
 
 class ModelFolderError(ValueError):

@@ -39,7 +39,7 @@ PROTOCOLS = ("generate", "loglikelihood")
 # Settings that change what a model answers: a resume under other values would mix two evaluations.
 ANSWER_SETTINGS = ("model", "protocol", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
                    "template_language", "templates_sha256", "prompt_version",
-                   "chat_template_kwargs")
+                   "chat_template_kwargs", "shifcon_shift")
 
 
 class EvaluationIncomplete(RuntimeError):
@@ -359,11 +359,12 @@ class EvaluationRunner:
         if self.plan.protocol == "loglikelihood":
             letters = OPTION_LETTERS[:len(item.options)]
             scores = await asyncio.to_thread(self.backend.continuation_logprobs, messages,
-                                             list(letters))
+                                             list(letters), item.language)
             best = letters[max(range(len(scores)), key=scores.__getitem__)]
             output = json.dumps(dict(zip(letters, scores)))
             return output, best, best == item.gold
-        output = await self.backend.generate(messages, item_seed(self.plan.seed, run, item))
+        output = await self.backend.generate(messages, item_seed(self.plan.seed, run, item),
+                                             language=item.language)
         extracted, correct = score_output(item, output)
         return output, extracted, correct
 

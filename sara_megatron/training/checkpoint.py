@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -164,6 +164,7 @@ def _sharded_state(chunks, optimizer, is_loading: bool, trainable_only: bool = F
 def save_training_checkpoint(
     save_dir: str, iteration: int, chunks, optimizer, scheduler, extra: dict,
     conversion_source: Optional[str] = None, trainable_only: bool = False,
+    write_files: Optional[Callable[[str], None]] = None,
 ) -> str:
     """Collective. Returns the folder of the checkpoint written.
 
@@ -173,6 +174,8 @@ def save_training_checkpoint(
     conversion_source: the converted checkpoint training started from; its conversion metadata
     and HF assets (config, tokenizer) are carried into every save, so `convert_hf.py export`
     works on a training checkpoint as it is.
+    write_files: called on rank 0 with the staging folder, before the manifest: files an
+    objective keeps beside the weights (ShifCon's shift, sara.language_shift).
     """
     from megatron.core import dist_checkpointing
 
@@ -193,6 +196,8 @@ def save_training_checkpoint(
         dist.barrier()
         if dist.get_rank() == 0:
             _carry_conversion_metadata(conversion_source, staging)
+            if write_files is not None:
+                write_files(staging)
         write_checkpoint_manifest(staging)  # collective; inside the folder the rename publishes
     except BaseException as err:
         full = disk_full_error(err, staging)  # before the removal frees the space again

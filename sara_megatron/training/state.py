@@ -45,6 +45,7 @@ class Checkpointer:
     # LoRA: only the trained parameters (adapters, router) and their optimizer state are saved;
     # the base stays in model.checkpoint.
     trainable_only: bool = False
+    write_files: Any = None  # (folder) -> None, on rank 0: an objective's files beside the weights
 
     def due(self, iteration: int) -> bool:
         return bool(self.save_dir and self.save_interval and iteration % self.save_interval == 0)
@@ -58,6 +59,7 @@ class Checkpointer:
             self.save_dir, state.iteration, state.chunks, state.optimizer, state.scheduler,
             dict(consumed_samples=state.consumed_samples, **self.record),
             conversion_source=self.conversion_source, trainable_only=self.trainable_only,
+            write_files=self.write_files,
         )
 
 
@@ -130,7 +132,8 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
     if cfg.peft.lora:
         record["peft"] = peft_record(cfg)
     checkpointer = Checkpointer(cfg.checkpoint.save_dir, cfg.checkpoint.save_interval, record,
-                                cfg.model.checkpoint, trainable_only=cfg.peft.lora)
+                                cfg.model.checkpoint, trainable_only=cfg.peft.lora,
+                                write_files=_objective_files(objectives))
     state = TrainState(plan, device, chunks, model_config, optimizer, scheduler, loader,
                        iter(loader), checkpointer, objectives,
                        iteration=resume.iteration if resume is not None else 0,
@@ -140,6 +143,15 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
         load_training_checkpoint(resume.checkpoint_dir, chunks, optimizer, scheduler,
                                  trainable_only=cfg.peft.lora)
     return state
+
+
+def _objective_files(objectives):
+    """What a save writes beside the weights for the objectives (ShifCon's shift), or None."""
+    def write(folder: str) -> None:
+        for objective in objectives:
+            objective.write_checkpoint_files(folder)
+
+    return write if objectives else None
 
 
 def _build_model(cfg: TrainConfig, plan: RunPlan, bf16: bool) -> list:

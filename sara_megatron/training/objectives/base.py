@@ -247,6 +247,14 @@ class Objective:
         """
         return ObjectiveMetrics()
 
+    def write_checkpoint_files(self, folder: str) -> None:
+        """Write files the trained model needs besides its weights into a checkpoint being saved
+        (rank 0, the staging folder, before its manifest); they travel with the export.
+
+        Args:
+            folder: The checkpoint's staging folder.
+        """
+
 
 _REGISTRY: dict[str, type[Objective]] = {}
 

@@ -194,3 +194,14 @@ class ShifconTrainingObjective(Objective):
             terms {"shifcon_contrastive": the mean InfoNCE term}.
         """
         return ObjectiveMetrics({"shifcon_contrastive": self.term.reduced_mean()})
+
+    def write_checkpoint_files(self, folder: str) -> None:
+        """The shift (`shifcon.json` and the vectors as the run uses them): the export carries
+        it, and evaluation and the divergence analysis apply it (sara.language_shift).
+
+        Args:
+            folder: The checkpoint's staging folder.
+        """
+        from sara_megatron.sara.language_shift import objective_shift, write_shift_sidecar
+
+        write_shift_sidecar(folder, objective_shift(self.term))
