@@ -13,6 +13,14 @@ packages += ["sara_megatron.kernels"] + [
     "sara_megatron.kernels." + p for p in find_packages(where=KERNELS_SOURCE)
 ]
 
+# One console script per tool, `sara-<tool>` (underscores as hyphens), running the same main as
+# `python tools/<tool>.py` and `python -m sara_megatron.cli.<tool>` (sara_megatron/cli).
+TOOLS = [
+    "answer_anchors", "convert_hf", "demo", "evaluate", "experiment", "extract_language_vectors",
+    "extract_priors", "filter_correct", "plan_layout", "report", "routing_divergence",
+    "routing_report", "shard_corpus", "significance", "train", "translate_corpus",
+]
+
 setup(
     name="sara-megatron",
     version="0.1.0",
@@ -23,6 +31,8 @@ setup(
     # lm-eval task definitions ship beside the evaluation code (`lm_eval --include_path`).
     package_data={"sara_megatron.evaluation": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/_*_yaml",
                                               "lm_eval_tasks/*.py"]},
+    entry_points={"console_scripts": [
+        f"sara-{t.replace('_', '-')} = sara_megatron.cli.{t}:main" for t in TOOLS]},
     install_requires=[
         # The tested range: 0.16.1 (the newest on Python 3.11) through 0.19.x (Python 3.12); every
         # difference between them lives in sara_megatron/mcore_compat.py (docs/compatibility.md).

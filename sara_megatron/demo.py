@@ -1,22 +1,23 @@
 """The end-to-end CPU demo (`make demo`): the whole SARA pipeline on a tiny Qwen3-MoE.
 
 1. A parallel corpus: anchor `en` made deterministically here, and two targets made from it by
-   tools/translate_corpus.py against a rule-based translator speaking the OpenAI wire format on
+   `translate_corpus` against a rule-based translator speaking the OpenAI wire format on
    127.0.0.1 (`construction/rule_translator.py`), so the real client, cache and checks run:
    `hi` (a lexicon swap, in Devanagari) and `sw` (a lexicon swap and a word-order change). Every
    translation is exact by construction.
-2. A local BPE tokenizer, then token shards (tools/shard_corpus.py).
+2. A local BPE tokenizer, then token shards (`shard_corpus`).
 3. A random tiny Qwen3-MoE written as a Hugging Face checkpoint and converted
-   (tools/convert_hf.py import).
-4. Anchor priors extracted on 2 gloo ranks with EP=2 (tools/extract_priors.py).
-5. SARA fine-tuning and the FFT baseline (λ_JS = 0), each on 2 gloo ranks with EP=2 (tools/train.py).
+   (`convert_hf` import).
+4. Anchor priors extracted on 2 gloo ranks with EP=2 (`extract_priors`).
+5. SARA fine-tuning and the FFT baseline (λ_JS = 0), each on 2 gloo ranks with EP=2 (`train`).
 6. Per-layer routing divergence JS(anchor ‖ target) before, after SARA and after FFT.
 7. The SARA checkpoint exported to an HF folder and verified against transformers' model on it
-   (tools/convert_hf.py export, verify).
+   (`convert_hf` export, verify).
 8. The report: report/report.md with the divergence table and figures, the suggested alignment
    range, the base model's expert usage and both runs' training dynamics
    (sara_megatron.analysis.report).
-Every step runs the user-facing tool in a subprocess, as a user would.
+Every step runs the tool (`sara_megatron.cli`) in a subprocess, as a user would, through
+`sara_megatron.tool_runner`; the training runs read `DEMO_TRAIN_CONFIG`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from sara_megatron.distributed import free_port
+from sara_megatron.tool_runner import run_tool, tool_environment
 
-REPO = Path(__file__).resolve().parents[1]
 ANCHOR, LEXICON_SWAP, REORDERED = "en", "hi", "sw"
+
+
+# The tiny CPU run both trainings start from (examples/tiny_cpu_sara.yaml holds the same settings
+# for a user to start from; a test checks that they agree): tiny Qwen3-MoE, 2 gloo ranks, EP=2.
+# The demo fills in the paths, λ_JS and the steps with --set.
+DEMO_TRAIN_CONFIG = {
+    "model": {"preset": "qwen3_moe_tiny", "checkpoint": None},
+    "parallel": {"tp": 1, "pp": 1, "ep": 2},
+    "data": {"shards_dir": None, "prior_store": None, "languages": "targets", "seq_length": 64,
+             "micro_batch_size": 4, "global_batch_size": 16},
+    "sara": {"lambda_js": 1.5, "layers": "all"},
+    "optim": {"lr": 1.0e-3, "train_steps": 40, "warmup_fraction": 0.05},
+    "logging": {"log_interval": 5},
+}
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    """Write `config` as YAML at `path` (its folder is made); returns `path`."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def write_demo_anchors(path: Path, num_samples: int) -> Path:
@@ -47,16 +67,16 @@ def write_demo_anchors(path: Path, num_samples: int) -> Path:
 
 
 def translate_demo_corpus(work: Path, anchors: Path) -> list[str]:
-    """The targets through the real translation path: tools/translate_corpus.py against the
+    """The targets through the real translation path: `translate_corpus` against the
     rule-based translator on 127.0.0.1, started and stopped here. Returns the corpus files."""
     from sara_megatron.construction.rule_translator import rule_translator_server
 
     with rule_translator_server() as translator:
         # No key is needed, and a user's real OPENAI_API_KEY is not sent even to localhost.
-        _run("translate", [str(REPO / "tools" / "translate_corpus.py"), "--input", str(anchors),
-                           "--languages", f"{LEXICON_SWAP},{REORDERED}", "--output", "corpus",
-                           "--model", "rule-translator", "--base-url", translator.base_url,
-                           "--concurrency", "8"], work, unset_env=("OPENAI_API_KEY",))
+        _run("translate", "translate_corpus", [
+            "--input", str(anchors), "--languages", f"{LEXICON_SWAP},{REORDERED}", "--output",
+            "corpus", "--model", "rule-translator", "--base-url", translator.base_url,
+            "--concurrency", "8"], work, unset_env=("OPENAI_API_KEY",))
     failures = (work / "corpus" / "translation_failures.jsonl").read_text().splitlines()
     if failures:
         raise SystemExit(f"[demo] {len(failures)} translation(s) failed the checks, e.g. "
@@ -95,32 +115,17 @@ def write_tiny_hf_model(out_dir: Path, tokenizer_dir: Path, seed: int = 1234) ->
         shutil.copy2(tokenizer_dir / name, out_dir / name)
 
 
-def _run(step: str, args: list[str], cwd: Path, nproc: int = 0, unset_env: tuple = ()) -> None:
-    """Run a tool; with nproc, under torchrun. Its output goes to <work>/logs/<step>.log."""
-    cmd = [sys.executable]
-    if nproc:
-        cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(free_port())]
-    cmd += args
-    log = cwd / "logs" / f"{step}.log"
-    log.parent.mkdir(exist_ok=True)
-    started = time.time()
+def _run(step: str, tool: str, args: list[str], cwd: Path, nproc: int = 0,
+         unset_env: tuple = ()) -> None:
+    """Run a tool (`tool_runner.run_tool`); with nproc, on that many ranks under torchrun. Its
+    output goes to <work>/logs/<step>.log."""
     print(f"[demo] {step} ...", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for name in unset_env:
-        env.pop(name, None)
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_text()[-4000:]
-        raise SystemExit(f"[demo] {step} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    print(f"[demo] {step} done in {time.time() - started:.0f}s (log: {log})", flush=True)
-
-
-def _latest(save_dir: Path) -> Path:
-    from sara_megatron.training.checkpoint import iteration_dir, latest_iteration
-
-    return Path(iteration_dir(str(save_dir), latest_iteration(str(save_dir))))
+    run = run_tool(tool, args, cwd, cwd / "logs" / f"{step}.log", nproc,
+                   tool_environment(unset=unset_env, threads="1"))
+    if run.returncode != 0:
+        raise SystemExit(f"[demo] {step} failed (exit {run.returncode}); log {run.log}:\n"
+                         f"{run.tail()}")
+    print(f"[demo] {step} done in {run.seconds:.0f}s (log: {run.log})", flush=True)
 
 
 # A demo's work folder carries this file; only such a folder (or an empty one) is replaced.
@@ -141,52 +146,82 @@ def _fresh_work_folder(work: Path) -> None:
     (work / DEMO_MARKER).write_text("made by sara_megatron.demo; replaced by the next run\n")
 
 
-def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
+def prepare_demo_inputs(work: Path, num_samples: int = 96) -> None:
+    """The demo's first stages (1 to 4) in a new `work` folder: the parallel corpus, the
+    tokenizer and token shards, the tiny HF model and its converted checkpoint, the anchor priors.
+
+    Args:
+        work: the demo's working folder: new, empty, or an earlier demo's (replaced).
+        num_samples: parallel samples per language.
+
+    Raises:
+        SystemExit: a stage failed (the message names its log), or `work` holds files the demo
+            did not make.
+    """
     from sara_megatron.data.local_tokenizer import build_local_tokenizer
     from sara_megatron.data.synthetic_corpus import corpus_texts
 
     _fresh_work_folder(work)
-    tools = REPO / "tools"
     print(f"[demo] corpus: {num_samples} samples in {ANCHOR} (anchor), translated by rule over the "
           f"OpenAI wire format into {LEXICON_SWAP} (lexicon swap) and {REORDERED} (lexicon swap + "
           "word order)", flush=True)
     anchors = write_demo_anchors(work / "anchors" / f"{ANCHOR}.jsonl", num_samples)
     paths = translate_demo_corpus(work, anchors)
     build_local_tokenizer(corpus_texts(paths), work / "tokenizer", vocab_size=200)
-    _run("shard", [str(tools / "shard_corpus.py"), "--corpus", "corpus", "--tokenizer",
-                   "tokenizer", "--output", "shards", "--anchor-language", ANCHOR,
-                   "--seq-length", "64"], work)
-    write_tiny_hf_model(work / "hf", work / "tokenizer")
-    _run("convert", [str(tools / "convert_hf.py"), "import", "--hf-dir", "hf", "--out", "base"],
+    _run("shard", "shard_corpus", ["--corpus", "corpus", "--tokenizer", "tokenizer", "--output",
+                                   "shards", "--anchor-language", ANCHOR, "--seq-length", "64"],
          work)
-    _run("extract_priors", [str(tools / "extract_priors.py"), "--shards", "shards",
-                            "--checkpoint", "base", "--model", "hf", "--output", "priors",
-                            "--ep", "2"], work, nproc=2)
+    write_tiny_hf_model(work / "hf", work / "tokenizer")
+    _run("convert", "convert_hf", ["import", "--hf-dir", "hf", "--out", "base"], work)
+    _run("extract_priors", "extract_priors", ["--shards", "shards", "--checkpoint", "base",
+                                              "--model", "hf", "--output", "priors", "--ep", "2"],
+         work, nproc=2)
+
+
+def run_demo(work: Path, num_samples: int = 96, train_steps: int = 40) -> dict:
+    """The whole demo in `work`: `prepare_demo_inputs`, then the divergence of the base model,
+    SARA and FFT training, their divergence, the export and its verification, and the report.
+
+    Args:
+        work: the demo's working folder: new, empty, or an earlier demo's (replaced).
+        num_samples: parallel samples per language.
+        train_steps: training steps of each run.
+
+    Returns:
+        The divergence results: {"before": ..., "sara": ..., "fft": ...}.
+
+    Raises:
+        SystemExit: a stage failed (the message names its log).
+    """
+    from sara_megatron.training.checkpoint import latest_checkpoint
+
+    prepare_demo_inputs(work, num_samples)
 
     def divergence(step: str, checkpoint: str) -> dict:
-        _run(step, [str(tools / "routing_divergence.py"), "--shards", "shards", "--checkpoint",
-                    checkpoint, "--model", "hf", "--json", f"{step}.json", "--expert-usage",
-                    f"{step}_usage.json"], work)
+        _run(step, "routing_divergence", [
+            "--shards", "shards", "--checkpoint", checkpoint, "--model", "hf", "--json",
+            f"{step}.json", "--expert-usage", f"{step}_usage.json"], work)
         return json.loads((work / f"{step}.json").read_text())
 
     before = divergence("divergence_base", "base")
     runs = {}
+    config = write_yaml(work / "train.yaml", DEMO_TRAIN_CONFIG)
     for name, lam in (("sara", 1.5), ("fft", 0.0)):
-        _run(f"train_{name}", [
-            str(tools / "train.py"), "--config", str(REPO / "examples/tiny_cpu_sara.yaml"),
+        _run(f"train_{name}", "train", [
+            "--config", str(config),
             "--set", "model.preset=hf", "--set", "model.checkpoint=base",
             "--set", "data.shards_dir=shards", "--set", "data.prior_store=priors",
             "--set", f"sara.lambda_js={lam}", "--set", f"optim.train_steps={train_steps}",
             "--set", f"checkpoint.save_dir={name}", "--set", f"logging.json_log={name}.jsonl",
         ], work, nproc=2)
-        runs[name] = divergence(f"divergence_{name}", str(_latest(work / name)))
+        runs[name] = divergence(f"divergence_{name}", latest_checkpoint(work / name))
     # The pipeline's last step: the SARA checkpoint back to an HF folder, checked against
     # transformers' own model on it.
-    sara_checkpoint = str(_latest(work / "sara"))
-    _run("export_sara", [str(tools / "convert_hf.py"), "export", "--megatron-dir",
-                         sara_checkpoint, "--out", "sara_hf"], work)
-    _run("verify_sara", [str(tools / "convert_hf.py"), "verify", "--hf-dir", "sara_hf",
-                         "--megatron-dir", sara_checkpoint], work)
+    sara_checkpoint = latest_checkpoint(work / "sara")
+    _run("export_sara", "convert_hf",
+         ["export", "--megatron-dir", sara_checkpoint, "--out", "sara_hf"], work)
+    _run("verify_sara", "convert_hf",
+         ["verify", "--hf-dir", "sara_hf", "--megatron-dir", sara_checkpoint], work)
 
     summarize_demo(work)
     return {"before": before, **runs}

@@ -69,6 +69,30 @@ def user_error_message(err: BaseException, output: Optional[str] = None) -> Opti
     return None
 
 
+def report_user_error(tool: str, err: BaseException, output: Optional[str] = None) -> int:
+    """In a one-process tool's `except` clause: an error the user can fix is printed as one line,
+    `<tool>: error: <message>`, and its status (2) returned for the tool to exit with; any other
+    error is raised again with its traceback (a bug: exit 1).
+
+    Args:
+        tool: the tool's name as it prints it (its argparse `prog`).
+        err: the error being handled.
+        output: the folder or file the tool writes (a write error there with no space left is a
+            full disk, also when the error lost its errno).
+
+    Returns:
+        USER_ERROR_STATUS, after printing the line.
+
+    Raises:
+        BaseException: `err` itself, when the user cannot fix it.
+    """
+    message = user_error_message(err, output)
+    if message is None:
+        raise err
+    print(f"{tool}: error: {message}", file=sys.stderr, flush=True)
+    return USER_ERROR_STATUS
+
+
 _REPORT_KEY = "sara_megatron/reported"
 
 

@@ -31,7 +31,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def torchrun(tmp_path):
-    """Run a worker script under torchrun with N local processes; fail with its output."""
+    """Run a worker script (a path) or a tool (its name, e.g. "train") under torchrun with N
+    local processes; fail with its output."""
 
     def run(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> None:
         proc = launch.run(launch.torchrun_command(script, *args, nproc=nproc), tmp_path, timeout)
@@ -130,14 +131,14 @@ def sara_data(tmp_path_factory):
     paths = write_synthetic_corpus(root / "corpus", 64, languages=("en", "hi", "sw"), max_words=24)
     build_local_tokenizer(corpus_texts(paths), root / "tokenizer", vocab_size=200)
     py = sys.executable
-    launch.run_checked([py, str(REPO / "tools/shard_corpus.py"), "--corpus", str(root / "corpus"),
-                  "--tokenizer", str(root / "tokenizer"), "--output", str(root / "shards"),
-                        "--anchor-language", "en", "--seq-length", "64"], cwd=root)
+    launch.run_checked(launch.tool("shard_corpus", "--corpus", root / "corpus", "--tokenizer",
+                                   root / "tokenizer", "--output", root / "shards",
+                                   "--anchor-language", "en", "--seq-length", "64"), cwd=root)
     (root / "init_checkpoint.py").write_text(_INIT_CHECKPOINT)
     launch.run_checked([py, str(root / "init_checkpoint.py"), "qwen3_moe_tiny", str(root / "init"),
                         "7"], cwd=root)
-    launch.run_checked(launch.torchrun_command(
-        "tools/extract_priors.py", "--shards", root / "shards", "--checkpoint", root / "init",
+    launch.run_checked(launch.tool(
+        "extract_priors", "--shards", root / "shards", "--checkpoint", root / "init",
         "--model", "qwen3_moe_tiny", "--output", root / "priors", nproc=1), cwd=root)
     return {"root": root, "shards": root / "shards", "checkpoint": root / "init",
             "priors": root / "priors"}

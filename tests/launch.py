@@ -1,32 +1,40 @@
-"""The one launcher of the tests' subprocesses: tools and worker scripts, alone or under torchrun
-with N local gloo processes. One thread per process (two ranks share a small CPU box) and no
-library warnings in the captured output."""
+"""The tests' subprocesses: tools (through `sara_megatron.tool_runner`, the launcher the demo and
+the experiment use) and worker scripts, alone or under torchrun with N local gloo processes. One
+thread per process (two ranks share a small CPU box) and no library warnings in the captured
+output."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from sara_megatron.distributed import free_port
+from sara_megatron.tool_runner import tool_command, tool_environment, torchrun_prefix
 
 REPO = Path(__file__).resolve().parents[1]
+
 
 
 def torchrun_command(script, *args, nproc: int = 2,
                      launcher: str = "torch.distributed.run") -> list[str]:
     """`python -m torch.distributed.run` (or `launcher`, e.g. "sara_megatron.torchrun") of
-    `script` (a path, or one relative to the repository) with `nproc` local processes on a free
-    port."""
-    return [sys.executable, "-m", launcher, "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), str(REPO / script), *map(str, args)]
+    `script` with `nproc` local processes on a free port. `script`: a worker script (a path, or
+    one relative to the repository), or a tool's name ("train": `-m sara_megatron.cli.train`)."""
+    if isinstance(script, str) and script.isidentifier():
+        return tool_command(script, args, nproc=nproc, launcher=launcher)
+    return [*torchrun_prefix(nproc, launcher), str(REPO / script), *map(str, args)]
+
+
+def tool(name: str, *args, nproc: int = 0, launcher: str = "torch.distributed.run") -> list[str]:
+    """`tool_command` with the arguments spread: the command of tool `name` (e.g. "train"), on
+    `nproc` ranks under `launcher` when nproc >= 1."""
+    return tool_command(name, args, nproc=nproc, launcher=launcher)
 
 
 def environment(**extra: str) -> dict:
     """The tests' subprocess environment: this one's, one thread per process, no library
     warnings, and `extra`."""
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    return tool_environment(extra, threads="1")
 
 
 def run(cmd, cwd, timeout: int = 600, **popen) -> subprocess.CompletedProcess:

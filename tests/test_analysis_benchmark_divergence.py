@@ -2,7 +2,7 @@
 scripts), tokenised as the chat-templated prompt; the divergence tool on an HF folder against
 transformers' own router logits, with its suggested range, plot and expert usage."""
 
-import importlib.util
+import importlib
 import json
 import os
 import random
@@ -116,7 +116,7 @@ def test_divergence_tool_on_a_benchmark_and_an_hf_folder(tmp_path, tiny_hf_model
     env = launch.environment()
     out = tmp_path
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/routing_divergence.py"), "--benchmark", "global_mmlu",
+        [*launch.tool("routing_divergence"), "--benchmark", "global_mmlu",
          "--languages", "hi,sw", "--data-dir", str(shuffled_benchmarks), "--checkpoint",
          str(tiny_hf_model), "--json", str(out / "d.json"), "--plot", str(out / "u.png"),
          "--expert-usage", str(out / "usage.json"), "--usage-plots", str(out / "usage"),
@@ -172,10 +172,7 @@ def test_divergence_tool_on_a_benchmark_and_an_hf_folder(tmp_path, tiny_hf_model
 
 
 def test_divergence_tool_refuses_bad_benchmark_flags(tmp_path, tiny_hf_model, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("routing_divergence_tool",
-                                                  REPO / "tools" / "routing_divergence.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sara_megatron.cli.routing_divergence")
     base = ["routing_divergence.py", "--checkpoint", str(tiny_hf_model), "--benchmark", "global_mmlu"]
     for extra, message in ((["--languages", "hi", "--range-window", "2"], "--range-window"),
                            (["--languages", "hi", "--range-alpha", "-0.1"], "alpha must be in"),

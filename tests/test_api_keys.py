@@ -5,7 +5,6 @@ named variable travels in the Authorization header and lands in no file and no l
 debug logging switched on)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ LOCAL_KEY = "local-server-key-77aa88bb99cc-NEVERLOGGED"
 def run_tool(tool: str, *args, cwd: Path, **env: str):
     """The tool as a process, OPENAI_API_KEY (and `env`) in its environment, openai's debug
     logging on."""
-    cmd = [sys.executable, str(REPO / "tools" / f"{tool}.py"), *map(str, args)]
+    cmd = launch.tool(tool, *args)
     import subprocess
 
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180,

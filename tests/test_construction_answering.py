@@ -3,15 +3,15 @@ subset correctly and injects faults; filter_correct.py on its output keeps exact
 A kill -9 mid-run and a rerun give the same answers file as an uninterrupted run."""
 
 import collections
-import importlib.util
+import importlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import launch
 import pytest
 
 from sara_megatron.chat.client import PLACEHOLDER_API_KEY
@@ -35,9 +35,7 @@ RIGHT = {i for i, b in BEHAVIOUR.items() if b == "right"}
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module(f"sara_megatron.cli.{name}")
     return tool
 
 
@@ -198,7 +196,7 @@ def test_kill_minus_9_and_rerun_gives_the_uninterrupted_file(tmp_path):
     env.pop("OPENAI_API_KEY", None)
 
     def command(base_url, output):
-        return [sys.executable, str(REPO / "tools" / "answer_anchors.py"), "--base-url", base_url,
+        return [*launch.tool("answer_anchors"), "--base-url", base_url,
                 "--model", "local", "--data-dir", str(DATA), "--concurrency", "2",
                 "--output", str(output), "--no-progress"]
 

@@ -1,7 +1,7 @@
 """The correctness filter and decontamination on fixtures of tricky model outputs: each sample
 kept or dropped for the labelled reason, kept ones valid corpus records that shard_corpus takes."""
 
-import importlib.util
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -34,9 +34,7 @@ CONTAMINATED = {
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module(f"sara_megatron.cli.{name}")
     return tool
 
 

@@ -5,10 +5,9 @@ of the same command asks again for what failed. translate_corpus owns its output
 did not make from the same input and settings is refused, and a rerun leaves exactly this run's
 corpus there (docs/reliability.md)."""
 
-import importlib.util
+import importlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,9 +31,7 @@ FAULTS = {
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module(f"sara_megatron.cli.{name}")
     return tool
 
 
@@ -47,7 +44,7 @@ def write_anchors(path: Path, n: int) -> list[dict]:
 
 
 def translate(server, anchors: Path, out: Path, *extra: str, languages: str = "hi,sw"):
-    cmd = [sys.executable, str(REPO / "tools" / "translate_corpus.py"), "--input", str(anchors),
+    cmd = [*launch.tool("translate_corpus"), "--input", str(anchors),
            "--languages", languages, "--output", str(out), "--model", "rule-translator",
            "--base-url", server.base_url, "--concurrency", "2", "--max-retries", "1",
            "--no-progress", *extra]

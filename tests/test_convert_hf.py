@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 
@@ -243,7 +243,7 @@ def _cli(*args: str, **launcher_env: str) -> subprocess.CompletedProcess:
     # A fresh process: drop the rendezvous variables this test process set for its own group.
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run(
-        [sys.executable, str(REPO / "tools/convert_hf.py"), *args], capture_output=True,
+        launch.tool("convert_hf", *args), capture_output=True,
         text=True, timeout=300, env=dict(env, PYTHONWARNINGS="ignore", **launcher_env),
     )
 
@@ -280,7 +280,7 @@ def test_export_of_an_ep2_training_checkpoint(torchrun, hf_models, imported, tmp
         "data.global_batch_size": 2, "sara.layers": "all", "optim.lr": 1e-2,
         "optim.train_steps": 1, "checkpoint.save_dir": tmp_path / "run",
     }
-    torchrun("tools/train.py", *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")])
+    torchrun("train", *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")])
     ckpt = tmp_path / "run" / "iter_0000001"
     assert (ckpt / METADATA_FILE).exists()
 

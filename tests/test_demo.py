@@ -1,7 +1,6 @@
 """The demo replaces only a work folder it made (`--work` pointed at real data is refused), and
 the whole demo runs end to end with few steps, printing its table and writing its report."""
 
-import sys
 
 import launch
 import pytest
@@ -35,8 +34,8 @@ def test_demo_replaces_only_its_own_folder(tmp_path):
 @launch.early_launch("short_demo")
 def short_demo_command(folder):
     """The short demo starts with the session (about 2 minutes, mostly one core busy)."""
-    return {"cmd": [sys.executable, launch.REPO / "tools/demo.py", "--work", folder / "demo",
-                    "--samples", "32", "--steps", "3"], "cwd": folder, "timeout": 900}
+    return {"cmd": launch.tool("demo", "--work", folder / "demo", "--samples", "32", "--steps",
+                               "3"), "cwd": folder, "timeout": 900}
 
 
 @pytest.fixture

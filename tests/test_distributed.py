@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 from sara_megatron.distributed import ParallelConfig, _first_host, read_launcher_env
 
@@ -123,7 +122,7 @@ def checkpoint_reports(sara_data, tmp_path_factory):
     for name, layout, nproc in (("one", [], 1), ("ep2", ["--ep", "2"], 2)):
         out = folder / f"{name}.json"
         launch.run_checked(launch.torchrun_command(
-            "tools/routing_report.py", "--preset", "qwen3_moe_tiny", "--checkpoint",
+            "routing_report", "--preset", "qwen3_moe_tiny", "--checkpoint",
             sara_data["checkpoint"], *layout, "--seq-length", "16", "--json", out, nproc=nproc),
             folder, timeout=300)
         rows[name] = json.loads(out.read_text())
@@ -142,7 +141,7 @@ def test_routing_report_tool(request, tmp_path, layout):
     else:
         out = tmp_path / "rows.json"
         request.getfixturevalue("torchrun")(
-            "tools/routing_report.py", "--preset", "qwen3_moe_tiny", *layout, "--seq-length",
+            "routing_report", "--preset", "qwen3_moe_tiny", *layout, "--seq-length",
             "16", "--json", str(out))
         rows = json.loads(out.read_text())
     # 4 layers (or the 2 asked for) × 2 ranks × 2 sequences when EP=2 (DP=2); TP=2 has one
@@ -178,12 +177,9 @@ def test_routing_report_of_a_checkpoint_does_not_depend_on_the_layout(checkpoint
 def test_routing_report_refuses_bad_arguments(args, message, monkeypatch, capsys):
     """The tool's own argument parsing, in this process: status 2 and the message, before any
     process group or model exists."""
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("routing_report_tool",
-                                                  REPO / "tools" / "routing_report.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sara_megatron.cli.routing_report")
     monkeypatch.setattr(sys, "argv", ["routing_report.py", *args])
     with pytest.raises(SystemExit) as exit_info:
         tool.parse_args()

@@ -1,7 +1,7 @@
 """The in-process transformers backend end to end on a tiny random Qwen3-MoE (CPU, seconds)."""
 
 import asyncio
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -19,9 +19,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
 
 def evaluate_tool():
     """tools/evaluate.py, imported: its main() in this process (no second torch import)."""
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("sara_megatron.cli.evaluate")
     return module
 
 

@@ -3,18 +3,18 @@ line), a Megatron checkpoint where an HF folder is needed (both kinds named), a 
 a torn last line (left out, not refused), and an item too long for the model's context (refused
 before any request or forward, named)."""
 
-import importlib.util
+import importlib
 import json
 import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sara_megatron.analysis.training_dynamics import read_json_log
 from sara_megatron.chat.server import LocalChatServer
+import launch
 from launch import environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,9 +22,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"sara_megatron.cli.{name}")
     return module
 
 
@@ -170,7 +168,7 @@ def _limit_memory():
 def test_evaluate_refuses_a_50mb_item_before_tokenizing_it(tiny_model, tmp_path):
     data = long_item_data(tmp_path / "data", "How many apples? " * (50_000_000 // 17))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "evaluate.py"), "--backend", "hf",
+        [*launch.tool("evaluate"), "--backend", "hf",
          "--model-dir", str(tiny_model), "--data-dir", str(data), "--benchmarks", "mgsm",
          "--languages", "en", "--runs", "1", "--max-new-tokens", "4", "--dtype", "float32",
          "--device", "cpu", "--output", str(tmp_path / "out"), "--no-progress"],

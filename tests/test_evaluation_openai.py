@@ -7,10 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import launch
 import pytest
 
 from sara_megatron.chat.server import Fault, LocalChatServer
@@ -166,7 +166,7 @@ def test_resume_refuses_other_answer_settings(tmp_path):
 
 
 def _tool(base_url, output, *extra):
-    return [sys.executable, str(REPO / "tools" / "evaluate.py"), "--backend", "openai",
+    return [*launch.tool("evaluate"), "--backend", "openai",
             "--base-url", base_url, "--model", "sara", "--data-dir", str(FIXTURES),
             "--benchmarks", ",".join(BENCHMARKS), "--languages", ",".join(LANGUAGES),
             "--runs", str(RUNS), "--output", str(output), *extra]
@@ -213,7 +213,7 @@ def test_killed_run_resumes_without_reasking(tmp_path):
 
 @pytest.mark.multiprocess
 def test_tool_refuses_bad_flags(tmp_path):
-    base = [sys.executable, str(REPO / "tools" / "evaluate.py"), "--output", str(tmp_path / "o")]
+    base = [*launch.tool("evaluate"), "--output", str(tmp_path / "o")]
     cases = [
         (["--backend", "openai", "--model", "m"], "needs --base-url and --model"),
         (["--backend", "hf", "--model-dir", str(tmp_path / "none")], "--model-dir: no such folder"),
@@ -242,7 +242,7 @@ def test_chat_template_kwargs_and_native_templates_reach_the_server(tmp_path):
 
     with LocalChatServer(responder) as server:
         proc = subprocess.run(
-            [sys.executable, str(REPO / "tools" / "evaluate.py"), "--backend", "openai",
+            [*launch.tool("evaluate"), "--backend", "openai",
              "--base-url", server.base_url, "--model", "sara", "--data-dir", str(FIXTURES),
              "--benchmarks", "mgsm", "--languages", "sw", "--runs", "1", "--limit", "1",
              "--template-language", "native", "--templates", str(templates),

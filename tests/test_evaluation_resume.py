@@ -3,7 +3,7 @@ and every benchmark file it read (their content hashes). Another model in a fold
 name, or a benchmark file corrected in place, is refused in one line, exit 2; --restart starts
 the folder over."""
 
-import importlib.util
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -20,9 +20,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
 
 
 def evaluate_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("sara_megatron.cli.evaluate")
     return module
 
 

@@ -5,7 +5,6 @@ verdict), with the report's numbers parsed back and checked against the evaluati
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 
 import launch
@@ -126,7 +125,7 @@ def _accuracy_rows(report: str) -> dict:
 @launch.early_launch("reduced_experiment")
 def reduced_experiment_command(folder):
     """The reduced experiment starts with the session (about 5 minutes on two idle cores)."""
-    return {"cmd": [sys.executable, REPO / "tools" / "experiment.py", "--reduced", "--work",
+    return {"cmd": [*launch.tool("experiment"), "--reduced", "--work",
                     folder / "exp"], "cwd": REPO, "timeout": 1200}
 
 

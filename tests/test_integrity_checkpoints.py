@@ -139,9 +139,8 @@ def test_export_refuses_a_damaged_checkpoint_and_non_finite_weights(tmp_path, ca
     import math
 
     import torch
-    import importlib.util
+    import importlib
 
-    from conftest import REPO
     from test_convert_hf import _qwen3_moe
 
     from sara_megatron.checkpointing import load_model_weights, save_model_weights
@@ -162,9 +161,7 @@ def test_export_refuses_a_damaged_checkpoint_and_non_finite_weights(tmp_path, ca
     ckpt = tmp_path / "ckpt"
     save_model_weights(model, ckpt)
 
-    spec = importlib.util.spec_from_file_location("convert_hf", REPO / "tools/convert_hf.py")
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    convert = importlib.import_module("sara_megatron.cli.convert_hf")
     export = ["export", "--megatron-dir", str(ckpt), "--out", str(tmp_path / "out"),
               "--hf-dir", str(hf)]
     capsys.readouterr()

@@ -9,7 +9,6 @@ import pytest
 
 import launch
 
-from conftest import REPO
 
 from sara_megatron.checkpointing.manifest import verify_checkpoint
 from sara_megatron.training.config import ConfigError, load_train_config
@@ -30,7 +29,7 @@ def test_a_non_finite_number_is_refused_naming_its_key(setting):
 
 def _train_py(*args, cwd):
     env = launch.environment()
-    return subprocess.run([sys.executable, str(REPO / "tools/train.py"), *args], cwd=cwd, env=env,
+    return subprocess.run(launch.tool("train", *args), cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -45,11 +44,9 @@ def test_train_py_prints_config_errors_as_one_line(tmp_path):
 
 
 def test_train_py_without_a_config_says_one_is_required(monkeypatch, capsys):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("train_tool", REPO / "tools/train.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sara_megatron.cli.train")
     monkeypatch.setattr(sys, "argv", ["train.py"])
     with pytest.raises(SystemExit) as exit_:
         tool.main()

@@ -14,9 +14,7 @@ import pytest
 
 import launch
 
-from conftest import REPO
 
-from sara_megatron.distributed import free_port
 from sara_megatron.tool_errors import DiskFullError, OutputNotWritableError, check_writable_output
 
 # sysfs: no file can be created there, not even by root (whom a chmod does not stop).
@@ -54,9 +52,8 @@ def test_kill_9_of_the_launcher_leaves_no_process_of_the_run(tmp_path):
                 # A save every step: the writer's helper processes are about most of the time.
                 "checkpoint.save_dir": tmp_path / "run", "checkpoint.save_interval": 1}
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-         str(free_port()), str(REPO / "tools/train.py"),
-         *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]],
+        launch.tool("train", *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")],
+                    nproc=2),
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     try:
@@ -88,15 +85,13 @@ def test_kill_9_of_the_launcher_leaves_no_process_of_the_run(tmp_path):
 def test_outputs_are_checked_writable_before_any_compute(sara_data, tmp_path, capsys,
                                                         monkeypatch):
     """Each tool refuses a read-only output at once, in one line naming the flag or setting."""
-    import importlib.util
+    import importlib
 
     from sara_megatron.training.config import load_train_config
     from sara_megatron.training.output_checks import check_before_start
 
     def tool(name):
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = importlib.import_module(f"sara_megatron.cli.{name}")
         return module
 
     with pytest.raises(OutputNotWritableError, match=rf"checkpoint\.save_dir {READ_ONLY}/run: "
@@ -166,11 +161,9 @@ def test_a_full_disk_is_named_and_a_failed_save_leaves_nothing(single_rank, tiny
         trainer.run(max_steps=1)  # one step, then the save at the end
     assert os.listdir(run) == [] and os.statvfs(tiny_disk).f_bavail >= free_before - 2
 
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("convert_hf", REPO / "tools/convert_hf.py")
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    convert = importlib.import_module("sara_megatron.cli.convert_hf")
     _qwen3_moe(tmp_path / "hf")
     assert convert.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out",
                          str(tiny_disk / "ckpt")]) == 2

@@ -7,14 +7,12 @@ comes from the files, so a damaged anchor shard cannot pass for the clean corpus
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import launch
 
-from conftest import REPO
 
 from sara_megatron.data import shard_verification
 from sara_megatron.data.shard_verification import ShardDamagedError
@@ -139,7 +137,7 @@ def test_a_tool_names_the_damaged_shard_in_one_line_and_the_advice_repairs_it(sa
     _flip_in_vocabulary(shards / "sw" / "sw-00000.bin")
     env = launch.environment()
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/routing_divergence.py"), "--shards", str(shards),
+        [*launch.tool("routing_divergence"), "--shards", str(shards),
          "--checkpoint", str(sara_data["checkpoint"]), "--model", "qwen3_moe_tiny",
          "--languages", "sw"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -230,8 +230,8 @@ class BrokenOnRank0(trainer.MetricsWriter):
         raise OSError("metrics writer broke on rank %d" % dist.get_rank())
 
 trainer.MetricsWriter = BrokenOnRank0  # the trainer builds it on rank 0 only, in run()
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.argv = sys.argv[1:]  # the tool's module, then its arguments
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 _MOCK_RUN = [arg for value in ("model.num_layers=2", "data.mock=true", "data.seq_length=32",
@@ -252,7 +252,7 @@ def _torchrun_output(tmp_path, script, *args, nproc=2, timeout=90):
 
 @pytest.mark.multiprocess
 def test_a_bad_json_log_fails_a_two_rank_run_at_once(tmp_path):
-    code, output = _torchrun_output(tmp_path, "tools/train.py", *_MOCK_RUN,
+    code, output = _torchrun_output(tmp_path, "train", *_MOCK_RUN,
                                     "--set", f"logging.json_log={tmp_path}/missing/log.jsonl")
     assert code != 0
     assert "logging.json_log" in output and "does not exist" in output, output[-3000:]
@@ -262,7 +262,7 @@ def test_a_bad_json_log_fails_a_two_rank_run_at_once(tmp_path):
 @pytest.mark.multiprocess
 def test_an_error_on_one_rank_mid_run_ends_the_job(tmp_path):
     (tmp_path / "breaks.py").write_text(_RANK0_WRITER_BREAKS)
-    code, output = _torchrun_output(tmp_path, tmp_path / "breaks.py", "{repo}/tools/train.py",
+    code, output = _torchrun_output(tmp_path, tmp_path / "breaks.py", "sara_megatron.cli.train",
                                     *_MOCK_RUN)
     assert code != 0
     assert "metrics writer broke on rank 0" in output, output[-3000:]
@@ -276,7 +276,7 @@ def test_relaunching_a_finished_run_logs_its_resume_and_resave(tmp_path):
     place of the old copy."""
     save = ["--set", f"checkpoint.save_dir={tmp_path}/ckpt", "--set", "logging.log_interval=100"]
     for launch in ("first", "again"):
-        code, output = _torchrun_output(tmp_path, "tools/train.py", *_MOCK_RUN, *save,
+        code, output = _torchrun_output(tmp_path, "train", *_MOCK_RUN, *save,
                                         nproc=1)
         assert code == 0, output[-3000:]
         assert "saved " in output and "iter_0000003" in output, (launch, output[-3000:])

@@ -61,7 +61,7 @@ def test_mock_sara_run_steps_and_reports_throughput(single_rank):
 
 def test_bench_tool_default_ep_fits_the_world():
     """benchmarks/bench_sara_step.py keeps the tiny config's EP 2 where it fits and drops to what
-    does (its one-GPU example used to fail with EP 2 on a world of 1)."""
+    does (its one-GPU example: EP 2 does not fit a world of 1)."""
     import importlib.util
     from pathlib import Path
 

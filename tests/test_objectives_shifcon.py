@@ -25,7 +25,7 @@ LAYERS = (1, 3)
 def vectors_file(sara_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("shifcon") / "vectors.safetensors"
     launch.run_checked(launch.torchrun_command(
-        "tools/extract_language_vectors.py", "--shards", sara_data["shards"], "--checkpoint",
+        "extract_language_vectors", "--shards", sara_data["shards"], "--checkpoint",
         sara_data["checkpoint"], "--model", "qwen3_moe_tiny", "--output", out, "--layers", "1,3",
         "--micro-batch-size", "5", "--normalisation", "token_mean", nproc=1), cwd=out.parent)
     return out

@@ -45,8 +45,8 @@ def load_then_fail_on_rank1(*args, **kwargs):
         raise UserFacingError("rank 1 alone found a problem after loading")
 
 checkpointing.load_model_weights = load_then_fail_on_rank1  # the tool imports it when run
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.argv = sys.argv[1:]  # the tool's module, then its arguments
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
@@ -80,7 +80,7 @@ def _launch(script, *args, cwd):
 
 def test_layers_outside_the_model_before_the_process_group(sara_data, tmp_path):
     """Every rank meets it before any collective (extract_priors checks its flags first)."""
-    proc = _launch("tools/extract_priors.py", "--shards", sara_data["shards"], "--checkpoint",
+    proc = _launch("extract_priors", "--shards", sara_data["shards"], "--checkpoint",
                    sara_data["checkpoint"], "--model", "qwen3_moe_tiny", "--output",
                    tmp_path / "priors", "--layers", "7-99", cwd=tmp_path)
     line = _one_line_job(proc, "extract_priors.py", "--layers 7-99")
@@ -92,7 +92,7 @@ def test_layers_outside_the_model_before_the_process_group(sara_data, tmp_path):
 def test_a_flag_error_is_printed_once_for_the_job(tmp_path):
     """argparse's errors come before `exit_at_once_on_error`: the tools' parser prints them once
     (launch.ToolArgumentParser), and every rank exits 2."""
-    proc = _launch("tools/extract_priors.py", "--shards", tmp_path, "--checkpoint",
+    proc = _launch("extract_priors", "--shards", tmp_path, "--checkpoint",
                    tmp_path / "no-such-checkpoint", "--output", tmp_path / "priors", cwd=tmp_path)
     line = _one_line_job(proc, "extract_priors.py", "--checkpoint")
     assert line.endswith("no-such-checkpoint: no such directory")
@@ -106,14 +106,14 @@ def test_priors_of_another_corpus_after_the_process_group(sara_data, tmp_path):
     store = json.loads((foreign / "store.json").read_text())
     store["metadata"]["corpus_fingerprint"] = "sha256:" + "0" * 64
     (foreign / "store.json").write_text(json.dumps(store))
-    proc = _launch("tools/train.py", *_train_args(sara_data, **{"data.prior_store": foreign}),
+    proc = _launch("train", *_train_args(sara_data, **{"data.prior_store": foreign}),
                    cwd=tmp_path)
     _one_line_job(proc, "train.py", "was extracted from a different corpus")
 
 
 def test_one_rank_alone_meets_it_while_the_other_waits(sara_data, tmp_path):
     (tmp_path / "fails.py").write_text(_RANK1_USER_ERROR_AFTER_LOAD)
-    cmd = launch.torchrun_command(tmp_path / "fails.py", REPO / "tools/extract_priors.py",
+    cmd = launch.torchrun_command(tmp_path / "fails.py", "sara_megatron.cli.extract_priors",
                                   "--shards", sara_data["shards"], "--checkpoint",
                                   sara_data["checkpoint"], "--model", "qwen3_moe_tiny",
                                   "--output", tmp_path / "priors", "--ep", "2",
@@ -125,7 +125,7 @@ def test_one_rank_alone_meets_it_while_the_other_waits(sara_data, tmp_path):
 def test_ctrl_c_in_train_under_torchrun(sara_data, tmp_path):
     """SIGINT to the launcher's process group, as a terminal sends it, once steps are running."""
     log = tmp_path / "out.txt"
-    cmd = launch.torchrun_command("tools/train.py", *_train_args(
+    cmd = launch.torchrun_command("train", *_train_args(
         sara_data, **{"logging.log_interval": 1, "checkpoint.save_dir": tmp_path / "run"}),
         launcher="sara_megatron.torchrun")
     with open(log, "w") as out:
@@ -157,7 +157,7 @@ def test_an_ep_size_that_does_not_divide_the_experts_names_both(sara_data, monke
     from sara_megatron.training.output_checks import check_parallel_layout
 
     cfg = load_train_config(str(REPO / "examples" / "tiny_cpu_sara.yaml"), ["parallel.ep=3"])
-    for world in (1, 2):  # one process used to be told about the world size, not the experts
+    for world in (1, 2):  # one process too is told about the experts, not the world size
         with pytest.raises(UserFacingError, match=r"EP=3 must divide num_experts=8"):
             check_parallel_layout(cfg, world)
     job = ExtractionJob(shards=str(sara_data["shards"]), checkpoint=str(sara_data["checkpoint"]),
@@ -253,11 +253,9 @@ def test_ctrl_c_in_translate_corpus_and_evaluate(tmp_path):
 
 
 def _convert_hf(monkeypatch, *argv):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("convert_hf_tool", REPO / "tools/convert_hf.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sara_megatron.cli.convert_hf")
     return tool.main(list(map(str, argv)))
 
 

@@ -81,7 +81,7 @@ def test_layout_matches_single_rank(layout_result, preset, layout):
 
 @pytest.mark.parametrize("layout", OBJECTIVE_LAYOUTS)
 def test_objectives_match_single_rank(layout_result, layout):
-    """Issue 19's objectives (AES, ShifCon, the KL and entropy-normalised JS variants of SARA)
+    """The objectives (AES, ShifCon, the KL and entropy-normalised JS variants of SARA)
     under EP=2, PP=2 and TP=2 with sequence parallel: each term's value, its whole gradient's norm and every router's gradient
     equal the single-rank ones (AES's orthogonality term sums a token's expert outputs over EP
     ranks; ShifCon shifts on one stage and contrasts on the other at PP=2); online

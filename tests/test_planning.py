@@ -4,7 +4,7 @@ EP=2 and PP=2; the paper's layout fits, one GPU does not; the converter's mappin
 full-size Qwen3-30B-A3B and Phi-3.5-MoE exactly once at the planned layouts (meta tensors)."""
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 
 import pytest
@@ -19,7 +19,6 @@ from sara_megatron.planning.parameters import (
     stage_parameters,
     total_parameters,
 )
-from launch import REPO
 
 LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2)}
 CASES = [(preset, layout) for preset in ("qwen3_moe_tiny", "phi35_moe_tiny") for layout in LAYOUTS]
@@ -108,9 +107,7 @@ def test_activation_formula_scales():
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("plan_layout", REPO / "tools" / "plan_layout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("sara_megatron.cli.plan_layout")
     return module
 
 

@@ -2,7 +2,7 @@
 per-rank adapter and trained-parameter counts equal the ones worked out here by hand from the tiny
 Qwen3-MoE's shapes, the memory follows the stated bytes per parameter, and the tool's flags."""
 
-import importlib.util
+import importlib
 import json
 
 import pytest
@@ -143,9 +143,7 @@ def test_refusals():
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("plan_layout", REPO / "tools" / "plan_layout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("sara_megatron.cli.plan_layout")
     return module
 
 

@@ -2,13 +2,11 @@
 the model is built, and every problem found is named in one error (training/preflight.py)."""
 
 import subprocess
-import sys
 
 import pytest
 
 import launch
 
-from conftest import REPO
 
 
 def _mock_settings(**extra):
@@ -36,7 +34,7 @@ def no_model_built(monkeypatch):
 
 def test_a_missing_checkpoint_is_named_before_the_model_is_built(single_rank, tmp_path,
                                                                  no_model_built):
-    """model.checkpoint=nope used to build the model, then fail inside megatron's
+    """model.checkpoint=nope is refused before the model is built, not inside megatron's
     dist_checkpointing with its own traceback."""
     from sara_megatron.training import Trainer, load_train_config
     from sara_megatron.training.preflight import PreflightError
@@ -79,7 +77,7 @@ def test_train_py_prints_a_missing_path_as_one_line(tmp_path, debug):
     """One line and exit 2; --debug adds the traceback above it."""
     args = [a for value in _mock_settings(**{"model.checkpoint": "nope"}) for a in ("--set", value)]
     env = launch.environment()
-    proc = subprocess.run([sys.executable, str(REPO / "tools/train.py"), *args,
+    proc = subprocess.run([*launch.tool("train"), *args,
                            *(["--debug"] if debug else [])], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -3,6 +3,7 @@
 import json
 import re
 
+import launch
 import pytest
 
 from sara_megatron.prompts import (
@@ -113,8 +114,6 @@ def test_templates_translated_by_translate_corpus(tmp_path):
     on 127.0.0.1 that writes Devanagari words and keeps slots and \\boxed{}) and come back as
     native templates."""
     import subprocess
-    import sys
-    from pathlib import Path
 
     from sara_megatron.chat.server import LocalChatServer
     from sara_megatron.construction.translation_wire import read_request
@@ -133,10 +132,9 @@ def test_templates_translated_by_translate_corpus(tmp_path):
         return translate(texts)
 
     write_templates_corpus(tmp_path / "templates_en.jsonl")
-    repo = Path(__file__).resolve().parents[1]
     with LocalChatServer(translator) as server:
         proc = subprocess.run(
-            [sys.executable, str(repo / "tools" / "translate_corpus.py"), "--input",
+            [*launch.tool("translate_corpus"), "--input",
              str(tmp_path / "templates_en.jsonl"), "--languages", "hi", "--output",
              str(tmp_path / "translated"), "--model", "translator", "--base-url", server.base_url],
             capture_output=True, text=True, timeout=300)

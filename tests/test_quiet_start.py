@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import launch
 import pytest
 
 from conftest import REPO
@@ -22,7 +23,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_tool_help_prints_none_of_the_known_warnings():
-    proc = subprocess.run([sys.executable, str(REPO / "tools/routing_report.py"), "--help"],
+    proc = subprocess.run(launch.tool("routing_report", "--help"),
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage: routing_report.py" in proc.stdout

@@ -1,7 +1,7 @@
 """tools/report.py: the numbers in report.md are those of its inputs (parsed back), the tests are
 scipy's, every figure is a PNG of its size, and a section without inputs says what to run."""
 
-import importlib.util
+import importlib
 import json
 import re
 from pathlib import Path
@@ -21,9 +21,7 @@ LANGS = ["hi", "sw", "en"]
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("report_tool", REPO / "tools" / "report.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sara_megatron.cli.report")
     return tool
 
 

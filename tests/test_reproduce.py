@@ -5,7 +5,7 @@ the cheap stages (the planner, the translation dry run) run end to end."""
 
 import argparse
 import contextlib
-import importlib.util
+import importlib
 import io
 import os
 import re
@@ -67,9 +67,7 @@ class Parsed(Exception):
 
 
 def tool_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"runbook_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"sara_megatron.cli.{name}")
     return module
 
 

@@ -1,7 +1,7 @@
 """Corpus -> token shards: chat-template tokenization, truncation counts, identical output for any
 worker count, resume after an interrupted run, Megatron indexed datasets readable as such."""
 
-import importlib.util
+import importlib
 import json
 import os
 import socket
@@ -178,10 +178,7 @@ def test_a_language_with_no_record_left_is_refused(inputs, tmp_path, capsys):
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("shard_corpus_tool",
-                                                  REPO / "tools" / "shard_corpus.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sara_megatron.cli.shard_corpus")
     return tool
 
 
@@ -243,7 +240,7 @@ def _no_network(monkeypatch):
 ])
 def test_a_missing_tokenizer_is_named_without_a_download(inputs, tmp_path, capsys, monkeypatch,
                                                          name, message):
-    # A mistyped local path used to become a hub download (49 s, then a connection error).
+    # A mistyped local path must not become a hub download (49 s, then a connection error).
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty HF cache
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     _no_network(monkeypatch)

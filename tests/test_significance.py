@@ -2,9 +2,9 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+import launch
 import pytest
 from scipy import stats
 
@@ -181,7 +181,7 @@ def test_compare_results_folders_in_process(tmp_path):
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "significance.py"), *args],
+    return subprocess.run(launch.tool("significance", *args),
                           capture_output=True, text=True, timeout=120)
 
 

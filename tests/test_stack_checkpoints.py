@@ -93,8 +93,8 @@ def test_training_checkpoints_resume_across_versions(other_python, tmp_path):
     # Back the other way, through the tool a user runs.
     log = theirs / "back.jsonl"
     settings = _case("back", ours / "ckpt")["overrides"] + [f"logging.json_log={log}"]
-    proc = launch.run([other_python, "tools/train.py",
-                       *[a for s in settings for a in ("--set", s)]], REPO, timeout=600)
+    proc = launch.run(launch.tool_command("train", [a for s in settings for a in ("--set", s)],
+                                          python=other_python), REPO, timeout=600)
     if _reads_newest_format(other_python) or not _reads_newest_format(sys.executable):
         assert proc.returncode == 0, proc.stderr[-3000:]
         _same_steps([json.loads(line) for line in log.read_text().splitlines()],
@@ -119,8 +119,8 @@ def test_hf_import_gives_the_same_tensors_under_both_versions(other_python, tmp_
     hf = tmp_path / "hf"
     _qwen3_moe(hf)
     for python, out in ((other_python, tmp_path / "theirs"), (sys.executable, tmp_path / "ours")):
-        proc = launch.run([python, "tools/convert_hf.py", "import", "--hf-dir", hf, "--out", out],
-                          REPO)
+        proc = launch.run(launch.tool_command("convert_hf", ["import", "--hf-dir", hf, "--out", out],
+                                              python=python), REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = _model_weights(hf, tmp_path / "theirs")
     ours = _model_weights(hf, tmp_path / "ours")

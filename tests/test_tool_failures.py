@@ -38,8 +38,8 @@ def load_then_fail_on_rank1(*args, **kwargs):
         raise RuntimeError("injected failure on rank 1 after loading the weights")
 
 checkpointing.load_model_weights = load_then_fail_on_rank1  # the tool imports it when run
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.argv = sys.argv[1:]  # the tool's module, then its arguments
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
@@ -84,7 +84,7 @@ def tool_inputs(single_rank, tmp_path_factory):
 def test_one_failing_rank_ends_extract_priors_at_once(tool_inputs, tmp_path):
     (tmp_path / "fails.py").write_text(_RANK1_FAILS_AFTER_LOAD)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", free_port(), tmp_path / "fails.py", REPO / "tools/extract_priors.py",
+           "--master-port", free_port(), tmp_path / "fails.py", "sara_megatron.cli.extract_priors",
            "--shards", tool_inputs / "shards", "--checkpoint", tool_inputs / "ckpt",
            "--model", "qwen3_moe_tiny", "--output", tmp_path / "priors", "--ep", "2"]
     code, output = _run(cmd, tmp_path, timeout=120)

@@ -4,7 +4,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,9 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import launch
 
-from conftest import REPO
 
-from sara_megatron.distributed import free_port
 
 STEPS = 24
 
@@ -50,7 +47,7 @@ def _read_log(path):
 
 def _train(torchrun, data, tmp_path, name, nproc=2, **overrides):
     log = tmp_path / f"{name}.jsonl"
-    torchrun("tools/train.py", *_base_overrides(data, **{"logging.json_log": log, **overrides}),
+    torchrun("train", *_base_overrides(data, **{"logging.json_log": log, **overrides}),
              nproc=nproc)
     return _read_log(log)
 
@@ -247,8 +244,7 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, stack_runs, sara_data
         "parallel.ep": 2, **KILL_MODES[mode], "optim.train_steps": steps, "logging.json_log": log,
         "checkpoint.save_dir": save_dir, "checkpoint.save_interval": 2,
     })
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), str(REPO / "tools/train.py"), *args]
+    cmd = launch.tool("train", *args, nproc=2)
     env = launch.environment()
     output = tmp_path / "killed.out"
     with open(output, "wb") as sink:
@@ -275,7 +271,7 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, stack_runs, sara_data
 
     latest = int((save_dir / "latest_checkpointed_iteration.txt").read_text())
     assert latest in (2, 4, 6)
-    torchrun("tools/train.py", *args)  # same command: resumes from the latest checkpoint
+    torchrun("train", *args)  # same command: resumes from the latest checkpoint
     # The resumed run replays the steps after the checkpoint and replaces what the killed one
     # logged of them: every step once.
     logged = _read_log(log)

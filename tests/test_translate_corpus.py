@@ -8,10 +8,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import launch
 import pytest
 
 from sara_megatron.chat.client import PLACEHOLDER_API_KEY
@@ -25,7 +25,7 @@ from sara_megatron.data.corpus_validation import validate_corpus
 from sara_megatron.data.synthetic_corpus import synthetic_record
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = str(REPO / "tools" / "translate_corpus.py")
+TOOL = launch.tool("translate_corpus")
 FAKE_KEY = "sk-test-TRANSLATE-9f8e7d6c5b4a-DONOTLEAK"
 TRANSLATOR = RuleTranslator()
 TARGETS = ("hi", "sw")
@@ -60,7 +60,7 @@ def tool_env() -> dict:
 
 
 def run_tool(server, anchors: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, TOOL, "--input", str(anchors), "--languages", ",".join(TARGETS),
+    cmd = [*TOOL, "--input", str(anchors), "--languages", ",".join(TARGETS),
            "--output", str(out), "--model", "rule-translator", "--base-url", server.base_url,
            "--concurrency", "4", *extra]
     return subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, timeout=120)
@@ -173,7 +173,7 @@ def test_kill_and_rerun_pays_for_nothing_twice(tmp_path, monkeypatch):
         server.requests.clear()
 
         out = tmp_path / "corpus"
-        cmd = [sys.executable, TOOL, "--input", str(tmp_path / "en.jsonl"), "--languages", "hi,sw",
+        cmd = [*TOOL, "--input", str(tmp_path / "en.jsonl"), "--languages", "hi,sw",
                "--output", str(out), "--model", "rule-translator", "--base-url", server.base_url,
                "--concurrency", "4", "--no-progress"]
         proc = subprocess.Popen(cmd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -304,7 +304,7 @@ def test_gpt5_family_requests(tmp_path, monkeypatch):
     assert body["model"] == "gpt-5-mini" and body["reasoning_effort"] == "low"
     assert body["max_completion_tokens"] == 4000
     assert "temperature" not in body and "max_tokens" not in body
-    proc = subprocess.run([sys.executable, TOOL, "--input", str(tmp_path / "en.jsonl"),
+    proc = subprocess.run([*TOOL, "--input", str(tmp_path / "en.jsonl"),
                            "--languages", "hi", "--output", str(tmp_path / "x"), "--model",
                            "gpt-5-mini", "--temperature", "0.2"], capture_output=True, text=True)
     assert proc.returncode == 2 and "translate_corpus: error: --temperature" in proc.stderr
@@ -336,7 +336,7 @@ def test_batch_end_to_end_and_resume_after_a_kill(tmp_path):
 
     with LocalChatServer(TRANSLATOR, faults=faults, batch_delay_s=1.5) as server:
         out = tmp_path / "corpus"
-        cmd = [sys.executable, TOOL, "--input", str(tmp_path / "en.jsonl"), "--languages", "hi,sw",
+        cmd = [*TOOL, "--input", str(tmp_path / "en.jsonl"), "--languages", "hi,sw",
                "--output", str(out), "--model", "rule-translator", "--base-url", server.base_url,
                "--batch", "--batch-poll-s", "0.1", "--no-progress"]
         proc = subprocess.Popen(cmd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)

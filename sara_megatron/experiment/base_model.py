@@ -59,8 +59,9 @@ class BaseModel:
 # trains it (not the comparison, report or verdict code).
 CODE_FILES = ("sara_megatron/experiment/task.py", "sara_megatron/experiment/task_files.py",
               "sara_megatron/experiment/model_files.py", "sara_megatron/experiment/base_model.py",
-              "sara_megatron/experiment/tool_runs.py", "tools/train.py", "tools/shard_corpus.py",
-              "tools/convert_hf.py")
+              "sara_megatron/experiment/tool_runs.py", "sara_megatron/tool_runner.py",
+              "sara_megatron/cli/train.py", "sara_megatron/cli/shard_corpus.py",
+              "sara_megatron/cli/convert_hf.py")
 CODE_FOLDERS = ("sara_megatron/training", "sara_megatron/models", "sara_megatron/conversion",
                 "sara_megatron/data", "sara_megatron/sara")
 

@@ -1,18 +1,19 @@
-"""Run the project's user-facing tools in subprocesses, as a user would, timing each step."""
+"""Run the project's tools in subprocesses (`sara_megatron.tool_runner`), as a user would,
+timing each step."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
+from sara_megatron import tool_runner
+from sara_megatron.tool_runner import single_rank_environment, tool_environment
+
+# The folder holding the package: the checkout, or site-packages of an installed copy. Source
+# paths (e.g. for the base model's cache key) are named relative to it.
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = REPO / "tools"
 
 
 class StepFailed(RuntimeError):
@@ -35,41 +36,34 @@ class StepTimer:
 
 def run_tool(step: str, tool: str, args: list[str], work: Path, timer: StepTimer | None = None,
              quiet: bool = False) -> float:
-    """`python tools/<tool> args...` in `work`; output to <work>/logs/<step>.log. Returns seconds."""
-    log = work / "logs" / f"{step}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONWARNINGS="ignore")
-    env.pop("OPENAI_API_KEY", None)  # nothing here talks to a server
-    # One process is a world of one: no torchrun needed.
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    started = time.time()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(TOOLS / tool), *args], cwd=work, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # the child's own CPU time
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.time() - started
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise StepFailed(f"{step} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    """Run a tool in one process in `work` (`tool_runner.run_tool`), output to
+    <work>/logs/<step>.log.
+
+    Args:
+        step: the stage's name (its log's and timer's).
+        tool: the tool's name, e.g. "train" (or its checkout file's, "train.py").
+        args: its arguments.
+        work: the folder it runs in.
+        timer: records the stage's wall and CPU time.
+        quiet: print no line when it is done.
+
+    Returns:
+        Its wall time in seconds.
+
+    Raises:
+        StepFailed: it exited non-zero (the message holds the tail of its log).
+    """
+    # One process is a world of one: no torchrun needed. Nothing here talks to a server.
+    env = tool_environment(single_rank_environment(), unset=("OPENAI_API_KEY",))
+    run = tool_runner.run_tool(tool.removesuffix(".py"), args, work, work / "logs" / f"{step}.log", env=env)
+    if run.returncode != 0:
+        raise StepFailed(f"{step} failed (exit {run.returncode}); log {run.log}:\n"
+                         f"{run.tail(3000)}")
     if timer is not None:
-        timer.add(step, seconds, usage.ru_utime + usage.ru_stime)
+        timer.add(step, run.seconds, run.cpu_seconds)
     if not quiet:
-        print(f"[experiment] {step} done in {seconds:.0f}s", flush=True)
-    return seconds
-
-
-def _free_port() -> int:
-    from sara_megatron.distributed import free_port
-
-    return free_port()
+        print(f"[experiment] {step} done in {run.seconds:.0f}s", flush=True)
+    return run.seconds
 
 
 def run_parallel(jobs: list, workers: int) -> list:
@@ -87,6 +81,7 @@ def write_train_config(path: Path, config: dict) -> Path:
 
 
 def latest_checkpoint(save_dir: Path) -> Path:
-    from sara_megatron.training.checkpoint import iteration_dir, latest_iteration
+    """The newest complete checkpoint of a run (`training.checkpoint.latest_checkpoint`)."""
+    from sara_megatron.training.checkpoint import latest_checkpoint as latest
 
-    return Path(iteration_dir(os.fspath(save_dir), latest_iteration(os.fspath(save_dir))))
+    return Path(latest(save_dir))

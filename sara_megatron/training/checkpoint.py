@@ -82,6 +82,25 @@ def latest_iteration(save_dir: Optional[str]) -> Optional[int]:
     return iteration
 
 
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> str:
+    """The folder of the newest complete checkpoint a run saved in `save_dir`.
+
+    Args:
+        save_dir: a training run's `checkpoint.save_dir`.
+
+    Returns:
+        Its `iter_N` folder that `latest_iteration` names.
+
+    Raises:
+        CannotResumeError: `save_dir` holds no complete checkpoint.
+    """
+    save_dir = os.fspath(save_dir)
+    iteration = latest_iteration(save_dir)
+    if iteration is None:
+        raise CannotResumeError(f"{save_dir} holds no complete checkpoint")
+    return iteration_dir(save_dir, iteration)
+
 _ITERATION_DIR = re.compile(r"iter_(\d{7})")
 
 

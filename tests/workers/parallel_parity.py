@@ -8,7 +8,7 @@ same batch through megatron's pipeline schedule with backward. Rank 0 writes bot
 <out-dir>/<case>.json as each case ends. The batch has padding, so the masks are exercised. One
 launch runs many cases: the processes start once and each reference is built once.
 
-With objectives in a case (issue 19: aes, kl, js_entropy_normalised, shifcon) each objective's
+With objectives in a case (aes, kl, js_entropy_normalised, shifcon) each objective's
 term alone is also run forward and backward on both sides (the CE output is multiplied by 0): its
 value, the squared norm of its whole gradient and each router's gradient, reduced over the ranks
 that hold them; "online" adds the online priors taken through the layout's schedule;
