@@ -231,7 +231,7 @@ def test_ctrl_c_in_translate_corpus_and_evaluate(tmp_path):
 
     write_anchors(tmp_path / "en.jsonl", 40)
     with LocalChatServer(TRANSLATOR, latency_s=0.05) as server:
-        cmd = [sys.executable, TOOL, "--input", tmp_path / "en.jsonl", "--languages", "hi,sw",
+        cmd = [*TOOL, "--input", tmp_path / "en.jsonl", "--languages", "hi,sw",
                "--output", tmp_path / "corpus", "--model", "rule-translator", "--base-url",
                server.base_url, "--concurrency", "4", "--no-progress"]
         code, output = _interrupt_once(cmd, lambda: server.outcomes().count("ok") >= 5,
