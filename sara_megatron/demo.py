@@ -27,6 +27,7 @@ import os
 import shutil
 from pathlib import Path
 
+from sara_megatron.tool_errors import InputError
 from sara_megatron.tool_runner import run_tool, tool_environment
 
 ANCHOR, LEXICON_SWAP, REORDERED = "en", "hi", "sw"
@@ -134,12 +135,16 @@ DEMO_MARKER = ".sara_demo"
 
 def _fresh_work_folder(work: Path) -> None:
     """Empty `work` for a new run, refusing a folder the demo did not make: `--work` pointed at
-    real data by mistake must not be deleted."""
+    real data by mistake must not be deleted.
+
+    Raises:
+        InputError: `work` is a file, or a folder of files the demo did not make.
+    """
     if work.exists():
         if not work.is_dir():
-            raise SystemExit(f"[demo] {work} is a file, not a folder")
+            raise InputError(f"--work {work} is a file, not a folder")
         if any(work.iterdir()) and not (work / DEMO_MARKER).is_file():
-            raise SystemExit(f"[demo] {work} holds files the demo did not make (no {DEMO_MARKER} "
+            raise InputError(f"--work {work} holds files the demo did not make (no {DEMO_MARKER} "
                              "marker); give an empty or new folder")
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -155,8 +160,8 @@ def prepare_demo_inputs(work: Path, num_samples: int = 96) -> None:
         num_samples: parallel samples per language.
 
     Raises:
-        SystemExit: a stage failed (the message names its log), or `work` holds files the demo
-            did not make.
+        SystemExit: a stage failed (the message names its log).
+        InputError: `work` holds files the demo did not make.
     """
     from sara_megatron.data.local_tokenizer import build_local_tokenizer
     from sara_megatron.data.synthetic_corpus import corpus_texts

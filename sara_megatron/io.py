@@ -13,7 +13,7 @@ import json
 import os
 from typing import IO, Iterator
 
-from sara_megatron.tool_errors import UserFacingError
+from sara_megatron.tool_errors import InputError, UserFacingError
 
 TMP_SUFFIX = ".partial"
 
@@ -231,7 +231,7 @@ def decode_utf8_line(data: bytes, path: str, line_no: int, error: type[Exception
                     f"{column}); save the file as UTF-8") from None
 
 
-def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError):
+def read_json_file(path: str | os.PathLike, error: type[Exception] = InputError):
     """The JSON value of a file.
 
     Args:
@@ -252,7 +252,7 @@ def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError)
         raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def read_jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueError,
+def read_jsonl_objects(path: str | os.PathLike, error: type[Exception] = InputError,
                        limit: int | None = None, complete_lines_only: bool = False
                        ) -> Iterator[tuple[int, dict]]:
     """The objects of a JSONL file, one a non-blank line.

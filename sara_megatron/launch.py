@@ -39,9 +39,8 @@ from sara_megatron.distributed import launcher_world_size, read_launcher_env
 from sara_megatron.tool_errors import (
     INTERRUPTED_STATUS,
     USER_ERROR_STATUS,
-    UserFacingError,
-    disk_full_error,
     interrupted_message,
+    user_error_message,
 )
 
 
@@ -56,41 +55,6 @@ def configure_logging(rank: int) -> None:
     every rank repeating them would bury the progress lines."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sara_megatron").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def user_error_message(err: BaseException, output: Optional[str] = None) -> Optional[str]:
-    """The one-line message of an error the user can fix, else None. `output`: the folder the
-    tool writes to (a write error there with no space left is a full disk)."""
-    full = disk_full_error(err, output)
-    if full is not None:
-        return str(full.strerror or full)
-    if isinstance(err, UserFacingError):
-        return str(err.strerror) if isinstance(err, OSError) and err.strerror else str(err)
-    return None
-
-
-def report_user_error(tool: str, err: BaseException, output: Optional[str] = None) -> int:
-    """In a one-process tool's `except` clause: an error the user can fix is printed as one line,
-    `<tool>: error: <message>`, and its status (2) returned for the tool to exit with; any other
-    error is raised again with its traceback (a bug: exit 1).
-
-    Args:
-        tool: the tool's name as it prints it (its argparse `prog`).
-        err: the error being handled.
-        output: the folder or file the tool writes (a write error there with no space left is a
-            full disk, also when the error lost its errno).
-
-    Returns:
-        USER_ERROR_STATUS, after printing the line.
-
-    Raises:
-        BaseException: `err` itself, when the user cannot fix it.
-    """
-    message = user_error_message(err, output)
-    if message is None:
-        raise err
-    print(f"{tool}: error: {message}", file=sys.stderr, flush=True)
-    return USER_ERROR_STATUS
 
 
 _REPORT_KEY = "sara_megatron/reported"

@@ -51,6 +51,11 @@ class UserFacingError(Exception):
     """Mixed into errors whose message says what to fix: printed as one line, exit 2."""
 
 
+class InputError(UserFacingError, ValueError):
+    """A value, file or setting the user gave that cannot be used as given (the message names it
+    and says what would do)."""
+
+
 class OutputNotWritableError(UserFacingError, OSError):
     pass
 
@@ -141,3 +146,38 @@ def disk_full_error(err: BaseException, path: Optional[str]) -> Optional[DiskFul
                               if isinstance(e, OSError) and e.filename), "the output")
         return DiskFullError(errno.ENOSPC, disk_full_message(os.fspath(where)))
     return None
+
+
+def user_error_message(err: BaseException, output: Optional[str] = None) -> Optional[str]:
+    """The one-line message of an error the user can fix, else None. `output`: the folder the
+    tool writes to (a write error there with no space left is a full disk)."""
+    full = disk_full_error(err, output)
+    if full is not None:
+        return str(full.strerror or full)
+    if isinstance(err, UserFacingError):
+        return str(err.strerror) if isinstance(err, OSError) and err.strerror else str(err)
+    return None
+
+
+def report_user_error(tool: str, err: BaseException, output: Optional[str] = None) -> int:
+    """In a one-process tool's `except` clause: an error the user can fix is printed as one line,
+    `<tool>: error: <message>`, and its status (2) returned for the tool to exit with; any other
+    error is raised again with its traceback (a bug: exit 1).
+
+    Args:
+        tool: the tool's name as it prints it (its argparse `prog`).
+        err: the error being handled.
+        output: the folder or file the tool writes (a write error there with no space left is a
+            full disk, also when the error lost its errno).
+
+    Returns:
+        USER_ERROR_STATUS, after printing the line.
+
+    Raises:
+        BaseException: `err` itself, when the user cannot fix it.
+    """
+    message = user_error_message(err, output)
+    if message is None:
+        raise err
+    print(f"{tool}: error: {message}", file=sys.stderr, flush=True)
+    return USER_ERROR_STATUS

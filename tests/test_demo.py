@@ -6,16 +6,17 @@ import launch
 import pytest
 
 from sara_megatron.demo import DEMO_MARKER, _fresh_work_folder
+from sara_megatron.tool_errors import InputError
 
 
 def test_demo_replaces_only_its_own_folder(tmp_path):
     data = tmp_path / "thesis"
     data.mkdir()
     (data / "thesis.tex").write_text("years of work")
-    with pytest.raises(SystemExit, match="did not make"):
+    with pytest.raises(InputError, match="did not make"):
         _fresh_work_folder(data)
     assert (data / "thesis.tex").read_text() == "years of work"
-    with pytest.raises(SystemExit, match="is a file"):
+    with pytest.raises(InputError, match="is a file"):
         _fresh_work_folder(data / "thesis.tex")
 
     work = tmp_path / "new" / "demo"  # a new folder, parents made

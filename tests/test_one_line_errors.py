@@ -309,3 +309,167 @@ def test_shard_corpus_checks_the_tokenizer_before_reading_the_corpus(tmp_path, m
                             str(tmp_path / "no-tokenizer"), seq_length=64)
     with pytest.raises(FileNotFoundError, match="no-tokenizer: no such folder"):
         shard_corpus(config)
+
+
+# --- every one-process tool: bad input is one line and exit 2, a bug keeps its traceback --------
+
+
+def test_every_library_error_a_user_can_cause_is_user_facing():
+    """The same bad input gives one line whichever tool meets it: each library error that names
+    an input to fix is a UserFacingError, and stays the ValueError (or LookupError) callers
+    catch."""
+    from sara_megatron.checkpointing.record import CheckpointRecordError
+    from sara_megatron.construction.answering import AnswersFileError
+    from sara_megatron.construction.filtering import AnswerRecordError
+    from sara_megatron.construction.sources import SourceDataError
+    from sara_megatron.construction.translation import RunRefused, SamplesTooLong
+    from sara_megatron.conversion.errors import ConversionError
+    from sara_megatron.data.corpus_format import RecordError
+    from sara_megatron.data.corpus_validation import CorpusError
+    from sara_megatron.evaluation.benchmarks import BenchmarkDataError
+    from sara_megatron.evaluation.model_identity import ModelFolderError
+    from sara_megatron.evaluation.runner import PromptsTooLong, SettingsMismatch
+    from sara_megatron.priors.store_format import MissingPriorError
+    from sara_megatron.tool_errors import InputError
+
+    for error in (CheckpointRecordError, AnswersFileError, AnswerRecordError, SourceDataError,
+                  RunRefused, SamplesTooLong, ConversionError, RecordError, CorpusError,
+                  BenchmarkDataError, ModelFolderError, PromptsTooLong, SettingsMismatch,
+                  InputError):
+        assert issubclass(error, UserFacingError) and issubclass(error, ValueError), error
+    assert issubclass(MissingPriorError, UserFacingError) and issubclass(MissingPriorError,
+                                                                         LookupError)
+
+
+def _bad_inputs(tmp_path) -> dict:
+    """{tool: argv} of a run that each one-process tool must refuse for its input (not its
+    flags): one line, exit 2."""
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"id": "x"}\nnot json\n')
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text('{"model_type": "llama", "architectures": ["X"]}')
+    run = tmp_path / "run"  # a training run's folder where a model folder is needed
+    run.mkdir()
+    (run / "latest_checkpointed_iteration.txt").write_text("5")
+    not_ours = tmp_path / "not_ours"
+    not_ours.mkdir()
+    (not_ours / "thesis.tex").write_text("")
+    return {
+        "plan_layout": ["--preset", "qwen3_moe_tiny", "--gpus", "16", "--gpu-memory", "80",
+                        "--layout", "2,2,8"],
+        "report": ["--out", tmp_path / "r", "--run", f"a={bad_jsonl}"],
+        "filter_correct": ["--input", bad_jsonl, "--output", tmp_path / "kept.jsonl"],
+        "translate_corpus": ["--input", bad_jsonl, "--languages", "hi", "--output",
+                             tmp_path / "corpus", "--model", "m", "--base-url",
+                             "http://127.0.0.1:9/v1", "--no-progress"],
+        "answer_anchors": ["--base-url", "https://api.openai.com/v1", "--model", "m",
+                           "--data-dir", REPO / "tests" / "fixtures" / "construction",
+                           "--output", tmp_path / "answers.jsonl", "--no-progress"],
+        "evaluate": ["--backend", "hf", "--model-dir", run, "--benchmarks", "mgsm",
+                     "--languages", "en", "--output", tmp_path / "eval", "--no-progress"],
+        "convert_hf": ["import", "--hf-dir", not_a_model, "--out", tmp_path / "ckpt"],
+        "demo": ["--work", not_ours],
+    }
+
+
+# The name each tool prints before `: error:`.
+_PRINTED_NAME = {"plan_layout": "plan_layout.py", "report": "report.py",
+                 "convert_hf": "convert_hf.py import", "demo": "demo.py"}
+
+
+def _main_status(tool, argv, capsys) -> tuple[int, list[str]]:
+    """Run the tool's main in this process as its console script would: (exit status, the
+    stderr lines that say `error:`)."""
+    import importlib
+
+    main = importlib.import_module(f"sara_megatron.cli.{tool}").main
+    try:
+        status = main(list(map(str, argv)))
+    except SystemExit as exit_:
+        status = exit_.code
+    lines = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    return status, lines
+
+
+@pytest.mark.parametrize("tool", ["plan_layout", "report", "filter_correct", "translate_corpus",
+                                  "answer_anchors", "evaluate", "convert_hf", "demo"])
+def test_bad_input_is_one_line_and_exit_2(tool, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py"])
+    status, lines = _main_status(tool, _bad_inputs(tmp_path)[tool], capsys)
+    assert status == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{_PRINTED_NAME.get(tool, tool)}: error: "), lines
+
+
+# (tool, the module attribute a bug is planted in, its owner module)
+_BUG_SITES = {
+    "plan_layout": "sara_megatron.planning.planner.plan_model",
+    "report": "sara_megatron.cli.report.write_report",
+    "filter_correct": "sara_megatron.cli.filter_correct.filter_answers",
+    "translate_corpus": "sara_megatron.cli.translate_corpus.run_translation",
+    "convert_hf": "sara_megatron.conversion.hf_import.import_hf_checkpoint",
+    "demo": "sara_megatron.cli.demo.run_demo",
+}
+
+
+def _good_inputs(tmp_path) -> dict:
+    answers = REPO / "tests" / "fixtures" / "construction" / "answers_en.jsonl"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "ce": 1.0, "js": 0.1}\n')
+    anchors = tmp_path / "en.jsonl"
+    from sara_megatron.data.synthetic_corpus import synthetic_record
+
+    anchors.write_text(json.dumps(synthetic_record("s-0", "en", 0, max_words=8)) + "\n")
+    return {
+        "plan_layout": ["--preset", "qwen3_moe", "--gpus", "16", "--gpu-memory", "80"],
+        "report": ["--out", tmp_path / "r", "--run", f"a={log}"],
+        "filter_correct": ["--input", answers, "--output", tmp_path / "kept.jsonl"],
+        "translate_corpus": ["--input", anchors, "--languages", "hi", "--output",
+                             tmp_path / "corpus", "--model", "m", "--base-url",
+                             "http://127.0.0.1:9/v1", "--no-progress"],
+        "convert_hf": ["import", "--hf-dir", hf, "--out", tmp_path / "ckpt"],
+        "demo": ["--work", tmp_path / "demo"],
+    }
+
+
+@pytest.mark.parametrize("tool", list(_BUG_SITES))
+def test_a_bug_raising_value_error_keeps_its_traceback(tool, tmp_path, capsys, monkeypatch):
+    """A ValueError from inside the tool that no user input explains is a bug: it propagates
+    (Python prints its traceback, exit 1), and no `error:` line claims it as a usage error."""
+    import importlib
+
+    module, _, name = _BUG_SITES[tool].rpartition(".")
+
+    def bug(*args, **kwargs):
+        raise ValueError("planted bug")
+
+    monkeypatch.setattr(importlib.import_module(module), name, bug)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py"])
+    main = importlib.import_module(f"sara_megatron.cli.{tool}").main
+    with pytest.raises(ValueError, match="planted bug"):
+        main(list(map(str, _good_inputs(tmp_path)[tool])))
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_a_bug_is_a_traceback_and_exit_1_from_the_command_line(tmp_path):
+    """The same through a process: a planted ValueError in plan_layout's planner exits 1 with
+    its traceback, not 2 with a usage line."""
+    script = tmp_path / "planted.py"
+    script.write_text(
+        "import runpy, sys\n"
+        "import sara_megatron.planning.planner as planner\n"
+        "def bug(*args, **kwargs):\n"
+        "    raise ValueError('planted bug')\n"
+        "planner.plan_model = bug\n"
+        "sys.argv = ['plan_layout.py', '--preset', 'qwen3_moe', '--gpus', '16',"
+        " '--gpu-memory', '80']\n"
+        "runpy.run_module('sara_megatron.cli.plan_layout', run_name='__main__')\n")
+    proc = launch.run([sys.executable, script], tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "ValueError: planted bug" in proc.stderr
+    assert "error:" not in proc.stderr.replace("ValueError: planted bug", "")

@@ -21,6 +21,7 @@ import os
 from typing import Optional
 
 from sara_megatron.io import atomic_open, read_json_file
+from sara_megatron.tool_errors import InputError
 
 
 @dataclasses.dataclass
@@ -67,10 +68,10 @@ def read_divergence(path: str | os.PathLike) -> DivergenceResult:
         divergence = {lang: [float(v) for v in values]
                       for lang, values in obj["divergence"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{path}: not a divergence result (layers, divergence): {err!r}") from None
+        raise InputError(f"{path}: not a divergence result (layers, divergence): {err!r}") from None
     for lang, values in divergence.items():
         if len(values) != len(layers):
-            raise ValueError(f"{path}: {lang} has {len(values)} values for {len(layers)} layers")
+            raise InputError(f"{path}: {lang} has {len(values)} values for {len(layers)} layers")
     return DivergenceResult(layers, divergence, obj.get("normalized_divergence"),
                             obj.get("anchor"), obj.get("source") or {},
                             obj.get("suggested_range"), obj.get("shift_area"))

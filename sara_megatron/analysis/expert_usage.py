@@ -21,6 +21,7 @@ import numpy as np
 
 from sara_megatron.analysis.plotting import new_figure, save_png
 from sara_megatron.io import atomic_open, read_json_file
+from sara_megatron.tool_errors import InputError
 
 HEATMAP_WIDTH, HEATMAP_HEIGHT = 1100, 640
 
@@ -79,7 +80,7 @@ def read_expert_usage(path: str | os.PathLike) -> ExpertUsage:
         return ExpertUsage([int(x) for x in obj["layers"]], obj["anchor"], int(obj["top_k"]),
                            obj["mean_probability"], obj["selection_frequency"])
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not an expert-usage file: {err!r}") from None
+        raise InputError(f"{path}: not an expert-usage file: {err!r}") from None
 
 
 def plot_expert_usage(usage: ExpertUsage, layer: int, path: str | os.PathLike) -> str:

@@ -23,6 +23,7 @@ from sara_megatron.analysis.divergence_plots import (
 )
 from sara_megatron.analysis.divergence_results import range_mean, read_divergence
 from sara_megatron.io import atomic_open
+from sara_megatron.tool_errors import InputError
 
 REPORT_FILE = "report.md"
 BENCHMARK_ORDER = ("global_mmlu", "belebele", "mgsm")
@@ -82,11 +83,11 @@ def divergence_section(inputs: ReportInputs, out_dir: str) -> list[str]:
     results = {name: read_divergence(path) for name, path in inputs.divergence.items()}
     baseline = inputs.divergence_baseline or next(iter(results))
     if baseline not in results:
-        raise ValueError(f"divergence baseline {baseline!r} is not among {', '.join(results)}")
+        raise InputError(f"divergence baseline {baseline!r} is not among {', '.join(results)}")
     base = results[baseline]
     for name, result in results.items():
         if result.layers != base.layers or result.languages != base.languages:
-            raise ValueError(f"divergence results {name!r} and {baseline!r} measure other layers "
+            raise InputError(f"divergence results {name!r} and {baseline!r} measure other layers "
                              "or languages; compare results of the same measurement")
     curve = "JS / mean entropy" if inputs.normalized else "JS(anchor ‖ target)"
     anchor = f", anchor {base.anchor}" if base.anchor else ""
@@ -234,7 +235,7 @@ def significance_section(inputs: ReportInputs, out_dir: str) -> list[str]:
         return lines + _missing("no baseline and method to compare", "pass `--eval NAME=DIR` for "
                                 "the baseline and at least one method, and `--baseline NAME`")
     if inputs.baseline not in inputs.evaluations:
-        raise ValueError(f"baseline {inputs.baseline!r} is not among the evaluations "
+        raise InputError(f"baseline {inputs.baseline!r} is not among the evaluations "
                          f"({', '.join(inputs.evaluations)})")
     evaluations = _read_evaluations(inputs.evaluations)
     base = evaluations[inputs.baseline]

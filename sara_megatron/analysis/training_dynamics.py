@@ -10,6 +10,7 @@ from typing import Optional
 
 from sara_megatron.analysis.plotting import new_figure, save_png
 from sara_megatron.io import read_jsonl_objects
+from sara_megatron.tool_errors import InputError
 
 DYNAMICS_WIDTH, DYNAMICS_HEIGHT = 1400, 420
 ACCURACY_PANEL_WIDTH, ACCURACY_HEIGHT = 480, 400
@@ -24,10 +25,10 @@ def read_json_log(path: str | os.PathLike) -> list[dict]:
         try:
             int(record["step"])
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: not a training log record: {err!r}") from None
+            raise InputError(f"{path}:{number}: not a training log record: {err!r}") from None
         records.append({k: (math.nan if v is None else v) for k, v in record.items()})
     if not records:
-        raise ValueError(f"{path}: no logged step")
+        raise InputError(f"{path}: no logged step")
     return sorted(records, key=lambda r: r["step"])
 
 

@@ -33,6 +33,8 @@ from collections import Counter
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlparse
 
+from sara_megatron.tool_errors import InputError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -88,7 +90,7 @@ class ChatSettings:
 
     def __post_init__(self):
         if is_reasoning_model(self.model) and (self.temperature is not None or self.top_p is not None):
-            raise ValueError(f"{self.model} is a reasoning model (GPT-5 family / o-series): it accepts "
+            raise InputError(f"{self.model} is a reasoning model (GPT-5 family / o-series): it accepts "
                              "only the default temperature and top_p; set reasoning_effort instead")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
@@ -225,10 +227,10 @@ def check_api_key_env(base_url: str | None, api_key_env: str | None) -> None:
     if api_key_env is None:
         return
     if not _ENV_NAME.match(api_key_env):
-        raise ValueError("--api-key-env takes the name of an environment variable (letters, "
+        raise InputError("--api-key-env takes the name of an environment variable (letters, "
                          "digits and _), never the key itself")
     if api_key_env == OPENAI_KEY_ENV and not is_openai_api(base_url):
-        raise ValueError(f"--api-key-env {OPENAI_KEY_ENV}: that key is sent only to OpenAI's API "
+        raise InputError(f"--api-key-env {OPENAI_KEY_ENV}: that key is sent only to OpenAI's API "
                          f"({OPENAI_BASE_URL}); put the key for {base_url} in a variable of "
                          "another name and name that one")
 
@@ -247,19 +249,20 @@ def api_key_for(base_url: str | None, api_key_env: str | None = None) -> str:
       named (a caller's default of "OPENAI_API_KEY" must not leak it to a self-hosted one).
 
     Raises:
-        ValueError: The key is required and absent; the message names the variable only.
+        InputError: The key is required and absent (a ValueError); the message names the
+            variable only.
     """
     if api_key_env is not None and api_key_env != OPENAI_KEY_ENV:
         key = os.environ.get(api_key_env)
         if not key:
-            raise ValueError("no API key: the variable named by --api-key-env is not set in the "
+            raise InputError("no API key: the variable named by --api-key-env is not set in the "
                              "environment (or is empty)")
         return key
     if not is_openai_api(base_url):
         return PLACEHOLDER_API_KEY
     key = os.environ.get(OPENAI_KEY_ENV)
     if not key:
-        raise ValueError(f"no API key: set {OPENAI_KEY_ENV} in the environment for OpenAI's API "
+        raise InputError(f"no API key: set {OPENAI_KEY_ENV} in the environment for OpenAI's API "
                          "(or give the base URL of a self-hosted server)")
     return key
 

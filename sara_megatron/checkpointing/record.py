@@ -13,13 +13,15 @@ import dataclasses
 import json
 import os
 
+from sara_megatron.tool_errors import UserFacingError
+
 METADATA_FILE = "sara_conversion.json"
 ASSETS_DIR = "hf_assets"
 FORMAT = "sara-megatron/hf-conversion"
 FORMAT_VERSION = 1
 
 
-class CheckpointRecordError(ValueError):
+class CheckpointRecordError(UserFacingError, ValueError):
     """A record this code cannot read (another format or a newer version)."""
 
 

@@ -25,13 +25,13 @@ import json
 import os
 import sys
 
-from sara_megatron.construction.answering import AnswersFileError, answer_samples, failures_path_for
+from sara_megatron.construction.answering import answer_samples, failures_path_for
 from sara_megatron.construction.sources import (
     MMLU_PROX_DEFAULT_SPLIT,
-    SourceDataError,
     load_anchor_samples,
     parse_sources,
 )
+from sara_megatron.tool_errors import InputError, report_user_error
 
 
 def parse_args(argv=None):
@@ -153,22 +153,21 @@ def main(argv=None) -> int:
         for source in args.sources:
             samples += load_anchor_samples(source, args.language, args.data_dir, args.limit,
                                            mmlu_prox_split=args.mmlu_prox_split)
-    except (SourceDataError, FileNotFoundError) as e:
-        print(f"answer_anchors: error: {e}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:  # a source file --data-dir lacks
+        return report_user_error("answer_anchors", InputError(str(e)))
+    except Exception as e:  # noqa: BLE001 - bad source data is one line; anything else raises
+        return report_user_error("answer_anchors", e)
     from sara_megatron.chat import ChatClient
 
     try:
         client = ChatClient(args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency,
                             max_retries=args.max_retries, timeout_s=args.timeout_s)
-    except ValueError as e:  # no API key for OpenAI itself
-        print(f"answer_anchors: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - no API key for OpenAI itself: one line
+        return report_user_error("answer_anchors", e)
     try:
         report = asyncio.run(run(args, samples, client))
-    except AnswersFileError as e:
-        print(f"answer_anchors: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - an answers file this run cannot continue: one line
+        return report_user_error("answer_anchors", e, args.output)
     summary = report.as_dict()
     print(f"answer_anchors: {report.answered} answered, {report.already_done} already in "
           f"{args.output}, {report.failed} failed", file=sys.stderr)

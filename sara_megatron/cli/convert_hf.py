@@ -25,6 +25,8 @@ import argparse
 import json
 import sys
 
+from sara_megatron.tool_errors import check_writable_output, report_user_error
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -98,13 +100,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tool = f"convert_hf.py {args.command}"
     if args.command in ("import", "export"):
-        from sara_megatron.tool_errors import check_writable_output
-
         try:  # before anything is read or computed
             check_writable_output(args.out, "--out")
         except OSError as err:
-            print(f"{tool}: error: {err.strerror or err}", file=sys.stderr)
-            return 2
+            return report_user_error(tool, err)
         from sara_megatron.launch import exit_with_parent
 
         exit_with_parent()
@@ -148,17 +147,9 @@ def main(argv=None) -> int:
         if failed:
             print(f"{tool}: the models differ: {'; '.join(failed)}", file=sys.stderr)
         return 1 if failed else 0
-    except ValueError as e:  # bad input (ConversionError, architecture and layout errors)
-        print(f"{tool}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a damaged checkpoint, a full disk: one line; anything else raises
-        from sara_megatron.launch import user_error_message
-
-        message = user_error_message(e, getattr(args, "out", None))
-        if message is None:
-            raise
-        print(f"{tool}: error: {message}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - bad input (ConversionError, the architecture or
+        # layout), a damaged checkpoint, a full disk: one line; anything else raises
+        return report_user_error(tool, e, getattr(args, "out", None))
 
 
 if __name__ == "__main__":  # the guard matters: megatron's checkpoint writer spawns a helper

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sara_megatron.demo import run_demo
+from sara_megatron.tool_errors import report_user_error
 
 
 def main(argv=None) -> int:
@@ -29,7 +30,11 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=96, help="parallel samples per language")
     p.add_argument("--steps", type=int, default=40, help="training steps of each run")
     args = p.parse_args(argv)
-    run_demo(Path(args.work).resolve(), args.samples, args.steps)
+    try:
+        run_demo(Path(args.work).resolve(), args.samples, args.steps)
+    except Exception as e:  # noqa: BLE001 - a --work folder of other files is one line
+        return report_user_error(p.prog, e, args.work)
+    return 0
 
 
 if __name__ == "__main__":

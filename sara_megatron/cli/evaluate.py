@@ -38,7 +38,7 @@ from sara_megatron.evaluation.runner import (
 )
 from sara_megatron.io import sha256_file
 from sara_megatron.prompts import PROMPT_VERSION, load_templates
-from sara_megatron.tool_errors import exit_on_interrupt
+from sara_megatron.tool_errors import InputError, exit_on_interrupt, report_user_error
 
 
 def comma_list(text: str) -> list[str]:
@@ -165,7 +165,7 @@ def parse_args(argv=None):
 def shift_of(args):
     """The ShifCon shift to apply (`sara.language_shift.LanguageShift`) or None; records in
     `args.shifcon_shift` what is done ("applied", "not applied (--no-shift)" or None: not a
-    ShifCon model). Raises ValueError for a served ShifCon export without --no-shift."""
+    ShifCon model). Raises InputError for a served ShifCon export without --no-shift."""
     from sara_megatron.sara.language_shift import has_shift_sidecar, read_shift_sidecar
 
     folder = args.model_dir if args.backend == "hf" else args.model_revision
@@ -176,14 +176,14 @@ def shift_of(args):
         args.shifcon_shift = "not applied (--no-shift)"
         return None
     if args.backend == "openai":
-        raise ValueError(f"{folder} is a ShifCon export: its hidden states are shifted per "
+        raise InputError(f"{folder} is a ShifCon export: its hidden states are shifted per "
                          "language, which a server (stock vLLM) cannot do; evaluate it with "
                          "--backend hf, or pass --no-shift to evaluate it unshifted")
     shift = read_shift_sidecar(folder)
     missing = [lang for lang in args.languages
                if lang != shift.anchor_language and lang not in shift.languages]
     if missing:
-        raise ValueError(f"{folder} is a ShifCon export with language vectors of "
+        raise InputError(f"{folder} is a ShifCon export with language vectors of "
                          f"{', '.join(shift.languages)}: none for {', '.join(missing)}; leave "
                          "those out of --languages, or pass --no-shift")
     args.shifcon_shift = "applied"
@@ -235,12 +235,6 @@ def build_backend(args, shift=None):
                      max_context_tokens=args.max_context_tokens, shift=shift)
 
 
-def user_error(message) -> int:
-    """A problem with the inputs or the output folder: one line, exit 2."""
-    print(f"evaluate: error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv=None) -> int:
     """The `evaluate` tool: parse `argv` and run it.
 
@@ -270,15 +264,20 @@ def _evaluate(args) -> int:
                                   progress=not args.no_progress, restart=args.restart)
         runner.prepare()  # refuses another model's folder or changed benchmarks before loading
         runner.use_backend(build_backend(args, shift))
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # ModelFolderError too
-        return user_error(e)
+    except FileNotFoundError as e:  # a benchmark file --data-dir lacks
+        return report_user_error("evaluate", InputError(str(e)), args.output)
+    except Exception as e:  # noqa: BLE001 - a model folder of the wrong kind, another model's
+        # answers in --output: one line; anything else raises
+        return report_user_error("evaluate", e, args.output)
     try:
         result = asyncio.run(runner.run())
-    except EvaluationIncomplete as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+    except EvaluationIncomplete as e:  # no user error: the same command resumes (exit 1)
+        print(f"evaluate: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:  # bad data (names the file and line), too long
-        return user_error(e)
+    except FileNotFoundError as e:
+        return report_user_error("evaluate", InputError(str(e)), args.output)
+    except Exception as e:  # noqa: BLE001 - bad data (names the file and line), items too long
+        return report_user_error("evaluate", e, args.output)
     with open(os.path.join(args.output, "table.md"), encoding="utf-8") as f:
         print(f.read(), end="")
     if not result["complete"]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from sara_megatron.experiment.run import (
     ABLATIONS, METHODS, ExperimentSettings, quick_settings, reduced_settings, run_experiment)
 from sara_megatron.experiment.tool_runs import StepFailed
+from sara_megatron.tool_errors import report_user_error
 
 
 def main(argv=None) -> int:
@@ -88,11 +89,11 @@ def main(argv=None) -> int:
     settings = dataclasses.replace(settings, **changes)
     try:
         report = run_experiment(Path(args.work), settings)
-    except ValueError as e:
-        p.error(str(e))
-    except StepFailed as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+    except StepFailed as e:  # the failing tool's own log says why (exit 1)
+        print(f"{p.prog}: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - a user error is one line; anything else raises
+        sys.exit(report_user_error(p.prog, e, args.work))
     print(f"[experiment] report: {report}", flush=True)
 
 

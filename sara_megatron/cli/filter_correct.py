@@ -24,12 +24,9 @@ import os
 import sys
 
 from sara_megatron.construction.decontamination import build_index, parse_benchmarks
-from sara_megatron.construction.filtering import (
-    AnswerRecordError,
-    filter_answers,
-    read_answer_records,
-)
+from sara_megatron.construction.filtering import filter_answers, read_answer_records
 from sara_megatron.io import atomic_open
+from sara_megatron.tool_errors import InputError, report_user_error
 
 
 def parse_args(argv=None):
@@ -101,14 +98,13 @@ def main(argv=None) -> int:
             for note in notes:
                 print(f"filter_correct: {note}", file=sys.stderr)
         result = filter_answers(read_answer_records(args.input), contamination=index)
-    except (AnswerRecordError, FileNotFoundError, ValueError) as e:
-        # Bad input data or a missing benchmark file: the user's to fix, not a traceback.
-        print(f"filter_correct: error: {e}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:  # a benchmark file --benchmark-data-dir lacks
+        return report_user_error("filter_correct", InputError(str(e)))
+    except Exception as e:  # noqa: BLE001 - bad input data is one line; anything else raises
+        return report_user_error("filter_correct", e)
     if not result.counts:
-        print(f"filter_correct: error: no answer records in {', '.join(args.input)}: nothing to "
-              "filter", file=sys.stderr)
-        return 2
+        return report_user_error("filter_correct", InputError(
+            f"no answer records in {', '.join(args.input)}: nothing to filter"))
     write_jsonl(args.output, result.kept)
     write_jsonl(args.dropped, result.dropped)
     summary = result.summary()

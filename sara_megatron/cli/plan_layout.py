@@ -23,6 +23,7 @@ import sys
 from sara_megatron.models.architecture import PRESET_NAMES, resolve_architecture
 from sara_megatron.planning.lora import EXPERT_ADAPTERS, ROUTER_MODES, TARGETS, LoraSpec
 from sara_megatron.planning.memory import ATTENTION_KINDS, RECOMPUTE_MODES, Layout, TrainingShape
+from sara_megatron.tool_errors import report_user_error
 
 
 def parse_args(argv=None):
@@ -121,9 +122,8 @@ def main(argv=None) -> int:
         result = plan_model(args.preset, args.arch, args.gpus, args.gpu_memory, args.shape,
                             only=args.only, check_conversion=args.check_conversion,
                             lora=args.lora, smallest=args.smallest)
-    except ValueError as err:
-        print(f"plan_layout.py: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 - a user error is one line; anything else raises
+        return report_user_error("plan_layout.py", err)
     print(json.dumps(result.to_json()) if args.json else result.text())
     return 0
 

@@ -27,6 +27,7 @@ from sara_megatron.analysis.alignment_range import (
 )
 from sara_megatron.analysis.report import ReportInputs, write_report
 from sara_megatron.priors import parse_layer_selection
+from sara_megatron.tool_errors import report_user_error
 
 
 def named_paths(values, flag, parser, must_be_dir=False) -> dict[str, str]:
@@ -123,9 +124,8 @@ def main(argv=None):
             p.error(f"--usage-layers: {err}")
     try:
         path = write_report(inputs, args.out)
-    except (ValueError, KeyError, OSError) as err:
-        print(f"report.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - a user error is one line; anything else raises
+        sys.exit(report_user_error("report.py", err, args.out))
     print(f"wrote {path}")
 
 

@@ -18,6 +18,7 @@ from sara_megatron.distributed import destroy_distributed
 from sara_megatron.launch import configure_logging, exit_at_once_on_error, launcher_rank
 from sara_megatron.models.architecture import PRESET_NAMES, resolve_architecture
 from sara_megatron.priors import parse_layer_selection
+from sara_megatron.tool_errors import InputError
 
 
 def parse_args(argv=None):
@@ -41,7 +42,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint}: no such directory")
-    args.arch = resolve_architecture(args.preset)
+    try:
+        args.arch = resolve_architecture(args.preset)
+    except InputError as err:
+        p.error(f"--preset: {err}")
     try:
         args.layers = list(parse_layer_selection(args.layers, args.arch.num_layers))
     except ValueError as err:

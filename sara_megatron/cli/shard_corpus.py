@@ -14,8 +14,9 @@ import sys
 
 from sara_megatron.data.chat_tokenization import check_seq_length
 from sara_megatron.data.corpus_sharding import ShardingConfig, ShardProgress, shard_corpus
-from sara_megatron.data.corpus_validation import CorpusError
-from sara_megatron.tool_errors import UserFacingError, check_writable_output, disk_full_error
+from sara_megatron.tool_errors import InputError, check_writable_output, report_user_error
+
+TOOL = "shard_corpus.py"  # as argparse names it from `tools/shard_corpus.py` or `-m`
 
 
 def parse_args(argv=None):
@@ -97,21 +98,11 @@ def main(argv=None) -> int:
     )
     try:
         report = shard_corpus(config, progress=print_progress)
-    except CorpusError as e:
-        print(f"shard_corpus: bad record (--strict): {e}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as e:
-        print(f"shard_corpus.py: error: {e}", file=sys.stderr)
-        return 2
-    except UserFacingError as e:  # a folder of another run, a language with nothing left, ...
-        print(f"shard_corpus.py: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        full = disk_full_error(e, args.output)
-        if full is None:
-            raise
-        print(f"shard_corpus.py: error: {full.strerror}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:  # a --chat-template or tokenizer file that is not there
+        return report_user_error(TOOL, InputError(str(e)), args.output)
+    except Exception as e:  # noqa: BLE001 - a bad record under --strict, a folder of another
+        # run, a language with nothing left, a full disk: one line; anything else raises
+        return report_user_error(TOOL, e, args.output)
     print(report.corpus.format_summary())
     for lang, info in report.manifest["languages"].items():
         print(f"  {lang}: {info['samples']} samples, {info['tokens']} tokens, "

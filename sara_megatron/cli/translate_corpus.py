@@ -23,7 +23,7 @@ import sys
 from sara_megatron.chat.client import check_api_key_env, is_reasoning_model
 from sara_megatron.construction.translation import TranslationConfig
 from sara_megatron.construction.translation_run import run_translation
-from sara_megatron.tool_errors import exit_on_interrupt
+from sara_megatron.tool_errors import exit_on_interrupt, report_user_error
 
 
 def parse_args(argv=None):
@@ -130,9 +130,9 @@ def main(argv=None):
     try:
         with exit_on_interrupt(parser.prog):  # every reply is cached: the same command resumes
             summary = run_translation(config)
-    except ValueError as e:  # bad input, language codes, price file, missing key, a folder not ours
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)  # one line: no usage, it is no flag error
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - bad input, language codes, price file, missing key,
+        # a folder not ours: one line (no usage: it is no flag error); anything else raises
+        sys.exit(report_user_error(parser.prog, e, args.output))
     print(json.dumps(summary), flush=True)
     # Exit 1: the corpus is written, but the run did not do all its work.
     problems = summary.get("problems", [])

@@ -28,9 +28,10 @@ from typing import Callable, Mapping, Optional, Sequence
 from sara_megatron.construction.sources import AnchorSample
 from sara_megatron.io import atomic_open
 from sara_megatron.jobs import FailurePolicy, JobPool, JsonlRecord, PoolCounts
+from sara_megatron.tool_errors import UserFacingError
 
 
-class AnswersFileError(ValueError):
+class AnswersFileError(UserFacingError, ValueError):
     """An existing answers file that this run cannot continue (names the file and line)."""
 
 

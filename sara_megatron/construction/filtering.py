@@ -32,6 +32,7 @@ from sara_megatron.construction.decontamination import ContaminationIndex
 from sara_megatron.data.corpus_format import RecordError, parse_record
 from sara_megatron.data.languages import known_languages
 from sara_megatron.io import read_jsonl_objects
+from sara_megatron.tool_errors import UserFacingError
 
 CONTAMINATED = "contaminated"
 TRUNCATED = "truncated"
@@ -45,7 +46,7 @@ UNJUDGED_REASONS = (TRUNCATED, NO_BOXED)
 _REQUIRED_STRINGS = ("id", "source", "language", "output", "gold")
 
 
-class AnswerRecordError(ValueError):
+class AnswerRecordError(UserFacingError, ValueError):
     """An answers-file line that cannot be judged (names the file and line)."""
 
 

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Optional
 
 from sara_megatron.answers import CHOICE_LETTERS, normalize_number
 from sara_megatron.io import read_jsonl_objects
+from sara_megatron.tool_errors import UserFacingError
 
 SOURCES = ("gsm8k", "mmlu_prox")
 GSM8K_HUB = ("openai/gsm8k", "main", "train")
@@ -35,7 +36,7 @@ MMLU_PROX_DEFAULT_SPLIT = "test"
 MMLU_PROX_MAX_OPTIONS = 10
 
 
-class SourceDataError(ValueError):
+class SourceDataError(UserFacingError, ValueError):
     """A source row that cannot become an anchor sample (names the file or dataset and row)."""
 
 

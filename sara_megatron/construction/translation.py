@@ -44,6 +44,7 @@ from sara_megatron.data.corpus_format import (
 from sara_megatron.data.languages import known_languages
 from sara_megatron.io import atomic_open, sha256_file
 from sara_megatron.jobs import Attempt, FailurePolicy, Halt, JobFailure, JobPool, ProgressBar, Rejected
+from sara_megatron.tool_errors import InputError, UserFacingError
 
 log = logging.getLogger(__name__)
 FAILURES_FILE = TRANSLATION_FAILURES_FILE
@@ -152,7 +153,7 @@ CONTEXT_RULE = ("a request's estimated tokens (UTF-8 bytes / 4 of its system and
                 "expansion, and reasoning) must not pass")
 
 
-class SamplesTooLong(ValueError):
+class SamplesTooLong(UserFacingError, ValueError):
     """Samples with a request that cannot fit the model's context (named); refused before any
     request, as nothing could be paid for them.
 
@@ -173,7 +174,7 @@ class SamplesTooLong(ValueError):
         self.samples = [sample_id for sample_id, _ in too_long]
 
 
-class RunRefused(ValueError):
+class RunRefused(UserFacingError, ValueError):
     """An error that every request of the run would meet (bad key, unknown model, no quota):
     the run stops instead of listing every pair as failed."""
 
@@ -242,16 +243,16 @@ def read_anchor_records(path: str, extra_languages=()) -> list[ParallelRecord]:
             try:
                 record = parse_record(line, known)
             except RecordError as e:
-                raise ValueError(f"{path}:{line_no}: {e}") from None
+                raise InputError(f"{path}:{line_no}: {e}") from None
             if record.sample_id in seen:
-                raise ValueError(f"{path}:{line_no}: duplicate id {record.sample_id!r}")
+                raise InputError(f"{path}:{line_no}: duplicate id {record.sample_id!r}")
             if records and record.language != records[0].language:
-                raise ValueError(f"{path}:{line_no}: language {record.language!r}; the input must "
+                raise InputError(f"{path}:{line_no}: language {record.language!r}; the input must "
                                  f"be one anchor language ({records[0].language!r} so far)")
             seen.add(record.sample_id)
             records.append(record)
     if not records:
-        raise ValueError(f"{path} holds no records")
+        raise InputError(f"{path} holds no records")
     return records
 
 

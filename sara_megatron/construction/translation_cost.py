@@ -23,6 +23,8 @@ import json
 import os
 import re
 
+from sara_megatron.tool_errors import InputError
+
 DEFAULT_PRICES_PER_MILLION = {
     "gpt-5": (1.25, 10.0),
     "gpt-5-mini": (0.25, 2.0),
@@ -87,12 +89,12 @@ class PriceTable:
             with open(overrides_path, encoding="utf-8") as f:
                 data = json.load(f)
             if not isinstance(data, dict):
-                raise ValueError(f"{overrides_path}: a JSON object of model -> {{input, output}}")
+                raise InputError(f"{overrides_path}: a JSON object of model -> {{input, output}}")
             for model, price in data.items():
                 try:
                     self.prices[model] = (float(price["input"]), float(price["output"]))
                 except (TypeError, KeyError, ValueError):
-                    raise ValueError(f"{overrides_path}: {model!r} needs numbers 'input' and "
+                    raise InputError(f"{overrides_path}: {model!r} needs numbers 'input' and "
                                      "'output' (USD per million tokens)") from None
 
     def per_million(self, model: str) -> tuple[float, float] | None:

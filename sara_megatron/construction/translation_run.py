@@ -17,6 +17,7 @@ from sara_megatron.construction.translation_batch import run_batches
 from sara_megatron.construction.translation_cost import PriceTable
 from sara_megatron.data.languages import known_languages
 from sara_megatron.io import check_output_plan, write_json_atomic
+from sara_megatron.tool_errors import InputError
 
 
 def _remove_new(paths: list[str]) -> None:
@@ -50,11 +51,11 @@ def run_translation(config: TranslationConfig) -> dict:
     known = known_languages(config.extra_languages)
     for lang in config.languages:
         if lang not in known:
-            raise ValueError(f"unknown language code {lang!r} (known: {', '.join(sorted(known))})")
+            raise InputError(f"unknown language code {lang!r} (known: {', '.join(sorted(known))})")
         if lang == anchor:
-            raise ValueError(f"{lang!r} is the input's own (anchor) language")
+            raise InputError(f"{lang!r} is the input's own (anchor) language")
     if config.max_cost_usd is not None and PriceTable(config.prices_path).per_million(config.model) is None:
-        raise ValueError(f"--max-cost-usd: no price for model {config.model!r}; give its prices "
+        raise InputError(f"--max-cost-usd: no price for model {config.model!r}; give its prices "
                          "with --prices FILE")
     plan = translation_plan(config, anchor)
     check_output_plan(config.output_dir, PLAN_FILE, plan, "a corpus", owner="translate_corpus")

@@ -23,6 +23,8 @@ import dataclasses
 import json
 from typing import Optional
 
+from sara_megatron.tool_errors import UserFacingError
+
 # Files that sit beside a corpus's language files without being corpus records: a folder given as
 # the corpus stands for its other *.jsonl files (tools/translate_corpus.py writes its failures there).
 TRANSLATION_FAILURES_FILE = "translation_failures.jsonl"
@@ -40,7 +42,7 @@ REJECTION_REASONS = (
 )
 
 
-class RecordError(ValueError):
+class RecordError(UserFacingError, ValueError):
     """A record that cannot be used.
 
     Args:

@@ -38,9 +38,10 @@ from sara_megatron.data.corpus_format import (
     parse_record,
 )
 from sara_megatron.data.languages import known_languages as default_known_languages
+from sara_megatron.tool_errors import UserFacingError
 
 
-class CorpusError(ValueError):
+class CorpusError(UserFacingError, ValueError):
     """Raised in strict mode for the first bad record (message starts with `file:line:`).
 
     Args:
@@ -48,7 +49,7 @@ class CorpusError(ValueError):
     """
 
     def __init__(self, issue: "CorpusIssue"):
-        super().__init__(str(issue))
+        super().__init__(f"{issue} (strict: the first bad record stops the run)")
         self.issue = issue
 
 

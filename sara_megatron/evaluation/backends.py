@@ -19,6 +19,8 @@ import os
 import threading
 from typing import Protocol, Sequence
 
+from sara_megatron.tool_errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
@@ -153,7 +155,7 @@ class HFBackend:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
             self.model_dir, trust_remote_code=trust_remote_code)
         if self.tokenizer.chat_template is None:
-            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
+            raise InputError(f"{self.model_dir}: the tokenizer has no chat template")
         self.lm = transformers.AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
         self.lm.to(self.device).eval()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sara_megatron.io import read_jsonl_objects, sha256_file
 from sara_megatron.prompts import OPTION_LETTERS
+from sara_megatron.tool_errors import UserFacingError
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ REQUIRED_COLUMNS = {
 }
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(UserFacingError, ValueError):
     """A benchmark row or file that cannot be read (names the file and line)."""
 
 

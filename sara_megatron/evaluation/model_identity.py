@@ -22,6 +22,7 @@ from typing import Mapping
 
 from sara_megatron.model_folders import folder_kind
 from sara_megatron.file_stamps import FileStamp
+from sara_megatron.tool_errors import UserFacingError
 
 HF_MODEL_FILE_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
@@ -30,7 +31,7 @@ HF_MODEL_FILE_PATTERNS = (
     "*.tiktoken", "chat_template*", "shifcon.json",
 )
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserFacingError, ValueError):
     """A --model-dir that is not a Hugging Face model folder (says what it is instead)."""
 
 

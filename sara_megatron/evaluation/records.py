@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Sequence
 from sara_megatron.data.languages import PAPER_ANCHOR_LANGUAGES, PAPER_TARGET_LANGUAGES
 from sara_megatron.io import read_json_file, read_jsonl_objects, write_json_atomic
 from sara_megatron.jobs import JsonlRecord
+from sara_megatron.tool_errors import InputError
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"
@@ -37,7 +38,7 @@ def record_key(record: Mapping) -> tuple[str, str, int, str]:
 def _check_item_record(path: str, line_number: int, record: Mapping) -> None:
     missing = [k for k in ITEM_KEYS if k not in record]
     if missing:
-        raise ValueError(f"{path}:{line_number}: missing {', '.join(missing)}")
+        raise InputError(f"{path}:{line_number}: missing {', '.join(missing)}")
 
 
 def read_item_records(path: str | os.PathLike) -> list[dict]:
@@ -113,7 +114,7 @@ def read_results(path: str | os.PathLike) -> dict:
         path = os.path.join(path, RESULTS_FILE)
     results = read_json_file(path)
     if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), dict):
-        raise ValueError(f"{path}: not an evaluation results file (no \"benchmarks\" object)")
+        raise InputError(f"{path}: not an evaluation results file (no \"benchmarks\" object)")
     return results
 
 

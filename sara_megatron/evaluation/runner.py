@@ -34,6 +34,7 @@ from sara_megatron.evaluation.tasks import MULTIPLE_CHOICE_BENCHMARKS, item_mess
 from sara_megatron.io import atomic_open
 from sara_megatron.jobs import FailurePolicy, JobPool, ProgressBar
 from sara_megatron.prompts import OPTION_LETTERS
+from sara_megatron.tool_errors import InputError, UserFacingError
 
 PROTOCOLS = ("generate", "loglikelihood")
 # Settings that change what a model answers: a resume under other values would mix two evaluations.
@@ -58,12 +59,12 @@ class EvaluationIncomplete(RuntimeError):
         self.failures = list(failures)
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(UserFacingError, ValueError):
     """The output folder holds an evaluation of another model, on other benchmark data, or with
     other answer-changing settings."""
 
 
-class PromptsTooLong(ValueError):
+class PromptsTooLong(UserFacingError, ValueError):
     """Items whose prompt cannot fit the model's context (named); refused before any request.
 
     Args:
@@ -126,7 +127,7 @@ class EvaluationPlan:
             missing = [lang for lang in self.languages
                        if lang != "en" and lang not in (self.templates or {})]
             if missing:
-                raise ValueError("--template-language native: the templates file has no "
+                raise InputError("--template-language native: the templates file has no "
                                  f"templates for {', '.join(missing)}")
 
     def item_template_language(self, language: str) -> str:

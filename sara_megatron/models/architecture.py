@@ -13,6 +13,7 @@ import os
 
 from sara_megatron.io import read_json_file
 from sara_megatron.models.phimoe_longrope import PHI35_MOE_LONGROPE, LongRopeScaling
+from sara_megatron.tool_errors import InputError
 
 SUPPORTED_FAMILIES = ("qwen3_moe", "phimoe")
 # HF `architectures[0]` / `model_type` values we accept for each family.
@@ -83,7 +84,7 @@ class MoEArchitecture:
                 + f" must divide num_layers={self.num_layers}"
             )
         if problems:
-            raise ValueError(
+            raise InputError(
                 f"parallel layout does not fit {self.family} model: " + "; ".join(problems)
             )
 
@@ -93,7 +94,7 @@ def _require_positive_sizes(**sizes: int | None) -> None:
     refuse it here rather than fail later with a division by zero. None means "not used"."""
     bad = [f"{name}={size}" for name, size in sizes.items() if size is not None and size < 1]
     if bad:
-        raise ValueError(
+        raise InputError(
             "parallel sizes must be >= 1 (1 means no parallelism of that kind), got "
             + ", ".join(bad)
         )
@@ -207,7 +208,7 @@ PRESET_NAMES = tuple(_PRESETS)
 
 def get_preset(name: str) -> MoEArchitecture:
     if name not in _PRESETS:
-        raise ValueError(
+        raise InputError(
             f"unknown model preset {name!r}; supported presets: {', '.join(PRESET_NAMES)} "
             f"(or pass an HF config.json of a {' / '.join(SUPPORTED_FAMILIES)} model)"
         )
@@ -224,7 +225,7 @@ def _family_of(cfg: dict) -> str:
     for arch in cfg.get("architectures") or ():
         if arch in _HF_ARCHITECTURES:
             return _HF_ARCHITECTURES[arch]
-    raise ValueError(
+    raise InputError(
         f"unsupported HF architecture (model_type={model_type!r}, "
         f"architectures={cfg.get('architectures')}); supported: "
         + ", ".join(f"{a} (model_type {t!r})" for a, t in _HF_ARCHITECTURES.items())
@@ -263,7 +264,7 @@ def _check_shape_fields(cfg: dict, family: str) -> None:
         " or ".join(names) for names in _SHAPE_FIELDS[family] if not any(n in cfg for n in names)
     ]
     if missing:
-        raise ValueError(f"HF config is missing required fields: {', '.join(missing)}")
+        raise InputError(f"HF config is missing required fields: {', '.join(missing)}")
 
 
 def _rope_type(cfg: dict) -> str:
@@ -279,7 +280,7 @@ def _check_rope_type(cfg: dict, family: str) -> None:
     rope_type = _rope_type(cfg)
     supported = _SUPPORTED_ROPE_TYPES[family]
     if rope_type not in supported:
-        raise ValueError(
+        raise InputError(
             f"{_FAMILY_NAMES[family]} rope scaling {rope_type!r} is not supported; supported "
             "rope_type values: " + ", ".join(f"{t!r} ({what})" for t, what in supported.items())
         )
@@ -301,7 +302,7 @@ def _transformers_config(cfg: dict, family: str):
         return config_class.from_dict(copy.deepcopy(cfg))
     except Exception as e:  # noqa: BLE001 - its validators raise ValueError, TypeError, KeyError
         # and huggingface_hub's StrictDataclassError: whatever it refuses is bad input to us.
-        raise ValueError(f"HF config is not a valid {config_class.__name__}: {e}") from e
+        raise InputError(f"HF config is not a valid {config_class.__name__}: {e}") from e
 
 
 def _rope_settings(hf) -> dict:
@@ -320,7 +321,7 @@ def _phimoe_longrope(cfg: dict, hf, rope: dict) -> LongRopeScaling | None:
         return None
     missing = [k for k in _LONGROPE_FIELDS if k not in rope]
     if missing:
-        raise ValueError(f"PhiMoE {rope['rope_type']} rope settings lack {', '.join(missing)}")
+        raise InputError(f"PhiMoE {rope['rope_type']} rope settings lack {', '.join(missing)}")
     return LongRopeScaling(
         short_factor=tuple(float(x) for x in rope["short_factor"]),
         long_factor=tuple(float(x) for x in rope["long_factor"]),
@@ -343,7 +344,7 @@ def _read_config(config: dict | str | os.PathLike) -> dict:
     path = os.fspath(config)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    return read_json_file(path)  # ValueError naming the file and line of a bad byte
+    return read_json_file(path)  # InputError naming the file and line of a bad byte
 
 
 def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
@@ -381,12 +382,12 @@ def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
 
 def _qwen3_moe_architecture(hf, common: dict) -> MoEArchitecture:
     if hf.mlp_only_layers or hf.decoder_sparse_step != 1:
-        raise ValueError(
+        raise InputError(
             "Qwen3-MoE configs with dense layers (mlp_only_layers / decoder_sparse_step != 1) "
             "are not supported: every layer must be an MoE layer"
         )
     if hf.attention_bias:
-        raise ValueError("Qwen3-MoE with attention_bias=True is not supported")
+        raise InputError("Qwen3-MoE with attention_bias=True is not supported")
     return MoEArchitecture(
         num_experts=hf.num_experts,
         moe_router_topk=hf.num_experts_per_tok,
@@ -402,7 +403,7 @@ def _qwen3_moe_architecture(hf, common: dict) -> MoEArchitecture:
 def _phimoe_architecture(cfg: dict, hf, rope: dict, common: dict) -> MoEArchitecture:
     topk = hf.num_experts_per_tok
     if topk != 2:
-        raise ValueError(f"PhiMoE sparsemixer routing is top-2 only; config has top-{topk}")
+        raise InputError(f"PhiMoE sparsemixer routing is top-2 only; config has top-{topk}")
     attention_bias = bool(hf.attention_bias)
     return MoEArchitecture(
         num_experts=hf.num_local_experts,

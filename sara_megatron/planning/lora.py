@@ -27,6 +27,7 @@ import dataclasses
 from sara_megatron.models.architecture import MoEArchitecture
 from sara_megatron.peft.lora import EXPERT_ADAPTERS, LORA_TARGETS as TARGETS, ROUTER_MODES
 from sara_megatron.planning.parameters import ParameterInfo
+from sara_megatron.tool_errors import InputError
 
 __all__ = ["EXPERT_ADAPTERS", "ROUTER_MODES", "TARGETS", "LoraSpec", "lora_parameter_table",
            "adapted_linears_per_token"]
@@ -121,7 +122,7 @@ def lora_parameter_table(table: list[ParameterInfo], arch: MoEArchitecture,
             nor PhiMoE has shared experts).
     """
     if "shared_experts" in spec.targets:
-        raise ValueError(f"LoRA target shared_experts: the {arch.family} model has no shared "
+        raise InputError(f"LoRA target shared_experts: the {arch.family} model has no shared "
                          "experts")
     base = [dataclasses.replace(info, trainable=spec.router == "full"
                                 and info.name.endswith(_ROUTER_SUFFIX)) for info in table]
@@ -148,7 +149,7 @@ def lora_parameter_table(table: list[ParameterInfo], arch: MoEArchitecture,
             adapters += _adapter_pair(info, spec.rank, name=info.name[: -len("weight")],
                                       expert=False)
     if not adapters and spec.router != "full":
-        raise ValueError(f"{spec.describe()}: nothing of the {arch.family} model would train")
+        raise InputError(f"{spec.describe()}: nothing of the {arch.family} model would train")
     return base + adapters
 
 

@@ -15,6 +15,7 @@ from sara_megatron.planning.memory import (
     plan_layouts,
 )
 from sara_megatron.planning.parameters import build_meta_model, parameter_table, total_parameters
+from sara_megatron.tool_errors import InputError
 
 
 @dataclasses.dataclass
@@ -106,11 +107,11 @@ def plan_model(name: str, arch: MoEArchitecture, gpus: int, gpu_memory_gb: float
     if only is not None:
         plans = [p for p in plans if p.layout == only]
         if not plans:
-            raise ValueError(f"{only} is not a layout of {gpus} GPUs for this model (TP must "
+            raise InputError(f"{only} is not a layout of {gpus} GPUs for this model (TP must "
                              "divide the heads and query groups, PP the layers, EP the experts "
                              "and DP, and TP·PP·DP the GPUs)")
     if not plans:
-        raise ValueError(f"no TP/PP/EP layout of {gpus} GPUs divides this model")
+        raise InputError(f"no TP/PP/EP layout of {gpus} GPUs divides this model")
     result = PlannerResult(name, arch, gpus, shape, total_parameters(table, arch), plans,
                            trainable_params=total_parameters(table, arch, trainable_only=True),
                            lora=lora)

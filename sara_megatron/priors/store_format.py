@@ -31,8 +31,8 @@ class PriorStoreError(UserFacingError, ValueError):
     the tools print it as one line."""
 
 
-class MissingPriorError(LookupError):
-    """A sample id with no prior in the store."""
+class MissingPriorError(UserFacingError, LookupError):
+    """A sample id with no prior in the store (it was extracted from other shards)."""
 
 
 @dataclasses.dataclass(frozen=True)
