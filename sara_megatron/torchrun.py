@@ -1,5 +1,6 @@
 """`torchrun` for the project's tools: the same launcher and arguments, reporting the way the
-tools do. `python -m sara_megatron.torchrun --nproc-per-node 8 tools/train.py --config ...`.
+tools do. `python -m sara_megatron.torchrun --nproc-per-node 8 tools/train.py --config ...`, or
+with the tool's module: `... --nproc-per-node 8 -m sara_megatron.cli.train --config ...`.
 
 torchrun reports any worker that exits non-zero with a traceback of its own and a failure
 summary, and exits 1, so a user error the tool already put in one line (`<tool>: error: ...`,

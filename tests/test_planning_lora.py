@@ -16,7 +16,6 @@ from sara_megatron.planning.parameters import (
     stage_parameters,
     total_parameters,
 )
-from launch import REPO
 
 ALL = ("attention_qkv", "attention_proj", "experts_fc1", "experts_fc2")
 _tables = {}

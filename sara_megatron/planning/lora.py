@@ -118,8 +118,8 @@ def lora_parameter_table(table: list[ParameterInfo], arch: MoEArchitecture,
         (per expert, or per layer for shared expert adapters) and per router LoRA.
 
     Raises:
-        ValueError: for a target the model does not have (`shared_experts`: neither Qwen3-MoE
-            nor PhiMoE has shared experts).
+        InputError: (a ValueError) for a target the model does not have (`shared_experts`:
+            neither Qwen3-MoE nor PhiMoE has shared experts).
     """
     if "shared_experts" in spec.targets:
         raise InputError(f"LoRA target shared_experts: the {arch.family} model has no shared "
