@@ -298,3 +298,34 @@ def test_shifcon_trains_lora_adapters(single_rank, sara_data, vectors_file):
     assert shifcon.terms["shifcon_contrastive"] > 0
     lora_b = [n for n in grads if n.endswith("lora_b")]
     assert lora_b and any(not torch.equal(grads[n], zero_grads[n]) for n in lora_b)
+
+
+def test_the_anchors_ride_on_their_micro_batch(single_rank, sara_data, vectors_file):
+    """The step's preparation gives each micro-batch its own contrastive targets (the pooled
+    anchors of its samples, this rank's first at offset 0), carried on the micro-batch itself;
+    the loader's micro-batches are left as they were. The anchors are the anchor rows' mean
+    hidden states entering the shift-back layer, from a forward without shift."""
+    from sara_megatron.training.step import fetch_microbatches, prepare_batch
+
+    trainer = _trainer(sara_data, vectors_file, **{"data.micro_batch_size": 1})
+    loaded = fetch_microbatches(trainer.state, trainer.plan.num_microbatches)
+    batch = prepare_batch(trainer.state, trainer.cfg, loaded)
+    assert len(batch.microbatches) == len(loaded) == 4
+    model = trainer.chunks[0].module
+    layer = transformer_layers([model])[3]
+    for original, mb in zip(loaded, batch.microbatches):
+        assert original.objective_inputs == {}
+        anchors, offset = mb.objective_inputs["shifcon"]
+        assert offset == 0 and anchors.shape == (1, model.config.hidden_size)
+        kept = {}
+        hook = layer.register_forward_pre_hook(
+            lambda m, a, k: kept.__setitem__("h", k["hidden_states"]), with_kwargs=True)
+        tokens = original.anchor_tokens
+        real = ~original.anchor_padding_mask[0]
+        model.eval()
+        with torch.no_grad():
+            model(tokens, torch.arange(tokens.shape[1])[None],
+                  causal_attention_mask(tokens.shape[1]))
+        hook.remove()
+        want = kept["h"][:, 0][real].float().mean(0)
+        torch.testing.assert_close(anchors[0], want, rtol=1e-4, atol=1e-5)
