@@ -17,25 +17,25 @@ import pytest
 from launch import REPO
 
 PACKAGE = REPO / "sara_megatron"
-CHECKED = [
-    "chat",
-    "jobs.py",
-    "io.py",
-    "file_stamps.py",
-    "answers.py",
-    "prompts.py",
-    "model_folders.py",
-    "checkpointing",
-    "training/objectives",
-    "sara/shifcon.py",
-    "sara/shifcon_vectors.py",
-    "sara/shifcon_extraction.py",
-    "construction",
-    "evaluation",
-    "data",
-]
-# Rewritten elsewhere; checked once that lands.
-NOT_YET = {"evaluation/backends.py"}
+# Every module of the package is checked except those listed here, grouped by who documents them;
+# an entry leaves the list once its modules pass.
+NOT_YET = {
+    # group a
+    "conversion", "planning", "compat", "distributed.py", "launch.py", "torchrun.py",
+    "tool_runner.py", "tool_errors.py", "demo.py",
+
+
+    # group b
+    "analysis", "evaluation/backends.py", "cli",
+
+
+    # group c
+    "experiment", "training",
+
+
+    # group d
+    "models", "priors", "sara", "routing", "peft",
+}
 # A summary that names what is returned (Google: "the Returns section may be omitted if the
 # docstring starts with Returns or Yields and the opening sentence describes the value").
 NAMES_ITS_VALUE = re.compile(r"^(The|A|An|Whether|Returns|Yields|How|What|Which|Where|Why|When)\b")
@@ -44,11 +44,10 @@ SECTION = re.compile(r"^\s*(Args|Arguments|Attributes|Returns|Yields|Raises|Exam
 
 
 def checked_files() -> list[Path]:
-    files = []
-    for name in CHECKED:
-        path = PACKAGE / name
-        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
-    return [f for f in files if str(f.relative_to(PACKAGE)) not in NOT_YET]
+    def waiting(path: Path) -> bool:
+        relative = path.relative_to(PACKAGE)
+        return any(str(relative) == entry or relative.is_relative_to(entry) for entry in NOT_YET)
+    return [f for f in sorted(PACKAGE.rglob("*.py")) if not waiting(f)]
 
 
 def section(doc: str, name: str) -> str | None:
