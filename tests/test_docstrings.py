@@ -30,7 +30,7 @@ NOT_YET = {
 
 
     # group c
-    "experiment", "training",
+    "training",
 
 
     # group d

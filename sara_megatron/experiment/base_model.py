@@ -30,6 +30,22 @@ from sara_megatron.io import write_json_atomic
 
 @dataclasses.dataclass(frozen=True)
 class BaseSettings:
+    """Everything the base model depends on besides the code: its data, shape and training.
+
+    Attributes:
+        task: The generator's settings (the world, its people and languages).
+        shape: The model's shape.
+        math_items: Arithmetic items in the anchor training data.
+        lookup_copies: How many times each of the world's fact questions is asked (anchor).
+        fact_copies: How many times each fact is stated as anchor text.
+        text_items: Parallel plain-text story samples in every language.
+        seq_length: Training sequence length, in tokens.
+        train_steps: Optimizer steps.
+        batch_size: Sequences per step (micro and global batch alike).
+        lr, min_lr: Peak and final learning rate of the schedule.
+        init_seed: Seed of the random initialisation.
+        train_seed: Seed of the training run.
+    """
     task: TaskSettings = TaskSettings()
     shape: ModelShape = ModelShape()
     math_items: int = 2000  # the arithmetic is learnt from fewer items than the facts
@@ -47,6 +63,16 @@ class BaseSettings:
 
 @dataclasses.dataclass(frozen=True)
 class BaseModel:
+    """Where a trained base model lives (`<work>/base/<key>/`) and whether it was cached.
+
+    Attributes:
+        folder: The model's folder.
+        hf_dir: The trained model as an HF folder (with the tokenizer).
+        checkpoint: The trained Megatron checkpoint (a link to its iter_N folder).
+        tokenizer_dir: The tokenizer folder.
+        train_log: The training run's JSON-lines log.
+        cached: Whether it was found trained rather than trained now.
+    """
     folder: Path
     hf_dir: Path  # the trained model as an HF folder (with the tokenizer)
     checkpoint: Path  # the trained Megatron checkpoint (iter_N folder)
@@ -67,6 +93,7 @@ CODE_FOLDERS = ("sara_megatron/training", "sara_megatron/models", "sara_megatron
 
 
 def code_version() -> str:
+    """The hash (16 hex digits) of the source that writes, builds and trains the base model."""
     digest = hashlib.sha256()
     paths = [REPO / f for f in CODE_FILES]
     paths += [p for folder in CODE_FOLDERS for p in sorted((REPO / folder).glob("*.py"))]
@@ -77,7 +104,12 @@ def code_version() -> str:
 
 
 def base_key(settings: BaseSettings, version: str | None = None) -> str:
-    """The cache key: `settings` and the code version (default: the source as it is now)."""
+    """The cache key (16 hex digits) of a base model.
+
+    Args:
+        settings: The base model's settings.
+        version: The code version (default: `code_version()` of the source as it is now).
+    """
     text = json.dumps({"settings": dataclasses.asdict(settings),
                        "code": version if version is not None else code_version()},
                       sort_keys=True)
@@ -85,11 +117,22 @@ def base_key(settings: BaseSettings, version: str | None = None) -> str:
 
 
 def lexicon_text(language: str) -> str:
-    """Every word of the small world in `language`: the tokenizer learns all of them."""
+    """The words of the small world in `language`, space-separated: the tokenizer learns all
+    of them.
+
+    Args:
+        language: A language code of `LANGUAGES`.
+    """
     return " ".join(render_sentence((w, "."), language, {})[:-2] for w in LEXICON_WORDS)
 
 
 def tokenizer_texts(records: dict[str, list[dict]], held_out: list) -> list[str]:
+    """The texts the tokenizer is trained on: the corpus, the evaluation prompts and the lexicon.
+
+    Args:
+        records: The corpus's chat records per language (`base_corpus_records`).
+        held_out: The evaluation items (`TaskItem`), prompted in every language.
+    """
     texts = [m["content"] for recs in records.values() for r in recs for m in r["messages"]]
     texts += [item_prompt(benchmark_item(i, lang)) for i in held_out for lang in LANGUAGES]
     texts += [lexicon_text(lang) for lang in LANGUAGES]
@@ -97,6 +140,12 @@ def tokenizer_texts(records: dict[str, list[dict]], held_out: list) -> list[str]
 
 
 def base_train_config(folder: Path, settings: BaseSettings) -> dict:
+    """The training config (as `tools/train.py` reads it) of the base model in `folder`.
+
+    Args:
+        folder: The base model's folder (holds `hf_init`, `init`, `shards`; gets `train`).
+        settings: The base model's settings.
+    """
     return {
         "model": {"preset": str(folder / "hf_init"), "checkpoint": str(folder / "init")},
         "parallel": {"tp": 1, "pp": 1, "ep": 1},
@@ -119,7 +168,18 @@ def ensure_base_model(work: Path, settings: BaseSettings, held_out: list,
 
     `held_out` (the evaluation items) are given to the tokenizer, so every word of the evaluation
     has its tokens; its arithmetic items are kept out of the training data (its lookups are the
-    world's facts, which the base model is meant to know in the anchor)."""
+    world's facts, which the base model is meant to know in the anchor).
+
+    Args:
+        work: The experiment's work folder; the model goes to `<work>/base/<key>/`.
+        settings: The base model's settings.
+        held_out: The evaluation items (`TaskItem`).
+        timer: Collects each tool run's CPU time, if given.
+        jobs: How many tool runs may run at once.
+
+    Raises:
+        StepFailed: A tool (sharding, conversion, training, export) failed.
+    """
     version = code_version()  # once: the source may change while the model trains
     folder = work.resolve() / "base" / base_key(settings, version)
     model = BaseModel(folder, folder / "hf", folder / "checkpoint", folder / "tokenizer",

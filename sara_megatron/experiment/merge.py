@@ -18,7 +18,18 @@ from sara_megatron.io import atomic_open
 
 
 def merge_seed_evaluations(seed_folders: list[Path], out: Path) -> dict:
-    """Write `out` from each seed's single-run evaluation; returns the merged benchmarks."""
+    """Write `out` from each seed's single-run evaluation.
+
+    Args:
+        seed_folders: One `tools/evaluate.py` output folder per training seed, in seed order.
+        out: The merged folder (created if missing).
+
+    Returns:
+        The merged benchmarks: benchmark -> language -> accuracy summary over the seeds.
+
+    Raises:
+        ValueError: A seed's evaluation did not finish or has more than one run.
+    """
     out.mkdir(parents=True, exist_ok=True)
     per_seed = [read_results(folder) for folder in seed_folders]
     for folder, results in zip(seed_folders, per_seed):

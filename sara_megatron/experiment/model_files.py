@@ -26,14 +26,28 @@ class ModelShape:
 
 def build_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int):
     """The project's local BPE tokenizer over the experiment's texts; its four scripts need about
-    a hundred distinct characters, more than the local tokenizer's default alphabet."""
+    a hundred distinct characters, more than the local tokenizer's default alphabet.
+
+    Args:
+        texts: The texts to learn the vocabulary from.
+        out_dir: Where the tokenizer files are written.
+        vocab_size: The vocabulary size.
+    """
     from sara_megatron.data.local_tokenizer import build_local_tokenizer
 
     return build_local_tokenizer(texts, out_dir, vocab_size=vocab_size, limit_alphabet=256)
 
 
 def write_random_hf_model(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, seed: int) -> None:
-    """A randomly initialised Qwen3-MoE of `shape`, saved as the hub ships models."""
+    """Write a randomly initialised Qwen3-MoE of `shape`, saved as the hub ships models, with the
+    tokenizer's files copied beside it.
+
+    Args:
+        out_dir: The HF folder to write.
+        tokenizer_dir: The tokenizer folder whose files are copied into `out_dir`.
+        shape: The model's shape.
+        seed: The torch seed of the initialisation.
+    """
     import torch
     import transformers
 

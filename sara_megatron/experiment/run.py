@@ -2,19 +2,9 @@
 that exist) fine-tuned on the same parallel corpus over several seeds, each evaluated on held-out
 items in every language, then the report and a verdict written from its numbers.
 
-Stages, each a user-facing tool in a subprocess (logs in <work>/logs/):
-
-1. held-out items -> <work>/data/benchmarks/{mgsm,global_mmlu}/<lang>.jsonl
-2. the base model (base_model.py; cached by content hash under <work>/base/)
-3. the fine-tuning corpus -> token shards with the base's tokenizer (tools/shard_corpus.py);
-   then, side by side: the base's routing divergence on those shards
-   (tools/routing_divergence.py; its suggested range, read off the U-curve, is every method's
-   `sara.layers`), the anchor priors (tools/extract_priors.py) and the base's evaluation
-   (tools/evaluate.py --backend hf)
-4. per method and seed: tools/train.py -> tools/convert_hf.py export -> tools/evaluate.py
-   --backend hf, then for the first seed the routing divergence
-5. each method's seeds merged into one evaluation folder (run r = seed r), tools/report.py,
-   summary.json (summary.py) and the verdict appended to report.md from it (verdict.py)
+Every stage is a user-facing tool in a subprocess (logs in <work>/logs/); the base model is cached
+by content hash under <work>/base/, and every method's `sara.layers` is the range read off the
+base's routing-divergence U-curve. The stages are listed in `run_experiment` and docs/experiment.md.
 """
 
 from __future__ import annotations
@@ -88,7 +78,15 @@ class ExperimentSettings:
 
 
 def prepare_work_folder(work: Path) -> None:
-    """Clear an earlier experiment's results, keeping the base model cache (<work>/base/)."""
+    """Clear an earlier experiment's results, keeping the base model cache (<work>/base/), and
+    mark the folder as the experiment's.
+
+    Args:
+        work: The work folder (created if missing).
+
+    Raises:
+        ValueError: `work` is not empty and lacks the experiment's marker file.
+    """
     if work.exists():
         if any(work.iterdir()) and not (work / MARKER).is_file():
             raise ValueError(f"{work} holds files the experiment did not make (no {MARKER} "
@@ -104,7 +102,20 @@ def prepare_work_folder(work: Path) -> None:
 def finetune_config(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
                     run_dir: Path, aligned: tuple[int, int]) -> dict:
     """tools/train.py's config of one fine-tuning run; `aligned` is the (first, last) alignment
-    range of the base's divergence file, which the method reads as `sara.layers: <file>`."""
+    range of the base's divergence file, which the method reads as `sara.layers: <file>`.
+
+    Args:
+        work: The experiment's work folder (data, shards, priors, the base's divergence).
+        settings: The comparison's settings.
+        base: The base model (`BaseModel`) the run starts from.
+        method: A key of `METHODS`.
+        seed: The run's seed number (1-based; the training seed is 1000 + seed).
+        run_dir: The run's folder (checkpoints, train.jsonl).
+        aligned: The (first, last) alignment layer range.
+
+    Returns:
+        The config as a dict (model, parallel, data, sara, optim, checkpoint, logging, seed).
+    """
     replacements = {'"LAMBDA"': repr(settings.lambda_js),
                     '"VECTORS"': json.dumps(str(work / "data" / LANGUAGE_VECTORS)),
                     '"FIRST"': str(aligned[0]), '"LAST"': str(aligned[1]),
@@ -136,6 +147,16 @@ def finetune_config(work: Path, settings: ExperimentSettings, base, method: str,
 
 def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: ExperimentSettings,
              timer: StepTimer) -> None:
+    """Evaluate an HF model on both benchmarks in every language (`tools/evaluate.py`, one run).
+
+    Args:
+        step: The stage's name.
+        model_dir: The HF model folder.
+        output: The evaluation's output folder.
+        work: The work folder the tool runs in (holds data/benchmarks).
+        settings: The comparison's settings (`max_new_tokens`).
+        timer: Records the stage's time.
+    """
     run_tool(step, "evaluate.py", [
         "--benchmarks", f"{MATH_BENCHMARK},{LOOKUP_BENCHMARK}", "--languages", ",".join(LANGUAGES),
         "--backend", "hf", "--model-dir", str(model_dir), "--data-dir", "data/benchmarks",
@@ -145,6 +166,20 @@ def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: Exp
 
 def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
                           aligned: tuple[int, int], timer: StepTimer) -> Path:
+    """Fine-tune the base with one method and seed, export it to HF and evaluate it.
+
+    Args:
+        work: The experiment's work folder.
+        settings: The comparison's settings.
+        base: The base model (`BaseModel`).
+        method: A key of `METHODS`.
+        seed: The seed number (1-based).
+        aligned: The (first, last) alignment layer range.
+        timer: Records each stage's time.
+
+    Returns:
+        The run's folder, `<work>/runs/<method>-s<seed>/` (hf/, eval/, train.jsonl).
+    """
     run_dir = work / "runs" / f"{method}-s{seed}"
     config = write_train_config(run_dir / "train.yaml", finetune_config(
         work, settings, base, method, seed, run_dir, aligned))
@@ -157,6 +192,18 @@ def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method
 
 
 def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer) -> Path:
+    """Measure a model's routing divergence on the fine-tuning shards
+    (`tools/routing_divergence.py`).
+
+    Args:
+        step: The stage's name (also the output file's).
+        checkpoint: The model (an HF folder or a checkpoint).
+        work: The work folder (holds data/shards).
+        timer: Records the stage's time.
+
+    Returns:
+        The divergence JSON file, `<work>/divergence/<step>.json`.
+    """
     out = work / "divergence" / f"{step}.json"
     out.parent.mkdir(exist_ok=True)
     run_tool(f"divergence:{step}", "routing_divergence.py",
@@ -167,7 +214,11 @@ def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer) -> Pat
 
 def held_out_items(settings: ExperimentSettings):
     """(arithmetic, lookups about the held-out people, lookups about the fine-tuning people): the
-    evaluation's items. Only the fine-tuning people's lookups are seen in fine-tuning."""
+    evaluation's items. Only the fine-tuning people's lookups are seen in fine-tuning.
+
+    Args:
+        settings: The comparison's settings.
+    """
     task = settings.base.task
     return (math_items(task, settings.eval_math_items, "eval"),
             lookup_items(task, "eval", people=held_out_people(task)),
@@ -175,7 +226,16 @@ def held_out_items(settings: ExperimentSettings):
 
 
 def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
-    """Everything; returns the path of report.md (summary.json beside it).
+    """Run the whole comparison: held-out items, the base model, the fine-tuning corpus and its
+    shards, the base's divergence, priors and evaluation, every method's runs over the seeds,
+    then the merged evaluations, the report, summary.json and the verdict.
+
+    Args:
+        work: The work folder (an earlier experiment's results in it are replaced).
+        settings: The comparison's settings.
+
+    Returns:
+        The path of report.md (summary.json beside it).
 
     Raises:
         ValueError: unknown methods, or no FFT baseline among them; a work folder the experiment
@@ -286,6 +346,7 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
 
 
 def machine_description() -> str:
+    """A one-line description of this machine: architecture, OS, visible cores, load average."""
     try:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
@@ -309,5 +370,9 @@ def reduced_settings() -> ExperimentSettings:
 
 def quick_settings() -> ExperimentSettings:
     """`--quick`: the full run's base model (the same cache key) and items, FFT and SARA only,
-    over three seeds instead of five; a first look, not the powered comparison."""
+    over three seeds instead of five; a first look, not the powered comparison.
+
+    Returns:
+        The `ExperimentSettings` of a quick run.
+    """
     return dataclasses.replace(ExperimentSettings(), seeds=3, methods=("fft", "sara"))

@@ -4,15 +4,7 @@ is written from it (verdict.py), so the two cannot disagree.
 Every accuracy here is on the held-out items of the target languages: all of the arithmetic, and
 the lookups about the people the fine-tuning corpus never asks about (the transfer set). Per
 method and seed the accuracy is pooled over the targets' held-out items; the method's number is
-the mean over seeds. Against FFT:
-
-- paired t-test over seeds (seed s of the method against seed s of FFT: the same data order),
-  one-tailed H1 method > FFT;
-- McNemar over the held-out target items, the first seed's answers;
-- paired bootstrap over those items, each scored by its fraction of seeds right (95% interval
-  and the share of resampled differences <= 0 as its one-tailed p);
-- the minimum detectable effect of that t-test (one-tailed alpha 0.05, power 0.8) with the
-  observed standard deviation of the seeds' differences.
+the mean over seeds; the tests against FFT are listed in `compare_to_baseline`.
 
 Anchor retention: the method's anchor accuracy on the held-out facts over the base's. Below
 RETENTION_FLOOR, for the method or for FFT, the held-out lookups measure forgetting rather than
@@ -40,14 +32,28 @@ BOOTSTRAP_RESAMPLES = 10_000
 
 
 def held_out_records(records, benchmark: str, languages, held_out_ids: set) -> list[dict]:
-    """The records of `benchmark` in `languages` whose item is held out."""
+    """The records of `benchmark` in `languages` whose item is held out.
+
+    Args:
+        records: Item records (`items.jsonl` rows: benchmark, language, item_id, run, correct).
+        benchmark: The benchmark's name.
+        languages: The languages kept.
+        held_out_ids: The held-out item ids, as strings.
+    """
     wanted = set(languages)
     return [r for r in records if r["benchmark"] == benchmark and r["language"] in wanted
             and str(r["item_id"]) in held_out_ids]
 
 
 def accuracy_per_run(records) -> dict[int, float]:
-    """run -> percent right over the records of that run (pooled over languages)."""
+    """Percent right per run over the records of that run (pooled over languages).
+
+    Args:
+        records: Item records, each with `run` and `correct`.
+
+    Returns:
+        run -> accuracy in percent, in run order.
+    """
     totals: dict[int, list[int]] = {}
     for r in records:
         entry = totals.setdefault(int(r["run"]), [0, 0])
@@ -57,7 +63,15 @@ def accuracy_per_run(records) -> dict[int, float]:
 
 
 def aligned_divergence(path: Path, layers: list[int]) -> float:
-    """Mean over target languages and the aligned layers of a divergence result's JS."""
+    """Mean over target languages and the aligned layers of a divergence result's JS.
+
+    Args:
+        path: A divergence JSON (`tools/routing_divergence.py`).
+        layers: The aligned layers; each must be among the result's layers.
+
+    Returns:
+        The mean Jensen-Shannon divergence.
+    """
     result = read_divergence(path)
     index = [result.layers.index(layer) for layer in layers]
     values = [curve[i] for curve in result.divergence.values() for i in index]
@@ -72,7 +86,26 @@ def _finite(value: float) -> float | None:
 def compare_to_baseline(method_records, baseline_records, benchmark: str,
                         held_out_ids: set) -> dict:
     """The three tests and the minimum detectable effect of one method against the baseline on
-    one benchmark's held-out target items (see the module docstring)."""
+    one benchmark's held-out target items:
+
+    - paired t-test over seeds (seed s of the method against seed s of FFT: the same data order),
+      one-tailed H1 method > FFT;
+    - McNemar over the held-out target items, the first seed's answers;
+    - paired bootstrap over those items, each scored by its fraction of seeds right (95% interval
+      and the share of resampled differences <= 0 as its one-tailed p);
+    - the minimum detectable effect of that t-test (one-tailed `ALPHA`, `POWER`) with the
+      observed standard deviation of the seeds' differences (None with one seed or no spread).
+
+    Args:
+        method_records, baseline_records: The item records of the method and of the baseline
+            (seeds merged: run r = seed r).
+        benchmark: The benchmark's name.
+        held_out_ids: The benchmark's held-out item ids.
+
+    Returns:
+        A dict with difference (percent points), paired_t, mcnemar, bootstrap and
+        minimum_detectable_effect.
+    """
     ours = held_out_records(method_records, benchmark, TARGETS, held_out_ids)
     theirs = held_out_records(baseline_records, benchmark, TARGETS, held_out_ids)
     ours_by_seed, theirs_by_seed = accuracy_per_run(ours), accuracy_per_run(theirs)
@@ -109,7 +142,18 @@ def compare_to_baseline(method_records, baseline_records, benchmark: str,
 
 
 def classify(method: str, baseline: str, benchmark: str, c: dict, void: str | None) -> str:
-    """One sentence of the verdict from one comparison's numbers."""
+    """One sentence of the verdict from one comparison's numbers.
+
+    Args:
+        method: The method's label.
+        baseline: The baseline's label.
+        benchmark: `MATH_BENCHMARK` or `LOOKUP_BENCHMARK`.
+        c: The comparison (`compare_to_baseline`).
+        void: Why the comparison is void, or None.
+
+    Returns:
+        The sentence, e.g. "arithmetic: SARA tied FFT; this run could detect ...".
+    """
     title = {MATH_BENCHMARK: "arithmetic", LOOKUP_BENCHMARK: "held-out lookups"}[benchmark]
     if void:
         return f"{title}: {method} vs {baseline} is void ({void})."
@@ -142,12 +186,19 @@ def write_summary(path: Path, evaluations: dict[str, Path], divergences: dict[st
     divergence results, write it to `path` as JSON and return it.
 
     Args:
+        path: The JSON file to write.
         evaluations: name -> evaluation folder, the base's under `base_name`, the baseline's
             under `baseline`.
         divergences: "before" (the base's) and each method's first seed's divergence JSON.
         held_out_ids: benchmark -> the item ids held out of every training set.
         items: benchmark -> {"held_out": n, "seen_in_finetuning": m}, per language.
+        settings: The experiment's settings (`seeds`).
+        timer: The `StepTimer` whose stage seconds are recorded.
+        baseline: The baseline's name in `evaluations`.
+        base_name: The base model's name in `evaluations`.
         aligned: the (first, last) layers read from `range_file`'s suggested range.
+        range_file: The base's divergence JSON holding the suggested range.
+
     Returns:
         The summary: seeds, items, aligned_layers, methods, verdict, stage_seconds.
     """

@@ -8,21 +8,11 @@ Two kinds of short reasoning items, each answered in `\\boxed{}`:
   `question`, `option_a..d`, `answer`): each person lives in a city, keeps a pet and likes a colour;
   "where does ana live ?" with four cities -> "ana lives in rome . \\boxed{C}".
 
-Languages (real codes, so the project's benchmark readers and language checks take them):
-`en` is the anchor; `sw` swaps the lexicon and reverses each sentence's word order; `bn` swaps it
-into Bengali script; `te` swaps it into Telugu script and moves each sentence's first word to its
-end. Numbers are ASCII digits in every language (Bengali text often writes them so; native
-digits would be a script the base never learns to compute in, a language that tests nothing).
-Every translation is exact by construction: the same item in every language has the same answer,
-and the words differ in tokens as real languages do.
-
-The world has `TaskSettings.people` people (at most 44) x 3 attributes; a lookup's options are
-the attribute's four values in a fixed order, so answering is recalling the fact. The base model
-learns every fact in the anchor. The fine-tuning corpus asks only about the first
-`TaskSettings.fine_tune_people` of them; the evaluation asks about the others (the held-out
-transfer set) in every language, so their facts reach a target language only through what the
-model knows in the anchor. Arithmetic items are drawn at random; the held-out ones are kept out
-of every training set.
+`en` is the anchor; `sw`, `bn`, `te` are rule-derived from it (pseudo-words, scripts, word
+order), so every translation is exact by construction. Numbers are ASCII digits in every language
+(native digits would be a script the base never learns to compute in). The fine-tuning corpus
+asks only about the first `TaskSettings.fine_tune_people`; the others are the held-out transfer
+set. docs/experiment.md describes the world and the languages.
 """
 
 from __future__ import annotations
@@ -105,7 +95,16 @@ def _number(value: int, language: str) -> str:
 
 
 def render_sentence(words, language: str, slots: dict) -> str:
-    """One sentence (a tuple of words ending in "." or "?") in `language`."""
+    """One sentence rendered in `language`: the lexicon and word-order rule of a target applied.
+
+    Args:
+        words: A tuple of words ending in "." or "?"; "{name}" words are slots.
+        language: A code of `LANGUAGES`.
+        slots: name -> value for the slots (ints are written as numbers).
+
+    Returns:
+        The sentence, words separated by spaces.
+    """
     filled = []
     for word in words:
         if word.startswith("{"):
@@ -124,12 +123,29 @@ def render_sentence(words, language: str, slots: dict) -> str:
 
 
 def render_text(sentences, language: str, slots: dict) -> str:
+    """The sentences rendered in `language` (`render_sentence`), joined by spaces.
+
+    Args:
+        sentences: Word tuples, one per sentence.
+        language: A code of `LANGUAGES`.
+        slots: name -> value for the slots.
+    """
     return " ".join(render_sentence(s, language, slots) for s in sentences)
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskItem:
-    """One item, language-independent: rendered per language by `question`, `response`."""
+    """One item, language-independent: rendered per language by `question`, `response`.
+
+    Attributes:
+        item_id: The item's id.
+        kind: "math" or "lookup".
+        sentences: The question's word tuples.
+        slots: Sorted (name, value) pairs filling the sentences.
+        answer: The number, or the option letter.
+        options: Lookups: the four option values (English words).
+        fact: Lookups: the fact sentence; math: (a, op, b, result).
+    """
     item_id: str
     kind: str  # "math" | "lookup"
     sentences: tuple
@@ -139,13 +155,27 @@ class TaskItem:
     fact: tuple = ()  # lookups: the fact sentence; math: (a, op, b, result)
 
     def question(self, language: str) -> str:
+        """The question's text in `language`.
+
+        Args:
+            language: A code of `LANGUAGES`.
+        """
         return render_text(self.sentences, language, dict(self.slots))
 
     def option_texts(self, language: str) -> tuple[str, ...]:
+        """The four options' words in `language` (empty for arithmetic).
+
+        Args:
+            language: A code of `LANGUAGES`.
+        """
         return tuple(render_sentence((o, "."), language, {})[:-2] for o in self.options)
 
     def response(self, language: str) -> str:
-        """A short worked answer, then the box (a letter, or the number in the language's digits)."""
+        """A short worked answer, then the box (a letter, or the number in the language's digits).
+
+        Args:
+            language: A code of `LANGUAGES`.
+        """
         if self.kind == "math":
             a, op, b, result = self.fact
             work = " ".join((_number(a, language), op, _number(b, language), "=",
@@ -155,23 +185,44 @@ class TaskItem:
 
 
 def world_people(settings: "TaskSettings") -> tuple[str, ...]:
-    """The world's people: the first `settings.people` names."""
+    """The world's people: the first `settings.people` names.
+
+    Args:
+        settings: The task's settings.
+    """
     return PEOPLE[:settings.people]
 
 
 def fine_tune_people(settings: "TaskSettings") -> tuple[str, ...]:
-    """The people whose facts the fine-tuning corpus asks about in every language."""
+    """The people whose facts the fine-tuning corpus asks about in every language.
+
+    Args:
+        settings: The task's settings.
+    """
     return PEOPLE[:settings.fine_tune_people]
 
 
 def held_out_people(settings: "TaskSettings") -> tuple[str, ...]:
-    """The others: their facts reach a target language only through the anchor."""
+    """The others: their facts reach a target language only through the anchor.
+
+    Args:
+        settings: The task's settings.
+    """
     return PEOPLE[settings.fine_tune_people:settings.people]
 
 
 def world_facts(seed: int = 0, people: int = len(PEOPLE)) -> dict[str, dict[str, str]]:
     """person -> attribute -> value: the world every lookup asks about (fixed by `seed`), for the
-    first `people` names."""
+    first `people` names.
+
+    Args:
+        seed: The world's seed.
+        people: How many of `PEOPLE` the world has.
+
+    Returns:
+        person -> attribute -> value; each value held by as many people as the others (give or
+        take one).
+    """
     rng = random.Random(f"sara-experiment-world-{seed}")
     names = PEOPLE[:people]
     facts = {p: {} for p in names}
@@ -187,7 +238,18 @@ def world_facts(seed: int = 0, people: int = len(PEOPLE)) -> dict[str, dict[str,
 
 def math_item(item_id: str, rng: random.Random, max_operand: int,
               people=PEOPLE[:8]) -> TaskItem:
-    """One arithmetic story; its people are the first eight names whatever the world's size."""
+    """One arithmetic story; its people are the first eight names whatever the world's size.
+
+    Args:
+        item_id: The item's id.
+        rng: The random stream the story, people, object and operands are drawn from.
+        max_operand: The largest operand (operands are 1..max_operand; a difference is never
+            negative).
+        people: The names the story's two people are drawn from.
+
+    Returns:
+        The arithmetic `TaskItem`.
+    """
     story = rng.choice(sorted(STORIES))
     sentences, op = STORIES[story]
     p, q = rng.sample(people, 2)
@@ -202,7 +264,14 @@ def math_item(item_id: str, rng: random.Random, max_operand: int,
 
 def lookup_item(item_id: str, person: str, attribute: str, facts: dict) -> TaskItem:
     """The question about one fact; the options are the attribute's four values in a fixed order,
-    so the answer letter is knowledge of the fact (not a search of the options)."""
+    so the answer letter is knowledge of the fact (not a search of the options).
+
+    Args:
+        item_id: The item's id.
+        person: The person asked about.
+        attribute: A key of `ATTRIBUTES`.
+        facts: The world (`world_facts`).
+    """
     value = facts[person][attribute]
     options = ATTRIBUTES[attribute]
     slots = {"p": person, "v": value}
@@ -214,7 +283,17 @@ def lookup_item(item_id: str, person: str, attribute: str, facts: dict) -> TaskI
 def lookup_items(settings: "TaskSettings", split: str, copies: int = 1,
                  people=None) -> list[TaskItem]:
     """Every (person, attribute) question about `people` (default: the whole world), `copies`
-    times (distinct ids)."""
+    times (distinct ids).
+
+    Args:
+        settings: The task's settings (the world's seed and size).
+        split: The split's name, part of each id.
+        copies: How many times each question appears.
+        people: The people asked about (default: the whole world).
+
+    Returns:
+        The lookup `TaskItem`s, copy by copy, person by person, attribute by attribute.
+    """
     facts = world_facts(settings.world_seed, settings.people)
     people = world_people(settings) if people is None else people
     return [lookup_item(f"{split}-lookup-{p}-{a}" + (f"-{k}" if copies > 1 else ""), p, a, facts)
@@ -223,7 +302,18 @@ def lookup_items(settings: "TaskSettings", split: str, copies: int = 1,
 
 @dataclasses.dataclass(frozen=True)
 class TaskSettings:
-    """Everything the items depend on (part of the base model's cache key)."""
+    """Everything the items depend on (part of the base model's cache key).
+
+    Attributes:
+        seed: The seed of the arithmetic items' random streams.
+        max_operand: The largest arithmetic operand.
+        world_seed: The seed of the world's facts.
+        people: The world's size (at most `len(PEOPLE)`).
+        fine_tune_people: How many of them the fine-tuning corpus asks about.
+
+    Raises:
+        ValueError: Not 0 < fine_tune_people < people <= len(PEOPLE).
+    """
     seed: int = 0
     max_operand: int = 9
     world_seed: int = 0
@@ -243,7 +333,20 @@ def _item_key(item: TaskItem) -> str:
 def math_items(settings: TaskSettings, count: int, split: str,
                exclude: set | None = None) -> list[TaskItem]:
     """`count` distinct arithmetic items for `split` (its own random stream), skipping any whose
-    content is in `exclude` (the held-out items' keys), so they never appear in training."""
+    content is in `exclude` (the held-out items' keys), so they never appear in training.
+
+    Args:
+        settings: The task's settings.
+        count: How many items.
+        split: The split's name (seeds its random stream; part of each id).
+        exclude: Item keys (`item_keys`) to skip.
+
+    Returns:
+        The arithmetic `TaskItem`s.
+
+    Raises:
+        ValueError: `count` distinct items cannot be drawn.
+    """
     rng = random.Random(f"sara-experiment-{settings.seed}-math-{split}")
     items, seen = [], set(exclude or ())
     attempts = 0
@@ -261,9 +364,18 @@ def math_items(settings: TaskSettings, count: int, split: str,
 
 
 def item_keys(items) -> set:
+    """The content keys of `items` (kind, sentences, slots, options; not the id), for `exclude`.
+
+    Args:
+        items: `TaskItem`s.
+    """
     return {_item_key(i) for i in items}
 
 
 def fingerprint(*parts) -> str:
-    """A short stable hash of reprs (cache keys)."""
+    """A short stable hash (16 hex digits) of the parts' repr, for cache keys.
+
+    Args:
+        *parts: The values hashed.
+    """
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

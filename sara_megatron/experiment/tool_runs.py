@@ -29,6 +29,13 @@ class StepTimer:
         self.cpu_seconds: dict[str, float] = {}
 
     def add(self, stage: str, seconds: float, cpu_seconds: float | None = None) -> None:
+        """Add time to a stage (summed when the stage runs more than once).
+
+        Args:
+            stage: The stage's name.
+            seconds: Wall time, in seconds.
+            cpu_seconds: CPU time, in seconds, if measured.
+        """
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
         if cpu_seconds is not None:
             self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + cpu_seconds
@@ -67,7 +74,15 @@ def run_tool(step: str, tool: str, args: list[str], work: Path, timer: StepTimer
 
 
 def run_parallel(jobs: list, workers: int) -> list:
-    """Call each zero-argument job, `workers` at a time (each runs its own subprocesses)."""
+    """Call each zero-argument job, `workers` at a time (each runs its own subprocesses).
+
+    Args:
+        jobs: Zero-argument callables.
+        workers: How many run at once in threads; 1 or less calls them in order here.
+
+    Returns:
+        Each job's return value, in the order of `jobs`.
+    """
     if workers <= 1:
         return [job() for job in jobs]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -75,13 +90,26 @@ def run_parallel(jobs: list, workers: int) -> list:
 
 
 def write_train_config(path: Path, config: dict) -> Path:
+    """Write a training config as YAML (parent folders created).
+
+    Args:
+        path: The YAML file to write.
+        config: The config, as `tools/train.py` reads it.
+
+    Returns:
+        `path`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 def latest_checkpoint(save_dir: Path) -> Path:
-    """The newest complete checkpoint of a run (`training.checkpoint.latest_checkpoint`)."""
+    """The newest complete checkpoint of a run (`training.checkpoint.latest_checkpoint`).
+
+    Args:
+        save_dir: The run's checkpoint folder (`checkpoint.save_dir`).
+    """
     from sara_megatron.training.checkpoint import latest_checkpoint as latest
 
     return Path(latest(save_dir))

@@ -29,7 +29,14 @@ def _number(value, digits: int = 2, suffix: str = "") -> str:
 
 
 def summary_lines(summary: dict) -> list[str]:
-    """The verdict, the per-method table and the tests, every number from `summary`."""
+    """The verdict, the per-method table and the tests, every number from `summary`.
+
+    Args:
+        summary: The summary (`summary.write_summary`).
+
+    Returns:
+        The report's Markdown lines.
+    """
     methods = summary["methods"]
     layers = summary["aligned_layers"]["layers"]
     items = summary["items_per_language"]
@@ -74,6 +81,15 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 def base_lines(base: dict) -> list[str]:
+    """One line per benchmark on the base model: whether it beats chance in the anchor, is better
+    in the anchor than in the targets, and meets `ANCHOR_BAR`.
+
+    Args:
+        base: The base's evaluation benchmarks: benchmark -> language -> {"mean": percent, ...}.
+
+    Returns:
+        The Markdown lines (benchmarks without an anchor or target mean are skipped).
+    """
     lines = []
     for benchmark, per_language in base.items():
         anchor = per_language.get(ANCHOR, {}).get("mean")
@@ -99,7 +115,17 @@ def append_verdict(report: Path, summary: dict, base_evaluation: Path, settings,
                    machine: str, cpu_seconds: dict[str, float]) -> None:
     """Append the closing sections to `report`: `summary_lines(summary)`, the base model's
     anchor and target accuracy (from its evaluation folder), the settings and the wall time
-    (`summary["stage_seconds"]`, with each tool's CPU seconds)."""
+    (`summary["stage_seconds"]`, with each tool's CPU seconds).
+
+    Args:
+        report: The report.md `tools/report.py` wrote.
+        summary: The summary (`summary.write_summary`).
+        base_evaluation: The base model's evaluation folder.
+        settings: The experiment's settings (`jobs`; every field is listed).
+        base: The base model (`BaseModel`).
+        machine: A description of the machine (`run.machine_description`).
+        cpu_seconds: stage -> CPU seconds of its tool.
+    """
     lines = summary_lines(summary)
     lines += ["### The base model", ""]
     lines += base_lines(read_results(base_evaluation)["benchmarks"])
