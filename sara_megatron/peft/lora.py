@@ -5,60 +5,10 @@ to the chosen linears of every transformer layer, freezes every base weight, and
 only the adapters and (``router: full``) the routers. The base layers' classes, forward code and
 parameter names are untouched: an adapter is two parameters registered on the layer that owns it
 plus a forward hook, so a base checkpoint loads into an adapted model as it does into a bare one.
-
-A is initialised like PEFT's (uniform in ±1/sqrt(fan_in), fan_in the full input size) and B to
-zero, so an adapted model computes exactly what its base does until the first step. Both are drawn
-from a generator seeded by (seed, the adapter's global name) and sliced to this rank's shard: the
-same adapters at any TP / EP / PP layout.
-
-Parameter names (`model.state_dict()` of one pipeline chunk; ``L`` = the chunk's local layer index,
-``j`` = the local expert index; global layer = ``layer_number - 1``, global expert =
-``ep_rank * num_local_experts + j``). Shapes are this rank's, ``t`` the layer's TP size (the
-expert-TP size for experts, equal to TP here), ``r`` the rank:
-
-    target attention_qkv (column-parallel, B split like the output):
-        decoder.layers.L.self_attention.linear_qkv.lora_a            [r, hidden]      replicated
-        decoder.layers.L.self_attention.linear_qkv.lora_b            [qkv_out / t, r] rows = this
-            rank's rows of linear_qkv.weight (megatron's per-query-group [q.., k, v] order)
-    target attention_proj (row-parallel, A split like the input):
-        decoder.layers.L.self_attention.linear_proj.lora_a           [r, q_out / t]   columns =
-            this rank's columns of linear_proj.weight
-        decoder.layers.L.self_attention.linear_proj.lora_b           [hidden, r]      replicated
-    targets experts_fc1 / experts_fc2, expert_adapters: per_expert (on the expert's EP rank):
-        decoder.layers.L.mlp.experts.local_experts.j.linear_fc1.lora_a  [r, hidden]
-        decoder.layers.L.mlp.experts.local_experts.j.linear_fc1.lora_b  [2·ffn / t, r] rows =
-            this rank's rows of linear_fc1.weight: [gate shard; up shard] (gated linear unit)
-        decoder.layers.L.mlp.experts.local_experts.j.linear_fc2.lora_a  [r, ffn / t]
-        decoder.layers.L.mlp.experts.local_experts.j.linear_fc2.lora_b  [hidden, r]
-    targets experts_fc1 / experts_fc2, expert_adapters: shared (one pair per layer for all
-    experts, replicated on every EP rank; its gradient is reduced over the data-parallel group,
-    which spans the EP ranks, so every expert's tokens reach it):
-        decoder.layers.L.mlp.experts.linear_fc1_lora_a / linear_fc1_lora_b   (shapes as above)
-        decoder.layers.L.mlp.experts.linear_fc2_lora_a / linear_fc2_lora_b
-    target shared_experts (models with megatron's SharedExpertMLP; column/row as attention):
-        decoder.layers.L.mlp.shared_experts.linear_fc1.lora_a / lora_b
-        decoder.layers.L.mlp.shared_experts.linear_fc2.lora_a / lora_b
-    router: lora (replicated, logits computed in the router's dtype):
-        decoder.layers.L.mlp.router.lora_a                          [r, hidden]
-        decoder.layers.L.mlp.router.lora_b                          [num_experts, r]
-
-The merged weight of one shard is ``W_shard + (alpha / rank) · lora_b_shard @ lora_a_shard``
-(column: lora_a is the whole A; row: lora_b is the whole B), so a merge per rank followed by the
-existing export of W gives the merged model. In the dist_checkpointing state the adapters are
-sharded tensors next to their layer's weight (column B along axis 0, with the gated-unit split of
-linear_fc1; row A along axis 1; experts with megatron's global-expert axis), so checkpoints
-reshard like the base weights.
-
-Gradients under parallelism (sequence parallel is on whenever TP > 1 in this project): a
-replicated factor whose gradient is a per-rank partial sum (column A; the expert row B, whose
-output the dispatcher sums) carries megatron's ``sequence_parallel`` mark, so
-`finalize_model_grads` all-reduces it over TP like the norms and routers. A row layer's replicated
-B needs nothing: its input ``A x`` is all-reduced in the forward. Expert adapters keep the base
-expert weights' ``allreduce=False`` (reduced over the expert data-parallel group).
-
-Only megatron's local linears and `SequentialMLP` experts are adapted; Transformer Engine's
-linears (fused layer norm in the column layer) and grouped-GEMM experts are refused
-(`UnsupportedLayerError`); training's preflight refuses the combination first.
+A starts like PEFT's, B at zero, both seeded by (seed, the adapter's global name): the same
+adapters at any TP / EP / PP layout. Parameter names, shapes, sharding and gradient reduction:
+docs/peft.md. Transformer Engine linears and grouped-GEMM experts are refused
+(`UnsupportedLayerError`).
 """
 
 from __future__ import annotations
@@ -121,6 +71,7 @@ class LoraSettings:
 
     @property
     def scale(self) -> float:
+        """The factor `alpha / rank` that multiplies each adapter's update `B A dropout(x)`."""
         return self.alpha / self.rank
 
 
@@ -493,7 +444,7 @@ def adapters(chunks: Iterable[torch.nn.Module]) -> list[tuple[torch.nn.Module, _
 
     Returns:
         (module, adapter) pairs; `adapter.name` is the global name, `adapter.a` / `adapter.b` this
-        rank's shards (see the module docstring for their layout).
+        rank's shards (layout: docs/peft.md).
     """
     seen, found = set(), []
     for chunk in chunks:

@@ -21,7 +21,12 @@ class AdapterBaseMismatchError(UserFacingError, ValueError):
 
 
 def lora_settings(cfg) -> LoraSettings:
-    """The `LoraSettings` of a `TrainConfig` whose `peft.method` is lora (seeded by `cfg.seed`)."""
+    """The `LoraSettings` of a `TrainConfig` whose `peft.method` is lora (seeded by `cfg.seed`).
+
+    Args:
+        cfg: the run's `TrainConfig`; its `peft` section gives rank, alpha, dropout, targets,
+            expert adapters and router mode.
+    """
     p = cfg.peft
     return LoraSettings(rank=p.rank, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.targets),
                         expert_adapters=p.expert_adapters, router=p.router, seed=cfg.seed)
@@ -51,7 +56,15 @@ def base_fingerprint(checkpoint_dir: Optional[str], preset: str, seed: int) -> s
 
 
 def peft_record(cfg) -> dict:
-    """What a LoRA checkpoint records of its run: the adapter settings and the base's identity."""
+    """What a LoRA checkpoint records of its run: the adapter settings and the base's identity.
+
+    Args:
+        cfg: the run's `TrainConfig` (its `peft`, `model.checkpoint`, `model.preset` and `seed`).
+
+    Returns:
+        A JSON-ready dict: method, rank, alpha, targets, expert_adapters, router, the base
+        checkpoint's absolute path (None for a random base) and `base_fingerprint`.
+    """
     p = cfg.peft
     return {"method": p.method, "rank": p.rank, "alpha": p.alpha, "targets": list(p.targets),
             "expert_adapters": p.expert_adapters, "router": p.router,

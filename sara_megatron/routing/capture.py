@@ -7,14 +7,10 @@ sequence-mean (paper Eq. 5 and 6) for chosen layers, during an ordinary forward 
         logits = model(tokens, positions, attention_mask)
     cap[1].seq_mean                                        # [B, N] fp32, global over SP/CP ranks
 
-Token order and sharding: Megatron's MoE layer sees the tokens of this rank in [S_local, B] order.
-With sequence parallel, rank r of the TP group holds sequence positions
-[r·S/tp, (r+1)·S/tp); the capture slices the segment ids the same way and sums the masked
-probabilities and token counts over the TP (and CP) group before dividing, so `seq_mean` is the
-whole-sequence mean on every rank. The groups come in as megatron's `ProcessGroupCollection`
-(`distributed.model_process_groups()`, read once by the caller); None is one process alone. With pipeline parallel each stage reports the layers it owns,
-under their global 0-based indices. Under expert parallel routing is local to the rank's tokens.
-The model's output is unchanged: the capture only reads the logits, outside autograd.
+Sharding: the capture slices the segment ids like megatron's sequence-parallel token order and
+sums the masked probabilities and counts over the TP (and CP) group before dividing, so
+`seq_mean` is the whole-sequence mean on every rank; each pipeline stage reports the layers it
+owns, under global 0-based indices. The model's output is unchanged (read outside autograd).
 """
 
 from __future__ import annotations
@@ -33,6 +29,8 @@ from sara_megatron.routing.observers import observe_routers
 
 @dataclasses.dataclass
 class LayerRouting:
+    """One layer's captured routing on this rank (field shapes in the comments; N experts)."""
+
     layer: int  # global 0-based layer index (HF `model.layers.i`)
     logits: torch.Tensor  # [T_local, N] router logits, this rank's tokens in [S, B] order
     probs: Optional[torch.Tensor]  # [T_local, N] fp32 softmax over all experts (keep_probs)
@@ -52,7 +50,17 @@ class LayerRouting:
 
 
 def segment_ids_from_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool mask with True = padding (Megatron's convention) -> [B, S] ids, -1 = padding."""
+    """One segment per batch row: the row index of each token, -1 for padding.
+
+    Args:
+        padding_mask: [B, S] bool, True = padding (megatron's convention).
+
+    Returns:
+        [B, S] int64 segment ids.
+
+    Raises:
+        ValueError: the mask is not two-dimensional.
+    """
     if padding_mask.dim() != 2:
         raise ValueError(f"padding mask must be [B, S], got shape {tuple(padding_mask.shape)}")
     batch = torch.arange(padding_mask.shape[0], device=padding_mask.device).unsqueeze(1)
@@ -64,7 +72,16 @@ def segment_ids_from_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
 def masked_segment_sums(
     probs: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ over tokens of each segment: ([B, N] probability sums, [B] counts); -1 ignored."""
+    """Σ over tokens of each segment of their probabilities, and their count; -1 ignored.
+
+    Args:
+        probs: [T, N] per-token probabilities.
+        segment_ids: [T] segment of each token, -1 = padding.
+        num_segments: B, the number of segments (rows of the result).
+
+    Returns:
+        ([B, N] probability sums, [B] token counts), in `probs`' dtype.
+    """
     valid = segment_ids >= 0
     index = segment_ids.clamp_min(0)
     weights = valid.to(probs.dtype)
@@ -77,7 +94,15 @@ def masked_segment_sums(
 
 def check_process_groups(process_groups: Optional[ProcessGroupCollection], user: str) -> None:
     """None stands for one process alone: refuse it in a world of several ranks, where the
-    result would silently be one rank's share."""
+    result would silently be one rank's share.
+
+    Args:
+        process_groups: the model's groups, or None.
+        user: what needs them, for the message.
+
+    Raises:
+        ValueError: None in an initialised world of more than one rank.
+    """
     if process_groups is None and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(f"{user} runs on {dist.get_world_size()} ranks: pass process_groups "
                          "(sara_megatron.distributed.model_process_groups())")
@@ -87,7 +112,11 @@ def routing_reduction_group(
     process_groups: Optional[ProcessGroupCollection],
 ) -> Optional[dist.ProcessGroup]:
     """The group over which one sequence's tokens are spread: TP (with sequence parallel) × CP;
-    None when that is one rank."""
+    None when that is one rank.
+
+    Args:
+        process_groups: the model's groups (`tp_cp` is read), or None for one process.
+    """
     if process_groups is None:
         return None
     group = process_groups.tp_cp
@@ -97,7 +126,19 @@ def routing_reduction_group(
 def local_token_segment_ids(
     segment_ids: torch.Tensor, sequence_parallel: bool, tp_rank: int, tp_size: int
 ) -> torch.Tensor:
-    """[B, S] model-input segment ids -> [S_local·B] in the MoE layer's token order."""
+    """Model-input segment ids in the MoE layer's token order on this TP rank.
+
+    Args:
+        segment_ids: [B, S] segment ids of the model input.
+        sequence_parallel: whether the sequence is split over the TP group.
+        tp_rank, tp_size: this rank's place in the tensor-parallel group.
+
+    Returns:
+        [S_local·B] ids, sequence-major; S_local = S / tp_size under sequence parallel, else S.
+
+    Raises:
+        ValueError: S is not divisible by `tp_size` under sequence parallel.
+    """
     seq_major = segment_ids.transpose(0, 1)  # [S, B], Megatron's layout
     if sequence_parallel and tp_size > 1:
         s = seq_major.shape[0]
@@ -112,9 +153,19 @@ def router_segment_ids(
     segment_ids: torch.Tensor, num_tokens: int, device, sequence_parallel: Optional[bool] = None,
     process_groups: Optional[ProcessGroupCollection] = None,
 ) -> torch.Tensor:
-    """The segment id of each token a router on this rank sees ([S_local·B]), from the model
-    input's [B, S] ids and the tensor-parallel group. sequence_parallel None: on when TP > 1
-    (our models always run MoE + TP with sequence parallel)."""
+    """The segment id of each token a router on this rank sees ([S_local·B]).
+
+    Args:
+        segment_ids: [B, S] ids of the model input (context-parallel-local if CP > 1).
+        num_tokens: how many tokens the router saw, to check against.
+        device: where the result goes.
+        sequence_parallel: None: on when TP > 1 (our models always run MoE + TP with sequence
+            parallel).
+        process_groups: the model's groups (`tp` is read), or None for one process.
+
+    Raises:
+        ValueError: the ids give another number of local tokens than `num_tokens`.
+    """
     tp_group = process_groups.tp if process_groups is not None else None
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
@@ -129,7 +180,22 @@ def router_segment_ids(
 
 
 class RoutingCapture:
-    """Router observer that records dense routing for chosen layers (see module docstring)."""
+    """Router observer that records dense routing for chosen layers (see module docstring).
+
+    Records are kept in `records` (global layer index -> `LayerRouting`) and read as
+    `capture[layer]`; one capture serves one forward pass.
+
+    Args:
+        segment_ids: [B, S] segment ids of the model input, -1 = padding.
+        layers: global 0-based layers to capture; None: every MoE layer of this rank.
+        sequence_parallel: as in `router_segment_ids` (None: on when TP > 1).
+        keep_probs: keep each layer's [T_local, N] softmax (else only the sums).
+        num_segments: rows of the sums; None: B.
+        process_groups: the model's groups; None only in a one-process world.
+
+    Raises:
+        ValueError: `segment_ids` is not [B, S], or `process_groups` is None on several ranks.
+    """
 
     def __init__(
         self,
@@ -194,7 +260,17 @@ def capture_routing(
     model, segment_ids: torch.Tensor, layers: Optional[Iterable[int]] = None, **kwargs
 ) -> Iterator[RoutingCapture]:
     """A `RoutingCapture` installed on `model`'s routers for the block; see the module
-    docstring."""
+    docstring.
+
+    Args:
+        model: the model (or list of pipeline chunks) whose routers to observe.
+        segment_ids: [B, S] segment ids of the model input, -1 = padding.
+        layers: global 0-based layers to capture; None: all of this rank's.
+        **kwargs: the other `RoutingCapture` arguments.
+
+    Yields:
+        The capture, filled by the forward passes inside the block.
+    """
     capture = RoutingCapture(segment_ids, layers, **kwargs)
     with observe_routers(model, capture):
         yield capture

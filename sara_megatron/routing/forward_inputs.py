@@ -32,7 +32,11 @@ class ModelInputs:
     packed: bool
 
     def rope(self, model):
-        """Context for the model call: per-sample RoPE positions when packed."""
+        """Context for the model call: per-sample RoPE positions when packed.
+
+        Args:
+            model: the model about to be called (a GPTModel, or wrapped).
+        """
         return packed_rope(model, self.positions) if self.packed else contextlib.nullcontext()
 
 
@@ -40,11 +44,28 @@ def forward_inputs(tokens: torch.Tensor, padding_mask: torch.Tensor,
                    position_ids: Optional[torch.Tensor] = None,
                    segment_ids: Optional[torch.Tensor] = None, cp_rank: int = 0,
                    cp_size: int = 1) -> ModelInputs:
-    """Positions, attention mask and segment ids of the whole rows `tokens` [B, S] on this CP rank
-    (`padding_mask`: its CP-local part). `segment_ids` None (one sample per row): positions
-    0..S-1, a causal mask over this rank's S_local tokens and one segment per row. Packed
-    (`position_ids` and `segment_ids` [B, S] of the whole rows): each sample's own positions and
-    segment, and the block-diagonal mask of the whole rows (the CP attention cuts it)."""
+    """Positions, attention mask and segment ids of the whole rows `tokens` on this CP rank.
+
+    Unpacked (`segment_ids` None): positions 0..S-1, a causal mask over this rank's S_local
+    tokens and one segment per row. Packed: each sample's own positions and segment, and the
+    block-diagonal mask of the whole rows (the CP attention cuts it).
+
+    Args:
+        tokens: [B, S] token ids of the whole rows.
+        padding_mask: [B, S_local] bool, True = padding: the CP-local part of the rows' mask.
+        position_ids: [B, S] per-sample positions of the whole rows; needed when packed.
+        segment_ids: [B, S] sample index of each token of the whole rows (-1 = padding), or
+            None for one sample per row.
+        cp_rank, cp_size: this rank's place in the context-parallel group.
+
+    Returns:
+        The `ModelInputs`: positions and segment ids [B, S_local], the mask
+        ([1, 1, S_local, S_local] causal, or [B, 1, S, S] block-diagonal when packed), and
+        whether packed.
+
+    Raises:
+        ValueError: `segment_ids` given without `position_ids`.
+    """
     b, s = tokens.shape
     if segment_ids is None:
         positions = torch.arange(s, device=tokens.device).expand(b, s)

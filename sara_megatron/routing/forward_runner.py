@@ -2,23 +2,12 @@
 extraction, the anchor forward of online priors and ShifCon, ShifCon's language vectors and the
 routing-divergence analysis.
 
-It owns what those passes must do alike:
-- **padding**: a batch is padded to its longest row rounded up to the pad multiple (the caller's,
-  TP's for sequence parallel, 2·CP's for megatron's load-balanced CP layout) and, where Phi-3
-  longrope depends on the padded length, past the switch whenever training pads past it
-  (`models/longrope_padding.py`), so a sample is read under the rope factors training uses;
-- **laying rows out**: one sample per row or several packed (`data/packing.pack_rows_tokens`),
-  with each sample's positions and segment ids, and the attention mask
-  (`routing/forward_inputs.py`: causal, or block-diagonal with per-sample RoPE);
-- **context-parallel slicing** of the rows (`models/context_parallel.py`);
-- eval mode (deterministic routing) for the pass, the chunks' modes restored afterwards, and
-  megatron's forward-only schedule, so pipeline stages pass activations as in training;
-- **stopping after a layer**: layers past `stop_after` do not run, nor does the final norm or
-  the output layer. Causal attention and a pre-norm residual stream make a layer's input depend
-  only on the layers before it, so what the kept layers see equals the full forward's.
-
-The callers observe the forward through `observe(index, inputs, rows)`, a context manager active
-around micro-batch `index`'s forward on this stage (routing capture, hidden-state hooks).
+It owns what those passes must do alike: padding (to the pad multiple, and past the Phi-3
+longrope switch whenever training pads past it), laying rows out (one sample per row or packed),
+context-parallel slicing, eval mode under megatron's forward-only schedule, and stopping after a
+layer (what the kept layers see equals the full forward's). The callers observe the forward
+through `observe(index, inputs, rows)`, a context manager active around micro-batch `index`'s
+forward on this stage (routing capture, hidden-state hooks).
 """
 
 from __future__ import annotations
@@ -72,7 +61,11 @@ class ForwardRows:
             self.samples = self.tokens.shape[0]
 
     def part(self, rows: slice) -> "ForwardRows":
-        """The rows `rows` of this batch (segment ids keep their numbering)."""
+        """The rows `rows` of this batch (segment ids keep their numbering).
+
+        Args:
+            rows: the slice of rows to keep.
+        """
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return ForwardRows(self.tokens[rows], self.padding_mask[rows], pick(self.segment_ids),
                            pick(self.position_ids), pick(self.labels), self.packed, self.samples)
@@ -208,7 +201,15 @@ class ForwardRunner:
         return length
 
     def inputs(self, rows: ForwardRows) -> tuple[torch.Tensor, torch.Tensor, ModelInputs]:
-        """(tokens [R, S_local], labels [R, S_local], model inputs) of `rows` on this CP rank."""
+        """The model-call inputs of `rows` on this context-parallel rank.
+
+        Args:
+            rows: whole rows [R, S] (moved to this runner's device and CP-sliced here).
+
+        Returns:
+            (tokens [R, S_local], labels [R, S_local], `ModelInputs`); labels are the tokens
+            when `rows.labels` is None.
+        """
         device, rank, size = self.device, self.cp_rank, self.cp_size
         tokens, padding = rows.tokens.to(device), rows.padding_mask.to(device)
         segments = None if rows.segment_ids is None else rows.segment_ids.to(device)

@@ -22,13 +22,27 @@ from sara_megatron.models.router import ObservedTopKRouter
 
 
 class RouterObserver(Protocol):
+    """A callable shown each MoE layer's router logits; may return a scalar loss to attach.
+
+    Called with the global 0-based layer index, the logits [S, B, N] in megatron's token order
+    and megatron's padding mask [S, B] (True = padding, or None); returns a scalar tensor whose
+    gradient flows through the routing probabilities, or None.
+    """
+
     def __call__(
         self, layer: int, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]
     ) -> Optional[torch.Tensor]: ...
 
 
 def model_routers(model) -> list[ObservedTopKRouter]:
-    """The observable routers of `model` (a module, or a list of virtual-pipeline chunks)."""
+    """The observable routers of `model` (a module, or a list of virtual-pipeline chunks).
+
+    Args:
+        model: a model built by `models.builder.build_model`, or a list of its pipeline chunks.
+
+    Raises:
+        ValueError: the model holds no `ObservedTopKRouter`.
+    """
     chunks = model if isinstance(model, (list, tuple)) else [model]
     routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, ObservedTopKRouter)]
     if not routers:
@@ -39,7 +53,18 @@ def model_routers(model) -> list[ObservedTopKRouter]:
 
 @contextlib.contextmanager
 def observe_routers(model, observer: RouterObserver) -> Iterator[RouterObserver]:
-    """Show `observer` the router logits of `model` in the forward passes inside the block."""
+    """Show `observer` the router logits of `model` in the forward passes inside the block.
+
+    Args:
+        model: the model (or list of pipeline chunks) whose routers to observe.
+        observer: called per MoE layer of this rank (see `RouterObserver`).
+
+    Yields:
+        `observer`, removed from the routers again when the block exits.
+
+    Raises:
+        ValueError: the model holds no observable routers.
+    """
     routers = model_routers(model)
     for router in routers:
         router.router_observers = (*router.router_observers, observer)

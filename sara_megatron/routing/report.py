@@ -10,7 +10,18 @@ from sara_megatron.routing.capture import RoutingCapture
 
 
 def routing_rows(capture: RoutingCapture, sequence_offset: int = 0, top: int = 3) -> list[dict]:
-    """One row per (captured layer, non-empty sequence), as plain Python values."""
+    """One row per (captured layer, non-empty sequence), as plain Python values.
+
+    Args:
+        capture: a finished `RoutingCapture`.
+        sequence_offset: added to each batch row's index (to number sequences across batches).
+        top: how many of the most-used experts each row lists.
+
+    Returns:
+        Dicts with `layer`, `sequence`, `tokens` (valid tokens), `entropy` (nats, of the
+        sequence-mean distribution) and `top` ([(expert, mean probability)], most used first),
+        in layer order.
+    """
     rows = []
     for layer in sorted(capture.records):
         rec = capture.records[layer]
@@ -33,7 +44,12 @@ def routing_rows(capture: RoutingCapture, sequence_offset: int = 0, top: int = 3
 
 
 def format_routing_report(rows: list[dict], num_experts: int) -> str:
-    """A fixed-width table; entropy is also shown against the uniform maximum log(N)."""
+    """A fixed-width table; entropy is also shown against the uniform maximum log(N).
+
+    Args:
+        rows: `routing_rows` output (printed sorted by layer, then sequence).
+        num_experts: N, for the normalised entropy column.
+    """
     head = f"{'layer':>5} {'seq':>4} {'tokens':>6} {'entropy':>8} {'/log N':>6}  top experts (p)"
     lines = [head, "-" * len(head)]
     max_entropy = math.log(num_experts)
