@@ -26,6 +26,17 @@ DEFAULT_WINDOW = 3
 
 @dataclasses.dataclass(frozen=True)
 class AlignmentRange:
+    """A suggested alignment range and how it was found.
+
+    Attributes:
+        first_layer, last_layer: The range's first and last layer, inclusive.
+        threshold: The smoothed divergence at or below which a layer qualifies.
+        alpha: The threshold's fraction of the smoothed curve's span, in [0, 1].
+        window: The odd width of the moving average, in layers.
+        layers: The measured layers the curve covers.
+        smoothed: The smoothed mean curve, one value per measured layer.
+    """
+
     first_layer: int
     last_layer: int
     threshold: float
@@ -36,9 +47,15 @@ class AlignmentRange:
 
     @property
     def layer_list(self) -> list[int]:
+        """The layers of the range, first to last."""
         return list(range(self.first_layer, self.last_layer + 1))
 
     def to_json(self, curve: str = "js") -> dict:
+        """The range as a JSON-ready dict, with the rule that chose it.
+
+        Args:
+            curve: The name of the divergence curve the range was found on (e.g. "js").
+        """
         return {"first_layer": self.first_layer, "last_layer": self.last_layer,
                 "threshold": self.threshold, "alpha": self.alpha, "window": self.window,
                 "curve": curve, "smoothed_mean": list(self.smoothed),
@@ -48,6 +65,15 @@ class AlignmentRange:
 
 
 def check_range_parameters(alpha: float, window: int) -> None:
+    """Check the range rule's parameters.
+
+    Args:
+        alpha: The threshold's fraction of the curve's span.
+        window: The moving average's width in layers.
+
+    Raises:
+        ValueError: `alpha` is not in [0, 1], or `window` is not an odd int >= 1.
+    """
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1
@@ -57,7 +83,15 @@ def check_range_parameters(alpha: float, window: int) -> None:
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Centred moving average of odd width; the window is cut at the ends."""
+    """Centred moving average of odd width; the window is cut at the ends.
+
+    Args:
+        values: The curve, one value per layer.
+        window: The odd width of the average.
+
+    Returns:
+        The smoothed curve, as long as `values`.
+    """
     half = window // 2
     n = len(values)
     out = []
@@ -68,7 +102,17 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def mean_curve(divergence: Mapping[str, Sequence[float]]) -> list[float]:
-    """Per layer, the mean over languages."""
+    """Per layer, the mean over languages.
+
+    Args:
+        divergence: {language: per-layer values}, all of one length.
+
+    Returns:
+        The mean curve, one value per layer.
+
+    Raises:
+        ValueError: `divergence` is empty or its curves differ in length.
+    """
     if not divergence:
         raise ValueError("no language in the divergence result")
     curves = list(divergence.values())
@@ -84,8 +128,19 @@ def suggest_alignment_range(
     alpha: float = DEFAULT_ALPHA,
     window: int = DEFAULT_WINDOW,
 ) -> AlignmentRange:
-    """The suggested range (see the module docstring) of a curve over contiguous `layers`:
-    `divergence` is {language: per-layer values} (their mean is used) or one curve."""
+    """The suggested range (see the module docstring) of a curve over contiguous `layers`.
+
+    Args:
+        layers: The measured layers, contiguous and ascending.
+        divergence: {language: per-layer values} (their mean is used) or one curve, one value
+            per entry of `layers`.
+        alpha: The threshold's fraction of the smoothed curve's span, in [0, 1].
+        window: The odd width of the moving average, in layers.
+
+    Raises:
+        ValueError: A parameter is out of range, the layers are not contiguous, the curve's
+            length differs from `layers`', or it holds a non-finite value.
+    """
     check_range_parameters(alpha, window)
     layers = [int(x) for x in layers]
     curve = mean_curve(divergence) if isinstance(divergence, Mapping) else list(divergence)

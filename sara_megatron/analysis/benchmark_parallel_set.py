@@ -22,7 +22,16 @@ from sara_megatron.evaluation.tasks import item_messages
 
 
 def prompt_token_ids(tokenizer, item: BenchmarkItem, template_language: str = "en") -> np.ndarray:
-    """The item's prompt as the model reads it: chat-templated with the generation prompt."""
+    """The item's prompt as the model reads it: chat-templated with the generation prompt.
+
+    Args:
+        tokenizer: The model's HF tokenizer (with its chat template).
+        item: The benchmark item.
+        template_language: The language of the prompt template's instructions.
+
+    Returns:
+        The prompt's token ids, int64 `[prompt_length]`.
+    """
     messages = tuple(ChatMessage(m["role"], m["content"])
                      for m in item_messages(item, template_language))
     # render_conversation takes a whole exchange; the empty reply only completes the record.
@@ -35,8 +44,21 @@ def prompt_token_ids(tokenizer, item: BenchmarkItem, template_language: str = "e
 
 class BenchmarkParallelSet:
     """Tokenised benchmark prompts of the anchor and target languages, grouped by item id.
-    `seq_length` cuts longer prompts and is the training length the rope regime follows; None:
-    the longest prompt."""
+
+    Args:
+        tokenizer: The model's HF tokenizer (with its chat template).
+        benchmark: The benchmark's name (see `evaluation.benchmarks.load_benchmark`).
+        anchor_language: The language every target item is compared with.
+        target_languages: The languages compared with the anchor; the anchor is not one of them.
+        data_dir: A local copy of the benchmark's data; None: the default source.
+        limit: At most this many items per language; None: all.
+        seq_length: Prompts longer than this many tokens are cut, and it is the training length
+            the rope regime follows; None: the longest prompt.
+        template_language: The language of the prompt template's instructions.
+
+    Raises:
+        ValueError: The anchor language is among the targets, or `seq_length` < 1.
+    """
 
     def __init__(self, tokenizer, benchmark: str, anchor_language: str,
                  target_languages: Sequence[str], data_dir: Optional[str] = None,
@@ -63,16 +85,33 @@ class BenchmarkParallelSet:
         self.seq_length = seq_length or longest
 
     def sequences(self, language: str) -> list[ParallelSequence]:
+        """The language's prompts, in benchmark order.
+
+        Args:
+            language: The anchor or a target language.
+
+        Raises:
+            KeyError: The language was not loaded.
+        """
         if language not in self._sequences:
             raise KeyError(f"language {language!r} was not loaded (loaded: "
                            f"{', '.join(self._sequences)})")
         return self._sequences[language]
 
     def tokens(self, sequence: ParallelSequence) -> np.ndarray:
+        """The prompt's token ids, int64 `[prompt_length]`.
+
+        Args:
+            sequence: One of this set's sequences.
+        """
         return sequence.handle
 
     def group_counts(self) -> dict[str, int]:
-        """Per target language, how many of its items have an anchor item of the same id."""
+        """Per target language, how many of its items have an anchor item of the same id.
+
+    Returns:
+        {target language: number of its items with an anchor counterpart}.
+    """
         anchor = {s.group_id for s in self._sequences[self.anchor_language]}
         return {lang: len(anchor & {s.group_id for s in self._sequences[lang]})
                 for lang in self.target_languages}

@@ -35,8 +35,25 @@ def dense_routing_report(
     json_path: Optional[str] = None,
 ) -> Optional[list[dict]]:
     """Collective: start Megatron at (tp, ep), build `arch` (random weights, or `checkpoint`'s)
-    and route this data-parallel rank's sequences. Rank 0 prints the report, writes the rows to
-    `json_path` when given and returns them; the other ranks return None."""
+    and route this data-parallel rank's sequences.
+
+    Args:
+        arch: The model's `MoEArchitecture`.
+        preset: The preset's name, printed in the report's header.
+        layers: The layers whose routing is captured (global, 0-based).
+        checkpoint: A Megatron checkpoint to load; None: random weights.
+        tp: The tensor-parallel size.
+        ep: The expert-parallel size.
+        sequences_per_rank: Random sequences per data-parallel rank (the last one right-padded
+            over its last quarter).
+        seq_length: Tokens per sequence.
+        seed: The seed of Megatron and of the tokens (plus the data-parallel rank).
+        json_path: Where rank 0 writes the rows as JSON; None: nowhere.
+
+    Returns:
+        On rank 0, the report's rows (every data-parallel rank's sequences), which it also
+        prints; None on the other ranks.
+    """
     arch.validate_parallel(tp=tp, ep=ep)
     initialize_distributed(ParallelConfig(tp=tp, ep=ep), seed=seed)
     from megatron.core import parallel_state as ps

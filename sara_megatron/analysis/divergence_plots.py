@@ -32,6 +32,11 @@ def _draw_curves(ax, result: DivergenceResult, normalized: bool,
 
 
 def suggested_range_of(result: DivergenceResult) -> Optional[tuple[int, int]]:
+    """The result's suggested range as (first layer, last layer), or None when it has none.
+
+    Args:
+        result: A divergence result.
+    """
     r = result.suggested_range
     return (r["first_layer"], r["last_layer"]) if r else None
 
@@ -39,8 +44,18 @@ def suggested_range_of(result: DivergenceResult) -> Optional[tuple[int, int]]:
 def plot_u_curve(result: DivergenceResult, path: str | os.PathLike, *,
                  aligned: Optional[tuple[int, int]] = None, normalized: bool = False,
                  title: Optional[str] = None) -> str:
-    """One line per language over layers; `aligned` (default: the result's suggested range)
-    shaded."""
+    """One line per language over layers, the aligned range shaded.
+
+    Args:
+        result: The divergence result to draw.
+        path: Where the PNG is written.
+        aligned: The (first, last) layers to shade; None: the result's suggested range, if any.
+        normalized: Draw the entropy-normalised divergence instead of the JS divergence.
+        title: The figure's title; None: one naming the anchor.
+
+    Returns:
+        The PNG's path.
+    """
     aligned = aligned if aligned is not None else suggested_range_of(result)
     fig, axes = new_figure(*U_CURVE_SIZE)
     ax = axes[0][0]
@@ -56,8 +71,21 @@ def plot_u_curve(result: DivergenceResult, path: str | os.PathLike, *,
 def plot_divergence_comparison(results: dict[str, DivergenceResult], path: str | os.PathLike, *,
                                baseline: str, aligned: tuple[int, int],
                                normalized: bool = False) -> dict[str, float]:
-    """One panel per result (e.g. before, FFT, SARA) on a shared y-axis, the aligned range shaded;
-    returns each one's aligned-range mean divergence over the baseline's (shown in its title)."""
+    """One panel per result (e.g. before, FFT, SARA) on a shared y-axis, the aligned range shaded.
+
+    Args:
+        results: {name: divergence result}, one panel each, in this order.
+        path: Where the PNG is written.
+        baseline: The name of the result the others are compared with.
+        aligned: The (first, last) layers to shade and to average over.
+        normalized: Use the entropy-normalised divergence instead of the JS divergence.
+
+    Returns:
+        {name: its aligned-range mean divergence over the baseline's} (shown in each title).
+
+    Raises:
+        ValueError: `baseline` is not among `results`.
+    """
     if baseline not in results:
         raise ValueError(f"baseline {baseline!r} is not among {', '.join(results)}")
     ratios = range_ratios(results, baseline, *aligned, normalized=normalized)

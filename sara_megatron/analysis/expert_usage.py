@@ -28,6 +28,17 @@ HEATMAP_WIDTH, HEATMAP_HEIGHT = 1100, 640
 
 @dataclasses.dataclass
 class ExpertUsage:
+    """Expert usage per layer and language, as in the JSON file above.
+
+    Attributes:
+        layers: The measured layers, global 0-based.
+        anchor: The anchor language.
+        top_k: The router's top-k.
+        mean_probability: {language: `[layers][experts]` mean dense routing probability}.
+        selection_frequency: {language: `[layers][experts]` share of tokens selecting each
+            expert in their top-k}.
+    """
+
     layers: list[int]
     anchor: str
     top_k: int
@@ -36,20 +47,34 @@ class ExpertUsage:
 
     @property
     def languages(self) -> list[str]:
+        """The languages, anchor first."""
         return list(self.mean_probability)
 
     @property
     def num_experts(self) -> int:
+        """The number of experts per layer."""
         return len(next(iter(self.mean_probability.values()))[0])
 
     def to_json(self) -> dict:
+        """The usage as the JSON file's dict."""
         return {"layers": self.layers, "languages": self.languages, "anchor": self.anchor,
                 "top_k": self.top_k, "num_experts": self.num_experts,
                 "mean_probability": self.mean_probability,
                 "selection_frequency": self.selection_frequency}
 
     def matrix(self, kind: str, layer: int) -> np.ndarray:
-        """[languages, experts] of 'mean_probability' or 'selection_frequency' at `layer`."""
+        """[languages, experts] of 'mean_probability' or 'selection_frequency' at `layer`.
+
+        Args:
+            kind: "mean_probability" or "selection_frequency".
+            layer: A measured layer.
+
+        Returns:
+            A float64 `[languages, experts]` array, rows in `languages` order.
+
+        Raises:
+            ValueError: `layer` was not measured.
+        """
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not measured (measured: {self.layers})")
         index = self.layers.index(layer)
@@ -58,7 +83,17 @@ class ExpertUsage:
 
 
 def from_analysis(analysis) -> ExpertUsage:
-    """From a `routing_analysis(..., top_k=k)` result."""
+    """From a `routing_analysis(..., top_k=k)` result.
+
+    Args:
+        analysis: A `RoutingAnalysis` measured with `top_k`.
+
+    Returns:
+        Its expert usage, the anchor language first.
+
+    Raises:
+        ValueError: The analysis was run without `top_k`.
+    """
     if analysis.mean_probability is None:
         raise ValueError("the analysis has no expert usage: run it with top_k")
     order = [analysis.anchor] + [lang for lang in analysis.mean_probability
@@ -69,12 +104,26 @@ def from_analysis(analysis) -> ExpertUsage:
 
 
 def write_expert_usage(path: str | os.PathLike, usage: ExpertUsage) -> None:
+    """Write expert usage as JSON, atomically.
+
+    Args:
+        path: The file to write.
+        usage: The usage.
+    """
     with atomic_open(path) as f:
         json.dump(usage.to_json(), f, ensure_ascii=False)
         f.write("\n")
 
 
 def read_expert_usage(path: str | os.PathLike) -> ExpertUsage:
+    """The expert usage in a JSON file.
+
+    Args:
+        path: The file `tools/routing_divergence.py --expert-usage` wrote.
+
+    Raises:
+        InputError: The file lacks a field or holds a malformed one.
+    """
     obj = read_json_file(path)
     try:
         return ExpertUsage([int(x) for x in obj["layers"]], obj["anchor"], int(obj["top_k"]),
@@ -85,7 +134,16 @@ def read_expert_usage(path: str | os.PathLike) -> ExpertUsage:
 
 def plot_expert_usage(usage: ExpertUsage, layer: int, path: str | os.PathLike) -> str:
     """Four heatmaps (experts across, languages down) at one layer: mean routing probability and
-    top-k selection share, each beside its difference from the anchor's row."""
+    top-k selection share, each beside its difference from the anchor's row.
+
+    Args:
+        usage: The expert usage.
+        layer: A measured layer.
+        path: Where the PNG is written.
+
+    Returns:
+        The PNG's path.
+    """
     fig, axes = new_figure(HEATMAP_WIDTH, HEATMAP_HEIGHT, 2, 2)
     languages = usage.languages
     kinds = (("mean_probability", "mean routing probability"),

@@ -7,7 +7,12 @@ import os
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
-    """An HF model folder: config.json beside safetensors weights (one file or an index)."""
+    """Whether `path` is an HF model folder: config.json beside safetensors weights (one file or
+    an index).
+
+    Args:
+        path: An existing folder.
+    """
     path = os.fspath(path)
     return (os.path.isfile(os.path.join(path, "config.json"))
             and any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
@@ -15,7 +20,15 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 
 def load_analysis_weights(model, checkpoint: str | os.PathLike) -> str:
-    """Fill `model` (collective on a parallel layout); returns "hf" or "megatron"."""
+    """Fill `model` with a checkpoint's weights (collective on a parallel layout).
+
+    Args:
+        model: The built Megatron model.
+        checkpoint: An HF folder or a Megatron checkpoint.
+
+    Returns:
+        "hf" or "megatron": which kind of checkpoint was read.
+    """
     if is_hf_folder(checkpoint):
         from sara_megatron.conversion.hf_import import load_hf_weights
 
@@ -29,7 +42,11 @@ def load_analysis_weights(model, checkpoint: str | os.PathLike) -> str:
 
 def default_tokenizer_folder(checkpoint: str | os.PathLike) -> str | None:
     """Where a checkpoint keeps its tokenizer: an HF folder itself, a converted checkpoint's
-    hf_assets/ (copied there at import); None when neither holds one."""
+    hf_assets/ (copied there at import); None when neither holds one.
+
+    Args:
+        checkpoint: An HF folder or a Megatron checkpoint.
+    """
     checkpoint = os.fspath(checkpoint)
     for folder in (checkpoint, os.path.join(checkpoint, "hf_assets")):
         if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):

@@ -18,6 +18,15 @@ from sara_megatron.data.token_shards import TokenShards
 
 @dataclasses.dataclass(frozen=True)
 class ParallelSequence:
+    """One sequence of a parallel set.
+
+    Attributes:
+        group_id: The parallel group's id, the same in every language for one sample / question.
+        language: The sequence's language.
+        prompt_length: The prompt's length in tokens.
+        handle: What the set's `tokens` reads the ids from.
+    """
+
     group_id: str  # the same in every language for one sample / question
     language: str
     prompt_length: int
@@ -25,19 +34,41 @@ class ParallelSequence:
 
 
 class ParallelSet(Protocol):
+    """What the divergence analysis reads.
+
+    Attributes:
+        anchor_language: The language every target sequence is compared with.
+        target_languages: The languages compared with the anchor.
+        seq_length: The padded length training would use.
+    """
+
     anchor_language: str
     target_languages: list[str]
     # Padded length training would use: with Phi-3 longrope every pass is padded to the same
     # side of the rope switch (see models.longrope_padding).
     seq_length: int
 
-    def sequences(self, language: str) -> list[ParallelSequence]: ...
+    def sequences(self, language: str) -> list[ParallelSequence]:
+        """The language's sequences.
 
-    def tokens(self, sequence: ParallelSequence) -> np.ndarray: ...
+        Args:
+            language: The anchor or a target language.
+        """
+
+    def tokens(self, sequence: ParallelSequence) -> np.ndarray:
+        """The sequence's token ids, `[length]`.
+
+        Args:
+            sequence: One of this set's sequences.
+        """
 
 
 class ShardParallelSet:
-    """Token shards as a parallel set (groups = corpus sample ids)."""
+    """Token shards as a parallel set (groups = corpus sample ids).
+
+    Args:
+        shards: The token shards.
+    """
 
     def __init__(self, shards: TokenShards):
         self.shards = shards
@@ -46,12 +77,27 @@ class ShardParallelSet:
         self.seq_length = shards.seq_length
 
     def sequences(self, language: str) -> list[ParallelSequence]:
+        """The language's samples, in shard order.
+
+        Args:
+            language: The anchor or a target language.
+        """
         return [ParallelSequence(s.meta.sample_id, language, s.meta.prompt_length, s)
                 for s in self.shards.samples(language)]
 
     def tokens(self, sequence: ParallelSequence) -> np.ndarray:
+        """The sample's token ids, `[length]`.
+
+        Args:
+            sequence: One of this set's sequences.
+        """
         return self.shards.tokens(sequence.handle)
 
 
 def as_parallel_set(data) -> ParallelSet:
+    """The data as a parallel set: token shards wrapped, a parallel set as it is.
+
+    Args:
+        data: `TokenShards` or a parallel set.
+    """
     return ShardParallelSet(data) if isinstance(data, TokenShards) else data

@@ -31,6 +31,27 @@ BENCHMARK_ORDER = ("global_mmlu", "belebele", "mgsm")
 
 @dataclasses.dataclass
 class ReportInputs:
+    """What a report is made from; a section whose inputs are empty is left out.
+
+    Attributes:
+        title: The report's title.
+        divergence: {name: divergence JSON file}.
+        divergence_baseline: The divergence result the others are compared with; None: the
+            first.
+        normalized: Use the entropy-normalised curves instead of JS.
+        range_alpha, range_window: The alignment-range rule's parameters, used when the
+            baseline result holds no suggested range.
+        training_logs: {run: training JSON log}.
+        evaluations: {name: evaluation results folder}.
+        baseline: The evaluation every other one is tested against.
+        checkpoint_evaluations: [(run, step, evaluation results folder)] of intermediate
+            checkpoints.
+        expert_usage: The JSON file of `tools/routing_divergence.py --expert-usage`.
+        usage_layers: The layers whose expert usage is drawn; None: the first, middle and last
+            measured layer.
+        bootstrap_resamples: Resamples of the paired bootstrap in the significance section.
+    """
+
     title: str = "SARA report"
     divergence: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> JSON
     divergence_baseline: Optional[str] = None  # default: the first divergence result
@@ -48,7 +69,15 @@ class ReportInputs:
 
 def divergence_markdown_table(layers, columns: dict[str, dict[str, list[float]]]) -> list[str]:
     """Rows (layer, language) then the per-language means; one column per result; the numbers
-    formatted as `format_divergence_table` prints them."""
+    formatted as `format_divergence_table` prints them.
+
+    Args:
+        layers: The measured layers.
+        columns: {result name: {language: one value per layer}}, all with the same languages.
+
+    Returns:
+        The Markdown table's lines.
+    """
     names = list(columns)
     languages = list(next(iter(columns.values())))
     lines = ["| layer | lang | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -74,6 +103,20 @@ def _image(name: str, caption: str) -> list[str]:
 # --- sections ------------------------------------------------------------------------------------
 
 def divergence_section(inputs: ReportInputs, out_dir: str) -> list[str]:
+    """The routing-divergence section: the table, the suggested alignment range, ShifCon's area,
+    the U-curve and, with several results, their side-by-side comparison.
+
+    Args:
+        inputs: The report's inputs.
+        out_dir: The folder its PNGs are written to.
+
+    Returns:
+        The section's Markdown lines.
+
+    Raises:
+        InputError: The baseline is not among the results, or the results measure other layers
+            or languages.
+    """
     lines = ["## Routing divergence", ""]
     if not inputs.divergence:
         return lines + _missing(
@@ -155,6 +198,15 @@ def shift_area_lines(result, name: str) -> list[str]:
 
 
 def expert_usage_section(inputs: ReportInputs, out_dir: str) -> list[str]:
+    """The expert-usage section: heatmaps at the chosen layers.
+
+    Args:
+        inputs: The report's inputs.
+        out_dir: The folder its PNGs are written to.
+
+    Returns:
+        The section's Markdown lines.
+    """
     from sara_megatron.analysis.expert_usage import plot_expert_usage, read_expert_usage
 
     lines = ["## Expert usage", ""]
@@ -174,6 +226,15 @@ def expert_usage_section(inputs: ReportInputs, out_dir: str) -> list[str]:
 
 
 def training_section(inputs: ReportInputs, out_dir: str) -> list[str]:
+    """The training-dynamics section: the CE / LB / JS figure and each run's first and last values.
+
+    Args:
+        inputs: The report's inputs.
+        out_dir: The folder its PNGs are written to.
+
+    Returns:
+        The section's Markdown lines.
+    """
     from sara_megatron.analysis.training_dynamics import plot_training_dynamics, read_json_log
 
     lines = ["## Training dynamics", ""]
@@ -205,6 +266,15 @@ def _benchmarks(evaluations: dict[str, dict]) -> list[str]:
 
 
 def accuracy_section(inputs: ReportInputs, out_dir: str) -> list[str]:
+    """The accuracy section: the Table-1-style table, one row per benchmark and evaluation.
+
+    Args:
+        inputs: The report's inputs.
+        out_dir: The folder its PNGs are written to.
+
+    Returns:
+        The section's Markdown lines.
+    """
     from sara_megatron.evaluation.records import ordered_languages, table_row
 
     lines = ["## Accuracy", ""]
@@ -227,6 +297,19 @@ def accuracy_section(inputs: ReportInputs, out_dir: str) -> list[str]:
 
 
 def significance_section(inputs: ReportInputs, out_dir: str) -> list[str]:
+    """The significance section: each method against the baseline per benchmark (paired t-test;
+    McNemar and a paired bootstrap when both evaluations kept their items).
+
+    Args:
+        inputs: The report's inputs.
+        out_dir: The folder its PNGs are written to.
+
+    Returns:
+        The section's Markdown lines.
+
+    Raises:
+        InputError: The baseline is not among the evaluations.
+    """
     from sara_megatron.evaluation.records import ITEMS_FILE, ordered_languages, read_item_records
     from sara_megatron.evaluation.significance import item_level_comparison, paired_t_test
 
@@ -280,6 +363,16 @@ def significance_section(inputs: ReportInputs, out_dir: str) -> list[str]:
 
 
 def checkpoint_accuracy_section(inputs: ReportInputs, out_dir: str) -> list[str]:
+    """The accuracy-by-checkpoint section: the figure and a table of the mean accuracy over
+    languages per benchmark, run and step.
+
+    Args:
+        inputs: The report's inputs.
+        out_dir: The folder its PNGs are written to.
+
+    Returns:
+        The section's Markdown lines.
+    """
     from sara_megatron.analysis.training_dynamics import plot_accuracy_by_checkpoint
     from sara_megatron.evaluation.records import read_results
 
@@ -312,7 +405,15 @@ SECTIONS = (divergence_section, expert_usage_section, training_section, accuracy
 
 
 def write_report(inputs: ReportInputs, out_dir: str | os.PathLike) -> str:
-    """Write report.md and its PNGs into `out_dir` (made when missing); returns report.md's path."""
+    """Write report.md and its PNGs into `out_dir` (made when missing).
+
+    Args:
+        inputs: The report's inputs.
+        out_dir: The report's folder.
+
+    Returns:
+        report.md's path.
+    """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# {inputs.title}", ""]

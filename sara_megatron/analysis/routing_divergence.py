@@ -1,22 +1,12 @@
 """Per-layer routing divergence between each target language and its anchor, under one model.
 
-For every sample id (parallel group) present in the anchor language and a target language, both
-sequences go through the same model; each gives its masked sequence-mean dense routing distribution per layer
-(`capture_routing`), and the JS divergence between the two is averaged over samples. This is the
-paper's alignment measure: SARA should lower it in the aligned layers, full fine-tuning need not.
-Beside it: the entropy-normalised JS (per group, JS divided by the mean of the two distributions'
-entropies, then averaged), so layers of different routing sharpness compare fairly, and on request
-each language's expert usage.
-
-A ShifCon model (`shift`, read from its checkpoint or export by `sara.language_shift`) is measured
-as it was trained: each language's sequences with its hidden states shifted by that language's
-vectors, the anchor's unshifted.
-
-Runs on the current parallel state without pipeline parallel (every rank feeds the same batch; TP
-and EP ranks agree on the result). The forward is the forward runner's
-(`routing/forward_runner.py`), as prior extraction's is: batches are padded alike (with Phi-3
-longrope, a sample is measured under the rope factors training uses for it, whichever samples
-share its batch), and the forward stops after the last measured layer.
+For every parallel group present in the anchor and a target language, both sequences go through
+the same model; the JS divergence between their masked sequence-mean dense routing distributions
+(`capture_routing`) is averaged over groups, per layer, beside the entropy-normalised JS and, on
+request, each language's expert usage. A ShifCon model is measured as it was trained (each
+language's hidden states shifted by its vectors). Runs on the current parallel state without
+pipeline parallel, every rank feeding the same batch, through the forward runner
+(`routing/forward_runner.py`). Details: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -36,6 +26,14 @@ from sara_megatron.routing.forward_runner import ForwardRunner, lay_out_rows
 
 @dataclasses.dataclass
 class SequenceRouting:
+    """One sequence's routing per measured layer.
+
+    Attributes:
+        mean: `[layers, experts]` masked sequence-mean dense routing, fp32.
+        selection: `[layers, experts]` share of the tokens whose top-k holds each expert; None
+            without top_k.
+    """
+
     mean: torch.Tensor  # [L, N] masked sequence-mean dense routing (fp32)
     selection: Optional[torch.Tensor]  # [L, N] share of the tokens whose top-k holds each expert
 
@@ -92,13 +90,36 @@ def _sequence_routing(model, data, sequences: list[ParallelSequence], layers, ba
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) over the last dim, 0·log0 = 0, in float64."""
+    """Shannon entropy (nats) over the last dim, 0·log0 = 0, in float64.
+
+    Args:
+        p: Probabilities, `[..., n]`.
+
+    Returns:
+        float64 `[...]`.
+    """
     p = p.double()
     return -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1)
 
 
 @dataclasses.dataclass
 class RoutingAnalysis:
+    """What `routing_analysis` measured.
+
+    Attributes:
+        layers: The measured layers.
+        anchor: The anchor language.
+        divergence: {target language: mean over groups of JS(anchor ‖ target), per layer}.
+        normalized: {target language: mean over groups of JS / mean entropy of the two, per
+            layer}.
+        groups: {target language: parallel groups compared}.
+        mean_probability: {language (anchor included): `[layers][experts]` mean over its
+            sequences of the dense routing}, when top_k was given.
+        selection_frequency: {language: `[layers][experts]` mean top-k selection share}, when
+            top_k was given.
+        top_k: The top-k of the selection share, or None.
+    """
+
     layers: list[int]
     anchor: str
     divergence: dict[str, list[float]]  # language -> mean over groups of JS(anchor ‖ target)
@@ -124,9 +145,26 @@ def routing_analysis(
     """Per-layer divergence of each target language from the anchor on a parallel set (or token
     shards), plain and entropy-normalised; with `top_k`, also each language's expert usage (mean
     dense routing probability and top-k selection share per expert). Eval mode; the model's mode
-    is restored afterwards. `progress(language)` is called after each language's passes.
-    `process_groups`: megatron's (`distributed.model_process_groups()`); None for one process.
-    `shift`: a ShifCon run's `language_shift.LanguageShift`, applied per language; None: none."""
+    is restored afterwards.
+
+    Args:
+        model: The Megatron model (no pipeline parallel).
+        data: A parallel set or token shards.
+        layers: The measured layers (global, 0-based).
+        languages: The target languages; None: the set's.
+        batch_size: Sequences per forward.
+        top_k: Measure expert usage with this top-k; None: do not.
+        progress: Called as `progress(language)` after each language's passes; None: not.
+        process_groups: Megatron's (`distributed.model_process_groups()`); None for one process.
+        shift: A ShifCon run's `language_shift.LanguageShift`, applied per language; None: none.
+
+    Returns:
+        The analysis.
+
+    Raises:
+        ValueError: `batch_size` < 1, a target language is the anchor, or no sample of a target
+            language has an anchor.
+    """
     from sara_megatron.sara.language_shift import shifted
     from sara_megatron.sara.shifcon import transformer_layers
 
@@ -183,13 +221,32 @@ def routing_divergence(
     languages: Optional[Sequence[str]] = None,
     batch_size: int = 8,
 ) -> dict[str, list[float]]:
-    """{target language: [mean JS(anchor ‖ target) per layer in `layers`]} under `model`, in eval
-    mode (the model's mode is restored afterwards). `shards`: token shards or a parallel set."""
+    """The divergence part of `routing_analysis`, in eval mode (the model's mode is restored
+    afterwards).
+
+    Args:
+        model: The Megatron model, on one process.
+        shards: Token shards or a parallel set.
+        layers: The measured layers (global, 0-based).
+        languages: The target languages; None: the set's.
+        batch_size: Sequences per forward.
+
+    Returns:
+        {target language: [mean JS(anchor ‖ target) per layer in `layers`]}.
+    """
     return routing_analysis(model, shards, layers, languages, batch_size).divergence
 
 
 def format_divergence_table(layers: Sequence[int], columns: dict[str, dict[str, list[float]]]) -> str:
-    """Rows (layer, language); one column per model, e.g. {"base": ..., "SARA": ..., "FFT": ...}."""
+    """Rows (layer, language), then the per-language means; one column per model.
+
+    Args:
+        layers: The measured layers.
+        columns: {model name: {language: one value per layer}}, e.g. {"base": ..., "SARA": ...}.
+
+    Returns:
+        The table as fixed-width text.
+    """
     names = list(columns)
     languages = list(next(iter(columns.values())))
     head = f"{'layer':>5} {'lang':>4} " + " ".join(f"{n:>11}" for n in names)

@@ -1,26 +1,12 @@
 """ShifCon's layer area from a subspace distance between language representations, per layer.
 
-ShifCon's authors pick the layers to shift with a subspace-distance metric between language
-representations (arXiv 2410.19453, abstract: "a subspace distance metric to pinpoint the optimal
-layer area for shifting representations"); their released code (repository `rattlesnakey/ShifCon`,
-commit `516364a`) holds no such computation, only the chosen layers (`pipeline_train_eval.sh`:
-shift 12, back 15 of Llama-2-7B's 32). The metric here is our reading of that description, in the
-low-rank language-subspace form of LSAR (Xie et al., 2022):
-
-1. At each layer l, each language's representation m_lang is its language vector: the mean of its
-   samples' L2-normalised mean hidden states entering l (`--normalisation sentence_l2` of
-   `tools/extract_language_vectors.py`, which makes layers of different scale comparable).
-2. The language-specific subspace M_s of layer l is spanned by the top `rank` left singular
-   vectors of the languages' mean-centred representations [m_1 − μ, …, m_k − μ] (μ their mean);
-   `rank` None keeps all k − 1, which spans every difference between languages.
-3. The distance of a target language from the anchor at l is ‖M_sᵀ (m_target − m_anchor)‖₂; with
-   the full rank this is the Euclidean distance between the two representations.
-4. The curve is the mean over target languages; the suggested area is the valley found by the
-   rule that suggests SARA's range from the routing U-curve (`analysis/alignment_range.py`):
-   the longest run of layers whose smoothed distance is at most min + alpha·(max − min). The shift
-   enters its first layer (`shifcon.shift_layer`) and the shift back its last
-   (`shifcon.shift_back_layer`); a run of one layer is widened to the next layer, since the two
-   must differ.
+At each layer, the distance of a target language from the anchor is the norm of the projection of
+their language vectors' difference onto the languages' mean-centred subspace (the low-rank form
+of LSAR, Xie et al., 2022; at full rank their Euclidean distance); the curve is the mean over
+targets, and the suggested area is its valley by the alignment-range rule
+(`analysis/alignment_range.py`): `shifcon.shift_layer` its first layer, `shifcon.shift_back_layer`
+its last, a one-layer valley widened to the next layer. The sources and the steps in full:
+docs/analysis.md, "ShifCon's layer area".
 """
 
 from __future__ import annotations

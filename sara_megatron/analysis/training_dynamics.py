@@ -19,7 +19,14 @@ LAYER_PREFIX = "js_layer/"
 
 def read_json_log(path: str | os.PathLike) -> list[dict]:
     """The records of a training JSON log, in step order (null values read as nan). A last line
-    without its newline is left out: the run may still be writing it, or a kill cut it short."""
+    without its newline is left out: the run may still be writing it, or a kill cut it short.
+
+    Args:
+        path: The log (`logging.json_log`).
+
+    Raises:
+        InputError: A record has no integer step, or the log holds none.
+    """
     records = []
     for number, record in read_jsonl_objects(path, complete_lines_only=True):
         try:
@@ -33,18 +40,37 @@ def read_json_log(path: str | os.PathLike) -> list[dict]:
 
 
 def logged_layers(records: list[dict]) -> list[int]:
+    """The layers with a per-layer JS value (`js_layer/<layer>`) in any record, ascending.
+
+    Args:
+        records: A training log's records.
+    """
     return sorted({int(k[len(LAYER_PREFIX):]) for r in records for k in r
                    if k.startswith(LAYER_PREFIX)})
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The (steps, values) of one logged quantity, over the records that hold it.
+
+    Args:
+        records: A training log's records.
+        key: The quantity, e.g. "ce" or "js_layer/12".
+    """
     steps = [r["step"] for r in records if key in r]
     return steps, [float(r[key]) for r in records if key in r]
 
 
 def plot_training_dynamics(runs: dict[str, list[dict]], path: str | os.PathLike) -> str:
     """Panels CE, LB, JS (mean over aligned layers) and JS per aligned layer; one colour per run
-    (per-layer lines in that run's colour, thin)."""
+    (per-layer lines in that run's colour, thin).
+
+    Args:
+        runs: {run name: its log's records}.
+        path: Where the PNG is written.
+
+    Returns:
+        The PNG's path.
+    """
     fig, axes = new_figure(DYNAMICS_WIDTH, DYNAMICS_HEIGHT, 1, 4)
     colors = [f"C{i}" for i in range(10)]
     for (name, records), color in zip(runs.items(), colors * 10):
@@ -69,7 +95,15 @@ def plot_training_dynamics(runs: dict[str, list[dict]], path: str | os.PathLike)
 def plot_accuracy_by_checkpoint(points: dict[str, dict[str, list[tuple[int, float]]]],
                                 path: str | os.PathLike, ylabel: Optional[str] = None) -> str:
     """One panel per benchmark: accuracy (%) against checkpoint step, one line per run.
-    `points`: {benchmark: {run: [(step, accuracy), ...]}}."""
+
+    Args:
+        points: {benchmark: {run: [(step, accuracy), ...]}}.
+        path: Where the PNG is written.
+        ylabel: The y-axis label; None: "accuracy (%), mean over languages".
+
+    Returns:
+        The PNG's path.
+    """
     benchmarks = list(points)
     fig, axes = new_figure(ACCURACY_PANEL_WIDTH * len(benchmarks), ACCURACY_HEIGHT, 1,
                            len(benchmarks))
