@@ -47,30 +47,77 @@ DEFAULT_MAX_PROMPT_CHARS = 1_000_000
 
 
 class GenerationBackend(Protocol):
+    """What the evaluation asks of a backend.
+
+    Attributes:
+        model: The model's name, as recorded with the results.
+        concurrency: How many requests may be in flight at once.
+    """
+
     model: str
     concurrency: int
 
     async def generate(self, messages: list[dict], seed: int,
-                       language: str | None = None) -> str: ...
+                       language: str | None = None) -> str:
+        """The model's reply to a chat.
+
+        Args:
+            messages: The chat, `[{"role": ..., "content": ...}]` (one user turn).
+            seed: The sampling seed of this (run, item).
+            language: The item's language (a ShifCon model's shift); None: none.
+        """
 
     def prompt_too_long(self, messages: list[dict], reply_tokens: int | None = None) -> str | None:
-        """Why the prompt cannot fit the model's context with `reply_tokens` after it (default:
-        the most a generated reply may have), or None when it fits."""
+        """Why the prompt cannot fit the model's context with `reply_tokens` after it, or None
+        when it fits.
+
+        Args:
+            messages: The chat.
+            reply_tokens: The reply's length in tokens; None: the most a generated reply may have.
+        """
 
     def context_rule(self, reply_tokens: int | None = None) -> str:
-        """The rule `prompt_too_long` applies, in words."""
+        """The rule `prompt_too_long` applies, in words.
 
-    async def aclose(self) -> None: ...
+        Args:
+            reply_tokens: As for `prompt_too_long`.
+        """
+
+    async def aclose(self) -> None:
+        """Release the backend's connections or model."""
 
 
 def prompt_characters(messages: list[dict]) -> int:
+    """The number of characters of the chat's message contents, all together.
+
+    Args:
+        messages: The chat, `[{"role": ..., "content": ...}]`.
+    """
     return sum(len(m.get("content") or "") for m in messages)
 
 
 class OpenAIBackend:
     """Chat completions from an OpenAI-compatible server through `sara_megatron.chat.ChatClient`
     (bounded concurrency; retries on 429 with Retry-After, 5xx, dropped connections, bad bodies).
-    A request that still fails raises `ChatRequestFailed`: it is never scored."""
+    A request that still fails raises `ChatRequestFailed`: it is never scored.
+
+    Args:
+        base_url: The server's OpenAI API root (e.g. `http://localhost:8000/v1`).
+        model: The served model's name.
+        sampling: The sampling settings.
+        concurrency: Requests in flight at most.
+        chat_template_kwargs: Passed to the server's chat template (e.g. Qwen3's
+            `{"enable_thinking": False}`); None: none.
+        max_retries: Further attempts after a request's first.
+        timeout_s: One request's timeout, in seconds.
+        api_key_env: The environment variable holding the API key.
+        backoff_base_s: The exponential backoff's first ceiling, in seconds.
+        max_prompt_chars: The longest prompt sent, in characters.
+
+    Raises:
+        InputError: The model refuses the sampling settings (a reasoning model and temperature).
+        ValueError: concurrency < 1, max_retries < 0, or no API key where one is required.
+    """
 
     def __init__(self, base_url: str, model: str, sampling: SamplingSettings, *,
                  concurrency: int = 32, chat_template_kwargs: dict | None = None,
@@ -95,6 +142,11 @@ class OpenAIBackend:
                                  backoff_base_s=backoff_base_s)
 
     def settings(self, seed: int):
+        """The `ChatSettings` of one request.
+
+        Args:
+            seed: The request's sampling seed.
+        """
         from sara_megatron.chat.client import ChatSettings
 
         return ChatSettings(model=self.model, temperature=self.sampling.temperature,
@@ -102,19 +154,42 @@ class OpenAIBackend:
                             seed=seed, extra_body=self.extra_body)
 
     def prompt_too_long(self, messages: list[dict], reply_tokens: int | None = None) -> str | None:
+        """Why the prompt is too long ("N characters"), or None when it has at most
+        `max_prompt_chars` characters.
+
+        Args:
+            messages: The chat.
+            reply_tokens: Not used: the served model's tokenizer is not here to count tokens.
+        """
         chars = prompt_characters(messages)
         return f"{chars} characters" if chars > self.max_prompt_chars else None
 
     def context_rule(self, reply_tokens: int | None = None) -> str:
+        """The rule `prompt_too_long` applies, in words.
+
+        Args:
+            reply_tokens: Not used.
+        """
         return (f"a prompt of at most --max-prompt-chars {self.max_prompt_chars} characters (the "
                 "served model's tokenizer is not here to count tokens)")
 
     async def generate(self, messages: list[dict], seed: int,
                        language: str | None = None) -> str:
+        """The server's reply to a chat.
+
+        Args:
+            messages: The chat, `[{"role": ..., "content": ...}]`.
+            seed: The request's sampling seed.
+            language: Ignored: a server cannot shift a ShifCon model.
+
+        Raises:
+            ChatRequestFailed: The request still failed after its retries.
+        """
         reply = await self.client.complete(messages, self.settings(seed))
         return reply.content
 
     async def aclose(self) -> None:
+        """Close the client's connections."""
         await self.client.aclose()
 
 
@@ -135,8 +210,25 @@ class HFBackend:
     seeding with its own (run, item) seed: a reply does not depend on which items run beside it or
     in which order.
 
-    `shift`: a ShifCon export's shift (`language_shift.read_shift_sidecar(model_dir)`); each
-    request's hidden states are then shifted by its language, as in training. None: no shift."""
+    Args:
+        model_dir: The HF model folder (an export, or from the hub).
+        sampling: The sampling settings.
+        chat_template_kwargs: Passed to the tokenizer's chat template (e.g. Qwen3's
+            `{"enable_thinking": False}`); None: none.
+        dtype: "auto", "float32", "bfloat16" or "float16".
+        device: Where the model runs; None: "cuda" when available, else "cpu".
+        trust_remote_code: Let transformers run the folder's own model code.
+        max_context_tokens: The context length in tokens; None: the config's
+            max_position_embeddings.
+        shift: A ShifCon export's shift (`language_shift.read_shift_sidecar(model_dir)`); each
+            request's hidden states are then shifted by its language, as in training. None: no
+            shift.
+
+    Raises:
+        InputError: The tokenizer has no chat template.
+        ShiftSidecarError: The shift does not fit the model's layers.
+        ValueError: `dtype` is not one of the four.
+    """
 
     concurrency = 1
 
@@ -187,6 +279,11 @@ class HFBackend:
         self.max_prompt_chars = 4 * self.context_tokens * max(longest_token, 1)
 
     def context_rule(self, reply_tokens: int | None = None) -> str:
+        """The rule `prompt_too_long` applies, in words.
+
+        Args:
+            reply_tokens: The scored reply's length in tokens; None: --max-new-tokens.
+        """
         if self.context_tokens is None:
             return (f"the model's config has no max_position_embeddings: a prompt of at most "
                     f"{self.max_prompt_chars} characters (--max-context-tokens sets a limit in "
@@ -197,6 +294,13 @@ class HFBackend:
                 f"({self.context_source})")
 
     def prompt_too_long(self, messages: list[dict], reply_tokens: int | None = None) -> str | None:
+        """Why the chat-templated prompt plus the reply does not fit the context, or None when it
+        fits (a prompt of too many characters is refused before it is tokenized).
+
+        Args:
+            messages: The chat.
+            reply_tokens: The reply's length in tokens; None: the sampling's max_new_tokens.
+        """
         chars = prompt_characters(messages)
         if chars > self.max_prompt_chars:
             if self.context_tokens is None:
@@ -213,6 +317,11 @@ class HFBackend:
         return None
 
     def chat_text(self, messages: list[dict]) -> str:
+        """The chat rendered by the tokenizer's chat template, up to the generation prompt.
+
+        Args:
+            messages: The chat.
+        """
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True,
                                                   **self.chat_template_kwargs)
@@ -224,12 +333,24 @@ class HFBackend:
         return torch.tensor([ids], device=self.device)
 
     def language_shift(self, language: str | None):
-        """Context: the model's forward shifted for `language` (nothing without a shift)."""
+        """Context: the model's forward shifted for `language` (nothing without a shift).
+
+        Args:
+            language: The item's language; None: no shift.
+        """
         from sara_megatron.sara.language_shift import shifted
 
         return shifted(self._layers, self.shift, language)
 
     def generate_sync(self, messages: list[dict], seed: int, language: str | None = None) -> str:
+        """The model's reply to a chat, sampled after seeding torch with `seed` (greedy at
+        temperature 0), one request at a time.
+
+        Args:
+            messages: The chat, `[{"role": ..., "content": ...}]`.
+            seed: The request's sampling seed.
+            language: The item's language (the shift's); None: no shift.
+        """
         import torch
 
         input_ids = self._encode(self.chat_text(messages))
@@ -250,13 +371,32 @@ class HFBackend:
 
     async def generate(self, messages: list[dict], seed: int,
                        language: str | None = None) -> str:
+        """`generate_sync` in a worker thread.
+
+        Args:
+            messages: The chat.
+            seed: The request's sampling seed.
+            language: The item's language; None: no shift.
+
+        Returns:
+            The reply text.
+        """
         return await asyncio.to_thread(self.generate_sync, messages, seed, language)
 
     def continuation_logprobs(self, messages: list[dict], continuations: Sequence[str],
                               language: str | None = None) -> list[float]:
         """Sum of the log-probabilities of each continuation's tokens right after the chat's
         generation prompt (context and continuation tokenized apart, as lm-eval does), the model
-        shifted for `language` when the backend has a shift."""
+        shifted for `language` when the backend has a shift.
+
+        Args:
+            messages: The chat.
+            continuations: The candidate continuations.
+            language: The item's language; None: no shift.
+
+        Returns:
+            One summed log-probability (nats) per continuation, in order.
+        """
         import torch
 
         context = self._encode(self.chat_text(messages))
@@ -271,4 +411,5 @@ class HFBackend:
         return scores
 
     async def aclose(self) -> None:
+        """Nothing to release: the model stays loaded until the backend is dropped."""
         return None
