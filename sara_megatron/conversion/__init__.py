@@ -15,5 +15,10 @@ import sys
 
 
 def progress(stage: str, message: str) -> None:
-    """One progress line on stderr (callers print on one rank only)."""
+    """One progress line on stderr (callers print on one rank only).
+
+    Args:
+        stage: The conversion stage shown in the prefix ("import", "export", "verify", ...).
+        message: The text of the line.
+    """
     print(f"[convert_hf {stage}] {message}", file=sys.stderr, flush=True)

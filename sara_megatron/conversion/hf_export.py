@@ -1,30 +1,11 @@
 """Megatron-Core torch_dist checkpoint → Hugging Face folder (safetensors, hub key layout).
 
-Streams: the output files' headers are planned from the checkpoint's metadata alone (every hub
-tensor's name, dtype and shape follow from the mapping), then the Megatron tensors are read in
-batches of at most `read_batch_bytes` — each one a region of a global checkpoint tensor (one
-layer's QKV, one expert's fc1, ...) that megatron's `dist_checkpointing.load` reads from the
-`.distcp` files — split into hub tensors and written out. Memory: one batch plus one tensor,
-never the model. No model is built; the layout the checkpoint was saved at does not matter.
-
-Works on a training checkpoint too (`iter_N/`: the weights' keys are the same; the optimizer
-state beside them is skipped, see `is_optimizer_state`). A run started from a converted checkpoint
-(`model.checkpoint`) carries that checkpoint's conversion metadata and HF assets into every save, so
-its folders export as they are; one started from a preset's random weights has none, and `hf_dir`
-names where config.json and the tokenizer come from.
-
-The folder gets `config.json` (the imported HF config, dtype updated), the other HF assets
-(tokenizer, generation config, ...) and `model.safetensors` or shards with
-`model.safetensors.index.json`; padded vocabulary rows are dropped. A ShifCon run's checkpoint
-carries its shift (`shifcon.json` and `shifcon/`, sara.language_shift): it is copied along, so that
-evaluation can shift the exported model as training did.
-
-The checkpoint's files are checked against its manifest first (`checkpointing.manifest`), and
-a tensor holding NaN or inf is refused, naming it, before the output is published.
-
-A LoRA run's checkpoint holds only the adapters and the trained router: it is refused here,
-and `conversion.lora_export.export_merged` exports it through this function (`weights_dir` its
-base, `adapt` merging the adapters into each batch).
+Streams tensor by tensor in batches of at most `read_batch_bytes` (memory: one batch plus one
+tensor, never the model); any layout, training checkpoints included (optimizer state skipped).
+The checkpoint's files are checked against its manifest first, and a tensor holding NaN or inf
+is refused, naming it, before the output is published. A ShifCon run's shift is copied along.
+A LoRA run's checkpoint is refused here: `conversion.lora_export.export_merged` exports it
+through this function. Details: docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -86,9 +67,23 @@ def ensure_process_group() -> None:
 
 
 def checkpoint_source(megatron_dir: str, hf_dir: str | None) -> tuple[dict, str | None, list[str]]:
-    """(HF config, assets folder, asset names) for a Megatron checkpoint: from `hf_dir` when
-    given, else from its conversion metadata (written by import, carried into the checkpoints of a
-    training run started from an imported checkpoint)."""
+    """The HF config, assets folder and asset names for a Megatron checkpoint.
+
+    Taken from `hf_dir` when given, else from the checkpoint's conversion metadata (written by
+    import, carried into the checkpoints of a training run started from an imported checkpoint).
+
+    Args:
+        megatron_dir: The Megatron checkpoint folder.
+        hf_dir: An HF model folder with config.json and the tokenizer, or None to use the
+            checkpoint's own metadata.
+
+    Returns:
+        `(hf_config, assets_dir, asset_names)`: the HF config dict, the folder holding the assets
+        (None never for a found source) and the asset file names in it.
+
+    Raises:
+        ConversionError: `hf_dir` is None and the checkpoint carries no conversion metadata.
+    """
     record = read_metadata(megatron_dir)
     if hf_dir is not None:
         hf_dir = os.path.abspath(hf_dir)
@@ -104,7 +99,17 @@ def checkpoint_source(megatron_dir: str, hf_dir: str | None) -> tuple[dict, str 
 
 
 def checkpoint_tensor_metadata(megatron_dir: str) -> dict:
-    """Checkpoint key → ShardedTensor (global shape, dtype) without reading tensor data."""
+    """Checkpoint key → ShardedTensor (global shape, dtype) without reading tensor data.
+
+    Args:
+        megatron_dir: A Megatron-Core torch_dist checkpoint folder.
+
+    Returns:
+        A dict from checkpoint key to megatron's `ShardedTensor` metadata.
+
+    Raises:
+        ConversionError: The folder has no metadata.json (not a distributed checkpoint).
+    """
     from megatron.core import dist_checkpointing
 
     if not os.path.exists(os.path.join(megatron_dir, "metadata.json")):
@@ -123,12 +128,20 @@ _OPTIMIZER_STATE = re.compile(r"(chained_\d+\.)*optimizer\.")
 
 
 def is_optimizer_state(key: str) -> bool:
-    """Whether a checkpoint tensor key is optimizer state (not a weight)."""
+    """Whether a checkpoint tensor key is optimizer state (not a weight).
+
+    Args:
+        key: A checkpoint tensor key.
+    """
     return _OPTIMIZER_STATE.match(key) is not None
 
 
 def trainer_record(checkpoint_dir: str) -> dict:
-    """The "trainer" entry a training checkpoint saves beside its tensors ({} for others)."""
+    """The "trainer" entry a training checkpoint saves beside its tensors ({} for others).
+
+    Args:
+        checkpoint_dir: A Megatron-Core torch_dist checkpoint folder.
+    """
     from megatron.core import dist_checkpointing
 
     record = (dist_checkpointing.load_common_state_dict(checkpoint_dir) or {}).get("trainer", {})
@@ -136,13 +149,27 @@ def trainer_record(checkpoint_dir: str) -> dict:
 
 
 def has_lora_record(checkpoint_dir: str) -> bool:
-    """Whether a Megatron checkpoint is a LoRA run's (adapters only, the base elsewhere)."""
+    """Whether a Megatron checkpoint is a LoRA run's (adapters only, the base elsewhere).
+
+    Args:
+        checkpoint_dir: A Megatron-Core torch_dist checkpoint folder.
+    """
     return (trainer_record(checkpoint_dir).get("peft") or {}).get("method") == "lora"
 
 
 def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
-    """Raise naming missing / unexpected / wrongly shaped Megatron tensors (optimizer state is
-    not a weight and is skipped)."""
+    """Raise naming missing / unexpected / wrongly shaped Megatron tensors.
+
+    Optimizer state is not a weight and is skipped.
+
+    Args:
+        mapping: The model's mapping, giving the expected checkpoint keys and global shapes.
+        tensors: Checkpoint key → ShardedTensor metadata (`checkpoint_tensor_metadata`).
+        where: How the checkpoint is named in the error.
+
+    Raises:
+        ConversionError: A tensor is missing, unexpected or of another shape than the config implies.
+    """
     expected = mapping.checkpoint_shapes()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(
@@ -167,7 +194,16 @@ def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
 
 
 def check_finite_tensor(key: str, tensor: torch.Tensor, where: str) -> None:
-    """Refuse a weight holding NaN or inf (a run that diverged), naming it."""
+    """Refuse a weight holding NaN or inf (a run that diverged), naming it.
+
+    Args:
+        key: How the tensor is named in the error.
+        tensor: The tensor to check (non-floating tensors pass).
+        where: The checkpoint named in the error.
+
+    Raises:
+        ConversionError: The tensor holds a NaN or inf.
+    """
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ConversionError(
@@ -223,14 +259,32 @@ def export_hf_checkpoint(
     weights_dir: str | os.PathLike | None = None,
     adapt: Callable[[ModelMapping], Callable[[list, list], list]] | None = None,
 ) -> dict:
-    """Write an HF folder `out` from the Megatron checkpoint `megatron_dir`; returns a summary.
+    """Write an HF folder `out` from the Megatron checkpoint `megatron_dir`.
 
     Args:
+        megatron_dir: The Megatron-Core torch_dist checkpoint (an imported one or a training run's
+            `iter_N/`).
+        out: The HF folder to write; published atomically once complete.
+        overwrite: Replace `out` if it exists (else an existing `out` is refused).
+        dtype: The dtype to write ("bfloat16", "float32", "float16"); None keeps the checkpoint's.
+        max_shard_size: The largest safetensors file, in bytes or as "5GB" / "500MB".
+        hf_dir: An HF folder supplying config.json and the tokenizer when the checkpoint carries no
+            conversion metadata.
+        read_batch_bytes: The most bytes of Megatron tensors read from the checkpoint at once.
         weights_dir: where the weights are read, when not in `megatron_dir` (a LoRA run's
             base); config and assets still come from `megatron_dir` when it carries them.
         adapt: given the model's mapping, returns what turns each batch of tensors read from
             `weights_dir` into the ones to write: `f(batch mappings, tensors) -> tensors`
             (merging LoRA adapters). Checked before any tensor is read or written.
+
+    Returns:
+        A summary dict: `out`, `files` (names written), `tensors` (count), `bytes`, `seconds` and
+        `shifcon_shift` (whether a ShifCon shift was copied along).
+
+    Raises:
+        ConversionError: Started as one of several processes, a LoRA checkpoint without `adapt`, an
+            unknown `dtype`, no config source, a checkpoint that does not match its config, or a
+            non-finite weight.
     """
     from sara_megatron.models.architecture import from_hf_config
 

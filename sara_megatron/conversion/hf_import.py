@@ -1,20 +1,10 @@
 """Hugging Face safetensors checkpoint → Megatron-Core torch_dist checkpoint, at any TP/EP/PP.
 
-Every rank builds its own shard of the model with `build_model` on the current parallel state and
-walks the model's own `sharded_state_dict()` — the description megatron writes the checkpoint
-from: each entry names the checkpoint key, the global layer / expert index, and the global offset
-and shape of this rank's piece (TP partition, EP expert ids, PP layer offsets all come from
-megatron, nothing is re-derived here). `mapping.py` turns that region into row ranges of hub
-tensors, which are read from the safetensors files by byte range straight into the parameter's
-memory. So a rank reads only the bytes it owns and holds its shard, not the model. Then
-`save_model_weights` writes the checkpoint collectively.
-
-The model is built without megatron's random initialisation (`perform_initialization=False`):
-on CPU that would build each whole weight in fp32 before keeping this rank's part, and for
-vocabulary-sized weights that transient, not the shard, would set the peak. Megatron's checkpoint
-writer still clones the fc1 halves (views) while saving.
-
-Single process (no launcher): the whole model in one process.
+Every rank builds its own shard of the model and walks its `sharded_state_dict()`; `mapping.py`
+turns each entry's region into row ranges of hub tensors, read by byte range straight into the
+parameter's memory. So a rank reads only the bytes it owns and holds its shard, not the model;
+`save_model_weights` then writes the checkpoint collectively. Single process (no launcher): the
+whole model in one process. Details: docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -41,6 +31,14 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def read_hf_config(hf_dir: str) -> dict:
+    """The config.json of an HF model folder.
+
+    Args:
+        hf_dir: The HF model folder.
+
+    Raises:
+        ConversionError: The folder has no config.json, or it is not valid JSON.
+    """
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"no config.json in {hf_dir}")
@@ -48,7 +46,21 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def resolve_dtype(requested: str | None, reader: SafetensorsCheckpoint) -> torch.dtype:
-    """--dtype, or the source's own dtype when every tensor has it (bf16 or fp32), else fp32."""
+    """The parameter dtype of an import: --dtype, or the source's own when all tensors share it.
+
+    The source's dtype is kept when every tensor has the same one and it is bf16 or fp32; otherwise
+    fp32.
+
+    Args:
+        requested: The --dtype value ("bf16" or "fp32"), or None to follow the source.
+        reader: The opened HF checkpoint.
+
+    Returns:
+        The torch dtype to build the model in.
+
+    Raises:
+        ConversionError: `requested` is not one of the known dtypes.
+    """
     if requested is not None:
         if requested not in DTYPES:
             raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {requested!r}")
@@ -78,8 +90,20 @@ def _sharded_tensors(model):
 
 @torch.no_grad()
 def fill_model_from_hf(model, reader: SafetensorsCheckpoint, mapping: ModelMapping) -> set[str]:
-    """Copy this rank's shard of every parameter from the hub tensors; returns the hub tensor
-    names read. Raises if any parameter element is left unfilled."""
+    """Copy this rank's shard of every parameter from the hub tensors.
+
+    Args:
+        model: The built Megatron model (this rank's shard, any TP/EP/PP layout).
+        reader: The opened HF checkpoint.
+        mapping: The mapping for the model's padded vocabulary.
+
+    Returns:
+        The names of the hub tensors read.
+
+    Raises:
+        ConversionError: A model tensor's shape differs from the mapping's, an unexpected sharded
+            state entry appears, or a parameter element is left unfilled (or NaN in the source).
+    """
     params = [p for p in model.parameters() if p.is_floating_point()]
     for p in params:
         p.fill_(float("nan"))  # sentinel: whatever is still NaN afterwards was never written
@@ -111,8 +135,19 @@ def fill_model_from_hf(model, reader: SafetensorsCheckpoint, mapping: ModelMappi
 
 
 def load_hf_weights(model, hf_dir: str | os.PathLike) -> None:
-    """Fill an already built model (this rank's shard, any layout) from an HF folder in memory,
-    without writing a checkpoint: the same mapping and reads as `import_hf_checkpoint`."""
+    """Fill an already built model from an HF folder in memory, without writing a checkpoint.
+
+    The same mapping and reads as `import_hf_checkpoint`.
+
+    Args:
+        model: The built Megatron model (this rank's shard, any layout); carries
+            `sara_architecture`.
+        hf_dir: The HF model folder.
+
+    Raises:
+        ConversionError: The folder's tensors do not match the architecture, or a parameter is
+            left unfilled.
+    """
     from megatron.core import parallel_state as ps
 
     arch = model.sara_architecture
@@ -159,7 +194,21 @@ def import_hf_checkpoint(
 ) -> dict:
     """Convert `hf_dir` into a Megatron-Core checkpoint folder `out`; collective under torchrun.
 
-    Returns the metadata record written beside the checkpoint.
+    Args:
+        hf_dir: The HF model folder (config.json and safetensors).
+        out: The checkpoint folder to write; published atomically once complete.
+        tp: Tensor-parallel size of the layout built while converting.
+        ep: Expert-parallel size.
+        pp: Pipeline-parallel size.
+        dtype: "bf16" or "fp32"; None keeps the source's dtype (see `resolve_dtype`).
+        overwrite: Replace `out` if it exists (else an existing `out` is refused).
+
+    Returns:
+        The metadata record written beside the checkpoint.
+
+    Raises:
+        ConversionError: An unsupported architecture or layout, tensors that do not match the
+            config, a process count that does not fit tp·ep·pp, or a full disk.
     """
     from sara_megatron.tool_errors import disk_full_error
     from sara_megatron.distributed import ParallelConfig, initialize_distributed

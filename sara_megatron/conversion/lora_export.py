@@ -1,34 +1,17 @@
 """A LoRA run's checkpoint → a merged HF folder, or an adapter folder in PEFT's layout.
 
-A LoRA checkpoint (`peft.method: lora`) holds only what trained: the adapters, the router when
-`router: full`, and their optimizer state; its trainer record's "peft" entry names the base
-checkpoint it was trained on and that base's fingerprint (`sara_megatron.peft.runs`). Export
-refuses a base whose fingerprint differs (`check_adapter_base`).
-
-Adapter tensors in the checkpoint (the adapter module's names, `sara_megatron.peft.lora`, under
-megatron's checkpoint keys: the layer, and the global expert, on prepended axes) sit beside the
+A LoRA checkpoint holds only what trained (the adapters, the router when `router: full`, their
+optimizer state); its trainer record names the base checkpoint and that base's fingerprint, and
+a base with another fingerprint is refused (`check_adapter_base`). Adapter tensors sit beside the
 key of the weight they adapt: `<weight key without "weight">lora_a` / `lora_b` at the weight's
-index, e.g. `decoder.layers.self_attention.linear_qkv.lora_a` at `(layer,)` and
-`decoder.layers.mlp.experts.experts.linear_fc1.lora_b` at `(layer, expert)`; shared expert
-adapters are `decoder.layers.mlp.experts.linear_fc1_lora_a` at `(layer,)` for all experts.
-A: [r, in], B: [out, r]; the update is (alpha / r)·B·A.
+index (shared expert adapters: `decoder.layers.mlp.experts.linear_fc1_lora_a` at `(layer,)`);
+A: [r, in], B: [out, r], the update (alpha / r)·B·A.
 
-- Merged (`merged_weight`): W + (alpha/r)·B·A computed in fp32 for every adapted tensor (for an
-  expert with shared adapters, the layer's one pair), cast back to the base's dtype; the router
-  is the checkpoint's when trained fully, the base's plus its LoRA under `router: lora`. Then
-  the usual export (`hf_export.export_hf_checkpoint`) splits the tensors into hub tensors.
-- PEFT (`export_peft_adapter`): `adapter_config.json` and `adapter_model.safetensors` with
-  PEFT's names for transformers' modules (`base_model.model.model.layers.0.self_attn.q_proj.
-  lora_A.weight`). Megatron's fused QKV adapter becomes three: PEFT applies
-  s·B_q·A to q_proj, s·B_k·A to k_proj, s·B_v·A to v_proj, the same A for all three and B's rows
-  split exactly as the QKV weight's rows are (`mapping.TensorMapping.split`), which is the fused
-  update row for row: exact. A trained router (full, or merged with its LoRA) goes in as a
-  module to save (`modules_to_save: ["gate"]`: the whole router weight). Expert adapters go on
-  transformers' fused expert parameters (Qwen3-MoE's `mlp.experts.gate_up_proj` [E, 2F, h], the
-  [gate; up] order of Megatron's fc1, and `down_proj`) through PEFT's `target_parameters`, one
-  A, B pair per expert stacked as PEFT's ParamWrapper keeps them (`_expert_tensors`); shared
-  adapters are repeated for every expert. Other families' expert adapters are refused here and
-  export merged.
+- Merged (`export_merged`): W + (alpha/r)·B·A in fp32, cast back, then the usual export.
+- PEFT (`export_peft_adapter`): `adapter_config.json` and `adapter_model.safetensors` with PEFT's
+  names for transformers' modules; the fused QKV adapter becomes exact q/k/v ones.
+
+The layouts in full: docs/peft.md.
 """
 
 from __future__ import annotations
@@ -73,6 +56,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def lora_record(lora_dir: str) -> dict:
     """The "peft" entry of a checkpoint's trainer record (`peft.runs.peft_record`).
 
+    Args:
+        lora_dir: The LoRA run's Megatron checkpoint folder.
+
     Raises:
         ConversionError: the checkpoint holds no LoRA record (a full fine-tuning checkpoint,
             or an imported one).
@@ -87,8 +73,17 @@ def lora_record(lora_dir: str) -> dict:
 
 
 def resolve_base(lora_dir: str, record: dict, base_dir: str | None) -> str:
-    """The base checkpoint of a LoRA checkpoint: `base_dir`, or the one its record names; its
-    fingerprint must be the recorded one.
+    """The base checkpoint of a LoRA checkpoint: `base_dir`, or the one its record names.
+
+    The base's fingerprint must be the recorded one.
+
+    Args:
+        lora_dir: The LoRA run's Megatron checkpoint folder (named in errors).
+        record: Its "peft" record (`lora_record`).
+        base_dir: The base checkpoint to use instead of the recorded one, or None.
+
+    Returns:
+        The absolute path of the base checkpoint.
 
     Raises:
         ConversionError: no base to use (adapters trained on a randomly initialised base and
@@ -130,15 +125,24 @@ class LoraCheckpoint:
 
     @property
     def scale(self) -> float:
+        """The LoRA scale alpha / rank."""
         return float(self.record["alpha"]) / int(self.record["rank"])
 
     @property
     def rank(self) -> int:
+        """The LoRA rank r."""
         return int(self.record["rank"])
 
     def factor_mappings(self, m: TensorMapping) -> tuple[TensorMapping, TensorMapping] | None:
-        """(A, B) of the base tensor `m`, as regions of checkpoint tensors, or None when `m` is
-        not adapted."""
+        """The (A, B) factors of the base tensor `m`, as regions of checkpoint tensors.
+
+        Args:
+            m: The mapping of a base tensor of shape [out, in].
+
+        Returns:
+            `(A, B)` with shapes [r, in] and [out, r] (a layer's shared pair for shared expert
+            adapters), or None when `m` is not adapted.
+        """
         targets = {TARGET_KEYS[t] for t in self.record["targets"] if t in TARGET_KEYS}
         if self.record.get("router") == "lora":
             targets.add(ROUTER)
@@ -153,13 +157,24 @@ class LoraCheckpoint:
                 TensorMapping(prefix + "lora_b", index, (out, self.rank), ()))
 
     def trained_router(self, m: TensorMapping) -> TensorMapping | None:
-        """The router tensor to take from this checkpoint (`router: full`), else None."""
+        """The router tensor to take from this checkpoint (`router: full`), else None.
+
+        Args:
+            m: The mapping of a base tensor.
+        """
         if m.key == ROUTER and self.record.get("router") == "full":
             return m
         return None
 
     def expected_keys(self, mapping: ModelMapping) -> dict[str, tuple[int, ...]]:
-        """Checkpoint key → global shape of every adapter (and trained router) tensor."""
+        """Checkpoint key → global shape of every adapter (and trained router) tensor.
+
+        Args:
+            mapping: The model's mapping.
+
+        Returns:
+            A dict from checkpoint key to global shape (stacked layer / expert axes first).
+        """
         shapes: dict[str, tuple[int, ...]] = {}
         for m in mapping.mappings:
             wanted = list(self.factor_mappings(m) or ())
@@ -176,6 +191,13 @@ class LoraCheckpoint:
 
 def open_lora_checkpoint(lora_dir: str, mapping: ModelMapping) -> LoraCheckpoint:
     """Read and check a LoRA checkpoint's record and tensors against the model's mapping.
+
+    Args:
+        lora_dir: The LoRA run's Megatron checkpoint folder.
+        mapping: The base model's mapping.
+
+    Returns:
+        The checked `LoraCheckpoint`.
 
     Raises:
         ConversionError: no LoRA record; a target without a conversion (shared_experts); an
@@ -219,6 +241,9 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         a: [r, in].
         b: [out, r].
         scale: alpha / r.
+
+    Returns:
+        The merged weight, [out, in], in `weight`'s dtype.
     """
     merged = weight.float() + scale * (b.float() @ a.float())
     return merged.to(weight.dtype)
@@ -226,8 +251,15 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
 def adapted_batch(lora: LoraCheckpoint, batch: list[TensorMapping],
                   loaded: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors of `batch` (read from the base) with the adapters merged and the trained
-    router swapped in; one read of the LoRA checkpoint for the whole batch."""
+    """The tensors of `batch` with the adapters merged and the trained router swapped in.
+
+    One read of the LoRA checkpoint serves the whole batch.
+
+    Args:
+        lora: The opened LoRA checkpoint.
+        batch: The mappings of the base tensors read.
+        loaded: The base tensors, one per mapping of `batch` (read from the base checkpoint).
+    """
     from sara_megatron.conversion.hf_export import _load_batch
 
     requests: list[TensorMapping] = []

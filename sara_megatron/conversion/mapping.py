@@ -1,30 +1,10 @@
 """Hugging Face hub tensors ⇄ Megatron-Core checkpoint tensors, for Qwen3-MoE and PhiMoE.
 
 The one place the weight layout correspondence lives; import, export, and the tests read it.
-
-The Megatron side is named by *checkpoint* keys (what `dist_checkpointing` stores, the same for
-every TP/EP/PP layout and for the local and Transformer Engine layer specs) plus the indices on
-the key's prepended axes: `(layer,)` with the global layer number, `(layer, expert)` with the
-global expert id. E.g. the local spec's `decoder.layers.3.input_layernorm.weight` is stored as
-`decoder.layers.self_attention.linear_qkv.layer_norm_weight` at index `(3,)` (megatron's
-TE-compatible key map), and local expert 1 on EP rank 1 of 2 with 8 experts as
-`decoder.layers.mlp.experts.experts.linear_fc1.weight` at `(layer, 5)`.
-
-Every Megatron tensor is a stack, along its first axis, of row ranges of hub tensors (`Piece`s):
-
-- fused QKV, per query group g: [q rows of the group's heads/groups heads; k rows of g; v rows of
-  g], with the explicit head dim `kv_channels` (Qwen3-30B-A3B: 128, not hidden/heads); the same
-  for the q/k/v biases (PhiMoE);
-- expert fc1 = [gate (w1); up (w3)], expert fc2 = down (w2). Megatron's checkpoint holds fc1 as
-  the whole [gate; up]; under TP each rank's fc1 is [gate_i; up_i], which megatron's own swiglu
-  sharded-state-dict factory expresses as two row ranges of this tensor;
-- embedding, output layer and lm_head bias: the hub's `vocab_size` rows, then padding rows up to
-  the padded vocabulary (`MoEArchitecture.padded_vocab_size`). Import writes zeros there, so a
-  padded token has a zero embedding and a logit of exactly 0; export drops those rows;
-- everything else one whole hub tensor.
-
-Slices on the other axes (TP on axis 1 of linear_proj / linear_fc2) need no mapping: hub and
-Megatron agree on them.
+A Megatron tensor is named by its checkpoint key plus its indices on the key's prepended axes
+(`(layer,)`, `(layer, expert)`, global), and is a stack, along its first axis, of row ranges of
+hub tensors (`Piece`s): fused QKV per query group, expert fc1 = [gate; up], vocabulary-sized
+tensors padded with zero rows. The full layout: docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -113,6 +93,7 @@ class Piece:
 
     @property
     def rows(self) -> int:
+        """The number of rows the piece spans (`stop - start`)."""
         return self.stop - self.start
 
 
@@ -126,6 +107,11 @@ class TensorMapping:
     pieces: tuple[Piece, ...]
 
     def hf_names(self) -> list[str]:
+        """The hub tensors this Megatron tensor is built from, in first-piece order.
+
+        Returns:
+            The hub tensor names (padding pieces left out), each once.
+        """
         seen: dict[str, None] = {}
         for p in self.pieces:
             if p.hf is not None:
@@ -138,6 +124,19 @@ class TensorMapping:
         Each piece lands in its rows of `out` through `read(name, (row_start, row_stop),
         rest_slices, out=rows_of_out)`; only the rows inside the region are asked for. Padding
         rows are zeros.
+
+        Args:
+            region: One slice per axis of the Megatron tensor (`self.shape`, stacked axes excluded).
+            read: The reader: `read(name, (row_start, row_stop), rest_slices, out=tensor)` fills
+                `tensor` with those rows of hub tensor `name` (e.g. `SafetensorsCheckpoint.read`).
+            out: The destination, shaped like `region`.
+
+        Returns:
+            `out`, filled.
+
+        Raises:
+            ConversionError: `region` has another number of axes than the tensor, or `out` another
+                shape than the region.
         """
         if len(region) != len(self.shape):
             raise ConversionError(f"{self.key}{list(self.index)}: region {region} vs {self.shape}")
@@ -161,7 +160,17 @@ class TensorMapping:
         return out
 
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The hub tensors inside a whole Megatron tensor (padding rows dropped)."""
+        """The hub tensors inside a whole Megatron tensor (padding rows dropped).
+
+        Args:
+            tensor: The whole Megatron tensor, of shape `self.shape`.
+
+        Returns:
+            Hub tensor name → its tensor (views of `tensor`, or their concatenation).
+
+        Raises:
+            ConversionError: `tensor` has another shape than `self.shape`.
+        """
         if tuple(tensor.shape) != self.shape:
             raise ConversionError(
                 f"{self.key}{list(self.index)}: got shape {tuple(tensor.shape)}, "
@@ -195,6 +204,15 @@ class ModelMapping:
             raise AssertionError("duplicate Megatron tensor in mapping")
 
     def get(self, key: str, index: tuple[int, ...]) -> TensorMapping:
+        """The mapping of the Megatron tensor `key` at stacked index `index`.
+
+        Args:
+            key: The checkpoint key.
+            index: The global layer / expert index (the prepended axes).
+
+        Raises:
+            ConversionError: The mapping has no such tensor (a megatron-core layout change).
+        """
         try:
             return self._by_key[(key, tuple(index))]
         except KeyError:
@@ -204,7 +222,11 @@ class ModelMapping:
             ) from None
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Global shape of every checkpoint key: prepended axes (layers, experts) + tensor."""
+        """The global shape of every checkpoint key: prepended axes (layers, experts) + tensor.
+
+        Returns:
+            Checkpoint key → global shape.
+        """
         shapes: dict[str, tuple[int, ...]] = {}
         for m in self.mappings:
             stack = tuple(i + 1 for i in m.index)
@@ -215,8 +237,20 @@ class ModelMapping:
         return shapes
 
     def check_hf_tensors(self, shapes: Mapping[str, Sequence[int]], where: str) -> list[str]:
-        """Raise naming missing / unexpected / wrongly shaped hub tensors; returns the names
-        that are present but deliberately not read (logged by the caller)."""
+        """Raise naming missing / unexpected / wrongly shaped hub tensors.
+
+        Args:
+            shapes: Hub tensor name → shape, as found in the HF checkpoint.
+            where: How the checkpoint is named in the error.
+
+        Returns:
+            The names that are present but deliberately not read (non-persistent buffers, a tied
+            checkpoint's lm_head), logged by the caller.
+
+        Raises:
+            ConversionError: A hub tensor is missing, unexpected, or of another shape than the config
+                implies.
+        """
         expected = set(self.hf_shapes)
         present = set(shapes)
         # A tied checkpoint may still carry lm_head.weight (transformers ties it on load).
@@ -252,8 +286,17 @@ def _list(names: list[str], limit: int = 20) -> str:
 
 
 def build_mapping(arch: MoEArchitecture, padded_vocab_size: int | None = None) -> ModelMapping:
-    """The mapping of every tensor of `arch` (padded vocab: `arch.padded_vocab_size()` unless
-    given, e.g. read from a checkpoint)."""
+    """The mapping of every tensor of `arch`.
+
+    Args:
+        arch: The model architecture (a supported family).
+        padded_vocab_size: The vocabulary size with padding rows, e.g. read from a checkpoint;
+            None uses `arch.padded_vocab_size()`.
+
+    Raises:
+        ConversionError: The family has no conversion, the padded vocabulary is smaller than the
+            vocabulary, or the attention heads do not divide into the KV groups.
+    """
     if arch.family not in HUB_NAMES:
         raise ConversionError(
             f"no conversion for family {arch.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"

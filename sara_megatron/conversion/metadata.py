@@ -32,7 +32,14 @@ _WEIGHT_FILES = (INDEX_FILE, "pytorch_model.bin.index.json", "tf_model.h5.index.
 
 
 def hf_asset_files(hf_dir: str) -> list[str]:
-    """Top-level non-weight files of an HF folder."""
+    """The top-level non-weight files of an HF folder.
+
+    Args:
+        hf_dir: The HF model folder.
+
+    Returns:
+        The file names, sorted (hidden files, weight files and weight indexes left out).
+    """
     names = []
     for name in sorted(os.listdir(hf_dir)):
         path = os.path.join(hf_dir, name)
@@ -45,17 +52,34 @@ def hf_asset_files(hf_dir: str) -> list[str]:
 
 
 def copy_assets(src_dir: str, names: list[str], dst_dir: str) -> None:
+    """Copy the named files from one folder into another (created if missing), metadata included.
+
+    Args:
+        src_dir: The folder holding the assets.
+        names: The file names to copy.
+        dst_dir: The destination folder.
+    """
     os.makedirs(dst_dir, exist_ok=True)
     for name in names:
         shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
 
 def combined_fingerprint(file_hashes: dict[str, str]) -> str:
+    """The SHA-256 (hex) over the lines "<file name> <sha256>\\n" in file-name order.
+
+    Args:
+        file_hashes: File name → SHA-256 hex digest of its bytes.
+    """
     lines = "".join(f"{name} {file_hashes[name]}\n" for name in sorted(file_hashes))
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
 def package_version(name: str) -> str | None:
+    """The installed version of a distribution package, or None when it is not installed.
+
+    Args:
+        name: The distribution name ("torch", "megatron-core", ...).
+    """
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -63,6 +87,7 @@ def package_version(name: str) -> str | None:
 
 
 def now_utc() -> str:
+    """The current UTC time in ISO 8601, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -73,6 +98,10 @@ class AtomicOutputDir:
     output is refused unless `overwrite`, and then replaced only at commit (moved aside first,
     removed after the rename). A crash or kill leaves at most the `.partial` sibling, which the
     next run removes.
+
+    Args:
+        out: The output folder.
+        overwrite: Replace an existing `out` at commit instead of refusing it.
     """
 
     def __init__(self, out: str | os.PathLike, overwrite: bool = False):
@@ -83,6 +112,11 @@ class AtomicOutputDir:
         self.overwrite = overwrite
 
     def check(self) -> None:
+        """Refuse an output that cannot be written, before any work.
+
+        Raises:
+            ConversionError: `out` exists and `overwrite` is off, or its parent folder is missing.
+        """
         if os.path.lexists(self.out) and not self.overwrite:
             raise ConversionError(
                 f"output {self.out} already exists; pass --overwrite to replace it"
@@ -92,12 +126,26 @@ class AtomicOutputDir:
             raise ConversionError(f"parent folder of the output does not exist: {parent}")
 
     def prepare(self) -> str:
+        """Check again and create an empty `.partial` sibling (removing a stale one).
+
+        Returns:
+            The path of the `.partial` folder to write into.
+
+        Raises:
+            ConversionError: As `check`.
+        """
         self.check()
         shutil.rmtree(self.partial, ignore_errors=True)
         os.makedirs(self.partial)
         return self.partial
 
     def commit(self) -> None:
+        """Rename the `.partial` folder into place, replacing an existing output when `overwrite`.
+
+        Raises:
+            ConversionError: The output appeared during the work and `overwrite` is off (the
+                `.partial` folder is left as it is).
+        """
         if os.path.lexists(self.out):
             if not self.overwrite:  # appeared while we worked
                 raise ConversionError(f"output {self.out} appeared during conversion; left as "
@@ -113,4 +161,5 @@ class AtomicOutputDir:
             os.rename(self.partial, self.out)
 
     def abort(self) -> None:
+        """Remove the `.partial` folder, if any."""
         shutil.rmtree(self.partial, ignore_errors=True)

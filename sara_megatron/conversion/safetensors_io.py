@@ -47,6 +47,14 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def dtype_from_safetensors(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name ("BF16", "F32", ...).
+
+    Args:
+        name: The dtype name of a safetensors header.
+
+    Raises:
+        ConversionError: The name is not a supported dtype.
+    """
     try:
         return _DTYPES[name]
     except KeyError:
@@ -54,6 +62,14 @@ def dtype_from_safetensors(name: str) -> torch.dtype:
 
 
 def safetensors_dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors dtype name ("BF16", "F32", ...) of a torch dtype.
+
+    Args:
+        dtype: A torch dtype.
+
+    Raises:
+        ConversionError: The dtype has no safetensors name.
+    """
     try:
         return _DTYPE_NAMES[dtype]
     except KeyError:
@@ -83,7 +99,18 @@ class TensorEntry:
 
 
 def read_header(path: str) -> tuple[dict, int]:
-    """(header dict, absolute offset of the data section) of a safetensors file."""
+    """Read the JSON header of a safetensors file.
+
+    Args:
+        path: The safetensors file.
+
+    Returns:
+        `(header, data_start)`: the header dict and the absolute byte offset of the data section.
+
+    Raises:
+        ConversionError: The file is shorter than 8 bytes, announces a header over 100 MiB, or its
+            header is not valid JSON.
+    """
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -109,7 +136,20 @@ def _preadv_exact(fd: int, out: torch.Tensor, offset: int, path: str) -> None:
 
 
 class SafetensorsCheckpoint:
-    """The tensors of a Hugging Face safetensors checkpoint folder, read lazily by slice."""
+    """The tensors of a Hugging Face safetensors checkpoint folder, read lazily by slice.
+
+    The headers are read and checked at construction; tensor bytes only by `read`. Use it as a
+    context manager (or call `close`) to close the files opened for reading.
+
+    Args:
+        hf_dir: The folder holding `model.safetensors`, or shards with
+            `model.safetensors.index.json`.
+
+    Raises:
+        ConversionError: No safetensors weights, both a single file and an index, several files
+            without an index, an index naming missing files or disagreeing with the headers, a
+            tensor in two files, or a header whose byte range does not fit its dtype and shape.
+    """
 
     def __init__(self, hf_dir: str | os.PathLike):
         self.dir = os.fspath(hf_dir)
@@ -194,6 +234,7 @@ class SafetensorsCheckpoint:
         self.close()
 
     def close(self) -> None:
+        """Close the files opened for reading (the headers stay known)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -204,6 +245,7 @@ class SafetensorsCheckpoint:
         return self._fds[file]
 
     def names(self) -> set[str]:
+        """The names of all tensors in the checkpoint."""
         return set(self.entries)
 
     def read(self, name: str, rows: tuple[int, int] | None = None,
@@ -214,6 +256,18 @@ class SafetensorsCheckpoint:
         parameter's rows) the bytes go straight into it when it is contiguous, of the file's
         dtype and no later axis is sliced — no intermediate copy; otherwise through a temporary.
         A slice on a later axis reads those rows whole and narrows them.
+
+        Args:
+            name: The hub tensor name.
+            rows: `(start, stop)` rows on axis 0, or None for all.
+            rest: Slices on the axes after the first (none: whole).
+            out: A destination tensor shaped like the selection, or None for a new tensor.
+
+        Returns:
+            The selected part, in the file's dtype (or `out`'s when given): `out` itself when given.
+
+        Raises:
+            ConversionError: The rows are out of range, or the file ends early.
         """
         entry = self.entries[name]
         shape = entry.shape
@@ -246,17 +300,34 @@ class SafetensorsCheckpoint:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
+    """The name, dtype and shape of one tensor to write into a safetensors file.
+
+    Args:
+        name: The hub tensor name.
+        dtype: The dtype it is written in.
+        shape: Its shape.
+    """
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
+        """The size of the tensor's data in bytes."""
         return _numel(self.shape) * _element_size(self.dtype)
 
 
 class SafetensorsStreamWriter:
-    """Writes one safetensors file tensor by tensor, in the order of `specs`."""
+    """Writes one safetensors file tensor by tensor, in the order of `specs`.
+
+    The header is written at construction from `specs`; `write` then appends each tensor's bytes,
+    and `close` checks that all were written.
+
+    Args:
+        path: The file to create.
+        specs: The tensors the file holds, in writing order.
+        metadata: The header's `__metadata__` (default `{"format": "pt"}`).
+    """
 
     def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: dict | None = None):
         self.path = path
@@ -278,6 +349,15 @@ class SafetensorsStreamWriter:
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor's bytes (moved to the CPU).
+
+        Args:
+            name: Its name, which must be the next spec's.
+            tensor: The tensor, of the next spec's dtype and shape.
+
+        Raises:
+            ConversionError: More tensors than planned, or one that is not the next spec.
+        """
         if self._next >= len(self.specs):
             raise ConversionError(f"{self.path}: more tensors than planned (got {name})")
         spec = self.specs[self._next]
@@ -296,6 +376,11 @@ class SafetensorsStreamWriter:
         self._file.close()
 
     def close(self) -> None:
+        """Flush, fsync and close the file once every planned tensor was written.
+
+        Raises:
+            ConversionError: Some planned tensors were never written (the file is closed).
+        """
         if self._next != len(self.specs):
             missing = [s.name for s in self.specs[self._next:]]
             self._file.close()
@@ -306,7 +391,15 @@ class SafetensorsStreamWriter:
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Split tensors, in order, into files of at most `max_shard_bytes` (a bigger tensor alone)."""
+    """Split tensors, in order, into files of at most `max_shard_bytes` (a bigger tensor alone).
+
+    Args:
+        specs: The tensors in writing order.
+        max_shard_bytes: The largest file, in bytes of tensor data.
+
+    Returns:
+        The tensors of each file, in order (no empty file).
+    """
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
@@ -319,13 +412,27 @@ def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[
 
 
 def shard_file_names(count: int) -> list[str]:
+    """The file names of `count` shards: `model.safetensors` alone, or `model-0000i-of-0000n...`.
+
+    Args:
+        count: The number of files.
+    """
     if count == 1:
         return [SINGLE_FILE]
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB' / '500MB' / '20KB' / bytes -> bytes (decimal units, as transformers uses)."""
+    """'5GB' / '500MB' / '20KB' / bytes -> bytes (decimal units, as transformers uses).
+
+    GiB / MiB / KiB are binary units.
+
+    Args:
+        text: A size with an optional unit, or a number of bytes.
+
+    Returns:
+        The size in bytes.
+    """
     if isinstance(text, int):
         return text
     t = text.strip().upper()

@@ -30,13 +30,32 @@ from sara_megatron.conversion.hf_export import checkpoint_source
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
+    """The limits a converted checkpoint's logits must meet (the verify command's flags).
+
+    Args:
+        max_abs_diff: The largest allowed |logits difference| (--max-abs-diff).
+        min_argmax_agreement: The smallest allowed fraction of positions whose top token agrees
+            (--min-argmax-agreement).
+        min_cosine: The smallest allowed per-position cosine similarity (--min-cosine); None
+            leaves it unchecked.
+    """
     max_abs_diff: float = 1e-4
     min_argmax_agreement: float = 1.0
     min_cosine: float | None = None
 
 
 def logits_comparison(expected: torch.Tensor, got: torch.Tensor) -> dict:
-    """Metrics of `got` against `expected`, both [B, S, V] over the same vocabulary."""
+    """Metrics of `got` against `expected`, both [B, S, V] over the same vocabulary.
+
+    Args:
+        expected: The reference logits (transformers'), [batch, seq, vocab].
+        got: Our model's logits, [batch, seq, vocab].
+
+    Returns:
+        A dict of floats: `max_abs_diff`, `mean_abs_diff`, `cosine` (the smallest per-position
+        cosine similarity) and `argmax_agreement` (the fraction of positions whose top token
+        agrees).
+    """
     expected, got = expected.double(), got.double()
     diff = (got - expected).abs()
     cosine = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
@@ -51,7 +70,15 @@ def logits_comparison(expected: torch.Tensor, got: torch.Tensor) -> dict:
 
 def failed_checks(result: dict, thresholds: Thresholds) -> list[str]:
     """One phrase per check `result` fails, naming the measure, its value, the threshold and
-    the flag that sets it (empty: the pair passes)."""
+    the flag that sets it.
+
+    Args:
+        result: The metrics of `logits_comparison`.
+        thresholds: The limits to check against.
+
+    Returns:
+        The phrases; empty when the pair passes.
+    """
     failed = []
     if not result["max_abs_diff"] <= thresholds.max_abs_diff:
         failed.append(f"max |logits difference| {result['max_abs_diff']:.3g} > --max-abs-diff "
@@ -66,6 +93,12 @@ def failed_checks(result: dict, thresholds: Thresholds) -> list[str]:
 
 
 def passes(result: dict, thresholds: Thresholds) -> bool:
+    """Whether `result` meets every limit of `thresholds`.
+
+    Args:
+        result: The metrics of `logits_comparison`.
+        thresholds: The limits to check against.
+    """
     return not failed_checks(result, thresholds)
 
 
@@ -78,7 +111,23 @@ def verify_conversion(
     batch: int = 2,
     seed: int = 0,
 ) -> dict:
-    """Run both models on one random batch; returns the metrics dict."""
+    """Run both models on one random batch and compare their logits.
+
+    Args:
+        hf_dir: The HF model folder (transformers' reference).
+        megatron_dir: The converted Megatron checkpoint; our model is built from the config
+            recorded at import (the HF folder's when it has none).
+        seq_len: Tokens per sequence.
+        batch: Sequences in the batch.
+        seed: Seed of the random token batch.
+
+    Returns:
+        The metrics dict of `logits_comparison` over the first `vocab_size` logits.
+
+    Raises:
+        ConversionError: `seq_len` or `batch` is not positive, no config source, or the logits'
+            shapes differ.
+    """
     from transformers import AutoModelForCausalLM
 
     from sara_megatron.distributed import ParallelConfig, initialize_distributed
