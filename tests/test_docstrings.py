@@ -30,7 +30,7 @@ NOT_YET = {
 
 
     # group c
-    "training",
+
 
 
     # group d

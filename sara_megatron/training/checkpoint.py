@@ -4,19 +4,11 @@ Layout under `save_dir`:
     iter_0000040/            one torch_dist checkpoint per save
     latest_checkpointed_iteration.txt
 
-A save writes `iter_N.tmp/`, renames it to `iter_N/` once every rank has finished, and only then
-points `latest...txt` at it (write beside, `os.replace`). A kill at any moment of a save leaves the
-previous checkpoint as the latest, loadable. Re-saving an iteration that exists (a finished run
-re-launched) moves its old copy aside to `iter_N.old/` until the new one is in place; loading puts
-it back if a kill came in between. RNG needs no saving: the trainer reseeds every step from
-(seed, step), so a resumed run draws what an uninterrupted one would, at any layout.
-The optimizer state is saved "fully_reshardable", so a run may resume at another TP/PP/EP layout.
-
-Integrity (docs/integrity.md): each save writes the manifest of its files' sha256 inside
-`iter_N.tmp/`, before the rename; a resume checks it (`resume_iteration`) and, when the latest
-checkpoint is damaged, names the file and resumes from the newest intact one with a warning (or
-refuses, `checkpoint.strict_resume`). An unreadable `latest...txt` falls back to the `iter_*`
-folders. A save that fails removes its `iter_N.tmp/` (a full disk is reported as such).
+A save writes `iter_N.tmp/` (with its sha256 manifest), renames it to `iter_N/` once every rank
+has finished, and only then points `latest...txt` at it: a kill at any moment of a save leaves the
+previous checkpoint as the latest, loadable. A resume checks the manifest (`resume_iteration`;
+docs/integrity.md). RNG needs no saving (the trainer reseeds every step from (seed, step)); the
+optimizer state is saved "fully_reshardable", so a run may resume at another TP/PP/EP layout.
 """
 
 from __future__ import annotations
@@ -53,12 +45,25 @@ _ASIDE = ".old"  # an iteration's previous copy while a re-save of that iteratio
 
 
 def iteration_dir(save_dir: str, iteration: int) -> str:
+    """The folder of one iteration's checkpoint, `<save_dir>/iter_NNNNNNN` (seven digits).
+
+    Args:
+        save_dir: A run's `checkpoint.save_dir`.
+        iteration: The step it was saved at.
+    """
     return os.path.join(save_dir, f"iter_{iteration:07d}")
 
 
 def latest_iteration(save_dir: Optional[str]) -> Optional[int]:
     """The iteration `latest...txt` names, or None when there is no complete checkpoint. A
-    pointer that cannot be read (garbage, empty) falls back to the newest `iter_*` folder."""
+    pointer that cannot be read (garbage, empty) falls back to the newest `iter_*` folder.
+
+    Args:
+        save_dir: A run's `checkpoint.save_dir`, or None (no checkpoint).
+
+    Raises:
+        CannotResumeError: `latest...txt` names an iteration whose folder is missing.
+    """
     if not save_dir:
         return None
     path = os.path.join(save_dir, LATEST_FILE)
@@ -105,7 +110,11 @@ _ITERATION_DIR = re.compile(r"iter_(\d{7})")
 
 
 def saved_iterations(save_dir: str) -> list[int]:
-    """The iterations with a published folder in `save_dir` (not `.tmp` / `.old`), ascending."""
+    """The iterations with a published folder in `save_dir` (not `.tmp` / `.old`), ascending.
+
+    Args:
+        save_dir: A run's `checkpoint.save_dir` (an unreadable one has none).
+    """
     try:
         names = os.listdir(save_dir)
     except OSError:
@@ -118,7 +127,19 @@ def saved_iterations(save_dir: str) -> list[int]:
 def resume_iteration(save_dir: Optional[str], strict: bool = False) -> Optional[int]:
     """Collective. The iteration to resume from: the latest, when its files match its manifest;
     else (a damaged latest) the newest intact older one, with a warning naming the damage, or,
-    with `strict`, CheckpointDamagedError."""
+    with `strict`, CheckpointDamagedError.
+
+    Args:
+        save_dir: A run's `checkpoint.save_dir`, or None.
+        strict: Refuse a damaged latest checkpoint (`checkpoint.strict_resume`).
+
+    Returns:
+        The iteration, or None when there is no complete checkpoint.
+
+    Raises:
+        CheckpointDamagedError: The latest is damaged and `strict`, or no checkpoint is intact.
+        CannotResumeError: `latest...txt` names a missing folder.
+    """
     latest = latest_iteration(save_dir)
     if latest is None:
         return None
@@ -185,16 +206,29 @@ def save_training_checkpoint(
     conversion_source: Optional[str] = None, trainable_only: bool = False,
     write_files: Optional[Callable[[str], None]] = None,
 ) -> str:
-    """Collective. Returns the folder of the checkpoint written.
+    """Collective. Save model, optimizer, LR schedule and trainer state as `iter_N/` and point
+    `latest...txt` at it (staged in `iter_N.tmp/`, removed again if the save fails).
 
-    trainable_only: save only the parameters that train (LoRA adapters and router) with the
-    optimizer state; the frozen base stays where it was loaded from.
+    Args:
+        save_dir: The run's `checkpoint.save_dir`.
+        iteration: The step saved (the folder's N).
+        chunks: The model chunks of this rank (one, or several with virtual pipeline).
+        optimizer: The megatron optimizer (its state saved "fully_reshardable").
+        scheduler: The LR scheduler (its `state_dict`).
+        extra: The trainer's state (data position, data-stream settings), saved as "trainer".
+        conversion_source: The converted checkpoint training started from; its conversion
+            metadata and HF assets (config, tokenizer) are carried into every save, so
+            `convert_hf.py export` works on a training checkpoint as it is.
+        trainable_only: Save only the parameters that train (LoRA adapters and router) with the
+            optimizer state; the frozen base stays where it was loaded from.
+        write_files: Called on rank 0 with the staging folder, before the manifest: files an
+            objective keeps beside the weights (ShifCon's shift, sara.language_shift).
 
-    conversion_source: the converted checkpoint training started from; its conversion metadata
-    and HF assets (config, tokenizer) are carried into every save, so `convert_hf.py export`
-    works on a training checkpoint as it is.
-    write_files: called on rank 0 with the staging folder, before the manifest: files an
-    objective keeps beside the weights (ShifCon's shift, sara.language_shift).
+    Returns:
+        The folder of the checkpoint written.
+
+    Raises:
+        DiskFullError: The disk filled up during the save.
     """
     from megatron.core import dist_checkpointing
 
@@ -276,7 +310,16 @@ def _optimizer_parts(optimizer) -> int:
 def check_optimizer_layout(checkpoint_dir: str, saved_trainer: dict, optimizer) -> None:
     """Refuse to load optimizer state saved by another kind of optimizer (megatron-core can
     reshard one optimizer's state over TP/PP/DP, not turn one kind into another), with the
-    setting that changed. `saved_trainer`: the checkpoint's trainer entry."""
+    setting that changed.
+
+    Args:
+        checkpoint_dir: The checkpoint's folder (named in the message).
+        saved_trainer: The checkpoint's "trainer" entry (`optimizer_parts`, `optimizer_kinds`).
+        optimizer: The optimizer this run built.
+
+    Raises:
+        CannotResumeError: The number of chained optimizers or their classes differ.
+    """
     parts = saved_trainer.get("optimizer_parts", _optimizer_parts(optimizer))
     if parts != _optimizer_parts(optimizer):
         raise CannotResumeError(
@@ -327,7 +370,14 @@ def read_training_state(checkpoint_dir: str) -> dict:
     """The checkpoint's small non-sharded entries, read without loading a tensor: "trainer"
     (iteration, data position, data-stream settings), "scheduler" (the LR schedule's settings
     and step count) and "param_groups" (`PARAM_GROUP_SETTINGS` of each optimizer param group), so
-    that a resume can be checked before the model is loaded."""
+    that a resume can be checked before the model is loaded.
+
+    Args:
+        checkpoint_dir: An `iter_N` folder.
+
+    Returns:
+        A dict with "trainer", "scheduler" and "param_groups".
+    """
     from megatron.core import dist_checkpointing
 
     check_checkpoint_format(checkpoint_dir)
@@ -356,10 +406,23 @@ def _saved_param_groups(node) -> list[dict]:
 @torch.no_grad()
 def load_training_checkpoint(checkpoint_dir: str, chunks, optimizer, scheduler,
                              trainable_only: bool = False) -> dict:
-    """Collective. Restores model, optimizer and schedule; returns the trainer's extra state.
+    """Collective. Restores model, optimizer and schedule; the optimizer's hyperparameters
+    (`PARAM_GROUP_SETTINGS`) and the scheduler's settings stay the config's.
 
-    trainable_only: the checkpoint holds only the trained parameters (LoRA); the rest of the
-    model is left as it is (the base, loaded before).
+    Args:
+        checkpoint_dir: The `iter_N` folder to load.
+        chunks: The model chunks of this rank.
+        optimizer: The optimizer this run built.
+        scheduler: The LR scheduler (its step count is restored).
+        trainable_only: The checkpoint holds only the trained parameters (LoRA); the rest of the
+            model is left as it is (the base, loaded before).
+
+    Returns:
+        The trainer's extra state saved with it ("trainer": iteration, data position, ...).
+
+    Raises:
+        CannotResumeError: The optimizer's layout differs (`check_optimizer_layout`).
+        RuntimeError: The checkpoint lacks tensors the model has.
     """
     from megatron.core import dist_checkpointing
 

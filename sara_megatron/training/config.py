@@ -105,6 +105,8 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
+    """`model:` which model to build and start from, its precision and layer implementation
+    (each field's comment says what it takes)."""
     preset: str = "qwen3_moe_tiny"  # a preset name or an HF config.json / checkpoint folder
     checkpoint: Optional[str] = None  # converted Megatron checkpoint to start from
     bf16: Optional[bool] = None  # None: bf16 on GPU, fp32 on CPU
@@ -120,6 +122,8 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
+    """`data:` the token shards, prior store, languages, sequence and batch sizes (global batch in
+    samples, micro batch in rows), epochs, shuffling, packing and shard verification."""
     shards_dir: Optional[str] = ""
     prior_store: Optional[str] = None  # required when sara.lambda_js > 0
     languages: Languages = "targets"  # "targets", "all" or a list of codes
@@ -142,6 +146,9 @@ class DataSection(_Section):
 
 
 class SaraSection(_Section):
+    """`sara:` the objective (`objective`), SARA's weight λ_JS (`lambda_js`, 0 = FFT), its layers
+    (a mode, a range or a divergence file), divergence, kernel and prior source. The choices are
+    checked against their implementations' registries."""
     lambda_js: Annotated[Float, AT_LEAST_0] = 1.5  # 0 = the FFT baseline, same code path
     # "range" | "all" | "random" (the paper's -s / -a / -r), or a divergence JSON file
     layers: str = "range"
@@ -258,10 +265,14 @@ class PeftSection(_Section):
 
     @property
     def lora(self) -> bool:
+        """Whether the method is LoRA."""
         return self.method == "lora"
 
 
 class OptimSection(_Section):
+    """`optim:` Adam and the cosine LR schedule (lr, min_lr, warmup fraction, length in steps;
+    None: from epochs and the data size), gradient clipping, the distributed optimizer, and
+    whether a resume may change the schedule (`override_scheduler`)."""
     lr: Annotated[Float, AT_LEAST_0] = 2e-5
     min_lr: Annotated[Float, AT_LEAST_0] = 0.0
     weight_decay: Annotated[Float, AT_LEAST_0] = 0.0
@@ -278,6 +289,8 @@ class OptimSection(_Section):
 
 
 class CheckpointSection(_Section):
+    """`checkpoint:` where and how often to save (`save_interval` in steps, 0 = only at the end),
+    and how to resume."""
     save_dir: Optional[str] = None
     # steps; 0 = only at the end
     save_interval: Annotated[Int, _range(">= 0 (0: only at the end)", lambda v: v >= 0)] = 0
@@ -288,6 +301,7 @@ class CheckpointSection(_Section):
 
 
 class LoggingSection(_Section):
+    """`logging:` how often to log (steps) and where: TensorBoard, Weights & Biases, JSON lines."""
     log_interval: Annotated[Int, AT_LEAST_1] = 1
     tensorboard_dir: Optional[str] = None
     wandb_project: Optional[str] = None  # needs the wandb package and WANDB_API_KEY in the env
@@ -295,6 +309,9 @@ class LoggingSection(_Section):
 
 
 class TrainConfig(_Section):
+    """A run's whole config: one field per YAML section, the training seed, and the sections that
+    registered objectives bring (`section(key)`). Validation checks each value and the
+    combinations across sections; `load_train_config` reads it from a file."""
     model: ModelSection = Field(default_factory=ModelSection)
     # The process layout (distributed.ParallelConfig, the one description of it); data parallel
     # is what the world size leaves.
@@ -380,7 +397,8 @@ class TrainConfig(_Section):
         return self
 
     def to_dict(self) -> dict:
-        """Every setting as plain data (the sections objectives register included)."""
+        """The settings as plain data, a dict by section (the sections objectives register
+        included)."""
         return {**self.model_dump(),
                 **{key: section.model_dump() for key, section in self.objective_settings.items()}}
 
@@ -393,7 +411,19 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`section.key=value` strings applied onto a raw config mapping (values parsed as YAML)."""
+    """Apply `section.key=value` strings onto a raw config mapping (values parsed as YAML;
+    missing sections are created).
+
+    Args:
+        raw: The config as read from YAML; changed in place.
+        overrides: The `--set` strings (None: none).
+
+    Returns:
+        `raw`.
+
+    Raises:
+        ValueError: An override has no "=", or a key on its path is not a section.
+    """
     for item in overrides or ():
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
@@ -409,7 +439,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_train_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """The run config; a file or value that cannot be used raises ConfigError naming it."""
+    """The run config, parsed and checked.
+
+    Args:
+        path: The YAML file (None: the defaults).
+        overrides: `section.key=value` strings applied on top (`--set`).
+
+    Raises:
+        ConfigError: A file or value that cannot be used, named in one line.
+    """
     try:
         raw: dict = {}
         if path:

@@ -19,7 +19,21 @@ from sara_megatron.io import atomic_open
 
 
 class MetricsWriter:
-    """Writes on the calling rank only; the trainer calls it on global rank 0."""
+    """Writes on the calling rank only; the trainer calls it on global rank 0.
+
+    Args:
+        total_steps: The run's length in steps (for the progress line's ETA).
+        tensorboard_dir: TensorBoard's log folder, or None.
+        wandb_project: The Weights & Biases project, or None.
+        json_log: The JSON-lines file (one record per step), or None.
+        run_config: The run's settings, given to wandb as its config.
+        start_step: The step this process starts at (a resumed run's checkpoint iteration, 0 for
+            a fresh run): steps after it that earlier processes logged are replaced. None: the
+            logs are only appended to, and the rate is measured from the first step written.
+
+    Raises:
+        RuntimeError: A setting that cannot be used (`check_metrics_setup`).
+    """
 
     def __init__(
         self,
@@ -30,10 +44,6 @@ class MetricsWriter:
         run_config: Optional[dict] = None,
         start_step: Optional[int] = None,
     ):
-        """start_step: the step this process starts at (a resumed run's checkpoint iteration, 0
-        for a fresh run): steps after it that earlier processes logged are replaced. None: the
-        logs are only appended to, and the rate is measured from the first step written on (see
-        `_seconds_per_step`)."""
         check_metrics_setup(tensorboard_dir, wandb_project, json_log)
         self.total_steps = total_steps
         self.started = time.time()
@@ -68,6 +78,14 @@ class MetricsWriter:
         return scalars.get("step_time_s", float("nan"))
 
     def write(self, step: int, scalars: dict[str, float], js_per_layer: dict[int, float]) -> None:
+        """Print the progress line and log one step's values to every sink that is set.
+
+        Args:
+            step: The global step.
+            scalars: name -> value (ce, lb, js, lr, grad_norm, tokens_per_s, ...); a non-finite
+                value is null in the JSON log.
+            js_per_layer: layer -> that layer's routing JS, logged as `js_layer/<layer>`.
+        """
         eta = self._seconds_per_step(step, scalars) * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]
         for key in ("ce", "lb", "js", "aes_variance", "aes_orthogonality", "lr", "grad_norm",
@@ -95,6 +113,7 @@ class MetricsWriter:
             self.json_log.flush()
 
     def close(self) -> None:
+        """Close TensorBoard, finish the wandb run and close the JSON log."""
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
@@ -110,7 +129,17 @@ def check_metrics_setup(
 ) -> None:
     """Raise what MetricsWriter would raise on these settings, without opening anything: a run
     calls it before building its model, rather than failing (on rank 0 alone) when it starts
-    writing."""
+    writing.
+
+    Args:
+        tensorboard_dir: `logging.tensorboard_dir`.
+        wandb_project: `logging.wandb_project`.
+        json_log: `logging.json_log`.
+
+    Raises:
+        RuntimeError: A needed package is missing, wandb has no key, or the JSON log's path is
+            not a writable file.
+    """
     if tensorboard_dir:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401

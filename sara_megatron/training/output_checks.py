@@ -15,6 +15,10 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int) -> None:
     world, naming the model's sizes first: on every rank alike, before the process group starts.
     A model that cannot be resolved is left to the preflight, which names it.
 
+    Args:
+        cfg: The run's config (`parallel`, `model.preset`, `model.num_layers`).
+        world_size: The number of processes.
+
     Raises:
         PreflightError: the layout does not fit.
     """
@@ -42,7 +46,18 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int) -> None:
 def check_before_start(cfg: TrainConfig, rank: int, world_size: int) -> None:
     """The parallel layout (every rank), then settings only rank 0 uses (the metrics writer's),
     checked before the model is built; those on rank 0 only: its json_log folder need not exist
-    on other nodes."""
+    on other nodes.
+
+    Args:
+        cfg: The run's config.
+        rank: This process's global rank.
+        world_size: The number of processes.
+
+    Raises:
+        PreflightError: The layout does not fit.
+        OutputNotWritableError: An output folder or file is not writable.
+        RuntimeError: A metrics setting cannot be used (`check_metrics_setup`).
+    """
     check_parallel_layout(cfg, world_size)
     if rank == 0:
         lg = cfg.logging

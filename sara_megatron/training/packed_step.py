@@ -45,21 +45,47 @@ def model_inputs(mb, padding_mask: torch.Tensor, cp_rank: int = 0, cp_size: int 
                  ) -> ModelInputs:
     """Positions, attention mask and segment ids of micro-batch `mb` on this CP rank
     (`padding_mask`: its CP-local part), packed or not (`routing.forward_inputs`, which the
-    anchor forward of online priors and ShifCon shares)."""
+    anchor forward of online priors and ShifCon shares).
+
+    Args:
+        mb: The micro-batch (`SaraMicroBatch`).
+        padding_mask: This CP rank's part of its padding mask, [batch, seq / cp_size] bool, True
+            = padding.
+        cp_rank: This rank's context-parallel rank.
+        cp_size: The context-parallel size.
+
+    Returns:
+        The `ModelInputs` (positions and segment ids [batch, seq / cp_size], the attention mask).
+    """
     return forward_inputs(mb.tokens, padding_mask, mb.position_ids, mb.segment_ids, cp_rank,
                           cp_size)
 
 
 def next_step_micro_batches(batches, fallback: int) -> list:
     """One step's micro-batches from the loader's iterator: `fallback` of them unpacked, the
-    number the first one names when packed."""
+    number the first one names when packed.
+
+    Args:
+        batches: The loader's iterator of micro-batches.
+        fallback: The micro-batches per step when unpacked.
+
+    Returns:
+        The step's micro-batches.
+    """
     first = next(batches)
     count = first.step_micro_batches or fallback
     return [first] + [next(batches) for _ in range(count - 1)]
 
 
 def sequences_in(mb) -> torch.Tensor:
-    """Samples with a token in a micro-batch: packed, its samples; else its non-empty rows."""
+    """Samples with a token in a micro-batch: packed, its samples; else its non-empty rows.
+
+    Args:
+        mb: The micro-batch (`SaraMicroBatch`).
+
+    Returns:
+        The count, a 0-dim tensor on the batch's device.
+    """
     if mb.segment_ids is not None:
         return torch.tensor(float(len(mb.sample_ids)), dtype=torch.float64,
                             device=mb.tokens.device)
@@ -67,7 +93,12 @@ def sequences_in(mb) -> torch.Tensor:
 
 
 def log_fill_rate(loader, max_steps: int = 200) -> None:
-    """Log the packed and padded fill rates of the first steps (rank 0's call)."""
+    """Log the packed and padded fill rates of the first steps (rank 0's call).
+
+    Args:
+        loader: The packed data loader (its `batch_sampler`).
+        max_steps: How many of the first steps are measured.
+    """
     from sara_megatron.data.packed_loader import packed_fill_rate
 
     sampler = loader.batch_sampler

@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 
 
 class PreflightError(UserFacingError, ValueError):
-    """Settings the run cannot start with: every problem found, in one message."""
+    """Settings the run cannot start with: every problem found, in one message.
+
+    Args:
+        problems: One line per problem (the message lists them; one alone is the message).
+    """
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -46,6 +50,14 @@ class PreflightError(UserFacingError, ValueError):
 
 @dataclasses.dataclass
 class ResumePoint:
+    """The checkpoint a run resumes from.
+
+    Attributes:
+        checkpoint_dir: Its `iter_N` folder.
+        iteration: The step it was saved at.
+        consumed_samples: Positions of the global sample order consumed by then.
+        saved: Its small state (`read_training_state`): trainer, scheduler, param_groups.
+    """
     checkpoint_dir: str
     iteration: int
     consumed_samples: int
@@ -79,7 +91,15 @@ def scheduler_settings(cfg: TrainConfig, train_steps: int) -> dict:
     the run, cosine decay to optim.min_lr, constant weight decay. Always the config's: a resume
     whose saved schedule differs is refused (unless optim.override_scheduler), so loading restores
     only the step count (megatron's default would silently keep the checkpoint's lr, min_lr and
-    weight decay)."""
+    weight decay).
+
+    Args:
+        cfg: The run's config (`optim`).
+        train_steps: The schedule's length in steps.
+
+    Returns:
+        The keyword arguments of `OptimizerParamScheduler` (less the optimizer).
+    """
     o = cfg.optim
     return dict(init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
                 lr_warmup_steps=int(o.warmup_fraction * train_steps), lr_decay_steps=train_steps,
@@ -99,7 +119,12 @@ def _scheduler_state(cfg: TrainConfig, train_steps: int) -> dict:
 
 def data_stream(cfg: TrainConfig, plan: RunPlan) -> dict:
     """The settings that decide which sample sits at each position of the global sample order,
-    which consumed_samples counts: saved with every checkpoint, checked on resume."""
+    which consumed_samples counts: saved with every checkpoint, checked on resume.
+
+    Args:
+        cfg: The run's config (seed, data).
+        plan: Its `RunPlan` (resolved languages and sample count).
+    """
     d = cfg.data
     # Not the global batch: it sets how many positions a step takes, not which sample sits at
     # each (sample_order.GlobalSampleOrder), so a resume may change it.
@@ -129,7 +154,11 @@ def sara_settings(cfg: TrainConfig, plan: RunPlan) -> dict:
 
 
 def adam_settings(param_groups) -> list[tuple]:
-    """The distinct (beta1, beta2, eps) of optimizer param groups (live or as saved)."""
+    """The distinct (beta1, beta2, eps) of optimizer param groups (live or as saved), sorted.
+
+    Args:
+        param_groups: Param-group dicts; those without betas and eps are skipped.
+    """
     return sorted({(*g["betas"], g["eps"]) for g in param_groups if "betas" in g and "eps" in g})
 
 
@@ -139,7 +168,18 @@ def adam_settings(param_groups) -> list[tuple]:
 def preflight(cfg: TrainConfig) -> RunPlan:
     """Check the run's settings against its paths, model, data and checkpoint; raise one
     PreflightError naming every problem, else return the RunPlan. Needs megatron's parallel state
-    (initialize_distributed); collective when checkpoint.resume is set (every rank calls it)."""
+    (initialize_distributed); collective when checkpoint.resume is set (every rank calls it).
+
+    Args:
+        cfg: The run's config.
+
+    Returns:
+        The `RunPlan` the checks resolved (architecture, aligned layers, batch split, schedule
+        length, languages, resume point).
+
+    Raises:
+        PreflightError: Every problem found, in one message.
+    """
     from megatron.core import parallel_state as ps
 
     problems: list[str] = []

@@ -48,13 +48,28 @@ class Checkpointer:
     write_files: Any = None  # (folder) -> None, on rank 0: an objective's files beside the weights
 
     def due(self, iteration: int) -> bool:
+        """Whether the interval saves at `iteration` (never with no save_dir or interval 0).
+
+        Args:
+            iteration: The step just finished.
+        """
         return bool(self.save_dir and self.save_interval and iteration % self.save_interval == 0)
 
     def due_at_end(self, iteration: int) -> bool:
-        """The last step was not saved by the interval (every run ends saved)."""
+        """Whether the run's last step needs a save of its own: the interval did not save it
+        (every run ends saved).
+
+        Args:
+            iteration: The run's last step.
+        """
         return bool(self.save_dir and (not self.save_interval or iteration % self.save_interval))
 
     def save(self, state: "TrainState") -> None:
+        """Collective. Save `state` at its iteration with the data position and this record.
+
+        Args:
+            state: The run's state (chunks, optimizer, scheduler, iteration, consumed samples).
+        """
         save_training_checkpoint(
             self.save_dir, state.iteration, state.chunks, state.optimizer, state.scheduler,
             dict(consumed_samples=state.consumed_samples, **self.record),

@@ -44,6 +44,21 @@ class NonFiniteError(UserFacingError, RuntimeError):
 
 @dataclasses.dataclass
 class StepRecord:
+    """One step's values, reduced over the ranks (every rank holds the same).
+
+    Attributes:
+        step: The global step.
+        ce: Mean cross-entropy per response token of the global batch.
+        lb: megatron's load-balancing loss, mean over layers and micro-batches.
+        js: SARA's routing JS term (0 without one).
+        js_per_layer: aligned layer -> its JS.
+        lr: The learning rate the step used.
+        grad_norm: The gradient norm (NaN when the optimizer gave none).
+        tokens_per_s: Non-padding tokens of the global batch per second.
+        step_time_s: The step's wall time, in seconds.
+        tflops_per_gpu: Model matmul TFLOP/s per GPU (rank), padding included.
+        terms: The objectives' own terms beyond ce / lb / js, by their metric names.
+    """
     step: int
     ce: float
     lb: float
@@ -72,6 +87,7 @@ class GlobalBatch:
 
     @property
     def seq_length(self) -> int:
+        """The rows' length in tokens (the full, not CP-local, sequence)."""
         return self.microbatches[0].tokens.shape[1]
 
 
@@ -80,7 +96,18 @@ class GlobalBatch:
 
 def fetch_microbatches(state: TrainState, num_microbatches: int) -> list:
     """The step's micro-batches from the loader, on the device, with their priors. A packed
-    step (data.packing) has the number its first micro-batch names."""
+    step (data.packing) has the number its first micro-batch names.
+
+    Args:
+        state: The run's state (loader, batch iterator, device).
+        num_microbatches: Micro-batches per step and data-parallel rank when unpacked.
+
+    Returns:
+        The micro-batches, on `state.device`, with their priors.
+
+    Raises:
+        RuntimeError: The data ran out before the step.
+    """
     try:
         return [mb.to(state.device).with_priors(state.loader.prior_table)
                 for mb in next_step_micro_batches(state.batches, num_microbatches)]
@@ -174,7 +201,13 @@ def _run_schedule(state: TrainState, cfg: TrainConfig, batch: GlobalBatch, forwa
 
 def forward_step(state: TrainState, data_iterator, model):
     """One micro-batch through one model chunk: (output, loss function), as megatron's schedules
-    call it. The loss function sums the CE over response tokens (per-token convention)."""
+    call it. The loss function sums the CE over response tokens (per-token convention).
+
+    Args:
+        state: The run's state (its objectives see the micro-batch first).
+        data_iterator: Iterator over this step's micro-batches.
+        model: The model chunk this schedule call runs.
+    """
     from megatron.core import parallel_state as ps
 
     mb = next(data_iterator)
@@ -287,7 +320,16 @@ def step_record(state: TrainState, cfg: TrainConfig, batch: GlobalBatch, reduced
 
 def check_finite(record: StepRecord, cfg: TrainConfig) -> None:
     """Stop on a non-finite loss term or gradient norm, or a negative JS (see JS_ROUNDOFF),
-    before the step's weights can be saved. Every rank sees the same reduced values."""
+    before the step's weights can be saved. Every rank sees the same reduced values.
+
+    Args:
+        record: The step's reduced values.
+        cfg: The run's config (clip_grad: a NaN norm without clipping is not checked;
+            checkpoint.save_dir, named in the message).
+
+    Raises:
+        NonFiniteError: A term or the gradient norm is not finite, or a JS is negative.
+    """
     terms = {"ce": record.ce, "lb": record.lb, "js": record.js, **record.terms,
              **{f"js of layer {layer}": v for layer, v in record.js_per_layer.items()}}
     if record.grad_norm is not None and not (cfg.optim.clip_grad == 0

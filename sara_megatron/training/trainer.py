@@ -32,13 +32,30 @@ from sara_megatron.training.step import (  # noqa: F401 - NonFiniteError: the tr
 
 @dataclasses.dataclass
 class TrainResult:
+    """What `Trainer.run` did.
+
+    Attributes:
+        steps: The `StepRecord` of every step run in this call.
+        final_iteration: The global step reached.
+        alignment_layers: The layers SARA aligned.
+    """
     steps: list  # StepRecord of every step run in this call
     final_iteration: int
     alignment_layers: list
 
 
 class Trainer:
-    """A run of a `TrainConfig`: checked and built on construction; `run()` trains."""
+    """A run of a `TrainConfig`: checked and built on construction; `run()` trains.
+
+    Construction is collective: it initialises the process groups (`initialize_distributed`),
+    runs `preflight` and builds the state (resumed from the latest checkpoint when configured).
+
+    Args:
+        cfg: The run's config.
+
+    Raises:
+        PreflightError: The settings cannot start a run (every problem, in one message).
+    """
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -48,7 +65,14 @@ class Trainer:
         self.state: TrainState = build_state(cfg, self.plan, process_groups)
 
     def train_step(self) -> StepRecord:
-        """One optimizer step on the next global batch."""
+        """One optimizer step on the next global batch (collective), reseeded from (seed, step).
+
+        Returns:
+            The step's `StepRecord`.
+
+        Raises:
+            RuntimeError: The data ran out, or the optimizer step failed.
+        """
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
         # RNG from (seed, step): a resumed run draws what an uninterrupted one would.
@@ -66,7 +90,18 @@ class Trainer:
         return step_record(state, cfg, batch, reduced, lr, grad_norm, started)
 
     def run(self, max_steps: Optional[int] = None) -> TrainResult:
-        """Train to the end of the schedule (or `max_steps` more steps); save as configured."""
+        """Train to the end of the schedule (or `max_steps` more steps); log on rank 0, stop on a
+        non-finite step, and save as configured (every run ends saved when save_dir is set).
+
+        Args:
+            max_steps: At most this many steps in this call (None: to the schedule's end).
+
+        Returns:
+            The `TrainResult` of this call.
+
+        Raises:
+            NonFiniteError: A step's loss or gradient norm was not finite (nothing saved after it).
+        """
         state, lg = self.state, self.cfg.logging
         checkpointer = state.checkpointer
         total = self.plan.train_steps
@@ -98,56 +133,77 @@ class Trainer:
         return TrainResult(records, state.iteration, self.plan.alignment_layers)
 
     def save(self) -> None:
+        """Collective. Save a checkpoint of the current state now."""
         self.state.checkpointer.save(self.state)
 
     # The state's parts under the names scripts and tests use.
 
     @property
     def chunks(self) -> list:
+        """The DDP-wrapped model chunks of this rank, one per virtual pipeline stage."""
         return self.state.chunks
 
     @property
     def optimizer(self):
+        """The megatron optimizer."""
         return self.state.optimizer
 
     @property
     def scheduler(self):
+        """The LR scheduler (megatron's `OptimizerParamScheduler`)."""
         return self.state.scheduler
 
     @property
     def device(self):
+        """The torch device the model runs on."""
         return self.state.device
 
     @property
     def arch(self):
+        """The model's `MoEArchitecture` (cut to model.num_layers when set)."""
         return self.plan.arch
 
     @property
     def alignment_layers(self) -> list:
+        """The layers SARA aligns."""
         return self.plan.alignment_layers
 
     @property
     def train_steps(self) -> int:
+        """The schedule's length in steps."""
         return self.plan.train_steps
 
     @property
     def iteration(self) -> int:
+        """The global step reached (steps done, counting those before a resume)."""
         return self.state.iteration
 
     @iteration.setter
     def iteration(self, value: int) -> None:
+        """Set the global step.
+
+        Args:
+            value: The new step.
+        """
         self.state.iteration = value
 
     @property
     def consumed_samples(self) -> int:
+        """Positions of the global sample order consumed so far."""
         return self.state.consumed_samples
 
     @property
     def batches(self):
+        """The iterator of micro-batches the steps draw from."""
         return self.state.batches
 
     @batches.setter
     def batches(self, value) -> None:  # a test feeds its own micro-batches
+        """Replace the micro-batch iterator.
+
+        Args:
+            value: An iterator of micro-batches.
+        """
         self.state.batches = value
 
     def _next_microbatches(self) -> list:
@@ -158,4 +214,13 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, max_steps: Optional[int] = None) -> TrainResult:
+    """Build a `Trainer` for `cfg` and run it.
+
+    Args:
+        cfg: The run's config.
+        max_steps: At most this many steps (None: the whole schedule).
+
+    Returns:
+        The run's `TrainResult`.
+    """
     return Trainer(cfg).run(max_steps)
