@@ -2,46 +2,12 @@
 
     L = CE + λ_LB·LB − w_var·L_var + w_orth·L_orth      on every MoE layer (summed over layers)
 
-L_var: the variance over experts of each token's dense routing softmax (fp32), averaged over
-non-padding tokens; subtracting it makes routing scores more discriminative.
-L_orth: for each token routed to experts e_1..e_k with (unweighted) outputs y_1..y_k, the mean over
-i of ‖P_{-i} y_i‖², the squared norm of y_i's projection onto the span of the other k−1 outputs,
-averaged over non-padding tokens; it pushes a token's experts to produce distinct
-representations. We take the projection through a QR basis of the other outputs (the authors
-use Gram–Schmidt; the tests check the two agree).
-λ_LB·LB is megatron's load-balancing loss, as for SARA and FFT.
-
-Where each piece is computed. L_var is a router observer (like `SaraRoutingLoss`), attached to the
-routing probabilities by the router. L_orth needs the experts' outputs: a forward hook on each MoE
-layer's experts module reads them (megatron multiplies the routing probability in before fc2;
-the hook divides it out) and places each in the slot of its token among that token's k experts.
-With expert parallel (and expert tensor parallel) a token's experts sit on several ranks of the
-dispatcher's TP×EP group, which has gathered every token of the group: the [T, k, H] slots are
-summed over that group (forward all-reduce, identity backward, as for SARA under sequence
-parallel), every rank computes the same loss, and each rank's backward reaches only its own
-experts' slots, so the group's gradients count the term once. The loss rides on the experts'
-output with megatron's `MoEAuxLossAutoScaler`, so pipeline stages handle their own layers.
-
-Scaling under megatron's per-token loss: with `token_weight = T / N` (T: loss tokens, N:
-non-padding tokens of the global batch, set by the trainer every step) each micro-batch attaches
-w·Σ_t ℓ_t·T/N, i.e. after megatron's division by T, w times the mean of ℓ over the global batch's
-tokens, however the batch is cut into micro-batches. `token_weight=None` takes the mean over the
-micro-batch (single-forward use and tests).
-
-Self-calibration: a coefficient left unset is set once, before the first step, to
-10^round(log10(target / value)) (`power_of_ten`). Two ways to measure the value
-(`calibration`), both computed every time so the run log can show both candidates:
-
-- ``measured``: each term's token mean over layers on the first global batch at the starting
-  weights, the orthogonality measured on the experts' outputs, as it is trained;
-- ``authors``: what the authors' released code measures, at the first MoE layer only: the
-  variance's token mean on one micro-batch (the first of data-parallel rank 0), and the
-  orthogonality of the router weight rows (`router_rows_orthogonality`), not of expert outputs.
-
-Set both coefficients to resume a run exactly.
-
-Sequence packing (`data.packing`) needs nothing more: both terms are per token, and a packed row
-marks its padding in the padding mask the router passes on (segment id -1).
+L_var (the variance over experts of each token's routing softmax) is a router observer; L_orth
+(each token's experts' outputs projected onto one another) is a forward hook on each MoE layer's
+experts, summed over the dispatcher's TP×EP group and attached with `MoEAuxLossAutoScaler`. Both
+follow megatron's per-token convention through `token_weight`; an unset coefficient is
+self-calibrated to a power of ten before the first step. Details, calibration ways and tests:
+docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -57,7 +23,14 @@ from sara_megatron.sara.reduction import all_reduce_identity_backward
 
 
 def routing_variance(logits: torch.Tensor) -> torch.Tensor:
-    """[T] variance over experts of each token's fp32 routing softmax (unbiased, as torch.var)."""
+    """Each token's variance over experts of its fp32 routing softmax (unbiased, as torch.var).
+
+    Args:
+        logits: [T, N] router logits.
+
+    Returns:
+        [T] fp32 variances.
+    """
     return torch.softmax(logits.float(), dim=-1).var(dim=-1)
 
 
@@ -66,7 +39,12 @@ CALIBRATIONS = ("measured", "authors")
 
 def power_of_ten(target: float, value: float) -> float:
     """The coefficient that brings `value` to `target` rounded to a power of ten:
-    10^round(log10(target / value)); 0 when the target is 0 or the value is not positive."""
+    10^round(log10(target / value)); 0 when the target is 0 or the value is not positive.
+
+    Args:
+        target: the term's wanted value.
+        value: the term's measured value at coefficient 1.
+    """
     if target == 0 or not value > 0:
         return 0.0
     return 10.0 ** round(math.log10(target / value))
@@ -96,14 +74,20 @@ def router_rows_orthogonality(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def orthogonality_per_token(outputs: torch.Tensor) -> torch.Tensor:
-    """[T] mean over i of ‖projection of outputs[:, i] onto span(outputs[:, j≠i])‖², for
-    outputs [T, k, H] (fp32 math). k = 1 has no other expert: 0.
+    """Each token's mean over i of ‖projection of outputs[:, i] onto span(outputs[:, j≠i])‖².
 
     A token with an all-zero slot (a padding token the dispatcher did not send, an expert that
     output nothing) would make the QR's backward divide by zero, NaN even where the token is
     masked out afterwards: such tokens bypass the QR (it sees a fixed well-conditioned stand-in)
     and take the value from `_orthogonality_zero_safe`, in which a zero slot spans nothing. Other
-    tokens' values are the QR's, unchanged."""
+    tokens' values are the QR's, unchanged.
+
+    Args:
+        outputs: [T, k, H] each token's k experts' (unweighted) outputs.
+
+    Returns:
+        [T] fp32 values; zeros when k = 1 (no other expert).
+    """
     t, k, h = outputs.shape
     if k < 2:
         return outputs.new_zeros(t)
@@ -145,7 +129,12 @@ def _orthogonality_zero_safe(outputs: torch.Tensor) -> torch.Tensor:
 
 
 class AesLoss:
-    """Router observer (L_var) plus experts hooks (L_orth); see the module docstring."""
+    """Router observer (L_var) plus experts hooks (L_orth); see the module docstring.
+
+    Install it with `routing.observers.observe_routers` and `attach`; the trainer sets
+    `token_weight` (loss tokens / non-padding tokens of the global batch) every step.
+    Constructor arguments: see `__init__`.
+    """
 
     def __init__(self, variance_coeff: Optional[float], orthogonality_coeff: Optional[float],
                  variance_target: float = 1e-3, orthogonality_target: float = 1e-4,
@@ -179,6 +168,7 @@ class AesLoss:
 
     @property
     def calibrated(self) -> bool:
+        """Whether both coefficients are set (nothing is attached before)."""
         return self.variance_coeff is not None and self.orthogonality_coeff is not None
 
     def reset_stats(self) -> None:
@@ -310,7 +300,11 @@ class AesLoss:
     # --- logging and calibration ---------------------------------------------------------------
 
     def reduced_layer_means(self) -> dict[str, dict[int, float]]:
-        """{"variance": {layer: mean}, "orthogonality": {...}} over every rank (collective)."""
+        """Each term's per-layer token mean since `reset_stats`, over every rank (collective).
+
+        Returns:
+            {"variance": {layer: mean}, "orthogonality": {layer: mean}}, global 0-based layers.
+        """
         layers = sorted(self.stats)
         width = 1 + max([int(x) for x in layers], default=-1)
         table = torch.zeros(max(width, 1), 4, dtype=torch.float64)
@@ -333,7 +327,11 @@ class AesLoss:
         """The values the authors' calibration reads, at the first MoE layer of the model:
         {"variance": token mean on data-parallel rank 0's first micro-batch since
         `reset_stats`, "orthogonality": `router_rows_orthogonality` of its router}.
-        Collective over the world; `num_layers` bounds the layer indices."""
+        Collective over the world.
+
+        Args:
+            num_layers: the model's layer count (bounds the layer indices).
+        """
         table = torch.zeros(max(num_layers, 1), 4, dtype=torch.float64)
         if self._routers:
             first = min(self._routers)
@@ -362,7 +360,14 @@ class AesLoss:
         """Set unset coefficients by `self.calibration` from the statistics of a forward pass
         since `reset_stats` (collective). Both ways are measured; returns
         {way: {"variance": value, "orthogonality": value, "variance_coeff": c,
-        "orthogonality_coeff": c}} for logging, also kept in `calibration_values`."""
+        "orthogonality_coeff": c}} for logging, also kept in `calibration_values`.
+
+        Args:
+            num_layers: the model's layer count.
+
+        Returns:
+            The two ways' values and coefficients, as above.
+        """
         means = self.reduced_layer_means()
         measured = {term: sum(v.values()) / max(len(v), 1) for term, v in means.items()}
         result = {}
@@ -382,7 +387,11 @@ class AesLoss:
         return result
 
     def calibrate_from(self, means: dict[str, dict[int, float]]) -> None:
-        """Set unset coefficients to 10^round(log10(target / layer-mean value))."""
+        """Set unset coefficients to 10^round(log10(target / layer-mean value)).
+
+        Args:
+            means: per-layer means as `reduced_layer_means` returns them.
+        """
         def layer_mean(values):
             values = list(values)
             return sum(values) / max(len(values), 1)

@@ -1,27 +1,13 @@
 """ShifCon's shift outside training: what a ShifCon run's checkpoints and exports carry, and the
 hooks that shift a model's hidden states for one language at inference.
 
-A ShifCon model is trained with a non-anchor sample's hidden states moved by
-v_anchor[a] − v_lang[a] entering layer a and moved back by v_anchor[b] − v_lang[b] entering
-layer b (docs/objectives.md); evaluated without that shift it runs outside its own regime. So
-every checkpoint a ShifCon run saves, and every HF folder exported from one, carries the shift:
-
-    shifcon.json                          {"format": "sara-shifcon-shift-1", "shift_layer": a,
-                                           "shift_back_layer": b, "anchor_language": "en",
-                                           "normalisation": ..., "vectors": "shifcon/...",
-                                           "vectors_sha256": ...}
-    shifcon/language_vectors.safetensors  the language vectors as training last used them (the
-                                          `sara-language-vectors-1` file format)
-
-The vectors sit in a subfolder so that a server globbing `*.safetensors` in the model folder does
-not take them for weights; `shifcon.json` records their sha256, checked on load, and the HF
-fingerprint (evaluation.model_identity) covers `shifcon.json`, hence the vectors too.
-
-`shifted(layers, shift, language)` adds the training shift to whatever decoder layers it is
-given: megatron's TransformerLayers ([S, B, H] hidden states) or transformers' decoder layers
-([B, S, H]); the shift of one language is one vector per layer, the same for every token, so the
-layout does not matter. Under a KV cache (generation) each new token gets the shift as it enters
-the layer, as every token of a training sample did.
+A ShifCon model is trained with non-anchor hidden states shifted entering layer a and shifted
+back entering layer b (docs/objectives.md), so every checkpoint and HF export of a ShifCon run
+carries the shift: `shifcon.json` (format, layers, anchor, normalisation, the vectors' path and
+sha256, checked on load) and `shifcon/language_vectors.safetensors` (in a subfolder, so that a
+server globbing `*.safetensors` does not take the vectors for weights). `shifted(layers, shift,
+language)` adds the training shift to megatron's or transformers' decoder layers; under a KV
+cache each new token gets the shift as it enters the layer.
 """
 
 from __future__ import annotations
@@ -65,14 +51,23 @@ class LanguageShift:
 
     @property
     def anchor_language(self) -> str:
+        """The language whose hidden states are not shifted (the vectors' anchor)."""
         return self.vectors.anchor_language
 
     @property
     def languages(self) -> list[str]:
+        """The languages the vectors hold, sorted."""
         return sorted(self.vectors.vectors)
 
     def delta(self, language: str, layer: int) -> torch.Tensor:
-        """[H] fp32 v_anchor[layer] − v_language[layer]; zeros for the anchor language.
+        """The shift of `language` at `layer`: v_anchor[layer] − v_language[layer].
+
+        Args:
+            language: the input's language.
+            layer: global 0-based layer index.
+
+        Returns:
+            [H] fp32 tensor; zeros for the anchor language.
 
         Raises:
             KeyError: no vector for `language` or `layer`.
@@ -83,20 +78,30 @@ class LanguageShift:
         return anchor - self.vectors.at(language, layer)
 
     def describe(self) -> str:
+        """A one-line description of the shift (layers, anchor, languages) for logs."""
         return (f"ShifCon shift entering layer {self.shift_layer}, back entering layer "
                 f"{self.shift_back_layer}, anchor {self.anchor_language}, vectors of "
                 f"{', '.join(self.languages)}")
 
 
 def objective_shift(objective) -> LanguageShift:
-    """The shift a `sara.shifcon.ShifconObjective` trains with, its vectors as they are now."""
+    """The shift a `sara.shifcon.ShifconObjective` trains with, its vectors as they are now.
+
+    Args:
+        objective: the ShifCon objective of a run.
+    """
     return LanguageShift(objective.vectors, objective.shift_layer, objective.shift_back_layer,
                          getattr(objective.vectors, "normalisation", None))
 
 
 def write_shift_sidecar(folder: str | os.PathLike, shift: LanguageShift) -> None:
     """Write `shifcon.json` and the vectors into `folder` (a checkpoint's staging folder or an
-    HF export being built; not atomic on its own: the caller publishes the folder)."""
+    HF export being built; not atomic on its own: the caller publishes the folder).
+
+    Args:
+        folder: the folder to write into (`shifcon/` is created in it).
+        shift: the shift to record.
+    """
     from sara_megatron.io import sha256_file
     from sara_megatron.sara.shifcon_vectors import save_language_vectors
 
@@ -115,11 +120,19 @@ def write_shift_sidecar(folder: str | os.PathLike, shift: LanguageShift) -> None
 
 
 def has_shift_sidecar(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a `shifcon.json` (not checked; see `read_shift_sidecar`).
+
+    Args:
+        folder: a checkpoint or HF folder.
+    """
     return os.path.isfile(os.path.join(os.fspath(folder), SIDECAR_FILE))
 
 
 def read_shift_sidecar(folder: str | os.PathLike) -> Optional[LanguageShift]:
     """The shift a checkpoint or HF folder carries; None when it carries none.
+
+    Args:
+        folder: a checkpoint or HF folder.
 
     Raises:
         ShiftSidecarError: another format, a missing vectors file or one whose sha256, layers or
@@ -161,7 +174,18 @@ def read_shift_sidecar(folder: str | os.PathLike) -> Optional[LanguageShift]:
 
 
 def copy_shift_sidecar(source: str | os.PathLike, destination: str | os.PathLike) -> bool:
-    """Copy a checkpoint's shift (checked first) into `destination`; False when it has none."""
+    """Copy a checkpoint's shift (checked first) into `destination`.
+
+    Args:
+        source: the checkpoint or HF folder that may carry a shift.
+        destination: the folder to copy `shifcon.json` and `shifcon/` into.
+
+    Returns:
+        Whether a shift was copied (False when `source` has none).
+
+    Raises:
+        ShiftSidecarError: the source's shift does not read back (see `read_shift_sidecar`).
+    """
     if read_shift_sidecar(source) is None:
         return False
     source, destination = os.fspath(source), os.fspath(destination)
@@ -215,7 +239,17 @@ def shifted(layers: Mapping[int, torch.nn.Module], shift: Optional[LanguageShift
 
 
 def hf_decoder_layers(lm) -> dict[int, torch.nn.Module]:
-    """{0-based layer: decoder layer} of a transformers causal LM (Qwen3-MoE, PhiMoE, ...)."""
+    """The decoder layers of a transformers causal LM (Qwen3-MoE, PhiMoE, ...).
+
+    Args:
+        lm: the loaded model.
+
+    Returns:
+        {0-based layer: decoder layer module}.
+
+    Raises:
+        ValueError: no decoder layers found.
+    """
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", lm)
     layers = getattr(decoder, "layers", None)
     if layers is None:
@@ -224,7 +258,16 @@ def hf_decoder_layers(lm) -> dict[int, torch.nn.Module]:
 
 
 def check_shift_fits(shift: LanguageShift, num_layers: int, where: str) -> None:
-    """Refuse a shift whose layers the model does not have."""
+    """Refuse a shift whose layers the model does not have.
+
+    Args:
+        shift: the shift to apply.
+        num_layers: the model's layer count.
+        where: the folder the shift came from, for the message.
+
+    Raises:
+        ShiftSidecarError: the shift-back layer is past the model's last layer.
+    """
     if shift.shift_back_layer >= num_layers:
         raise ShiftSidecarError(f"{where}: the ShifCon shift goes back entering layer "
                                 f"{shift.shift_back_layer}, but the model has {num_layers} layers")

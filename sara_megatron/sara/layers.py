@@ -18,11 +18,27 @@ MODES = ("range", "all", "random")
 
 
 def is_layer_range_file(mode: str) -> bool:
+    """Whether `mode` names an existing file rather than one of `MODES`.
+
+    Args:
+        mode: the `sara.layers` setting.
+    """
     return mode not in MODES and isinstance(mode, str) and os.path.isfile(mode)
 
 
 def read_layer_range_file(path: str) -> tuple[int, int]:
-    """(first, last) of the `suggested_range` a divergence JSON file holds."""
+    """The `suggested_range` a divergence JSON file holds.
+
+    Args:
+        path: a file `tools/routing_divergence.py --json` wrote.
+
+    Returns:
+        (first, last), inclusive global 0-based layer indices.
+
+    Raises:
+        ValueError: the file cannot be read, has no suggested range, or its range is not
+            0 <= first <= last.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             suggested = json.load(f)["suggested_range"]
@@ -37,7 +53,16 @@ def read_layer_range_file(path: str) -> tuple[int, int]:
 
 
 def check_layer_setting(mode: str, first: int | None, last: int | None) -> None:
-    """What the config accepts as sara.layers: a mode, or a range file without first/last."""
+    """What the config accepts as sara.layers: a mode, or a range file without first/last.
+
+    Args:
+        mode: the `sara.layers` setting.
+        first, last: `sara.first_layer` / `sara.last_layer` (None: unset).
+
+    Raises:
+        ValueError: neither a mode nor a readable range file, or a range file with first or
+            last set.
+    """
     if mode in MODES:
         return
     if not is_layer_range_file(mode):
@@ -58,11 +83,23 @@ def select_alignment_layers(
     last: int | None = None,
     seed: int = 0,
 ) -> list[int]:
-    """Sorted global 0-based layer indices.
+    """The layers SARA aligns.
 
-    range: `first..last` inclusive, defaulting to the family's paper range.
-    all: every layer.  random: a seeded subset of the size the range would have.
-    A divergence JSON file: the range its `suggested_range` names.
+    Args:
+        num_layers: the model's layer count.
+        mode: "range": `first..last` inclusive, defaulting to the family's paper range; "all":
+            every layer; "random": a seeded subset of the size the range would have; or a
+            divergence JSON file: the range its `suggested_range` names.
+        family: the model family (`DEFAULT_RANGES` key), for the default range.
+        first, last: the range's ends, inclusive; None: the family's default.
+        seed: the random subset's seed.
+
+    Returns:
+        Sorted global 0-based layer indices.
+
+    Raises:
+        ValueError: an unknown mode, no default range for the family, or a range that does not
+            fit `num_layers`.
     """
     if is_layer_range_file(mode):
         check_layer_setting(mode, first, last)

@@ -3,28 +3,11 @@
 For each selected layer l and sequence b of the micro-batch:
     JS(P̄_anchor[l, b] ‖ Q̄_l[b]),  Q̄ = masked sequence-mean of the dense fp32 routing softmax,
 and L_JS = mean over selected layers and valid (non-empty) sequences. `SaraRoutingLoss` is a router
-observer (`sara_megatron.routing.observe_routers`): the router hands it each layer's logits, it
-returns λ_JS · (that layer's share of L_JS), and the router attaches that to its routing
-probabilities with megatron's `MoEAuxLossAutoScaler` — so pipeline stages handle their own layers,
-and the gradient is scaled as megatron scales its aux losses (the loss scale; without per-token
-loss also CP size / num_microbatches).
-
-With megatron's per-token loss (`calculate_per_token_loss`, what the trainer uses) every gradient
-is divided once by the global batch's loss-token count T. The trainer then sets
-`sequence_weight = T / V` (V: valid sequences in the global batch) and the term becomes
-λ/L_sel · Σ_b JS_b · T / V per micro-batch, i.e. exactly λ·L_JS averaged over every sequence of the
-global batch after the division — the same update however the batch is cut into micro-batches.
-
-Under sequence / context parallel the masked sums are all-reduced over the TP×CP group inside
-`sequence_routing_js` before the divergence; each rank's tokens get the single-rank gradient, and
-every rank of the group attaches the same value, so the gradients summed over the group count the
-term once. The groups come in as `process_groups` (megatron's `ProcessGroupCollection`, read once
-by the trainer); None is one process alone.
-λ_JS = 0 runs the same code: the attached term is 0 and so is every gradient it adds.
-
-`divergence` swaps the paper's JS for KL(anchor ‖ target) or JS over the mean entropy of the two
-profiles (`sara.divergence`). Those run the PyTorch reference (`impl="auto"` picks it; asking for
-the Triton kernel with them is refused): the fused kernel computes JS only.
+observer (`sara_megatron.routing.observe_routers`) whose term the router attaches with megatron's
+`MoEAuxLossAutoScaler`, so pipeline stages handle their own layers. Under megatron's per-token
+loss the trainer's `sequence_weight` makes the update λ·L_JS over the global batch's sequences
+however it is cut into micro-batches; under sequence / context parallel the masked sums are
+all-reduced over TP×CP before the divergence (docs/training.md, docs/kernel.md).
 """
 
 from __future__ import annotations
@@ -45,7 +28,24 @@ from sara_megatron.routing.capture import (
 
 
 class SaraRoutingLoss:
-    """Router observer computing λ_JS·L_JS for the current micro-batch (see module docstring)."""
+    """Router observer computing λ_JS·L_JS for the current micro-batch (see module docstring).
+
+    Call `set_batch` before each micro-batch's forward; the trainer sets `sequence_weight`
+    (loss tokens / valid sequences of the global batch) under megatron's per-token loss, None
+    takes the mean over the micro-batch's valid sequences.
+
+    Args:
+        layers: global 0-based indices of the aligned layers (the priors' first axis, sorted).
+        coeff: λ_JS (>= 0); 0 runs the same code and adds zero gradients.
+        sequence_parallel: whether the router sees this TP rank's sequence shard.
+        impl: the JS kernel: "auto", "triton" or "reference" (`kernels.sequence_routing_js`).
+        divergence: one of `DIVERGENCES` ("js" is the paper's; the others run the reference).
+        process_groups: megatron's groups; None only in a one-process world.
+
+    Raises:
+        ValueError: an unknown divergence, the Triton kernel with a divergence other than JS,
+            no layers, a negative coefficient, or no `process_groups` on several ranks.
+    """
 
     def __init__(
         self,
@@ -88,9 +88,19 @@ class SaraRoutingLoss:
 
     def set_batch(self, priors: torch.Tensor, segment_ids: torch.Tensor,
                   packed: bool = False) -> None:
-        """Priors [L_sel, B, N] (fp32) aligned with `self.layers`; segment ids [B, S], -1 = pad.
-        packed: the rows hold several samples (data/packing.py): priors [L_sel, n, N] for the
-        micro-batch's n samples, segment ids [rows, S] in [-1, n)."""
+        """Set the micro-batch's priors and segment ids for the next forward.
+
+        Args:
+            priors: [L_sel, B, N] anchor routing distributions aligned with `self.layers`
+                (cast to fp32); packed: [L_sel, n, N] for the micro-batch's n samples.
+            segment_ids: [B, S] model-input segment ids, -1 = padding; packed: [rows, S] in
+                [-1, n).
+            packed: the rows hold several samples (data/packing.py).
+
+        Raises:
+            ValueError: shapes that do not fit `self.layers` or each other, or segment ids out
+                of range.
+        """
         if priors.dim() != 3 or priors.shape[0] != len(self.layers):
             raise ValueError(
                 f"priors must be [L_sel={len(self.layers)}, B, N], got {tuple(priors.shape)}"
@@ -108,7 +118,11 @@ class SaraRoutingLoss:
         self._segment_ids = segment_ids
 
     def layer_means(self) -> dict[int, float]:
-        """Mean JS per layer over the sequences seen since `reset_stats` (this rank's layers)."""
+        """Mean JS per layer over the sequences seen since `reset_stats` (this rank's layers).
+
+        Returns:
+            {global layer: mean JS}, for the aligned layers this rank's stage has run.
+        """
         return {
             layer: float(self.js_sum[layer] / self.sequences[layer].clamp_min(1))
             for layer in self.js_sum
@@ -146,7 +160,16 @@ class SaraRoutingLoss:
 
     def reduced_layer_means(self, num_layers: int) -> dict[int, float]:
         """Mean JS per aligned layer over every sequence since `reset_stats`, on every rank:
-        sums over data parallel and pipeline stages (each stage holds its own layers)."""
+        sums over data parallel and pipeline stages (each stage holds its own layers).
+
+        Collective over the data-parallel and pipeline groups.
+
+        Args:
+            num_layers: the model's layer count (width of the reduced table).
+
+        Returns:
+            {aligned global layer: mean JS}; 0 for a layer no sequence reached.
+        """
         import torch.distributed as dist
 
         # NCCL groups take CUDA tensors; a stage with no aligned layer has no stats to copy from.

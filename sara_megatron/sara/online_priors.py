@@ -1,29 +1,14 @@
 """Online anchor priors (`sara.priors: online`): the anchor forward in the same step.
 
-Instead of priors extracted once from the model before fine-tuning (the prior store), each
-micro-batch carries the anchor rows of its samples (`SaraDataConfig.anchor_rows`); before the
-training forward, the model being trained runs those rows forward without gradient — through
-megatron's schedule, so pipeline stages pass activations as in training — and the dense routing
-capture gives each aligned layer's sequence-mean routing [B, N] of every anchor. Those are the
-priors JS is taken against: priors that follow the model as it trains, with no extraction pass
-and no store. At step 0 they equal the store's priors (same weights, same samples).
-
-The anchor forward runs through the forward runner (`routing/forward_runner.py`, as prior
-extraction does): eval mode (deterministic routing: no jitter, no sparsemixer sampling), rows
-padded like the training batch (with causal attention and right padding the padding does not
-change a sequence's routing), and it stops after the last aligned layer — the layers past it,
-the final norm and the output layer feed nothing the priors read. Each stage fills the rows of its own layers
-(the rest stay 0 and are never read there: `SaraRoutingLoss` reads the layers it routes).
-
-Packed batches (`data.packing`, docs/packing.md) carry their samples' anchors packed by the same
-rule (`data/anchor_rows.pack_anchor_rows`): the anchor forward runs them with each anchor's own
-positions and the block-diagonal mask (`routing.forward_inputs`, as the training forward), and
-the capture reduces by anchor segment, so a micro-batch's priors are [L_sel, n, N] over its n
-samples in their order — what `SaraRoutingLoss.set_batch(..., packed=True)` takes. The anchors of
-a micro-batch may fill another number of rows than its samples; megatron's schedule runs one
-shape per call (pipeline stages exchange [S, rows, H] activations, and the allgather token
-dispatcher gathers equal shares), so every anchor micro-batch of the step is padded with
-all-padding rows to the most rows any rank's anchor micro-batch has.
+Instead of priors extracted once before fine-tuning (the prior store), each micro-batch carries
+the anchor rows of its samples (`SaraDataConfig.anchor_rows`); before the training forward, the
+model being trained runs them forward without gradient through the forward runner (eval mode,
+padded like the training batch, stopping after the last aligned layer), and the routing capture
+gives each aligned layer's sequence-mean routing of every anchor: priors that follow the model
+as it trains (equal to the store's at step 0). Packed anchors give [L_sel, n, N] over the
+micro-batch's n samples; every anchor micro-batch of the step is padded with all-padding rows
+to the most rows any rank's has, since megatron's schedule runs one shape per call
+(docs/objectives.md, docs/data-and-priors.md).
 """
 
 from __future__ import annotations
@@ -61,7 +46,16 @@ def _pad_rows(t: torch.Tensor, rows: int, value) -> torch.Tensor:
 
 
 def anchor_rows_view(mb, rows: int) -> AnchorRowsView:
-    """Micro-batch `mb`'s anchor rows padded with all-padding rows to `rows` (>= its own)."""
+    """Micro-batch `mb`'s anchor rows padded with all-padding rows to `rows` (>= its own).
+
+    Args:
+        mb: a micro-batch with anchor rows (`anchor_tokens`, `anchor_padding_mask`; packed:
+            `anchor_position_ids`, `anchor_segment_ids`).
+        rows: the step's row count (`anchor_row_count`).
+
+    Returns:
+        The padded `AnchorRowsView` (padding rows: token 0, all padding, segment -1).
+    """
     position_ids = getattr(mb, "anchor_position_ids", None)
     segment_ids = getattr(mb, "anchor_segment_ids", None)
     samples = len(mb.sample_ids) if segment_ids is not None else mb.anchor_tokens.shape[0]
@@ -73,7 +67,12 @@ def anchor_rows_view(mb, rows: int) -> AnchorRowsView:
 
 def anchor_row_count(microbatches, device) -> int:
     """The most anchor rows of any micro-batch of the step, over every rank (collective when
-    distributed: all ranks run the anchor forward together)."""
+    distributed: all ranks run the anchor forward together).
+
+    Args:
+        microbatches: the step's micro-batches on this rank.
+        device: where the all-reduce's tensor lives (the backend's device).
+    """
     rows = max(mb.anchor_tokens.shape[0] for mb in microbatches)
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([rows], dtype=torch.int64, device=device)

@@ -24,4 +24,10 @@ class _AllReduceIdentityBackward(torch.autograd.Function):
 
 
 def all_reduce_identity_backward(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The sum of `tensor` over `group`; its gradient passes back unchanged.
+
+    Args:
+        tensor: this rank's partial sum (not modified).
+        group: the process group to sum over.
+    """
     return _AllReduceIdentityBackward.apply(tensor, group)

@@ -11,27 +11,11 @@
                        (over data parallel) as negatives: −log softmax_j(cos(z_b, a_j)/τ)[b]
     L = CE + λ_LB·LB + λ_con · mean over non-anchor sequences of the InfoNCE term
 
-The anchor representations come from a forward of the anchor rows in the same step (eval mode,
-no gradient, no shift: `run_anchor_forward`, as for online priors), so only the translated side
-is trained by the contrastive term (the anchor side is a moving target, as SARA's priors are
-fixed ones). Anchor-language samples (`data.languages: all`) are neither shifted nor contrasted.
-
-How it sits in megatron: forward pre-hooks on the TransformerLayers a and b of whichever pipeline
-stage holds them; the contrastive loss rides on layer b's input with `MoEAuxLossAutoScaler`, as
-SARA's term rides on the routing probabilities. Under sequence or context parallel the pooled sums
-are all-reduced over the TP×CP group (identity backward) before the loss, every rank of the group
-attaches the same value and each rank's tokens get the single-rank gradient. Scaling follows
-SARA's: with `sequence_weight = T / V` set by the trainer each step the term is λ_con times the
-mean over the global batch's contrasted sequences, however the batch is cut into micro-batches.
-
-Everything is per sample through segment ids, so packed rows (`data.packing`, docs/packing.md)
-work as padded ones: a token is shifted by its own sample's language (padding of a packed row is
-not shifted; unpacked, a row's padding shifts with its sample, which its causal attention never
-lets reach a real token), pooling is over each sample's own tokens, and each sample is contrasted
-with its own anchor, pooled per anchor segment in the packed anchor forward. The negatives are
-the anchors of the same micro-batch on every data-parallel rank, so they depend on how the
-global batch is grouped into micro-batches (packed or not, like the load-balancing statistic);
-with the same grouping a packed step equals the padded one.
+The anchor side comes from a forward of the anchor rows in the same step (no gradient, no shift:
+`run_anchor_forward`); anchor-language samples are neither shifted nor contrasted. The shifts are
+forward pre-hooks on layers a and b, the loss rides on layer b's input with
+`MoEAuxLossAutoScaler`, and everything is per sample through segment ids, so packed rows work as
+padded ones (docs/objectives.md, docs/packing.md).
 """
 
 from __future__ import annotations
