@@ -1,24 +1,11 @@
 """Conversion checked at full size without weights: transformers' model and ours on the meta device.
 
 For a layout, every rank's shard of every Megatron checkpoint tensor is mapped to hub tensors
-through the converter's own mapping (`conversion.mapping.build_mapping` and
-`TensorMapping.read_region`, the calls `hf_import.fill_model_from_hf` makes), with a reader that
-records the rows and columns asked for instead of reading bytes. It then holds that:
-
-- the hub tensors the mapping expects are exactly transformers' checkpoint keys, with the same
-  shapes (`ModelMapping.check_hf_tensors`); transformers 5.x fuses experts in memory, so its
-  state dict is put back into the per-expert layout the hub's files have with transformers' own
-  `revert_weight_conversion` (what `save_pretrained` writes);
-- every Megatron checkpoint tensor the model has (keys, layer / expert indices and global shapes
-  from megatron's own `sharded_state_dict`) is known to the mapping with the same shape, and its
-  shards over the layout's distinct ranks (replicas over TP and DP counted once) tile it exactly
-  once;
-- every element of every hub tensor is read by exactly one distinct shard.
-
-Each rank's shard comes from the TP = EP = PP = 1 build with megatron's rules
-(`planning.parameters`): the TP split of the parameter's dimension (the [gate; up] halves of fc1
-each split), experts over EP, layers over PP; tests/test_planning.py compares these regions with
-the `sharded_state_dict` of models built at TP=2, EP=2 and PP=2.
+through the converter's own mapping, with a reader that records the rows and columns asked for
+instead of reading bytes. It holds that the mapping's hub tensors are exactly transformers'
+checkpoint keys and shapes, that each Megatron tensor's shards tile it exactly once, and that
+every element of every hub tensor is read by exactly one distinct shard. Details:
+docs/planning.md.
 """
 
 from __future__ import annotations
@@ -82,6 +69,12 @@ def _quiet_transformers():
 def hf_config(arch: MoEArchitecture):
     """transformers' config object of `arch` (Qwen3MoeConfig or PhimoeConfig).
 
+    Args:
+        arch: The architecture.
+
+    Returns:
+        The transformers config.
+
     Raises:
         ValueError: for a family without a config here.
     """
@@ -123,8 +116,17 @@ def hf_config(arch: MoEArchitecture):
 
 
 def hf_checkpoint_shapes(arch: MoEArchitecture) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of `arch`'s hub checkpoint: transformers' model built on the meta
-    device, its state dict in the layout `save_pretrained` writes (per-expert keys)."""
+    """Tensor names and shapes of `arch`'s hub checkpoint.
+
+    transformers' model is built on the meta device and its state dict taken in the layout
+    `save_pretrained` writes (per-expert keys).
+
+    Args:
+        arch: The architecture.
+
+    Returns:
+        Hub tensor name → shape.
+    """
     import transformers
 
     with torch.device("meta"), _quiet_transformers():
@@ -140,8 +142,19 @@ def hf_checkpoint_shapes(arch: MoEArchitecture) -> dict[str, tuple[int, ...]]:
 
 
 def shard_templates(model) -> list[ShardTemplate]:
-    """The ShardedTensors of a whole model built by `planning.parameters.build_meta_model`
-    (megatron's checkpoint keys, layer / expert indices, fc1 as its [gate; up] halves)."""
+    """The ShardedTensors of a whole model built by `planning.parameters.build_meta_model`.
+
+    Megatron's checkpoint keys, layer / expert indices, fc1 as its [gate; up] halves.
+
+    Args:
+        model: The whole model (TP = EP = PP = 1) on the meta device.
+
+    Returns:
+        One `ShardTemplate` per sharded tensor.
+
+    Raises:
+        ConversionError: An unexpected sharded state entry, or one that is not a parameter.
+    """
     from megatron.core.dist_checkpointing.mapping import (
         ShardedObject,
         ShardedTensor,
@@ -174,7 +187,21 @@ def shard_templates(model) -> list[ShardTemplate]:
 
 def rank_regions(templates: Iterable[ShardTemplate], arch: MoEArchitecture, *, tp: int, ep: int,
                  pp: int, tp_rank: int, ep_rank: int, pp_rank: int) -> list[Region]:
-    """The checkpoint regions one rank holds at the layout (megatron's sharding rules)."""
+    """The checkpoint regions one rank holds at the layout (megatron's sharding rules).
+
+    Args:
+        templates: The whole model's shards (`shard_templates`).
+        arch: The architecture.
+        tp: Tensor-parallel size.
+        ep: Expert-parallel size.
+        pp: Pipeline-parallel size.
+        tp_rank: The rank's tensor-parallel rank.
+        ep_rank: Its expert-parallel rank.
+        pp_rank: Its pipeline stage.
+
+    Returns:
+        The rank's `Region`s (key, stacked index, box per axis).
+    """
     per_ep = arch.num_experts // ep
     regions = []
     for t in templates:

@@ -1,23 +1,10 @@
 """The parameters a LoRA run adds and trains, per rank, from the whole model's parameter table.
 
-A LoRA adapter on a linear layer y = W x (W: [out, in]) adds (α/r)·B·A x with A: [r, in] and
-B: [out, r]; only A and B (and the router when it is trained fully) get gradients and optimizer
-state, the base weights stay frozen. The adapters are sharded the way their base layer is:
-
-- a column-parallel layer (`linear_qkv`, an expert's `linear_fc1`) splits its output over TP, so
-  B is split on dim 0 like W and A (which sees the whole input) is replicated;
-- a row-parallel layer (`linear_proj`, an expert's `linear_fc2`) splits its input over TP, so A is
-  split on dim 1 like W and B is replicated;
-- the expert linears are split over the expert tensor-parallel size (= TP, as for their weights);
-- per-expert adapters (one A, B pair for each expert) live with their expert on its EP rank:
-  `expert` parameters, sharded over expert data parallel by the distributed optimizer;
-- shared expert adapters (one pair for all the experts of a layer) are replicated on every EP
-  rank, their gradients reduced over the whole data-parallel group (expert-parallel ranks
-  included): `dense` parameters for the optimizer's sharding;
-- a router LoRA (`router: lora`) is A: [r, hidden], B: [experts, r], replicated like the router.
-
-The counts therefore need nothing but the base parameters' shapes: each adapter's shape follows
-from its base weight's, and its TP split from the base layer's kind (`ParameterInfo.tp_dim`).
+A LoRA adapter on y = W x (W: [out, in]) is A: [r, in] and B: [out, r], sharded the way its base
+layer is (B split with a column-parallel W, A with a row-parallel one); only the adapters (and a
+fully trained router) get gradients and optimizer state. Per-expert adapters are expert
+parameters, shared expert adapters dense ones. So the counts need nothing but the base
+parameters' shapes. The sharding rules in full: docs/planning.md.
 """
 
 from __future__ import annotations
@@ -77,6 +64,11 @@ class LoraSpec:
             raise ValueError(f"router must be one of {ROUTER_MODES}, got {self.router!r}")
 
     def describe(self) -> str:
+        """A one-line description: "LoRA r=R on <targets> (<kind> expert adapters), router <mode>".
+
+        Returns:
+            The description, as the planner and errors print it.
+        """
         experts = any(t.startswith("experts_") for t in self.targets)
         return (f"LoRA r={self.rank} on {', '.join(self.targets)}"
                 + (f" ({self.expert_adapters.replace('_', '-')} expert adapters)" if experts
@@ -154,9 +146,18 @@ def lora_parameter_table(table: list[ParameterInfo], arch: MoEArchitecture,
 
 
 def adapted_linears_per_token(arch: MoEArchitecture, spec: LoraSpec) -> float:
-    """Adapter outputs (A x, r values each) one token of one layer produces in a forward: one per
-    adapted attention linear and router LoRA, top-k per adapted expert linear (each routed copy
-    of the token passes its expert's adapter, or the shared one)."""
+    """Adapter outputs (A x, r values each) one token of one layer produces in a forward.
+
+    One per adapted attention linear and router LoRA, top-k per adapted expert linear (each routed
+    copy of the token passes its expert's adapter, or the shared one).
+
+    Args:
+        arch: The architecture (for top-k).
+        spec: The LoRA configuration.
+
+    Returns:
+        The number of adapter outputs per token per layer.
+    """
     n = sum(t in spec.targets for t in ("attention_qkv", "attention_proj"))
     n += arch.moe_router_topk * sum(t in spec.targets for t in ("experts_fc1", "experts_fc2"))
     n += spec.router == "lora"

@@ -74,7 +74,14 @@ ATTENTION_KINDS = ("flash", "unfused")
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A parallel layout of `world` GPUs: world = TP · PP · DP, EP divides DP (CP = 1)."""
+    """A parallel layout of `world` GPUs: world = TP · PP · DP, EP divides DP (CP = 1).
+
+    Args:
+        tp: Tensor-parallel size (also the expert tensor-parallel size).
+        pp: Pipeline-parallel size.
+        ep: Expert-parallel size, a divisor of `dp`.
+        dp: Data-parallel size.
+    """
 
     tp: int
     pp: int
@@ -83,10 +90,12 @@ class Layout:
 
     @property
     def world(self) -> int:
+        """The number of GPUs, TP · PP · DP."""
         return self.tp * self.pp * self.dp
 
     @property
     def expert_dp(self) -> int:
+        """The expert data-parallel size, DP / EP."""
         return self.dp // self.ep
 
     def __str__(self) -> str:
@@ -144,6 +153,7 @@ class StageMemory:
 
     @property
     def total(self) -> float:
+        """The stage's estimated bytes per GPU: weights + gradients + optimizer + activations."""
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
@@ -158,18 +168,32 @@ class LayoutPlan:
 
     @property
     def peak(self) -> StageMemory:
+        """The busiest stage (the largest `total`)."""
         return max(self.stages, key=lambda s: s.total)
 
     @property
     def fits(self) -> bool:
+        """Whether the busiest stage plus the reserve fits in one GPU's memory."""
         return self.peak.total + self.reserve_gb * GB <= self.gpu_memory_gb * GB
 
 
 def layer_activation_bytes_per_token(arch: MoEArchitecture, tp: int, seq_length: int,
                                      attention: str = "flash", recompute: str = "none",
                                      lora: LoraSpec | None = None) -> float:
-    """Bytes one layer keeps for backward per token of a micro-batch (the module's formula;
-    `lora` adds its adapters' outputs)."""
+    """Bytes one layer keeps for backward per token of a micro-batch (the module's formula).
+
+    Args:
+        arch: The model architecture.
+        tp: Tensor-parallel size (sequence parallel on when > 1).
+        seq_length: Tokens per sequence (for unfused attention's s² term).
+        attention: "flash" or "unfused".
+        recompute: "none", "selective" or "full" (selective and full drop the s² term).
+        lora: The LoRA configuration, whose adapters' outputs are added; None for full
+            fine-tuning.
+
+    Returns:
+        Bytes per token, on one GPU.
+    """
     h, t, k = arch.hidden_size, tp, arch.moe_router_topk
     q = arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
@@ -186,7 +210,18 @@ def layer_activation_bytes_per_token(arch: MoEArchitecture, tp: int, seq_length:
 
 def activation_bytes(arch: MoEArchitecture, layout: Layout, shape: TrainingShape,
                      stage: int, lora: LoraSpec | None = None) -> tuple[float, int]:
-    """Activation bytes on a GPU of pipeline `stage`, and the micro-batches it holds at once."""
+    """Activation bytes on a GPU of pipeline `stage`, and the micro-batches it holds at once.
+
+    Args:
+        arch: The model architecture.
+        layout: The TP/PP/EP/DP layout.
+        shape: Batch shape and memory options.
+        stage: The pipeline stage, 0 to PP − 1 (the last adds the logits and cross entropy).
+        lora: The LoRA configuration, or None for full fine-tuning.
+
+    Returns:
+        `(bytes, micro_batches_in_flight)` under 1F1B.
+    """
     t, pp = layout.tp, layout.pp
     tokens = shape.seq_length * shape.micro_batch_size
     layers = arch.num_layers // pp
@@ -250,6 +285,16 @@ def candidate_layouts(arch: MoEArchitecture, gpus: int) -> list[Layout]:
 
     TP divides the heads and query groups, PP the layers, EP the experts and the data-parallel
     size (the expert tensor-parallel size is TP, so expert DP = DP / EP).
+
+    Args:
+        arch: The model architecture.
+        gpus: The number of GPUs.
+
+    Returns:
+        The layouts, in (TP, PP, EP) order.
+
+    Raises:
+        ValueError: `gpus` < 1.
     """
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
@@ -269,7 +314,22 @@ def candidate_layouts(arch: MoEArchitecture, gpus: int) -> list[Layout]:
 def plan_layouts(table: list[ParameterInfo], arch: MoEArchitecture, gpus: int,
                  gpu_memory_gb: float, shape: TrainingShape,
                  lora: LoraSpec | None = None) -> list[LayoutPlan]:
-    """`plan_layout` for every candidate layout of `gpus` GPUs, in (TP, PP, EP) order."""
+    """`plan_layout` for every candidate layout of `gpus` GPUs, in (TP, PP, EP) order.
+
+    Args:
+        table: The parameter table (`plan_layout`'s).
+        arch: The model architecture.
+        gpus: The number of GPUs.
+        gpu_memory_gb: Memory of one GPU in GB (1e9 bytes).
+        shape: Batch shape and memory options.
+        lora: The LoRA configuration the table was made with, or None.
+
+    Returns:
+        One `LayoutPlan` per candidate layout.
+
+    Raises:
+        ValueError: `gpu_memory_gb` is not positive, or `gpus` < 1.
+    """
     if gpu_memory_gb <= 0:
         raise ValueError(f"gpu memory must be > 0 GB, got {gpu_memory_gb}")
     return [plan_layout(table, arch, layout, shape, gpu_memory_gb, lora)
@@ -290,6 +350,15 @@ def format_plans(plans: list[LayoutPlan], arch_name: str, gpus: int, shape: Trai
 
     With `lora`, a line names the configuration and its trained parameters
     (`trainable_params`, whole model), and a column gives the trained parameters per GPU.
+
+    Args:
+        plans: The plans to list (`plan_layouts`).
+        arch_name: The model's name in the header line.
+        gpus: The number of GPUs, for the header.
+        shape: Batch shape and options, for the header.
+        total_params: The whole model's parameters, for the header.
+        lora: The LoRA configuration, or None for full fine-tuning.
+        trainable_params: The whole model's trained parameters under `lora`.
     """
     first = plans[0] if plans else None
     lines = [

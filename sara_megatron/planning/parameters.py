@@ -1,26 +1,10 @@
 """Exact per-rank parameter counts of a model at any TP/EP/PP layout, from one meta-device build.
 
-Why one build at TP = EP = PP = 1 and not one build per rank: megatron-core's layers size
-themselves from process-group objects (`tp_group.size()`, `pg_collection`), not only from
-`parallel_state`'s overridable world sizes, so building "as rank r of TP=2" in one process means
-faking process groups throughout megatron — fragile across megatron-core versions. The per-rank
-shapes follow from a handful of megatron rules instead, applied to each parameter of the whole
-model built once on the meta device (no memory, a few seconds for Qwen3-30B-A3B):
-
-- `VocabParallelEmbedding` and the output layer split the padded vocabulary over TP (the padding
-  is `MoEArchitecture.padded_vocab_size(tp)`, the same for every TP size that divides it);
-- `ColumnParallelLinear` splits its weight's dim 0 (and its bias) over TP;
-- `RowParallelLinear` splits its weight's dim 1 over TP; its bias is replicated;
-- an expert linear (`is_expert`) is split over the expert tensor-parallel size, which our builder
-  leaves at megatron's default (= TP), and each EP rank holds N/EP of the N experts;
-- pipeline stage s holds layers [s·L/PP, (s+1)·L/PP) (megatron's even split, which the builder
-  uses), the embedding on the first stage, the final norm and output layer on the last;
-- everything else (norms, routers, q/k norms) is replicated.
-
-The flags megatron sets on parameters (`tensor_model_parallel`, `partition_dim`, `allreduce`)
-are not used: at TP = EP = 1 without initialisation megatron leaves them unset, and marks an
-expert's `allreduce=False` only when EP > 1. The rules are checked against models actually built
-at TP=2, EP=2 and PP=2 in a 2-rank gloo launch (tests/test_planning.py).
+The whole model is built once at TP = EP = PP = 1 on the meta device (no memory); each
+parameter's per-rank shape then follows from megatron's sharding rules (vocabulary and column-
+parallel layers split dim 0 over TP, row-parallel weights dim 1, experts N/EP per EP rank, layers
+split evenly over PP, the rest replicated), checked against models built at TP=2, EP=2 and PP=2
+by tests/test_planning.py. Why one build and the rules in full: docs/planning.md.
 """
 
 from __future__ import annotations
@@ -71,7 +55,18 @@ class ParameterInfo:
     trainable: bool = True
 
     def numel_per_rank(self, arch: MoEArchitecture, tp: int) -> int:
-        """Elements one TP rank holds (the vocabulary padded for `tp`)."""
+        """Elements one TP rank holds (the vocabulary padded for `tp`).
+
+        Args:
+            arch: The architecture (for the padded vocabulary).
+            tp: Tensor-parallel size (expert tensor-parallel size for experts).
+
+        Returns:
+            The number of elements of this parameter on one TP rank.
+
+        Raises:
+            ValueError: `tp` does not divide the split dimension.
+        """
         shape = list(self.shape)
         if self.vocab:
             shape[0] = arch.padded_vocab_size(tp)
@@ -104,10 +99,12 @@ class StageParameters:
 
     @property
     def total(self) -> int:
+        """The parameters the rank holds, dense + expert."""
         return self.dense + self.expert
 
     @property
     def trainable(self) -> int:
+        """The trained parameters the rank holds, dense + expert."""
         return self.trainable_dense + self.trainable_expert
 
 
@@ -116,6 +113,12 @@ def build_meta_model(arch: MoEArchitecture):
 
     Starts megatron's parallel state on a one-process gloo group when none is initialised (the
     builder reads it); an initialised state must be TP = EP = PP = 1.
+
+    Args:
+        arch: The model architecture.
+
+    Raises:
+        RuntimeError: The parallel state is initialised with a size other than 1.
     """
     from megatron.core import parallel_state as ps
 
@@ -136,7 +139,17 @@ def build_meta_model(arch: MoEArchitecture):
 
 
 def parameter_table(model) -> list[ParameterInfo]:
-    """How megatron shards each parameter of a whole model built by `build_meta_model`."""
+    """How megatron shards each parameter of a whole model built by `build_meta_model`.
+
+    Args:
+        model: The whole model (TP = EP = PP = 1), on the meta device.
+
+    Returns:
+        One `ParameterInfo` per parameter, in module order.
+
+    Raises:
+        ValueError: A parameter is neither in a layer nor a known non-layer parameter.
+    """
     from megatron.core.tensor_parallel import (
         ColumnParallelLinear,
         RowParallelLinear,
@@ -169,7 +182,13 @@ def parameter_table(model) -> list[ParameterInfo]:
 
 
 def stage_of(info: ParameterInfo, arch: MoEArchitecture, pp: int) -> int:
-    """The pipeline stage that holds `info` at PP = `pp` (megatron's even split)."""
+    """The pipeline stage that holds `info` at PP = `pp` (megatron's even split).
+
+    Args:
+        info: The parameter.
+        arch: The architecture (for the number of layers).
+        pp: Pipeline-parallel size.
+    """
     if info.layer is not None:
         return info.layer // (arch.num_layers // pp)
     return 0 if info.stage == "first" else pp - 1
@@ -205,7 +224,15 @@ def stage_parameters(
 
 def total_parameters(table: list[ParameterInfo], arch: MoEArchitecture,
                      trainable_only: bool = False) -> int:
-    """Parameters of the whole model (vocabulary padded for TP = 1); only the trained ones
-    when `trainable_only`."""
+    """Parameters of the whole model (vocabulary padded for TP = 1).
+
+    Args:
+        table: `parameter_table` of the whole model (or a LoRA table).
+        arch: The architecture the table was built for.
+        trainable_only: Count only the trained parameters.
+
+    Returns:
+        The number of parameters.
+    """
     return sum(info.numel_per_rank(arch, 1) for info in table
                if info.trainable or not trainable_only)

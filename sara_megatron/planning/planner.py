@@ -39,6 +39,11 @@ class PlannerResult:
     lora: LoraSpec | None = None
 
     def text(self) -> str:
+        """The planner's table (`memory.format_plans`), then one line per checked conversion layout.
+
+        Returns:
+            The text `tools/plan_layout.py` prints.
+        """
         lines = [format_plans(self.plans, self.name, self.gpus, self.shape, self.total_params,
                               self.lora, self.trainable_params)]
         for layout, check in self.conversion.items():
@@ -48,6 +53,11 @@ class PlannerResult:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
+        """The result as a JSON-serialisable dict (model, counts, shape, every layout's stages).
+
+        Returns:
+            The dict `tools/plan_layout.py --json` prints.
+        """
         return {
             "model": self.name,
             "total_params": self.total_params,
