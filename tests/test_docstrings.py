@@ -26,7 +26,7 @@ NOT_YET = {
 
 
     # group b
-    "cli",
+
 
 
     # group c

@@ -35,6 +35,15 @@ from sara_megatron.tool_errors import InputError, report_user_error
 
 
 def parse_args(argv=None):
+    """The checked command line, with `settings` (the `ChatSettings` of every request) and
+    `loaded_templates` (None without --templates) added.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(prog="answer_anchors", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output", required=True, help="answers JSONL file (appended to; resumed)")
@@ -123,6 +132,16 @@ def parse_args(argv=None):
 
 
 async def run(args, samples, client):
+    """Answer the samples with a progress bar, then close the client.
+
+    Args:
+        args: The parsed command line.
+        samples: The anchor samples to answer.
+        client: The `ChatClient` the requests go through.
+
+    Returns:
+        `answer_samples`' `AnswerRunReport`.
+    """
     from sara_megatron.jobs import ProgressBar
 
     bar = ProgressBar("answer_anchors", "sample", len(samples), enabled=not args.no_progress,

@@ -42,10 +42,25 @@ from sara_megatron.tool_errors import InputError, exit_on_interrupt, report_user
 
 
 def comma_list(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated list.
+
+    Args:
+        text: E.g. "hi, ne,bn".
+    """
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv=None):
+    """The checked command line: benchmarks and languages as lists, --chat-template-kwargs
+    parsed, `templates_data` (None without --templates) and `parser` added; with the
+    loglikelihood protocol, runs set to 1.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--benchmarks", default="global_mmlu,belebele,mgsm",
                    help="comma-separated: global_mmlu, belebele, mgsm")
@@ -165,7 +180,15 @@ def parse_args(argv=None):
 def shift_of(args):
     """The ShifCon shift to apply (`sara.language_shift.LanguageShift`) or None; records in
     `args.shifcon_shift` what is done ("applied", "not applied (--no-shift)" or None: not a
-    ShifCon model). Raises InputError for a served ShifCon export without --no-shift."""
+    ShifCon model).
+
+    Args:
+        args: The parsed command line (its --model-dir, or --model-revision when served).
+
+    Raises:
+        InputError: A served ShifCon export without --no-shift, or one without vectors for an
+            evaluated language.
+    """
     from sara_megatron.sara.language_shift import has_shift_sidecar, read_shift_sidecar
 
     folder = args.model_dir if args.backend == "hf" else args.model_revision
@@ -194,7 +217,11 @@ def shift_of(args):
 
 def settings_of(args) -> dict:
     """What results.json records; the model fingerprint and ANSWER_SETTINGS among them must match
-    for a resume."""
+    for a resume.
+
+    Args:
+        args: The parsed command line, after `shift_of`.
+    """
     if args.backend == "openai":
         model = args.model
         fingerprint = served_model_fingerprint(args.model, args.model_revision)
@@ -220,6 +247,12 @@ def settings_of(args) -> dict:
 
 
 def build_backend(args, shift=None):
+    """The backend the command line names: `OpenAIBackend` or `HFBackend`.
+
+    Args:
+        args: The parsed command line.
+        shift: The ShifCon shift for the in-process backend (`shift_of`); None: none.
+    """
     from sara_megatron.evaluation.backends import HFBackend, OpenAIBackend, SamplingSettings
 
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -45,6 +45,14 @@ from sara_megatron.training.config import ConfigError
 
 
 def parse_args(argv=None):
+    """The checked command line (parallel sizes, folders and the .safetensors output).
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shards", required=True, help="token shard directory (tools/shard_corpus.py)")
     p.add_argument("--checkpoint", required=True, help="Megatron checkpoint directory (torch_dist)")

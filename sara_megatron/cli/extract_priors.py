@@ -35,6 +35,14 @@ from sara_megatron.tool_errors import check_writable_output
 
 
 def parse_args(argv=None):
+    """The checked command line (sizes, folders, a writable output), before any model is built.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shards", required=True, help="token shard directory (tools/shard_corpus.py)")
     p.add_argument("--checkpoint", required=True, help="Megatron checkpoint directory (torch_dist)")
@@ -84,7 +92,15 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    """Collective: (re)initialise Megatron at the requested layout and extract the store."""
+    """Collective: (re)initialise Megatron at the requested layout and extract the store.
+
+    Args:
+        args: The parsed command line.
+
+    Returns:
+        `extract_priors`' summary: samples_extracted, samples_resumed, tokens, fill_rate,
+        elapsed_s and store.
+    """
     return run_extraction_job(ExtractionJob(
         shards=args.shards, checkpoint=args.checkpoint, output=args.output, model=args.model,
         layers=args.layers, dtype=args.dtype, tp=args.tp, ep=args.ep, pp=args.pp,

@@ -30,6 +30,15 @@ from sara_megatron.tool_errors import InputError, report_user_error
 
 
 def parse_args(argv=None):
+    """The checked command line, with `benchmarks` (those to decontaminate against) and
+    `dropped` (default: the output's stem + .dropped.jsonl) set.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(prog="filter_correct", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="answers JSONL file(s)")
@@ -73,6 +82,12 @@ def parse_args(argv=None):
 
 
 def write_jsonl(path: str, rows) -> None:
+    """Write the rows as JSON lines, atomically.
+
+    Args:
+        path: The file to write.
+        rows: JSON-ready objects, one a line.
+    """
     with atomic_open(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

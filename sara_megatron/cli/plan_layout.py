@@ -27,6 +27,14 @@ from sara_megatron.tool_errors import report_user_error
 
 
 def parse_args(argv=None):
+    """The checked command line, with `arch`, `shape` (the `TrainingShape`) and `lora` added.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(prog="plan_layout.py", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", required=True,

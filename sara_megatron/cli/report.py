@@ -31,6 +31,14 @@ from sara_megatron.tool_errors import report_user_error
 
 
 def named_paths(values, flag, parser, must_be_dir=False) -> dict[str, str]:
+    """The {name: path} of NAME=PATH values, each name once and each path existing.
+
+    Args:
+        values: The flag's values; None: none.
+        flag: The flag's name, for the error message.
+        parser: The parser whose `error` reports a bad value (exit 2).
+        must_be_dir: Each path must be a folder, not just exist.
+    """
     out = {}
     for value in values or ():
         name, sep, path = value.partition("=")
@@ -46,6 +54,12 @@ def named_paths(values, flag, parser, must_be_dir=False) -> dict[str, str]:
 
 
 def checkpoint_evaluations(values, parser) -> list[tuple[str, int, str]]:
+    """The [(run, step, folder)] of --checkpoint-eval RUN:STEP=DIR values.
+
+    Args:
+        values: The flag's values; None: none.
+        parser: The parser whose `error` reports a bad value (exit 2).
+    """
     out = []
     for value in values or ():
         key, sep, path = value.partition("=")

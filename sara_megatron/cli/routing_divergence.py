@@ -62,6 +62,16 @@ BENCHMARKS = ("global_mmlu", "belebele", "mgsm")
 
 
 def parse_args(argv=None):
+    """The checked command line, every output checked writable before the compute, with
+    `arch`, `layers`, `usage_layers`, `languages` (a list or None) and, for a benchmark,
+    `tokenizer` resolved.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--shards", help="token shard folder (tools/shard_corpus.py)")
@@ -180,6 +190,14 @@ def parse_args(argv=None):
 
 
 def load_parallel_set(args):
+    """The parallel set the command line names, and what it records as the result's source.
+
+    Args:
+        args: The parsed command line (--shards, or --benchmark with its options).
+
+    Returns:
+        (`TokenShards` or `BenchmarkParallelSet`, {source field: value}).
+    """
     if args.shards:
         from sara_megatron.data.token_shards import TokenShards
 
@@ -219,6 +237,16 @@ def main(argv=None) -> int:
 
 
 def run(args, rank):
+    """Collective: build the model, measure the routing divergence and, on rank 0, print the table
+    and the suggested range and write the outputs the command line asks for.
+
+    Args:
+        args: The parsed command line.
+        rank: This process's global rank.
+
+    Raises:
+        UserFacingError: --language-vectors holds vectors other than sentence_l2 ones.
+    """
     from tqdm import tqdm
 
     initialize_distributed(ParallelConfig())

@@ -22,6 +22,14 @@ from sara_megatron.tool_errors import InputError
 
 
 def parse_args(argv=None):
+    """The checked command line, with `arch` and `layers` resolved.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="qwen3_moe_tiny",
                    help=f"one of {', '.join(PRESET_NAMES)} or an HF config.json path")
@@ -72,7 +80,11 @@ def main(argv=None) -> int:
 
 
 def run(args):
-    """Collective: route this data-parallel rank's sequences; rank 0 prints every row."""
+    """Collective: route this data-parallel rank's sequences; rank 0 prints every row.
+
+    Args:
+        args: The parsed command line.
+    """
     dense_routing_report(
         args.arch, preset=args.preset, layers=args.layers, checkpoint=args.checkpoint,
         tp=args.tp, ep=args.ep, sequences_per_rank=args.sequences_per_rank,

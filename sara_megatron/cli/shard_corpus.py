@@ -20,6 +20,14 @@ TOOL = "shard_corpus.py"  # as argparse names it from `tools/shard_corpus.py` or
 
 
 def parse_args(argv=None):
+    """The checked command line (sequence length, sizes, the corpus paths, a writable output).
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--corpus", nargs="+", required=True,
                    help="JSONL files, or directories of *.jsonl files")
@@ -61,6 +69,11 @@ def parse_args(argv=None):
 
 
 def print_progress(p: ShardProgress) -> None:
+    """Print one progress line to stderr: shards done, what this run wrote, the rate and an ETA.
+
+    Args:
+        p: The sharder's progress.
+    """
     rate = p.tokens_written / max(p.elapsed_s, 1e-9)
     remaining = p.shards_total - p.shards_done
     new_done = p.shards_done - p.resumed

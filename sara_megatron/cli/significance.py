@@ -32,6 +32,13 @@ from sara_megatron.evaluation.significance_files import (
 
 
 def parse_scores(text: str, flag: str, parser) -> list[float]:
+    """The finite numbers of a comma-separated list; the parser's error (exit 2) otherwise.
+
+    Args:
+        text: E.g. "41.2,38.0,40.5".
+        flag: The flag's name, for the error message.
+        parser: The parser whose `error` reports a bad value.
+    """
     try:
         scores = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -42,6 +49,15 @@ def parse_scores(text: str, flag: str, parser) -> list[float]:
 
 
 def parse_args(argv=None):
+    """The checked command line: either results files (--treatment, --baseline, --benchmark) or
+    paired scores (parsed into lists of floats), with `parser` added.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--treatment", help="the treatment's results.json (or its folder)")
     p.add_argument("--baseline", help="the baseline's results.json (or its folder)")

@@ -27,6 +27,18 @@ from sara_megatron.tool_errors import exit_on_interrupt, report_user_error
 
 
 def parse_args(argv=None):
+    """The parser and the checked command line, with `language_list` (the target languages,
+    deduplicated in order) added.
+
+    Args:
+        argv: The arguments after the program's name; None reads them from the command line.
+
+    Returns:
+        (parser, args).
+
+    Raises:
+        SystemExit: 2, with the parser's one-line message, for an argument that does not check.
+    """
     p = argparse.ArgumentParser(prog="translate_corpus", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", required=True, help="anchor-language corpus (JSONL, one language)")
