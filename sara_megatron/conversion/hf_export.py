@@ -168,7 +168,8 @@ def check_checkpoint(mapping: ModelMapping, tensors: dict, where: str) -> None:
         where: How the checkpoint is named in the error.
 
     Raises:
-        ConversionError: A tensor is missing, unexpected or of another shape than the config implies.
+        ConversionError: A tensor is missing, unexpected or of another shape than the config
+            implies.
     """
     expected = mapping.checkpoint_shapes()
     missing = sorted(set(expected) - set(tensors))

@@ -248,8 +248,8 @@ class ModelMapping:
             checkpoint's lm_head), logged by the caller.
 
         Raises:
-            ConversionError: A hub tensor is missing, unexpected, or of another shape than the config
-                implies.
+            ConversionError: A hub tensor is missing, unexpected, or of another shape than the
+                config implies.
         """
         expected = set(self.hf_shapes)
         present = set(shapes)
