@@ -1,7 +1,7 @@
 """Everything that differs between the machines and megatron-core versions this project runs on.
 
 - `cpu`: megatron-core on machines without CUDA or Transformer Engine (CPU tensors, gloo).
-- `megatron`: the differences between the megatron-core versions in the supported range
+- `megatron_versions`: the differences between the megatron-core versions in the supported range
   (docs/compatibility.md lists each one, what the project does about it and which test shows it).
 """
 

@@ -117,7 +117,10 @@ def _cpu_rng_tracker_class():
 def apply_no_transformer_engine_compat() -> bool:
     """Patch megatron-core for machines without Transformer Engine (CPU, or a bare GPU image).
 
-    Not a CPU patch: it is needed on GPU machines without TE as well. Returns True if applied.
+    Not a CPU patch: it is needed on GPU machines without TE as well. Idempotent.
+
+    Returns:
+        True if applied (Transformer Engine is missing), False when TE is installed.
     """
     import megatron.core.transformer.moe.moe_utils as mcore_moe_utils
 
@@ -170,7 +173,11 @@ def _patch_optimizer_step_state() -> None:
 
 
 def apply_cpu_compat() -> bool:
-    """Patch megatron-core for CPU execution when CUDA is unavailable. Returns True if applied."""
+    """Patch megatron-core for CPU execution when CUDA is unavailable. Idempotent.
+
+    Returns:
+        True if applied (now or by an earlier call), False when CUDA is available.
+    """
     global _APPLIED
     if torch.cuda.is_available():
         return False

@@ -45,7 +45,11 @@ def module_submodules(spec):
 
 def lb_reduce_group_has_dp(kwargs: dict) -> bool:
     """Whether the reduce group of an `attach_and_log_load_balancing_loss` call spans data
-    parallel: `reduce_group_has_dp=True` up to 0.17, `needs_dp_avg=False` from 0.18."""
+    parallel: `reduce_group_has_dp=True` up to 0.17, `needs_dp_avg=False` from 0.18.
+
+    Args:
+        kwargs: The call's keyword arguments.
+    """
     if "needs_dp_avg" in kwargs:
         return not kwargs["needs_dp_avg"]
     return bool(kwargs.get("reduce_group_has_dp", False))
@@ -98,10 +102,16 @@ def lb_token_count_multiplied_by_group() -> bool:
 
 
 def lb_token_count_argument(group_token_count, group_size: int):
-    """The `valid_token_count` to hand megatron's `attach_and_log_load_balancing_loss` so that the
-    load-balancing gradient scale is the count over the whole TP×CP group, whichever version:
-    the group's count where megatron uses it as given, the group's count / group size where it
-    multiplies by the group size itself."""
+    """The `valid_token_count` to hand megatron's `attach_and_log_load_balancing_loss`.
+
+    Chosen so that the load-balancing gradient scale is the count over the whole TP×CP group,
+    whichever version: the group's count where megatron uses it as given, the group's count /
+    group size where it multiplies by the group size itself.
+
+    Args:
+        group_token_count: The number of tokens over the TP×CP group (an int or a tensor).
+        group_size: The TP×CP group size.
+    """
     if lb_token_count_multiplied_by_group():
         return group_token_count / group_size
     return group_token_count
@@ -146,7 +156,14 @@ def zero_aux_losses() -> None:
 
 
 def aux_loss_values(name: str) -> Optional[torch.Tensor]:
-    """This rank's per-layer values of aux loss `name` as logged so far (not reduced), or None."""
+    """This rank's per-layer values of aux loss `name` as logged so far (not reduced), or None.
+
+    Args:
+        name: The tracker entry ("load_balancing_loss", ...).
+
+    Returns:
+        The tracker's tensor itself, [num_layers], or None when nothing logged `name`.
+    """
     tracker = _metrics_tracker()
     if tracker is not None:
         entry = tracker.metrics.get(name)
@@ -156,9 +173,14 @@ def aux_loss_values(name: str) -> Optional[torch.Tensor]:
 
 
 def reduced_aux_loss_values(name: str) -> Optional[torch.Tensor]:
-    """The per-layer values of aux loss `name`, reduced over the ranks the way megatron logs them
-    (pipeline stages collected, summed over the reduce group, averaged over data parallel), or
-    None where no layer logged it. Collective over all ranks when present anywhere."""
+    """The per-layer values of aux loss `name`, reduced over the ranks the way megatron logs them.
+
+    Pipeline stages collected, summed over the reduce group, averaged over data parallel; None
+    where no layer logged it. Collective over all ranks when present anywhere.
+
+    Args:
+        name: The tracker entry ("load_balancing_loss", ...).
+    """
     tracker = _metrics_tracker()
     if tracker is not None:
         if name not in tracker.metrics:
@@ -174,9 +196,15 @@ def reduced_aux_loss_values(name: str) -> Optional[torch.Tensor]:
 
 
 def fit_aux_loss_tracker(name: str, num_layers: int) -> None:
-    """Grow the tracker entry of `name` to `num_layers` values: it is sized by the first model
-    that logs to it, and a deeper model built later in the same process (a test, a benchmark, an
-    analysis beside training) would index past its end."""
+    """Grow the tracker entry of `name` to `num_layers` values (zeros appended).
+
+    It is sized by the first model that logs to it, and a deeper model built later in the same
+    process (a test, a benchmark, an analysis beside training) would index past its end.
+
+    Args:
+        name: The tracker entry.
+        num_layers: The number of layers of the model about to log.
+    """
     values = aux_loss_values(name)
     if values is None or values.numel() >= num_layers:
         return
@@ -205,7 +233,11 @@ def reads_common_state_inside_checkpoint() -> bool:
 
 def unreadable_checkpoint_reason(folder) -> Optional[str]:
     """Why the installed megatron-core cannot read the torch_dist checkpoint in `folder`, in one
-    sentence, or None where it can (or `folder` is no torch_dist checkpoint at all)."""
+    sentence, or None where it can (or `folder` is no torch_dist checkpoint at all).
+
+    Args:
+        folder: A checkpoint folder.
+    """
     import os
 
     from megatron.core import __version__ as version
@@ -227,8 +259,18 @@ def unreadable_checkpoint_reason(folder) -> Optional[str]:
 
 
 def get_batch_on_this_cp_rank(batch: dict, cp_group):
-    """megatron's `utils.get_batch_on_this_cp_rank` for plain (not hybrid) context parallel:
-    0.18 and later take `is_hybrid_cp` as a required argument."""
+    """megatron's `utils.get_batch_on_this_cp_rank` for plain (not hybrid) context parallel.
+
+    0.18 and later take `is_hybrid_cp` as a required argument.
+
+    Args:
+        batch: Name → tensor, the sequence on dim 1 ([batch, seq, ...]; `attention_mask` on dim 2).
+        cp_group: The context-parallel process group.
+
+    Returns:
+        The batch with each tensor cut to this CP rank's sequence chunks (megatron's load-balanced
+        split into 2·CP chunks).
+    """
     from megatron.core import utils
 
     function = utils.get_batch_on_this_cp_rank
