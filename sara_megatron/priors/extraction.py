@@ -2,29 +2,13 @@
 sample and recorded layer, the masked sequence mean of the dense fp32 routing softmax (paper
 Eq. 5-6; every non-padding token — prompt and response — counts).
 
-Works at any TP/EP/PP/DP layout, through megatron's pipeline schedule (forward only):
-- Data-parallel replicas take disjoint samples (longest first, dealt round-robin so replicas stay
-  balanced). Every step all ranks agree on the padded length and run the same number of
-  micro-batches — expert parallel exchanges tokens across replicas, so shapes must match; a
-  replica out of samples runs all-padding rows, which are discarded.
-- Packing (`packing=True`, the default): each replica packs its samples into rows of the
-  shards' seq_length (`data/packing.py`'s first-fit decreasing, within windows of
-  `pack_window` samples), with the block-diagonal causal mask and per-sample positions the trainer
-  uses (`models/packed_attention.py`); the routing capture reduces per segment id, so every
-  sample's prior is its own sequence mean, equal to its unpacked extraction. Without packing a row
-  holds one sample.
-- The forward, its padding and its layout are the forward runner's (`routing/forward_runner.py`,
-  shared with the other forward-only passes). A step is padded to its longest row, except where the position encoding depends on the
-  padded length: Phi-3 longrope gives every position the long factors once the padded length
-  passes `original_max_position_embeddings` (as transformers does per batch). Training pads every
-  batch to the shards' seq_length, so when that is past the switch a step is padded past it too:
-  each prior is computed under the rope training uses for its sample, whichever samples (and
-  data-parallel layout) share its step.
-- The routing capture sums over the TP (sequence parallel) group itself; each pipeline stage
-  captures its own layers and the stages' priors are summed into one [rows, L, N] array (each layer
-  is owned by exactly one stage, which is checked).
-- Rank tp=0, pp=0 of each replica writes its samples to the store every `flush_every` samples;
-  a rerun after a kill skips the samples already on disk.
+Works at any TP/EP/PP/DP layout through megatron's forward-only schedule and the forward runner
+(padding, longrope rule and packing as training's, docs/data-and-priors.md). Data-parallel
+replicas take disjoint samples (longest first, dealt round-robin); every step all ranks run the
+same number and shape of micro-batches, since expert parallel exchanges tokens across replicas
+(a replica out of samples runs all-padding rows). Each pipeline stage captures its own layers,
+checked to be owned exactly once. Rank tp=0, pp=0 of each replica writes its samples every
+`flush_every` samples; a rerun after a kill skips the samples already on disk.
 """
 
 from __future__ import annotations
@@ -49,6 +33,8 @@ from sara_megatron.routing.forward_runner import ForwardRows, ForwardRunner, lay
 
 @dataclasses.dataclass(frozen=True)
 class ExtractionSettings:
+    """How `extract_priors` runs (field meanings in the comments)."""
+
     layers: tuple[int, ...]  # global 0-based layers to record
     micro_batch_size: int = 1
     num_microbatches: int = 1  # per schedule call; > 1 keeps a pipeline's stages busy
@@ -60,6 +46,8 @@ class ExtractionSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractionProgress:
+    """What the progress callback receives after each step (on world rank 0)."""
+
     samples_done: int  # this run, all replicas
     samples_total: int  # this run's pending samples, all replicas
     already_done: int  # found in the store from an earlier run
@@ -157,8 +145,27 @@ def extract_priors(
     process_groups: Optional[ProcessGroupCollection] = None,
 ) -> dict:
     """Collective over the world: extract the anchor priors of `shards` into `writer`'s store.
-    `process_groups`: megatron's groups (`distributed.model_process_groups()`, read once by the
-    caller); None is one process alone."""
+
+    Args:
+        model: the built model, or this rank's list of pipeline chunks.
+        shards: the token shards; their anchor language's samples are extracted, at most
+            `shards.seq_length` tokens each.
+        writer: the store writer (prepared on rank 0 here, finalized at the end).
+        settings: layers, batch shape, flush interval, padding and packing.
+        progress: called on world rank 0 after every step; None: silent.
+        process_groups: megatron's groups (`distributed.model_process_groups()`, read once by
+            the caller); None is one process alone.
+
+    Returns:
+        {"samples_extracted", "samples_resumed" (found from an earlier run), "tokens",
+        "fill_rate" (real over row tokens), "elapsed_s", "store" (`writer.finalize`'s result on
+        rank 0, None elsewhere)}.
+
+    Raises:
+        ValueError: no `process_groups` on several ranks.
+        RuntimeError: routing counted other token numbers than the sequences hold, or a layer
+            was not captured exactly once across pipeline stages (not a MoE layer).
+    """
     check_process_groups(process_groups, "prior extraction")
     models = model if isinstance(model, (list, tuple)) else [model]
     runner = ForwardRunner(models, _device(), process_groups, train_length=shards.seq_length,

@@ -41,6 +41,9 @@ class ExtractionInputError(UserFacingError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ExtractionJob:
+    """One extraction run's inputs, as `tools/extract_priors.py`'s flags give them (field
+    meanings in the comments)."""
+
     shards: str  # token shard folder
     checkpoint: str  # Megatron checkpoint folder (torch_dist)
     output: str  # prior store folder
@@ -59,7 +62,11 @@ class ExtractionJob:
 
 
 class ProgressPrinter:
-    """Progress on stderr (rank 0), at most every `interval_s` seconds and at the end."""
+    """Progress on stderr (rank 0), at most every `interval_s` seconds and at the end.
+
+    Args:
+        interval_s: the least time between two lines, in seconds.
+    """
 
     def __init__(self, interval_s: float = 10.0):
         self.interval_s = interval_s
@@ -79,14 +86,27 @@ class ProgressPrinter:
 
 
 def shared_model_fingerprint(checkpoint: str) -> str:
-    """Computed once on rank 0 (hashing a large checkpoint is slow) and broadcast."""
+    """The checkpoint's model fingerprint, computed once on rank 0 (hashing a large checkpoint
+    is slow) and broadcast (collective over the world).
+
+    Args:
+        checkpoint: the Megatron checkpoint folder.
+    """
     box = [model_fingerprint(checkpoint) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def job_architecture(job: ExtractionJob):
-    """`job.model`, else the config.json the converter kept beside the checkpoint."""
+    """The architecture of `job.model`, else of the config.json the converter kept beside the
+    checkpoint.
+
+    Args:
+        job: the extraction job.
+
+    Raises:
+        ExtractionInputError: no `job.model` and no kept config.json.
+    """
     if job.model:
         return resolve_architecture(job.model)
     config = kept_hf_config(job.checkpoint)
@@ -98,7 +118,13 @@ def job_architecture(job: ExtractionJob):
 
 def check_job_inputs(job: ExtractionJob):
     """Every check of the job's flags against the model and the world, on every rank before any
-    collective (a rank that passed would wait for one that did not). Returns (layers, arch).
+    collective (a rank that passed would wait for one that did not).
+
+    Args:
+        job: the extraction job.
+
+    Returns:
+        (the selected global 0-based layers, the model's `MoEArchitecture`).
 
     Raises:
         ExtractionInputError: --layers outside the model, a layout that does not divide it or
@@ -121,7 +147,18 @@ def check_job_inputs(job: ExtractionJob):
 
 def run_extraction_job(job: ExtractionJob) -> dict:
     """Collective: (re)initialise Megatron at the job's layout and extract the store; rank 0
-    prints progress and a summary. Returns `extract_priors`' result."""
+    prints progress and a summary.
+
+    Args:
+        job: the extraction job.
+
+    Returns:
+        `extract_priors`' result.
+
+    Raises:
+        ExtractionInputError: flags that do not fit the model or world (`check_job_inputs`), or
+            shards tokenised with a larger vocabulary than the model embeds.
+    """
     layers, arch = check_job_inputs(job)
     shards = TokenShards(job.shards, verify=job.verify_shards)
     vocab = shards.vocab_size

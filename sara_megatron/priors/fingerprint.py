@@ -35,8 +35,18 @@ def _from_conversion_metadata(checkpoint_dir: str) -> str | None:
 
 
 def checkpoint_files_fingerprint(checkpoint_dir: str) -> str:
-    """sha256 over every weight file of the checkpoint (relative path and content), in path
-    order."""
+    """The fingerprint of the checkpoint's own files: sha256 over every weight file (relative
+    path and content), in path order; the record, kept HF assets and manifest are left out.
+
+    Args:
+        checkpoint_dir: a Megatron checkpoint folder.
+
+    Returns:
+        "sha256-files:<hex digest>".
+
+    Raises:
+        FileNotFoundError: the folder holds no weight file.
+    """
     files = []
     for dirpath, dirnames, names in os.walk(checkpoint_dir):
         if dirpath == checkpoint_dir:
@@ -54,6 +64,19 @@ def checkpoint_files_fingerprint(checkpoint_dir: str) -> str:
 
 
 def model_fingerprint(checkpoint_dir: str | os.PathLike) -> str:
+    """The model fingerprint of a checkpoint: the HF source's for one tools/convert_hf.py
+    imported (and not trained since), else `checkpoint_files_fingerprint`.
+
+    Args:
+        checkpoint_dir: a Megatron checkpoint folder.
+
+    Returns:
+        "hf-safetensors-sha256:<hex>" or "sha256-files:<hex>".
+
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no weight file.
+        ValueError: a conversion record without its source fingerprint.
+    """
     checkpoint_dir = os.fspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
@@ -67,9 +90,16 @@ def prior_anchor_fingerprints(checkpoint_dir: str | os.PathLike,
     come from the model before fine-tuning, so a run continued from a fine-tuned checkpoint (at
     a layout its optimizer state cannot be resumed at, say) keeps the priors of the first run.
 
-    store_fingerprint: the prior store's; when it is the converted model's, the checkpoint's own
-    files are not hashed (a training checkpoint holds the optimizer state too: hundreds of GB at
-    30B parameters)."""
+    Args:
+        checkpoint_dir: the run's starting checkpoint folder.
+        store_fingerprint: the prior store's; when it is the converted model's, the checkpoint's
+            own files are not hashed (a training checkpoint holds the optimizer state too:
+            hundreds of GB at 30B parameters).
+
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no weight file.
+        ValueError: a conversion record without its source fingerprint.
+    """
     checkpoint_dir = os.fspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")

@@ -7,7 +7,14 @@ from typing import Optional
 
 
 def format_layer_ranges(layers) -> str:
-    """Sorted layer indices as inclusive runs: [7, 8, 9, 12] -> "7..9, 12"."""
+    """Sorted layer indices as inclusive runs: [7, 8, 9, 12] -> "7..9, 12".
+
+    Args:
+        layers: layer indices, any order.
+
+    Returns:
+        The runs, comma-separated ("" for no layers).
+    """
     runs: list[list[int]] = []
     for i in sorted(layers):
         if runs and i == runs[-1][1] + 1:
@@ -18,7 +25,19 @@ def format_layer_ranges(layers) -> str:
 
 
 def parse_layer_selection(text: Optional[str], num_layers: int) -> tuple[int, ...]:
-    """Sorted unique layer indices; None, "" or "all" select every layer."""
+    """The layers a user's selection names.
+
+    Args:
+        text: "all", "A-B" (inclusive) or a comma list of both; None, "" or "all" select every
+            layer.
+        num_layers: the model's layer count.
+
+    Returns:
+        Sorted unique global 0-based layer indices.
+
+    Raises:
+        ValueError: text that does not parse, or layers outside 0..num_layers-1.
+    """
     if text is None or text.strip() in ("", "all"):
         return tuple(range(num_layers))
     layers = set()

@@ -28,7 +28,19 @@ from sara_megatron.priors.table import PriorTable
 
 def open_prior_store(config: SaraDataConfig, shards: TokenShards,
                      sample_ids: Sequence[str]) -> PriorStore:
-    """The prior store, checked against this corpus and model; it must cover every sample."""
+    """The prior store, checked against this corpus and model; it must cover every sample.
+
+    Args:
+        config: the data config (`prior_store`, `expected_model_fingerprint`,
+            `verify_prior_store`).
+        shards: the token shards (their anchor language and its corpus fingerprint).
+        sample_ids: the training samples' ids.
+
+    Raises:
+        PriorStoreError: priors of another anchor language, corpus or model, or a store that
+            does not read.
+        MissingPriorError: a training sample with no prior in the store.
+    """
     # The anchor language first: an en store for zh-anchored shards (or the reverse) is named as
     # such, not as a corpus fingerprint mismatch.
     stored_anchor = read_prior_store_metadata(config.prior_store).anchor_language
@@ -64,7 +76,24 @@ def build_sara_data_loader(config: SaraDataConfig, dp_rank: int = 0, dp_size: in
     the anchor priors of their samples. With `config.packing`, the packed micro-batches of each
     global batch of `global_batch_size` samples (see data/packed_loader.py).
     With priors and `config.prior_table`, `loader.prior_table` holds them on `prior_device`
-    (None: CPU); fill a batch's priors with `batch.with_priors(loader.prior_table)`."""
+    (None: CPU); fill a batch's priors with `batch.with_priors(loader.prior_table)`.
+
+    Args:
+        config: the data config (shards, languages, prior store and layers, packing, ...).
+        dp_rank, dp_size: this rank's place in the data-parallel group.
+        consumed_samples: global samples already trained on (where a resume starts).
+        num_workers: torch DataLoader worker processes.
+        pin_memory: pin the batches' host memory.
+        prior_device: where the prior table lives; None: CPU.
+        global_batch_size: samples per global batch (packing groups each one's samples).
+
+    Returns:
+        The `SaraDataLoader`.
+
+    Raises:
+        ValueError: `prior_layers` without a prior store, or layers the store does not hold.
+        PriorStoreError, MissingPriorError: as `open_prior_store`.
+    """
     shards = TokenShards(config.shards_dir, verify=config.verify_shards)
     dataset = SaraTrainingSamples(shards, resolve_languages(shards, config.languages))
     store, prior_layers, table = None, (), None

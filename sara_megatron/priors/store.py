@@ -48,11 +48,33 @@ def _read_store_json(path: str) -> dict:
 
 
 def read_prior_store_metadata(path: str | os.PathLike) -> PriorStoreMetadata:
-    """A complete store's metadata alone (one small file read)."""
+    """A complete store's metadata alone (one small file read).
+
+    Args:
+        path: the store folder (`tools/extract_priors.py --output`).
+
+    Raises:
+        PriorStoreError: no store.json, another format, or an unfinished extraction.
+    """
     return PriorStoreMetadata.from_json(_read_store_json(os.fspath(path))["metadata"])
 
 
 class PriorStore:
+    """A complete prior store opened for reading (see the module docstring).
+
+    Args:
+        path: the store folder.
+        expected_model_fingerprint: the model fingerprint, or several any one of which will
+            do; None: not checked.
+        expected_corpus_fingerprint: the anchor shards' fingerprint; None: not checked.
+        verify: "open" checks every shard file's sha256 now, "lazy" each on its first use.
+
+    Raises:
+        ValueError: another `verify`.
+        PriorStoreError: not a complete store, another model or corpus, a missing or corrupt
+            shard file, or inconsistent sample ids.
+    """
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -149,14 +171,17 @@ class PriorStore:
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The recorded global 0-based layers, in storage order."""
         return self.metadata.layers
 
     @property
     def num_experts(self) -> int:
+        """N, the experts per layer."""
         return self.metadata.num_experts
 
     @property
     def sample_ids(self) -> list[str]:
+        """Every stored sample id, in global row order."""
         return list(self._sample_ids)
 
     def __len__(self) -> int:
@@ -175,10 +200,25 @@ class PriorStore:
             ) from None
 
     def missing(self, sample_ids: Iterable[str]) -> list[str]:
+        """The ids of `sample_ids` the store has no prior for, in their order.
+
+        Args:
+            sample_ids: the ids to look up.
+        """
         return [sid for sid in sample_ids if sid not in self._index]
 
     def layer_positions(self, layers: Optional[Sequence[int]]) -> np.ndarray:
-        """Storage positions of global `layers` (None: all recorded layers)."""
+        """Storage positions of global `layers`.
+
+        Args:
+            layers: global 0-based layers; None: all recorded layers.
+
+        Returns:
+            [L_sel] int64 positions on a stored row's layer axis.
+
+        Raises:
+            PriorStoreError: layers the store did not record (named).
+        """
         if layers is None:
             return np.arange(len(self.metadata.layers))
         absent = [layer for layer in layers if layer not in self._position]
@@ -189,7 +229,14 @@ class PriorStore:
 
     def layer_selection(self, layers: Optional[Sequence[int]]) -> Union[slice, np.ndarray]:
         """What to index a stored row with for `layers`: a slice when they are stored
-        contiguously (a view into the memory map, no gather), else their positions."""
+        contiguously (a view into the memory map, no gather), else their positions.
+
+        Args:
+            layers: global 0-based layers; None: all recorded layers.
+
+        Raises:
+            PriorStoreError: layers the store did not record (named).
+        """
         positions = self.layer_positions(layers)
         if len(positions) and np.all(np.diff(positions) == 1):
             return slice(int(positions[0]), int(positions[-1]) + 1)
@@ -197,12 +244,31 @@ class PriorStore:
 
     def stored_row(self, sample_id: str, selection: Union[slice, np.ndarray]) -> np.ndarray:
         """[L_sel, N] of one sample in the stored dtype (a view where possible): the cheap
-        per-sample half of a batch read, done beside the sample's tokens."""
+        per-sample half of a batch read, done beside the sample's tokens.
+
+        Args:
+            sample_id: the sample.
+            selection: `layer_selection`'s result.
+
+        Returns:
+            [L_sel, N] array (fp32, or bf16 bits as uint16).
+
+        Raises:
+            MissingPriorError: the store has no prior for the sample.
+            PriorStoreError: its shard file is missing or corrupt.
+        """
         shard_index, row = self._locate(sample_id)
         return self._array(shard_index)[row, selection]
 
     def stack(self, rows: Sequence[np.ndarray]) -> torch.Tensor:
-        """`stored_row`s of a batch -> [L_sel, B, N] float32 (one copy of each row)."""
+        """A batch's priors from its `stored_row`s (one copy of each row).
+
+        Args:
+            rows: B `stored_row` arrays of one layer selection.
+
+        Returns:
+            [L_sel, B, N] float32.
+        """
         num_layers, num_experts = rows[0].shape if rows else (0, self.metadata.num_experts)
         bf16 = self.metadata.dtype == "bf16"
         # bf16 bits widen to fp32 as the high half of a 32-bit word: copy into uint32, shift.
@@ -221,7 +287,19 @@ class PriorStore:
 
     def read(self, sample_ids: Sequence[str], layers: Optional[Sequence[int]] = None
              ) -> torch.Tensor:
-        """[L_sel, B, N] float32 priors of `sample_ids` (in that order) at global `layers`."""
+        """The priors of `sample_ids` (in that order) at global `layers`.
+
+        Args:
+            sample_ids: the batch's sample ids.
+            layers: global 0-based layers; None: all recorded.
+
+        Returns:
+            [L_sel, B, N] float32.
+
+        Raises:
+            MissingPriorError: an id the store lacks.
+            PriorStoreError: an unrecorded layer, or a missing or corrupt shard file.
+        """
         selection = self.layer_selection(layers)
         return self.stack([self.stored_row(sid, selection) for sid in sample_ids])
 
@@ -229,7 +307,17 @@ class PriorStore:
 
     def global_rows(self, sample_ids: Iterable[str]) -> np.ndarray:
         """[n] int64: each id's row in the store's global numbering (shards in listed order,
-        `sample_ids[g]` is row g). Fails naming the ids the store lacks."""
+        `sample_ids[g]` is row g).
+
+        Args:
+            sample_ids: the ids to look up.
+
+        Returns:
+            [n] int64 global rows, in the ids' order.
+
+        Raises:
+            MissingPriorError: ids the store lacks (named).
+        """
         sample_ids = list(sample_ids)
         missing = self.missing(sample_ids)
         if missing:
@@ -245,7 +333,20 @@ class PriorStore:
                   chunk_rows: int = 4096) -> np.ndarray:
         """[R, L_sel, N] float32 of the store's global rows `global_rows` (in that order) at
         global `layers`: read shard by shard, `chunk_rows` at a time so the only temporary is one
-        chunk of the selected layers."""
+        chunk of the selected layers.
+
+        Args:
+            global_rows: rows in the store's global numbering (`global_rows`).
+            layers: global 0-based layers; None: all recorded.
+            chunk_rows: rows decoded at a time.
+
+        Returns:
+            [R, L_sel, N] float32.
+
+        Raises:
+            IndexError: rows outside the store.
+            PriorStoreError: an unrecorded layer, or a missing or corrupt shard file.
+        """
         rows = np.asarray(global_rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"global rows must lie in [0, {len(self)}) for prior store "

@@ -37,6 +37,13 @@ class MissingPriorError(UserFacingError, LookupError):
 
 @dataclasses.dataclass(frozen=True)
 class PriorStoreMetadata:
+    """What a prior store holds and was extracted from, recorded in store.json (field meanings
+    in the comments).
+
+    Raises:
+        ValueError: an unknown dtype or compute dtype, or layers not sorted and unique.
+    """
+
     layers: tuple[int, ...]  # global 0-based layer indices recorded, in storage order
     num_experts: int
     dtype: str  # "fp32" | "bf16"
@@ -58,6 +65,7 @@ class PriorStoreMetadata:
             raise ValueError(f"layers must be sorted and unique, got {self.layers}")
 
     def to_json(self) -> dict:
+        """The metadata as store.json records it (no `compute_dtype` key when it is None)."""
         obj = dict(dataclasses.asdict(self), layers=list(self.layers))
         if self.compute_dtype is None:
             # An older store's metadata round-trips unchanged, digest included (its shards'
@@ -67,14 +75,28 @@ class PriorStoreMetadata:
 
     @classmethod
     def from_json(cls, obj: dict) -> "PriorStoreMetadata":
+        """The metadata a store.json records.
+
+        Args:
+            obj: store.json's "metadata" object.
+
+        Returns:
+            The metadata; `compute_dtype` None when the record has none.
+        """
         # No "compute_dtype" key: written before it was recorded, so unknown — not the default.
         return cls(**dict(obj, layers=tuple(obj["layers"]),
                           compute_dtype=obj.get("compute_dtype")))
 
     def digest(self) -> str:
+        """The sha256 of the canonical JSON of `to_json()` (each shard's ids file holds it)."""
         return sha256_text(canonical_json(self.to_json()))
 
     def differences(self, other: "PriorStoreMetadata") -> list[str]:
+        """The fields that differ, as "name: mine vs other's" lines.
+
+        Args:
+            other: the metadata to compare with.
+        """
         return [
             f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
             for f in dataclasses.fields(self)
@@ -83,7 +105,15 @@ class PriorStoreMetadata:
 
 
 def encode_priors(priors: np.ndarray, dtype: str) -> np.ndarray:
-    """fp32 [n, L, N] -> the stored array (fp32, or bf16 bits as uint16, rounded to nearest)."""
+    """Priors as a store shard holds them.
+
+    Args:
+        priors: [n, L, N] priors (converted to fp32 first).
+        dtype: the store's dtype, "fp32" or "bf16".
+
+    Returns:
+        [n, L, N] fp32, or bf16 bits as uint16 (rounded to nearest).
+    """
     priors = np.ascontiguousarray(priors, dtype=np.float32)
     if dtype == "fp32":
         return priors
@@ -92,7 +122,14 @@ def encode_priors(priors: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def decode_priors(stored: np.ndarray) -> np.ndarray:
-    """The stored array -> fp32 (bf16 widens exactly)."""
+    """The stored array -> fp32 (bf16 widens exactly).
+
+    Args:
+        stored: a shard's array, fp32 or bf16 bits as uint16.
+
+    Raises:
+        PriorStoreError: another dtype.
+    """
     if stored.dtype == np.float32:
         return np.array(stored, dtype=np.float32)
     if stored.dtype == np.uint16:
@@ -101,4 +138,9 @@ def decode_priors(stored: np.ndarray) -> np.ndarray:
 
 
 def stored_numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a store of `dtype` writes: float32 for "fp32", uint16 for "bf16".
+
+    Args:
+        dtype: the store's dtype.
+    """
     return np.dtype(np.float32 if dtype == "fp32" else np.uint16)

@@ -38,6 +38,17 @@ IDS_SUFFIX = ".ids.json"
 
 
 class PriorStoreWriter:
+    """Writes a prior store: `prepare` on one rank, `write_shard` on each writer rank,
+    `finalize` on one rank last.
+
+    Args:
+        path: the store folder.
+        metadata: what the store will hold; its compute precision must be set.
+
+    Raises:
+        ValueError: `metadata.compute_dtype` is None.
+    """
+
     def __init__(self, path: str | os.PathLike, metadata: PriorStoreMetadata):
         if metadata.compute_dtype is None:
             raise ValueError("a prior store being written records its compute precision: "
@@ -91,13 +102,31 @@ class PriorStoreWriter:
         return info
 
     def finished_sample_ids(self) -> set[str]:
+        """The ids of the samples already in a shard on disk (a rerun skips them).
+
+        Raises:
+            PriorStoreError: a shard's ids file written with other store metadata.
+        """
         done: set[str] = set()
         for ids_path in self._shard_id_files():
             done.update(self._read_ids(ids_path)["sample_ids"])
         return done
 
     def write_shard(self, sample_ids: Sequence[str], priors: np.ndarray) -> str:
-        """Write [n, L, N] fp32 priors of `sample_ids` as one shard; returns its name."""
+        """Write the priors of `sample_ids` as one shard named by its ids' hash (each of its
+        two files written atomically).
+
+        Args:
+            sample_ids: the n samples, in row order.
+            priors: [n, L, N] fp32 priors, L the store's layers.
+
+        Returns:
+            The shard's name ("prior-<hash>").
+
+        Raises:
+            ValueError: no rows, ids and rows that differ in number, another [L, N], or
+                non-finite priors.
+        """
         n, num_layers, num_experts = priors.shape
         if n != len(sample_ids) or n == 0:
             raise ValueError(f"{len(sample_ids)} sample ids for {n} prior rows")
@@ -123,7 +152,18 @@ class PriorStoreWriter:
     # --- one rank, after everyone wrote -------------------------------------------------------
 
     def finalize(self, expected_ids: Iterable[str]) -> dict:
-        """Check coverage (each expected sample exactly once, nothing else) and mark complete."""
+        """Check coverage (each expected sample exactly once, nothing else) and mark complete.
+
+        Args:
+            expected_ids: every anchor sample id of the corpus.
+
+        Returns:
+            The store.json record written (format, metadata, num_samples, shards).
+
+        Raises:
+            PriorStoreError: a sample in two shards, expected samples missing, or samples not
+                in the corpus.
+        """
         shards, seen = [], {}
         for ids_path in self._shard_id_files():
             info = self._read_ids(ids_path)

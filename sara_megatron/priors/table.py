@@ -4,19 +4,11 @@
     rows = table.rows(["id-7", "id-3"])                                    # [B] int64, once
     priors = table.gather(rows)                                            # [L_sel, B, N] fp32
 
-Why a table: a sample's prior is larger than its tokens, so copying each batch's priors out of the
-memory-mapped store in the data loader slows the loader down (docs/data-and-priors.md). Read once
-into one contiguous tensor, the loader hands out one int per sample and the training loop gathers
-the batch's priors where they are used.
-
-Layout: layer-major [L_sel, rows, N], so a gather along dim 1 writes the [L_sel, B, N] the loss
-takes in one contiguous kernel; a row-major table would need a second, transposing copy.
-
-Memory: rows x L_sel x N x 4 bytes, one row per distinct anchor sample id (each target-language
-copy shares its anchor's row). At the Qwen3 shape (28 selected layers x 128 experts) that is
-14.3 KB per anchor sample: 10k anchors ~ 143 MB, 100k ~ 1.43 GB, held by every data-parallel
-rank (shuffling visits every sample on every rank). Stores too large for that are read per batch
-instead (`SaraDataConfig(prior_table=False)`).
+Why a table: copying each batch's priors out of the memory-mapped store in the data loader slows
+the loader down; read once into one layer-major [L_sel, rows, N] tensor, the loader hands out one
+int per sample and the training loop gathers the batch's priors where they are used. Memory:
+rows x L_sel x N x 4 bytes on every data-parallel rank; stores too large for that are read per
+batch instead (`SaraDataConfig(prior_table=False)`; sizes in docs/data-and-priors.md).
 """
 
 from __future__ import annotations
@@ -35,7 +27,19 @@ RowIndices = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
 class PriorTable:
     """Priors float32 of a fixed set of sample ids, one row each, stored layer-major:
-    `priors[l, row]` is layer `layers[l]` of `sample_ids[row]`'s prior."""
+    `priors[l, row]` is layer `layers[l]` of `sample_ids[row]`'s prior.
+
+    Args:
+        priors: [L_sel, rows, N] float32.
+        sample_ids: the sample id of each row, distinct.
+        layers: the global 0-based layer of each first-axis entry.
+        digest: the contents digest to carry (None: `contents_digest` of ids and layers); a
+            batch's row indices are only gathered from a table of the same digest.
+
+    Raises:
+        ValueError: priors not float32 [L_sel, rows, N], shapes that do not match the ids and
+            layers, or a sample id listed twice.
+    """
 
     def __init__(self, priors: torch.Tensor, sample_ids: Sequence[str], layers: Sequence[int],
                  digest: Optional[str] = None):
@@ -58,6 +62,15 @@ class PriorTable:
 
     @staticmethod
     def contents_digest(sample_ids: Sequence[str], layers: Sequence[int]) -> str:
+        """The digest naming a table's contents (ids in row order, and layers), not its values.
+
+        Args:
+            sample_ids: the ids in row order.
+            layers: the table's layers.
+
+        Returns:
+            "sha256:<hex digest>".
+        """
         h = hashlib.sha256(repr(tuple(int(layer) for layer in layers)).encode())
         for sid in sample_ids:
             h.update(sid.encode())
@@ -70,8 +83,21 @@ class PriorTable:
                    chunk_rows: int = 4096) -> "PriorTable":
         """The priors of the distinct `sample_ids` at global `layers` (None: all recorded), rows
         in the store's order (one pass over its shards), read `chunk_rows` at a time so the
-        build needs the table plus one chunk of memory. Fails naming ids the store lacks and
-        layers it did not record."""
+        build needs the table plus one chunk of memory.
+
+        Args:
+            store: the open prior store.
+            sample_ids: the ids to hold (repeats are held once).
+            layers: global 0-based layers; None: every recorded layer.
+            chunk_rows: rows read from the store at a time.
+
+        Returns:
+            The table, on the CPU.
+
+        Raises:
+            MissingPriorError: ids the store lacks (named).
+            PriorStoreError: layers the store did not record (named).
+        """
         distinct = list(dict.fromkeys(sample_ids))
         store_rows = np.sort(store.global_rows(distinct))
         layers = store.layers if layers is None else tuple(int(layer) for layer in layers)
@@ -86,6 +112,13 @@ class PriorTable:
 
     @staticmethod
     def nbytes_for(num_rows: int, num_layers: int, num_experts: int) -> int:
+        """The bytes a table of this shape takes (float32).
+
+        Args:
+            num_rows: distinct sample ids.
+            num_layers: selected layers.
+            num_experts: experts per layer.
+        """
         return num_rows * num_layers * num_experts * 4
 
     # --- what it holds ----------------------------------------------------------------------------
@@ -95,6 +128,7 @@ class PriorTable:
 
     @property
     def num_experts(self) -> int:
+        """N, the experts per layer."""
         return self.priors.shape[2]
 
     def __getitem__(self, sample_id: str) -> torch.Tensor:
@@ -103,14 +137,26 @@ class PriorTable:
 
     @property
     def nbytes(self) -> int:
+        """The bytes the priors take."""
         return self.priors.numel() * self.priors.element_size()
 
     @property
     def device(self) -> torch.device:
+        """The device the priors live on."""
         return self.priors.device
 
     def rows(self, sample_ids: Iterable[str]) -> np.ndarray:
-        """[n] int64 table row of each id; fails naming the ids the table lacks."""
+        """The table row of each id.
+
+        Args:
+            sample_ids: the ids to look up.
+
+        Returns:
+            [n] int64 rows, in the ids' order.
+
+        Raises:
+            MissingPriorError: ids the table lacks (named).
+        """
         sample_ids = list(sample_ids)
         missing = [sid for sid in sample_ids if sid not in self._row_of]
         if missing:
@@ -120,7 +166,14 @@ class PriorTable:
                            count=len(sample_ids))
 
     def sample_ids_at(self, rows: RowIndices) -> list[str]:
-        """The sample id of each row (reads `rows` on the host)."""
+        """The sample id of each row (reads `rows` on the host).
+
+        Args:
+            rows: table rows, any shape (flattened), on any device.
+
+        Raises:
+            IndexError: rows outside the table.
+        """
         rows = torch.as_tensor(rows).reshape(-1).tolist()
         outside = [r for r in rows if not 0 <= r < len(self)]
         if outside:
@@ -130,14 +183,25 @@ class PriorTable:
     # --- use --------------------------------------------------------------------------------------
 
     def to(self, device, non_blocking: bool = False) -> "PriorTable":
-        """The same table on `device` (e.g. the GPU, where gathers take microseconds)."""
+        """The same table on `device` (e.g. the GPU, where gathers take microseconds).
+
+        Args:
+            device: the target device.
+            non_blocking: passed to `Tensor.to`.
+        """
         return PriorTable(self.priors.to(device, non_blocking=non_blocking), self.sample_ids,
                           self.layers, self.digest)
 
     def gather(self, rows: RowIndices) -> torch.Tensor:
         """[L_sel, B, N] float32 (contiguous, on the table's device): column b = table row
-        `rows[b]`. `rows` may live on any device; out-of-range rows raise (on the GPU, as a
-        device-side assert)."""
+        `rows[b]`. Out-of-range rows raise (on the GPU, as a device-side assert).
+
+        Args:
+            rows: [B] table rows (`rows`), on any device.
+
+        Returns:
+            [L_sel, B, N] float32 priors.
+        """
         device = self.priors.device
         # Non-blocking only towards a GPU: there the gather is queued behind the copy on the same
         # stream; a non-blocking copy to the host could be read before it lands.
