@@ -1,23 +1,11 @@
 """The end-to-end CPU demo (`make demo`): the whole SARA pipeline on a tiny Qwen3-MoE.
 
-1. A parallel corpus: anchor `en` made deterministically here, and two targets made from it by
-   `translate_corpus` against a rule-based translator speaking the OpenAI wire format on
-   127.0.0.1 (`construction/rule_translator.py`), so the real client, cache and checks run:
-   `hi` (a lexicon swap, in Devanagari) and `sw` (a lexicon swap and a word-order change). Every
-   translation is exact by construction.
-2. A local BPE tokenizer, then token shards (`shard_corpus`).
-3. A random tiny Qwen3-MoE written as a Hugging Face checkpoint and converted
-   (`convert_hf` import).
-4. Anchor priors extracted on 2 gloo ranks with EP=2 (`extract_priors`).
-5. SARA fine-tuning and the FFT baseline (λ_JS = 0), each on 2 gloo ranks with EP=2 (`train`).
-6. Per-layer routing divergence JS(anchor ‖ target) before, after SARA and after FFT.
-7. The SARA checkpoint exported to an HF folder and verified against transformers' model on it
-   (`convert_hf` export, verify).
-8. The report: report/report.md with the divergence table and figures, the suggested alignment
-   range, the base model's expert usage and both runs' training dynamics
-   (sara_megatron.analysis.report).
-Every step runs the tool (`sara_megatron.cli`) in a subprocess, as a user would, through
-`sara_megatron.tool_runner`; the training runs read `DEMO_TRAIN_CONFIG`.
+A parallel corpus translated by rule over the OpenAI wire format, a local tokenizer and token
+shards, a random tiny Qwen3-MoE imported from an HF folder, anchor priors, SARA and FFT training
+on 2 gloo ranks with EP=2, the routing divergence before and after, the SARA checkpoint exported
+and verified, and the report (README.md, "What the demo does and prints"). Every step runs the
+tool (`sara_megatron.cli`) in a subprocess, as a user would, through `sara_megatron.tool_runner`;
+the training runs read `DEMO_TRAIN_CONFIG`.
 """
 
 from __future__ import annotations
@@ -48,7 +36,15 @@ DEMO_TRAIN_CONFIG = {
 
 
 def write_yaml(path: Path, config: dict) -> Path:
-    """Write `config` as YAML at `path` (its folder is made); returns `path`."""
+    """Write `config` as YAML at `path` (its folder is made).
+
+    Args:
+        path: The file to write.
+        config: The mapping to dump, in its own key order.
+
+    Returns:
+        `path`.
+    """
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +53,15 @@ def write_yaml(path: Path, config: dict) -> Path:
 
 
 def write_demo_anchors(path: Path, num_samples: int) -> Path:
+    """Write the demo's anchor-language corpus: `num_samples` synthetic records, one JSON per line.
+
+    Args:
+        path: The JSONL file to write (its folder is made).
+        num_samples: The number of records.
+
+    Returns:
+        `path`.
+    """
     from sara_megatron.data.synthetic_corpus import synthetic_record
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +73,21 @@ def write_demo_anchors(path: Path, num_samples: int) -> Path:
 
 
 def translate_demo_corpus(work: Path, anchors: Path) -> list[str]:
-    """The targets through the real translation path: `translate_corpus` against the
-    rule-based translator on 127.0.0.1, started and stopped here. Returns the corpus files."""
+    """The targets through the real translation path.
+
+    `translate_corpus` runs against the rule-based translator on 127.0.0.1, started and stopped
+    here.
+
+    Args:
+        work: The demo's working folder (the corpus goes to <work>/corpus).
+        anchors: The anchor-language JSONL file.
+
+    Returns:
+        The corpus files: anchor, lexicon swap, reordered.
+
+    Raises:
+        SystemExit: The tool failed, or a translation failed its checks.
+    """
     from sara_megatron.construction.rule_translator import rule_translator_server
 
     with rule_translator_server() as translator:
@@ -86,7 +104,13 @@ def translate_demo_corpus(work: Path, anchors: Path) -> list[str]:
 
 
 def write_tiny_hf_model(out_dir: Path, tokenizer_dir: Path, seed: int = 1234) -> None:
-    """A random Qwen3-MoE with the `qwen3_moe_tiny` shape, saved the way the hub ships models."""
+    """A random Qwen3-MoE with the `qwen3_moe_tiny` shape, saved the way the hub ships models.
+
+    Args:
+        out_dir: The HF folder to write (safetensors, config, and the tokenizer's files).
+        tokenizer_dir: The tokenizer folder whose files are copied beside the weights.
+        seed: The torch seed of the random weights.
+    """
     import torch
     import transformers
 
@@ -238,8 +262,16 @@ DEMO_DIVERGENCE = {"before": "divergence_base.json", "after SARA": "divergence_s
 
 
 def summarize_demo(work: Path) -> Path:
-    """Print the divergence table and both runs' CE / JS, then write <work>/report/report.md (and
-    its figures) from the same files."""
+    """Print the divergence table and both runs' CE / JS, then write the report.
+
+    <work>/report/report.md (and its figures) is written from the same files.
+
+    Args:
+        work: The demo's working folder, after `run_demo`'s steps.
+
+    Returns:
+        The path of report.md.
+    """
     from sara_megatron.analysis import format_divergence_table
     from sara_megatron.analysis.report import ReportInputs, write_report
 

@@ -30,8 +30,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """Model-parallel layout (the training config's `parallel` section). Data parallel is
-    whatever the world size leaves."""
+    """Model-parallel layout (the training config's `parallel` section).
+
+    Data parallel is whatever the world size leaves.
+
+    Attributes:
+        tp: Tensor-parallel size (sequence parallel is turned on with it whenever tp > 1).
+        pp: Pipeline-parallel size.
+        ep: Expert-parallel size.
+        cp: Context-parallel size.
+        vpp: Virtual pipeline stages per rank (interleaved schedule), or None for plain 1F1B.
+    """
 
     tp: int = 1
     pp: int = 1
@@ -43,7 +52,18 @@ class ParallelConfig:
     # the model builder turns it on whenever tp > 1.
 
     def validate_world(self, world_size: int) -> int:
-        """Check the layout against the world size; returns the data-parallel size."""
+        """Check the layout against the world size.
+
+        Args:
+            world_size: The number of processes.
+
+        Returns:
+            The data-parallel size, world_size / (tp·pp·cp).
+
+        Raises:
+            ValueError: A size below 1, a world size that tp·pp·cp does not divide, or an EP
+                that does not divide DP·CP.
+        """
         for name in ("tp", "pp", "ep", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -66,6 +86,15 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedEnv:
+    """Where this process stands in its launch, as the launcher's environment says.
+
+    Attributes:
+        rank: The global rank.
+        local_rank: The rank on this node (picks the GPU).
+        world_size: The number of processes.
+        master_addr: The rendezvous host.
+        master_port: The rendezvous port.
+    """
     rank: int
     local_rank: int
     world_size: int
@@ -125,7 +154,12 @@ def launcher_world_size() -> int:
 
 
 def read_launcher_env() -> DistributedEnv:
-    """Rank and rendezvous from torchrun's variables, else srun's, else a single process."""
+    """Rank and rendezvous from torchrun's variables, else srun's, else a single process.
+
+    Returns:
+        The `DistributedEnv`; a single process gets rank 0 of 1 on 127.0.0.1 and `MASTER_PORT` or a
+        free port.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
         return DistributedEnv(
@@ -154,6 +188,9 @@ def set_seed(seed: int) -> None:
 
     Megatron offsets the tracker seed by TP/EP rank for TP-sharded regions; the default generator
     gets the same seed on every rank so replicated weights start identical.
+
+    Args:
+        seed: The seed, the same on every rank.
     """
     from megatron.core import tensor_parallel
 
@@ -181,7 +218,22 @@ def _log_fallbacks_once() -> None:
 def initialize_distributed(
     parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_minutes: int = 30
 ) -> DistributedEnv:
-    """Start torch.distributed (if needed) and Megatron's parallel state for `parallel`."""
+    """Start torch.distributed (if needed) and Megatron's parallel state for `parallel`.
+
+    NCCL (with gloo for CPU tensors) when CUDA is there, gloo otherwise; the CPU or no-TE
+    compatibility patches are applied first. An existing parallel state is replaced.
+
+    Args:
+        parallel: The model-parallel layout.
+        seed: The seed handed to `set_seed`.
+        timeout_minutes: The process group's collective timeout.
+
+    Returns:
+        This process's `DistributedEnv`.
+
+    Raises:
+        ValueError: The layout does not fit the launcher's world size.
+    """
     from megatron.core import parallel_state
 
     denv = read_launcher_env()

@@ -1,25 +1,13 @@
 """What every tool's entry point does around its work: logging, and failing fast.
 
 A rank that raises must not go on to a clean shutdown: `destroy_distributed()` waits in a barrier
-for ranks that are themselves waiting for it (in a collective it will never join), so the job
-hangs and the traceback, printed only after the `finally`, never shows. Instead the failing rank
-prints its traceback and exits non-zero at once; torchrun (or srun) then ends the other ranks.
-An error the user can fix (`tool_errors.UserFacingError`: a damaged shard or checkpoint, a
-non-finite run, an unwritable output, a full disk, a setting that does not fit the model) is one
-line, `<tool>: error: <message>`, exit status 2; Ctrl-C is one line, `<tool>: interrupted`, exit
-status 130.
-
-One line for the whole job, not one per rank: every rank that meets the error exits with its
-status, but only the first to claim it in the launcher's key-value store prints (torchrun's agent
-serves one to every worker; a claim needs no collective, so it works whichever rank fails first,
-before or after the process group exists, while the others wait in a collective or meet the same
-error). Without a store to claim in (one process, or srun before the process group exists) the
-rank prints. `sara_megatron.torchrun` is the launcher side: torchrun itself reports any worker
-that exits non-zero with a traceback of its own and exits 1.
-
-No orphans: a process started by torchrun / srun dies with its launcher, and every process
-forked from a tool (megatron's checkpoint writer helpers, data-loader workers) dies with the
-process that forked it (Linux's parent-death signal, `exit_with_parent`).
+for ranks that are themselves waiting for it, so the job would hang and the traceback never
+show. Instead the failing rank prints its traceback and exits non-zero at once; torchrun (or
+srun) then ends the other ranks. An error the user can fix (`tool_errors.UserFacingError`) is
+one line for the whole job, `<tool>: error: <message>`, exit 2, printed by the first rank to
+claim it in the launcher's key-value store; Ctrl-C is `<tool>: interrupted`, exit 130. No
+orphans: processes die with their launcher and with the process that forked them
+(`exit_with_parent`). Details: docs/reliability.md and docs/integrity.md.
 """
 
 from __future__ import annotations
@@ -45,14 +33,24 @@ from sara_megatron.tool_errors import (
 
 
 def launcher_rank() -> int:
-    """This process's global rank as the launcher set it (0 outside torchrun / srun); known
-    before the process group exists."""
+    """This process's global rank as the launcher set it (0 outside torchrun / srun).
+
+    Known before the process group exists.
+
+    Returns:
+        The rank.
+    """
     return read_launcher_env().rank
 
 
 def configure_logging(rank: int) -> None:
-    """The library's INFO messages (resume, saves, the layout) on rank 0, warnings elsewhere:
-    every rank repeating them would bury the progress lines."""
+    """The library's INFO messages (resume, saves, the layout) on rank 0, warnings elsewhere.
+
+    Every rank repeating them would bury the progress lines.
+
+    Args:
+        rank: This process's global rank.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sara_megatron").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
@@ -81,10 +79,15 @@ def _report_key() -> str:
 
 
 def first_to_report(status: int) -> bool:
-    """Whether this process is the first of its job to report how the job ends (a user error,
-    an interrupt), recording `status` for the other ranks (`reported_status`): True for one rank
-    of a torchrun job, without waiting for any other rank; True on every rank that asks where no
-    store can be reached."""
+    """Whether this process is the first of its job to report how the job ends.
+
+    A user error or an interrupt: `status` is recorded for the other ranks (`reported_status`).
+    True for one rank of a torchrun job, without waiting for any other rank; True on every rank
+    that asks where no store can be reached.
+
+    Args:
+        status: The exit status this rank ends with.
+    """
     if launcher_world_size() <= 1:
         return True
     try:
@@ -130,6 +133,11 @@ class ToolArgumentParser(argparse.ArgumentParser):
     on another rank's exit), and every rank exits 2."""
 
     def error(self, message: str):
+        """Print the usage and `<prog>: error: <message>` once for the job; every rank exits 2.
+
+        Args:
+            message: The error message.
+        """
         if first_to_report(USER_ERROR_STATUS):
             self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
@@ -140,13 +148,25 @@ class ToolArgumentParser(argparse.ArgumentParser):
 def exit_at_once_on_error(rank: int, tool: Optional[str] = None,
                           output: Optional[str] = None, debug: bool = False,
                           resumable: bool = False) -> Iterator[None]:
-    """Around a rank's work: on an exception, print it and end the process with status 1 (or
-    the SystemExit's status), running no clean-up that could wait for other ranks. An error the
-    user can fix prints as `<tool>: error: <message>` and exits 2 (`debug`: after its traceback);
-    Ctrl-C prints `<tool>: interrupted` (`resumable`: and that the same command resumes) and
-    exits 130. Either is printed by one rank of the job (`first_to_report`); the others exit
-    with the same status without a word, also when what they meet is a broken collective (the
-    reporting rank left it)."""
+    """Around a rank's work: on an exception, report it and end the process at once.
+
+    The process ends with status 1 (or the SystemExit's status), running no clean-up that could
+    wait for other ranks. An error the user can fix prints as `<tool>: error: <message>` and
+    exits 2 (`debug`: after its traceback); Ctrl-C prints `<tool>: interrupted` (`resumable`: and
+    that the same command resumes) and exits 130. Either is printed by one rank of the job
+    (`first_to_report`); the others exit with the same status without a word, also when what they
+    meet is a broken collective (the reporting rank left it).
+
+    Args:
+        rank: This process's global rank (named in a traceback's heading).
+        tool: The tool's name in the one-line messages; default the script's file name.
+        output: The output path a user error may name (`tool_errors.user_error_message`).
+        debug: Print the traceback before a user error's line.
+        resumable: Say on Ctrl-C that the same command resumes.
+
+    Yields:
+        Nothing; the body runs inside.
+    """
     tool = tool or os.path.basename(sys.argv[0])
     try:
         yield

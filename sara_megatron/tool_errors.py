@@ -39,7 +39,15 @@ def interrupted_message(tool: str, resumable: bool = True) -> str:
 @contextlib.contextmanager
 def exit_on_interrupt(tool: str, resumable: bool = True) -> Iterator[None]:
     """Around a one-process tool's work: Ctrl-C prints `interrupted_message` and exits 130,
-    without a traceback."""
+    without a traceback.
+
+    Args:
+        tool: The tool's name as it prints it.
+        resumable: Say that the same command resumes the work.
+
+    Yields:
+        Nothing; the body runs inside.
+    """
     try:
         yield
     except KeyboardInterrupt:
@@ -57,10 +65,18 @@ class InputError(UserFacingError, ValueError):
 
 
 class OutputNotWritableError(UserFacingError, OSError):
+    """An output path that cannot be written (read-only, or a file where a folder is meant).
+
+    An `OSError` built as `(errno, message)` or `(message)`; printed as one line, exit 2.
+    """
     pass
 
 
 class DiskFullError(UserFacingError, OSError):
+    """No space left on the device an output goes to (errno 28, ENOSPC), in plain words.
+
+    An `OSError` built as `(errno.ENOSPC, message)`; printed as one line, exit 2.
+    """
     pass
 
 
@@ -75,14 +91,31 @@ def _existing_folder(path: str) -> str:
 
 
 def disk_full_message(path: str) -> str:
+    """The plain-words message of a full disk holding `path`, saying what to do.
+
+    Args:
+        path: The file or folder whose device is full.
+    """
     return (f"no space left on the device holding {path} (errno 28, ENOSPC): free some space "
             "there or write to another folder")
 
 
 def check_writable_output(path: str | os.PathLike, what: str, is_file: bool = False) -> None:
-    """Refuse an output that cannot be written, naming `what` (e.g. "--json" or
-    "checkpoint.save_dir"). `is_file`: `path` names a file (its folder is checked), else a
-    folder (it or the nearest existing parent)."""
+    """Refuse an output that cannot be written, before any compute.
+
+    The folder that will hold it (or its nearest existing parent) must take a new file (a real
+    write, not a permission check), and its file system must have free space.
+
+    Args:
+        path: The output file or folder.
+        what: How the output is named in the message (e.g. "--json" or "checkpoint.save_dir").
+        is_file: `path` names a file (its folder is checked), else a folder (it or the nearest
+            existing parent).
+
+    Raises:
+        OutputNotWritableError: A folder where a file is meant or the reverse, or the write fails.
+        DiskFullError: The write fails with ENOSPC, or the file system has no free blocks.
+    """
     path = os.fspath(path)
     target = os.path.dirname(os.path.abspath(path)) if is_file else path
     folder = _existing_folder(target)
@@ -119,9 +152,15 @@ def _chain(err: BaseException):
 
 
 def is_disk_full(err: BaseException, path: Optional[str] = None) -> bool:
-    """Whether `err` (or what caused it) is a full disk: errno 28 anywhere in its chain, or, for
-    errors that lose the errno (torch's zip writer says "file write failed"), a write error while
-    the file system holding `path` has no space left."""
+    """Whether `err` (or what caused it) is a full disk.
+
+    Errno 28 anywhere in its chain, or, for errors that lose the errno (torch's zip writer says
+    "file write failed"), a write error while the file system holding `path` has under 1 MiB left.
+
+    Args:
+        err: The error to classify.
+        path: Where the failing write went, when known (enables the free-space test).
+    """
     for e in _chain(err):
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return True
@@ -137,8 +176,12 @@ def is_disk_full(err: BaseException, path: Optional[str] = None) -> bool:
 
 
 def disk_full_error(err: BaseException, path: Optional[str]) -> Optional[DiskFullError]:
-    """A DiskFullError for `err` when it is a full disk (see `is_disk_full`), else None. `path`:
-    where the failing write went, when known."""
+    """A DiskFullError for `err` when it is a full disk (see `is_disk_full`), else None.
+
+    Args:
+        err: The error to classify (returned as it is when already a DiskFullError).
+        path: Where the failing write went, when known; named in the message.
+    """
     if isinstance(err, DiskFullError):
         return err
     if is_disk_full(err, path):
@@ -149,8 +192,13 @@ def disk_full_error(err: BaseException, path: Optional[str]) -> Optional[DiskFul
 
 
 def user_error_message(err: BaseException, output: Optional[str] = None) -> Optional[str]:
-    """The one-line message of an error the user can fix, else None. `output`: the folder the
-    tool writes to (a write error there with no space left is a full disk)."""
+    """The one-line message of an error the user can fix, else None.
+
+    Args:
+        err: The error being handled.
+        output: The folder the tool writes to (a write error there with no space left is a full
+            disk).
+    """
     full = disk_full_error(err, output)
     if full is not None:
         return str(full.strerror or full)

@@ -131,7 +131,11 @@ class ToolRun:
     log: Path
 
     def tail(self, chars: int = 4000) -> str:
-        """The end of its output."""
+        """The end of its output.
+
+        Args:
+            chars: The most characters to return.
+        """
         return self.log.read_text(errors="replace")[-chars:]
 
 

@@ -61,7 +61,17 @@ class _QuietAfterReportedEnd(logging.Filter):
 
 
 def main(argv=None) -> int:
-    """Run torchrun with `argv` (default: the command line); returns the job's exit status."""
+    """Run torchrun with `argv` (default: the command line).
+
+    Args:
+        argv: torchrun's arguments (the tool and its own arguments after them); None reads
+            `sys.argv`.
+
+    Returns:
+        The job's exit status: 0, or 2 / 130 when the first worker to fail reported a user error /
+        an interrupt (or the launcher was interrupted). Any other failure is raised as torchrun
+        raises it.
+    """
     from torch.distributed import run as torch_run
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
