@@ -32,7 +32,6 @@ NOT_YET = {
 
 
     # group d
-    "models",
 }
 # A summary that names what is returned (Google: "the Returns section may be omitted if the
 # docstring starts with Returns or Yields and the opening sentence describes the value").

@@ -23,6 +23,9 @@ _HF_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "PhiMoEForCausalLM": "p
 
 @dataclasses.dataclass(frozen=True)
 class MoEArchitecture:
+    """One MoE model's shape and variants, as the builder, the converter and training read it
+    (field meanings in the comments; HF names map as `from_hf_config` reads them)."""
+
     family: str  # one of SUPPORTED_FAMILIES
     num_layers: int
     hidden_size: int
@@ -58,6 +61,13 @@ class MoEArchitecture:
         Padded to a multiple of `divisible_by`, and further to `divisible_by * tp` only when TP
         does not divide that, so the padded size (and the checkpoint shapes) stay the same for
         every TP size that divides it (Qwen3 151936 and Phi 32128 serve TP 1/2/4/8 alike).
+
+        Args:
+            tp: the tensor-parallel size.
+            divisible_by: megatron's `make_vocab_size_divisible_by`.
+
+        Returns:
+            The padded vocabulary size (>= `vocab_size`).
         """
         padded = math.ceil(self.vocab_size / divisible_by) * divisible_by
         if padded % tp:
@@ -66,7 +76,17 @@ class MoEArchitecture:
         return padded
 
     def validate_parallel(self, tp: int = 1, ep: int = 1, pp: int = 1, vpp: int | None = None):
-        """Raise before anything is allocated when a parallel size does not divide the model."""
+        """Raise before anything is allocated when a parallel size does not divide the model.
+
+        Args:
+            tp: tensor-parallel size (must divide the attention heads and query groups).
+            ep: expert-parallel size (must divide the experts).
+            pp: pipeline-parallel size.
+            vpp: virtual pipeline stages per rank, or None; PP × VPP must divide the layers.
+
+        Raises:
+            InputError: a size below 1, or one that does not divide the model (all named).
+        """
         _require_positive_sizes(TP=tp, EP=ep, PP=pp, VPP=vpp)
         problems = []
         if self.num_attention_heads % tp:
@@ -207,6 +227,14 @@ PRESET_NAMES = tuple(_PRESETS)
 
 
 def get_preset(name: str) -> MoEArchitecture:
+    """The architecture of a named preset (`PRESET_NAMES`).
+
+    Args:
+        name: "qwen3_moe", "qwen3_moe_tiny", "phi35_moe" or "phi35_moe_tiny".
+
+    Raises:
+        InputError: an unknown name (the presets are listed).
+    """
     if name not in _PRESETS:
         raise InputError(
             f"unknown model preset {name!r}; supported presets: {', '.join(PRESET_NAMES)} "
@@ -353,6 +381,17 @@ def from_hf_config(config: dict | str | os.PathLike) -> MoEArchitecture:
     Read through transformers' own config class, so a field the file leaves out means what it
     means to transformers (e.g. Qwen3MoeConfig's norm_topk_prob=False, PhimoeConfig's
     router_jitter_noise=0.01); shape fields must be present, unsupported variants are refused.
+
+    Args:
+        config: the config.json path, its folder, or the parsed dict.
+
+    Returns:
+        The `MoEArchitecture`, its `hf_config` the file's dict.
+
+    Raises:
+        InputError: an unreadable file, an unsupported family, RoPE type or variant (dense
+            layers, Qwen3 attention bias, PhiMoE top-k other than 2), a missing shape field, or
+            a config transformers refuses.
     """
     cfg = _read_config(config)
     family = _family_of(cfg)
@@ -425,7 +464,16 @@ def _phimoe_architecture(cfg: dict, hf, rope: dict, common: dict) -> MoEArchitec
 
 
 def resolve_architecture(preset_or_config: str | os.PathLike | dict) -> MoEArchitecture:
-    """A preset name, or a path to an HF config.json / checkpoint folder, or a config dict."""
+    """The architecture a preset name, an HF config.json (or its folder) or a config dict names.
+
+    Args:
+        preset_or_config: a preset name, a path to an HF config.json / checkpoint folder, or a
+            config dict; a name that is neither a preset nor an existing path is an unknown
+            preset.
+
+    Raises:
+        InputError: as `get_preset` or `from_hf_config`.
+    """
     if isinstance(preset_or_config, dict):
         return from_hf_config(preset_or_config)
     text = os.fspath(preset_or_config)

@@ -21,6 +21,7 @@ from sara_megatron.models.router import ObservedTopKRouter
 
 
 def transformer_engine_available() -> bool:
+    """Whether CUDA is available and Transformer Engine is installed."""
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
@@ -45,7 +46,19 @@ class ModelOptions:
 
 
 def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptions()):
-    """The Megatron `TransformerConfig` for `arch` on the current parallel state."""
+    """The Megatron `TransformerConfig` for `arch` on the current parallel state.
+
+    Reads megatron's global parallel state (TP, PP, EP, CP, VPP); sequence parallel is on
+    whenever TP > 1.
+
+    Args:
+        arch: the model architecture.
+        options: run-time choices (dtype, TE, dispatcher, aux-loss coefficient, recompute, ...).
+
+    Raises:
+        InputError: a parallel size that does not divide the model.
+        RuntimeError: `use_te=True` without Transformer Engine and CUDA.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -126,7 +139,17 @@ def transformer_config(arch: MoEArchitecture, options: ModelOptions = ModelOptio
 
 
 def block_spec(arch: MoEArchitecture, config, use_te: bool, vp_stage: Optional[int] = None):
-    """This stage's transformer block: megatron's layer spec with our routers and norms."""
+    """This stage's transformer block: megatron's layer spec with our routers and norms.
+
+    Args:
+        arch: the model architecture.
+        config: its `TransformerConfig` (`transformer_config`).
+        use_te: Transformer Engine's layer spec, else the local one.
+        vp_stage: the virtual pipeline stage this block is for, or None.
+
+    Returns:
+        megatron's `TransformerBlockSubmodules`: this stage's layers and the final norm.
+    """
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -144,7 +167,17 @@ def block_spec(arch: MoEArchitecture, config, use_te: bool, vp_stage: Optional[i
 
 
 def layer_spec(arch: MoEArchitecture, config, use_te: bool):
-    """The transformer layer spec: megatron's, with our routers and norms swapped in."""
+    """The transformer layer spec: megatron's, with our routers and norms swapped in.
+
+    Args:
+        arch: the model architecture (PhiMoE gets its own router, biases and attention).
+        config: its `TransformerConfig`.
+        use_te: Transformer Engine's spec, else the local one (with sequence-parallel norms and
+            the context-parallel attention).
+
+    Returns:
+        megatron's `ModuleSpec` of one transformer layer.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -183,7 +216,22 @@ def build_model(
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
 ):
-    """A `GPTModel` (this rank's pipeline stage, TP/EP shards) for `arch`."""
+    """A `GPTModel` (this rank's pipeline stage, TP/EP shards) for `arch`.
+
+    Args:
+        arch: the model architecture (recorded as `model.sara_architecture`).
+        options: run-time choices (`ModelOptions`).
+        pre_process: whether this chunk holds the embedding; None: megatron's first stage.
+        post_process: whether it holds the final norm and output layer; None: the last stage.
+        vp_stage: the virtual pipeline stage, or None.
+
+    Returns:
+        The model chunk, with the padded vocabulary masked out of the logits.
+
+    Raises:
+        InputError: a parallel size that does not divide the model.
+        RuntimeError: `use_te=True` without Transformer Engine and CUDA.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -226,6 +274,10 @@ def mask_padded_vocab(model, arch: MoEArchitecture) -> None:
     Megatron pads the vocabulary for its vocab-parallel layers (Phi: 32064 -> 32128); without this
     the padded columns (logit 0 with zero rows) would take probability mass in the cross-entropy,
     so the loss would not be the HF model's. Applied to this rank's slice of the output layer.
+
+    Args:
+        model: a `GPTModel` chunk holding the output layer.
+        arch: its architecture (the unpadded `vocab_size`).
     """
     from megatron.core import parallel_state as ps
 
@@ -245,6 +297,13 @@ def mask_padded_vocab(model, arch: MoEArchitecture) -> None:
 
 
 def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
-    """[1, 1, S, S] bool, True = masked out (Megatron's convention); explicit because megatron's
-    default causal mask is allocated on "cuda"."""
+    """A causal attention mask, explicit because megatron's default one is allocated on "cuda".
+
+    Args:
+        seq_length: S, the (local) sequence length.
+        device: where the mask is made.
+
+    Returns:
+        [1, 1, S, S] bool, True = masked out (megatron's convention).
+    """
     return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device).triu(1)

@@ -26,7 +26,19 @@ def context_parallel_positions(
     seq_length: int, cp_rank: int, cp_size: int, device=None
 ) -> torch.Tensor:
     """Global positions of the tokens CP rank `cp_rank` holds, in its local order (the layout of
-    `get_batch_on_this_cp_rank`: chunks cp_rank and 2·cp_size−1−cp_rank of 2·cp_size)."""
+    `get_batch_on_this_cp_rank`: chunks cp_rank and 2·cp_size−1−cp_rank of 2·cp_size).
+
+    Args:
+        seq_length: S, the whole sequence's length.
+        cp_rank, cp_size: the rank's place in the context-parallel group.
+        device: where the result is made.
+
+    Returns:
+        [S / cp_size] int64 positions (all of 0..S-1 when cp_size is 1).
+
+    Raises:
+        ValueError: S is not divisible by 2·cp_size.
+    """
     if cp_size == 1:
         return torch.arange(seq_length, device=device)
     if seq_length % (2 * cp_size):
@@ -48,6 +60,14 @@ class ContextParallelDotProductAttention(DotProductAttention):
     [B, 1, S, S] with S = S_local·cp (packed rows: `packed_attention.packed_attention_mask` of
     the micro-batch before the CP split), is also applied, at the global positions of this rank's
     queries and the gathered keys; a mask of any other size is not used.
+
+    Args:
+        config: the model's `TransformerConfig` (its `context_parallel_size` is read).
+        layer_number, attention_type, *args, **kwargs: passed to megatron's class.
+        attn_mask_type: must be causal under CP (the parent is then built with "padding").
+
+    Raises:
+        ValueError: another mask type under CP.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
@@ -78,6 +98,22 @@ class ContextParallelDotProductAttention(DotProductAttention):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ):
+        """Attention of this rank's queries over the CP group's all-gathered keys and values.
+
+        Args:
+            query: [S_local, B, heads / tp, head_dim].
+            key, value: [S_local, B, query groups / tp, head_dim] of this rank.
+            attention_mask: None, or bool [B, 1, S, S] over the whole sequence (True = masked
+                out), applied beside the causal mask; other shapes are ignored under CP.
+            attn_mask_type, attention_bias, packed_seq_params: as megatron's; under CP the mask
+                type is ignored (causal by position) and packed_seq_params must be None.
+
+        Returns:
+            [S_local, B, heads / tp · head_dim], as megatron's `DotProductAttention`.
+
+        Raises:
+            NotImplementedError: `packed_seq_params` under CP (needs Transformer Engine).
+        """
         if self.cp_size == 1:
             return super().forward(
                 query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
@@ -110,7 +146,19 @@ def context_parallel_slice(
     tensor: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1
 ) -> torch.Tensor:
     """The part of a [..., S, ...] batch tensor (sequence along `dim`) that CP rank `cp_rank`
-    holds, in megatron's load-balanced layout (`context_parallel_positions`)."""
+    holds, in megatron's load-balanced layout (`context_parallel_positions`).
+
+    Args:
+        tensor: the whole batch tensor, e.g. tokens [B, S].
+        cp_rank, cp_size: the rank's place in the context-parallel group.
+        dim: the sequence dimension.
+
+    Returns:
+        The tensor with S / cp_size positions along `dim` (itself when cp_size is 1).
+
+    Raises:
+        ValueError: S is not divisible by 2·cp_size.
+    """
     if cp_size == 1:
         return tensor
     positions = context_parallel_positions(tensor.shape[dim], cp_rank, cp_size, tensor.device)

@@ -14,7 +14,15 @@ from sara_megatron.models.architecture import MoEArchitecture
 
 
 def forward_flops_per_token(arch: MoEArchitecture, seq_length: int) -> float:
-    """Forward matmul FLOPs of one token in a causal sequence of `seq_length` tokens."""
+    """Forward matmul FLOPs of one token in a causal sequence of `seq_length` tokens.
+
+    Args:
+        arch: the model architecture.
+        seq_length: S, the sequence length (the attention core grows with it).
+
+    Returns:
+        FLOPs (2 per multiply-add), the output layer over the TP=1 padded vocabulary.
+    """
     h = arch.hidden_size
     q_width = arch.num_attention_heads * arch.kv_channels
     kv_width = arch.num_query_groups * arch.kv_channels
@@ -28,5 +36,13 @@ def forward_flops_per_token(arch: MoEArchitecture, seq_length: int) -> float:
 
 
 def training_flops_per_token(arch: MoEArchitecture, seq_length: int) -> float:
-    """Forward + backward matmul FLOPs of one token (3 × forward)."""
+    """Forward + backward matmul FLOPs of one token (3 × forward).
+
+    Args:
+        arch: the model architecture.
+        seq_length: S, the sequence length.
+
+    Returns:
+        FLOPs per token of a training step without activation recompute.
+    """
     return 3 * forward_flops_per_token(arch, seq_length)

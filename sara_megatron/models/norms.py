@@ -13,7 +13,17 @@ import torch.nn.functional as F
 
 
 class SequenceParallelNorm(torch.nn.Module):
-    """LayerNorm (weight + bias) or RMSNorm (weight) in the input dtype, SP-aware parameters."""
+    """LayerNorm (weight + bias) or RMSNorm (weight) in the input dtype, SP-aware parameters.
+
+    Args:
+        config: the model's `TransformerConfig` (normalization, params_dtype, CPU
+            initialisation, sequence_parallel).
+        hidden_size: the normalised width.
+        eps: added to the variance.
+
+    Raises:
+        ValueError: a normalization other than LayerNorm or RMSNorm.
+    """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -37,6 +47,14 @@ class SequenceParallelNorm(torch.nn.Module):
             setattr(p, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dimension (RMSNorm in fp32, cast back before the weight).
+
+        Args:
+            x: [..., hidden_size], e.g. [S_local, B, H].
+
+        Returns:
+            The normalised tensor, same shape.
+        """
         if self.normalization == "LayerNorm":
             return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
         # RMSNorm in fp32 like HF's Qwen3RMSNorm, cast back after the weight multiply.

@@ -1,22 +1,12 @@
 """The model side of sequence packing: attention within each sample, positions from 0 per sample.
 
 A packed row holds several samples (segment ids, -1 = padding; `data/packing.py`). Two layouts:
-
-- bshd, the local spec (CPU, GPUs without Transformer Engine): the rows stay [B, S]; attention
-  gets a block-diagonal causal mask from the segment ids (`packed_attention_mask`), and RoPE gets
-  each token's own position (`packed_rope`: megatron's GPTModel applies RoPE by place in the row,
-  so the rotary table it computes is re-indexed by the position ids). Under context parallel
-  each rank feeds its chunks of every row; the mask stays the whole row's, which
-  `ContextParallelDotProductAttention` cuts to its queries and the gathered keys.
-- thd, Transformer Engine: the rows are flattened to one [1, B·S] sequence and megatron-core's
-  `PackedSeqParams` (cu_seqlens) tell TE's attention and RoPE where each sample starts
-  (`thd_packed_inputs`).
-
-Phi-3.5 longrope picks its factors by the forward's rotary length. Under bshd that is the row
-length, seq_length — the length every sample is padded to in the unpacked run — so each sample
-gets exactly the factors its own padded forward gets. Under thd megatron takes the rotary length
-from max_seqlen (the longest sample), which would put a short-sample step on the other side of the
-switch: refused where the two can differ (`check_packing_supported`).
+bshd for the local spec (rows stay [B, S]; a block-diagonal causal mask, `packed_attention_mask`,
+and per-token RoPE positions, `packed_rope`; under context parallel the whole row's mask is cut
+by `ContextParallelDotProductAttention`), and thd for Transformer Engine (rows flattened to
+[1, B·S] with megatron-core's `PackedSeqParams`, `thd_packed_inputs`). Phi-3.5 longrope picks its
+factors by the rotary length, which under thd is the longest sample's: refused where that can
+differ from the padded run (`check_packing_supported`; docs/packing.md).
 """
 
 from __future__ import annotations
@@ -26,9 +16,18 @@ import torch
 
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] segment ids -> [B, 1, S, S] bool, True = masked out (megatron's convention): a
-    token sees the earlier tokens of its own sample. Padding (-1) sees earlier padding only, so
-    no softmax row is empty."""
+    """The block-diagonal causal mask of packed rows: a token sees the earlier tokens of its own
+    sample. Padding (-1) sees earlier padding only, so no softmax row is empty.
+
+    Args:
+        segment_ids: [B, S] sample index of each token, -1 = padding.
+
+    Returns:
+        [B, 1, S, S] bool, True = masked out (megatron's convention).
+
+    Raises:
+        ValueError: `segment_ids` is not two-dimensional.
+    """
     if segment_ids.dim() != 2:
         raise ValueError(f"segment ids must be [B, S], got {tuple(segment_ids.shape)}")
     s = segment_ids.shape[1]
@@ -43,7 +42,17 @@ def packed_rope(model, position_ids: torch.Tensor):
     position in `position_ids` [B, S] rather than by its place in the row (under context
     parallel: this rank's tokens, as `context_parallel_slice` cuts them). The rotary table
     megatron computes ([S, 1, 1, D]) is gathered per token into [S, B, 1, D], which megatron's
-    unfused RoPE broadcasts over heads (the fused one takes [S, 1, 1, D] only: refused)."""
+    unfused RoPE broadcasts over heads (the fused one takes [S, 1, 1, D] only: refused).
+
+    Args:
+        model: the model about to be called (a GPTModel, or wrapped); a model without RoPE is
+            left alone.
+        position_ids: [B, S_local] each token's position within its own sample.
+
+    Raises:
+        NotImplementedError: the model uses the fused RoPE.
+        ValueError: (in the forward) a position beyond the rotary table.
+    """
     from megatron.core.utils import get_attr_wrapped_model
 
     rotary = get_attr_wrapped_model(model, "rotary_pos_emb", allow_none=True)
@@ -73,7 +82,18 @@ def packed_rope(model, position_ids: torch.Tensor):
 
 
 def check_packing_supported(arch, seq_length: int, *, use_te: bool, context_parallel: int) -> None:
-    """Refuse what packing cannot do the same as the padded run (see the module docstring)."""
+    """Refuse what packing cannot do the same as the padded run (see the module docstring).
+
+    Args:
+        arch: the model architecture (its longrope switch).
+        seq_length: the length rows are packed into (`data.seq_length`).
+        use_te: whether the model uses Transformer Engine (thd layout).
+        context_parallel: the context-parallel size.
+
+    Raises:
+        NotImplementedError: Transformer Engine with context parallel.
+        ValueError: Transformer Engine with longrope and `seq_length` past the switch.
+    """
     if use_te and context_parallel > 1:
         raise NotImplementedError("sequence packing under context parallel with Transformer "
                                   "Engine (thd with CP) is not implemented")
@@ -89,7 +109,14 @@ def check_packing_supported(arch, seq_length: int, *, use_te: bool, context_para
 def packed_cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, S] segment ids -> int32 cumulative lengths of the runs of equal ids in the flattened
     [B·S] sequence: every sample is one run, and so is each row's padding tail (TE attends within
-    it; its outputs carry no loss). Starts at 0, ends at B·S."""
+    it; its outputs carry no loss).
+
+    Args:
+        segment_ids: [B, S] segment ids of packed rows.
+
+    Returns:
+        [runs + 1] int32 cumulative lengths, from 0 to B·S.
+    """
     flat = segment_ids.reshape(-1)
     b, s = segment_ids.shape
     starts = torch.ones_like(flat, dtype=torch.bool)
@@ -102,7 +129,17 @@ def packed_cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
 
 def thd_packed_inputs(tokens, position_ids, segment_ids, labels=None):
     """The thd form of packed rows for Transformer Engine: tokens, positions (and labels)
-    flattened to [1, B·S], and megatron-core's `PackedSeqParams` for them."""
+    flattened to [1, B·S], and megatron-core's `PackedSeqParams` for them.
+
+    Args:
+        tokens: [B, S] token ids.
+        position_ids: [B, S] per-sample positions.
+        segment_ids: [B, S] segment ids (the runs `packed_cu_seqlens` cuts).
+        labels: [B, S] labels, or None.
+
+    Returns:
+        (tokens, positions, labels or None, each [1, B·S]; `PackedSeqParams` in thd format).
+    """
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = packed_cu_seqlens(segment_ids)

@@ -89,10 +89,18 @@ def _sparsemixer_pick(logits, candidates, threshold_ref, eval_choice, jitter_eps
 
 
 def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float, training: bool):
-    """Sparsemixer top-2 routing of `logits` [T, N] -> (weights [T, 2], experts [T, 2] int64).
+    """Sparsemixer top-2 routing of `logits`.
 
     Identical in value (eval) and in random-number use (training) to transformers' `phimoe`
     `sparsemixer(scores, jitter_eps, training)`; see `SparseMixerRouter` for what it computes.
+
+    Args:
+        logits: [T, N] router logits.
+        jitter_eps: the masking threshold (the config's `router_jitter_noise`).
+        training: sample the experts (Gumbel-max, Heun factor) rather than take the argmax.
+
+    Returns:
+        (weights [T, 2], experts [T, 2] int64).
     """
     with torch.no_grad():
         top1_logit, top1 = logits.max(dim=-1, keepdim=True)
@@ -135,6 +143,15 @@ class SparseMixerRouter(ObservedTopKRouter):
     routing_map [T, N] bool). Megatron's load-balancing losses attach as in `TopKRouter` when
     `moe_aux_loss_coeff` > 0 (Phi's default is 0); like transformers' PhiMoE aux loss they count
     plain softmax top-2 assignments, not the sparsemixer's picks. Observers see the raw logits.
+
+    Args:
+        config: the model's `TransformerConfig` (top-k must be 2).
+        pg_collection: megatron's process groups, passed on.
+        jitter_eps: the masking threshold (`router_jitter_noise`).
+        **router_kwargs: passed to megatron's `TopKRouter`.
+
+    Raises:
+        ValueError: top-k other than 2, or a megatron router option it does not support (named).
     """
 
     def __init__(self, config, pg_collection=None, *, jitter_eps: float = 0.01, **router_kwargs):
@@ -158,6 +175,16 @@ class SparseMixerRouter(ObservedTopKRouter):
         self.jitter_eps = float(jitter_eps)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Route by the sparsemixer, attach the aux losses (training) and show the observers.
+
+        Args:
+            logits: [S, B, N] router logits (fp32).
+            padding_mask: [S, B] bool, True = padding, or None.
+
+        Returns:
+            (probs [S·B, N] with the two weights at the chosen experts, routing_map [S·B, N]
+            bool), as megatron's `TopKRouter.routing`.
+        """
         seq_length, bsz = logits.shape[:2]
         flat = logits.view(-1, self.config.num_moe_experts)
         flat_padding = padding_mask.reshape(-1) if padding_mask is not None else None
@@ -205,7 +232,12 @@ def _input_jitter_pre_hook(module, args, kwargs):
 
 
 def add_input_jitter(moe_layer: MoELayer, input_jitter_noise: float) -> None:
-    """Give `moe_layer` PhiMoE's training-time input jitter (see `_input_jitter_pre_hook`)."""
+    """Give `moe_layer` PhiMoE's training-time input jitter (see `_input_jitter_pre_hook`).
+
+    Args:
+        moe_layer: a megatron `MoELayer` (the hook is registered once; later calls set ε).
+        input_jitter_noise: ε; the input is multiplied by U(1−ε, 1+ε) in training.
+    """
     if getattr(moe_layer, "input_jitter_noise", None) is None:
         moe_layer.register_forward_pre_hook(_input_jitter_pre_hook, with_kwargs=True)
     moe_layer.input_jitter_noise = float(input_jitter_noise)
@@ -217,7 +249,13 @@ def add_input_jitter(moe_layer: MoELayer, input_jitter_noise: float) -> None:
 class RowParallelLinearWithBias(RowParallelLinear):
     """`RowParallelLinear` that always has a bias (attention o_proj), whatever `bias` the caller
     derives from `add_bias_linear`. The bias is added once after the TP reduction (or returned
-    for bias-dropout-add with `skip_bias_add`), and is marked sequence-parallel like Megatron's."""
+    for bias-dropout-add with `skip_bias_add`), and is marked sequence-parallel like Megatron's.
+
+    Args:
+        input_size, output_size: as `RowParallelLinear`.
+        bias: ignored (always True).
+        **kwargs: passed to `RowParallelLinear`.
+    """
 
     def __init__(self, input_size, output_size, *, bias=True, **kwargs):
         super().__init__(input_size, output_size, bias=True, **kwargs)
@@ -245,6 +283,11 @@ def add_output_layer_bias(output_layer, config) -> None:
 
     `ColumnParallelLinear` adds `self.bias` in forward (skip_bias_add=False) and shards it on
     dim 0 in `sharded_state_dict`; this creates it exactly as `bias=True` would have.
+
+    Args:
+        output_layer: the model's `ColumnParallelLinear` output layer (left alone if it has a
+            bias).
+        config: the model's `TransformerConfig` (dtype and where to allocate).
     """
     if output_layer.bias is not None:
         return
@@ -264,7 +307,17 @@ def add_output_layer_bias(output_layer, config) -> None:
 
 
 def longrope_inv_freq(factors, head_dim: int, base: float, device=None) -> torch.Tensor:
-    """1 / (factor_i · base^(2i/d)), float32 — transformers' `_compute_longrope_parameters`."""
+    """Longrope inverse frequencies, as transformers' `_compute_longrope_parameters`.
+
+    Args:
+        factors: head_dim / 2 rescale factors (short or long).
+        head_dim: d, the rotary dimension.
+        base: the rotary base θ.
+        device: where the result is made.
+
+    Returns:
+        [d / 2] float32: 1 / (factor_i · base^(2i/d)).
+    """
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     ext = torch.tensor(factors, dtype=torch.float32, device=device)
     return 1.0 / (ext * base**exponent)
@@ -283,6 +336,15 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
 
     The mscale is not in these angles: HF multiplies cos and sin by it, which is the same as
     scaling q·k by mscale² — done by the attention softmax scale (`attention_softmax_scale`).
+
+    Args:
+        kv_channels: the head dimension (the factor lists hold half as many entries).
+        longrope: the factors, mscales and switch length.
+        rotary_base: θ.
+        rotary_interleaved, use_cpu_initialization, cp_group: as megatron's `RotaryEmbedding`.
+
+    Raises:
+        ValueError: factor lists of another length than kv_channels / 2.
     """
 
     def __init__(self, kv_channels: int, longrope: LongRopeScaling, rotary_base: float,
@@ -311,14 +373,32 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
         self.inv_freq = self.short_inv_freq  # what megatron's cos/sin helpers read
 
     def uses_long_factors(self, seq_len: int) -> bool:
+        """Whether a forward of `seq_len` positions is past the switch (long factors).
+
+        Args:
+            seq_len: the rotary length (last position + 1).
+        """
         return seq_len > self.longrope.original_max_position_embeddings
 
     def mscale(self, seq_len: int) -> float:
-        """The factor HF applies to cos and sin for a forward of `seq_len` positions."""
+        """The factor HF applies to cos and sin for a forward of `seq_len` positions.
+
+        Args:
+            seq_len: the rotary length.
+        """
         lr = self.longrope
         return lr.long_mscale if self.uses_long_factors(seq_len) else lr.short_mscale
 
     def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        """The rotary angles, with the factors `offset + max_seq_len` selects.
+
+        Args:
+            max_seq_len: positions to compute.
+            offset: the first position.
+
+        Returns:
+            [max_seq_len, kv_channels / 2] float32 angles.
+        """
         inv_freq = self.long_inv_freq if self.uses_long_factors(offset + max_seq_len) else (
             self.short_inv_freq
         )
@@ -328,6 +408,18 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
         return torch.outer(seq, inv_freq)
 
     def get_rotary_seq_len(self, inference_context, *args, **kwargs) -> int:
+        """megatron's rotary length, refused with an inference context when the mscales differ.
+
+        Args:
+            inference_context: megatron's inference context, or None.
+            *args, **kwargs: as megatron's `RotaryEmbedding.get_rotary_seq_len`.
+
+        Returns:
+            The rotary length megatron computes.
+
+        Raises:
+            NotImplementedError: an inference context with short_mscale != long_mscale.
+        """
         if _mscales_differ(self.longrope) and (
             inference_context is not None or kwargs.get("inference_params") is not None
         ):
@@ -349,6 +441,12 @@ def attention_softmax_scale(arch: MoEArchitecture) -> Optional[float]:
     softmax(m² (R q)·(R k) / sqrt(d)): exact, free, and the same on every attention backend (local,
     TE, fused RoPE). When short and long mscales differ this is the short one, and
     `LongRopeMscaleAttention` rescales the query by (long/short)² for sequences beyond the switch.
+
+    Args:
+        arch: the model architecture.
+
+    Returns:
+        mscale² / sqrt(head_dim), or None without longrope (megatron's default 1/sqrt(d)).
     """
     if arch.longrope is None:
         return None
@@ -380,6 +478,13 @@ class _LongRopeMscaleMixin:
 
 
 class LongRopeMscaleAttention(_LongRopeMscaleMixin, ContextParallelDotProductAttention):
+    """The local spec's core attention with the longrope query rescale past the switch.
+
+    Args:
+        *args, **kwargs: as `ContextParallelDotProductAttention`.
+        longrope: the model's longrope settings (switch and mscales).
+    """
+
     def __init__(self, *args, longrope: LongRopeScaling, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_longrope(longrope)
@@ -412,7 +517,17 @@ def _check_phimoe(arch: MoEArchitecture) -> None:
 
 
 def phimoe_config_kwargs(arch: MoEArchitecture) -> dict:
-    """Extra `TransformerConfig` arguments for PhiMoE (q/k/v bias is set by the builder)."""
+    """Extra `TransformerConfig` arguments for PhiMoE (q/k/v bias is set by the builder).
+
+    Args:
+        arch: a PhiMoE architecture.
+
+    Returns:
+        {"moe_router_score_function": "softmax"}, with `softmax_scale` under longrope.
+
+    Raises:
+        ValueError: not a PhiMoE architecture, or sparsemixer with top-k other than 2.
+    """
     _check_phimoe(arch)
     kwargs = {"moe_router_score_function": "softmax"}
     scale = attention_softmax_scale(arch)
@@ -423,7 +538,19 @@ def phimoe_config_kwargs(arch: MoEArchitecture) -> dict:
 
 def customize_phimoe_layer_spec(spec, arch: MoEArchitecture, use_te: bool):
     """Swap in the sparsemixer router, o_proj bias and (only when the longrope mscales differ)
-    the mscale-switching core attention."""
+    the mscale-switching core attention.
+
+    Args:
+        spec: the layer spec `models.builder.layer_spec` built (modified in place).
+        arch: a PhiMoE architecture.
+        use_te: whether the spec is Transformer Engine's (picks the TE twins).
+
+    Returns:
+        The same spec.
+
+    Raises:
+        ValueError: not a PhiMoE architecture, or sparsemixer with top-k other than 2.
+    """
     _check_phimoe(arch)
     if arch.router == "sparsemixer":
         module_submodules(spec.submodules.mlp).router = functools.partial(
@@ -442,7 +569,16 @@ def customize_phimoe_layer_spec(spec, arch: MoEArchitecture, use_te: bool):
 
 def finish_phimoe_model(model, arch: MoEArchitecture, config) -> None:
     """Longrope rotary embedding, MoE input jitter and lm_head bias on a freshly built
-    `GPTModel`."""
+    `GPTModel`.
+
+    Args:
+        model: the model chunk (modified in place).
+        arch: a PhiMoE architecture.
+        config: its `TransformerConfig`.
+
+    Raises:
+        ValueError: not a PhiMoE architecture, or sparsemixer with top-k other than 2.
+    """
     _check_phimoe(arch)
     if arch.input_jitter_noise > 0:
         for module in model.modules():

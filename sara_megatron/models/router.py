@@ -27,13 +27,27 @@ class ObservedTopKRouter(TopKRouter):
 
     @property
     def global_layer_index(self) -> int:
+        """The router's global 0-based layer index (HF `model.layers.i`).
+
+        Raises:
+            RuntimeError: the router was built outside a TransformerLayer (no layer number).
+        """
         # TransformerLayer sets a 1-based layer number that already includes the pipeline offset.
         if self.layer_number is None:
             raise RuntimeError("router has no layer number; build it inside a TransformerLayer")
         return self.layer_number - 1
 
     def observe_and_attach(self, logits, padding_mask, probs):
-        """Show `logits` to the observers and attach the losses they return to `probs`."""
+        """Show `logits` to the observers and attach the losses they return to `probs`.
+
+        Args:
+            logits: [S, B, N] router logits.
+            padding_mask: [S, B] bool, True = padding, or None.
+            probs: [S·B, N] routing probabilities.
+
+        Returns:
+            `probs`, carrying each returned loss through `MoEAuxLossAutoScaler`.
+        """
         for observer in self.router_observers:
             loss = observer(self.global_layer_index, logits, padding_mask)
             if loss is not None:
@@ -54,6 +68,10 @@ class ObservedTopKRouter(TopKRouter):
         installed version (`compat.megatron_versions`, docs/compatibility.md).
 
         Args:
+            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group: as megatron's
+                `TopKRouter.attach_and_log_load_balancing_loss`.
+            valid_token_count: megatron's token count (None, an int, or a 0-d tensor that is
+                already the group's); replaced by the group's count under per-token loss.
             group_kwargs: megatron's data-parallel flag for the reduce group, under whichever
                 name the installed version uses (`reduce_group_has_dp` / `needs_dp_avg`).
         """
@@ -68,6 +86,15 @@ class ObservedTopKRouter(TopKRouter):
         )
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """megatron's top-k routing, then the observers (`observe_and_attach`).
+
+        Args:
+            logits: [S, B, N] router logits.
+            padding_mask: [S, B] bool, True = padding, or None.
+
+        Returns:
+            (probs [S·B, N], routing_map [S·B, N] bool), as megatron's `TopKRouter.routing`.
+        """
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         return self.observe_and_attach(logits, padding_mask, probs), routing_map
 
