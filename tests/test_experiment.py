@@ -225,7 +225,10 @@ def test_reduced_experiment_summary_holds_the_numbers_the_report_states(reduced_
     sara = summary["methods"]["SARA"]
     lines = summary["verdict"].splitlines()
     assert len(lines) == 2
+    retentions = [summary["methods"][m]["anchor_retention"] for m in ("SARA", "FFT")]
     for benchmark, line in zip(("mgsm", "global_mmlu"), lines):
+        # A void lookup comparison's line says why it is void (below), whatever the seeds did.
+        void = benchmark == "global_mmlu" and min(retentions) < 0.9
         c = sara["tests_against_fft"][benchmark]
         ours, theirs = accuracy["SARA", benchmark], accuracy["FFT", benchmark]
         differences = [ours[s] - theirs[s] for s in (1, 2)]
@@ -239,11 +242,10 @@ def test_reduced_experiment_summary_holds_the_numbers_the_report_states(reduced_
                 minimum_detectable_effect(std, 2))
         else:  # no spread across seeds: nothing to size an effect by
             assert sara["minimum_detectable_effect"][benchmark] is None
-            assert "did not vary" in line
+            assert void or "did not vary" in line
         for key in ("mcnemar", "bootstrap"):
             assert 0.0 <= c[key]["p_one_tailed"] <= 1.0
-        retentions = [summary["methods"][m]["anchor_retention"] for m in ("SARA", "FFT")]
-        if benchmark == "global_mmlu" and min(retentions) < 0.9:
+        if void:
             assert "void" in line and "forgetting" in line
         elif abs(c["difference"]) < 1e-9:
             assert "tied" in line
