@@ -1,9 +1,8 @@
-"""torchrun worker: tools/extract_priors.py at several layouts in one launch, each into its own
-store under --out-root: data parallel 2, EP=2, PP=2, TP=2 (sequence parallel), and an EP=2 run
+"""torchrun worker: the extract_priors tool (`sara_megatron.cli.extract_priors`) at several
+layouts in one launch, each into its own store under --out-root: data parallel 2, EP=2, PP=2, TP=2 (sequence parallel), and an EP=2 run
 that resumes a store left half-finished (as by a kill) by the data-parallel run."""
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -11,18 +10,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from sara_megatron.cli import extract_priors as tool
 from sara_megatron.distributed import destroy_distributed
 
-REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = {"dp2": [], "ep2": ["--ep", "2"], "pp2": ["--pp", "2"], "tp2": ["--tp", "2"]}
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("extract_priors_tool",
-                                                  REPO / "tools" / "extract_priors.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def half_finished_copy(done: Path, target: Path) -> None:
@@ -43,7 +34,6 @@ def main():
     p.add_argument("--model", default="qwen3_moe_tiny")
     p.add_argument("--out-root", required=True)
     args = p.parse_args()
-    tool = load_tool()
     out = Path(args.out_root)
     common = ["--shards", args.shards, "--checkpoint", args.ckpt, "--model", args.model,
               "--micro-batch-size", "3", "--flush-every", "4"]
