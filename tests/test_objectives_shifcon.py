@@ -1,7 +1,9 @@
 """ShifCon baseline: language vectors (the tool against a plain per-sample computation), the
-shift and contrastive term inside the model against plain autograd, zero coefficient and equal
-vectors reproduce FFT exactly, a training step logs its contrastive term, and a packed step
-(rows of several samples of mixed languages) equals the padded step."""
+shift and contrastive term inside the model against plain autograd (the released symmetric,
+layer-averaged, anchor-trained contrast and this project's earlier one-way, one-layer one), zero
+coefficient and equal vectors reproduce FFT exactly up to the CE weight, a training step logs its
+contrastive term, and a packed step (rows of several samples of mixed languages) equals the
+padded step."""
 
 import pytest
 import torch
@@ -19,6 +21,10 @@ from sara_megatron.sara.shifcon_vectors import (
 )
 
 LAYERS = (1, 3)
+# The settings this project ran before the released ones became the defaults.
+LEGACY = {"shifcon.temperature": 0.05, "shifcon.contrastive_coeff": 1.0, "shifcon.ce_weight": 1.0,
+          "shifcon.symmetric": "false", "shifcon.anchor_gradient": "false",
+          "shifcon.contrast_layers": "shift_back"}
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +128,10 @@ def test_gradient_matches_plain_autograd(single_rank):
         model.zero_grad(set_to_none=True)
         return model(tokens, positions, causal_attention_mask(s))
 
-    objective = ShifconObjective(vectors, 1, 3, coeff, tau)
+    objective = ShifconObjective(vectors, 1, 3, coeff, tau, symmetric=False,
+                                 anchor_gradient=False, contrast_layers="shift_back")
     handles = objective.attach([model])
-    objective.set_batch(languages, padding, anchors, positive_offset=1)
+    objective.set_batch(languages, padding, {3: anchors}, positive_offset=1)
     out = forward()
     (out * 0).sum().backward()
     for h in handles:
@@ -169,6 +176,120 @@ def test_gradient_matches_plain_autograd(single_rank):
     assert float(objective.loss_sum) > 0 and float(objective.sequences) == 2
 
 
+def test_released_contrast_matches_a_hand_written_symmetric_info_nce(single_rank):
+    """The released settings (symmetric InfoNCE at τ 1 on the inputs of the shifted area's
+    layers 1 and 2, averaged, the anchor side trained through its own forward) against an
+    independent eval-mode anchor forward, plain shift hooks and the InfoNCE written out: the
+    logged loss and every gradient; the anchor side's share of the gradient is not small."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from sara_megatron.sara.online_priors import AnchorRowsView
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("qwen3_moe_tiny"), ModelOptions(moe_aux_loss_coeff=0.0))
+    model.train()
+    b, s, coeff = 4, 8, 0.7
+    hidden = model.config.hidden_size
+    vectors = _random_vectors(hidden)
+    languages = ["hi", "en", "hi", "hi"]
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 256, (b, s), generator=g)
+    anchor_tokens = torch.randint(0, 256, (b, s), generator=g)
+    padding = torch.zeros(b, s, dtype=torch.bool)
+    padding[2, 5:] = True
+    anchor_padding = torch.zeros(b, s, dtype=torch.bool)
+    anchor_padding[0, 6:] = True
+    positions = torch.arange(s).expand(b, s)
+
+    def forward(rows):
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+        return model(rows, positions, causal_attention_mask(s))
+
+    objective = ShifconObjective(vectors, 1, 3, coeff, 1.0)  # the class defaults: as released
+    assert objective.contrast_layers == (1, 2)
+    assert objective.symmetric and objective.anchor_gradient
+    handles = objective.attach([model])
+    view = AnchorRowsView(anchor_tokens, anchor_padding, None, None, b)
+    anchors, offset = objective.anchor_features_with_grad(model, view, torch.device("cpu"))
+    assert model.training and offset == 0 and sorted(anchors) == [1, 2]
+    objective.set_batch(languages, padding, anchors)
+    out = forward(tokens)
+    (out * 0).sum().backward()
+    for h in handles:
+        h.remove()
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    shifted_out = out.detach()
+
+    # Reference: the anchors through a plain eval-mode forward, the samples through plain shift
+    # hooks; each contrast layer's input kept.
+    deltas = {layer: torch.stack([torch.zeros(hidden) if lang == "en" else
+                                  vectors.at("en", layer) - vectors.at(lang, layer)
+                                  for lang in languages]) for layer in LAYERS}
+    layers = transformer_layers([model])
+    kept = {}
+
+    def keep(layer, delta=None):
+        def hook(m, a, k):
+            h = k["hidden_states"] if delta is None else k["hidden_states"] + delta[None]
+            kept[layer] = h
+            return a, dict(k, hidden_states=h)
+        return hook
+
+    def unshift(m, a, k):
+        return a, dict(k, hidden_states=k["hidden_states"] - deltas[3][None])
+
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    hooks = [layers[layer].register_forward_pre_hook(keep(layer), with_kwargs=True)
+             for layer in (1, 2)]
+    forward(anchor_tokens)
+    for h in hooks:
+        h.remove()
+    anchor_kept = dict(kept)
+    model.train()
+    hooks = [layers[1].register_forward_pre_hook(keep(1, deltas[1]), with_kwargs=True),
+             layers[2].register_forward_pre_hook(keep(2), with_kwargs=True),
+             layers[3].register_forward_pre_hook(unshift, with_kwargs=True)]
+    out = forward(tokens)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out.detach(), shifted_out)
+
+    def pool(h, pad):
+        valid = (~pad).t().float()[..., None]  # [S, B, 1]
+        return (h * valid).sum(0) / valid.sum(0)
+
+    contrasted = [i for i, lang in enumerate(languages) if lang != "en"]
+    m = len(contrasted)
+
+    def total(detach_anchors):
+        value = 0.0
+        for layer in (1, 2):
+            z = pool(kept[layer], padding)[contrasted]
+            a = pool(anchor_kept[layer], anchor_padding)[contrasted]
+            a = a.detach() if detach_anchors else a
+            sims = torch.stack([torch.stack([F.cosine_similarity(z[i], a[j], dim=0)
+                                             for j in range(m)]) for i in range(m)])  # τ = 1
+            for k in range(m):
+                value = value - 0.5 * (sims[k, k] - torch.logsumexp(sims[k], 0))
+                value = value - 0.5 * (sims[k, k] - torch.logsumexp(sims[:, k], 0))
+        return value / 2  # the mean over the two layers
+
+    reference = total(detach_anchors=False)
+    (coeff * reference / m + (out * 0).sum()).backward(retain_graph=True)
+    want = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert float(objective.loss_sum) == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert float(objective.sequences) == m
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
+    model.zero_grad(set_to_none=True)
+    (coeff * total(detach_anchors=True) / m).backward()
+    name = "decoder.layers.0.self_attention.linear_qkv.weight"
+    anchor_share = (want[name] - model.get_parameter(name).grad).norm()
+    assert anchor_share > 0.05 * want[name].norm()
+
+
 def _trainer(data, vectors_path, **extra):
     from sara_megatron.training import Trainer, load_train_config
 
@@ -192,18 +313,27 @@ def _step(trainer):
 
 def test_zero_coefficient_and_equal_vectors_reproduce_fft(single_rank, sara_data, vectors_file,
                                                          tmp_path):
+    """With λ_con 0 and every language's vectors equal, a ShifCon step is an FFT step, its
+    gradients scaled exactly by the CE weight (the released 0.5 by default); the shift acts."""
     real = load_language_vectors(str(vectors_file))
     equal = LanguageVectors(real.layers, {k: real.vectors["en"] for k in real.vectors},
                             real.anchor_language, real.model_fingerprint, real.tokens)
     save_language_vectors(str(tmp_path / "equal.safetensors"), equal)
-    fft, fft_grads = _step(_trainer(sara_data, None))
-    zero, zero_grads = _step(_trainer(sara_data, tmp_path / "equal.safetensors",
-                                      **{"shifcon.contrastive_coeff": 0}))
+    unclipped = {"optim.clip_grad": 0}  # clipping would rescale the halved gradients
+    fft, fft_grads = _step(_trainer(sara_data, None, **unclipped))
+    zero, zero_grads = _step(_trainer(sara_data, tmp_path / "equal.safetensors", **unclipped,
+                                      **{"shifcon.contrastive_coeff": 0, "shifcon.ce_weight": 1}))
     assert zero.ce == fft.ce and zero.grad_norm == fft.grad_norm
     for name in fft_grads:
         assert torch.equal(zero_grads[name], fft_grads[name]), name
     assert zero.terms["shifcon_contrastive"] > 0  # computed and logged even at λ = 0
-    shifted, _ = _step(_trainer(sara_data, vectors_file))
+    half, half_grads = _step(_trainer(sara_data, tmp_path / "equal.safetensors", **unclipped,
+                                      **{"shifcon.contrastive_coeff": 0}))
+    assert half.ce == fft.ce  # logged unweighted
+    assert half.grad_norm == pytest.approx(fft.grad_norm / 2, rel=1e-6)
+    for name in fft_grads:
+        assert torch.equal(half_grads[name], fft_grads[name] / 2), name
+    shifted, _ = _step(_trainer(sara_data, vectors_file, **{"shifcon.ce_weight": 1}))
     assert shifted.ce != fft.ce and shifted.grad_norm != fft.grad_norm  # the shift acts
 
 
@@ -241,7 +371,8 @@ def test_the_term_averages_over_the_contrasted_sequences(single_rank, sara_data,
                                                         monkeypatch):
     """With data.languages: all the batch holds anchor-language samples, which are not
     contrasted: what the term adds to the loss (after megatron's division by the loss tokens) is
-    λ_con times the mean over the contrasted sequences, the logged value."""
+    λ_con times the mean over the contrasted sequences, the logged value (one term on each of
+    the area's two layer inputs, each half of it)."""
     from megatron.core.transformer.moe import moe_utils
 
     coeff = 0.5
@@ -252,7 +383,7 @@ def test_the_term_averages_over_the_contrasted_sequences(single_rank, sara_data,
     apply = scaler.apply
 
     def recording_apply(activation, loss):
-        if activation.dim() == 3:  # [S, B, H]: ShifCon's term on layer b's input
+        if activation.dim() == 3:  # [S, B, H]: ShifCon's terms on the layer inputs
             attached.append(float(loss))
         return apply(activation, loss)
 
@@ -260,7 +391,7 @@ def test_the_term_averages_over_the_contrasted_sequences(single_rank, sara_data,
     seen = launch.record_micro_batches(trainer)
     record, _ = _step(trainer)
     languages = [lang for mb in seen for lang in mb.languages]
-    assert "en" in languages and len(attached) == len(seen)
+    assert "en" in languages and len(attached) == 2 * len(seen)
     contrasted = sum(lang != "en" for lang in languages)
     assert contrasted < len(languages)
     loss_tokens = float(sum(mb.loss_mask.sum() for mb in seen))
@@ -278,6 +409,15 @@ def test_settings_are_checked(single_rank, sara_data, vectors_file):
                                  "shifcon.shift_layer=3", "shifcon.shift_back_layer=1"])
     with pytest.raises(ValueError, match="needs layer 2"):
         _trainer(sara_data, vectors_file, **{"shifcon.shift_back_layer": 2})
+    with pytest.raises(ConfigError, match="contrast_layers must be one of"):
+        load_train_config(None, ["shifcon.contrast_layers=all"])
+    with pytest.raises(ConfigError, match="shifcon.anchor_gradient with pipeline parallelism"):
+        load_train_config(None, ["sara.objective=shifcon", "shifcon.language_vectors=x",
+                                 "shifcon.shift_layer=1", "shifcon.shift_back_layer=3",
+                                 "parallel.pp=2"])
+    load_train_config(None, ["sara.objective=shifcon", "shifcon.language_vectors=x",
+                             "shifcon.shift_layer=1", "shifcon.shift_back_layer=3",
+                             "parallel.pp=2", "shifcon.anchor_gradient=false"])
 
 
 def test_shifcon_trains_lora_adapters(single_rank, sara_data, vectors_file):
@@ -301,13 +441,15 @@ def test_shifcon_trains_lora_adapters(single_rank, sara_data, vectors_file):
 
 
 def test_the_anchors_ride_on_their_micro_batch(single_rank, sara_data, vectors_file):
-    """The step's preparation gives each micro-batch its own contrastive targets (the pooled
-    anchors of its samples, this rank's first at offset 0), carried on the micro-batch itself;
-    the loader's micro-batches are left as they were. The anchors are the anchor rows' mean
-    hidden states entering the shift-back layer, from a forward without shift."""
+    """The step's preparation gives each micro-batch its own anchor side, carried on the
+    micro-batch itself; the loader's micro-batches are left as they were. Constant anchors
+    (`anchor_gradient: false`): the pooled anchors of its samples, this rank's first at offset
+    0, the anchor rows' mean hidden states entering the contrast layer from a forward without
+    shift. Trained anchors (the default): its anchor rows, forwarded with its own forward."""
+    from sara_megatron.sara.online_priors import AnchorRowsView
     from sara_megatron.training.step import fetch_microbatches, prepare_batch
 
-    trainer = _trainer(sara_data, vectors_file, **{"data.micro_batch_size": 1})
+    trainer = _trainer(sara_data, vectors_file, **{"data.micro_batch_size": 1, **LEGACY})
     loaded = fetch_microbatches(trainer.state, trainer.plan.num_microbatches)
     batch = prepare_batch(trainer.state, trainer.cfg, loaded)
     assert len(batch.microbatches) == len(loaded) == 4
@@ -316,7 +458,8 @@ def test_the_anchors_ride_on_their_micro_batch(single_rank, sara_data, vectors_f
     for original, mb in zip(loaded, batch.microbatches):
         assert original.objective_inputs == {}
         anchors, offset = mb.objective_inputs["shifcon"]
-        assert offset == 0 and anchors.shape == (1, model.config.hidden_size)
+        assert offset == 0 and sorted(anchors) == [3]
+        assert anchors[3].shape == (1, model.config.hidden_size)
         kept = {}
         hook = layer.register_forward_pre_hook(
             lambda m, a, k: kept.__setitem__("h", k["hidden_states"]), with_kwargs=True)
@@ -328,4 +471,12 @@ def test_the_anchors_ride_on_their_micro_batch(single_rank, sara_data, vectors_f
                   causal_attention_mask(tokens.shape[1]))
         hook.remove()
         want = kept["h"][:, 0][real].float().mean(0)
-        torch.testing.assert_close(anchors[0], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(anchors[3][0], want, rtol=1e-4, atol=1e-5)
+
+    trainer = _trainer(sara_data, vectors_file, **{"data.micro_batch_size": 1})
+    loaded = fetch_microbatches(trainer.state, trainer.plan.num_microbatches)
+    batch = prepare_batch(trainer.state, trainer.cfg, loaded)
+    for original, mb in zip(loaded, batch.microbatches):
+        view = mb.objective_inputs["shifcon"]
+        assert isinstance(view, AnchorRowsView)
+        assert torch.equal(view.tokens, original.anchor_tokens)

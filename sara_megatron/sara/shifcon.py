@@ -1,21 +1,25 @@
 """ShifCon (Zhang et al., 2025) as a baseline objective: shift, contrast, shift back.
 
-    language vectors   v_lang[l] = mean hidden state entering layer l over every non-padding
-                       token of the language's samples (an offline pass,
-                       `sara/shifcon_extraction.py`; the file: `sara/shifcon_vectors.py`)
+    language vectors   v_lang[l]: the mean hidden state entering layer l of the language's
+                       samples (an offline pass, `sara/shifcon_extraction.py`; the file:
+                       `sara/shifcon_vectors.py`)
     shift              entering layer a:  h ← h + (v_anchor[a] − v_lang[a])   (non-anchor samples)
     shift back         entering layer b:  h ← h − (v_anchor[b] − v_lang[b])
-    contrast           on the mean-pooled (non-padding) hidden state entering layer b — the last
-                       representation in the shifted area — an InfoNCE loss between a sample and
-                       its anchor translation, with the other anchors of the step's micro-batch
-                       (over data parallel) as negatives: −log softmax_j(cos(z_b, a_j)/τ)[b]
-    L = CE + λ_LB·LB + λ_con · mean over non-anchor sequences of the InfoNCE term
+    contrast           on the mean-pooled (non-padding) hidden state of each sample entering each
+                       contrast layer (`contrast_layers`: area = a..b-1, the released code's; or
+                       b only), an InfoNCE term between a sample and its anchor translation with
+                       the other anchors of the micro-batch (over data parallel) as negatives,
+                       ℓ(z → a) = −log softmax_j(cos(z_k, a_j)/τ)[k]; symmetric: (ℓ(z → a) +
+                       ℓ(a → z)) / 2 among the contrasted samples; averaged over the layers
+    L = w_CE·CE + λ_LB·LB + λ_con · mean over non-anchor sequences of the contrastive term
 
-The anchor side comes from a forward of the anchor rows in the same step (no gradient, no shift:
-`run_anchor_forward`); anchor-language samples are neither shifted nor contrasted. The shifts are
-forward pre-hooks on layers a and b, the loss rides on layer b's input with
-`MoEAuxLossAutoScaler`, and everything is per sample through segment ids, so packed rows work as
-padded ones (docs/objectives.md, docs/packing.md).
+The anchor side comes from a forward of the anchor rows without shift: with gradient, just before
+each micro-batch's forward (`anchor_features_with_grad`; the released code trains its English side
+too), or without gradient before the step (`anchor_features`). Anchor-language samples are
+neither shifted nor contrasted. The shifts and the contrast are forward pre-hooks on the layers,
+the loss rides on each contrast layer's input with `MoEAuxLossAutoScaler`, and everything is per
+sample through segment ids, so packed rows work as padded ones (docs/objectives.md,
+docs/packing.md).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from sara_megatron.routing.capture import (
     routing_reduction_group,
     segment_ids_from_padding_mask,
 )
-from sara_megatron.sara.reduction import all_reduce_identity_backward
+from sara_megatron.sara.reduction import all_reduce_identity_backward, gather_rows
 from sara_megatron.sara.shifcon_vectors import LanguageVectors
 
 
@@ -152,23 +156,56 @@ def info_nce(features: torch.Tensor, anchors: torch.Tensor, positives: torch.Ten
     return F.cross_entropy(logits / temperature, positives, reduction="none")
 
 
+def symmetric_info_nce(samples: torch.Tensor, anchors: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """The InfoNCE loss both ways between paired rows, halved (the released ShifCon's).
+
+    Args:
+        samples: [m, H] the samples' representations.
+        anchors: [m, H] their anchors, row k the positive of sample k.
+        temperature: τ > 0.
+
+    Returns:
+        [m] fp32 (ℓ(z_k → a) + ℓ(a_k → z)) / 2 with ℓ(x_k → y) = −log softmax_j(cos(x_k, y_j)/τ)[k].
+    """
+    logits = (F.normalize(samples.float(), dim=-1) @ F.normalize(anchors.float(), dim=-1).t()
+              / temperature)
+    positives = torch.arange(samples.shape[0], device=samples.device)
+    return (F.cross_entropy(logits, positives, reduction="none")
+            + F.cross_entropy(logits.t(), positives, reduction="none")) / 2
+
+
+# Where the contrastive term is taken: the mean of the InfoNCE terms over the shifted area's
+# layer inputs a..b-1 (the released code's hidden_states[a:b]), or at layer b's input only.
+CONTRAST_LAYERS = ("area", "shift_back")
+
+
 class ShifconObjective:
-    """The shift / shift-back hooks and the contrastive term (see the module docstring)."""
+    """The shift / shift-back hooks and the contrastive term (see the module docstring).
+
+    Args:
+        vectors: The language vectors, holding both layers.
+        shift_layer: a, the global 0-based layer whose input is shifted.
+        shift_back_layer: b > a, whose input is shifted back.
+        coeff: λ_con >= 0.
+        temperature: τ > 0.
+        process_groups: Megatron's groups; None is one process alone.
+        symmetric: The InfoNCE both ways (sample → anchors and anchor → samples, halved, among
+            the contrasted samples only); False: sample → anchors, every anchor a candidate.
+        anchor_gradient: The anchor side is differentiable (its forward runs with gradient,
+            `anchor_features_with_grad`); False: the anchors are constants.
+        contrast_layers: One of CONTRAST_LAYERS.
+
+    Raises:
+        ValueError: Layers out of order or missing from `vectors`, or a bad λ_con, τ or
+            `contrast_layers`.
+    """
 
     def __init__(self, vectors: LanguageVectors, shift_layer: int, shift_back_layer: int,
                  coeff: float, temperature: float,
-                 process_groups: Optional[ProcessGroupCollection] = None):
-        """Args:
-            vectors: The language vectors, holding both layers.
-            shift_layer: a, the global 0-based layer whose input is shifted.
-            shift_back_layer: b > a, whose input is contrasted and shifted back.
-            coeff: λ_con >= 0.
-            temperature: τ > 0.
-            process_groups: Megatron's groups; None is one process alone.
-
-        Raises:
-            ValueError: Layers out of order or missing from `vectors`, or a bad λ_con or τ.
-        """
+                 process_groups: Optional[ProcessGroupCollection] = None, *,
+                 symmetric: bool = True, anchor_gradient: bool = True,
+                 contrast_layers: str = "area"):
         if not 0 <= shift_layer < shift_back_layer:
             raise ValueError(f"shifcon needs 0 <= shift_layer < shift_back_layer, got "
                              f"{shift_layer}, {shift_back_layer}")
@@ -180,19 +217,25 @@ class ShifconObjective:
         if coeff < 0 or temperature <= 0:
             raise ValueError(f"shifcon needs contrastive_coeff >= 0 and temperature > 0, got "
                              f"{coeff}, {temperature}")
+        if contrast_layers not in CONTRAST_LAYERS:
+            raise ValueError(f"shifcon contrast_layers must be one of {CONTRAST_LAYERS}, got "
+                             f"{contrast_layers!r}")
         self.vectors = vectors
         self.anchor_language = vectors.anchor_language
         self.shift_layer, self.shift_back_layer = shift_layer, shift_back_layer
         self.coeff, self.temperature = coeff, temperature
+        self.symmetric, self.anchor_gradient = symmetric, anchor_gradient
+        self.contrast_layers = (tuple(range(shift_layer, shift_back_layer))
+                                if contrast_layers == "area" else (shift_back_layer,))
         self.process_groups = process_groups  # megatron's; None: one process alone
         self.sequence_weight: Optional[float] = None  # None: mean over the micro-batch
         self._languages: Optional[Sequence[str]] = None
         self._segments: Optional[torch.Tensor] = None  # [B, S] sample of each token, -1 = padding
         self._shift_segments: Optional[torch.Tensor] = None  # [B, S] whose language shifts it
-        self._anchors: Optional[torch.Tensor] = None  # [n_all, H] this micro-batch's negatives
+        self._anchors: Optional[dict[int, torch.Tensor]] = None  # layer -> [n_all, H]
         self._positive_offset = 0
-        self._anchor_pass: Optional[dict] = None  # index -> pooled anchors, during the anchor pass
-        self._anchor_index: Optional[int] = None
+        self._anchor_pass: Optional[dict] = None  # layer -> pooled anchors, during an anchor pass
+        self._anchor_pass_grad = False
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -203,17 +246,17 @@ class ShifconObjective:
     # --- per micro-batch state ---
 
     def set_batch(self, languages: Sequence[str], padding_mask: torch.Tensor,
-                  anchors: Optional[torch.Tensor] = None, positive_offset: int = 0,
+                  anchors: Optional[dict[int, torch.Tensor]] = None, positive_offset: int = 0,
                   segment_ids: Optional[torch.Tensor] = None) -> None:
         """Take one micro-batch's samples before its forward.
 
         Args:
             languages: The languages of the micro-batch's n samples.
             padding_mask: [B, S] bool, CP-local, True = padding.
-            anchors: [n_all, H] the pooled anchor representations the samples are contrasted
-                with (sample k's positive is anchors[positive_offset + k]); None: shift only,
-                no contrastive term.
-            positive_offset: Where this rank's samples start in `anchors`.
+            anchors: {contrast layer: [n_all, H] the pooled anchor representations entering it}
+                for the micro-batch's samples over data parallel (sample k's anchor is
+                anchors[layer][positive_offset + k]); None: shift only, no contrastive term.
+            positive_offset: Where this rank's samples start in the anchors.
             segment_ids: [B, S] int64, CP-local, -1 = padding: packed rows, token -> its sample;
                 None: one sample per row (the rows' samples are the n).
 
@@ -256,7 +299,7 @@ class ShifconObjective:
         return hidden + sign * per_token  # [S, B, H]
 
     def attach(self, chunks) -> list:
-        """Register the shift and shift-back hooks on the layers a and b `chunks` hold.
+        """Register the hooks (shift, contrast, shift back) on the layers `chunks` hold.
 
         Args:
             chunks: This rank's bare model chunks.
@@ -265,34 +308,32 @@ class ShifconObjective:
             The hook handles.
         """
         layers = transformer_layers(chunks)
-        handles = []
-        if self.shift_layer in layers:
-            handles.append(layers[self.shift_layer].register_forward_pre_hook(
-                self._shift_hook, with_kwargs=True))
-        if self.shift_back_layer in layers:
-            handles.append(layers[self.shift_back_layer].register_forward_pre_hook(
-                self._shift_back_hook, with_kwargs=True))
-        return handles
+        wanted = sorted({self.shift_layer, self.shift_back_layer, *self.contrast_layers})
+        return [layers[layer].register_forward_pre_hook(self._layer_hook(layer),
+                                                        with_kwargs=True)
+                for layer in wanted if layer in layers]
 
-    def _shift_hook(self, module, args, kwargs):
-        if self._languages is None:
-            return None
-        return _replace_hidden(args, kwargs, lambda h: self._shift(self.shift_layer, h, 1.0))
+    def _layer_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            if self._languages is None:
+                return None
+            if self._anchor_pass is not None:  # an anchor forward: record, no shift
+                if layer in self.contrast_layers:
+                    hidden = layer_input(args, kwargs)
+                    pooled, _ = self._pool(hidden if self._anchor_pass_grad else hidden.detach())
+                    self._anchor_pass[layer] = pooled
+                return None
 
-    def _shift_back_hook(self, module, args, kwargs):
-        if self._languages is None:
-            return None
-        hidden = layer_input(args, kwargs)
-        if self._anchor_pass is not None:  # the anchor forward: record, nothing else
-            pooled, _ = self._pool(hidden.detach())
-            self._anchor_pass[self._anchor_index] = pooled
-            return None
-
-        def shift_back(h):
-            if self._anchors is not None:
-                h = self._attach_contrastive(h)
-            return self._shift(self.shift_back_layer, h, -1.0)
-        return _replace_hidden(args, kwargs, shift_back)
+            def transform(h):
+                if layer == self.shift_layer:
+                    h = self._shift(layer, h, 1.0)
+                if layer in self.contrast_layers and self._anchors is not None:
+                    h = self._attach_contrastive(layer, h)
+                if layer == self.shift_back_layer:
+                    h = self._shift(layer, h, -1.0)
+                return h
+            return _replace_hidden(args, kwargs, transform)
+        return hook
 
     def _pool(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([n, H] mean hidden state of each sample over its own tokens, [n] token counts)."""
@@ -301,21 +342,38 @@ class ShifconObjective:
         return segment_mean_pool(hidden, ids, len(self._languages),
                                  routing_reduction_group(self.process_groups))
 
-    def _attach_contrastive(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _losses(self, layer: int, pooled: torch.Tensor, contrasted: torch.Tensor
+                ) -> torch.Tensor:
+        """[n] the InfoNCE term of each of this rank's samples at `layer` (0 where not
+        contrasted)."""
+        anchors = self._anchors[layer].to(pooled.device)
+        n = pooled.shape[0]
+        if not self.symmetric:
+            positives = torch.arange(n, device=pooled.device) + self._positive_offset
+            return torch.where(contrasted, info_nce(pooled, anchors, positives,
+                                                    self.temperature), 0.0)
+        dp = self.process_groups.dp if self.process_groups is not None else None
+        samples, offset = gather_rows(pooled, dp)
+        mask, _ = gather_rows(contrasted.float().unsqueeze(1), dp)
+        index = mask.squeeze(1).nonzero().squeeze(1)  # the contrasted samples over DP
+        losses = symmetric_info_nce(samples[index], anchors[index], self.temperature)
+        local = (index >= offset) & (index < offset + n)
+        return pooled.new_zeros(n).index_put((index[local] - offset,), losses[local])
+
+    def _attach_contrastive(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         group = routing_reduction_group(self.process_groups)
         pooled, counts = self._pool(hidden)
-        n = pooled.shape[0]
-        positives = torch.arange(n, device=pooled.device) + self._positive_offset
-        losses = info_nce(pooled, self._anchors.to(pooled.device), positives, self.temperature)
         contrasted = torch.tensor([lang != self.anchor_language for lang in self._languages],
                                   device=pooled.device) & (counts > 0)
-        loss_sum = torch.where(contrasted, losses, 0.0).sum()
+        # the area's layers count equally: their mean is the term
+        loss_sum = self._losses(layer, pooled, contrasted).sum() / len(self.contrast_layers)
         count = contrasted.sum()
         if group is None or dist.get_rank(group) == 0:  # logged once per TP×CP group
             self.loss_sum = self.loss_sum + loss_sum.detach().double().cpu()
-            self.sequences = self.sequences + count.double().cpu()
+            if layer == self.contrast_layers[0]:
+                self.sequences = self.sequences + count.double().cpu()
         if self.sequence_weight is None:
             term = loss_sum * (self.coeff / max(int(count), 1))
         else:
@@ -324,9 +382,23 @@ class ShifconObjective:
 
     # --- the anchor side ---
 
+    @contextlib.contextmanager
+    def _recording_anchors(self, samples: int, segments: torch.Tensor, pooled: dict,
+                           grad: bool):
+        """The hooks record the pooled anchors entering the contrast layers into `pooled`."""
+        # the anchor forward's segment ids: one per anchor, in its micro-batch's sample order
+        self.set_batch([self.anchor_language] * samples, segments < 0, segment_ids=segments)
+        self._anchor_pass, self._anchor_pass_grad = pooled, grad
+        try:
+            yield
+        finally:
+            self._anchor_pass, self._anchor_pass_grad = None, False
+            self._languages = None
+
     def anchor_features(self, chunks, microbatches, device
-                        ) -> list[Optional[tuple[torch.Tensor, int]]]:
-        """The anchor forward of a step (no gradient, no shift). Collective.
+                        ) -> list[Optional[tuple[dict[int, torch.Tensor], int]]]:
+        """The anchor forward of a step, without gradient and without shift (the anchors as
+        constants, `anchor_gradient` False). Collective.
 
         Args:
             chunks: This rank's model chunks.
@@ -334,40 +406,73 @@ class ShifconObjective:
             device: Where the model runs.
 
         Returns:
-            Per micro-batch: ([n_all, H] the pooled anchor representations entering layer b of
-            its samples, gathered over data parallel in rank order (packed micro-batches hold
-            varying numbers of samples per rank), the offset of this rank's samples in them);
-            None on stages without layer b.
+            Per micro-batch: ({contrast layer: [n_all, H] the pooled anchor representations
+            entering it of its samples, gathered over data parallel in rank order (packed
+            micro-batches hold varying numbers of samples per rank)}, the offset of this rank's
+            samples in them); None on stages without the contrast layers.
         """
         from sara_megatron.sara.online_priors import run_anchor_forward
 
-        pooled: dict[int, torch.Tensor] = {}
+        pooled: dict[int, dict[int, torch.Tensor]] = {}
 
-        @contextlib.contextmanager
         def observe(index, segments, samples):
-            # the anchor forward's segment ids: one per anchor, in its micro-batch's sample order
-            self.set_batch([self.anchor_language] * samples, segments < 0, segment_ids=segments)
-            self._anchor_pass, self._anchor_index = pooled, index
-            try:
-                yield
-            finally:
-                self._anchor_pass = self._anchor_index = None
-                self._languages = None
+            return self._recording_anchors(samples, segments, pooled.setdefault(index, {}),
+                                           grad=False)
 
-        # Nothing past layer b's input is read: the anchor forward stops at layer b.
+        # Nothing past the last contrast layer's input is read: the forward stops there.
         run_anchor_forward(chunks, microbatches, device, observe, self.process_groups,
-                           stop_after=self.shift_back_layer)
+                           stop_after=self.contrast_layers[-1])
+        return [self._gathered(pooled.get(index)) for index in range(len(microbatches))]
+
+    def anchor_features_with_grad(self, chunk, view, device
+                                  ) -> Optional[tuple[dict[int, torch.Tensor], int]]:
+        """One micro-batch's anchor forward with gradient, without shift, in eval mode (no
+        router jitter and no load-balancing loss on the anchors): the anchor side of the
+        contrastive term is trained through it. One model chunk (no pipeline parallelism).
+        Collective over the model-parallel and data-parallel ranks.
+
+        Args:
+            chunk: This rank's only model chunk (`GPTModel`, wrapped or not).
+            view: The micro-batch's `online_priors.AnchorRowsView` (rows padded to the step's
+                count).
+            device: Where the model runs.
+
+        Returns:
+            As one entry of `anchor_features`, the anchors differentiable (the gather over data
+            parallel sends their gradients back to the ranks that computed them).
+        """
+        from sara_megatron.routing.forward_runner import (
+            ForwardRows,
+            ForwardRunner,
+            stop_after_layer,
+        )
+
+        runner = ForwardRunner([chunk], device, self.process_groups)
+        rows = ForwardRows(view.tokens, view.padding_mask, view.segment_ids, view.position_ids,
+                           packed=view.segment_ids is not None, samples=view.samples)
+        tokens, labels, inputs = runner.inputs(rows)
+        pooled: dict[int, torch.Tensor] = {}
+        training = chunk.training
+        chunk.eval()
+        try:
+            with stop_after_layer([chunk], self.contrast_layers[-1]), \
+                    self._recording_anchors(view.samples, inputs.segment_ids, pooled, grad=True), \
+                    inputs.rope(chunk):
+                chunk(tokens, inputs.positions, inputs.attention_mask, labels=labels)
+        finally:
+            chunk.train(training)
+        return self._gathered(pooled)
+
+    def _gathered(self, pooled: Optional[dict[int, torch.Tensor]]
+                  ) -> Optional[tuple[dict[int, torch.Tensor], int]]:
+        """One micro-batch's pooled anchors per layer, gathered over data parallel."""
+        if not pooled:
+            return None
         group = self.process_groups.dp if self.process_groups is not None else None
-        out = []
-        for index in range(len(microbatches)):
-            if index not in pooled:
-                out.append(None)
-                continue
-            if group is None:
-                out.append((pooled[index], 0))
-                continue
-            out.append(_gather_rows(pooled[index], group))
-        return out
+        gathered, offset = {}, 0
+        for layer in sorted(pooled):
+            gathered[layer], offset = gather_rows(pooled[layer], group)
+        return gathered, offset
 
     def reduced_mean(self) -> float:
         """The mean contrastive loss over the contrasted sequences since `reset_stats`
@@ -378,17 +483,3 @@ class ShifconObjective:
         if dist.is_initialized():
             dist.all_reduce(table)
         return float(table[0] / table[1].clamp_min(1))
-
-
-def _gather_rows(rows: torch.Tensor, group) -> tuple[torch.Tensor, int]:
-    """All ranks' [n_r, H] rows concatenated in rank order, and this rank's offset in them."""
-    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
-    counts = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, count, group=group)
-    counts = [int(c) for c in counts]
-    padded = rows.new_zeros(max(counts), rows.shape[1])
-    padded[:rows.shape[0]] = rows
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded, group=group)
-    rank = dist.get_rank(group)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)]), sum(counts[:rank])

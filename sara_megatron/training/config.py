@@ -216,8 +216,22 @@ class ShifconSection(_Section):
     language_vectors: Optional[str] = None  # tools/extract_language_vectors.py output
     shift_layer: Optional[Annotated[Int, AT_LEAST_0]] = None
     shift_back_layer: Optional[Annotated[Int, AT_LEAST_1]] = None
-    contrastive_coeff: Annotated[Float, AT_LEAST_0] = 1.0
-    temperature: Annotated[Float, ABOVE_0] = 0.05
+    # The defaults are the released code's (rattlesnakey/ShifCon 516364a: src/finetune_contrast.py
+    # and pipeline_train_eval.sh; docs/objectives.md). Before them this project ran τ 0.05,
+    # λ_con 1, CE weight 1, one direction, constant anchors, layer b only (`--set` them back).
+    contrastive_coeff: Annotated[Float, AT_LEAST_0] = 2.0
+    ce_weight: Annotated[Float, ABOVE_0] = 0.5  # the cross-entropy's weight in the loss
+    temperature: Annotated[Float, ABOVE_0] = 1.0
+    symmetric: bool = True  # InfoNCE sample → anchors and anchor → samples, halved
+    anchor_gradient: bool = True  # the anchor side trained too (its forward keeps the graph)
+    contrast_layers: str = "area"  # area: mean over layer inputs a..b-1 | shift_back: b only
+
+    @pydantic.field_validator("contrast_layers")
+    @classmethod
+    def _known_contrast_layers(cls, value: str) -> str:
+        from sara_megatron.sara.shifcon import CONTRAST_LAYERS
+
+        return _one_of(CONTRAST_LAYERS, value)
 
 
 def _targets(value: Any) -> Any:

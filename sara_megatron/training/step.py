@@ -231,10 +231,14 @@ def forward_step(state: TrainState, data_iterator, model):
         output = model(tokens, inputs.positions, inputs.attention_mask, labels=labels,
                        padding_mask=_stage_padding_mask(state, model, padding_mask))
 
+    ce_weight = math.prod(objective.ce_weight for objective in state.objectives)
+
     def loss_func(per_token_loss):
         loss_sum = (per_token_loss.float() * loss_mask).sum()
         num_tokens = loss_mask.sum().to(torch.int)
-        return loss_sum, num_tokens, {"ce": torch.stack([loss_sum.detach(), loss_mask.sum()])}
+        # the logged CE is unweighted; what is trained is the objectives' weighting of it
+        trained = loss_sum if ce_weight == 1 else loss_sum * ce_weight
+        return trained, num_tokens, {"ce": torch.stack([loss_sum.detach(), loss_mask.sum()])}
 
     return output, loss_func
 

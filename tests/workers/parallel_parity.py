@@ -123,15 +123,18 @@ SHIFCON_LANGUAGES = ["hi", "en", "hi", "hi"]  # one per batch row; en is the anc
 
 
 def _shifcon(hidden_size, row_offset, rows):
-    """ShifCon with fixed random vectors and anchors (the same on every rank); rows summed."""
+    """ShifCon with its released contrast (symmetric over the samples gathered across data
+    parallel, averaged over the inputs of layers 1 and 2) and fixed random vectors and anchors
+    (the same on every rank); rows summed."""
     from sara_megatron.sara.shifcon import ShifconObjective
     from sara_megatron.sara.shifcon_vectors import LanguageVectors
 
     g = torch.Generator().manual_seed(5)
     vectors = LanguageVectors((1, 3), {lang: torch.randn(2, hidden_size, generator=g)
                                        for lang in ("en", "hi")}, "en", "fp", {"en": 1, "hi": 1})
-    anchors = torch.randn(BATCH, hidden_size, generator=g)
-    objective = ShifconObjective(vectors, 1, 3, 0.7, 0.1, process_groups=model_process_groups())
+    anchors = {layer: torch.randn(BATCH, hidden_size, generator=g) for layer in (1, 2)}
+    objective = ShifconObjective(vectors, 1, 3, 0.7, 0.5, process_groups=model_process_groups(),
+                                 symmetric=True, contrast_layers="area")
     objective.sequence_weight = 1.0
     languages = SHIFCON_LANGUAGES[row_offset:row_offset + rows]
     return objective, lambda pad: objective.set_batch(languages, pad, anchors, row_offset)

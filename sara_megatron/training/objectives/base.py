@@ -123,6 +123,8 @@ class Objective:
     name: ClassVar[str]
     section: ClassVar[Optional[str]] = None
     Section: ClassVar[Optional[type]] = None
+    # The cross-entropy's weight in the loss this objective trains (ShifCon's released 0.5).
+    ce_weight: float = 1.0
 
     # --- before anything is built --------------------------------------------------------------
 

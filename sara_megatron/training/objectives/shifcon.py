@@ -1,9 +1,12 @@
 """The ShifCon baseline as a training objective (`sara.shifcon.ShifconObjective`: shift, contrast,
 shift back; Zhang et al., 2025), settings in the `shifcon:` section.
 
-Before each step the anchor rows go forward without gradient and without shift; each
-micro-batch then carries its contrastive targets (`objective_inputs["shifcon"]`: the step's pooled
-anchors gathered over data parallel, and where this rank's samples start among them).
+The anchor side (`shifcon.anchor_gradient`): trained, each micro-batch carries its anchor rows
+(`objective_inputs["shifcon"]`) and goes forward with gradient just before the micro-batch's own
+forward; constant, the anchor rows of the whole step go forward without gradient before the step
+and each micro-batch carries its contrastive targets (the pooled anchors gathered over data
+parallel, and where this rank's samples start among them). Neither forward is shifted. The
+cross-entropy is weighted by `shifcon.ce_weight` (`ce_weight`).
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ class ShifconTrainingObjective(Objective):
     name = "shifcon"
     section = "shifcon"
 
-    def __init__(self, term, process_groups):
+    def __init__(self, term, process_groups, chunks, ce_weight: float):
         """Args:
             term: The `sara.shifcon.ShifconObjective`, its hooks attached.
             process_groups: Megatron's groups; None is one process alone.
+            chunks: This rank's bare model chunks (the trained anchor forward runs the one).
+            ce_weight: The cross-entropy's weight in the loss.
         """
         self.term = term
         self.process_groups = process_groups
+        self.chunks = chunks
+        self.ce_weight = ce_weight
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -59,6 +66,9 @@ class ShifconTrainingObjective(Objective):
         if cfg.data.prior_store or cfg.data.mock:
             raise ValueError("sara.objective shifcon reads no anchor priors and needs real "
                              "shards: leave data.prior_store unset and data.mock false")
+        if s.anchor_gradient and (cfg.parallel.pp > 1 or cfg.parallel.vpp):
+            raise ValueError("shifcon.anchor_gradient with pipeline parallelism is not built: "
+                             "set shifcon.anchor_gradient=false or parallel.pp=1")
 
     @classmethod
     def check_paths(cls, cfg, need) -> None:
@@ -141,13 +151,16 @@ class ShifconTrainingObjective(Objective):
 
         s = cfg.shifcon
         term = ShifconObjective(plan.objective_inputs, s.shift_layer, s.shift_back_layer,
-                                s.contrastive_coeff, s.temperature, process_groups=process_groups)
+                                s.contrastive_coeff, s.temperature, process_groups=process_groups,
+                                symmetric=s.symmetric, anchor_gradient=s.anchor_gradient,
+                                contrast_layers=s.contrast_layers)
         term.attach(chunks)
-        return cls(term, process_groups)
+        return cls(term, process_groups, list(chunks), s.ce_weight)
 
     def prepare_step(self, step: StepContext) -> list:
-        """The anchor forward of this step (no gradient, no shift): each micro-batch gets its
-        contrastive targets; the term's weight T / C (C: contrasted sequences of the global
+        """Each micro-batch gets its anchor side: its anchor rows (trained anchors, forwarded in
+        `set_micro_batch`) or its contrastive targets from the step's anchor forward (no
+        gradient, no shift). The term's weight is T / C (C: contrasted sequences of the global
         batch; anchor-language samples are in the batch but not in the term).
 
         Args:
@@ -156,11 +169,17 @@ class ShifconTrainingObjective(Objective):
         Returns:
             The micro-batches, each with `objective_inputs["shifcon"]`.
         """
+        from sara_megatron.sara.online_priors import anchor_row_count, anchor_rows_view
+
         term = self.term
-        features = term.anchor_features(step.chunks, step.microbatches, step.device)
+        if term.anchor_gradient:
+            rows = anchor_row_count(step.microbatches, step.device)  # one shape on every rank
+            entries = [anchor_rows_view(mb, rows) for mb in step.microbatches]
+        else:
+            entries = term.anchor_features(step.chunks, step.microbatches, step.device)
         microbatches = [dataclasses.replace(mb, objective_inputs={**mb.objective_inputs,
-                                                                  self.name: f})
-                        for mb, f in zip(step.microbatches, features)]
+                                                                  self.name: entry})
+                        for mb, entry in zip(step.microbatches, entries)]
         contrasted = torch.tensor([float(term.contrasted_in(microbatches))],
                                   dtype=torch.float64, device=step.device)
         if self.process_groups is not None:
@@ -170,16 +189,22 @@ class ShifconTrainingObjective(Objective):
         return microbatches
 
     def set_micro_batch(self, mb, inputs, padding_mask) -> None:
-        """Hand the term the micro-batch's languages, segments and contrastive targets.
+        """Hand the term the micro-batch's languages, segments and contrastive targets (trained
+        anchors: their forward, with gradient, runs here).
 
         Args:
             mb: The `SaraMicroBatch`, with `objective_inputs["shifcon"]`.
             inputs: Its `ModelInputs` on this CP rank.
             padding_mask: [B, S_cp] bool, True = padding.
         """
-        # (the step's pooled anchors over data parallel, where this rank's samples start); None
-        # on a stage without the shift-back layer: shift only
+        from sara_megatron.sara.online_priors import AnchorRowsView
+
         entry = mb.objective_inputs.get(self.name)
+        if isinstance(entry, AnchorRowsView):
+            (chunk,) = self.chunks  # no pipeline parallelism (check_config)
+            entry = self.term.anchor_features_with_grad(chunk, entry, padding_mask.device)
+        # (the pooled anchors per contrast layer over data parallel, where this rank's samples
+        # start); None on a stage without the contrast layers: shift only
         anchors, offset = entry if entry is not None else (None, 0)
         self.term.set_batch(mb.languages, padding_mask, anchors, offset,
                             segment_ids=inputs.segment_ids if inputs.packed else None)
