@@ -122,10 +122,10 @@ def _moe_layers(models):
 SHIFCON_LANGUAGES = ["hi", "en", "hi", "hi"]  # one per batch row; en is the anchor
 
 
-def _shifcon(hidden_size, row_offset, rows):
+def _shifcon(hidden_size, row_offset, rows, process_groups):
     """ShifCon with its released contrast (symmetric over the samples gathered across data
     parallel, averaged over the inputs of layers 1 and 2) and fixed random vectors and anchors
-    (the same on every rank); rows summed."""
+    (the same on every rank); rows summed. `process_groups` None: this rank is the whole run."""
     from sara_megatron.sara.shifcon import ShifconObjective
     from sara_megatron.sara.shifcon_vectors import LanguageVectors
 
@@ -133,7 +133,7 @@ def _shifcon(hidden_size, row_offset, rows):
     vectors = LanguageVectors((1, 3), {lang: torch.randn(2, hidden_size, generator=g)
                                        for lang in ("en", "hi")}, "en", "fp", {"en": 1, "hi": 1})
     anchors = {layer: torch.randn(BATCH, hidden_size, generator=g) for layer in (1, 2)}
-    objective = ShifconObjective(vectors, 1, 3, 0.7, 0.5, process_groups=model_process_groups(),
+    objective = ShifconObjective(vectors, 1, 3, 0.7, 0.5, process_groups=process_groups,
                                  symmetric=True, contrast_layers="area")
     objective.sequence_weight = 1.0
     languages = SHIFCON_LANGUAGES[row_offset:row_offset + rows]
@@ -168,7 +168,8 @@ def run_objective(model, tokens, padding, priors, objective, reduce=True, row_of
             moe.router.train()
         zero_aux_losses()
     elif objective == "shifcon":
-        observer, set_batch = _shifcon(models[0].config.hidden_size, row_offset, tokens.shape[0])
+        observer, set_batch = _shifcon(models[0].config.hidden_size, row_offset, tokens.shape[0],
+                                       model_process_groups() if reduce else None)
         handles = observer.attach(models)
     elif objective == "aes":
         observer = AesLoss(3.0, 50.0)
