@@ -230,7 +230,9 @@ def test_ctrl_c_in_translate_corpus_and_evaluate(tmp_path):
     from test_translate_corpus import TOOL, TRANSLATOR, tool_env, write_anchors
 
     write_anchors(tmp_path / "en.jsonl", 40)
-    with LocalChatServer(TRANSLATOR, latency_s=0.05) as server:
+    # Replies slow enough (80 of them, 4 at a time) that the run is still going when the signal
+    # lands, however late a loaded machine lets this process send it.
+    with LocalChatServer(TRANSLATOR, latency_s=0.5) as server:
         cmd = [*TOOL, "--input", tmp_path / "en.jsonl", "--languages", "hi,sw",
                "--output", tmp_path / "corpus", "--model", "rule-translator", "--base-url",
                server.base_url, "--concurrency", "4", "--no-progress"]
@@ -239,7 +241,7 @@ def test_ctrl_c_in_translate_corpus_and_evaluate(tmp_path):
     assert code == 130, output[-3000:]
     assert output.strip() == "translate_corpus: interrupted; rerun the same command to resume"
 
-    with LocalChatServer(Oracle(), latency_s=0.1) as server:
+    with LocalChatServer(Oracle(), latency_s=0.5) as server:
         cmd = _tool(server.base_url, tmp_path / "eval", "--concurrency", "2", "--no-progress")
         code, output = _interrupt_once(cmd, lambda: len(server.requests) >= 3,
                                        dict(os.environ, PYTHONWARNINGS="ignore"))
