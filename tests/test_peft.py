@@ -139,33 +139,6 @@ def test_checkpoint_holds_adapters_and_router_only_and_refuses_another_base(sing
     assert len(base) == 1 and "\n" not in base[0], err.value.problems
 
 
-def test_resume_follows_the_uninterrupted_run(single_rank, tmp_path):
-    """Stopped after 2 of 4 steps and resumed by a new Trainer (base rebuilt, adapters, router and
-    optimizer state from the checkpoint): steps 3 and 4 log what the uninterrupted run logs."""
-    import json
-
-    def records(name):
-        with open(tmp_path / f"{name}.jsonl") as f:
-            return [json.loads(line) for line in f]
-
-    def trainer(name):
-        return _lora_trainer(**{"optim.train_steps": 4, "checkpoint.save_interval": 2,
-                                "checkpoint.save_dir": tmp_path / name,
-                                "logging.json_log": tmp_path / f"{name}.jsonl",
-                                "peft.dropout": 0.1})
-
-    trainer("full").run()
-    trainer("stopped").run(max_steps=2)
-    resumed = trainer("stopped")
-    assert resumed.iteration == 2
-    resumed.run()
-    full, stopped = records("full"), records("stopped")
-    assert [r["step"] for r in stopped] == [1, 2, 3, 4]
-    for a, b in zip(full, stopped):
-        for key in ("ce", "lb", "js", "grad_norm", "lr"):
-            assert a[key] == b[key], (a["step"], key)
-
-
 def _adapter_grads(trainer):
     return {n: p.main_grad.detach().clone() for n, p in trainer.chunks[0].module.named_parameters()
             if p.requires_grad}

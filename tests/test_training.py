@@ -79,7 +79,7 @@ TWO_RANK_LAYOUTS = {"tp2": {"parallel.tp": 2}, "cp2": {"parallel.cp": 2}}
 KILL_STEPS = 8
 KILL_MODES = {
     "padded": {},
-    "lora": LORA,
+    "lora": {**LORA, "peft.dropout": 0.1},  # the adapters' dropout draws resume too
     "packed": {"data.packing": "true", "data.seq_length": 128, "data.micro_batch_size": 1,
                "data.global_batch_size": 8},
 }
@@ -233,7 +233,8 @@ def test_kill_and_resume_follows_the_same_losses(torchrun, stack_runs, sara_data
     """The killed run and its resume are processes of their own (a real kill -9, a real restart);
     the uninterrupted reference is a run of the shared launch. Padded, packed (data.packing: the
     resumed run's steps must pack the same samples into the same rows) and LoRA (the base from
-    model.checkpoint, adapters, router and optimizer state from the run's checkpoint)."""
+    model.checkpoint, adapters, router, optimizer state and the adapters' dropout draws from the
+    run's checkpoint)."""
     steps = KILL_STEPS
     full = stack_runs.result(f"kill_reference_{mode}")["records"]
     assert [r["step"] for r in full] == list(range(1, steps + 1))
