@@ -480,3 +480,88 @@ def test_the_anchors_ride_on_their_micro_batch(single_rank, sara_data, vectors_f
         view = mb.objective_inputs["shifcon"]
         assert isinstance(view, AnchorRowsView)
         assert torch.equal(view.tokens, original.anchor_tokens)
+
+
+def _normalised_sentence_states(model, tokens, padding):
+    """{layer: [R, H] fp64 L2-normalised mean over each row's real tokens entering it}, from a
+    plain eval-mode forward with hooks on the layers a and b."""
+    layers = transformer_layers([model])
+    kept = {}
+    hooks = [layers[layer].register_forward_pre_hook(
+        lambda m, a, k, layer=layer: kept.__setitem__(layer, k["hidden_states"]),
+        with_kwargs=True) for layer in LAYERS]
+    model.eval()
+    with torch.no_grad():
+        model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens),
+              causal_attention_mask(tokens.shape[1]))
+    model.train()
+    for h in hooks:
+        h.remove()
+    valid = (~padding).t().float()[..., None]  # [S, R, 1]
+    return {layer: F.normalize(((kept[layer] * valid).sum(0) / valid.sum(0).clamp_min(1))
+                               .double(), dim=-1) for layer in LAYERS}
+
+
+def _step_means(model, microbatches):
+    """{language: [2, H]} the step's mean normalised sentence states: anchor rows for en, the
+    samples' own rows for the others."""
+    sums, counts = {}, {}
+
+    def add(lang, states, k):
+        row = torch.stack([states[layer][k] for layer in LAYERS])
+        sums[lang] = sums.get(lang, 0) + row
+        counts[lang] = counts.get(lang, 0) + 1
+
+    for mb in microbatches:
+        anchors = _normalised_sentence_states(model, mb.anchor_tokens, mb.anchor_padding_mask)
+        for k in range(mb.anchor_tokens.shape[0]):
+            add("en", anchors, k)
+        own = _normalised_sentence_states(model, mb.tokens, mb.padding_mask)
+        for k, lang in enumerate(mb.languages):
+            if lang != "en":
+                add(lang, own, k)
+    return {lang: sums[lang] / counts[lang] for lang in sums}
+
+
+def test_online_vectors_are_the_running_mean_of_step_means(single_rank, sara_data, vectors_file,
+                                                           tmp_path):
+    """shifcon.online_vectors: before each step the vectors become the running mean of the
+    steps' per-language means of L2-normalised sentence states entering layers a and b, taken by
+    plain forwards of the step's anchor rows (en) and own rows (the others) on the model as it
+    is; the checkpoint carries the running sums and a resume continues them."""
+    from sara_megatron.sara.shifcon_online import STATE_FILE
+    from sara_megatron.training.step import fetch_microbatches, prepare_batch
+
+    settings = {"shifcon.online_vectors": "true", "optim.train_steps": 2,
+                "checkpoint.save_dir": tmp_path / "run", "checkpoint.save_interval": 1}
+    trainer = _trainer(sara_data, vectors_file, **settings)
+    objective = trainer.state.objectives[0]
+    offline = load_language_vectors(str(vectors_file))
+    model = trainer.chunks[0].module
+    means = []
+    for _ in range(2):  # two steps' preparation on the same weights
+        loaded = fetch_microbatches(trainer.state, trainer.plan.num_microbatches)
+        means.append(_step_means(model, loaded))
+        prepare_batch(trainer.state, trainer.cfg, loaded)
+        vectors = objective.term.vectors
+        assert vectors.normalisation == "sentence_l2"
+        for lang in offline.vectors:
+            seen = [m[lang] for m in means if lang in m]
+            for slot, layer in enumerate(LAYERS):
+                want = (sum(seen) / len(seen))[slot] if seen else offline.at(lang, layer)
+                torch.testing.assert_close(vectors.at(lang, layer).double(), want.double(),
+                                           rtol=1e-5, atol=1e-6, msg=(lang, layer))
+    assert {"en", "hi"} <= set(means[0]) and len(set(means[0])) > 1
+
+    trainer = _trainer(sara_data, vectors_file, **settings)
+    trainer.run(max_steps=1)
+    saved = trainer.state.objectives[0].online
+    assert (tmp_path / "run" / "iter_0000001" / STATE_FILE).is_file()
+    assert int(saved.counts.max()) == 1
+    resumed = _trainer(sara_data, vectors_file, **settings)
+    assert resumed.iteration == 1
+    online = resumed.state.objectives[0].online
+    assert torch.equal(online.sums, saved.sums) and torch.equal(online.counts, saved.counts)
+    for lang in offline.vectors:
+        assert torch.equal(resumed.state.objectives[0].term.vectors.vectors[lang],
+                           trainer.state.objectives[0].term.vectors.vectors[lang])

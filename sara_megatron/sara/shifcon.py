@@ -234,8 +234,10 @@ class ShifconObjective:
         self._shift_segments: Optional[torch.Tensor] = None  # [B, S] whose language shifts it
         self._anchors: Optional[dict[int, torch.Tensor]] = None  # layer -> [n_all, H]
         self._positive_offset = 0
-        self._anchor_pass: Optional[dict] = None  # layer -> pooled anchors, during an anchor pass
+        # during a recording forward: layer -> (pooled, token counts) entering the recorded layers
+        self._anchor_pass: Optional[dict] = None
         self._anchor_pass_grad = False
+        self._record_layers: tuple[int, ...] = self.contrast_layers
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -317,11 +319,11 @@ class ShifconObjective:
         def hook(module, args, kwargs):
             if self._languages is None:
                 return None
-            if self._anchor_pass is not None:  # an anchor forward: record, no shift
-                if layer in self.contrast_layers:
+            if self._anchor_pass is not None:  # a recording forward: record, no shift
+                if layer in self._record_layers:
                     hidden = layer_input(args, kwargs)
-                    pooled, _ = self._pool(hidden if self._anchor_pass_grad else hidden.detach())
-                    self._anchor_pass[layer] = pooled
+                    self._anchor_pass[layer] = self._pool(
+                        hidden if self._anchor_pass_grad else hidden.detach())
                 return None
 
             def transform(h):
@@ -383,16 +385,26 @@ class ShifconObjective:
     # --- the anchor side ---
 
     @contextlib.contextmanager
-    def _recording_anchors(self, samples: int, segments: torch.Tensor, pooled: dict,
-                           grad: bool):
-        """The hooks record the pooled anchors entering the contrast layers into `pooled`."""
-        # the anchor forward's segment ids: one per anchor, in its micro-batch's sample order
+    def recording(self, samples: int, segments: torch.Tensor, pooled: dict,
+                  layers: Optional[Sequence[int]] = None, grad: bool = False):
+        """While active, a forward shifts nothing and the hooks record each sample's mean hidden
+        state entering `layers` into `pooled`.
+
+        Args:
+            samples: The forward's samples, numbered by `segments`.
+            segments: [R, S_local] the forward's segment ids (CP-local, -1 = padding).
+            pooled: Filled with {layer: ([samples, H] fp32 means, [samples] token counts)}.
+            layers: The layers recorded; None: the contrast layers.
+            grad: Keep the graph (the trained anchor side); False: detached.
+        """
         self.set_batch([self.anchor_language] * samples, segments < 0, segment_ids=segments)
         self._anchor_pass, self._anchor_pass_grad = pooled, grad
+        self._record_layers = self.contrast_layers if layers is None else tuple(layers)
         try:
             yield
         finally:
             self._anchor_pass, self._anchor_pass_grad = None, False
+            self._record_layers = self.contrast_layers
             self._languages = None
 
     def anchor_features(self, chunks, microbatches, device
@@ -413,11 +425,10 @@ class ShifconObjective:
         """
         from sara_megatron.sara.online_priors import run_anchor_forward
 
-        pooled: dict[int, dict[int, torch.Tensor]] = {}
+        pooled: dict[int, dict] = {}
 
         def observe(index, segments, samples):
-            return self._recording_anchors(samples, segments, pooled.setdefault(index, {}),
-                                           grad=False)
+            return self.recording(samples, segments, pooled.setdefault(index, {}))
 
         # Nothing past the last contrast layer's input is read: the forward stops there.
         run_anchor_forward(chunks, microbatches, device, observe, self.process_groups,
@@ -451,27 +462,26 @@ class ShifconObjective:
         rows = ForwardRows(view.tokens, view.padding_mask, view.segment_ids, view.position_ids,
                            packed=view.segment_ids is not None, samples=view.samples)
         tokens, labels, inputs = runner.inputs(rows)
-        pooled: dict[int, torch.Tensor] = {}
+        pooled: dict = {}
         training = chunk.training
         chunk.eval()
         try:
             with stop_after_layer([chunk], self.contrast_layers[-1]), \
-                    self._recording_anchors(view.samples, inputs.segment_ids, pooled, grad=True), \
+                    self.recording(view.samples, inputs.segment_ids, pooled, grad=True), \
                     inputs.rope(chunk):
                 chunk(tokens, inputs.positions, inputs.attention_mask, labels=labels)
         finally:
             chunk.train(training)
         return self._gathered(pooled)
 
-    def _gathered(self, pooled: Optional[dict[int, torch.Tensor]]
-                  ) -> Optional[tuple[dict[int, torch.Tensor], int]]:
+    def _gathered(self, pooled: Optional[dict]) -> Optional[tuple[dict[int, torch.Tensor], int]]:
         """One micro-batch's pooled anchors per layer, gathered over data parallel."""
         if not pooled:
             return None
         group = self.process_groups.dp if self.process_groups is not None else None
         gathered, offset = {}, 0
         for layer in sorted(pooled):
-            gathered[layer], offset = gather_rows(pooled[layer], group)
+            gathered[layer], offset = gather_rows(pooled[layer][0], group)
         return gathered, offset
 
     def reduced_mean(self) -> float:

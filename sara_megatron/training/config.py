@@ -225,6 +225,9 @@ class ShifconSection(_Section):
     symmetric: bool = True  # InfoNCE sample → anchors and anchor → samples, halved
     anchor_gradient: bool = True  # the anchor side trained too (its forward keeps the graph)
     contrast_layers: str = "area"  # area: mean over layer inputs a..b-1 | shift_back: b only
+    # The vectors updated each step, the released rule (sara/shifcon_online.py); false: the
+    # offline file's throughout.
+    online_vectors: bool = False
 
     @pydantic.field_validator("contrast_layers")
     @classmethod

@@ -157,6 +157,8 @@ def build_state(cfg: TrainConfig, plan: RunPlan, process_groups=None) -> TrainSt
         check_optimizer_layout(resume.checkpoint_dir, resume.saved.get("trainer", {}), optimizer)
         load_training_checkpoint(resume.checkpoint_dir, chunks, optimizer, scheduler,
                                  trainable_only=cfg.peft.lora)
+        for objective in objectives:
+            objective.load_checkpoint_files(resume.checkpoint_dir)
     return state
 
 

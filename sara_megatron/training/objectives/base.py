@@ -249,6 +249,14 @@ class Objective:
         """
         return ObjectiveMetrics()
 
+    def load_checkpoint_files(self, folder: str) -> None:
+        """Continue from what `write_checkpoint_files` wrote into the checkpoint a run resumes
+        from (every rank, after the weights are loaded).
+
+        Args:
+            folder: The checkpoint folder being resumed.
+        """
+
     def write_checkpoint_files(self, folder: str) -> None:
         """Write files the trained model needs besides its weights into a checkpoint being saved
         (rank 0, the staging folder, before its manifest); they travel with the export.

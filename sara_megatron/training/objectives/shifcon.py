@@ -6,7 +6,9 @@ The anchor side (`shifcon.anchor_gradient`): trained, each micro-batch carries i
 forward; constant, the anchor rows of the whole step go forward without gradient before the step
 and each micro-batch carries its contrastive targets (the pooled anchors gathered over data
 parallel, and where this rank's samples start among them). Neither forward is shifted. The
-cross-entropy is weighted by `shifcon.ce_weight` (`ce_weight`).
+cross-entropy is weighted by `shifcon.ce_weight` (`ce_weight`). With `shifcon.online_vectors`
+the language vectors are updated before each step (sara/shifcon_online.py) and travel with every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ShifconTrainingObjective(Objective):
         self.process_groups = process_groups
         self.chunks = chunks
         self.ce_weight = ce_weight
+        self.online = None  # sara.shifcon_online.OnlineVectors with shifcon.online_vectors
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -155,7 +158,13 @@ class ShifconTrainingObjective(Objective):
                                 symmetric=s.symmetric, anchor_gradient=s.anchor_gradient,
                                 contrast_layers=s.contrast_layers)
         term.attach(chunks)
-        return cls(term, process_groups, list(chunks), s.ce_weight)
+        objective = cls(term, process_groups, list(chunks), s.ce_weight)
+        if s.online_vectors:
+            from sara_megatron.sara.shifcon_online import OnlineVectors
+
+            objective.online = OnlineVectors.start(plan.objective_inputs,
+                                                   (s.shift_layer, s.shift_back_layer))
+        return objective
 
     def prepare_step(self, step: StepContext) -> list:
         """Each micro-batch gets its anchor side: its anchor rows (trained anchors, forwarded in
@@ -172,6 +181,13 @@ class ShifconTrainingObjective(Objective):
         from sara_megatron.sara.online_priors import anchor_row_count, anchor_rows_view
 
         term = self.term
+        if self.online is not None:
+            from sara_megatron.sara.shifcon_online import step_sentence_sums
+
+            sums, counts = step_sentence_sums(term, step.chunks, step.microbatches, step.device,
+                                              self.online.languages)
+            self.online.add(sums, counts)
+            term.vectors = self.online.vectors()  # this step shifts by them already
         if term.anchor_gradient:
             rows = anchor_row_count(step.microbatches, step.device)  # one shape on every rank
             entries = [anchor_rows_view(mb, rows) for mb in step.microbatches]
@@ -230,3 +246,14 @@ class ShifconTrainingObjective(Objective):
         from sara_megatron.sara.language_shift import objective_shift, write_shift_sidecar
 
         write_shift_sidecar(folder, objective_shift(self.term))
+        if self.online is not None:
+            self.online.save(folder)
+
+    def load_checkpoint_files(self, folder: str) -> None:
+        """Continue the online vectors' running means from the resumed checkpoint.
+
+        Args:
+            folder: The checkpoint folder being resumed.
+        """
+        if self.online is not None and self.online.load(folder):
+            self.term.vectors = self.online.vectors()
