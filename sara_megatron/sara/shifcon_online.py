@@ -49,6 +49,9 @@ class OnlineVectors:
         Args:
             initial: The offline vectors, holding `layers`.
             layers: (a, b), the shift and shift-back layers.
+
+        Returns:
+            The state, its initial vectors cut to rows a and b.
         """
         if tuple(initial.layers) != tuple(layers):
             initial = LanguageVectors(tuple(layers), {
@@ -134,7 +137,14 @@ class OnlineVectors:
 
 
 def training_rows(mb):
-    """A micro-batch's own rows as the forward runner takes them (`ForwardRows`)."""
+    """A micro-batch's own rows as the forward runner takes them.
+
+    Args:
+        mb: A `SaraMicroBatch`.
+
+    Returns:
+        Its `ForwardRows` (packed rows with their segment and position ids).
+    """
     from sara_megatron.routing.forward_runner import ForwardRows
 
     packed = mb.segment_ids is not None
