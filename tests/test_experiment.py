@@ -99,6 +99,40 @@ def test_base_key_follows_settings():
         settings, task=dataclasses.replace(settings.task, world_seed=1)))
 
 
+def test_baseline_variants_train_with_their_settings(tmp_path):
+    """The opt-in arms that compare a baseline's settings on the same seeds: AES with the
+    released calibration, ShifCon with this project's earlier contrast; the plain ShifCon arm
+    trains with the released defaults. Each config loads as training reads it."""
+    from types import SimpleNamespace
+
+    from sara_megatron.experiment.run import ExperimentSettings, finetune_config
+    from sara_megatron.training.config import load_train_config
+
+    base = SimpleNamespace(folder=tmp_path / "base", checkpoint=tmp_path / "base" / "ckpt")
+    (tmp_path / "divergence").mkdir()
+    (tmp_path / "divergence" / "base.json").write_text(
+        json.dumps({"suggested_range": {"first_layer": 2, "last_layer": 5}}))
+
+    def config(method):
+        raw = finetune_config(tmp_path, ExperimentSettings(), base, method, 1, tmp_path / "run",
+                              (2, 5))
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(json.dumps(raw))
+        return load_train_config(str(path))
+
+    assert config("aes").aes.calibration == "measured"
+    assert config("aes_authors").aes.calibration == "authors"
+    released, earlier = config("shifcon").shifcon, config("shifcon_earlier").shifcon
+    assert (released.temperature, released.contrastive_coeff, released.ce_weight,
+            released.symmetric, released.anchor_gradient, released.contrast_layers) == (
+        1.0, 2.0, 0.5, True, True, "area")
+    assert (earlier.temperature, earlier.contrastive_coeff, earlier.ce_weight, earlier.symmetric,
+            earlier.anchor_gradient, earlier.contrast_layers) == (
+        0.05, 1.0, 1.0, False, False, "shift_back")
+    assert earlier.shift_layer == released.shift_layer == 2
+    assert earlier.language_vectors == released.language_vectors
+
+
 ROW = re.compile(r"^\| (MGSM|Global-MMLU) \| ([^|]+) \| (.+) \|$")
 
 

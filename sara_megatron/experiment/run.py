@@ -30,6 +30,13 @@ from sara_megatron.sara.layers import read_layer_range_file
 
 # ShifCon shifts entering layer 2 and back entering layer 6 of the 8-layer model.
 SHIFCON_LAYERS = (2, 6)
+SHIFCON = {"language_vectors": "VECTORS", "shift_layer": SHIFCON_LAYERS[0],
+           "shift_back_layer": SHIFCON_LAYERS[1]}
+# The contrast this project ran before the released settings became the defaults
+# (docs/objectives.md): the "shifcon_earlier" arm, to compare the two on the same seeds.
+SHIFCON_EARLIER_CONTRAST = {"temperature": 0.05, "contrastive_coeff": 1.0, "ce_weight": 1.0,
+                            "symmetric": False, "anchor_gradient": False,
+                            "contrast_layers": "shift_back"}
 # Each method: its label in the report and the training settings that make it. "RANGE" is the
 # base model's divergence file (the alignment range read off its U-curve), "FIRST"/"LAST" that
 # range's ends, "SEED" the run's training seed.
@@ -42,12 +49,17 @@ METHODS = {
                                         "layer_seed": "SEED"}}),
     "sara_online": ("SARA (online priors)", {"sara": {"lambda_js": "LAMBDA", "priors": "online"}}),
     "aes": ("AES", {"sara": {"lambda_js": 0.0, "objective": "aes"}}),
+    "aes_authors": ("AES (released calibration)",
+                    {"sara": {"lambda_js": 0.0, "objective": "aes"},
+                     "aes": {"calibration": "authors"}}),
     "shifcon": ("ShifCon", {"sara": {"lambda_js": 0.0, "objective": "shifcon"},
-                            "shifcon": {"language_vectors": "VECTORS",
-                                        "shift_layer": SHIFCON_LAYERS[0],
-                                        "shift_back_layer": SHIFCON_LAYERS[1]}}),
+                            "shifcon": SHIFCON}),
+    "shifcon_earlier": ("ShifCon (earlier contrast)",
+                        {"sara": {"lambda_js": 0.0, "objective": "shifcon"},
+                         "shifcon": {**SHIFCON, **SHIFCON_EARLIER_CONTRAST}}),
 }
-# The paper's Table 2 ablations of the layer choice: run only when asked for (--methods).
+# The paper's Table 2 ablations of the layer choice: run only when asked for (--methods), as are
+# the baselines' variants (aes_authors, shifcon_earlier).
 ABLATIONS = ("sara_all", "sara_random")
 BASELINE_METHOD = "fft"
 LANGUAGE_VECTORS = "language_vectors.safetensors"
@@ -138,7 +150,7 @@ def finetune_config(work: Path, settings: ExperimentSettings, base, method: str,
         "sara": sara,
         "optim": {"lr": settings.finetune_lr, "min_lr": settings.finetune_lr / 10,
                   "train_steps": settings.finetune_steps, "warmup_fraction": 0.1},
-        **({"shifcon": overrides["shifcon"]} if "shifcon" in overrides else {}),
+        **{section: values for section, values in overrides.items() if section != "sara"},
         "checkpoint": {"save_dir": str(run_dir / "checkpoints")},
         "logging": {"log_interval": 1, "json_log": str(run_dir / "train.jsonl")},
         "seed": 1000 + seed,
@@ -285,7 +297,7 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
         run_tool("extract_priors", "extract_priors.py",
                  ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
                   str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
-        if "shifcon" in settings.methods:
+        if any("shifcon" in METHODS[method][1] for method in settings.methods):
             run_tool("extract_language_vectors", "extract_language_vectors.py",
                      ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
                       str(base.folder / "hf_init"), "--output", f"data/{LANGUAGE_VECTORS}",
