@@ -157,17 +157,19 @@ def read_launcher_env() -> DistributedEnv:
     """Rank and rendezvous from torchrun's variables, else srun's, else a single process.
 
     Returns:
-        The `DistributedEnv`; a single process gets rank 0 of 1 on 127.0.0.1 and `MASTER_PORT` or a
-        free port.
+        The `DistributedEnv`; a single process gets rank 0 of 1 on 127.0.0.1 and `MASTER_PORT`,
+        or port 0 (its store then binds a free one: `initialize_distributed`).
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
+        world = launcher_world_size()
         return DistributedEnv(
             rank=int(env["RANK"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
-            world_size=launcher_world_size(),
+            world_size=world,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
+            # a world of one without an address binds its store where the OS says
+            master_port=int(env.get("MASTER_PORT", 29500 if world > 1 else 0)),
         )
     if _started_by_srun(env):  # srun, one task per GPU
         job_id = int(env.get("SLURM_JOB_ID", "0"))
@@ -180,7 +182,7 @@ def read_launcher_env() -> DistributedEnv:
             # A port derived from the job id keeps concurrent jobs on a node apart.
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 10000)),
         )
-    return DistributedEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port())
+    return DistributedEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)))
 
 
 def set_seed(seed: int) -> None:
@@ -251,14 +253,23 @@ def initialize_distributed(
         # explicit address rather than writing MASTER_* into os.environ, which child processes
         # (tools this process launches) would inherit along with a port already taken.
         launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        rendezvous = {"init_method": "env://" if launched else
+                      f"tcp://{denv.master_addr}:{denv.master_port}"}
+        if not launched and denv.master_port == 0:
+            # One process alone: its store binds a port the OS picks, rather than a port found
+            # free earlier that another process may take first (concurrent runs on one host).
+            store = dist.TCPStore(denv.master_addr, 0, 1, is_master=True, timeout=timeout)
+            denv = dataclasses.replace(denv, master_port=store.port)
+            rendezvous = {"store": store}
         dist.init_process_group(
-            init_method="env://" if launched else f"tcp://{denv.master_addr}:{denv.master_port}",
+            **rendezvous,
             # gloo beside NCCL on GPU: small CPU-side collectives (all_gather_object of reports,
             # CPU scalars) then work on the default group too.
             backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
             rank=denv.rank,
             world_size=denv.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             **({"device_id": torch.device("cuda", torch.cuda.current_device())} if use_cuda else {}),
         )
     if parallel_state.model_parallel_is_initialized():

@@ -80,15 +80,14 @@ def tool_command(tool: str, args: Iterable = (), nproc: int = 0, launcher: str =
 
 # A world of one without a launcher: what torchrun would set for a single process.
 def single_rank_environment() -> dict[str, str]:
-    """The launcher variables of one process that is the whole job, on a free port.
+    """The launcher variables of one process that is the whole job. No rendezvous address: the
+    process's store binds a port the OS picks (`distributed.initialize_distributed`), so runs
+    started side by side cannot race for one found free beforehand.
 
     Returns:
-        RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+        RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE.
     """
-    from sara_megatron.distributed import free_port
-
-    return dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
 
 
 def tool_environment(extra: Optional[Mapping[str, str]] = None, unset: Sequence[str] = (),

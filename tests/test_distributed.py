@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from sara_megatron.distributed import ParallelConfig, _first_host, read_launcher_env
+from sara_megatron.tool_runner import single_rank_environment
 
 
 def _clear(monkeypatch):
@@ -91,9 +92,16 @@ def test_first_host_of_a_slurm_node_list(nodelist, first):
 
 
 def test_single_process_env(monkeypatch):
+    """One process without a rendezvous address (alone, or torchrun's variables for a world of
+    one as the experiment sets them) leaves the port to its store: port 0, bound by the OS when
+    the process group starts (every `single_rank` test starts one so)."""
     _clear(monkeypatch)
     env = read_launcher_env()
-    assert (env.rank, env.world_size) == (0, 1) and env.master_port > 0
+    assert (env.rank, env.world_size, env.master_port) == (0, 1, 0)
+    for name, value in single_rank_environment().items():
+        monkeypatch.setenv(name, value)
+    env = read_launcher_env()
+    assert (env.rank, env.world_size, env.master_port) == (0, 1, 0)
 
 
 @pytest.mark.multiprocess
