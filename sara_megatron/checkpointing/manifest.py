@@ -183,6 +183,10 @@ def write_checkpoint_manifest(folder: str, collective: Optional[bool] = None) ->
         write_json_atomic(os.path.join(folder, MANIFEST_FILE),
                           {"format": MANIFEST_FORMAT, "files": dict(sorted(files.items()))})
         _save_stamp(folder, shares)
+    if world > 1:
+        # No rank returns before the manifest exists: a rank that went on to verify or load the
+        # checkpoint would otherwise find none and leave the collectives the others enter.
+        _broadcast(None)
 
 
 def read_manifest(folder: str) -> Optional[dict]:
@@ -255,7 +259,21 @@ def verify_checkpoint(folder: str | os.PathLike, collective: Optional[bool] = No
     folder = os.fspath(folder)
     check_checkpoint_format(folder)
     rank, world = _group() if collective in (None, True) else (0, 1)
-    files = read_manifest(folder)
+    if world > 1:
+        # Rank 0 reads and every rank follows its answer: ranks that saw the folder at different
+        # moments must still take the same collectives below.
+        outcome = None
+        if rank == 0:
+            try:
+                outcome = ("read", read_manifest(folder))
+            except CheckpointDamagedError as error:
+                outcome = ("damaged", str(error))
+        outcome = _broadcast(outcome)
+        if outcome[0] == "damaged":
+            raise CheckpointDamagedError(folder, outcome[1])
+        files = outcome[1]
+    else:
+        files = read_manifest(folder)
     if files is None:
         if rank == 0:
             log.warning("%s has no %s (saved before checkpoints recorded one): its files are "
