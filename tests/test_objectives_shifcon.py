@@ -106,6 +106,13 @@ def _random_vectors(hidden, languages=("en", "hi"), equal=False):
     return LanguageVectors(LAYERS, vecs, "en", "fp", {lang: 1 for lang in languages})
 
 
+def _shift_deltas(vectors, languages, hidden):
+    """{layer: [B, H] what the shift adds to each row entering it}: v_en − v_lang, 0 for en."""
+    return {layer: torch.stack([torch.zeros(hidden) if lang == "en" else
+                                vectors.at("en", layer) - vectors.at(lang, layer)
+                                for lang in languages]) for layer in LAYERS}
+
+
 def test_gradient_matches_plain_autograd(single_rank):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -140,9 +147,7 @@ def test_gradient_matches_plain_autograd(single_rank):
     shifted_out = out.detach()
 
     # Reference: plain hooks that shift, a kept layer-3 input, the InfoNCE written out.
-    deltas = {layer: torch.stack([torch.zeros(hidden) if lang == "en" else
-                                  vectors.at("en", layer) - vectors.at(lang, layer)
-                                  for lang in languages]) for layer in LAYERS}
+    deltas = _shift_deltas(vectors, languages, hidden)
     kept = {}
 
     def shift(m, a, k):
@@ -222,9 +227,7 @@ def test_released_contrast_matches_a_hand_written_symmetric_info_nce(single_rank
 
     # Reference: the anchors through a plain eval-mode forward, the samples through plain shift
     # hooks; each contrast layer's input kept.
-    deltas = {layer: torch.stack([torch.zeros(hidden) if lang == "en" else
-                                  vectors.at("en", layer) - vectors.at(lang, layer)
-                                  for lang in languages]) for layer in LAYERS}
+    deltas = _shift_deltas(vectors, languages, hidden)
     layers = transformer_layers([model])
     kept = {}
 
