@@ -80,6 +80,50 @@ def test_sample_depends_only_on_its_seed(backend):
     assert len(outputs) == 2 or forward[0] == ""  # temperature 1 over a random model varies
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batched_replies_equal_one_at_a_time(tiny_model, temperature):
+    """Requests in flight together are generated in batches of one language, and every reply is
+    the one the item gets alone (its own seed, left padding that changes nothing)."""
+    items = [item for lang in ("sw", "en", "te") for item in
+             load_benchmark("mgsm", lang, data_dir=FIXTURES)]
+    sampling = SamplingSettings(temperature=temperature, max_new_tokens=6)
+    alone = HFBackend(tiny_model, sampling, dtype="float32", device="cpu")
+    batched = HFBackend(tiny_model, sampling, dtype="float32", device="cpu", batch_size=4)
+    batches = []
+    generate_batch = batched.generate_batch_sync
+
+    def recorded(requests, language=None):
+        batches.append((len(requests), language))
+        return generate_batch(requests, language)
+
+    batched.generate_batch_sync = recorded
+
+    async def replies(backend):
+        return await asyncio.gather(*[
+            backend.generate(item_messages(item), item_seed(0, 1, item), item.language)
+            for item in items])
+
+    assert asyncio.run(replies(batched)) == asyncio.run(replies(alone))
+    assert sorted(batches) == [(3, "en"), (3, "sw"), (3, "te")]
+
+
+def test_seeded_gumbel_noise_samples_the_softmax():
+    """Greedy decoding over the noised scores draws each option as often as softmax says
+    (chi-square over 4000 seeds), and a row's draw depends only on its own seed."""
+    import torch
+    from scipy.stats import chisquare
+
+    from sara_megatron.evaluation.backends import SeededGumbelNoise
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    scores = probs.log().float().expand(4000, 4)
+    picks = SeededGumbelNoise(range(4000))(None, scores).argmax(-1)
+    counts = torch.bincount(picks, minlength=4).double()
+    assert chisquare(counts.numpy(), (probs * 4000).numpy()).pvalue > 1e-3
+    alone = SeededGumbelNoise([17])(None, scores[:1]).argmax(-1)
+    assert alone.item() == SeededGumbelNoise([3, 17])(None, scores[:2]).argmax(-1)[1].item()
+
+
 def test_loglikelihood_scores_the_letters(backend, tiny_model, tmp_path, capsys):
     import torch
 

@@ -9,7 +9,7 @@
 
 --backend openai talks to any OpenAI-compatible server (`vllm serve <export dir> --served-model-name
 sara` is the expected one), which applies the model's chat template; --backend hf runs
-transformers in-process. Temperature 0.1, top-p 1, --runs runs with their own seeds; accuracy in
+transformers in-process (--batch-size items of a language at a time). Temperature 0.1, top-p 1, --runs runs with their own seeds; accuracy in
 percent, mean and sample std (ddof 1). Writes results.json, items.jsonl and table.md into
 --output; a rerun with the same --output resumes, asking only unanswered items, and refuses a
 folder that holds another model's answers or answers to other benchmark data (their fingerprints
@@ -86,6 +86,9 @@ def parse_args(argv=None):
                    help="hf: the model's context in tokens (default: max_position_embeddings of "
                         "its config.json); prompt tokens + --max-new-tokens must fit, else the "
                         "item is refused before any forward")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="hf: items of one language generated together (the replies do not "
+                        "depend on it: each item samples with its own seed)")
     p.add_argument("--no-shift", action="store_true",
                    help="evaluate a ShifCon export without its per-language shift (outside the "
                         "regime it was trained in); needed to evaluate one through a server")
@@ -140,7 +143,7 @@ def parse_args(argv=None):
             p.error("--backend hf needs --model-dir")
         if not os.path.isdir(args.model_dir):
             p.error(f"--model-dir: no such folder: {args.model_dir}")
-    for flag in ("runs", "concurrency", "max_new_tokens", "max_prompt_chars"):
+    for flag in ("runs", "concurrency", "max_new_tokens", "max_prompt_chars", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_context_tokens is not None and args.max_context_tokens < 1:
@@ -265,7 +268,8 @@ def build_backend(args, shift=None):
     return HFBackend(args.model_dir, sampling, chat_template_kwargs=args.chat_template_kwargs,
                      dtype=args.dtype, device=args.device,
                      trust_remote_code=args.trust_remote_code,
-                     max_context_tokens=args.max_context_tokens, shift=shift)
+                     max_context_tokens=args.max_context_tokens, shift=shift,
+                     batch_size=args.batch_size)
 
 
 def main(argv=None) -> int:

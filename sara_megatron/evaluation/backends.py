@@ -205,10 +205,43 @@ def _torch_dtype(name: str):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
 
 
+@dataclasses.dataclass
+class _GenerationRequest:
+    """A chat waiting in `HFBackend` for its batch; `reply` gets the text."""
+    messages: list[dict]
+    seed: int
+    language: str | None
+    reply: asyncio.Future
+
+
+class SeededGumbelNoise:
+    """A logits processor: adds to each row's scores Gumbel noise drawn from a generator seeded
+    with that row's seed, so that the argmax (greedy decoding) samples softmax(scores) row by row
+    (the Gumbel-max trick) whatever the other rows are.
+
+    Args:
+        seeds: Each row's seed.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64)
+                               for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform))  # uniform 0 gives -inf: never picked
+        return scores.float() + gumbel.to(device=scores.device, dtype=torch.float32)
+
+
 class HFBackend:
-    """transformers in-process, for small models and tests. One item at a time, each sampled after
-    seeding with its own (run, item) seed: a reply does not depend on which items run beside it or
-    in which order.
+    """transformers in-process, for small models and tests. Requests of one language are
+    generated `batch_size` at a time (left-padded); each row samples from a generator seeded with
+    its own (run, item) seed (Gumbel-max over the warped logits), so a reply does not depend on
+    which items run beside it, in which order, or on the batch size.
 
     Args:
         model_dir: The HF model folder (an export, or from the hub).
@@ -223,21 +256,28 @@ class HFBackend:
         shift: A ShifCon export's shift (`language_shift.read_shift_sidecar(model_dir)`); each
             request's hidden states are then shifted by its language, as in training. None: no
             shift.
+        batch_size: How many requests of one language are generated together (a tiny model on a
+            CPU spends most of a decoding step in Python: 16 rows cost about what one does).
 
     Raises:
         InputError: The tokenizer has no chat template.
         ShiftSidecarError: The shift does not fit the model's layers.
-        ValueError: `dtype` is not one of the four.
+        ValueError: `dtype` is not one of the four; `batch_size` < 1.
     """
-
-    concurrency = 1
 
     def __init__(self, model_dir: str | os.PathLike, sampling: SamplingSettings, *,
                  chat_template_kwargs: dict | None = None, dtype: str = "auto",
                  device: str | None = None, trust_remote_code: bool = False,
-                 max_context_tokens: int | None = None, shift=None):
+                 max_context_tokens: int | None = None, shift=None, batch_size: int = 1):
         import torch
         import transformers
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.concurrency = batch_size  # the runner keeps this many requests waiting to be batched
+        self._pending: list[_GenerationRequest] = []
+        self._batcher: asyncio.Task | None = None
 
         self.model_dir = os.fspath(model_dir)
         self.model = os.path.basename(os.path.normpath(self.model_dir))
@@ -258,7 +298,7 @@ class HFBackend:
 
             self._layers = hf_decoder_layers(self.lm)
             check_shift_fits(shift, len(self._layers), self.model_dir)
-        self._lock = threading.Lock()  # one forward at a time: the global RNG is seeded per item
+        self._lock = threading.Lock()  # one forward at a time (the shift hooks are per language)
         self._set_context(max_context_tokens)
 
     def _set_context(self, max_context_tokens: int | None) -> None:
@@ -342,36 +382,94 @@ class HFBackend:
 
         return shifted(self._layers, self.shift, language)
 
+    def _pad_id(self) -> int:
+        """The id that pads prompts on the left: the tokenizer's pad token, else its end token."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def _end_ids(self) -> set[int]:
+        """The ids that end a reply: the model's generation config's, else the tokenizer's."""
+        eos = self.lm.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+    def _sampling_processors(self, seeds: Sequence[int]) -> list:
+        """The logits processors that turn greedy decoding into seeded sampling: temperature,
+        top-k (the model's generation config's when the settings leave it unset, as
+        transformers' sampling does), top-p, then each row's Gumbel noise. None at temperature 0.
+
+        Args:
+            seeds: Each row's sampling seed.
+        """
+        import transformers
+
+        s = self.sampling
+        if s.temperature == 0:
+            return []
+        processors = [transformers.TemperatureLogitsWarper(s.temperature)]
+        top_k = s.top_k if s.top_k is not None else self.lm.generation_config.top_k
+        if top_k:
+            processors.append(transformers.TopKLogitsWarper(top_k))
+        if s.top_p < 1:
+            processors.append(transformers.TopPLogitsWarper(s.top_p))
+        processors.append(SeededGumbelNoise(seeds))
+        return processors
+
+    def generate_batch_sync(self, requests: Sequence[tuple[list[dict], int]],
+                            language: str | None = None) -> list[str]:
+        """The model's replies to several chats of one language, decoded together (left-padded);
+        each reply is sampled with its own seed (greedy at temperature 0).
+
+        Args:
+            requests: (chat, sampling seed) pairs; a chat is `[{"role": ..., "content": ...}]`.
+            language: The chats' language (the shift's); None: no shift.
+
+        Returns:
+            The reply texts, in the order of `requests`.
+        """
+        import torch
+        import transformers
+
+        prompts = [self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"]
+                   for messages, _ in requests]
+        width = max(map(len, prompts))
+        pad = self._pad_id()
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts],
+                                 device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                      device=self.device)
+        end_ids = self._end_ids()
+        # A config of its own: decoding is greedy over the processors' scores, whatever sampling
+        # the model's generation_config.json asks for.
+        config = transformers.GenerationConfig(
+            do_sample=False, max_new_tokens=self.sampling.max_new_tokens, pad_token_id=pad,
+            eos_token_id=sorted(end_ids))
+        processors = transformers.LogitsProcessorList(
+            self._sampling_processors([seed for _, seed in requests]))
+        with self._lock, torch.no_grad(), self.language_shift(language):
+            out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   generation_config=config, logits_processor=processors)
+        replies = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, token in enumerate(row) if token in end_ids), len(row))
+            replies.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return replies
+
     def generate_sync(self, messages: list[dict], seed: int, language: str | None = None) -> str:
-        """The model's reply to a chat, sampled after seeding torch with `seed` (greedy at
-        temperature 0), one request at a time.
+        """The model's reply to one chat (`generate_batch_sync` of one request).
 
         Args:
             messages: The chat, `[{"role": ..., "content": ...}]`.
             seed: The request's sampling seed.
             language: The item's language (the shift's); None: no shift.
         """
-        import torch
-
-        input_ids = self._encode(self.chat_text(messages))
-        s = self.sampling
-        kwargs = dict(do_sample=s.temperature > 0, max_new_tokens=s.max_new_tokens,
-                      pad_token_id=(self.tokenizer.pad_token_id
-                                    if self.tokenizer.pad_token_id is not None
-                                    else self.tokenizer.eos_token_id))
-        if s.temperature > 0:
-            kwargs.update(temperature=s.temperature, top_p=s.top_p)
-            if s.top_k is not None:
-                kwargs["top_k"] = s.top_k
-        with self._lock, torch.no_grad(), self.language_shift(language):
-            torch.manual_seed(seed)
-            out = self.lm.generate(input_ids=input_ids,
-                                   attention_mask=torch.ones_like(input_ids), **kwargs)
-        return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        return self.generate_batch_sync([(messages, seed)], language)[0]
 
     async def generate(self, messages: list[dict], seed: int,
                        language: str | None = None) -> str:
-        """`generate_sync` in a worker thread.
+        """The reply, generated in a batch with the other requests of its language that are
+        waiting (in a worker thread).
 
         Args:
             messages: The chat.
@@ -381,7 +479,39 @@ class HFBackend:
         Returns:
             The reply text.
         """
-        return await asyncio.to_thread(self.generate_sync, messages, seed, language)
+        reply = asyncio.get_running_loop().create_future()
+        self._pending.append(_GenerationRequest(messages, seed, language, reply))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._generate_pending())
+        return await reply
+
+    async def _generate_pending(self) -> None:
+        """Generate the waiting requests, a batch of one language at a time, until none waits.
+        Before each batch it lets the event loop run until no new request arrives (the runner's
+        other jobs queue theirs as soon as their previous reply is recorded)."""
+        while self._pending:
+            seen = -1
+            while len(self._pending) < self.batch_size and len(self._pending) != seen:
+                seen = len(self._pending)
+                await asyncio.sleep(0)
+            language = self._pending[0].language
+            batch = [r for r in self._pending if r.language == language][:self.batch_size]
+            for request in batch:
+                self._pending.remove(request)
+            batch = [r for r in batch if not r.reply.done()]  # a cancelled job's request
+            if not batch:
+                continue
+            try:
+                replies = await asyncio.to_thread(
+                    self.generate_batch_sync, [(r.messages, r.seed) for r in batch], language)
+            except Exception as error:  # each waiting job raises it (the pool decides)
+                for request in batch:
+                    if not request.reply.done():
+                        request.reply.set_exception(error)
+                continue
+            for request, text in zip(batch, replies):
+                if not request.reply.done():
+                    request.reply.set_result(text)
 
     def continuation_logprobs(self, messages: list[dict], continuations: Sequence[str],
                               language: str | None = None) -> list[float]:

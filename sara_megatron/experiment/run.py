@@ -86,6 +86,7 @@ class ExperimentSettings:
     seeds: int = 5
     methods: tuple = ("fft", "sara", "aes")
     max_new_tokens: int = 24  # the longest worked answer is 22 tokens, then the end token
+    eval_batch_size: int = 16  # items generated together (the replies do not depend on it)
     jobs: int = 2  # fine-tuning runs at once (each one process)
 
 
@@ -173,7 +174,8 @@ def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: Exp
         "--benchmarks", f"{MATH_BENCHMARK},{LOOKUP_BENCHMARK}", "--languages", ",".join(LANGUAGES),
         "--backend", "hf", "--model-dir", str(model_dir), "--data-dir", "data/benchmarks",
         "--runs", "1", "--seed", "0", "--max-new-tokens", str(settings.max_new_tokens),
-        "--no-progress", "--output", str(output)], work, timer)
+        "--batch-size", str(settings.eval_batch_size), "--no-progress", "--output", str(output)],
+        work, timer)
 
 
 def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
