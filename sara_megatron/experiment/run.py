@@ -32,11 +32,12 @@ from sara_megatron.sara.layers import read_layer_range_file
 SHIFCON_LAYERS = (2, 6)
 SHIFCON = {"language_vectors": "VECTORS", "shift_layer": SHIFCON_LAYERS[0],
            "shift_back_layer": SHIFCON_LAYERS[1]}
-# The contrast this project ran before the released settings became the defaults
-# (docs/objectives.md): the "shifcon_earlier" arm, to compare the two on the same seeds.
-SHIFCON_EARLIER_CONTRAST = {"temperature": 0.05, "contrastive_coeff": 1.0, "ce_weight": 1.0,
-                            "symmetric": False, "anchor_gradient": False,
-                            "contrast_layers": "shift_back"}
+# ShifCon as this project ran it before the authors' released settings became the defaults
+# (docs/objectives.md): its contrast, raw token-mean language vectors, and evaluation without the
+# shift. The "shifcon_earlier" arm, to compare the two on the same seeds.
+SHIFCON_EARLIER = {"temperature": 0.05, "contrastive_coeff": 1.0, "ce_weight": 1.0,
+                   "symmetric": False, "anchor_gradient": False, "contrast_layers": "shift_back",
+                   "language_vectors": "TOKEN_MEAN_VECTORS"}
 # Each method: its label in the report and the training settings that make it. "RANGE" is the
 # base model's divergence file (the alignment range read off its U-curve), "FIRST"/"LAST" that
 # range's ends, "SEED" the run's training seed.
@@ -54,15 +55,20 @@ METHODS = {
                      "aes": {"calibration": "authors"}}),
     "shifcon": ("ShifCon", {"sara": {"lambda_js": 0.0, "objective": "shifcon"},
                             "shifcon": SHIFCON}),
-    "shifcon_earlier": ("ShifCon (earlier contrast)",
+    "shifcon_earlier": ("ShifCon (earlier)",
                         {"sara": {"lambda_js": 0.0, "objective": "shifcon"},
-                         "shifcon": {**SHIFCON, **SHIFCON_EARLIER_CONTRAST}}),
+                         "shifcon": {**SHIFCON, **SHIFCON_EARLIER}}),
 }
+# Methods whose models are evaluated and measured without their ShifCon shift.
+UNSHIFTED_AT_EVALUATION = ("shifcon_earlier",)
 # The paper's Table 2 ablations of the layer choice: run only when asked for (--methods), as are
 # the baselines' variants (aes_authors, shifcon_earlier).
 ABLATIONS = ("sara_all", "sara_random")
 BASELINE_METHOD = "fft"
-LANGUAGE_VECTORS = "language_vectors.safetensors"
+# The language vectors' files under <work>/data/, by the config placeholder that names each and
+# the normalisation (tools/extract_language_vectors.py) that makes it.
+LANGUAGE_VECTORS = {"VECTORS": ("language_vectors.safetensors", "sentence_l2"),
+                    "TOKEN_MEAN_VECTORS": ("language_vectors_token_mean.safetensors", "token_mean")}
 BASE_DIVERGENCE = "divergence/base.json"
 # A work folder carries this file; only such a folder (or an empty one) is cleared.
 MARKER = ".sara_experiment"
@@ -130,7 +136,8 @@ def finetune_config(work: Path, settings: ExperimentSettings, base, method: str,
         The config as a dict (model, parallel, data, sara, optim, checkpoint, logging, seed).
     """
     replacements = {'"LAMBDA"': repr(settings.lambda_js),
-                    '"VECTORS"': json.dumps(str(work / "data" / LANGUAGE_VECTORS)),
+                    **{f'"{key}"': json.dumps(str(work / "data" / name))
+                       for key, (name, _) in LANGUAGE_VECTORS.items()},
                     '"FIRST"': str(aligned[0]), '"LAST"': str(aligned[1]),
                     '"SEED"': str(1000 + seed)}
     text = json.dumps(METHODS[method][1])
@@ -159,7 +166,7 @@ def finetune_config(work: Path, settings: ExperimentSettings, base, method: str,
 
 
 def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: ExperimentSettings,
-             timer: StepTimer) -> None:
+             timer: StepTimer, unshifted: bool = False) -> None:
     """Evaluate an HF model on both benchmarks in every language (`tools/evaluate.py`, one run).
 
     Args:
@@ -169,13 +176,14 @@ def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: Exp
         work: The work folder the tool runs in (holds data/benchmarks).
         settings: The comparison's settings (`max_new_tokens`).
         timer: Records the stage's time.
+        unshifted: Evaluate a ShifCon export without its shift (`--no-shift`).
     """
     run_tool(step, "evaluate.py", [
         "--benchmarks", f"{MATH_BENCHMARK},{LOOKUP_BENCHMARK}", "--languages", ",".join(LANGUAGES),
         "--backend", "hf", "--model-dir", str(model_dir), "--data-dir", "data/benchmarks",
         "--runs", "1", "--seed", "0", "--max-new-tokens", str(settings.max_new_tokens),
-        "--batch-size", str(settings.eval_batch_size), "--no-progress", "--output", str(output)],
-        work, timer)
+        "--batch-size", str(settings.eval_batch_size), "--no-progress", "--output", str(output),
+        *(["--no-shift"] if unshifted else [])], work, timer)
 
 
 def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
@@ -201,11 +209,13 @@ def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method
     run_tool(f"export:{method}-s{seed}", "convert_hf.py",
              ["export", "--megatron-dir", str(latest_checkpoint(run_dir / "checkpoints")),
               "--out", str(run_dir / "hf")], work, timer)
-    evaluate(f"evaluate:{method}-s{seed}", run_dir / "hf", run_dir / "eval", work, settings, timer)
+    evaluate(f"evaluate:{method}-s{seed}", run_dir / "hf", run_dir / "eval", work, settings, timer,
+             unshifted=method in UNSHIFTED_AT_EVALUATION)
     return run_dir
 
 
-def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer) -> Path:
+def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer,
+               unshifted: bool = False) -> Path:
     """Measure a model's routing divergence on the fine-tuning shards
     (`tools/routing_divergence.py`).
 
@@ -214,6 +224,7 @@ def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer) -> Pat
         checkpoint: The model (an HF folder or a checkpoint).
         work: The work folder (holds data/shards).
         timer: Records the stage's time.
+        unshifted: Measure a ShifCon model without its shift (`--no-shift`).
 
     Returns:
         The divergence JSON file, `<work>/divergence/<step>.json`.
@@ -221,8 +232,8 @@ def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer) -> Pat
     out = work / "divergence" / f"{step}.json"
     out.parent.mkdir(exist_ok=True)
     run_tool(f"divergence:{step}", "routing_divergence.py",
-             ["--shards", "data/shards", "--checkpoint", str(checkpoint), "--json", str(out)],
-             work, timer)
+             ["--shards", "data/shards", "--checkpoint", str(checkpoint), "--json", str(out),
+              *(["--no-shift"] if unshifted else [])], work, timer)
     return out
 
 
@@ -299,11 +310,15 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
         run_tool("extract_priors", "extract_priors.py",
                  ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
                   str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
-        if any("shifcon" in METHODS[method][1] for method in settings.methods):
-            run_tool("extract_language_vectors", "extract_language_vectors.py",
-                     ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
-                      str(base.folder / "hf_init"), "--output", f"data/{LANGUAGE_VECTORS}",
-                      "--layers", ",".join(map(str, SHIFCON_LAYERS))], work, timer)
+        wanted = json.dumps([METHODS[method][1] for method in settings.methods])
+        for key, (name, normalisation) in LANGUAGE_VECTORS.items():
+            if f'"{key}"' in wanted:
+                run_tool(f"extract_language_vectors:{normalisation}",
+                         "extract_language_vectors.py",
+                         ["--shards", "data/shards", "--checkpoint", str(base.checkpoint),
+                          "--model", str(base.folder / "hf_init"), "--output", f"data/{name}",
+                          "--layers", ",".join(map(str, SHIFCON_LAYERS)),
+                          "--normalisation", normalisation], work, timer)
 
     run_parallel([lambda: divergence("base", base.hf_dir, work, timer), anchor_statistics,
                   lambda: evaluate("evaluate:base", base.hf_dir, work / "eval" / "base", work,
@@ -317,7 +332,8 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
     def finetune_job(method: str, seed: int):
         run_dir = finetune_and_evaluate(work, settings, base, method, seed, aligned, timer)
         if seed == 1:
-            return METHODS[method][0], divergence(method, run_dir / "hf", work, timer)
+            return METHODS[method][0], divergence(method, run_dir / "hf", work, timer,
+                                                  unshifted=method in UNSHIFTED_AT_EVALUATION)
         return None
 
     jobs = [(lambda m=m, s=s: finetune_job(m, s))
