@@ -115,7 +115,7 @@ def test_baseline_variants_train_with_their_settings(tmp_path):
 
     def config(method):
         raw = finetune_config(tmp_path, ExperimentSettings(), base, method, 1, tmp_path / "run",
-                              (2, 5))
+                              (2, 5), shift_area=(1, 3))
         path = tmp_path / f"{method}.yaml"
         path.write_text(json.dumps(raw))
         return load_train_config(str(path))
@@ -129,7 +129,11 @@ def test_baseline_variants_train_with_their_settings(tmp_path):
     assert (earlier.temperature, earlier.contrastive_coeff, earlier.ce_weight, earlier.symmetric,
             earlier.anchor_gradient, earlier.contrast_layers) == (
         0.05, 1.0, 1.0, False, False, "shift_back")
-    assert earlier.shift_layer == released.shift_layer == 2
+    assert (earlier.shift_layer, earlier.shift_back_layer) == (1, 3)
+    assert (released.shift_layer, released.shift_back_layer) == (1, 3)
+    with pytest.raises(ValueError, match="shifcon needs ShifCon's area"):
+        finetune_config(tmp_path, ExperimentSettings(), base, "shifcon", 1, tmp_path / "run",
+                        (2, 5))
     assert released.language_vectors.endswith("/language_vectors.safetensors")
     assert earlier.language_vectors.endswith("/language_vectors_token_mean.safetensors")
 
@@ -391,7 +395,8 @@ def test_summary_numbers_and_void_lookups_when_the_anchor_is_forgotten(tmp_path)
         write_divergence(divergences[name], DivergenceResult(
             [0, 1, 2, 3], {lang: curve for lang in TARGETS}, anchor=ANCHOR,
             suggested_range={"first_layer": 1, "last_layer": 2, "alpha": 0.5, "window": 3,
-                             "rule": "r"}))
+                             "rule": "r"},
+            shift_area={"shift_layer": 0, "shift_back_layer": 2} if name == "before" else None))
     timer = StepTimer()
     timer.add("base:train", 3.0)
     held_out = {"mgsm": {str(i) for i in range(10)}, "global_mmlu": {f"h{i}" for i in range(10)}}
@@ -402,6 +407,8 @@ def test_summary_numbers_and_void_lookups_when_the_anchor_is_forgotten(tmp_path)
                             base_name="base", aligned=(1, 2), range_file=divergences["before"])
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["aligned_layers"]["layers"] == [1, 2]
+    assert (summary["shifcon_area"]["shift_layer"], summary["shifcon_area"]["shift_back_layer"]) \
+        == (0, 2)
     fft, sara = summary["methods"]["FFT"], summary["methods"]["SARA"]
     assert fft["target_accuracy"] == {"mgsm": 50.0, "global_mmlu": 30.0}  # the seen item left out
     assert sara["target_accuracy"] == {"mgsm": 65.0, "global_mmlu": 50.0}

@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from sara_megatron.analysis.divergence_results import read_divergence
 from sara_megatron.experiment.base_model import BaseSettings, ensure_base_model
 from sara_megatron.experiment.merge import merge_seed_evaluations
 from sara_megatron.experiment.task import (
@@ -28,19 +29,18 @@ from sara_megatron.experiment.tool_runs import (
     StepTimer, latest_checkpoint, run_parallel, run_tool, write_train_config)
 from sara_megatron.sara.layers import read_layer_range_file
 
-# ShifCon shifts entering layer 2 and back entering layer 6 of the 8-layer model.
-SHIFCON_LAYERS = (2, 6)
-SHIFCON = {"language_vectors": "VECTORS", "shift_layer": SHIFCON_LAYERS[0],
-           "shift_back_layer": SHIFCON_LAYERS[1]}
+# ShifCon's area is the one its own metric suggests on the base (the subspace distance of the
+# language vectors, `tools/routing_divergence.py --language-vectors`), as SARA's range is the
+# U-curve's: "SHIFT"/"SHIFT_BACK" are its ends.
+SHIFCON = {"language_vectors": "VECTORS", "shift_layer": "SHIFT", "shift_back_layer": "SHIFT_BACK"}
 # ShifCon as this project ran it before the authors' released settings became the defaults
 # (docs/objectives.md): its contrast, raw token-mean language vectors, and evaluation without the
 # shift. The "shifcon_earlier" arm, to compare the two on the same seeds.
 SHIFCON_EARLIER = {"temperature": 0.05, "contrastive_coeff": 1.0, "ce_weight": 1.0,
                    "symmetric": False, "anchor_gradient": False, "contrast_layers": "shift_back",
                    "language_vectors": "TOKEN_MEAN_VECTORS"}
-# Each method: its label in the report and the training settings that make it. "RANGE" is the
-# base model's divergence file (the alignment range read off its U-curve), "FIRST"/"LAST" that
-# range's ends, "SEED" the run's training seed.
+# Each method: its label in the report and the training settings that make it. "FIRST"/"LAST" are
+# the ends of the alignment range read off the base's U-curve, "SEED" the run's training seed.
 METHODS = {
     "fft": ("FFT", {"sara": {"lambda_js": 0.0}}),
     "sara": ("SARA", {"sara": {"lambda_js": "LAMBDA"}}),
@@ -119,7 +119,8 @@ def prepare_work_folder(work: Path) -> None:
 
 
 def finetune_config(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
-                    run_dir: Path, aligned: tuple[int, int]) -> dict:
+                    run_dir: Path, aligned: tuple[int, int],
+                    shift_area: tuple[int, int] | None = None) -> dict:
     """tools/train.py's config of one fine-tuning run; `aligned` is the (first, last) alignment
     range of the base's divergence file, which the method reads as `sara.layers: <file>`.
 
@@ -131,9 +132,14 @@ def finetune_config(work: Path, settings: ExperimentSettings, base, method: str,
         seed: The run's seed number (1-based; the training seed is 1000 + seed).
         run_dir: The run's folder (checkpoints, train.jsonl).
         aligned: The (first, last) alignment layer range.
+        shift_area: ShifCon's (shift_layer, shift_back_layer) from the base's divergence file;
+            needed by the ShifCon methods only.
 
     Returns:
         The config as a dict (model, parallel, data, sara, optim, checkpoint, logging, seed).
+
+    Raises:
+        ValueError: a ShifCon method without `shift_area`.
     """
     replacements = {'"LAMBDA"': repr(settings.lambda_js),
                     **{f'"{key}"': json.dumps(str(work / "data" / name))
@@ -141,6 +147,10 @@ def finetune_config(work: Path, settings: ExperimentSettings, base, method: str,
                     '"FIRST"': str(aligned[0]), '"LAST"': str(aligned[1]),
                     '"SEED"': str(1000 + seed)}
     text = json.dumps(METHODS[method][1])
+    if '"SHIFT"' in text:
+        if shift_area is None:
+            raise ValueError(f"{method} needs ShifCon's area from the base's divergence")
+        replacements.update({'"SHIFT"': str(shift_area[0]), '"SHIFT_BACK"': str(shift_area[1])})
     for key, value in replacements.items():
         text = text.replace(key, value)
     overrides = json.loads(text)
@@ -187,7 +197,8 @@ def evaluate(step: str, model_dir: Path, output: Path, work: Path, settings: Exp
 
 
 def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method: str, seed: int,
-                          aligned: tuple[int, int], timer: StepTimer) -> Path:
+                          aligned: tuple[int, int], shift_area: tuple[int, int] | None,
+                          timer: StepTimer) -> Path:
     """Fine-tune the base with one method and seed, export it to HF and evaluate it.
 
     Args:
@@ -197,6 +208,7 @@ def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method
         method: A key of `METHODS`.
         seed: The seed number (1-based).
         aligned: The (first, last) alignment layer range.
+        shift_area: ShifCon's (shift_layer, shift_back_layer), or None.
         timer: Records each stage's time.
 
     Returns:
@@ -204,7 +216,7 @@ def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method
     """
     run_dir = work / "runs" / f"{method}-s{seed}"
     config = write_train_config(run_dir / "train.yaml", finetune_config(
-        work, settings, base, method, seed, run_dir, aligned))
+        work, settings, base, method, seed, run_dir, aligned, shift_area))
     run_tool(f"train:{method}-s{seed}", "train.py", ["--config", str(config)], work, timer)
     run_tool(f"export:{method}-s{seed}", "convert_hf.py",
              ["export", "--megatron-dir", str(latest_checkpoint(run_dir / "checkpoints")),
@@ -215,7 +227,7 @@ def finetune_and_evaluate(work: Path, settings: ExperimentSettings, base, method
 
 
 def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer,
-               unshifted: bool = False) -> Path:
+               unshifted: bool = False, language_vectors: str | None = None) -> Path:
     """Measure a model's routing divergence on the fine-tuning shards
     (`tools/routing_divergence.py`).
 
@@ -225,6 +237,8 @@ def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer,
         work: The work folder (holds data/shards).
         timer: Records the stage's time.
         unshifted: Measure a ShifCon model without its shift (`--no-shift`).
+        language_vectors: The base's sentence_l2 language vectors over every layer: also
+            suggest ShifCon's area (`shift_area` in the JSON).
 
     Returns:
         The divergence JSON file, `<work>/divergence/<step>.json`.
@@ -233,7 +247,9 @@ def divergence(step: str, checkpoint: Path, work: Path, timer: StepTimer,
     out.parent.mkdir(exist_ok=True)
     run_tool(f"divergence:{step}", "routing_divergence.py",
              ["--shards", "data/shards", "--checkpoint", str(checkpoint), "--json", str(out),
-              *(["--no-shift"] if unshifted else [])], work, timer)
+              *(["--no-shift"] if unshifted else []),
+              *(["--language-vectors", language_vectors] if language_vectors else [])],
+             work, timer)
     return out
 
 
@@ -306,31 +322,44 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
               "data/shards", "--anchor-language", ANCHOR, "--seq-length",
               str(settings.base.seq_length)], work, timer)
 
-    def anchor_statistics():
-        run_tool("extract_priors", "extract_priors.py",
-                 ["--shards", "data/shards", "--checkpoint", str(base.checkpoint), "--model",
-                  str(base.folder / "hf_init"), "--output", "data/priors"], work, timer)
-        wanted = json.dumps([METHODS[method][1] for method in settings.methods])
-        for key, (name, normalisation) in LANGUAGE_VECTORS.items():
-            if f'"{key}"' in wanted:
-                run_tool(f"extract_language_vectors:{normalisation}",
-                         "extract_language_vectors.py",
-                         ["--shards", "data/shards", "--checkpoint", str(base.checkpoint),
-                          "--model", str(base.folder / "hf_init"), "--output", f"data/{name}",
-                          "--layers", ",".join(map(str, SHIFCON_LAYERS)),
-                          "--normalisation", normalisation], work, timer)
+    # The language vectors (over every layer) come first when a ShifCon method runs: the base's
+    # divergence reads them to suggest ShifCon's area.
+    wanted = json.dumps([METHODS[method][1] for method in settings.methods])
+    vectors = {key: value for key, value in LANGUAGE_VECTORS.items() if f'"{key}"' in wanted}
 
-    run_parallel([lambda: divergence("base", base.hf_dir, work, timer), anchor_statistics,
+    def divergence_of_base():
+        for name, normalisation in vectors.values():
+            run_tool(f"extract_language_vectors:{normalisation}", "extract_language_vectors.py",
+                     ["--shards", "data/shards", "--checkpoint", str(base.checkpoint),
+                      "--model", str(base.folder / "hf_init"), "--output", f"data/{name}",
+                      "--layers", f"0-{settings.base.shape.num_layers - 1}",
+                      "--normalisation", normalisation], work, timer)
+        divergence("base", base.hf_dir, work, timer,
+                   language_vectors=(f"data/{LANGUAGE_VECTORS['VECTORS'][0]}"
+                                     if "VECTORS" in vectors else None))
+
+    run_parallel([divergence_of_base,
+                  lambda: run_tool("extract_priors", "extract_priors.py",
+                                   ["--shards", "data/shards", "--checkpoint",
+                                    str(base.checkpoint), "--model", str(base.folder / "hf_init"),
+                                    "--output", "data/priors"], work, timer),
                   lambda: evaluate("evaluate:base", base.hf_dir, work / "eval" / "base", work,
                                    settings, timer)], settings.jobs)
     aligned = read_layer_range_file(str(work / BASE_DIVERGENCE))
     print(f"[experiment] alignment range from the base's U-curve: layers "
           f"{aligned[0]}..{aligned[1]}", flush=True)
+    shift_area = None
+    if vectors:
+        area = read_divergence(work / BASE_DIVERGENCE).shift_area
+        shift_area = (area["shift_layer"], area["shift_back_layer"])
+        print(f"[experiment] ShifCon's area from the base's subspace distance: shift entering "
+              f"layer {shift_area[0]}, back entering layer {shift_area[1]}", flush=True)
 
     # 4. Every fine-tuning run (`jobs` at a time), each method's first seed followed by its
     # routing divergence.
     def finetune_job(method: str, seed: int):
-        run_dir = finetune_and_evaluate(work, settings, base, method, seed, aligned, timer)
+        run_dir = finetune_and_evaluate(work, settings, base, method, seed, aligned,
+                                        shift_area, timer)
         if seed == 1:
             return METHODS[method][0], divergence(method, run_dir / "hf", work, timer,
                                                   unshifted=method in UNSHIFTED_AT_EVALUATION)

@@ -200,12 +200,14 @@ def write_summary(path: Path, evaluations: dict[str, Path], divergences: dict[st
         range_file: The base's divergence JSON holding the suggested range.
 
     Returns:
-        The summary: seeds, items, aligned_layers, methods, verdict, stage_seconds.
+        The summary: seeds, items, aligned_layers, shifcon_area (when a ShifCon method ran),
+        methods, verdict, stage_seconds.
     """
     records = {name: read_item_records(Path(folder) / ITEMS_FILE)
                for name, folder in evaluations.items()}
     layers = list(range(aligned[0], aligned[1] + 1))
-    range_json = read_divergence(range_file).suggested_range or {}
+    range_result = read_divergence(range_file)
+    range_json, shift_area = range_result.suggested_range or {}, range_result.shift_area
     base_div = aligned_divergence(divergences["before"], layers)
 
     def anchor_facts(name: str) -> float:
@@ -265,6 +267,12 @@ def write_summary(path: Path, evaluations: dict[str, Path], divergences: dict[st
                            "as sara.layers: <file>"),
             "rule": range_json.get("rule"), "alpha": range_json.get("alpha"),
             "window": range_json.get("window")},
+        **({"shifcon_area": {
+            "shift_layer": shift_area["shift_layer"],
+            "shift_back_layer": shift_area["shift_back_layer"],
+            "how_chosen": ("the valley of the subspace distance of the base's language vectors "
+                           "from the anchor's (tools/routing_divergence.py --language-vectors)")}}
+           if shift_area else {}),
         "methods": methods,
         "verdict": "\n".join(lines),  # one sentence per method and benchmark
         "stage_seconds": dict(timer.seconds),
