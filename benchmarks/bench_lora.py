@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 
+from sara_megatron.tool_runner import torchrun_prefix
+
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_cpu_sara.yaml")
 VARIANTS = ("full", "lora")
 
@@ -85,14 +87,6 @@ def worker(args) -> None:
     destroy_distributed()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:  # a shared machine: not torchrun's fixed default port
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default="out/demo", help="the demo's output (without --mock)")
@@ -130,8 +124,7 @@ def main():
                           for flag in ("preset", "num_layers", "seq_length")
                           if getattr(args, flag) is not None]
             forwarded += [f"--set={item}" for item in args.set]
-            subprocess.run([sys.executable, "-m", "sara_megatron.torchrun", "--nproc-per-node",
-                            str(args.ranks), "--master-port", str(_free_port()),
+            subprocess.run([*torchrun_prefix(args.ranks, "sara_megatron.torchrun"),
                             os.path.abspath(__file__), *forwarded,
                             "--variant", variant, "--result", out], check=True)
             with open(out) as f:

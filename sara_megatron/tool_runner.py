@@ -40,7 +40,9 @@ def tool_module(tool: str) -> str:
 
 def torchrun_prefix(nproc: int, launcher: str = TORCHRUN,
                     python: Optional[str] = None) -> list[str]:
-    """torchrun with `nproc` local processes on a free port, before the script or `-m module`.
+    """torchrun with `nproc` local processes, before the script or `-m module`. `--standalone`:
+    the launcher's store binds a port the OS picks, which the workers share; a port found free
+    beforehand could be taken by a concurrent run before the launcher binds it.
 
     Args:
         nproc: processes on this machine (>= 1).
@@ -48,12 +50,10 @@ def torchrun_prefix(nproc: int, launcher: str = TORCHRUN,
         python: the interpreter; default this one.
 
     Returns:
-        `[python, "-m", launcher, "--nproc-per-node", nproc, "--master-port", port]`.
+        `[python, "-m", launcher, "--standalone", "--nproc-per-node", nproc]`.
     """
-    from sara_megatron.distributed import free_port
-
-    return [python or sys.executable, "-m", launcher, "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port())]
+    return [python or sys.executable, "-m", launcher, "--standalone", "--nproc-per-node",
+            str(nproc)]
 
 
 def tool_command(tool: str, args: Iterable = (), nproc: int = 0, launcher: str = TORCHRUN,

@@ -17,7 +17,6 @@ from sara_megatron.checkpointing import save_model_weights
 from sara_megatron.data.corpus_sharding import ShardingConfig, shard_corpus
 from sara_megatron.data.local_tokenizer import build_local_tokenizer
 from sara_megatron.data.synthetic_corpus import corpus_texts, write_synthetic_corpus
-from sara_megatron.distributed import free_port
 from sara_megatron.models.architecture import get_preset
 from sara_megatron.models.builder import build_model
 
@@ -83,8 +82,8 @@ def tool_inputs(single_rank, tmp_path_factory):
 
 def test_one_failing_rank_ends_extract_priors_at_once(tool_inputs, tmp_path):
     (tmp_path / "fails.py").write_text(_RANK1_FAILS_AFTER_LOAD)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", free_port(), tmp_path / "fails.py", "sara_megatron.cli.extract_priors",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           tmp_path / "fails.py", "sara_megatron.cli.extract_priors",
            "--shards", tool_inputs / "shards", "--checkpoint", tool_inputs / "ckpt",
            "--model", "qwen3_moe_tiny", "--output", tmp_path / "priors", "--ep", "2"]
     code, output = _run(cmd, tmp_path, timeout=120)
