@@ -86,6 +86,22 @@ def single_rank():
 
 
 @pytest.fixture(autouse=True, scope="module")
+def process_groups_end_with_the_module():
+    """Each module's process groups are destroyed when it ends. Megatron's
+    `destroy_model_parallel` only drops its references: the gloo groups stay registered, each
+    with three threads, so a session that re-initialises parallel state module after module
+    piled up hundreds of groups (579 threads by 12% of the suite) whose threads took CPU from
+    every later test."""
+    yield
+    import torch.distributed as dist
+
+    from sara_megatron.distributed import destroy_distributed
+
+    if dist.is_available() and dist.is_initialized():
+        destroy_distributed()
+
+
+@pytest.fixture(autouse=True, scope="module")
 def fresh_aux_loss_scale():
     """A plain backward through a router leaves megatron's aux-loss scale as a 0-d tensor, which
     megatron's schedules then fail to copy their [1]-shaped scale into: each test module starts
