@@ -325,7 +325,9 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
     # The language vectors (over every layer) come first when a ShifCon method runs: the base's
     # divergence reads them to suggest ShifCon's area.
     wanted = json.dumps([METHODS[method][1] for method in settings.methods])
-    vectors = {key: value for key, value in LANGUAGE_VECTORS.items() if f'"{key}"' in wanted}
+    needs_area = '"SHIFT"' in wanted  # the area comes from the sentence_l2 vectors, always
+    vectors = {key: value for key, value in LANGUAGE_VECTORS.items()
+               if f'"{key}"' in wanted or (needs_area and key == "VECTORS")}
 
     def divergence_of_base():
         for name, normalisation in vectors.values():
@@ -336,7 +338,7 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
                       "--normalisation", normalisation], work, timer)
         divergence("base", base.hf_dir, work, timer,
                    language_vectors=(f"data/{LANGUAGE_VECTORS['VECTORS'][0]}"
-                                     if "VECTORS" in vectors else None))
+                                     if needs_area else None))
 
     run_parallel([divergence_of_base,
                   lambda: run_tool("extract_priors", "extract_priors.py",
@@ -349,7 +351,7 @@ def run_experiment(work: Path, settings: ExperimentSettings) -> Path:
     print(f"[experiment] alignment range from the base's U-curve: layers "
           f"{aligned[0]}..{aligned[1]}", flush=True)
     shift_area = None
-    if vectors:
+    if needs_area:
         area = read_divergence(work / BASE_DIVERGENCE).shift_area
         shift_area = (area["shift_layer"], area["shift_back_layer"])
         print(f"[experiment] ShifCon's area from the base's subspace distance: shift entering "
